@@ -1,0 +1,907 @@
+/*
+ * gw_config.c - reads the JSON configuration with jansson and validates it
+ * strictly: unknown keys, wrong types, out-of-range numbers, bad addresses
+ * and duplicate routes are errors. A syntax error names file, line and
+ * column (from jansson); every other error names the file, the line found
+ * by re-scanning the text, and the JSON path ("routes[3].respond.status").
+ *
+ * Included files ("include": ["conf.d/NAME.json"], globs allowed, relative to the including
+ * file) may hold "routes" only; their errors name the included file.
+ */
+#include "gw_config.h"
+#include "gw_router.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <glob.h>
+#include <jansson.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_DEPTH 16
+
+typedef struct {
+    const char *key; /* NULL for an array index */
+    size_t index;
+} comp_t;
+
+/* Validation context for one file. */
+typedef struct {
+    const char *name;
+    const char *text;
+    const char *basedir;
+    comp_t path[MAX_DEPTH];
+    size_t depth;
+    char *err;
+    size_t errlen;
+    gw_config_t *cfg;
+} ctx_t;
+
+/* --- finding the line of a JSON path in the source text ----------------- */
+
+static const char *
+skip_ws(const char *p)
+{
+    while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+        p++;
+    return p;
+}
+
+static const char *
+skip_string(const char *p)
+{
+    for (p++; *p && *p != '"'; p++)
+        if (*p == '\\' && p[1])
+            p++;
+    return *p ? p + 1 : NULL;
+}
+
+static const char *
+skip_value(const char *p)
+{
+    p = skip_ws(p);
+    if (*p == '"')
+        return skip_string(p);
+    if (*p == '{' || *p == '[') {
+        int depth = 0;
+        for (; *p; p++) {
+            if (*p == '"') {
+                p = skip_string(p);
+                if (p == NULL)
+                    return NULL;
+                p--;
+            } else if (*p == '{' || *p == '[') {
+                depth++;
+            } else if (*p == '}' || *p == ']') {
+                if (--depth == 0)
+                    return p + 1;
+            }
+        }
+        return NULL;
+    }
+    while (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' && *p != '\r' && *p != '\t')
+        p++;
+    return p;
+}
+
+/* Returns the position of the value at path[0..n) (or of the key when
+ * key_of_last), or NULL when it cannot be found. */
+static const char *
+locate(const char *text, const comp_t *path, size_t n, bool key_of_last)
+{
+    const char *p = skip_ws(text);
+    for (size_t d = 0; d < n && p; d++) {
+        if (path[d].key != NULL) {
+            if (*p != '{')
+                return NULL;
+            p = skip_ws(p + 1);
+            size_t klen = strlen(path[d].key);
+            for (;;) {
+                if (*p != '"')
+                    return NULL;
+                const char *kstart = p;
+                const char *kend = skip_string(p);
+                if (kend == NULL)
+                    return NULL;
+                bool hit = (size_t)(kend - kstart - 2) == klen && memcmp(kstart + 1, path[d].key, klen) == 0;
+                p = skip_ws(kend);
+                if (*p != ':')
+                    return NULL;
+                p = skip_ws(p + 1);
+                if (hit) {
+                    if (key_of_last && d == n - 1)
+                        return kstart;
+                    break;
+                }
+                p = skip_ws(skip_value(p));
+                if (p == NULL || *p != ',')
+                    return NULL;
+                p = skip_ws(p + 1);
+            }
+        } else {
+            if (*p != '[')
+                return NULL;
+            p = skip_ws(p + 1);
+            for (size_t i = 0; i < path[d].index; i++) {
+                p = skip_value(p);
+                if (p == NULL)
+                    return NULL;
+                p = skip_ws(p);
+                if (*p != ',')
+                    return NULL;
+                p = skip_ws(p + 1);
+            }
+        }
+    }
+    return p;
+}
+
+static int
+line_of(const char *text, const char *pos)
+{
+    int line = 1;
+    for (const char *p = text; p < pos; p++)
+        if (*p == '\n')
+            line++;
+    return line;
+}
+
+static size_t
+format_path(const ctx_t *c, size_t n, char *buf, size_t len)
+{
+    size_t w = 0;
+    buf[0] = '\0';
+    for (size_t d = 0; d < n && w < len; d++) {
+        int k;
+        if (c->path[d].key)
+            k = snprintf(buf + w, len - w, "%s%s", w ? "." : "", c->path[d].key);
+        else
+            k = snprintf(buf + w, len - w, "[%zu]", c->path[d].index);
+        if (k < 0)
+            break;
+        w += (size_t)k;
+    }
+    return w;
+}
+
+/* Reports an error at the current path (at its key when on_key). */
+static int __attribute__((format(printf, 3, 4)))
+fail_at(ctx_t *c, bool on_key, const char *fmt, ...)
+{
+    char path[512], msg[768];
+    format_path(c, c->depth, path, sizeof(path));
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    const char *pos = locate(c->text, c->path, c->depth, on_key);
+    char where[64] = "";
+    if (pos != NULL)
+        snprintf(where, sizeof(where), ":%d", line_of(c->text, pos));
+    snprintf(c->err, c->errlen, "%s%s: %s%s%s", c->name, where, path, path[0] ? ": " : "", msg);
+    return GW_ERR;
+}
+
+#define fail(c, ...) fail_at(c, false, __VA_ARGS__)
+
+static void
+push_key(ctx_t *c, const char *key)
+{
+    if (c->depth < MAX_DEPTH)
+        c->path[c->depth].key = key;
+    c->depth++;
+}
+
+static void
+push_index(ctx_t *c, size_t i)
+{
+    if (c->depth < MAX_DEPTH) {
+        c->path[c->depth].key = NULL;
+        c->path[c->depth].index = i;
+    }
+    c->depth++;
+}
+
+static void
+pop(ctx_t *c)
+{
+    c->depth--;
+}
+
+static const char *
+type_name(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a number";
+    case JSON_TRUE:
+    case JSON_FALSE: return "a boolean";
+    default: return "null";
+    }
+}
+
+/* Every key of obj must be one of allowed (NULL-terminated). */
+static int
+check_keys(ctx_t *c, json_t *obj, const char *const *allowed, const char *what)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v) {
+        bool ok = false;
+        for (const char *const *a = allowed; *a; a++)
+            if (strcmp(*a, key) == 0)
+                ok = true;
+        if (!ok) {
+            push_key(c, key);
+            fail_at(c, true, "unknown key \"%s\" in %s", key, what);
+            pop(c);
+            return GW_ERR;
+        }
+    }
+    return GW_OK;
+}
+
+static int
+get_int(ctx_t *c, json_t *obj, const char *key, long long min, long long max, long long *out)
+{
+    json_t *v = json_object_get(obj, key);
+    if (v == NULL)
+        return GW_OK; /* keep the default */
+    push_key(c, key);
+    int rc = GW_OK;
+    if (!json_is_integer(v))
+        rc = fail(c, "must be an integer, not %s", type_name(v));
+    else if (json_integer_value(v) < min || json_integer_value(v) > max)
+        rc = fail(c, "must be between %lld and %lld, not %lld", min, max, (long long)json_integer_value(v));
+    else
+        *out = json_integer_value(v);
+    pop(c);
+    return rc;
+}
+
+static int
+get_ms(ctx_t *c, json_t *obj, const char *key, int *out)
+{
+    long long v = *out;
+    if (get_int(c, obj, key, 1, 86400000, &v) != GW_OK)
+        return GW_ERR;
+    *out = (int)v;
+    return GW_OK;
+}
+
+static int
+get_size(ctx_t *c, json_t *obj, const char *key, long long min, long long max, size_t *out)
+{
+    long long v = (long long)*out;
+    if (get_int(c, obj, key, min, max, &v) != GW_OK)
+        return GW_ERR;
+    *out = (size_t)v;
+    return GW_OK;
+}
+
+/* --- sections ------------------------------------------------------------ */
+
+static int
+parse_addr(const char *s, gw_listen_t *l)
+{
+    char host[128];
+    const char *port;
+    memset(&l->addr, 0, sizeof(l->addr));
+    if (s[0] == '[') {
+        const char *e = strchr(s, ']');
+        if (e == NULL || e[1] != ':' || (size_t)(e - s - 1) >= sizeof(host))
+            return GW_ERR;
+        memcpy(host, s + 1, (size_t)(e - s - 1));
+        host[e - s - 1] = '\0';
+        port = e + 2;
+    } else {
+        const char *colon = strrchr(s, ':');
+        if (colon == NULL) {
+            snprintf(host, sizeof(host), "*");
+            port = s;
+        } else {
+            if ((size_t)(colon - s) >= sizeof(host) || strchr(s, ':') != colon)
+                return GW_ERR;
+            memcpy(host, s, (size_t)(colon - s));
+            host[colon - s] = '\0';
+            port = colon + 1;
+        }
+    }
+    char *end;
+    errno = 0;
+    long p = strtol(port, &end, 10);
+    if (*port == '\0' || *end != '\0' || errno || p < 1 || p > 65535 || !(port[0] >= '0' && port[0] <= '9'))
+        return GW_ERR;
+    struct sockaddr_in *in4 = (struct sockaddr_in *)&l->addr;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&l->addr;
+    if (strcmp(host, "*") == 0 || host[0] == '\0') {
+        in4->sin_family = AF_INET;
+        in4->sin_addr.s_addr = htonl(INADDR_ANY);
+        in4->sin_port = htons((uint16_t)p);
+        l->addrlen = sizeof(*in4);
+    } else if (inet_pton(AF_INET, host, &in4->sin_addr) == 1 && s[0] != '[') {
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons((uint16_t)p);
+        l->addrlen = sizeof(*in4);
+    } else if (s[0] == '[' && inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)p);
+        l->addrlen = sizeof(*in6);
+    } else {
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+static int
+parse_listen(ctx_t *c, json_t *v)
+{
+    gw_config_t *cfg = c->cfg;
+    push_key(c, "listen");
+    if (json_is_string(v)) {
+        /* a single address is accepted as a shorthand for a list of one */
+    } else if (!json_is_array(v) || json_array_size(v) == 0) {
+        int rc = fail(c, "must be a non-empty array of addresses like \"127.0.0.1:8080\" or \"[::1]:8080\"");
+        pop(c);
+        return rc;
+    }
+    size_t n = json_is_string(v) ? 1 : json_array_size(v);
+    cfg->listen = gw_calloc(n, sizeof(gw_listen_t));
+    for (size_t i = 0; i < n; i++) {
+        json_t *a = json_is_string(v) ? v : json_array_get(v, i);
+        if (!json_is_string(v))
+            push_index(c, i);
+        int rc = GW_OK;
+        if (!json_is_string(a))
+            rc = fail(c, "must be a string, not %s", type_name(a));
+        else if (parse_addr(json_string_value(a), &cfg->listen[i]) != GW_OK)
+            rc = fail(c, "bad address \"%s\" (expected IPv4:PORT, [IPv6]:PORT, *:PORT or PORT)",
+                      json_string_value(a));
+        if (rc == GW_OK) {
+            cfg->listen[i].text = gw_strdup(json_string_value(a));
+            cfg->nlisten = i + 1;
+            for (size_t k = 0; k < i; k++)
+                if (cfg->listen[k].addrlen == cfg->listen[i].addrlen &&
+                    memcmp(&cfg->listen[k].addr, &cfg->listen[i].addr, cfg->listen[i].addrlen) == 0)
+                    rc = fail(c, "address \"%s\" is listed twice", cfg->listen[i].text);
+        }
+        if (!json_is_string(v))
+            pop(c);
+        if (rc != GW_OK) {
+            pop(c);
+            return rc;
+        }
+    }
+    pop(c);
+    return GW_OK;
+}
+
+static int
+cpu_count(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+static int
+parse_workers(ctx_t *c, json_t *v)
+{
+    push_key(c, "workers");
+    int rc = GW_OK;
+    if (json_is_string(v) && strcmp(json_string_value(v), "auto") == 0)
+        c->cfg->workers = GW_MIN(cpu_count(), GW_CONF_MAX_WORKERS);
+    else if (json_is_integer(v) && json_integer_value(v) >= 1 && json_integer_value(v) <= GW_CONF_MAX_WORKERS)
+        c->cfg->workers = (int)json_integer_value(v);
+    else
+        rc = fail(c, "must be \"auto\" or an integer between 1 and %d", GW_CONF_MAX_WORKERS);
+    pop(c);
+    return rc;
+}
+
+static int
+parse_http(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "client_header_timeout_ms", "client_body_timeout_ms", "keepalive_timeout_ms",
+                                        "send_timeout_ms", "lingering_timeout_ms", "max_header_bytes",
+                                        "max_headers", "max_url_bytes", "max_body_bytes",
+                                        "max_keepalive_requests", NULL };
+    gw_http_limits_t *h = &c->cfg->http;
+    push_key(c, "http");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object");
+        goto out;
+    }
+    size_t maxreq = h->max_keepalive_requests;
+    if (check_keys(c, v, keys, "\"http\"") || get_ms(c, v, "client_header_timeout_ms", &h->client_header_timeout_ms) ||
+        get_ms(c, v, "client_body_timeout_ms", &h->client_body_timeout_ms) ||
+        get_ms(c, v, "keepalive_timeout_ms", &h->keepalive_timeout_ms) ||
+        get_ms(c, v, "send_timeout_ms", &h->send_timeout_ms) ||
+        get_ms(c, v, "lingering_timeout_ms", &h->lingering_timeout_ms) ||
+        get_size(c, v, "max_header_bytes", 256, 1 << 20, &h->max_header_bytes) ||
+        get_size(c, v, "max_headers", 1, 1000, &h->max_headers) ||
+        get_size(c, v, "max_url_bytes", 16, 1 << 20, &h->max_url_bytes) ||
+        get_size(c, v, "max_body_bytes", 0, 1LL << 40, &h->max_body_bytes) ||
+        get_size(c, v, "max_keepalive_requests", 1, 1000000000, &maxreq))
+        goto out;
+    h->max_keepalive_requests = (unsigned)maxreq;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+static const char *const method_names[] = { "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", NULL };
+
+int
+gw_config_method_from_name(const char *name)
+{
+    static const int nums[] = { HTTP_GET, HTTP_HEAD, HTTP_POST, HTTP_PUT, HTTP_DELETE, HTTP_PATCH, HTTP_OPTIONS };
+    for (size_t i = 0; method_names[i]; i++)
+        if (strcmp(method_names[i], name) == 0)
+            return nums[i];
+    return -1;
+}
+
+static bool
+valid_token(const char *s)
+{
+    if (*s == '\0')
+        return false;
+    for (; *s; s++)
+        if (!(strchr("!#$%&'*+-.^_`|~", *s) || (*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'z') ||
+              (*s >= 'A' && *s <= 'Z')))
+            return false;
+    return true;
+}
+
+static bool
+valid_header_value(const char *s)
+{
+    for (; *s; s++)
+        if (((unsigned char)*s < 0x20 && *s != '\t') || *s == 0x7f)
+            return false;
+    return true;
+}
+
+/* Headers that gatherd writes itself and a route may not set. */
+static bool
+reserved_header(const char *name)
+{
+    static const char *const r[] = { "content-length", "transfer-encoding", "connection", "date", "keep-alive",
+                                     "upgrade", "te", "trailer", NULL };
+    for (const char *const *p = r; *p; p++)
+        if (strcasecmp(*p, name) == 0)
+            return true;
+    return false;
+}
+
+static int
+parse_respond(ctx_t *c, json_t *v, gw_route_t *route)
+{
+    static const char *const keys[] = { "status", "headers", "body", NULL };
+    push_key(c, "respond");
+    int rc = GW_ERR;
+    char *head = NULL;
+    size_t head_len = 0;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object like {\"status\": 200, \"body\": {...}}");
+        goto out;
+    }
+    long long status = 200;
+    if (check_keys(c, v, keys, "\"respond\"") || get_int(c, v, "status", 200, 599, &status))
+        goto out;
+    route->kind = GW_ROUTE_RESPOND;
+    route->respond.status = (int)status;
+    bool has_ctype = false;
+    json_t *hdrs = json_object_get(v, "headers");
+    if (hdrs != NULL) {
+        push_key(c, "headers");
+        if (!json_is_object(hdrs)) {
+            fail(c, "must be an object of header names to string values");
+            pop(c);
+            goto out;
+        }
+        const char *name;
+        json_t *hv;
+        json_object_foreach(hdrs, name, hv) {
+            push_key(c, name);
+            if (!valid_token(name)) {
+                fail_at(c, true, "invalid header name \"%s\"", name);
+            } else if (reserved_header(name)) {
+                fail_at(c, true, "header \"%s\" is set by gatherd and cannot be configured", name);
+            } else if (!json_is_string(hv)) {
+                fail(c, "must be a string, not %s", type_name(hv));
+            } else if (!valid_header_value(json_string_value(hv))) {
+                fail(c, "header value contains a control character");
+            } else {
+                if (strcasecmp(name, "content-type") == 0)
+                    has_ctype = true;
+                size_t need = head_len + strlen(name) + strlen(json_string_value(hv)) + 5;
+                head = gw_realloc(head, need);
+                head_len += (size_t)snprintf(head + head_len, need - head_len, "%s: %s\r\n", name,
+                                             json_string_value(hv));
+                pop(c);
+                continue;
+            }
+            pop(c);
+            pop(c);
+            goto out;
+        }
+        pop(c);
+    }
+    json_t *body = json_object_get(v, "body");
+    if (body != NULL) {
+        route->respond.body = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+        route->respond.body_len = strlen(route->respond.body);
+        if (!has_ctype) {
+            static const char ct[] = "Content-Type: application/json\r\n";
+            head = gw_realloc(head, head_len + sizeof(ct));
+            memcpy(head + head_len, ct, sizeof(ct));
+            head_len += sizeof(ct) - 1;
+        }
+    }
+    route->respond.head = head ? head : gw_strdup("");
+    route->respond.head_len = head_len;
+    head = NULL;
+    rc = GW_OK;
+out:
+    free(head);
+    pop(c);
+    return rc;
+}
+
+static int
+parse_methods(ctx_t *c, json_t *v, uint64_t *out)
+{
+    push_key(c, "methods");
+    int rc = GW_OK;
+    if (!json_is_array(v) || json_array_size(v) == 0) {
+        rc = fail(c, "must be a non-empty array like [\"GET\", \"POST\"]");
+    } else {
+        *out = 0;
+        size_t i;
+        json_t *m;
+        json_array_foreach(v, i, m) {
+            push_index(c, i);
+            int num = json_is_string(m) ? gw_config_method_from_name(json_string_value(m)) : -1;
+            if (num < 0)
+                rc = fail(c, "unsupported method (use one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS)");
+            else if (*out & (1ULL << num))
+                rc = fail(c, "method \"%s\" is listed twice", json_string_value(m));
+            else
+                *out |= 1ULL << num;
+            pop(c);
+            if (rc != GW_OK)
+                break;
+        }
+    }
+    pop(c);
+    return rc;
+}
+
+static void
+route_free(gw_route_t *r)
+{
+    if (r == NULL)
+        return;
+    free(r->pattern);
+    free(r->where);
+    free(r->respond.head);
+    free(r->respond.body);
+    free(r);
+}
+
+static int
+parse_route(ctx_t *c, json_t *v, size_t index)
+{
+    static const char *const keys[] = { "path", "methods", "respond", "proxy", "calls", NULL };
+    gw_config_t *cfg = c->cfg;
+    if (!json_is_object(v))
+        return fail(c, "a route must be an object with \"path\" and one of \"respond\", \"proxy\" or \"calls\"");
+    if (check_keys(c, v, keys, "a route"))
+        return GW_ERR;
+    json_t *path = json_object_get(v, "path");
+    if (!json_is_string(path))
+        return fail(c, "\"path\" is required and must be a string like \"/users/{id}\"");
+    gw_route_t *route = gw_calloc(1, sizeof(gw_route_t));
+    cfg->routes = gw_realloc(cfg->routes, (cfg->nroutes + 1) * sizeof(gw_route_t *));
+    cfg->routes[cfg->nroutes++] = route; /* owned by cfg from here on */
+    route->pattern = gw_strdup(json_string_value(path));
+    char where[512];
+    snprintf(where, sizeof(where), "%s: routes[%zu]", c->name, index);
+    route->where = gw_strdup(where);
+    route->methods = ~0ULL;
+    json_t *methods = json_object_get(v, "methods");
+    if (methods != NULL && parse_methods(c, methods, &route->methods) != GW_OK)
+        return GW_ERR;
+    int kinds = !!json_object_get(v, "respond") + !!json_object_get(v, "proxy") + !!json_object_get(v, "calls");
+    if (kinds != 1)
+        return fail(c, "a route needs exactly one of \"respond\", \"proxy\" or \"calls\"");
+    if (json_object_get(v, "proxy") != NULL) {
+        push_key(c, "proxy");
+        int rc = fail(c, "proxy routes are not supported by this version of gatherd yet");
+        pop(c);
+        return rc;
+    }
+    if (json_object_get(v, "calls") != NULL) {
+        push_key(c, "calls");
+        int rc = fail(c, "aggregate routes are not supported by this version of gatherd yet");
+        pop(c);
+        return rc;
+    }
+    if (parse_respond(c, json_object_get(v, "respond"), route) != GW_OK)
+        return GW_ERR;
+    char rerr[512];
+    if (gw_router_add(cfg->router, route->pattern, route->methods, route, rerr, sizeof(rerr)) != GW_OK) {
+        push_key(c, "path");
+        fail(c, "%s", rerr);
+        pop(c);
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+static int
+parse_routes(ctx_t *c, json_t *v)
+{
+    push_key(c, "routes");
+    int rc = GW_OK;
+    if (!json_is_array(v)) {
+        rc = fail(c, "must be an array of routes");
+    } else {
+        size_t i;
+        json_t *r;
+        json_array_foreach(v, i, r) {
+            push_index(c, i);
+            rc = parse_route(c, r, i);
+            pop(c);
+            if (rc != GW_OK)
+                break;
+        }
+    }
+    pop(c);
+    return rc;
+}
+
+static json_t *
+load_json(const char *text, const char *name, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *root = json_loads(text, JSON_REJECT_DUPLICATES, &je);
+    if (root == NULL) {
+        snprintf(err, errlen, "%s:%d:%d: syntax error: %s", name, je.line, je.column, je.text);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        snprintf(err, errlen, "%s:1: the configuration must be a JSON object", name);
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+static char *
+read_file(const char *file, char *err, size_t errlen)
+{
+    FILE *f = fopen(file, "rb");
+    if (f == NULL) {
+        snprintf(err, errlen, "%s: cannot open: %s", file, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, len = 0;
+    char *buf = gw_malloc(cap);
+    size_t n;
+    while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+        len += n;
+        if (cap - len - 1 == 0) {
+            if (cap >= (64u << 20)) {
+                snprintf(err, errlen, "%s: larger than 64 MiB", file);
+                fclose(f);
+                free(buf);
+                return NULL;
+            }
+            cap *= 2;
+            buf = gw_realloc(buf, cap);
+        }
+    }
+    if (ferror(f)) {
+        snprintf(err, errlen, "%s: cannot read: %s", file, strerror(errno));
+        fclose(f);
+        free(buf);
+        return NULL;
+    }
+    fclose(f);
+    buf[len] = '\0';
+    if (strlen(buf) != len) {
+        snprintf(err, errlen, "%s: contains a NUL byte", file);
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+static int
+parse_included(ctx_t *parent, const char *file)
+{
+    char *text = read_file(file, parent->err, parent->errlen);
+    if (text == NULL)
+        return GW_ERR;
+    int rc = GW_ERR;
+    json_t *root = load_json(text, file, parent->err, parent->errlen);
+    if (root != NULL) {
+        static const char *const keys[] = { "routes", NULL };
+        ctx_t c = { .name = file, .text = text, .basedir = parent->basedir, .err = parent->err,
+                    .errlen = parent->errlen, .cfg = parent->cfg };
+        if (check_keys(&c, root, keys, "an included file (it may only hold \"routes\")") == GW_OK)
+            rc = json_object_get(root, "routes") ? parse_routes(&c, json_object_get(root, "routes")) : GW_OK;
+        json_decref(root);
+    }
+    free(text);
+    return rc;
+}
+
+static int
+parse_include(ctx_t *c, json_t *v)
+{
+    push_key(c, "include");
+    int rc = GW_OK;
+    if (!json_is_array(v)) {
+        rc = fail(c, "must be an array of file patterns like [\"conf.d/*.json\"]");
+        goto out;
+    }
+    size_t i;
+    json_t *pat;
+    json_array_foreach(v, i, pat) {
+        push_index(c, i);
+        if (!json_is_string(pat) || json_string_length(pat) == 0) {
+            rc = fail(c, "must be a file name or pattern");
+            pop(c);
+            goto out;
+        }
+        char full[4096];
+        const char *p = json_string_value(pat);
+        if (p[0] == '/')
+            snprintf(full, sizeof(full), "%s", p);
+        else
+            snprintf(full, sizeof(full), "%s/%s", c->basedir, p);
+        glob_t g;
+        int grc = glob(full, GLOB_ERR, NULL, &g);
+        if (grc == GLOB_NOMATCH && strpbrk(p, "*?[") == NULL) {
+            rc = fail(c, "included file \"%s\" does not exist", full);
+        } else if (grc != 0 && grc != GLOB_NOMATCH) {
+            rc = fail(c, "cannot read \"%s\"", full);
+        } else if (grc == 0) {
+            for (size_t k = 0; k < g.gl_pathc && rc == GW_OK; k++)
+                rc = parse_included(c, g.gl_pathv[k]);
+        }
+        if (grc != GLOB_NOMATCH)
+            globfree(&g);
+        pop(c);
+        if (rc != GW_OK)
+            goto out;
+    }
+out:
+    pop(c);
+    return rc;
+}
+
+static void
+set_defaults(gw_config_t *cfg)
+{
+    cfg->refcnt = 1;
+    cfg->workers = GW_MIN(cpu_count(), GW_CONF_MAX_WORKERS);
+    cfg->max_connections = 10000;
+    cfg->shutdown_timeout_ms = 10000;
+    cfg->http.client_header_timeout_ms = 10000;
+    cfg->http.client_body_timeout_ms = 10000;
+    cfg->http.keepalive_timeout_ms = 75000;
+    cfg->http.send_timeout_ms = 30000;
+    cfg->http.lingering_timeout_ms = 2000;
+    cfg->http.max_header_bytes = 16384;
+    cfg->http.max_headers = 100;
+    cfg->http.max_url_bytes = 8192;
+    cfg->http.max_body_bytes = 1 << 20;
+    cfg->http.max_keepalive_requests = 10000;
+    cfg->router = gw_router_new();
+}
+
+gw_config_t *
+gw_config_parse(const char *text, const char *name, const char *basedir, int workers_override, char *err,
+                size_t errlen)
+{
+    static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
+                                        "include", "routes", NULL };
+    json_t *root = load_json(text, name, err, errlen);
+    if (root == NULL)
+        return NULL;
+    gw_config_t *cfg = gw_calloc(1, sizeof(gw_config_t));
+    set_defaults(cfg);
+    cfg->file = gw_strdup(name);
+    ctx_t c = { .name = name, .text = text, .basedir = basedir, .err = err, .errlen = errlen, .cfg = cfg };
+    long long maxconn = cfg->max_connections;
+    json_t *v;
+    if (check_keys(&c, root, keys, "the configuration"))
+        goto fail;
+    if ((v = json_object_get(root, "listen")) == NULL) {
+        snprintf(err, errlen, "%s:1: \"listen\" is required (e.g. [\"127.0.0.1:8080\"])", name);
+        goto fail;
+    }
+    if (parse_listen(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "workers")) != NULL && parse_workers(&c, v))
+        goto fail;
+    if (workers_override > 0)
+        cfg->workers = GW_MIN(workers_override, GW_CONF_MAX_WORKERS);
+    if (get_int(&c, root, "max_connections", 1, 10000000, &maxconn) ||
+        get_ms(&c, root, "shutdown_timeout_ms", &cfg->shutdown_timeout_ms))
+        goto fail;
+    cfg->max_connections = (unsigned)maxconn;
+    if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "routes")) != NULL && parse_routes(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "include")) != NULL && parse_include(&c, v))
+        goto fail;
+    json_decref(root);
+    return cfg;
+fail:
+    json_decref(root);
+    gw_config_unref(cfg);
+    return NULL;
+}
+
+gw_config_t *
+gw_config_load(const char *file, int workers_override, char *err, size_t errlen)
+{
+    char *text = read_file(file, err, errlen);
+    if (text == NULL)
+        return NULL;
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", file);
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
+    gw_config_t *cfg = gw_config_parse(text, file, dir, workers_override, err, errlen);
+    free(text);
+    return cfg;
+}
+
+gw_config_t *
+gw_config_ref(gw_config_t *cfg)
+{
+    __atomic_add_fetch(&cfg->refcnt, 1, __ATOMIC_RELAXED);
+    return cfg;
+}
+
+void
+gw_config_unref(gw_config_t *cfg)
+{
+    if (cfg == NULL || __atomic_sub_fetch(&cfg->refcnt, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    gw_router_free(cfg->router);
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        route_free(cfg->routes[i]);
+    free(cfg->routes);
+    for (size_t i = 0; i < cfg->nlisten; i++)
+        free(cfg->listen[i].text);
+    free(cfg->listen);
+    free(cfg->file);
+    free(cfg);
+}

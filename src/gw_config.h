@@ -1,0 +1,90 @@
+/*
+ * gw_config.h - the configuration: loaded from JSON (jansson), validated
+ * strictly, then immutable and shared read-only by every worker thread.
+ *
+ * Lifetime: reference counted. gw_config_load() returns one reference;
+ * every holder (server, worker, connection) takes its own with
+ * gw_config_ref() and drops it with gw_config_unref(). A reload builds a new
+ * object and publishes it; holders of the old one finish on it.
+ */
+#ifndef GW_CONFIG_H
+#define GW_CONFIG_H
+
+#include "gw_core.h"
+
+#include <sys/socket.h>
+
+#define GW_CONF_MAX_WORKERS 256
+
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    char *text; /* as written, for logs */
+} gw_listen_t;
+
+typedef struct {
+    int client_header_timeout_ms;
+    int client_body_timeout_ms;
+    int keepalive_timeout_ms;
+    int send_timeout_ms;
+    int lingering_timeout_ms;
+    size_t max_header_bytes;
+    size_t max_headers;
+    size_t max_url_bytes;
+    size_t max_body_bytes;
+    unsigned max_keepalive_requests;
+} gw_http_limits_t;
+
+typedef struct {
+    char *name;
+    char *value;
+} gw_kv_t;
+
+typedef enum { GW_ROUTE_RESPOND = 1 } gw_route_kind_t;
+
+struct gw_route_s {
+    char *pattern;   /* as written: "/users/{id}" */
+    char *where;     /* "conf/gatherd.json: routes[2]", for messages */
+    uint64_t methods; /* bit (1 << llhttp method); ~0 = any */
+    gw_route_kind_t kind;
+    struct {
+        int status;
+        char *head;       /* header lines "Name: value\r\n", Content-Type included */
+        size_t head_len;
+        char *body;       /* serialized JSON */
+        size_t body_len;
+    } respond;
+};
+
+struct gw_config_s {
+    int refcnt; /* atomic */
+    char *file;
+    gw_listen_t *listen;
+    size_t nlisten;
+    int workers;
+    unsigned max_connections;
+    int shutdown_timeout_ms;
+    gw_http_limits_t http;
+    gw_route_t **routes;
+    size_t nroutes;
+    gw_router_t *router;
+};
+
+/*
+ * Reads, validates and compiles FILE. Returns a new configuration with one
+ * reference, or NULL with a message in err ("FILE:LINE: PATH: what").
+ * workers_override > 0 replaces the "workers" setting.
+ */
+gw_config_t *gw_config_load(const char *file, int workers_override, char *err, size_t errlen);
+
+/* Same, from text in memory; name is used in messages, basedir for includes. */
+gw_config_t *gw_config_parse(const char *text, const char *name, const char *basedir, int workers_override,
+                             char *err, size_t errlen);
+
+gw_config_t *gw_config_ref(gw_config_t *cfg);
+void gw_config_unref(gw_config_t *cfg);
+
+/* Method name ("GET") to llhttp method number, or -1 for an unsupported one. */
+int gw_config_method_from_name(const char *name);
+
+#endif

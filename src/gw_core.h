@@ -1,0 +1,45 @@
+/*
+ * gw_core.h - what every gatherd file shares: return codes, forward
+ * declarations of the main types (so headers never include each other in
+ * circles) and the allocation policy.
+ *
+ * Memory policy: gw_malloc() and friends abort the process on out-of-memory
+ * (as Redis and h2o do). Error paths are kept for failures that really
+ * happen: network, input, limits.
+ */
+#ifndef GW_CORE_H
+#define GW_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define GW_OK 0
+#define GW_ERR (-1)
+#define GW_AGAIN (-2)
+
+#define GW_UNUSED(x) (void)(x)
+#define GW_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define GW_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define GW_NELEM(a) (sizeof(a) / sizeof((a)[0]))
+
+typedef struct gw_config_s gw_config_t;
+typedef struct gw_route_s gw_route_t;
+typedef struct gw_router_s gw_router_t;
+typedef struct gw_match_s gw_match_t;
+typedef struct gw_req_s gw_req_t;
+typedef struct gw_parser_s gw_parser_t;
+typedef struct gw_conn_s gw_conn_t;
+typedef struct gw_worker_s gw_worker_t;
+typedef struct gw_server_s gw_server_t;
+
+/* Allocation wrappers: never return NULL (abort with a log line instead). */
+void *gw_malloc(size_t n);
+void *gw_calloc(size_t count, size_t n);
+void *gw_realloc(void *p, size_t n);
+char *gw_strdup(const char *s);
+char *gw_strndup(const char *s, size_t n);
+/* Grows *arr (of elements of size elem) so it can hold need elements. */
+void gw_grow(void **arr, size_t *cap, size_t need, size_t elem);
+
+#endif

@@ -1,0 +1,102 @@
+/*
+ * gw_http.h - the downstream HTTP/1.x request parser (llhttp, plus the
+ * checks llhttp leaves out) and the helpers that write response heads.
+ *
+ * Strictness: anything that could frame a request differently in another
+ * server is rejected, never guessed: Content-Length with Transfer-Encoding,
+ * duplicate Content-Length, bad chunk sizes (llhttp), bare LF and obsolete
+ * line folding (our pre-scan of the header block), invalid characters in
+ * header names and values, HTTP versions other than 1.0 and 1.1, a missing
+ * or repeated Host in HTTP/1.1 (ours). These checks do not depend on how
+ * llhttp was compiled, so a system llhttp behaves the same.
+ */
+#ifndef GW_HTTP_H
+#define GW_HTTP_H
+
+#include "gw_config.h"
+#include "gw_core.h"
+#include "gw_router.h"
+
+#include <llhttp.h>
+
+struct evbuffer;
+
+typedef struct {
+    uint32_t name_off, name_len, value_off, value_len;
+} gw_header_t;
+
+struct gw_req_s {
+    int method;                 /* llhttp_method_t */
+    unsigned char http_major, http_minor;
+    bool keep_alive;            /* the client allows another request */
+    bool expect_continue;
+    bool has_body;
+    char *hbuf;                 /* target and header bytes, back to back */
+    size_t hlen, hcap;
+    size_t url_off, url_len;
+    size_t path_len;            /* raw path: hbuf + url_off (after a scheme://authority) */
+    size_t path_off;
+    size_t query_off, query_len; /* without "?"; query_len 0 when none */
+    gw_header_t *headers;
+    size_t nheaders, headers_cap;
+    struct evbuffer *body;      /* owned; emptied between requests */
+    size_t body_len;
+    gw_path_t path;             /* normalized, for the router */
+    char request_id[72];
+};
+
+/* Result of gw_parser_execute(). */
+typedef enum {
+    GW_PARSE_AGAIN,   /* everything consumed, more bytes needed */
+    GW_PARSE_HEADERS, /* paused after headers: "Expect: 100-continue" wants an answer */
+    GW_PARSE_DONE,    /* a whole request is in p->req; parser paused */
+    GW_PARSE_ERROR    /* p->status and p->reason say why; close after answering */
+} gw_parse_result_t;
+
+struct gw_parser_s {
+    llhttp_t ll;
+    gw_req_t *req;
+    const gw_http_limits_t *limits;
+    int status;          /* error status: 400, 413, 414, 431, 505, ... */
+    const char *reason;  /* static text */
+    bool started;        /* some bytes of a request were seen */
+    bool headers_done;
+    bool paused_at_headers;
+    bool in_field, in_value;
+    uint32_t cur_off, cur_len;
+    int nhost;
+    /* header-block pre-scan */
+    bool scan_done;
+    bool scan_line_start;
+    bool scan_first_line;
+    char scan_prev;
+};
+
+/* Binds parser to req (both caller-owned) and limits (borrowed). */
+void gw_parser_init(gw_parser_t *p, gw_req_t *req, const gw_http_limits_t *limits);
+/* Frees what the parser and req hold (not the structs themselves). */
+void gw_parser_free(gw_parser_t *p);
+
+/*
+ * Feeds data. *consumed says how many bytes were used (less than len when a
+ * request ended or the parser paused). After GW_PARSE_DONE the request is
+ * handled, then gw_parser_next() prepares the next one; after
+ * GW_PARSE_HEADERS call gw_parser_resume() once 100 Continue is written.
+ */
+gw_parse_result_t gw_parser_execute(gw_parser_t *p, const char *data, size_t len, size_t *consumed);
+void gw_parser_resume(gw_parser_t *p);
+void gw_parser_next(gw_parser_t *p);
+
+/* Finds a request header (case-insensitive); *len set; NULL when absent. */
+const char *gw_req_header(const gw_req_t *r, const char *name, size_t *len);
+
+/* Status line reason phrase ("Not Found"). */
+const char *gw_http_status_text(int status);
+
+/* "Sun, 06 Nov 1994 08:49:37 GMT" for now, cached per thread per second. */
+const char *gw_http_date(void);
+
+/* 32 random hex characters plus NUL into buf (per-thread PRNG). */
+void gw_http_new_request_id(char buf[33]);
+
+#endif

@@ -1,0 +1,242 @@
+/* Unit tests for src/gw_config.c: defaults, strictness, error messages
+ * with file, line and JSON path, includes. */
+#include "gw_config.h"
+#include "gw_test.h"
+
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static char err[2048];
+
+static gw_config_t *
+parse(const char *text)
+{
+    err[0] = '\0';
+    return gw_config_parse(text, "t.json", ".", 0, err, sizeof(err));
+}
+
+/* The text must be rejected with a message containing expect. */
+static void
+check_error(const char *text, const char *expect)
+{
+    gw_config_t *cfg = parse(text);
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, expect);
+    gw_config_unref(cfg);
+}
+
+static void
+test_minimal_and_defaults(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": [\"127.0.0.1:8080\", \"[::1]:8080\", \"*:81\", \"82\"]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK(cfg->nlisten == 4);
+    CHECK(cfg->listen[1].addr.ss_family == AF_INET6);
+    CHECK(cfg->workers >= 1);
+    CHECK(cfg->max_connections == 10000);
+    CHECK(cfg->http.max_header_bytes == 16384);
+    CHECK(cfg->http.keepalive_timeout_ms == 75000);
+    CHECK(cfg->nroutes == 0);
+    gw_config_unref(cfg);
+}
+
+static void
+test_full(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": \"127.0.0.1:1\", \"workers\": 3, \"max_connections\": 5,\n"
+                             " \"shutdown_timeout_ms\": 250,\n"
+                             " \"http\": {\"max_body_bytes\": 10, \"keepalive_timeout_ms\": 1000},\n"
+                             " \"routes\": [{\"path\": \"/h\", \"methods\": [\"GET\"],\n"
+                             "   \"respond\": {\"status\": 201, \"headers\": {\"X-A\": \"b\"}, \"body\": {\"k\": [1]}}}]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK(cfg->workers == 3 && cfg->max_connections == 5 && cfg->shutdown_timeout_ms == 250);
+    CHECK(cfg->http.max_body_bytes == 10 && cfg->http.keepalive_timeout_ms == 1000);
+    CHECK(cfg->nroutes == 1);
+    CHECK(cfg->routes[0]->respond.status == 201);
+    CHECK_STR(cfg->routes[0]->respond.body, "{\"k\":[1]}");
+    CHECK_STR(cfg->routes[0]->respond.head, "X-A: b\r\nContent-Type: application/json\r\n");
+    gw_config_unref(cfg);
+}
+
+static void
+test_workers_override(void)
+{
+    gw_config_t *cfg = gw_config_parse("{\"listen\": [\"1\"], \"workers\": 4}", "t.json", ".", 2, err, sizeof(err));
+    CHECK(cfg != NULL && cfg->workers == 2);
+    gw_config_unref(cfg);
+}
+
+static void
+test_syntax_error_has_line_and_column(void)
+{
+    check_error("{\"listen\": [\"1\"],\n \"workers\": 2,,\n}", "t.json:2:");
+    check_error("{\"listen\": [\"1\"], \"listen\": [\"2\"]}", "duplicate object key");
+    check_error("[1]", "must be a JSON object");
+}
+
+static void
+test_unknown_keys_with_line(void)
+{
+    check_error("{\"listen\": [\"1\"],\n\n \"wrokers\": 2}", "t.json:3: wrokers: unknown key \"wrokers\"");
+    check_error("{\"listen\": [\"1\"], \"http\": {\n \"max_body\": 1}}", "t.json:2: http.max_body: unknown key");
+    check_error("{\"listen\": [\"1\"], \"routes\": [\n {\"path\": \"/\", \"respond\": {}},\n"
+                " {\"path\": \"/x\", \"respond\": {\"stauts\": 200}}]}",
+                "t.json:3: routes[1].respond.stauts: unknown key");
+}
+
+static void
+test_types_and_ranges(void)
+{
+    check_error("{\"listen\": [\"1\"], \"workers\": \"many\"}", "workers: must be \"auto\" or an integer");
+    check_error("{\"listen\": [\"1\"], \"workers\": 0}", "workers: must be");
+    check_error("{\"listen\": [\"1\"], \"max_connections\": \"5\"}", "max_connections: must be an integer, not a string");
+    check_error("{\"listen\": [\"1\"], \"http\": {\"max_headers\": 0}}", "http.max_headers: must be between 1 and");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/\", \"respond\": {\"status\": 99}}]}",
+                "routes[0].respond.status: must be between 200 and 599, not 99");
+    check_error("{\"listen\": [\"1\"], \"routes\": {}}", "routes: must be an array");
+    check_error("{\"workers\": 1}", "\"listen\" is required");
+}
+
+static void
+test_bad_addresses(void)
+{
+    static const char *const bad[] = { "localhost:80", "1.2.3.4", "1.2.3.4:0", "1.2.3.4:65536", "[::1]", "::1:80",
+                                       "[::1]80", "1.2.3.4:8x", "300.1.1.1:80", "[1.2.3.4]:80", "" };
+    for (size_t i = 0; i < GW_NELEM(bad); i++) {
+        char text[256];
+        snprintf(text, sizeof(text), "{\"listen\": [\"127.0.0.1:1\", \"%s\"]}", bad[i]);
+        check_error(text, "listen[1]: bad address");
+    }
+    check_error("{\"listen\": [\"127.0.0.1:1\", \"127.0.0.1:1\"]}", "listen[1]: address \"127.0.0.1:1\" is listed twice");
+}
+
+static void
+test_routes(void)
+{
+    check_error("{\"listen\": [\"1\"], \"routes\": [\n{\"path\": \"/a\", \"respond\": {}},\n"
+                "{\"path\": \"/a\", \"methods\": [\"GET\"], \"respond\": {}}]}",
+                "t.json:3: routes[1].path: duplicate route: GET, HEAD /a is already defined by t.json: routes[0]");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\"}]}", "needs exactly one of");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {}, \"proxy\": {}}]}",
+                "needs exactly one of");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"proxy\": {}}]}", "not supported");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [\"BREW\"], \"respond\": {}}]}",
+                "routes[0].methods[0]: unsupported method");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [], \"respond\": {}}]}",
+                "routes[0].methods: must be a non-empty array");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"a\", \"respond\": {}}]}",
+                "routes[0].path: path pattern must start with");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {\"headers\": "
+                "{\"Content-Length\": \"5\"}}}]}",
+                "routes[0].respond.headers.Content-Length: header \"Content-Length\" is set by gatherd");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {\"headers\": "
+                "{\"X-A\": \"a\\r\\nX-B: b\"}}}]}",
+                "control character");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {\"headers\": "
+                "{\"X A\": \"a\"}}}]}",
+                "invalid header name");
+}
+
+static void
+write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f) {
+        fputs(text, f);
+        fclose(f);
+    }
+}
+
+static void
+test_include(void)
+{
+    char dir[] = "/tmp/gw_test_conf_XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char path[600], sub[512];
+    snprintf(sub, sizeof(sub), "%s/conf.d", dir);
+    mkdir(sub, 0700);
+    snprintf(path, sizeof(path), "%s/a.json", sub);
+    write_file(path, "{\"routes\": [{\"path\": \"/a\", \"respond\": {}}]}");
+    snprintf(path, sizeof(path), "%s/b.json", sub);
+    write_file(path, "{\"routes\": [{\"path\": \"/b\", \"respond\": {}}]}");
+    snprintf(path, sizeof(path), "%s/main.json", dir);
+    write_file(path, "{\"listen\": [\"1\"], \"include\": [\"conf.d/*.json\", \"conf.d/none-*.json\"],\n"
+                     " \"routes\": [{\"path\": \"/m\", \"respond\": {}}]}");
+    gw_config_t *cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg != NULL && cfg->nroutes == 3);
+    if (cfg == NULL)
+        printf("    %s\n", err);
+    gw_config_unref(cfg);
+
+    /* an error in an included file names that file and its line */
+    snprintf(path, sizeof(path), "%s/c.json", sub);
+    write_file(path, "{\"routes\": [\n{\"path\": \"/c\",\n \"respond\": {\"status\": \"x\"}}]}");
+    snprintf(path, sizeof(path), "%s/main.json", dir);
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "conf.d/c.json:3: routes[0].respond.status: must be an integer");
+    gw_config_unref(cfg);
+
+    /* a duplicate across files names the first definition */
+    snprintf(path, sizeof(path), "%s/c.json", sub);
+    write_file(path, "{\"routes\": [{\"path\": \"/m\", \"respond\": {}}]}");
+    snprintf(path, sizeof(path), "%s/main.json", dir);
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "duplicate route");
+    CHECK_CONTAINS(err, "main.json: routes[0]");
+    gw_config_unref(cfg);
+
+    /* included files hold routes only; a missing literal file is an error */
+    snprintf(path, sizeof(path), "%s/c.json", sub);
+    write_file(path, "{\"listen\": [\"2\"]}");
+    snprintf(path, sizeof(path), "%s/main.json", dir);
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "unknown key \"listen\" in an included file");
+    unlink(path);
+    write_file(path, "{\"listen\": [\"1\"], \"include\": [\"missing.json\"]}");
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "include[0]: included file");
+    CHECK_CONTAINS(err, "does not exist");
+
+    char cmd[700];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    CHECK(system(cmd) == 0);
+}
+
+static void
+test_missing_file(void)
+{
+    gw_config_t *cfg = gw_config_load("/nonexistent/gatherd.json", 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "/nonexistent/gatherd.json: cannot open: No such file or directory");
+}
+
+static void
+test_shipped_configs_are_valid(void)
+{
+    const char *src = getenv("GW_SRCDIR");
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/conf/gatherd.json", src ? src : ".");
+    gw_config_t *cfg = gw_config_load(path, 0, err, sizeof(err));
+    if (cfg == NULL)
+        printf("    %s\n", err);
+    CHECK(cfg != NULL);
+    gw_config_unref(cfg);
+}
+
+TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_workers_override), T(test_syntax_error_has_line_and_column),
+          T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes),
+          T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))
