@@ -544,13 +544,21 @@ parse_respond(ctx_t *c, json_t *v, gw_route_t *route)
     }
     json_t *body = json_object_get(v, "body");
     if (body != NULL) {
-        route->respond.body = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
-        route->respond.body_len = strlen(route->respond.body);
+        /* A string is sent as it is (text); anything else as compact JSON. */
+        bool text = json_is_string(body);
+        if (text) {
+            route->respond.body = gw_strndup(json_string_value(body), json_string_length(body));
+            route->respond.body_len = json_string_length(body);
+        } else {
+            route->respond.body = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+            route->respond.body_len = strlen(route->respond.body);
+        }
         if (!has_ctype) {
-            static const char ct[] = "Content-Type: application/json\r\n";
-            head = gw_realloc(head, head_len + sizeof(ct));
-            memcpy(head + head_len, ct, sizeof(ct));
-            head_len += sizeof(ct) - 1;
+            const char *ct = text ? "Content-Type: text/plain; charset=utf-8\r\n" : "Content-Type: application/json\r\n";
+            size_t ctlen = strlen(ct);
+            head = gw_realloc(head, head_len + ctlen + 1);
+            memcpy(head + head_len, ct, ctlen + 1);
+            head_len += ctlen;
         }
     }
     route->respond.head = head ? head : gw_strdup("");

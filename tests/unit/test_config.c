@@ -68,6 +68,18 @@ test_full(void)
 }
 
 static void
+test_text_body(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/t\", \"respond\": {\"body\": \"a\\nb\"}}]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    CHECK_STR(cfg->routes[0]->respond.body, "a\nb");
+    CHECK_STR(cfg->routes[0]->respond.head, "Content-Type: text/plain; charset=utf-8\r\n");
+    gw_config_unref(cfg);
+}
+
+static void
 test_workers_override(void)
 {
     gw_config_t *cfg = gw_config_parse("{\"listen\": [\"1\"], \"workers\": 4}", "t.json", ".", 2, err, sizeof(err));
@@ -237,6 +249,6 @@ test_shipped_configs_are_valid(void)
     gw_config_unref(cfg);
 }
 
-TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_workers_override), T(test_syntax_error_has_line_and_column),
+TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes),
           T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))

@@ -1,0 +1,655 @@
+"""gwtest - a tiny harness for gatherd integration tests (Python 3 stdlib only).
+
+Pieces:
+  Daemon       starts $GATHERD on a free loopback port with a generated config,
+               stops it, and checks its stderr for sanitizer reports.
+  Conn         a raw client socket: send exact bytes, read exactly one HTTP
+               response (Content-Length, chunked, or until close), detect EOF.
+  run_cli      runs gatherd with arguments (for -t, -V, -h ...).
+  test/main    a registry of test functions and a runner that prints
+               "ok - name" / "FAIL - name: reason" and, as the very last
+               line, "N passed, N failed".
+
+Every Daemon started during a test is registered with the runner: when the
+test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
+code from a graceful stop, or a sanitizer report in stderr, fails the test.
+"""
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GATHERD = os.environ.get("GATHERD") or os.path.normpath(os.path.join(HERE, "..", "..", "src", "gatherd"))
+
+SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer",
+                     "ThreadSanitizer", "ERROR: MemorySanitizer")
+
+# Timeouts scale up under sanitizers (ASan makes the daemon several times slower).
+SLOW = 3.0 if os.environ.get("GW_SLOW") else 1.0
+
+
+class TestFailure(AssertionError):
+    pass
+
+
+class Skip(Exception):
+    """Raised by a test that cannot run here; counted as passed with a note."""
+
+
+def sanitizer_report(text):
+    """Returns the part of text starting at the first sanitizer marker, or None."""
+    first = None
+    for m in SANITIZER_MARKERS:
+        i = text.find(m)
+        if i >= 0 and (first is None or i < first):
+            first = i
+    if first is None:
+        return None
+    start = text.rfind("\n", 0, max(0, first - 200))
+    return text[start + 1 if start >= 0 else 0:][:6000]
+
+
+# --- the test registry and runner ------------------------------------------
+
+_TESTS = []
+_current_daemons = []
+_current_problems = []
+
+
+def test(fn):
+    """Decorator: registers fn as a test (run in definition order)."""
+    _TESTS.append(fn)
+    return fn
+
+
+def _note_problem(msg):
+    _current_problems.append(msg)
+
+
+def _finish_daemons():
+    """Stops what the test left running and collects sanitizer/exit problems."""
+    while _current_daemons:
+        d = _current_daemons.pop(0)
+        try:
+            d.close()
+        except Exception as e:  # pragma: no cover - cleanup must go on
+            _note_problem("cleanup of daemon pid %s failed: %r" % (d.pid, e))
+        finally:
+            d.remove_dir()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    selected = [t for t in _TESTS if not argv or any(a in t.__name__ for a in argv)]
+    if not os.access(GATHERD, os.X_OK):
+        print("FAIL - setup: GATHERD=%s is not an executable file" % GATHERD)
+        print("0 passed, 1 failed")
+        return 1
+    print("# gatherd: %s" % GATHERD)
+    passed = failed = 0
+    failures = []
+    t_all = time.monotonic()
+    for fn in selected:
+        name = fn.__name__
+        del _current_problems[:]
+        t0 = time.monotonic()
+        reason = None
+        skip = None
+        try:
+            fn()
+        except Skip as e:
+            skip = str(e)
+        except AssertionError as e:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb)
+                          if os.path.basename(f.filename) != "gwtest.py"), "")
+            reason = (str(e) or "assertion failed") + (f" [{where}]" if where else "")
+        except Exception as e:
+            reason = "%s: %s\n%s" % (type(e).__name__, e, traceback.format_exc())
+        try:
+            _finish_daemons()
+        except Exception as e:
+            _note_problem("cleanup: %r" % e)
+        if _current_problems:
+            extra = "; ".join(_current_problems)
+            reason = f"{reason}; {extra}" if reason else extra
+        dt = time.monotonic() - t0
+        if reason is None:
+            passed += 1
+            if skip is not None:
+                print(f"ok - {name} # skip {skip}")
+            else:
+                print(f"ok - {name} ({dt:.2f}s)")
+        else:
+            failed += 1
+            failures.append(name)
+            print(f"FAIL - {name}: {reason}")
+        sys.stdout.flush()
+    if failures:
+        print("# failed: " + ", ".join(failures))
+    print("# total time %.1fs" % (time.monotonic() - t_all))
+    print(f"{passed} passed, {failed} failed")
+    sys.stdout.flush()
+    return 1 if failed else 0
+
+
+# --- assertions -------------------------------------------------------------
+
+def check(cond, msg="check failed"):
+    if not cond:
+        raise TestFailure(msg)
+
+
+def eq(got, want, what="value"):
+    if got != want:
+        raise TestFailure(f"{what}: expected {want!r}, got {got!r}")
+
+
+def contains(text, part, what="text"):
+    if part not in text:
+        raise TestFailure(f"{what}: expected to contain {part!r}; got {text[:1500]!r}")
+
+
+# --- ports and the daemon -----------------------------------------------------
+
+def free_port(host="127.0.0.1"):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def ipv6_loopback_available():
+    if not socket.has_ipv6:
+        return False
+    try:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return False
+    try:
+        s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _split_listen(addr):
+    """'127.0.0.1:80' -> ('127.0.0.1', 80); '[::1]:80' -> ('::1', 80); '80'/'*:80' -> ('127.0.0.1', 80)."""
+    if addr.startswith("["):
+        host, port = addr[1:].split("]:", 1)
+        return host, int(port)
+    if ":" in addr:
+        host, port = addr.rsplit(":", 1)
+        if host in ("*", ""):
+            host = "127.0.0.1"
+        return host, int(port)
+    return "127.0.0.1", int(addr)
+
+
+class Daemon:
+    """gatherd running on a free loopback port.
+
+    config: a dict (listen strings may contain "PORT"; without "listen",
+    ["127.0.0.1:PORT"] is used) or text (with "@PORT@" placeholders).
+    files: extra files for the config dir, {relative path: text or dict}.
+    """
+
+    def __init__(self, config, workers=2, args=(), files=None, start=True, log_level=None):
+        self.config = config
+        self.workers = workers
+        self.args = list(args)
+        self.files = files or {}
+        self.log_level = log_level
+        self.dir = tempfile.mkdtemp(prefix="gwtest-")
+        self.conf_path = os.path.join(self.dir, "gatherd.json")
+        self.log_path = os.path.join(self.dir, "stderr.log")
+        self.proc = None
+        self.pid = None
+        self.port = None
+        self.host = "127.0.0.1"
+        self.exit_code = None
+        self.stopped_gracefully = False
+        self._checked = False
+        _current_daemons.append(self)
+        for rel, content in self.files.items():
+            p = os.path.join(self.dir, rel)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "w") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
+        if start:
+            self.start()
+
+    # config ------------------------------------------------------------
+    def _render(self, port):
+        if isinstance(self.config, str):
+            return self.config.replace("@PORT@", str(port))
+        cfg = copy.deepcopy(self.config)
+        listen = cfg.get("listen", ["127.0.0.1:PORT"])
+        if isinstance(listen, str):
+            listen = [listen]
+        cfg["listen"] = [a.replace("PORT", str(port)) for a in listen]
+        return json.dumps(cfg, indent=2)
+
+    def _first_addr(self, text):
+        try:
+            listen = json.loads(text)["listen"]
+            if isinstance(listen, str):
+                listen = [listen]
+            return _split_listen(listen[0])
+        except Exception:
+            return "127.0.0.1", self.port
+
+    # lifecycle ---------------------------------------------------------
+    def start(self, timeout=10.0):
+        last_log = ""
+        for attempt in range(5):
+            v6_only = False
+            if isinstance(self.config, dict):
+                ls = self.config.get("listen", ["127.0.0.1:PORT"])
+                ls = [ls] if isinstance(ls, str) else ls
+                v6_only = all(a.startswith("[") for a in ls)
+            port = free_port("::1" if v6_only else "127.0.0.1")
+            self.port = port
+            text = self._render(port)
+            with open(self.conf_path, "w") as f:
+                f.write(text)
+            self.host, _ = self._first_addr(text)
+            cmd = [GATHERD, "-c", self.conf_path, "-w", str(self.workers)] + self.args
+            if self.log_level:
+                cmd += ["-l", self.log_level]
+            logf = open(self.log_path, "w")
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         close_fds=True)
+            logf.close()
+            self.pid = self.proc.pid
+            self.exit_code = None
+            deadline = time.monotonic() + timeout * SLOW
+            while time.monotonic() < deadline:
+                rc = self.proc.poll()
+                if rc is not None:
+                    self.exit_code = rc
+                    break
+                try:
+                    s = socket.create_connection((self.host, port), timeout=0.5)
+                    s.close()
+                    return self
+                except OSError:
+                    time.sleep(0.02)
+            last_log = self.log()
+            if self.exit_code is None:
+                self._kill()
+                raise TestFailure(f"gatherd did not accept connections within {timeout}s; stderr:\n{last_log}")
+            self._check_sanitizer()
+            if "cannot listen" in last_log and attempt < 4:
+                continue  # lost a race for the port: try another one
+            raise TestFailure(f"gatherd exited with {self.exit_code} at start-up; stderr:\n{last_log}")
+        raise TestFailure("could not start gatherd: " + last_log)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig):
+        if self.running():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout):
+        """Waits for the process to exit; returns its exit code or None on timeout."""
+        try:
+            self.exit_code = self.proc.wait(timeout=timeout)
+            return self.exit_code
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        """Sends sig, waits up to timeout s, returns the exit code (kills on timeout)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+            try:
+                self.exit_code = self.proc.wait(timeout=timeout * SLOW)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                self._check_sanitizer()
+                raise TestFailure(f"gatherd (pid {self.pid}) did not exit within {timeout}s of signal {sig}; "
+                                  f"stderr:\n{self.log()[-3000:]}")
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.stopped_gracefully = True
+                if self.exit_code != 0:
+                    _note_problem(f"graceful stop exited with {self.exit_code}; stderr tail:\n{self.log()[-3000:]}")
+        else:
+            self.exit_code = self.proc.returncode
+        self._check_sanitizer()
+        return self.exit_code
+
+    def _kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _check_sanitizer(self):
+        if self._checked:
+            return
+        rep = sanitizer_report(self.log())
+        if rep:
+            self._checked = True
+            print(f"# sanitizer report from gatherd pid {self.pid}:\n" +
+                  "\n".join("#   " + l for l in rep.splitlines()))
+            _note_problem(f"sanitizer report in gatherd stderr (pid {self.pid})")
+
+    def close(self):
+        """Test-end cleanup: graceful stop if still running, else just the checks."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.stop(signal.SIGTERM, timeout=15)
+        finally:
+            self._kill()
+            self._check_sanitizer()
+
+    def remove_dir(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self):
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def wait_log(self, text, timeout=5.0):
+        deadline = time.monotonic() + timeout * SLOW
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def connect(self, host=None, timeout=5.0):
+        return Conn(host or self.host, self.port, timeout)
+
+    def wait_not_accepting(self, timeout=5.0):
+        """Polls until connecting is refused (the listeners are closed)."""
+        deadline = time.monotonic() + timeout * SLOW
+        while time.monotonic() < deadline:
+            try:
+                s = socket.create_connection((self.host, self.port), timeout=0.5)
+                s.close()
+            except OSError:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def run_cli(args, timeout=15, cwd=None):
+    """Runs gatherd with args; returns (exit code, stdout, stderr). Sanitizer
+    output in stderr is reported as a test problem."""
+    p = subprocess.run([GATHERD] + list(args), stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=timeout * SLOW, cwd=cwd)
+    out = p.stdout.decode(errors="replace")
+    err = p.stderr.decode(errors="replace")
+    rep = sanitizer_report(err)
+    if rep:
+        print("# sanitizer report from gatherd %s:\n" % " ".join(args) +
+              "\n".join("#   " + l for l in rep.splitlines()))
+        _note_problem("sanitizer report from gatherd " + " ".join(args))
+    return p.returncode, out, err
+
+
+class TempDir:
+    """A temp dir removed at exit of the with block; write(rel, content) -> path."""
+
+    def __enter__(self):
+        self.path = tempfile.mkdtemp(prefix="gwtest-")
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def write(self, rel, content):
+        p = os.path.join(self.path, rel)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
+        return p
+
+
+# --- raw HTTP ------------------------------------------------------------------
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class Response:
+    def __init__(self, version, status, reason, headers, body, raw):
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # list of (name, value) in order
+        self.body = body
+        self.raw = raw
+
+    def header(self, name):
+        """The value of a header that must appear at most once; None when absent."""
+        vals = self.header_all(name)
+        if len(vals) > 1:
+            raise TestFailure(f"header {name} appears {len(vals)} times: {vals!r}")
+        return vals[0] if vals else None
+
+    def header_all(self, name):
+        n = name.lower()
+        return [v for k, v in self.headers if k.lower() == n]
+
+    def json(self):
+        try:
+            return json.loads(self.body.decode())
+        except Exception as e:
+            raise TestFailure(f"body is not JSON ({e}): {self.body[:300]!r}")
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.raw[:400]!r}>"
+
+
+class Conn:
+    """A client connection speaking raw bytes."""
+
+    def __init__(self, host, port, timeout=5.0):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(timeout * SLOW)
+        self.sock.connect((host, port))
+        self.timeout = timeout * SLOW
+        self.buf = b""
+        self.eof = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        self.sock.sendall(data)
+
+    def shut_wr(self):
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def _fill(self, timeout=None):
+        """Reads more into buf; False on EOF/reset. Raises socket.timeout."""
+        if self.eof:
+            return False
+        self.sock.settimeout(timeout if timeout is not None else self.timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def _read_line(self):
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line, self.buf = self.buf[:i], self.buf[i + 2:]
+                return line
+            if not self._fill():
+                raise ConnectionClosed("connection closed mid-line: %r" % self.buf[:200])
+
+    def _read_exact(self, n):
+        while len(self.buf) < n:
+            if not self._fill():
+                raise ConnectionClosed(f"connection closed with {len(self.buf)} of {n} body bytes")
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def read_response(self, method="GET"):
+        """Reads one response. method: the request's method (HEAD has no body)."""
+        if not self.buf and not self._fill():
+            raise ConnectionClosed("connection closed before a response")
+        start = len(self.buf)
+        raw_head = []
+        status_line = self._read_line()
+        raw_head.append(status_line)
+        m = re.match(rb"^(HTTP/\d\.\d) (\d{3}) ?(.*)$", status_line)
+        if not m:
+            raise TestFailure(f"bad status line {status_line!r}")
+        version, status, reason = m.group(1).decode(), int(m.group(2)), m.group(3).decode("latin-1")
+        headers = []
+        while True:
+            line = self._read_line()
+            raw_head.append(line)
+            if line == b"":
+                break
+            if b":" not in line:
+                raise TestFailure(f"bad header line {line!r}")
+            k, v = line.split(b":", 1)
+            headers.append((k.decode("latin-1"), v.strip().decode("latin-1")))
+        head = b"\r\n".join(raw_head) + b"\r\n"
+        resp = Response(version, status, reason, headers, b"", head)
+        if method == "HEAD" or 100 <= status < 200 or status in (204, 304):
+            return resp
+        te = resp.header("Transfer-Encoding")
+        cl = resp.header("Content-Length")
+        if te is not None and "chunked" in te.lower():
+            body = b""
+            raw = b""
+            while True:
+                size_line = self._read_line()
+                raw += size_line + b"\r\n"
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    while True:
+                        t = self._read_line()
+                        raw += t + b"\r\n"
+                        if t == b"":
+                            break
+                    break
+                chunk = self._read_exact(size)
+                body += chunk
+                raw += chunk + self._read_exact(2)
+            resp.body = body
+            resp.raw += raw
+        elif cl is not None:
+            resp.body = self._read_exact(int(cl))
+            resp.raw += resp.body
+        else:
+            while self._fill():
+                pass
+            resp.body, self.buf = self.buf, b""
+            resp.raw += resp.body
+        return resp
+
+    def request(self, data, method=None):
+        """Sends data and reads one response."""
+        if method is None:
+            method = data.split(b" " if isinstance(data, bytes) else " ", 1)[0]
+            method = method.decode() if isinstance(method, bytes) else method
+        self.send(data)
+        return self.read_response(method)
+
+    def read_all_until_close(self, timeout=5.0):
+        """Reads until EOF; returns the bytes. Raises TestFailure on timeout."""
+        deadline = time.monotonic() + timeout * SLOW
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TestFailure(f"connection not closed within {timeout}s (got {self.buf[:200]!r})")
+            try:
+                if not self._fill(timeout=left):
+                    break
+            except socket.timeout:
+                continue
+        data, self.buf = self.buf, b""
+        return data
+
+    def closed_within(self, timeout):
+        """Seconds until the server closed (EOF or reset) with no further
+        bytes; TestFailure if data arrives or nothing happens in time."""
+        t0 = time.monotonic()
+        data = self.read_all_until_close(timeout)
+        if data:
+            raise TestFailure(f"expected a silent close, got bytes {data[:300]!r}")
+        return time.monotonic() - t0
+
+    def still_open(self, wait):
+        """True when nothing arrives and no EOF within wait seconds."""
+        if self.buf or self.eof:
+            return False
+        try:
+            return self._fill(timeout=wait) and False
+        except socket.timeout:
+            return True
+
+
+def req(method="GET", path="/", headers=None, body=b"", version="HTTP/1.1", host="t"):
+    """Builds request bytes; Host first (unless host is None), Content-Length
+    added for a body unless given."""
+    lines = [f"{method} {path} {version}"]
+    hdrs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    if host is not None:
+        lines.append(f"Host: {host}")
+    if isinstance(body, str):
+        body = body.encode()
+    if body and not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in hdrs):
+        hdrs.append(("Content-Length", str(len(body))))
+    lines += [f"{k}: {v}" for k, v in hdrs]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+DATE_RE = re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                     r"\d{4} \d\d:\d\d:\d\d GMT$")
+HEX32_RE = re.compile(r"^[0-9a-fA-F]{32}$")
