@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ACCEPT_BACKOFF_MS 100
@@ -72,7 +73,15 @@ accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, i
     unsigned n = __atomic_add_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
     if (n > w->cfg->max_connections) {
         __atomic_sub_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
-        gw_log(GW_LOG_WARN, "max_connections (%u) reached; refusing a connection", w->cfg->max_connections);
+        /* Once a second per worker: a connection storm must not flood the log. */
+        time_t now = time(NULL);
+        w->refused++;
+        if (now != w->refused_logged_at) {
+            gw_log(GW_LOG_WARN, "max_connections (%u) reached; refused %u connection(s) since the last report",
+                   w->cfg->max_connections, w->refused);
+            w->refused_logged_at = now;
+            w->refused = 0;
+        }
         if (send(fd, too_many, sizeof(too_many) - 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
             /* the client is refused either way */
         }

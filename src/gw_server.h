@@ -16,6 +16,7 @@
 #include <event2/event.h>
 #include <event2/util.h>
 #include <pthread.h>
+#include <time.h>
 
 struct evconnlistener;
 
@@ -32,6 +33,8 @@ struct gw_worker_s {
     struct event *accept_timer;     /* re-enables accepting after EMFILE */
     struct event *force_timer;      /* shutdown_timeout_ms after the stop */
     bool stopping;
+    unsigned refused;               /* connections refused since the last log line */
+    time_t refused_logged_at;
     bool force;
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
     unsigned nconns;

@@ -18,6 +18,10 @@ log() { echo "== $*"; }
 
 bash "$SRC/scripts/install-deps.sh" || { echo "install-deps failed"; echo "0 passed, 1 failed"; exit 1; }
 
+if [ -f "$SRC/config.status" ]; then
+    echo "note: the source tree was configured in place; running 'make distclean' there so out-of-tree builds work"
+    make -C "$SRC" distclean >/dev/null 2>&1 || true
+fi
 (cd "$SRC" && autoreconf -fi >/dev/null 2>&1) || { echo "autoreconf failed"; echo "0 passed, 1 failed"; exit 1; }
 
 # Adds the counts of every test log under $1; a log without a summary line

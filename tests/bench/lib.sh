@@ -29,11 +29,6 @@ dur_seconds() {
     printf '%s\n' "$n"
 }
 
-# calc EXPR -> evaluates a floating point awk expression, prints the result
-# with up to 6 significant digits; prints "" when the expression divides by 0
-# (callers pass guarded expressions, see ratio()).
-calc() { awk "BEGIN { printf \"%.6g\\n\", ($1) }"; }
-
 # ratio A B -> A/B with 3 decimals, "" when B is 0 or either is empty
 ratio() {
     [[ -n $1 && -n $2 ]] || { echo ""; return; }
@@ -127,7 +122,7 @@ wait_http() {
 # sums all of its threads.
 proc_ticks() {
     local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    { read -r s <"/proc/$1/stat"; } 2>/dev/null || { echo 0; return; }
     s=${s##*) }        # drop "pid (comm) ": comm may contain spaces and ')'
     # shellcheck disable=SC2086
     set -- $s          # now $1 is field 3 (state), so field N is $((N-2))
@@ -138,7 +133,7 @@ proc_ticks() {
 children_of() {
     local parent=$1 f s
     for f in /proc/[0-9]*/stat; do
-        s=$(cat "$f" 2>/dev/null) || continue
+        { read -r s <"$f"; } 2>/dev/null || continue
         s=${s##*) }
         # shellcheck disable=SC2086
         set -- $s
@@ -154,10 +149,9 @@ ticks_of_pids() {
 }
 
 # children_cpu_s -> user+system CPU seconds of this shell's reaped children
-# (bash `times`, second line). Redirected to a file so that it runs in this
-# shell and not in a forked subshell.
+# (descendants included), from bash `times` (second line). It must run in the
+# main shell, not in $(...): call `times >"$TMP/times.out"` first, then this.
 children_cpu_s() {
-    times >"$TMP/times.out"
     awk 'NR == 2 {
         t = 0
         for (i = 1; i <= 2; i++) { split($i, a, "m"); sub(/s$/, "", a[2]); t += a[1] * 60 + a[2] }
@@ -190,15 +184,19 @@ measure() {
     server_alive "$label"
 
     log "$SCEN_NAME: $label, $conns connections: measuring $BENCH_DURATION"
-    wcpu=$(children_cpu_s)
+    # server CPU: ticks of its PIDs before/after; wrk CPU: this shell's
+    # reaped-children CPU right around run_wrk (so the $(...) helpers here are
+    # not charged to wrk)
     # shellcheck disable=SC2046
     t0=$(ticks_of_pids $($pids_fn))
+    times >"$TMP/times.out"
+    c0=$(children_cpu_s)
     run_wrk "$url" "$conns" "$BENCH_DURATION" "$TMP/$tag.out"
     local rc=$?
+    times >"$TMP/times.out"
     # shellcheck disable=SC2046
     t1=$(ticks_of_pids $($pids_fn))
     c1=$(children_cpu_s)
-    c0=$wcpu
     cp "$TMP/$tag.out" "$RESULTS_DIR/wrk-$tag.txt" 2>/dev/null || true
 
     eval "$(awk -f "$BENCH_DIR/parse_wrk.awk" "$TMP/$tag.out")"
@@ -208,8 +206,8 @@ measure() {
     fi
     server_alive "$label"
 
-    cpu=$(calc "($t1 - $t0) / $CLK_TCK")
-    wcpu=$(calc "$c1 - $c0")
+    cpu=$(awk -v a="$t0" -v b="$t1" -v h="$CLK_TCK" 'BEGIN { printf "%.2f\n", (b - a) / h }')
+    wcpu=$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f\n", b - a }')
     util=$(awk -v c="$cpu" -v e="$W_ELAPSED" 'BEGIN { if (e > 0) printf "%.1f\n", 100 * c / e }')
     rpc=$(awk -v r="$W_REQUESTS" -v c="$cpu" 'BEGIN { if (c > 0) printf "%.0f\n", r / c }')
     err=$((W_SOCK_ERRORS + W_NON2XX))

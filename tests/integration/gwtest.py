@@ -34,8 +34,19 @@ GATHERD = os.environ.get("GATHERD") or os.path.normpath(os.path.join(HERE, "..",
 SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer",
                      "ThreadSanitizer", "ERROR: MemorySanitizer")
 
+
+
+def _is_sanitized(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return b"__asan_init" in data or b"__ubsan_handle" in data or b"__tsan_init" in data
+    except OSError:
+        return False
+
+
 # Timeouts scale up under sanitizers (ASan makes the daemon several times slower).
-SLOW = 3.0 if os.environ.get("GW_SLOW") else 1.0
+SLOW = float(os.environ.get("GW_SLOW") or (3.0 if _is_sanitized(GATHERD) else 1.0))
 
 
 class TestFailure(AssertionError):
