@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # lib.sh - helpers for tests/bench/run.sh (sourced, not executed).
 #
 # Everything here is loopback-only and bounded: every wait loop has a fixed
@@ -165,7 +166,8 @@ children_cpu_s() {
 run_wrk() {
     local url=$1 conns=$2 dur=$3 out=$4 secs
     secs=$(dur_seconds "$dur") || die "bad duration '$dur'"
-    timeout -k 5 $((secs + 30)) \
+    # --foreground: wrk stays in our process group, so Ctrl-C reaches it
+    timeout --foreground -k 5 $((secs + 30)) \
         wrk -t"$BENCH_THREADS" -c"$conns" -d"$dur" --timeout 2s --latency "$url" >"$out" 2>&1
 }
 
@@ -267,6 +269,8 @@ json_side() { # NAME PREFIX
 #   Later scenarios call this with other URLs (e.g. a proxy route vs nginx
 #   proxy_pass, or an aggregation route vs a Python asyncio aggregator with
 #   REF_LABEL=asyncio REF_PIDS_FN=asyncio_pids).
+# G_* and R_* are set by measure (printf -v)
+# shellcheck disable=SC2153
 bench_pair() {
     local name=$1 gw_url=$2 ref_url=$3 ref_label=${4:-nginx} ref_pids_fn=${5:-nginx_pids}
     local conns r_rps r_rpc

@@ -31,7 +31,7 @@ BENCH_SCENARIOS=${BENCH_SCENARIOS:-respond}
 RESULTS_DIR=${BENCH_RESULTS:-$BENCH_DIR/results}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
 
-# shellcheck source=tests/bench/lib.sh
+# shellcheck source=lib.sh source-path=SCRIPTDIR
 . "$BENCH_DIR/lib.sh"
 
 BODY='{"hello":"world","n":1}'
@@ -41,6 +41,8 @@ NGX_PID=""
 
 # ---------------------------------------------------------------- checks
 
+# "A && B || die" is intended: die when either test fails
+# shellcheck disable=SC2015
 check_params() {
     [[ $BENCH_WORKERS =~ ^[0-9]+$ ]] && ((BENCH_WORKERS >= 1 && BENCH_WORKERS <= 64)) ||
         die "BENCH_WORKERS must be an integer 1..64 (got '$BENCH_WORKERS')"
@@ -93,7 +95,7 @@ ensure_tools() {
     if ! apt_install "${need[@]}"; then
         # nginx-light is not in every release: fall back to the full package
         local i
-        for i in "${!need[@]}"; do [[ ${need[$i]} == nginx-light ]] && need[$i]=nginx; done
+        for i in "${!need[@]}"; do [[ ${need[$i]} == nginx-light ]] && need[i]=nginx; done
         apt_install "${need[@]}" || { tail -n 20 "$TMP/apt.log" >&2; die "could not install ${need[*]}"; }
     fi
     command -v wrk >/dev/null 2>&1 || die "wrk still missing after install"
@@ -190,7 +192,7 @@ EOF
     [[ $(cat "$TMP/nginx.probe.body") == "$BODY" ]] ||
         die "nginx answered an unexpected body: $(cat "$TMP/nginx.probe.body")"
     # shellcheck disable=SC2046
-    log "nginx master PID $NGX_PID (workers: $(echo $(children_of "$NGX_PID"))) on 127.0.0.1:$NGX_PORT"
+    log "nginx master PID $NGX_PID (workers: $(children_of "$NGX_PID" | tr '\n' ' ' | sed 's/ $//')) on 127.0.0.1:$NGX_PORT"
 }
 
 cleanup() {
@@ -219,6 +221,8 @@ scenario_respond() {
 
 # ---------------------------------------------------------------- output
 
+# BENCH_CONNS is a validated list of integers, split on purpose
+# shellcheck disable=SC2086
 write_json() {
     local f=$RESULTS_DIR/latest.json i
     {
@@ -229,7 +233,7 @@ write_json() {
         printf '  "versions": {"gatherd": %s, "nginx": %s, "wrk": %s},\n' \
             "$(json_str "$GW_VERSION")" "$(json_str "$NGX_VERSION")" "$(json_str "$WRK_VERSION")"
         printf '  "params": {"workers": %s, "connections": [%s], "duration": %s, "warmup": %s, "wrk_threads": %s, "scenarios": [%s]},\n' \
-            "$BENCH_WORKERS" "$(echo $BENCH_CONNS | tr ' ' ',')" "$(json_str "$BENCH_DURATION")" \
+            "$BENCH_WORKERS" "$(printf '%s\n' $BENCH_CONNS | paste -sd, -)" "$(json_str "$BENCH_DURATION")" \
             "$(json_str "$BENCH_WARMUP")" "$BENCH_THREADS" \
             "$(for s in $BENCH_SCENARIOS; do json_str "$s"; printf ' '; done | sed 's/" "/", "/g; s/ $//')"
         printf '  "notes": ["nginx runs with access_log off because gatherd has no access log yet", "server CPU = utime+stime from /proc (nginx: master + workers) during the measured run only", "errors = wrk socket errors + non-2xx/3xx responses"],\n'
@@ -248,12 +252,12 @@ write_json() {
 # ---------------------------------------------------------------- main
 
 main() {
+    check_params
     TMP=$(mktemp -d "${TMPDIR:-/tmp}/gatherd-bench.XXXXXX") || die "mktemp failed"
     trap cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
 
-    check_params
     ensure_tools
     CLK_TCK=$(getconf CLK_TCK) || die "getconf CLK_TCK failed"
 
@@ -269,7 +273,7 @@ main() {
     start_nginx
 
     local s total
-    total=$(( $(echo $BENCH_CONNS | wc -w) * $(echo $BENCH_SCENARIOS | wc -w) * 2 *
+    total=$(( $(wc -w <<<"$BENCH_CONNS") * $(wc -w <<<"$BENCH_SCENARIOS") * 2 *
         ($(dur_seconds "$BENCH_DURATION") + $(dur_seconds "$BENCH_WARMUP")) ))
     printf '\ngatherd benchmark (loopback 127.0.0.1, %s CPUs shared by wrk and the server)\n' "$(nproc)"
     printf '  gatherd: %s (%s)\n' "$GW_VERSION" "$GATHERD"
