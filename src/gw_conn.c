@@ -10,9 +10,16 @@
  *             kernel does not answer it with a reset that destroys the
  *             response in flight (nginx's lingering close)
  *
- * Freeing: gw_conn_close() only marks the connection; conn_release() at the
- * end of every entry point (bufferevent and timer callbacks, the worker's
- * stop) frees it once nothing up the stack uses it.
+ * Freeing: gw_conn_close() only marks the connection; gw_conn_release() at
+ * the end of every entry point (event callbacks, the worker's stop) frees it
+ * once nothing up the stack uses it.
+ *
+ * I/O is done the way nginx does it, not with bufferevents: the read event
+ * stays registered (EV_PERSIST) while reading is wanted; responses are
+ * written to the socket right after the input at hand is handled (so
+ * pipelined answers leave in one writev), and a write event is armed only
+ * when the socket would block. That is one recv and one writev per request
+ * and no epoll_ctl, where a bufferevent toggles its write event twice.
  */
 #include "gw_conn.h"
 #include "gw_config.h"
@@ -24,7 +31,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -32,27 +38,37 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 /* Stop taking pipelined requests while this much output is unsent. */
 #define OUT_HIGH (256 * 1024)
 /* Stop reading from the client while this much input is unparsed. */
 #define IN_HIGH (64 * 1024)
+/* Bytes asked of one recv(). */
+#define READ_CHUNK 16384
+/* Bodies up to this size are copied into the output; larger ones are
+ * referenced (the configuration that owns them outlives the connection). */
+#define COPY_BODY_MAX 4096
 
 typedef enum { C_READING, C_HANDLING, C_FLUSHING, C_LINGERING } conn_state_t;
-typedef enum { T_NONE, T_HEADER, T_BODY, T_KEEPALIVE, T_LINGER } timer_kind_t;
 
 struct gw_conn_s {
     gw_worker_t *w;
     gw_conn_t *prev, *next;
-    struct bufferevent *bev;
     evutil_socket_t fd;
+    struct event *rev;   /* EV_READ | EV_PERSIST */
+    struct event *wev;   /* EV_WRITE | EV_PERSIST, armed only while output is blocked */
     struct event *timer;
-    timer_kind_t timer_kind;
+    struct evbuffer *in;
+    struct evbuffer *out;
+    gw_timer_t timer_kind;
     conn_state_t state;
     gw_config_t *cfg; /* one reference, taken at accept */
     gw_parser_t parser;
     gw_req_t req;
     unsigned requests;
+    bool reading;     /* rev is registered */
+    bool writing;     /* wev is registered */
     bool close_after; /* no further request on this connection */
     bool wait_write;  /* paused: too much output pending */
     bool peer_eof;
@@ -61,7 +77,7 @@ struct gw_conn_s {
     char peer[64];
 };
 
-static void conn_process(gw_conn_t *c);
+static void conn_run(gw_conn_t *c);
 
 gw_conn_t *
 gw_conn_next(gw_conn_t *c)
@@ -79,24 +95,39 @@ conn_free(gw_conn_t *c)
         w->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    event_free(c->rev);
+    event_free(c->wev);
     event_free(c->timer);
-    bufferevent_free(c->bev); /* closes fd */
+    evbuffer_free(c->in);
+    evbuffer_free(c->out);
+    close(c->fd);
     gw_parser_free(&c->parser);
     gw_config_unref(c->cfg);
     free(c);
     gw_server_conn_closed(w);
 }
 
+static void
+read_enable(gw_conn_t *c, bool on)
+{
+    if (on == c->reading)
+        return;
+    c->reading = on;
+    if (on)
+        event_add(c->rev, NULL);
+    else
+        event_del(c->rev);
+}
+
 void
 gw_conn_close(gw_conn_t *c)
 {
     c->dead = true;
-    bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+    read_enable(c, false);
+    event_del(c->wev);
     event_del(c->timer);
 }
 
-/* Frees c when it was marked. Called only as the last step of an entry
- * point (a libevent callback or the worker's stop), never deeper. */
 void
 gw_conn_release(gw_conn_t *c)
 {
@@ -105,39 +136,78 @@ gw_conn_release(gw_conn_t *c)
 }
 
 static void
-timer_set(gw_conn_t *c, timer_kind_t kind, int ms)
+timer_set(gw_conn_t *c, gw_timer_t kind)
 {
+    if (kind == c->timer_kind && kind != GW_T_NONE && kind != GW_T_BODY)
+        return; /* already running: a header deadline is not extended */
     c->timer_kind = kind;
-    if (kind == T_NONE) {
+    if (kind == GW_T_NONE)
         event_del(c->timer);
-        return;
-    }
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    event_add(c->timer, &tv);
+    else
+        event_add(c->timer, c->w->timeouts[kind]);
 }
 
-static void
-write_head(gw_conn_t *c, struct evbuffer *out, int status, const char *extra, size_t extra_len, size_t clen)
+static char *
+put(char *p, const char *s, size_t len)
 {
-    const char *id = c->req.request_id[0] ? c->req.request_id : NULL;
+    memcpy(p, s, len);
+    return p + len;
+}
+
+#define PUT_LIT(p, lit) put(p, lit, sizeof(lit) - 1)
+
+static char *
+put_uint(char *p, size_t v)
+{
+    char tmp[24];
+    size_t n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+/* Writes the status line and the headers every response has. The head is
+ * built by hand: this runs once per request and snprintf showed in
+ * profiles. */
+static void
+write_head(gw_conn_t *c, int status, const char *extra, size_t extra_len, size_t clen)
+{
+    char head[512];
     char genid[33];
-    if (id == NULL) {
+    const char *id = c->req.request_id;
+    if (id[0] == '\0') {
         gw_http_new_request_id(genid);
         id = genid;
     }
-    char head[512];
-    int n = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\nDate: %s\r\nServer: gatherd\r\nX-Request-Id: %s\r\n",
-                     status, gw_http_status_text(status), gw_http_date(), id);
-    evbuffer_add(out, head, (size_t)n);
+    const char *text = gw_http_status_text(status);
+    char *p = PUT_LIT(head, "HTTP/1.1 ");
+    p = put_uint(p, (size_t)status);
+    *p++ = ' ';
+    p = put(p, text, strlen(text));
+    p = PUT_LIT(p, "\r\nDate: ");
+    p = put(p, gw_http_date(), 29);
+    p = PUT_LIT(p, "\r\nServer: gatherd\r\nX-Request-Id: ");
+    p = put(p, id, strlen(id)); /* at most 63 bytes, see gw_http.c */
+    p = PUT_LIT(p, "\r\n");
+    evbuffer_add(c->out, head, (size_t)(p - head));
     if (extra_len)
-        evbuffer_add(out, extra, extra_len);
-    bool ka_10 = !c->close_after && c->req.http_minor == 0;
-    const char *conn = c->close_after ? "Connection: close\r\n" : ka_10 ? "Connection: keep-alive\r\n" : "";
-    if (status == 204)
-        n = snprintf(head, sizeof(head), "%s\r\n", conn);
-    else
-        n = snprintf(head, sizeof(head), "Content-Length: %zu\r\n%s\r\n", clen, conn);
-    evbuffer_add(out, head, (size_t)n);
+        evbuffer_add(c->out, extra, extra_len);
+    p = head;
+    if (status != 204) {
+        p = PUT_LIT(p, "Content-Length: ");
+        p = put_uint(p, clen);
+        p = PUT_LIT(p, "\r\n");
+    }
+    if (c->close_after)
+        p = PUT_LIT(p, "Connection: close\r\n");
+    else if (c->req.http_minor == 0)
+        p = PUT_LIT(p, "Connection: keep-alive\r\n");
+    p = PUT_LIT(p, "\r\n");
+    evbuffer_add(c->out, head, (size_t)(p - head));
 }
 
 /* After a response: close, or get ready for the next request. */
@@ -147,46 +217,77 @@ request_done(gw_conn_t *c)
     c->requests++;
     if (c->close_after) {
         c->state = C_FLUSHING;
-        bufferevent_disable(c->bev, EV_READ);
-        timer_set(c, T_NONE, 0);
-        return; /* conn_write_cb continues once the output is sent */
+        read_enable(c, false);
+        timer_set(c, GW_T_NONE);
+    } else {
+        gw_parser_next(&c->parser);
+        c->state = C_READING;
+        timer_set(c, evbuffer_get_length(c->in) ? GW_T_HEADER : GW_T_KEEPALIVE);
+        if (!c->peer_eof)
+            read_enable(c, evbuffer_get_length(c->in) < IN_HIGH);
     }
-    gw_parser_next(&c->parser);
-    c->state = C_READING;
-    size_t pending = evbuffer_get_length(bufferevent_get_input(c->bev));
-    timer_set(c, pending ? T_HEADER : T_KEEPALIVE,
-              pending ? c->cfg->http.client_header_timeout_ms : c->cfg->http.keepalive_timeout_ms);
-    bufferevent_enable(c->bev, EV_READ);
-    conn_process(c); /* does nothing when already running further up */
+    if (!c->processing)
+        conn_run(c); /* an answer that came later than its request */
 }
 
 /*
  * Sends a whole response. headers: extra header lines ("Name: v\r\n"...),
- * borrowed. No body is sent for HEAD, 1xx, 204 and 304.
+ * borrowed. body: borrowed; must live as long as c->cfg when larger than
+ * COPY_BODY_MAX. No body is sent for HEAD, 204 and 304.
  */
 static void
 respond(gw_conn_t *c, int status, const char *headers, size_t headers_len, const char *body, size_t body_len)
 {
-    struct evbuffer *out = bufferevent_get_output(c->bev);
     if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
         c->peer_eof)
         c->close_after = true;
-    bool no_body = c->req.method == HTTP_HEAD || status == 204 || status == 304;
-    write_head(c, out, status, headers, headers_len, body_len);
-    if (!no_body && body_len)
-        evbuffer_add(out, body, body_len);
+    write_head(c, status, headers, headers_len, body_len);
+    if (body_len && c->req.method != HTTP_HEAD && status != 204 && status != 304) {
+        if (body_len <= COPY_BODY_MAX)
+            evbuffer_add(c->out, body, body_len);
+        else
+            evbuffer_add_reference(c->out, body, body_len, NULL, NULL);
+    }
     request_done(c);
+}
+
+/* Copies s into out as the inside of a JSON string; returns bytes written. */
+static size_t
+json_escape(char *out, size_t cap, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t w = 0;
+    for (; *s && w + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            out[w++] = '\\';
+            out[w++] = (char)ch;
+        } else if (ch < 0x20) {
+            memcpy(out + w, "\\u00", 4);
+            out[w + 4] = hex[ch >> 4];
+            out[w + 5] = hex[ch & 15];
+            w += 6;
+        } else {
+            out[w++] = (char)ch;
+        }
+    }
+    out[w] = '\0';
+    return w;
 }
 
 static void
 respond_error(gw_conn_t *c, int status, const char *code, const char *message, const char *extra)
 {
+    if (c->req.request_id[0] == '\0')
+        gw_http_new_request_id(c->req.request_id); /* the same id in the header and the body */
+    char msg[256];
+    json_escape(msg, sizeof(msg), message);
     char body[512];
     int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\",\"message\":\"%s\",\"request_id\":\"%s\"}}",
-                     code, message, c->req.request_id);
+                     code, msg, c->req.request_id);
     char hdrs[512];
     int h = snprintf(hdrs, sizeof(hdrs), "Content-Type: application/json\r\n%s", extra ? extra : "");
-    respond(c, status, hdrs, (size_t)h, body, (size_t)n);
+    respond(c, status, hdrs, (size_t)h, body, (size_t)GW_MIN((size_t)n, sizeof(body) - 1));
 }
 
 /* Answers a request the parser rejected, then closes. */
@@ -205,7 +306,6 @@ reject(gw_conn_t *c, int status, const char *reason)
             code = codes[i].code;
     gw_log(status == 408 ? GW_LOG_INFO : GW_LOG_NOTICE, "client %s: %d %s while reading request%s%s", c->peer,
            status, reason, c->req.request_id[0] ? ", request " : "", c->req.request_id);
-    /* The reason is our static text or llhttp's; neither holds quotes. */
     c->close_after = true;
     c->req.keep_alive = false;
     c->state = C_HANDLING;
@@ -242,121 +342,170 @@ dispatch(gw_conn_t *c)
 }
 
 /* Parses and answers what the input holds, in order, until it needs more
- * bytes, a response is pending, or the connection is closing. */
+ * bytes, a response is pending, or too much output waits. */
 static void
 conn_process(gw_conn_t *c)
 {
     if (c->processing)
         return; /* the loop further up the stack picks up the new state */
     c->processing = true;
-    struct evbuffer *in = bufferevent_get_input(c->bev);
-    struct evbuffer *out = bufferevent_get_output(c->bev);
     while (c->state == C_READING && !c->dead) {
-        size_t avail = evbuffer_get_length(in);
-        if (avail == 0)
+        if (evbuffer_get_length(c->in) == 0)
             break;
-        if (evbuffer_get_length(out) > OUT_HIGH) {
-            c->wait_write = true; /* conn_write_cb resumes */
+        if (evbuffer_get_length(c->out) > OUT_HIGH) {
+            c->wait_write = true; /* resumed once the output drains */
             break;
         }
-        if (c->timer_kind == T_KEEPALIVE)
-            timer_set(c, T_HEADER, c->cfg->http.client_header_timeout_ms);
+        if (c->timer_kind == GW_T_KEEPALIVE)
+            timer_set(c, GW_T_HEADER);
         struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+        if (evbuffer_peek(c->in, -1, NULL, &v, 1) < 1)
             break;
         size_t used = 0;
         gw_parse_result_t pr = gw_parser_execute(&c->parser, v.iov_base, v.iov_len, &used);
-        evbuffer_drain(in, used);
+        evbuffer_drain(c->in, used);
         switch (pr) {
         case GW_PARSE_AGAIN:
             if (c->parser.headers_done)
-                timer_set(c, T_BODY, c->cfg->http.client_body_timeout_ms);
+                timer_set(c, GW_T_BODY);
             break;
         case GW_PARSE_HEADERS:
-            evbuffer_add(out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+            evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
             gw_parser_resume(&c->parser);
-            timer_set(c, T_BODY, c->cfg->http.client_body_timeout_ms);
+            timer_set(c, GW_T_BODY);
             break;
         case GW_PARSE_DONE:
-            timer_set(c, T_NONE, 0);
+            timer_set(c, GW_T_NONE);
             c->state = C_HANDLING;
             dispatch(c);
             break;
         case GW_PARSE_ERROR:
-            timer_set(c, T_NONE, 0);
+            timer_set(c, GW_T_NONE);
             reject(c, c->parser.status, c->parser.reason);
             break;
         }
     }
-    if (c->state == C_READING && c->peer_eof && !c->dead) {
-        /* The client sent all it will; an incomplete request is dropped. */
-        if (evbuffer_get_length(out) == 0)
-            gw_conn_close(c);
-        else {
+    if (c->state == C_READING && !c->dead) {
+        if (c->peer_eof) {
+            /* The client sent all it will; an incomplete request is dropped. */
             c->state = C_FLUSHING;
-            bufferevent_disable(c->bev, EV_READ);
+            timer_set(c, GW_T_NONE);
+        } else if (!c->reading && evbuffer_get_length(c->in) < IN_HIGH) {
+            read_enable(c, true);
         }
     }
     c->processing = false;
 }
 
+/* Writes what the output holds. GW_OK: all sent; GW_AGAIN: the socket is
+ * full and the write event is armed; GW_ERR: the connection is closed. */
+static int
+conn_flush(gw_conn_t *c)
+{
+    while (evbuffer_get_length(c->out) > 0) {
+        int n = evbuffer_write(c->out, c->fd);
+        if (n >= 0)
+            continue;
+        int err = errno;
+        if (err == EINTR)
+            continue;
+        if (err == EAGAIN || err == EWOULDBLOCK) {
+            if (!c->writing) {
+                c->writing = true;
+                event_add(c->wev, c->w->timeouts[GW_T_SEND]);
+            }
+            return GW_AGAIN;
+        }
+        if (err != ECONNRESET && err != EPIPE)
+            gw_log(GW_LOG_INFO, "client %s: %s while sending response", c->peer, strerror(err));
+        gw_conn_close(c);
+        return GW_ERR;
+    }
+    if (c->writing) {
+        c->writing = false;
+        event_del(c->wev);
+    }
+    return GW_OK;
+}
+
+/* Handles what can be handled, sends what can be sent, and moves on to
+ * closing once the last response is out. */
 static void
-conn_read_cb(struct bufferevent *bev, void *arg)
+conn_run(gw_conn_t *c)
+{
+    for (int rounds = 0; rounds < 64 && !c->dead; rounds++) {
+        conn_process(c);
+        if (c->dead || conn_flush(c) != GW_OK)
+            return;
+        if (c->state == C_FLUSHING) {
+            if (c->peer_eof || shutdown(c->fd, SHUT_WR) != 0) {
+                gw_conn_close(c);
+            } else {
+                c->state = C_LINGERING;
+                read_enable(c, true);
+                timer_set(c, GW_T_LINGER);
+            }
+            return;
+        }
+        if (!c->wait_write)
+            return;
+        c->wait_write = false; /* the output drained: take more requests */
+    }
+}
+
+static void
+conn_read_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_conn_t *c = arg;
+    GW_UNUSED(what);
+    struct evbuffer_iovec v;
     if (c->state == C_LINGERING) {
-        struct evbuffer *in = bufferevent_get_input(bev);
-        evbuffer_drain(in, evbuffer_get_length(in));
+        char scratch[4096];
+        ssize_t n = recv(fd, scratch, sizeof(scratch), 0);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+            gw_conn_close(c);
+        gw_conn_release(c);
         return;
     }
-    conn_process(c);
-    gw_conn_release(c);
-}
-
-static void
-conn_write_cb(struct bufferevent *bev, void *arg)
-{
-    gw_conn_t *c = arg;
-    if (c->state == C_FLUSHING) {
-        if (evbuffer_get_length(bufferevent_get_output(bev)) > 0)
-            return;
-        if (c->peer_eof || shutdown(c->fd, SHUT_WR) != 0) {
-            gw_conn_close(c);
-        } else {
-            c->state = C_LINGERING;
-            bufferevent_enable(bev, EV_READ);
-            timer_set(c, T_LINGER, c->cfg->http.lingering_timeout_ms);
-        }
-    } else if (c->wait_write) {
-        c->wait_write = false;
-        conn_process(c);
-    }
-    gw_conn_release(c);
-}
-
-static void
-conn_event_cb(struct bufferevent *bev, short what, void *arg)
-{
-    gw_conn_t *c = arg;
-    GW_UNUSED(bev);
-    if (what & BEV_EVENT_EOF) {
-        c->peer_eof = true;
-        if (c->state == C_READING) {
-            conn_process(c);
-        } else if (c->state == C_LINGERING) {
-            gw_conn_close(c);
-        }
-        /* HANDLING and FLUSHING finish their response first. */
-    } else if (what & BEV_EVENT_ERROR) {
-        int err = EVUTIL_SOCKET_ERROR();
-        if (c->state != C_LINGERING && err != ECONNRESET && err != EPIPE)
-            gw_log(GW_LOG_INFO, "client %s: %s while %s", c->peer, strerror(err),
-                   (what & BEV_EVENT_READING) ? "reading request" : "sending response");
+    if (evbuffer_reserve_space(c->in, READ_CHUNK, &v, 1) < 1) {
         gw_conn_close(c);
-    } else if (what & BEV_EVENT_TIMEOUT) {
+        gw_conn_release(c);
+        return;
+    }
+    ssize_t n = recv(fd, v.iov_base, v.iov_len, 0);
+    if (n > 0) {
+        v.iov_len = (size_t)n;
+        evbuffer_commit_space(c->in, &v, 1);
+        if (evbuffer_get_length(c->in) >= IN_HIGH)
+            read_enable(c, false); /* conn_process enables it again once drained */
+    } else if (n == 0) {
+        c->peer_eof = true;
+        read_enable(c, false);
+    } else {
+        int err = errno;
+        if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
+            return;
+        if (err != ECONNRESET)
+            gw_log(GW_LOG_INFO, "client %s: %s while reading request", c->peer, strerror(err));
+        gw_conn_close(c);
+        gw_conn_release(c);
+        return;
+    }
+    conn_run(c);
+    gw_conn_release(c);
+}
+
+static void
+conn_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_conn_t *c = arg;
+    GW_UNUSED(fd);
+    if (what & EV_TIMEOUT) {
         gw_log(GW_LOG_INFO, "client %s: timed out after %d ms while sending response", c->peer,
                c->cfg->http.send_timeout_ms);
         gw_conn_close(c);
+    } else {
+        conn_run(c);
     }
     gw_conn_release(c);
 }
@@ -367,21 +516,19 @@ conn_timer_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_t *c = arg;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    timer_kind_t kind = c->timer_kind;
-    c->timer_kind = T_NONE;
+    gw_timer_t kind = c->timer_kind;
+    c->timer_kind = GW_T_NONE;
     switch (kind) {
-    case T_HEADER:
+    case GW_T_HEADER:
         if (c->parser.started)
             reject(c, 408, "client sent no complete request head in time");
         else
             gw_conn_close(c);
         break;
-    case T_BODY:
+    case GW_T_BODY:
         reject(c, 408, "client sent no request body bytes in time");
         break;
-    case T_KEEPALIVE:
-    case T_LINGER:
-    case T_NONE:
+    default:
         gw_conn_close(c);
         break;
     }
@@ -416,30 +563,32 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     format_peer(sa, c->peer, sizeof(c->peer));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    c->bev = bufferevent_socket_new(w->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    c->rev = event_new(w->base, fd, EV_READ | EV_PERSIST, conn_read_cb, c);
+    c->wev = event_new(w->base, fd, EV_WRITE | EV_PERSIST, conn_write_cb, c);
     c->timer = evtimer_new(w->base, conn_timer_cb, c);
+    c->in = evbuffer_new();
+    c->out = evbuffer_new();
+    if (c->rev == NULL || c->wev == NULL || c->timer == NULL || c->in == NULL || c->out == NULL) {
+        gw_log(GW_LOG_ERR, "client %s: out of memory while accepting", c->peer);
+        abort(); /* our allocation policy: out of memory is fatal */
+    }
     gw_parser_init(&c->parser, &c->req, &c->cfg->http);
-    bufferevent_setcb(c->bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
-    bufferevent_setwatermark(c->bev, EV_READ, 0, IN_HIGH);
-    struct timeval send_tv = { c->cfg->http.send_timeout_ms / 1000, (c->cfg->http.send_timeout_ms % 1000) * 1000 };
-    bufferevent_set_timeouts(c->bev, NULL, &send_tv);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;
     w->conns = c;
     w->nconns++;
     c->state = C_READING;
-    timer_set(c, T_HEADER, c->cfg->http.client_header_timeout_ms);
+    read_enable(c, true);
+    timer_set(c, GW_T_HEADER);
 }
 
 void
 gw_conn_shutdown(gw_conn_t *c)
 {
     c->close_after = true;
-    if (c->state == C_READING && !c->parser.started &&
-        evbuffer_get_length(bufferevent_get_input(c->bev)) == 0 &&
-        evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+    if (c->state == C_READING && !c->parser.started && evbuffer_get_length(c->in) == 0 &&
+        evbuffer_get_length(c->out) == 0)
         gw_conn_close(c);
     gw_conn_release(c);
 }

@@ -15,6 +15,7 @@
 #include "gw_server.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_http.h"
 #include "gw_log.h"
 
 #include <errno.h>
@@ -24,16 +25,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define ACCEPT_BACKOFF_MS 100
 #define LISTEN_BACKLOG 511
-
-static const char too_many[] = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                               "Content-Length: 41\r\nConnection: close\r\n\r\n"
-                               "{\"error\":{\"code\":\"too_many_connections\"}}";
 
 static evutil_socket_t
 open_listener(const gw_listen_t *l, bool reuseport, char *err, size_t errlen)
@@ -82,7 +80,19 @@ accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, i
             w->refused_logged_at = now;
             w->refused = 0;
         }
-        if (send(fd, too_many, sizeof(too_many) - 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+        /* Answered without reading the request: one best-effort send. */
+        char id[33], msg[512];
+        gw_http_new_request_id(id);
+        static const char body_fmt[] = "{\"error\":{\"code\":\"too_many_connections\",\"message\":"
+                                       "\"the gateway is at max_connections\",\"request_id\":\"%s\"}}";
+        int blen = (int)sizeof(body_fmt) - 3 + 32;
+        int len = snprintf(msg, sizeof(msg),
+                         "HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nServer: gatherd\r\nX-Request-Id: %s\r\n"
+                         "Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
+                         "Retry-After: 1\r\n\r\n",
+                         gw_http_date(), id, blen);
+        len += snprintf(msg + len, sizeof(msg) - (size_t)len, body_fmt, id);
+        if (send(fd, msg, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
             /* the client is refused either way */
         }
         shutdown(fd, SHUT_WR);
@@ -154,8 +164,11 @@ static void
 stop_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_worker_t *w = arg;
-    GW_UNUSED(fd);
+    uint64_t v;
     GW_UNUSED(what);
+    if (read(fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: a second wake-up for the same request */
+    }
     bool force = __atomic_load_n(&w->force, __ATOMIC_ACQUIRE);
     if (w->stopping && !force)
         return;
@@ -217,6 +230,8 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     }
     s->nworkers = cfg->workers;
     s->workers = gw_calloc((size_t)s->nworkers, sizeof(gw_worker_t));
+    for (int i = 0; i < s->nworkers; i++)
+        s->workers[i].stop_fd = -1;
     for (int i = 0; i < s->nworkers; i++) {
         gw_worker_t *w = &s->workers[i];
         w->srv = s;
@@ -231,13 +246,32 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             if (w->fds[k] < 0)
                 return GW_ERR;
         }
-        /* Locked (evthread): the main thread activates stop_ev. */
-        w->base = event_base_new();
+        /* No locks: only this worker's thread touches its base; the main
+         * thread talks to it through stop_fd. */
+        struct event_config *ec = event_config_new();
+        event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
+        w->base = event_base_new_with_config(ec);
+        event_config_free(ec);
         if (w->base == NULL) {
             snprintf(err, errlen, "cannot create an event loop");
             return GW_ERR;
         }
-        w->stop_ev = event_new(w->base, -1, 0, stop_cb, w);
+        w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (w->stop_fd < 0) {
+            snprintf(err, errlen, "eventfd: %s", strerror(errno));
+            return GW_ERR;
+        }
+        w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, stop_cb, w);
+        event_add(w->stop_ev, NULL);
+        const int ms[GW_T_MAX] = { [GW_T_HEADER] = cfg->http.client_header_timeout_ms,
+                                   [GW_T_BODY] = cfg->http.client_body_timeout_ms,
+                                   [GW_T_KEEPALIVE] = cfg->http.keepalive_timeout_ms,
+                                   [GW_T_LINGER] = cfg->http.lingering_timeout_ms,
+                                   [GW_T_SEND] = cfg->http.send_timeout_ms };
+        for (int t = 1; t < GW_T_MAX; t++) {
+            struct timeval tv = { ms[t] / 1000, (ms[t] % 1000) * 1000 };
+            w->timeouts[t] = event_base_init_common_timeout(w->base, &tv);
+        }
         w->accept_timer = evtimer_new(w->base, accept_resume_cb, w);
         w->force_timer = evtimer_new(w->base, force_cb, w);
         for (size_t k = 0; k < cfg->nlisten; k++) {
@@ -268,11 +302,13 @@ gw_server_stop(gw_server_t *s, bool force)
 {
     for (int i = 0; i < s->nworkers; i++) {
         gw_worker_t *w = &s->workers[i];
-        if (w->base == NULL || w->stop_ev == NULL)
+        if (w->stop_fd < 0)
             continue;
         if (force)
             __atomic_store_n(&w->force, true, __ATOMIC_RELEASE);
-        event_active(w->stop_ev, EV_TIMEOUT, 0);
+        uint64_t one = 1;
+        if (write(w->stop_fd, &one, sizeof(one)) < 0)
+            gw_log(GW_LOG_ERR, "cannot wake worker %d: %s", i, strerror(errno));
     }
 }
 
@@ -302,6 +338,8 @@ gw_server_free(gw_server_t *s)
             free(w->listeners);
             if (w->stop_ev)
                 event_free(w->stop_ev);
+            if (w->stop_fd >= 0)
+                close(w->stop_fd);
             if (w->accept_timer)
                 event_free(w->accept_timer);
             if (w->force_timer)

@@ -20,6 +20,10 @@
 
 struct evconnlistener;
 
+/* The per-connection timers; their durations are the worker's common
+ * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
+typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_MAX } gw_timer_t;
+
 struct gw_worker_s {
     gw_server_t *srv;
     int id;
@@ -29,7 +33,9 @@ struct gw_worker_s {
     evutil_socket_t *fds;           /* listening sockets, until wrapped */
     struct evconnlistener **listeners;
     size_t nlisteners;
-    struct event *stop_ev;          /* activated from the main thread */
+    int stop_fd;                    /* eventfd the main thread writes to stop us */
+    struct event *stop_ev;
+    const struct timeval *timeouts[GW_T_MAX];
     struct event *accept_timer;     /* re-enables accepting after EMFILE */
     struct event *force_timer;      /* shutdown_timeout_ms after the stop */
     bool stopping;

@@ -314,7 +314,7 @@ class Daemon:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def signal(self, sig):
+    def send_signal(self, sig):
         if self.running():
             os.kill(self.pid, sig)
 

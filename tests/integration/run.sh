@@ -1,0 +1,10 @@
+#!/bin/bash
+# Integration tests of gatherd (an automake TESTS entry).
+# Environment: GATHERD (the binary; default: ../../src/gatherd next to this
+# script), GW_SRCDIR (source tree root), ASAN_OPTIONS/UBSAN_OPTIONS (passed on).
+# Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+export GATHERD
+python3 "$here/test_http.py" "$@"
+exit $?
