@@ -65,7 +65,7 @@ build_and_check() {
     fi
     if [ $rc -ne 0 ]; then
         echo "   make check failed in $name build; failing logs:"
-        for f in $(grep -l -E '^FAIL|^ERROR' "$dir"/tests/*/*.trs "$dir"/tests/*.trs 2>/dev/null); do
+        for f in $(grep -l -E ':test-result: (FAIL|ERROR)' "$dir"/tests/*/*.trs 2>/dev/null); do
             echo "---- ${f%.trs}.log"; grep -v '^ok - ' "${f%.trs}.log" | tail -n 60
         done
     fi
