@@ -15,7 +15,9 @@ test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
 code from a graceful stop, or a sanitizer report in stderr, fails the test.
 """
 
+import atexit
 import copy
+import ctypes
 import json
 import os
 import re
@@ -75,6 +77,23 @@ def sanitizer_report(text):
 _TESTS = []
 _current_daemons = []
 _current_problems = []
+_all_daemons = []
+
+
+@atexit.register
+def _kill_leftovers():
+    """Whatever way the runner ends, no daemon it started survives it."""
+    for d in _all_daemons:
+        d._kill()
+        d.remove_dir()
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the test runner dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def test(fn):
@@ -220,8 +239,9 @@ class Daemon:
     files: extra files for the config dir, {relative path: text or dict}.
     """
 
-    def __init__(self, config, workers=2, args=(), files=None, start=True, log_level=None):
+    def __init__(self, config, workers=2, args=(), files=None, start=True, log_level=None, nofile=None):
         self.config = config
+        self.nofile = nofile  # RLIMIT_NOFILE for the daemon, to provoke EMFILE
         self.workers = workers
         self.args = list(args)
         self.files = files or {}
@@ -234,9 +254,11 @@ class Daemon:
         self.port = None
         self.host = "127.0.0.1"
         self.exit_code = None
-        self.stopped_gracefully = False
+        self.sent_signal = None
+        self._exit_checked = False
         self._checked = False
         _current_daemons.append(self)
+        _all_daemons.append(self)
         for rel, content in self.files.items():
             p = os.path.join(self.dir, rel)
             os.makedirs(os.path.dirname(p), exist_ok=True)
@@ -283,9 +305,18 @@ class Daemon:
             cmd = [GATHERD, "-c", self.conf_path, "-w", str(self.workers)] + self.args
             if self.log_level:
                 cmd += ["-l", self.log_level]
-            logf = open(self.log_path, "w")
+            open(self.log_path, "w").close()
+            logf = open(self.log_path, "ab")  # O_APPEND: every writer adds at the end
+            nofile = self.nofile
+
+            def preexec():
+                _die_with_parent()
+                if nofile:
+                    import resource
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         close_fds=True)
+                                         close_fds=True, preexec_fn=preexec)
             logf.close()
             self.pid = self.proc.pid
             self.exit_code = None
@@ -315,41 +346,56 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def send_signal(self, sig):
+        """Sends sig (recorded: the exit is then expected)."""
         if self.running():
+            self.sent_signal = sig
             os.kill(self.pid, sig)
 
     def wait(self, timeout):
         """Waits for the process to exit; returns its exit code or None on timeout."""
         try:
             self.exit_code = self.proc.wait(timeout=timeout)
-            return self.exit_code
         except subprocess.TimeoutExpired:
             return None
+        self._check_exit()
+        return self.exit_code
+
+    def _check_exit(self):
+        """Once the process has exited: a graceful stop must exit 0, and an
+        exit nobody asked for is a failure (a crash, an abort)."""
+        if self._exit_checked or self.proc is None or self.proc.poll() is None:
+            return
+        self._exit_checked = True
+        self.exit_code = self.proc.returncode
+        tail = self.log()[-3000:]
+        if self.sent_signal is None:
+            _note_problem(f"gatherd (pid {self.pid}) exited on its own with {self.exit_code}; stderr tail:\n{tail}")
+        elif self.sent_signal in (signal.SIGTERM, signal.SIGINT) and self.exit_code != 0:
+            _note_problem(f"graceful stop (signal {int(self.sent_signal)}) exited with {self.exit_code}; "
+                          f"stderr tail:\n{tail}")
+        self._check_sanitizer()
 
     def stop(self, sig=signal.SIGTERM, timeout=15):
         """Sends sig, waits up to timeout s, returns the exit code (kills on timeout)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            os.kill(self.pid, sig)
+            self.send_signal(sig)
             try:
-                self.exit_code = self.proc.wait(timeout=timeout * SLOW)
+                self.proc.wait(timeout=timeout * SLOW)
             except subprocess.TimeoutExpired:
                 self._kill()
                 self._check_sanitizer()
                 raise TestFailure(f"gatherd (pid {self.pid}) did not exit within {timeout}s of signal {sig}; "
                                   f"stderr:\n{self.log()[-3000:]}")
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                self.stopped_gracefully = True
-                if self.exit_code != 0:
-                    _note_problem(f"graceful stop exited with {self.exit_code}; stderr tail:\n{self.log()[-3000:]}")
-        else:
-            self.exit_code = self.proc.returncode
+        self._check_exit()
         self._check_sanitizer()
         return self.exit_code
 
     def _kill(self):
         if self.proc is not None and self.proc.poll() is None:
+            if self.sent_signal is None:
+                self.sent_signal = signal.SIGKILL
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -376,6 +422,7 @@ class Daemon:
         try:
             if self.proc.poll() is None:
                 self.stop(signal.SIGTERM, timeout=15)
+            self._check_exit()
         finally:
             self._kill()
             self._check_sanitizer()

@@ -6,5 +6,6 @@
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${GATHERD:=$here/../../src/gatherd}"
 export GATHERD
+export PYTHONDONTWRITEBYTECODE=1
 python3 "$here/test_http.py" "$@"
 exit $?

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gwtest import (DATE_RE, HEX32_RE, SLOW, Conn, ConnectionClosed, Daemon, Skip, TempDir,  # noqa: E402
+from gwtest import (DATE_RE, HEX32_RE, SLOW, ConnectionClosed, Daemon, Skip, TempDir,  # noqa: E402
                     TestFailure, check, contains, eq, ipv6_loopback_available, main, req, run_cli, test)
 
 # --- shared configuration -------------------------------------------------------
@@ -128,10 +128,23 @@ def cli_help():
 def cli_workers_option_overrides_config():
     # The daemon has one main thread plus one thread per worker: compare the
     # thread counts of -w 1 and -w 3 (sanitizer helper threads cancel out).
+    def stable_thread_count(pid):
+        # the listeners accept before every worker thread exists: wait until
+        # the count has not changed for 0.3 s
+        last, since, deadline = -1, time.monotonic(), time.monotonic() + 5 * SLOW
+        while time.monotonic() < deadline:
+            n = len(os.listdir(f"/proc/{pid}/task"))
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= 0.3:
+                break
+            time.sleep(0.02)
+        return last
+
     counts = {}
     for n in (1, 3):
         d = Daemon(config(workers=2), workers=n)
-        counts[n] = len(os.listdir(f"/proc/{d.pid}/task"))
+        counts[n] = stable_thread_count(d.pid)
         with d.connect() as c:
             expect_ok(c.request(get()), b'{"ok":true}')
         eq(d.stop(), 0, "exit code")
@@ -168,6 +181,21 @@ def _config_error(text, files=None):
         eq(rc, 1, f"exit code of -t (stderr {err!r})")
         contains(err, "test failed", "stderr")
         return p, err
+
+
+@test
+def shipped_configs_are_valid():
+    """conf/gatherd.json and conf/examples/*.json of the source tree pass -t."""
+    srcdir = os.environ.get("GW_SRCDIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    confs = [os.path.join(srcdir, "conf", "gatherd.json")]
+    ex = os.path.join(srcdir, "conf", "examples")
+    if os.path.isdir(ex):
+        confs += sorted(os.path.join(ex, f) for f in os.listdir(ex) if f.endswith(".json"))
+    check(os.path.exists(confs[0]), f"{confs[0]} not found (GW_SRCDIR={os.environ.get('GW_SRCDIR')!r})")
+    for p in confs:
+        rc, _, err = run_cli(["-t", "-c", p])
+        eq(rc, 0, f"-t exit code for {p} (stderr {err!r})")
+        contains(err, "test is successful", f"stderr for {p}")
 
 
 @test
@@ -322,6 +350,15 @@ def startup_port_in_use_exits_1():
             check(time.monotonic() - t0 < 10, "took too long to fail")
     finally:
         holder.close()
+    # another gatherd (whose sockets use SO_REUSEPORT) must not silently share the port
+    d = Daemon(config())
+    with TempDir() as t:
+        p = t.write("g.json", {"listen": [f"127.0.0.1:{d.port}"], "routes": ROUTES})
+        rc, out, err = run_cli(["-c", p, "-w", "2"], timeout=10)
+        eq(rc, 1, f"exit code of a second gatherd on the same port (stderr {err!r})")
+        contains(err, "cannot listen on", "stderr")
+    with d.connect() as c:
+        expect_ok(c.request(get("/health")), b'{"ok":true}')
 
 
 # --- basic requests -----------------------------------------------------------------
@@ -461,18 +498,21 @@ def respond_route_exact_bytes():
 
 
 @test
-def respond_string_body_is_json():
-    """Contract: respond.body is any JSON value, sent compact as jansson
-    serializes it, with Content-Type: application/json (so a string body is
-    sent as a quoted JSON string)."""
+def respond_string_body_is_text():
+    """A string respond.body is sent as it is, as text/plain; charset=utf-8,
+    unless the route sets a Content-Type (README: Configuration reference);
+    any other JSON value is sent compact as application/json."""
     d = Daemon(config(routes=[{"path": "/s", "respond": {"body": "hello \"w\""}},
-                              {"path": "/s2", "respond": {"headers": {"Content-Type": "text/plain"}, "body": "hi"}}]))
+                              {"path": "/s2", "respond": {"headers": {"Content-Type": "text/csv"}, "body": "a,b"}},
+                              {"path": "/n", "respond": {"body": 42}}]))
     with d.connect() as c:
         r = c.request(get("/s"))
-        eq((r.status, r.header("Content-Type"), r.body), (200, "application/json", b'"hello \\"w\\""'),
+        eq((r.status, r.header("Content-Type"), r.body), (200, "text/plain; charset=utf-8", b'hello "w"'),
            "string body (status, Content-Type, bytes)")
         r = c.request(get("/s2"))
-        eq((r.header_all("Content-Type"), r.body), (["text/plain"], b'"hi"'), "string body with a route Content-Type")
+        eq((r.header_all("Content-Type"), r.body), (["text/csv"], b"a,b"), "string body with a route Content-Type")
+        r = c.request(get("/n"))
+        eq((r.header("Content-Type"), r.body), ("application/json", b"42"), "number body")
 
 
 @test
@@ -692,6 +732,102 @@ def pipelining_stops_at_bad_request():
 
 
 @test
+def half_close_after_pipelined_requests_answers_all():
+    """A client that sends its requests and then shuts down its write side
+    still gets every answer, then the server closes."""
+    d = Daemon(config())
+    with d.connect() as c:
+        c.send(get("/a") + get("/b") + get("/c"))
+        c.shut_wr()
+        for body in (b'{"r":"a"}', b'{"r":"b"}', b'{"r":"c"}'):
+            expect_ok(c.read_response(), body)
+        eq(c.read_all_until_close(3), b"", "bytes after the answers")
+
+
+def _pipeline_concurrently(c, data, nresp, method="GET"):
+    """Sends data from a thread while reading nresp responses; returns them."""
+    err = []
+
+    def sender():
+        try:
+            c.sock.sendall(data)
+        except OSError as e:
+            err.append(e)
+
+    th = threading.Thread(target=sender)
+    th.start()
+    out = []
+    try:
+        for _ in range(nresp):
+            out.append(c.read_response(method))
+    finally:
+        th.join(30)
+    check(not err, f"sending failed: {err}")
+    return out
+
+
+@test
+def pipelining_large_volume():
+    """Many more pipelined requests than the daemon buffers at once (64 KiB of
+    input, 256 KiB of output), with small and with large responses."""
+    big = {"data": "x" * 100000}
+    routes = ROUTES + [{"path": "/big", "respond": {"body": big}}]
+    d = Daemon(config(routes=routes, http={"max_keepalive_requests": 100000}))
+    big_bytes = json.dumps(big, separators=(",", ":")).encode()
+    with d.connect(timeout=20) as c:
+        n = 20000
+        reqs = b"".join(get(["/a", "/b", "/c"][i % 3], headers={"X-Request-Id": f"v{i}"}) for i in range(n))
+        resps = _pipeline_concurrently(c, reqs, n)
+        for i, r in enumerate(resps):
+            if (r.status, r.header("X-Request-Id"), r.body) != (200, f"v{i}", [b'{"r":"a"}', b'{"r":"b"}',
+                                                                             b'{"r":"c"}'][i % 3]):
+                raise TestFailure(f"response {i} of {n}: {r.raw[:200]!r}")
+        n = 300
+        resps = _pipeline_concurrently(c, b"".join(get("/big", headers={"X-Request-Id": f"g{i}"})
+                                                   for i in range(n)), n)
+        for i, r in enumerate(resps):
+            if (r.status, r.header("X-Request-Id"), len(r.body)) != (200, f"g{i}", len(big_bytes)) or \
+                    r.body != big_bytes:
+                raise TestFailure(f"large response {i} of {n}: {r.raw[:200]!r} ({len(r.body)} body bytes)")
+        r = c.request(req("HEAD", "/big"))
+        eq((r.status, r.header("Content-Length")), (200, str(len(big_bytes))), "HEAD of a large body")
+        expect_ok(c.request(get("/a")), b'{"r":"a"}')
+
+
+@test
+def send_timeout_closes_stalled_reader():
+    """A client that stops reading a large response is disconnected after
+    send_timeout_ms instead of holding the connection forever."""
+    big = {"data": "y" * (8 << 20)}
+    routes = ROUTES + [{"path": "/huge", "respond": {"body": big}}]
+    d = Daemon(config(routes=routes, http={"send_timeout_ms": 300, "keepalive_timeout_ms": 60000}))
+    total = len(json.dumps(big, separators=(",", ":")))
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10 * SLOW)
+    try:
+        s.connect(("127.0.0.1", d.port))
+        s.sendall(get("/huge"))
+        time.sleep(1.5)  # not reading: the daemon's socket buffer fills and its send timeout (300 ms) passes
+        got = 0
+        deadline = time.monotonic() + 10 * SLOW
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+        check(got < total, f"the whole {total}-byte response arrived: no send timeout")
+        check(time.monotonic() < deadline, "connection not closed")
+    finally:
+        s.close()
+    with d.connect() as c:
+        expect_ok(c.request(get("/a")), b'{"r":"a"}')
+
+
+@test
 def max_keepalive_requests():
     d = Daemon(config(http={"max_keepalive_requests": 3}))
     with d.connect() as c:
@@ -883,6 +1019,16 @@ def chunked_body_accepted():
 
 
 @test
+def transfer_encoding_ending_in_chunked_accepted():
+    d = Daemon(config())
+    with d.connect() as c:
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+               b"3\r\nabc\r\n0\r\n\r\n" + get("/a"))
+        expect_ok(c.read_response(), b'{"created":true}', status=201)
+        expect_ok(c.read_response(), b'{"r":"a"}')
+
+
+@test
 def chunked_body_with_extension_and_trailer():
     d = Daemon(config())
     with d.connect() as c:
@@ -1062,8 +1208,19 @@ def lingering_close_delivers_error_response():
         expect_error(r, 400, "bad_request")
         th.join(10)
         check(not th.is_alive(), "sender blocked: the server stopped reading")
-        c.shut_wr()
-        eq(c.read_all_until_close(5), b"", "bytes after the 400")
+        check(not err, f"sending after the error response failed ({err}): the server reset the connection "
+                       "instead of draining it")
+        try:
+            c.shut_wr()
+        except OSError as e:
+            raise TestFailure(f"connection reset by the server after the response, no lingering close ({e})")
+        # a clean FIN, not a reset
+        c.sock.settimeout(5 * SLOW)
+        try:
+            rest = c.sock.recv(65536)
+        except ConnectionResetError:
+            raise TestFailure("connection reset after the response (no lingering close)")
+        eq(c.buf + rest, b"", "bytes after the 400")
 
 
 # --- path normalization -------------------------------------------------------------
@@ -1404,8 +1561,8 @@ def _fuzz_one(d, i, data, rng_split):
             c.send(data[:cut])
             c.send(data[cut:])
             c.shut_wr()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the daemon rejected early and closed: fine
+        except OSError:
+            pass  # the daemon rejected early and closed (EPIPE, ECONNRESET, ENOTCONN): fine
         try:
             out = c.read_all_until_close(10)
         except TestFailure as e:
@@ -1449,6 +1606,39 @@ def hostile_input_fuzz():
     check(not problems, f"{len(problems)} problem(s); first: {problems[:3]}")
     with d.connect() as c:
         expect_ok(c.request(get("/health")), b'{"ok":true}')
+    eq(d.stop(), 0, "exit code")
+
+
+@test
+def accept_backs_off_on_emfile_and_recovers():
+    """With its descriptors exhausted, a worker pauses accepting (100 ms)
+    instead of spinning on the readable listener, and serves again once
+    descriptors are free."""
+    d = Daemon(config(), workers=1, nofile=32)
+    socks = []
+    try:
+        for _ in range(60):  # more than the daemon can accept
+            s = socket.create_connection((d.host, d.port), timeout=5)
+            socks.append(s)
+        time.sleep(1.0)
+    finally:
+        for s in socks:
+            s.close()
+    pauses = d.log().count("Too many open files; pausing accepts")
+    check(pauses >= 1, "no back-off logged: %r" % d.log()[-500:])
+    # a spinning accept loop would log thousands of lines in a second
+    check(pauses <= 30 * SLOW, "accept error logged %d times in ~1 s: not backing off" % pauses)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with d.connect() as c:
+                r = c.request(get("/health"))
+                eq(r.status, 200, "status after recovery")
+                break
+        except (OSError, ConnectionClosed):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     eq(d.stop(), 0, "exit code")
 
 
