@@ -170,13 +170,19 @@ put_uint(char *p, size_t v)
     return p;
 }
 
-/* Writes the status line and the headers every response has. The head is
- * built by hand: this runs once per request and snprintf showed in
- * profiles. */
+/*
+ * Appends a whole response to the output: the status line and the headers
+ * every response has, extra (header lines, borrowed), then body unless
+ * send_body is false. Small responses are assembled in one stack buffer so
+ * they cost one evbuffer_add and leave in a single iovec; the head is built
+ * by hand because this runs once per request and snprintf showed in
+ * profiles.
+ */
 static void
-write_head(gw_conn_t *c, int status, const char *extra, size_t extra_len, size_t clen)
+write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, const char *body, size_t clen,
+               bool send_body)
 {
-    char head[512];
+    char buf[2048];
     char genid[33];
     const char *id = c->req.request_id;
     if (id[0] == '\0') {
@@ -184,19 +190,26 @@ write_head(gw_conn_t *c, int status, const char *extra, size_t extra_len, size_t
         id = genid;
     }
     const char *text = gw_http_status_text(status);
-    char *p = PUT_LIT(head, "HTTP/1.1 ");
+    size_t idlen = strlen(id), textlen = strlen(text); /* id: at most 63 bytes, see gw_http.c */
+    /* fixed text of the head, two numbers, the id and the status text */
+    size_t head_max = 160 + idlen + textlen;
+    bool small = head_max + extra_len + (send_body ? clen : 0) <= sizeof(buf);
+    char *p = PUT_LIT(buf, "HTTP/1.1 ");
     p = put_uint(p, (size_t)status);
     *p++ = ' ';
-    p = put(p, text, strlen(text));
+    p = put(p, text, textlen);
     p = PUT_LIT(p, "\r\nDate: ");
     p = put(p, gw_http_date(), 29);
     p = PUT_LIT(p, "\r\nServer: gatherd\r\nX-Request-Id: ");
-    p = put(p, id, strlen(id)); /* at most 63 bytes, see gw_http.c */
+    p = put(p, id, idlen);
     p = PUT_LIT(p, "\r\n");
-    evbuffer_add(c->out, head, (size_t)(p - head));
-    if (extra_len)
+    if (small) {
+        p = put(p, extra, extra_len);
+    } else {
+        evbuffer_add(c->out, buf, (size_t)(p - buf));
         evbuffer_add(c->out, extra, extra_len);
-    p = head;
+        p = buf;
+    }
     if (status != 204) {
         p = PUT_LIT(p, "Content-Length: ");
         p = put_uint(p, clen);
@@ -207,7 +220,15 @@ write_head(gw_conn_t *c, int status, const char *extra, size_t extra_len, size_t
     else if (c->req.http_minor == 0)
         p = PUT_LIT(p, "Connection: keep-alive\r\n");
     p = PUT_LIT(p, "\r\n");
-    evbuffer_add(c->out, head, (size_t)(p - head));
+    if (small && send_body)
+        p = put(p, body, clen);
+    evbuffer_add(c->out, buf, (size_t)(p - buf));
+    if (!small && send_body && clen) {
+        if (clen <= COPY_BODY_MAX)
+            evbuffer_add(c->out, body, clen);
+        else
+            evbuffer_add_reference(c->out, body, clen, NULL, NULL);
+    }
 }
 
 /* After a response: close, or get ready for the next request. */
@@ -241,13 +262,8 @@ respond(gw_conn_t *c, int status, const char *headers, size_t headers_len, const
     if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
         c->peer_eof)
         c->close_after = true;
-    write_head(c, status, headers, headers_len, body_len);
-    if (body_len && c->req.method != HTTP_HEAD && status != 204 && status != 304) {
-        if (body_len <= COPY_BODY_MAX)
-            evbuffer_add(c->out, body, body_len);
-        else
-            evbuffer_add_reference(c->out, body, body_len, NULL, NULL);
-    }
+    bool send_body = body_len && c->req.method != HTTP_HEAD && status != 204 && status != 304;
+    write_response(c, status, headers, headers_len, body, body_len, send_body);
     request_done(c);
 }
 
