@@ -103,7 +103,6 @@ static int
 on_header_value(llhttp_t *ll, const char *at, size_t len)
 {
     gw_parser_t *p = PARSER(ll);
-    p->in_value = true;
     p->req->headers[p->req->nheaders].value_len += (uint32_t)len;
     return append(p, at, len);
 }
@@ -128,7 +127,6 @@ on_header_value_complete(llhttp_t *ll)
             return set_error(p, 400, "invalid character in header value");
     while (h->value_len > 0 && (v[h->value_len - 1] == ' ' || v[h->value_len - 1] == '\t'))
         h->value_len--;
-    p->in_value = false;
     r->nheaders++;
     if (NAME_IS(r, h, "host"))
         p->nhost++;
@@ -341,7 +339,7 @@ gw_parser_next(gw_parser_t *p)
     r->request_id[0] = '\0';
     p->status = 0;
     p->reason = NULL;
-    p->started = p->headers_done = p->in_field = p->in_value = false;
+    p->started = p->headers_done = p->in_field = false;
     p->nhost = 0;
     scan_reset(p);
 }

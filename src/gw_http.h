@@ -62,7 +62,7 @@ struct gw_parser_s {
     bool started;        /* some bytes of a request were seen */
     bool headers_done;
     bool paused_at_headers;
-    bool in_field, in_value;
+    bool in_field;
     uint32_t cur_off, cur_len;
     int nhost;
     /* header-block pre-scan */

@@ -12,7 +12,6 @@
 
 #include <errno.h>
 #include <event2/event.h>
-#include <event2/thread.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <llhttp.h>
@@ -129,10 +128,6 @@ main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
-    if (evthread_use_pthreads() != 0) {
-        gw_log(GW_LOG_EMERG, "libevent has no pthreads support");
-        return 1;
-    }
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);

@@ -20,7 +20,6 @@
 
 #include <errno.h>
 #include <event2/listener.h>
-#include <event2/thread.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
