@@ -600,6 +600,190 @@ parse_methods(ctx_t *c, json_t *v, uint64_t *out)
     return rc;
 }
 
+static const gw_backend_t *
+find_backend(const gw_config_t *cfg, const char *name)
+{
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        if (strcmp(cfg->backends[i]->name, name) == 0)
+            return cfg->backends[i];
+    return NULL;
+}
+
+static int
+parse_proxy(ctx_t *c, json_t *v, gw_route_t *route)
+{
+    static const char *const keys[] = { "backend", "strip_prefix", "preserve_host", NULL };
+    push_key(c, "proxy");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"backend\": \"users\"}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"proxy\""))
+        goto out;
+    route->kind = GW_ROUTE_PROXY;
+    json_t *b = json_object_get(v, "backend");
+    push_key(c, "backend");
+    if (!json_is_string(b)) {
+        fail(c, "is required and must be the name of a backend");
+        pop(c);
+        goto out;
+    }
+    route->proxy.backend = find_backend(c->cfg, json_string_value(b));
+    if (route->proxy.backend == NULL) {
+        fail(c, "unknown backend \"%s\"", json_string_value(b));
+        pop(c);
+        goto out;
+    }
+    pop(c);
+    json_t *sp = json_object_get(v, "strip_prefix");
+    if (sp != NULL) {
+        push_key(c, "strip_prefix");
+        gw_path_t prefix = { 0 };
+        const char *text = json_is_string(sp) ? json_string_value(sp) : "";
+        if (text[0] != '/' || gw_router_normalize(text, strlen(text), &prefix) != GW_OK) {
+            fail(c, "must be a path starting with \"/\", like \"/legacy\"");
+            gw_path_free(&prefix);
+            pop(c);
+            goto out;
+        }
+        /* The prefix must be what the route's pattern starts with, so that
+         * every request it matches has those segments to strip. */
+        gw_path_t pat = { 0 };
+        gw_router_normalize(route->pattern, strlen(route->pattern), &pat);
+        bool ok = prefix.nseg <= pat.nseg;
+        for (size_t i = 0; ok && i < prefix.nseg; i++)
+            ok = prefix.len[i] == pat.len[i] && memcmp(prefix.buf + prefix.off[i], pat.buf + pat.off[i], prefix.len[i]) == 0;
+        route->proxy.strip_segments = prefix.nseg;
+        gw_path_free(&prefix);
+        gw_path_free(&pat);
+        if (!ok) {
+            fail(c, "\"%s\" is not a literal prefix of the route path \"%s\"", text, route->pattern);
+            pop(c);
+            goto out;
+        }
+        pop(c);
+    }
+    json_t *ph = json_object_get(v, "preserve_host");
+    if (ph != NULL) {
+        push_key(c, "preserve_host");
+        if (!json_is_boolean(ph)) {
+            fail(c, "must be true or false");
+            pop(c);
+            goto out;
+        }
+        route->proxy.preserve_host = json_is_true(ph);
+        pop(c);
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "http://127.0.0.1:9101", "http://[::1]:9101", "http://10.0.0.1" (port 80). */
+static int
+parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
+{
+    if (strncmp(url, "https://", 8) == 0)
+        return fail(c, "https backends are not supported by this version of gatherd yet");
+    if (strncmp(url, "http://", 7) != 0)
+        return fail(c, "must start with http:// (got \"%s\")", url);
+    const char *host = url + 7;
+    const char *end = host + strcspn(host, "/?#");
+    if (*end == '?' || *end == '#' || (*end == '/' && end[1] != '\0'))
+        return fail(c, "a backend URL has no path or query: the route decides the path");
+    char hostport[300];
+    size_t len = (size_t)(end - host);
+    if (len == 0 || len >= sizeof(hostport) - 4)
+        return fail(c, "no host in \"%s\"", url);
+    memcpy(hostport, host, len);
+    hostport[len] = '\0';
+    /* Default port 80 when none is given. */
+    const char *close_br = strchr(hostport, ']');
+    const char *last_colon = strrchr(hostport, ':');
+    if (last_colon == NULL || (close_br != NULL && last_colon < close_br))
+        snprintf(hostport + len, sizeof(hostport) - len, ":80");
+    gw_listen_t l;
+    if (parse_addr(hostport, &l) != GW_OK || hostport[0] == '*' || hostport[0] == ':') {
+        if (hostport[0] != '[' && strspn(hostport, "0123456789.:") != strlen(hostport))
+            return fail(c, "host names are not supported by this version of gatherd yet: use an IP address");
+        return fail(c, "bad address in \"%s\"", url);
+    }
+    b->addr = l.addr;
+    b->addrlen = l.addrlen;
+    b->host_header = gw_strdup(hostport);
+    return GW_OK;
+}
+
+static int
+parse_backends(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
+                                        "max_connections", "max_idle", NULL };
+    gw_config_t *cfg = c->cfg;
+    push_key(c, "backends");
+    if (!json_is_object(v)) {
+        int rc = fail(c, "must be an object of backend names to backends");
+        pop(c);
+        return rc;
+    }
+    const char *name;
+    json_t *bv;
+    json_object_foreach(v, name, bv) {
+        push_key(c, name);
+        gw_backend_t *b = gw_calloc(1, sizeof(gw_backend_t));
+        cfg->backends = gw_realloc(cfg->backends, (cfg->nbackends + 1) * sizeof(gw_backend_t *));
+        b->index = cfg->nbackends;
+        cfg->backends[cfg->nbackends++] = b; /* owned by cfg from here on */
+        b->name = gw_strdup(name);
+        b->connect_timeout_ms = 1000;
+        b->timeout_ms = 30000;
+        b->idle_timeout_ms = 30000;
+        b->max_connections = 256;
+        b->max_idle = 64;
+        long long maxc = b->max_connections, maxi = b->max_idle;
+        json_t *url = json_object_get(bv, "url");
+        int rc = GW_ERR;
+        if (!json_is_object(bv)) {
+            fail(c, "must be an object like {\"url\": \"http://127.0.0.1:9101\"}");
+        } else if (check_keys(c, bv, keys, "a backend") == GW_OK) {
+            push_key(c, "url");
+            if (!json_is_string(url)) {
+                fail(c, "is required and must be a URL like \"http://127.0.0.1:9101\"");
+                pop(c);
+            } else {
+                b->url = gw_strdup(json_string_value(url));
+                rc = parse_backend_url(c, b, b->url);
+                pop(c);
+            }
+            if (rc == GW_OK &&
+                (get_ms(c, bv, "connect_timeout_ms", &b->connect_timeout_ms) || get_ms(c, bv, "timeout_ms", &b->timeout_ms) ||
+                 get_ms(c, bv, "idle_timeout_ms", &b->idle_timeout_ms) ||
+                 get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi)))
+                rc = GW_ERR;
+            b->max_connections = (unsigned)maxc;
+            b->max_idle = (unsigned)maxi;
+        }
+        pop(c);
+        if (rc != GW_OK) {
+            pop(c);
+            return GW_ERR;
+        }
+    }
+    pop(c);
+    return GW_OK;
+}
+
+static void
+backend_free(gw_backend_t *b)
+{
+    free(b->name);
+    free(b->url);
+    free(b->host_header);
+    free(b);
+}
+
 static void
 route_free(gw_route_t *r)
 {
@@ -639,10 +823,10 @@ parse_route(ctx_t *c, json_t *v, size_t index)
     if (kinds != 1)
         return fail(c, "a route needs exactly one of \"respond\", \"proxy\" or \"calls\"");
     if (json_object_get(v, "proxy") != NULL) {
-        push_key(c, "proxy");
-        int rc = fail(c, "proxy routes are not supported by this version of gatherd yet");
-        pop(c);
-        return rc;
+        if (parse_proxy(c, json_object_get(v, "proxy"), route) != GW_OK)
+            return GW_ERR;
+    } else if (json_object_get(v, "calls") == NULL && parse_respond(c, json_object_get(v, "respond"), route) != GW_OK) {
+        return GW_ERR;
     }
     if (json_object_get(v, "calls") != NULL) {
         push_key(c, "calls");
@@ -650,8 +834,6 @@ parse_route(ctx_t *c, json_t *v, size_t index)
         pop(c);
         return rc;
     }
-    if (parse_respond(c, json_object_get(v, "respond"), route) != GW_OK)
-        return GW_ERR;
     char rerr[512];
     if (gw_router_add(cfg->router, route->pattern, route->methods, route, rerr, sizeof(rerr)) != GW_OK) {
         push_key(c, "path");
@@ -831,7 +1013,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "include", "routes", NULL };
+                                        "backends", "include", "routes", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -858,6 +1040,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     cfg->max_connections = (unsigned)maxconn;
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "backends")) != NULL && parse_backends(&c, v))
         goto fail;
     if ((v = json_object_get(root, "routes")) != NULL && parse_routes(&c, v))
         goto fail;
@@ -907,6 +1091,9 @@ gw_config_unref(gw_config_t *cfg)
     for (size_t i = 0; i < cfg->nroutes; i++)
         route_free(cfg->routes[i]);
     free(cfg->routes);
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        backend_free(cfg->backends[i]);
+    free(cfg->backends);
     for (size_t i = 0; i < cfg->nlisten; i++)
         free(cfg->listen[i].text);
     free(cfg->listen);

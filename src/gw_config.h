@@ -40,7 +40,22 @@ typedef struct {
     char *value;
 } gw_kv_t;
 
-typedef enum { GW_ROUTE_RESPOND = 1 } gw_route_kind_t;
+/* A backend API. Immutable, owned by the configuration. */
+struct gw_backend_s {
+    char *name;
+    char *url;
+    size_t index;                  /* its position in cfg->backends: per-worker pools are indexed by it */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    char *host_header;             /* "127.0.0.1:9101": Host sent upstream */
+    int connect_timeout_ms;
+    int timeout_ms;                /* whole call: connect, send, response head and body */
+    int idle_timeout_ms;           /* how long a pooled connection may stay idle */
+    unsigned max_connections;      /* per worker: open connections to this backend */
+    unsigned max_idle;             /* per worker: idle connections kept */
+};
+
+typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY } gw_route_kind_t;
 
 struct gw_route_s {
     char *pattern;   /* as written: "/users/{id}" */
@@ -54,6 +69,11 @@ struct gw_route_s {
         char *body;       /* serialized JSON */
         size_t body_len;
     } respond;
+    struct {
+        const gw_backend_t *backend; /* borrowed from the configuration */
+        size_t strip_segments;       /* leading path segments removed upstream */
+        bool preserve_host;
+    } proxy;
 };
 
 struct gw_config_s {
@@ -67,6 +87,8 @@ struct gw_config_s {
     gw_http_limits_t http;
     gw_route_t **routes;
     size_t nroutes;
+    gw_backend_t **backends;
+    size_t nbackends;
     gw_router_t *router;
 };
 

@@ -25,6 +25,7 @@
 #include "gw_config.h"
 #include "gw_http.h"
 #include "gw_log.h"
+#include "gw_proxy.h"
 #include "gw_router.h"
 #include "gw_server.h"
 
@@ -74,7 +75,13 @@ struct gw_conn_s {
     bool peer_eof;
     bool processing;  /* conn_process is on the stack */
     bool dead;        /* marked for freeing */
+    bool want_drained; /* the async handler waits for the output to drain */
+    bool chunked_out;  /* the response body is sent chunked */
+    bool no_body;      /* HEAD, 204, 304: body bytes are dropped */
+    const gw_conn_async_t *async; /* set while an async handler owns the request */
+    void *async_ctx;
     char peer[64];
+    char peer_ip[64];
 };
 
 static void conn_run(gw_conn_t *c);
@@ -89,6 +96,11 @@ static void
 conn_free(gw_conn_t *c)
 {
     gw_worker_t *w = c->w;
+    if (c->async) {
+        const gw_conn_async_t *ops = c->async;
+        c->async = NULL;
+        ops->cancel(c->async_ctx);
+    }
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -179,11 +191,12 @@ put_uint(char *p, size_t v)
  * profiles.
  */
 static void
-write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, const char *body, size_t clen,
+write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, const char *body, int64_t length,
                bool send_body)
 {
     char buf[2048];
     char genid[33];
+    size_t clen = length < 0 ? 0 : (size_t)length;
     const char *id = c->req.request_id;
     if (id[0] == '\0') {
         gw_http_new_request_id(genid);
@@ -210,7 +223,10 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
         evbuffer_add(c->out, extra, extra_len);
         p = buf;
     }
-    if (status != 204) {
+    if (length < 0) {
+        if (c->chunked_out)
+            p = PUT_LIT(p, "Transfer-Encoding: chunked\r\n");
+    } else if (status != 204) {
         p = PUT_LIT(p, "Content-Length: ");
         p = put_uint(p, clen);
         p = PUT_LIT(p, "\r\n");
@@ -251,6 +267,15 @@ request_done(gw_conn_t *c)
         conn_run(c); /* an answer that came later than its request */
 }
 
+/* Whether this response is the connection's last. */
+static void
+decide_close(gw_conn_t *c)
+{
+    if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
+        c->peer_eof)
+        c->close_after = true;
+}
+
 /*
  * Sends a whole response. headers: extra header lines ("Name: v\r\n"...),
  * borrowed. body: borrowed; must live as long as c->cfg when larger than
@@ -259,11 +284,10 @@ request_done(gw_conn_t *c)
 static void
 respond(gw_conn_t *c, int status, const char *headers, size_t headers_len, const char *body, size_t body_len)
 {
-    if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
-        c->peer_eof)
-        c->close_after = true;
+    decide_close(c);
     bool send_body = body_len && c->req.method != HTTP_HEAD && status != 204 && status != 304;
-    write_response(c, status, headers, headers_len, body, body_len, send_body);
+    c->chunked_out = false;
+    write_response(c, status, headers, headers_len, body, (int64_t)body_len, send_body);
     request_done(c);
 }
 
@@ -291,19 +315,31 @@ json_escape(char *out, size_t cap, const char *s)
     return w;
 }
 
+/* A JSON error answer: {"error": {"code", "message"?, <extra members>, "request_id"}}. */
 static void
-respond_error(gw_conn_t *c, int status, const char *code, const char *message, const char *extra)
+respond_error_json(gw_conn_t *c, int status, const char *code, const char *message, const char *members,
+                   const char *extra_headers)
 {
     if (c->req.request_id[0] == '\0')
         gw_http_new_request_id(c->req.request_id); /* the same id in the header and the body */
-    char msg[256];
-    json_escape(msg, sizeof(msg), message);
-    char body[512];
-    int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\",\"message\":\"%s\",\"request_id\":\"%s\"}}",
-                     code, msg, c->req.request_id);
+    char msg[256] = "";
+    if (message) {
+        size_t n = (size_t)snprintf(msg, sizeof(msg), ",\"message\":\"");
+        n += json_escape(msg + n, sizeof(msg) - n - 2, message);
+        snprintf(msg + n, sizeof(msg) - n, "\"");
+    }
+    char body[1024];
+    int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\"%s%s,\"request_id\":\"%s\"}}", code, msg,
+                     members ? members : "", c->req.request_id);
     char hdrs[512];
-    int h = snprintf(hdrs, sizeof(hdrs), "Content-Type: application/json\r\n%s", extra ? extra : "");
+    int h = snprintf(hdrs, sizeof(hdrs), "Content-Type: application/json\r\n%s", extra_headers ? extra_headers : "");
     respond(c, status, hdrs, (size_t)h, body, (size_t)GW_MIN((size_t)n, sizeof(body) - 1));
+}
+
+static void
+respond_error(gw_conn_t *c, int status, const char *code, const char *message, const char *extra)
+{
+    respond_error_json(c, status, code, message, NULL, extra);
 }
 
 /* Answers a request the parser rejected, then closes. */
@@ -352,6 +388,9 @@ dispatch(gw_conn_t *c)
     case GW_ROUTE_RESPOND:
         respond(c, route->respond.status, route->respond.head, route->respond.head_len, route->respond.body,
                 route->respond.body_len);
+        return;
+    case GW_ROUTE_PROXY:
+        gw_proxy_start(c, route);
         return;
     }
     respond_error(c, 500, "internal", "route kind not handled", NULL);
@@ -453,6 +492,10 @@ conn_run(gw_conn_t *c)
         conn_process(c);
         if (c->dead || conn_flush(c) != GW_OK)
             return;
+        if (c->state == C_HANDLING && c->async && c->want_drained) {
+            c->want_drained = false;
+            c->async->drained(c->async_ctx); /* only resumes its producer */
+        }
         if (c->state == C_FLUSHING) {
             if (c->peer_eof || shutdown(c->fd, SHUT_WR) != 0) {
                 gw_conn_close(c);
@@ -497,6 +540,14 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
     } else if (n == 0) {
         c->peer_eof = true;
         read_enable(c, false);
+        if (c->state == C_HANDLING && c->async) {
+            /* The client is gone: cancel its calls (nginx: 499). */
+            gw_log(GW_LOG_INFO, "client %s: closed the connection while request %s was in flight", c->peer,
+                   c->req.request_id);
+            gw_conn_close(c);
+            gw_conn_release(c);
+            return;
+        }
     } else {
         int err = errno;
         if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
@@ -577,6 +628,13 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     c->fd = fd;
     c->cfg = gw_config_ref(w->cfg);
     format_peer(sa, c->peer, sizeof(c->peer));
+    snprintf(c->peer_ip, sizeof(c->peer_ip), "%s", c->peer);
+    if (c->peer_ip[0] == '[') {
+        memmove(c->peer_ip, c->peer_ip + 1, strlen(c->peer_ip));
+        *strchr(c->peer_ip, ']') = '\0';
+    } else if (strrchr(c->peer_ip, ':')) {
+        *strrchr(c->peer_ip, ':') = '\0';
+    }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     c->rev = event_new(w->base, fd, EV_READ | EV_PERSIST, conn_read_cb, c);
@@ -607,4 +665,98 @@ gw_conn_shutdown(gw_conn_t *c)
         evbuffer_get_length(c->out) == 0)
         gw_conn_close(c);
     gw_conn_release(c);
+}
+
+/* --- async handlers (see gw_conn.h) ------------------------------------- */
+
+void
+gw_conn_begin_async(gw_conn_t *c, const gw_conn_async_t *ops, void *ctx)
+{
+    c->async = ops;
+    c->async_ctx = ctx;
+    c->want_drained = false;
+}
+
+gw_req_t *
+gw_conn_req(gw_conn_t *c)
+{
+    return &c->req;
+}
+
+gw_worker_t *
+gw_conn_worker(gw_conn_t *c)
+{
+    return c->w;
+}
+
+const char *
+gw_conn_peer_ip(gw_conn_t *c)
+{
+    return c->peer_ip;
+}
+
+void
+gw_conn_error(gw_conn_t *c, int status, const char *code, const char *extra)
+{
+    c->async = NULL;
+    respond_error_json(c, status, code, NULL, extra, NULL);
+}
+
+void
+gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len, int64_t content_length)
+{
+    decide_close(c);
+    c->no_body = c->req.method == HTTP_HEAD || status == 204 || status == 304 || (status >= 100 && status < 200);
+    c->chunked_out = false;
+    if (content_length < 0 && !c->no_body) {
+        if (c->req.http_minor >= 1)
+            c->chunked_out = true;
+        else
+            c->close_after = true; /* HTTP/1.0: the end of the body is the end of the connection */
+    }
+    write_response(c, status, headers, len, NULL, content_length, false);
+}
+
+void
+gw_conn_body(gw_conn_t *c, const char *data, size_t len)
+{
+    if (c->no_body || len == 0)
+        return;
+    if (c->chunked_out) {
+        char size[24];
+        int n = snprintf(size, sizeof(size), "%zx\r\n", len);
+        evbuffer_add(c->out, size, (size_t)n);
+        evbuffer_add(c->out, data, len);
+        evbuffer_add(c->out, "\r\n", 2);
+    } else {
+        evbuffer_add(c->out, data, len);
+    }
+}
+
+bool
+gw_conn_send(gw_conn_t *c)
+{
+    if (conn_flush(c) == GW_ERR)
+        return false; /* closed; cancel comes with gw_conn_release() */
+    if (evbuffer_get_length(c->out) > OUT_HIGH) {
+        c->want_drained = true;
+        return false;
+    }
+    return true;
+}
+
+void
+gw_conn_end_response(gw_conn_t *c)
+{
+    if (c->chunked_out)
+        evbuffer_add(c->out, "0\r\n\r\n", 5);
+    c->async = NULL;
+    request_done(c);
+}
+
+void
+gw_conn_abort(gw_conn_t *c)
+{
+    c->async = NULL;
+    gw_conn_close(c);
 }

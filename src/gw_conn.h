@@ -34,4 +34,45 @@ void gw_conn_release(gw_conn_t *c);
 /* The next connection in the worker's list. */
 gw_conn_t *gw_conn_next(gw_conn_t *c);
 
+/*
+ * For route handlers that answer later (gw_proxy). The handler calls
+ * gw_conn_begin_async() from its start function; from then on the
+ * connection is in its hands until gw_conn_error(), gw_conn_end_response()
+ * or gw_conn_abort(). If the connection dies first (client gone, worker
+ * stopping), cancel(ctx) is called exactly once and nothing else of the
+ * handler is called after it; cancel must not call back into the
+ * connection. Calls made from the handler's own callbacks (upstream
+ * events, timers) must end that callback with gw_conn_release(c); calls
+ * made from the start function must not.
+ */
+typedef struct {
+    void (*cancel)(void *ctx);
+    void (*drained)(void *ctx); /* the client took the output: more may be sent */
+} gw_conn_async_t;
+
+void gw_conn_begin_async(gw_conn_t *c, const gw_conn_async_t *ops, void *ctx);
+gw_req_t *gw_conn_req(gw_conn_t *c);
+gw_worker_t *gw_conn_worker(gw_conn_t *c);
+/* The client's address without port ("127.0.0.1", "::1"). */
+const char *gw_conn_peer_ip(gw_conn_t *c);
+
+/* Answers with a JSON error {"error": {"code": code<extra>}}; extra is more
+ * members (",\"backend\":\"users\"") or "". Ends the async part. */
+void gw_conn_error(gw_conn_t *c, int status, const char *code, const char *extra);
+
+/* Starts a streamed response: our head plus headers (lines, borrowed).
+ * content_length < 0: unknown, sent chunked to HTTP/1.1 clients and
+ * close-delimited to HTTP/1.0 ones. */
+void gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len, int64_t content_length);
+/* Appends body bytes (framed as needed; dropped for HEAD). */
+void gw_conn_body(gw_conn_t *c, const char *data, size_t len);
+/* Sends what is queued. False when the client is behind: stop producing
+ * until the drained callback. */
+bool gw_conn_send(gw_conn_t *c);
+/* The body is complete: ends the async part; the next request may follow. */
+void gw_conn_end_response(gw_conn_t *c);
+/* Gives up mid-response: the connection is closed so the client never
+ * mistakes a cut body for a whole one. Ends the async part. */
+void gw_conn_abort(gw_conn_t *c);
+
 #endif

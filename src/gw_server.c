@@ -17,6 +17,7 @@
 #include "gw_conn.h"
 #include "gw_http.h"
 #include "gw_log.h"
+#include "gw_upstream.h"
 
 #include <errno.h>
 #include <event2/listener.h>
@@ -212,6 +213,7 @@ worker_main(void *arg)
     event_base_dispatch(w->base);
     close_listeners(w);
     close_all(w);
+    gw_upstream_pools_free(w);
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -260,6 +262,7 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             snprintf(err, errlen, "eventfd: %s", strerror(errno));
             return GW_ERR;
         }
+        gw_upstream_pools_init(w);
         w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, stop_cb, w);
         event_add(w->stop_ev, NULL);
         const int ms[GW_T_MAX] = { [GW_T_HEADER] = cfg->http.client_header_timeout_ms,

@@ -43,6 +43,7 @@ struct gw_worker_s {
     time_t refused_logged_at;
     bool force;
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
+    gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
 };

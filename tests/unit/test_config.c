@@ -140,7 +140,7 @@ test_routes(void)
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\"}]}", "needs exactly one of");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {}, \"proxy\": {}}]}",
                 "needs exactly one of");
-    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"proxy\": {}}]}", "not supported");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"calls\": []}]}", "not supported");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [\"BREW\"], \"respond\": {}}]}",
                 "routes[0].methods[0]: unsupported method");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [], \"respond\": {}}]}",
@@ -156,6 +156,43 @@ test_routes(void)
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {\"headers\": "
                 "{\"X A\": \"a\"}}}]}",
                 "invalid header name");
+}
+
+#define B "{\"listen\": [\"1\"], \"backends\": {\"users\": "
+
+static void
+test_backends_and_proxy(void)
+{
+    gw_config_t *cfg = parse(B "{\"url\": \"http://127.0.0.1:9101\", \"timeout_ms\": 500},\n"
+                               "  \"v6\": {\"url\": \"http://[::1]\"}},\n"
+                             " \"routes\": [{\"path\": \"/legacy/*\", \"proxy\": {\"backend\": \"users\", "
+                             "\"strip_prefix\": \"/legacy\", \"preserve_host\": true}}]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK(cfg->nbackends == 2);
+    CHECK_STR(cfg->backends[0]->host_header, "127.0.0.1:9101");
+    CHECK(cfg->backends[0]->timeout_ms == 500 && cfg->backends[0]->connect_timeout_ms == 1000);
+    CHECK_STR(cfg->backends[1]->host_header, "[::1]:80");
+    CHECK(cfg->routes[0]->kind == GW_ROUTE_PROXY && cfg->routes[0]->proxy.backend == cfg->backends[0]);
+    CHECK(cfg->routes[0]->proxy.strip_segments == 1 && cfg->routes[0]->proxy.preserve_host);
+    gw_config_unref(cfg);
+
+    check_error(B "{\"url\": \"http://127.0.0.1:1\"}},\n \"routes\": [{\"path\": \"/a\",\n"
+                  " \"proxy\": {\"backend\": \"userz\"}}]}",
+                "t.json:3: routes[0].proxy.backend: unknown backend \"userz\"");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\"}}, \"routes\": [{\"path\": \"/a/*\", "
+                  "\"proxy\": {\"backend\": \"users\", \"strip_prefix\": \"/b\"}}]}",
+                "routes[0].proxy.strip_prefix: \"/b\" is not a literal prefix");
+    check_error(B "{\"url\": \"127.0.0.1:1\"}}}", "backends.users.url: must start with http://");
+    check_error(B "{\"url\": \"https://127.0.0.1\"}}}", "backends.users.url: https backends are not supported");
+    check_error(B "{\"url\": \"http://users.internal:80\"}}}", "host names are not supported");
+    check_error(B "{\"url\": \"http://127.0.0.1:1/api\"}}}", "backends.users.url: a backend URL has no path");
+    check_error(B "{\"url\": \"http://127.0.0.1:99999\"}}}", "backends.users.url: bad address");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\", \"max_idle\": -1}}}", "backends.users.max_idle: must be between");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\", \"retries\": 1}}}", "backends.users.retries: unknown key");
 }
 
 static void
@@ -250,5 +287,5 @@ test_shipped_configs_are_valid(void)
 }
 
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
-          T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes),
+          T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))

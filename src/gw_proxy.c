@@ -1,0 +1,611 @@
+/*
+ * gw_proxy.c - proxy routes (see gw_proxy.h).
+ *
+ * Life of a proxied request: the request head is built once (kept for one
+ * retry), a pooled or new upstream connection gets it plus the buffered
+ * body, llhttp parses the response; its head is filtered and written to the
+ * client, its body is streamed as it arrives. When the client falls behind,
+ * reading from the backend pauses until the client's output drains, so a
+ * slow client slows the backend instead of filling memory.
+ *
+ * Failures before the response head was sent become JSON errors (502, 503,
+ * 504); after it, the client connection is closed so a cut body never looks
+ * whole. A request sent on a reused connection that the backend had closed
+ * (EOF or reset before any response byte) is sent once more on a fresh
+ * connection when the method is idempotent.
+ *
+ * Ownership: the proxy context belongs to the client connection's async
+ * slot. It is freed by proxy_free() on every end: finish, error, abort, or
+ * cancel from the connection. Upstream callbacks end with
+ * gw_conn_release(c) and touch nothing after it.
+ */
+#include "gw_proxy.h"
+#include "gw_config.h"
+#include "gw_conn.h"
+#include "gw_http.h"
+#include "gw_log.h"
+#include "gw_server.h"
+#include "gw_upstream.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+typedef struct {
+    uint32_t name_off, name_len, value_off, value_len;
+} hdr_t;
+
+struct gw_proxy_s {
+    gw_conn_t *c;
+    const gw_route_t *route;
+    const gw_backend_t *b;
+    gw_upstream_t *u;
+    struct event *timer;  /* the backend's timeout_ms for the whole call */
+    char *head;           /* the upstream request head, kept for a retry */
+    size_t head_len;
+    llhttp_t parser;
+    bool retried;
+    bool got_bytes;       /* a response byte arrived on this attempt */
+    bool head_sent;       /* the response head went to the client */
+    bool done;            /* the whole response was read */
+    int status;
+    /* the response head, collected as llhttp hands it over */
+    char *hbuf;
+    size_t hlen, hcap;
+    hdr_t *hdrs;
+    size_t nhdrs, hdrs_cap;
+    bool in_field, in_value;
+};
+
+static llhttp_settings_t resp_settings;
+static void proxy_read_cb(struct bufferevent *bev, void *arg);
+static void proxy_event_cb(struct bufferevent *bev, short what, void *arg);
+
+/* --- the upstream request ------------------------------------------------ */
+
+static bool
+keep_byte(unsigned char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           strchr("-._~!$&'()*+,;=:@", ch) != NULL;
+}
+
+size_t
+gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t w = 0;
+    for (size_t i = strip; i < req->path.nseg; i++) {
+        const unsigned char *seg = (const unsigned char *)req->path.buf + req->path.off[i];
+        if (w + 1 >= cap)
+            return 0;
+        out[w++] = '/';
+        for (size_t k = 0; k < req->path.len[i]; k++) {
+            if (w + 4 >= cap)
+                return 0;
+            if (seg[k] && keep_byte(seg[k])) {
+                out[w++] = (char)seg[k];
+            } else {
+                out[w++] = '%';
+                out[w++] = hex[seg[k] >> 4];
+                out[w++] = hex[seg[k] & 15];
+            }
+        }
+    }
+    /* Keep a trailing slash: "/dir/" and "/dir" may differ to the backend. */
+    bool trailing = req->path_len > 1 && req->hbuf[req->path_off + req->path_len - 1] == '/';
+    if (w == 0 || (trailing && out[w - 1] != '/')) {
+        if (w + 1 >= cap)
+            return 0;
+        out[w++] = '/';
+    }
+    if (req->query_len) {
+        if (w + 1 + req->query_len >= cap)
+            return 0;
+        out[w++] = '?';
+        memcpy(out + w, req->hbuf + req->query_off, req->query_len);
+        w += req->query_len;
+    }
+    out[w] = '\0';
+    return w;
+}
+
+static bool
+name_eq(const char *a, size_t alen, const char *b)
+{
+    return alen == strlen(b) && strncasecmp(a, b, alen) == 0;
+}
+
+/* True when the comma-separated token list (a Connection value) names h. */
+static bool
+listed_in(const char *list, size_t list_len, const char *h, size_t hlen)
+{
+    size_t i = 0;
+    while (i < list_len) {
+        while (i < list_len && (list[i] == ' ' || list[i] == '\t' || list[i] == ','))
+            i++;
+        size_t start = i;
+        while (i < list_len && list[i] != ',' && list[i] != ' ' && list[i] != '\t')
+            i++;
+        if (i - start == hlen && strncasecmp(list + start, h, hlen) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Hop-by-hop headers (RFC 9110 7.6.1) and the ones gatherd sets itself. */
+static bool
+hop_by_hop(const char *name, size_t len)
+{
+    static const char *const hop[] = { "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                                       "proxy-connection", "proxy-authenticate", "proxy-authorization", NULL };
+    for (const char *const *h = hop; *h; h++)
+        if (name_eq(name, len, *h))
+            return true;
+    return false;
+}
+
+static void
+buf_add(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
+{
+    gw_grow((void **)buf, cap, *len + n + 1, 1);
+    memcpy(*buf + *len, s, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+}
+
+#define ADD(s, n) buf_add(&head, &len, &cap, (s), (n))
+#define ADD_STR(s) ADD((s), strlen(s))
+
+static void
+build_request(gw_proxy_t *p)
+{
+    gw_req_t *r = gw_conn_req(p->c);
+    char *head = NULL;
+    size_t len = 0, cap = 0;
+    char target[9000];
+    size_t tlen = gw_proxy_target(r, p->route->proxy.strip_segments, target, sizeof(target));
+    const char *method = llhttp_method_name((llhttp_method_t)r->method);
+    ADD_STR(method);
+    ADD(" ", 1);
+    ADD(target, tlen);
+    ADD(" HTTP/1.1\r\n", 11);
+    size_t conn_len = 0, host_len = 0, xff_len = 0, via_len = 0;
+    const char *conn = gw_req_header(r, "connection", &conn_len);
+    const char *host = gw_req_header(r, "host", &host_len);
+    const char *xff = gw_req_header(r, "x-forwarded-for", &xff_len);
+    const char *via = gw_req_header(r, "via", &via_len);
+    ADD("Host: ", 6);
+    if (p->route->proxy.preserve_host && host)
+        ADD(host, host_len);
+    else
+        ADD_STR(p->b->host_header);
+    ADD("\r\n", 2);
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const gw_header_t *h = &r->headers[i];
+        const char *name = r->hbuf + h->name_off;
+        if (hop_by_hop(name, h->name_len) || (conn && listed_in(conn, conn_len, name, h->name_len)) ||
+            name_eq(name, h->name_len, "host") || name_eq(name, h->name_len, "x-forwarded-for") ||
+            name_eq(name, h->name_len, "x-forwarded-proto") || name_eq(name, h->name_len, "x-forwarded-host") ||
+            name_eq(name, h->name_len, "via") || name_eq(name, h->name_len, "x-request-id") ||
+            name_eq(name, h->name_len, "content-length") || name_eq(name, h->name_len, "expect"))
+            continue;
+        ADD(name, h->name_len);
+        ADD(": ", 2);
+        ADD(r->hbuf + h->value_off, h->value_len);
+        ADD("\r\n", 2);
+    }
+    ADD("X-Forwarded-For: ", 17);
+    if (xff) {
+        ADD(xff, xff_len);
+        ADD(", ", 2);
+    }
+    ADD_STR(gw_conn_peer_ip(p->c));
+    ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
+    if (host) {
+        ADD("X-Forwarded-Host: ", 18);
+        ADD(host, host_len);
+        ADD("\r\n", 2);
+    }
+    ADD("Via: ", 5);
+    if (via) {
+        ADD(via, via_len);
+        ADD(", ", 2);
+    }
+    ADD("1.1 gatherd\r\nX-Request-Id: ", 27);
+    ADD_STR(r->request_id);
+    ADD("\r\n", 2);
+    if (r->body_len || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {
+        char cl[48];
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", r->body_len);
+        ADD(cl, (size_t)n);
+    }
+    ADD("\r\n", 2);
+    p->head = head;
+    p->head_len = len;
+}
+
+#undef ADD
+#undef ADD_STR
+
+/* --- endings ------------------------------------------------------------- */
+
+static void
+proxy_free(gw_proxy_t *p, bool reusable)
+{
+    if (p->u)
+        gw_upstream_release(p->u, reusable);
+    if (p->timer)
+        event_free(p->timer);
+    free(p->head);
+    free(p->hbuf);
+    free(p->hdrs);
+    free(p);
+}
+
+static void
+proxy_cancel(void *ctx)
+{
+    proxy_free(ctx, false);
+}
+
+static void
+proxy_drained(void *ctx)
+{
+    gw_proxy_t *p = ctx;
+    if (p->u)
+        bufferevent_enable(p->u->bev, EV_READ);
+}
+
+static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained };
+
+/* Ends the request with an error; called from upstream callbacks only. */
+static void
+proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int err)
+{
+    gw_conn_t *c = p->c;
+    gw_req_t *r = gw_conn_req(c);
+    gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
+           code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
+    if (p->head_sent) {
+        proxy_free(p, false);
+        gw_conn_abort(c);
+    } else {
+        char extra[256];
+        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
+        proxy_free(p, false);
+        gw_conn_error(c, status, code, extra);
+    }
+}
+
+/* --- sending ------------------------------------------------------------- */
+
+static int
+send_attempt(gw_proxy_t *p, bool fresh)
+{
+    gw_worker_t *w = gw_conn_worker(p->c);
+    gw_upstream_t *u = NULL;
+    int rc = gw_upstream_get(w, p->b, fresh, &u);
+    if (rc != GW_OK)
+        return rc;
+    p->u = u;
+    p->got_bytes = false;
+    llhttp_init(&p->parser, HTTP_RESPONSE, &resp_settings);
+    p->parser.data = p;
+    bufferevent_setcb(u->bev, proxy_read_cb, NULL, proxy_event_cb, p);
+    bufferevent_enable(u->bev, EV_READ | EV_WRITE);
+    struct evbuffer *out = bufferevent_get_output(u->bev);
+    evbuffer_add(out, p->head, p->head_len);
+    gw_req_t *r = gw_conn_req(p->c);
+    if (r->body_len)
+        evbuffer_add_buffer_reference(out, r->body);
+    return GW_OK;
+}
+
+static bool
+idempotent(int method)
+{
+    return method == HTTP_GET || method == HTTP_HEAD || method == HTTP_PUT || method == HTTP_DELETE ||
+           method == HTTP_OPTIONS || method == HTTP_TRACE;
+}
+
+/* The connection broke before any response byte: retry once when that is
+ * safe, else fail. err: errno, or 0 for EOF. */
+static void
+upstream_broke(gw_proxy_t *p, int err)
+{
+    gw_conn_t *c = p->c;
+    if (p->u->reused && !p->retried && !p->got_bytes && idempotent(gw_conn_req(c)->method)) {
+        gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
+               p->b->name, err ? strerror(err) : "EOF");
+        p->retried = true;
+        gw_upstream_release(p->u, false);
+        p->u = NULL;
+        int rc = send_attempt(p, true);
+        if (rc == GW_OK)
+            return;
+        if (rc == GW_AGAIN) {
+            proxy_fail(p, 503, "upstream_unavailable", "retrying (max_connections reached)", 0);
+            return;
+        }
+        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+        return;
+    }
+    if (p->got_bytes)
+        proxy_fail(p, 502, "upstream_bad_response", "reading response header from upstream", err);
+    else
+        proxy_fail(p, 502, "upstream_reset", "reading response header from upstream", err);
+}
+
+/* --- the response -------------------------------------------------------- */
+
+#define PROXY(ll) ((gw_proxy_t *)(ll)->data)
+
+static int
+hbuf_add(gw_proxy_t *p, const char *at, size_t len)
+{
+    if (p->hlen + len > 65536)
+        return -1; /* a response head over 64 KiB is not worth passing on */
+    gw_grow((void **)&p->hbuf, &p->hcap, p->hlen + len, 1);
+    memcpy(p->hbuf + p->hlen, at, len);
+    p->hlen += len;
+    return 0;
+}
+
+static int
+on_resp_field(llhttp_t *ll, const char *at, size_t len)
+{
+    gw_proxy_t *p = PROXY(ll);
+    if (!p->in_field) {
+        if (p->nhdrs >= 200)
+            return -1;
+        gw_grow((void **)&p->hdrs, &p->hdrs_cap, p->nhdrs + 1, sizeof(hdr_t));
+        hdr_t *h = &p->hdrs[p->nhdrs];
+        memset(h, 0, sizeof(*h));
+        h->name_off = (uint32_t)p->hlen;
+        p->in_field = true;
+        p->in_value = false;
+    }
+    p->hdrs[p->nhdrs].name_len += (uint32_t)len;
+    return hbuf_add(p, at, len);
+}
+
+static int
+on_resp_value(llhttp_t *ll, const char *at, size_t len)
+{
+    gw_proxy_t *p = PROXY(ll);
+    hdr_t *h = &p->hdrs[p->nhdrs];
+    if (!p->in_value) {
+        h->value_off = (uint32_t)p->hlen;
+        p->in_value = true;
+    }
+    h->value_len += (uint32_t)len;
+    return hbuf_add(p, at, len);
+}
+
+static int
+on_resp_value_complete(llhttp_t *ll)
+{
+    gw_proxy_t *p = PROXY(ll);
+    hdr_t *h = &p->hdrs[p->nhdrs];
+    if (!p->in_value)
+        h->value_off = (uint32_t)p->hlen;
+    const unsigned char *v = (const unsigned char *)p->hbuf + h->value_off;
+    for (uint32_t i = 0; i < h->value_len; i++)
+        if ((v[i] < 0x20 && v[i] != '\t') || v[i] == 0x7f)
+            return -1; /* never pass a CR or LF on to the client */
+    while (h->value_len && (v[h->value_len - 1] == ' ' || v[h->value_len - 1] == '\t'))
+        h->value_len--;
+    p->nhdrs++;
+    p->in_field = p->in_value = false;
+    return 0;
+}
+
+static int
+on_resp_headers_complete(llhttp_t *ll)
+{
+    gw_proxy_t *p = PROXY(ll);
+    p->status = ll->status_code;
+    if (p->status < 200) {
+        /* 1xx: skipped; the final response follows */
+        p->hlen = p->nhdrs = 0;
+        return 0;
+    }
+    /* Filter the head: hop-by-hop headers, those named in Connection, and
+     * Date and Server, which gatherd writes itself. */
+    const char *conn = NULL;
+    size_t conn_len = 0;
+    for (size_t i = 0; i < p->nhdrs; i++)
+        if (name_eq(p->hbuf + p->hdrs[i].name_off, p->hdrs[i].name_len, "connection")) {
+            conn = p->hbuf + p->hdrs[i].value_off;
+            conn_len = p->hdrs[i].value_len;
+        }
+    char *out = NULL;
+    size_t len = 0, cap = 0;
+    for (size_t i = 0; i < p->nhdrs; i++) {
+        const hdr_t *h = &p->hdrs[i];
+        const char *name = p->hbuf + h->name_off;
+        if (hop_by_hop(name, h->name_len) || (conn && listed_in(conn, conn_len, name, h->name_len)) ||
+            name_eq(name, h->name_len, "date") || name_eq(name, h->name_len, "server") ||
+            name_eq(name, h->name_len, "content-length") || name_eq(name, h->name_len, "x-request-id"))
+            continue;
+        buf_add(&out, &len, &cap, name, h->name_len);
+        buf_add(&out, &len, &cap, ": ", 2);
+        buf_add(&out, &len, &cap, p->hbuf + h->value_off, h->value_len);
+        buf_add(&out, &len, &cap, "\r\n", 2);
+    }
+    int64_t clen = -1;
+    bool head_req = gw_conn_req(p->c)->method == HTTP_HEAD;
+    if ((ll->flags & F_CONTENT_LENGTH) && !(ll->flags & F_CHUNKED))
+        clen = (int64_t)ll->content_length;
+    else if (head_req || p->status == 204 || p->status == 304)
+        clen = 0;
+    gw_conn_start_response(p->c, p->status, out ? out : "", len, p->status == 204 ? -1 : clen);
+    free(out);
+    p->head_sent = true;
+    /* HEAD: the backend sends no body whatever its headers say */
+    return head_req ? 1 : 0;
+}
+
+static int
+on_resp_body(llhttp_t *ll, const char *at, size_t len)
+{
+    gw_conn_body(PROXY(ll)->c, at, len);
+    return 0;
+}
+
+static int
+on_resp_message_complete(llhttp_t *ll)
+{
+    gw_proxy_t *p = PROXY(ll);
+    if (p->status < 200)
+        return 0;
+    p->done = true;
+    return HPE_PAUSED;
+}
+
+static void
+settings_init(void)
+{
+    static int ready;
+    if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE))
+        return;
+    llhttp_settings_t s;
+    llhttp_settings_init(&s);
+    s.on_header_field = on_resp_field;
+    s.on_header_value = on_resp_value;
+    s.on_header_value_complete = on_resp_value_complete;
+    s.on_headers_complete = on_resp_headers_complete;
+    s.on_body = on_resp_body;
+    s.on_message_complete = on_resp_message_complete;
+    resp_settings = s; /* identical from every thread */
+    __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+}
+
+/* The response is complete: pool the connection when it can serve another
+ * request, and end the client's response. */
+static void
+proxy_finish(gw_proxy_t *p)
+{
+    gw_conn_t *c = p->c;
+    bool reusable = llhttp_should_keep_alive(&p->parser) &&
+                    evbuffer_get_length(bufferevent_get_input(p->u->bev)) == 0;
+    proxy_free(p, reusable);
+    gw_conn_end_response(c);
+}
+
+static void
+proxy_read_cb(struct bufferevent *bev, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    p->got_bytes = true;
+    while (!p->done && evbuffer_get_length(in) > 0) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        llhttp_errno_t err = llhttp_execute(&p->parser, v.iov_base, v.iov_len);
+        if (err == HPE_OK) {
+            evbuffer_drain(in, v.iov_len);
+        } else if (err == HPE_PAUSED && p->done) {
+            evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&p->parser) - (const char *)v.iov_base));
+        } else {
+            gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
+            proxy_fail(p, 502, "upstream_bad_response", "reading response from upstream", 0);
+            gw_conn_release(c);
+            return;
+        }
+    }
+    if (p->done)
+        proxy_finish(p);
+    else if (p->head_sent && !gw_conn_send(c))
+        bufferevent_disable(bev, EV_READ); /* proxy_drained() resumes */
+    gw_conn_release(c);
+}
+
+static void
+proxy_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    int err = EVUTIL_SOCKET_ERROR();
+    if (what & BEV_EVENT_CONNECTED) {
+        p->u->connected = true;
+        bufferevent_set_timeouts(bev, NULL, NULL);
+        return;
+    }
+    if (what & BEV_EVENT_TIMEOUT) {
+        proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
+    } else if (!p->u->connected) {
+        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
+    } else if (what & BEV_EVENT_EOF) {
+        if (p->head_sent && llhttp_message_needs_eof(&p->parser)) {
+            /* a close-delimited body ends here */
+            if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
+                p->done = true;
+                proxy_free(p, false);
+                gw_conn_end_response(c);
+            } else {
+                proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", 0);
+            }
+        } else if (p->head_sent) {
+            proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", 0);
+        } else {
+            upstream_broke(p, 0);
+        }
+    } else {
+        if (p->head_sent)
+            proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", err);
+        else
+            upstream_broke(p, err);
+    }
+    gw_conn_release(c);
+}
+
+static void
+proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    proxy_fail(p, 504, "upstream_timeout", p->head_sent ? "reading response body from upstream"
+                                                         : "waiting for the response from upstream", 0);
+    gw_conn_release(c);
+}
+
+void
+gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
+{
+    settings_init();
+    gw_proxy_t *p = gw_calloc(1, sizeof(gw_proxy_t));
+    p->c = c;
+    p->route = route;
+    p->b = route->proxy.backend;
+    build_request(p);
+    int rc = send_attempt(p, false);
+    if (rc != GW_OK) {
+        int err = errno;
+        char extra[256];
+        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
+        gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
+               rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
+               rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
+        proxy_free(p, false);
+        gw_conn_error(c, rc == GW_AGAIN ? 503 : 502, rc == GW_AGAIN ? "upstream_unavailable" : "upstream_connect_failed",
+                      extra);
+        return;
+    }
+    gw_worker_t *w = gw_conn_worker(c);
+    p->timer = evtimer_new(w->base, proxy_timeout_cb, p);
+    struct timeval tv = { p->b->timeout_ms / 1000, (p->b->timeout_ms % 1000) * 1000 };
+    evtimer_add(p->timer, &tv);
+    gw_conn_begin_async(c, &proxy_ops, p);
+}

@@ -1,0 +1,25 @@
+/*
+ * gw_proxy.h - proxy routes: one client request passed to one backend and
+ * its response streamed back.
+ */
+#ifndef GW_PROXY_H
+#define GW_PROXY_H
+
+#include "gw_core.h"
+
+/*
+ * Starts proxying the request of c (complete, body buffered) for route.
+ * Answers at once with an error when no connection can be had; otherwise
+ * the answer comes from upstream callbacks (see gw_conn.h, async handlers).
+ */
+void gw_proxy_start(gw_conn_t *c, const gw_route_t *route);
+
+/*
+ * Writes the upstream request target for the normalized path of req, minus
+ * strip leading segments, each segment percent-encoded again (an encoded
+ * "/" stays "%2F"), plus the raw query. Returns the length, or 0 when it
+ * does not fit in cap.
+ */
+size_t gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap);
+
+#endif
