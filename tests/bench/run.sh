@@ -11,7 +11,7 @@
 #   BENCH_DURATION   measured wrk run per server and scenario (default 10s)
 #   BENCH_WARMUP     discarded wrk run before each measurement (default 2s)
 #   BENCH_THREADS    wrk threads (default 1)
-#   BENCH_SCENARIOS  scenario functions to run (default "respond")
+#   BENCH_SCENARIOS  scenario functions to run (default "respond proxy")
 #   BENCH_RESULTS    results directory (default <this dir>/results)
 #   BENCH_KEEP_TMP   1: keep the temporary directory (configs, logs, wrk output)
 #
@@ -22,12 +22,13 @@ set -uo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 GW_SRCDIR=${GW_SRCDIR:-$BENCH_DIR/../..}
 GATHERD=${GATHERD:-$BENCH_DIR/../../src/gatherd}
+GW_STUB=${GW_STUB:-$BENCH_DIR/../../tests/stub/gw_stub}
 BENCH_WORKERS=${BENCH_WORKERS:-1}
 BENCH_CONNS=${BENCH_CONNS:-50 200}
 BENCH_DURATION=${BENCH_DURATION:-10s}
 BENCH_WARMUP=${BENCH_WARMUP:-2s}
 BENCH_THREADS=${BENCH_THREADS:-1}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-respond}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-respond proxy}
 RESULTS_DIR=${BENCH_RESULTS:-$BENCH_DIR/results}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
 
@@ -128,15 +129,33 @@ server_alive() {
     fi
 }
 
+# The backend of the proxy scenario: the stub's /static ({"hello":"world"}),
+# shared by gatherd and nginx, one thread. Its CPU is counted for neither.
+start_stub() {
+    [[ -x $GW_STUB ]] || die "stub backend not found at $GW_STUB (make tests/stub/gw_stub)"
+    STUB_PORT=$(free_port) || die "no free port found"
+    start_bg "$TMP/stub.log" "$GW_STUB" -q -l "127.0.0.1:$STUB_PORT"
+    STUB_PID=$BG_PID
+    local i
+    for ((i = 0; i < 100; i++)); do
+        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$STUB_PORT/static" && break
+        kill -0 "$STUB_PID" 2>/dev/null || die "the stub backend exited during start-up"
+        sleep 0.1
+    done
+    log "stub backend PID $STUB_PID on 127.0.0.1:$STUB_PORT"
+}
+
 start_gatherd() {
-    GW_PORT=$(free_port) || die "no free port found"
+    GW_PORT=$(free_port "$STUB_PORT") || die "no free port found"
     cat >"$TMP/gatherd.json" <<EOF
 {
   "listen": ["127.0.0.1:$GW_PORT"],
   "workers": $BENCH_WORKERS,
   "http": {"max_keepalive_requests": 10000},
+  "backends": {"stub": {"url": "http://127.0.0.1:$STUB_PORT", "max_idle": 256}},
   "routes": [
-    {"path": "/bench", "methods": ["GET"], "respond": {"status": 200, "body": {"hello": "world", "n": 1}}}
+    {"path": "/bench", "methods": ["GET"], "respond": {"status": 200, "body": {"hello": "world", "n": 1}}},
+    {"path": "/proxy/*", "proxy": {"backend": "stub", "strip_prefix": "/proxy"}}
   ]
 }
 EOF
@@ -174,8 +193,19 @@ http {
     client_body_temp_path $p/tmp/body;
     proxy_temp_path $p/tmp/proxy;
 
+    upstream stub {
+        server 127.0.0.1:$STUB_PORT;
+        keepalive 256;
+    }
+
     server {
         listen 127.0.0.1:$NGX_PORT;
+        location /proxy/ {
+            proxy_pass http://stub/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }
         location = /bench {
             default_type application/json;
             return 200 '$BODY';
@@ -217,6 +247,12 @@ cleanup() {
 
 scenario_respond() {
     bench_pair respond "http://127.0.0.1:$GW_PORT/bench" "http://127.0.0.1:$NGX_PORT/bench"
+}
+
+# gatherd proxy route vs nginx proxy_pass, both keeping connections to the
+# same stub backend alive.
+scenario_proxy() {
+    bench_pair proxy "http://127.0.0.1:$GW_PORT/proxy/static" "http://127.0.0.1:$NGX_PORT/proxy/static"
 }
 
 # ---------------------------------------------------------------- output
@@ -269,6 +305,7 @@ main() {
     NGX_VERSION=$("$NGINX" -v 2>&1 | head -n 1)
     WRK_VERSION=$(wrk -v 2>&1 | head -n 1 | awk '{ print $1, $2 }')
 
+    start_stub
     start_gatherd
     start_nginx
 
