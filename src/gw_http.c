@@ -56,10 +56,27 @@ on_url(llhttp_t *ll, const char *at, size_t len)
     return append(p, at, len);
 }
 
+/*
+ * Trailer fields (after a chunked body) arrive through the same callbacks
+ * as headers. They are counted against max_header_bytes and dropped: a
+ * trailer must never be taken for a header (it could forge
+ * X-Forwarded-For or Host after the request was routed).
+ */
+static int
+trailer_bytes(gw_parser_t *p, size_t len)
+{
+    p->trailer_len += len;
+    if (p->trailer_len > p->limits->max_header_bytes)
+        return set_error(p, 431, "request trailers too large");
+    return 0;
+}
+
 static int
 on_header_field(llhttp_t *ll, const char *at, size_t len)
 {
     gw_parser_t *p = PARSER(ll);
+    if (p->headers_done)
+        return trailer_bytes(p, len);
     if (!p->in_field) {
         p->in_field = true;
         p->cur_off = (uint32_t)p->req->hlen;
@@ -82,6 +99,8 @@ on_header_field_complete(llhttp_t *ll)
 {
     gw_parser_t *p = PARSER(ll);
     gw_req_t *r = p->req;
+    if (p->headers_done)
+        return 0;
     if (!p->in_field || p->cur_len == 0)
         return set_error(p, 400, "empty header name");
     for (uint32_t i = 0; i < p->cur_len; i++)
@@ -103,6 +122,8 @@ static int
 on_header_value(llhttp_t *ll, const char *at, size_t len)
 {
     gw_parser_t *p = PARSER(ll);
+    if (p->headers_done)
+        return trailer_bytes(p, len);
     p->req->headers[p->req->nheaders].value_len += (uint32_t)len;
     return append(p, at, len);
 }
@@ -120,6 +141,8 @@ on_header_value_complete(llhttp_t *ll)
 {
     gw_parser_t *p = PARSER(ll);
     gw_req_t *r = p->req;
+    if (p->headers_done)
+        return 0;
     gw_header_t *h = &r->headers[r->nheaders];
     const unsigned char *v = (const unsigned char *)r->hbuf + h->value_off;
     for (uint32_t i = 0; i < h->value_len; i++)
@@ -341,6 +364,7 @@ gw_parser_next(gw_parser_t *p)
     p->reason = NULL;
     p->started = p->headers_done = p->in_field = false;
     p->nhost = 0;
+    p->trailer_len = 0;
     scan_reset(p);
 }
 

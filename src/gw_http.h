@@ -65,6 +65,7 @@ struct gw_parser_s {
     bool in_field;
     uint32_t cur_off, cur_len;
     int nhost;
+    size_t trailer_len;  /* trailer bytes seen (dropped, but limited) */
     /* header-block pre-scan */
     bool scan_done;
     bool scan_line_start;

@@ -160,6 +160,20 @@ buf_add(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
     (*buf)[*len] = '\0';
 }
 
+/* Appends every value of the list header name, each followed by ", "
+ * (repeated fields of a list header are one list, RFC 9110 5.3). */
+static void
+add_list(const gw_req_t *r, const char *name, char **buf, size_t *len, size_t *cap)
+{
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const gw_header_t *h = &r->headers[i];
+        if (!name_eq(r->hbuf + h->name_off, h->name_len, name) || h->value_len == 0)
+            continue;
+        buf_add(buf, len, cap, r->hbuf + h->value_off, h->value_len);
+        buf_add(buf, len, cap, ", ", 2);
+    }
+}
+
 #define ADD(s, n) buf_add(&head, &len, &cap, (s), (n))
 #define ADD_STR(s) ADD((s), strlen(s))
 
@@ -176,11 +190,9 @@ build_request(gw_proxy_t *p)
     ADD(" ", 1);
     ADD(target, tlen);
     ADD(" HTTP/1.1\r\n", 11);
-    size_t conn_len = 0, host_len = 0, xff_len = 0, via_len = 0;
+    size_t conn_len = 0, host_len = 0;
     const char *conn = gw_req_header(r, "connection", &conn_len);
     const char *host = gw_req_header(r, "host", &host_len);
-    const char *xff = gw_req_header(r, "x-forwarded-for", &xff_len);
-    const char *via = gw_req_header(r, "via", &via_len);
     ADD("Host: ", 6);
     if (p->route->proxy.preserve_host && host)
         ADD(host, host_len);
@@ -202,10 +214,7 @@ build_request(gw_proxy_t *p)
         ADD("\r\n", 2);
     }
     ADD("X-Forwarded-For: ", 17);
-    if (xff) {
-        ADD(xff, xff_len);
-        ADD(", ", 2);
-    }
+    add_list(r, "x-forwarded-for", &head, &len, &cap);
     ADD_STR(gw_conn_peer_ip(p->c));
     ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
     if (host) {
@@ -214,10 +223,7 @@ build_request(gw_proxy_t *p)
         ADD("\r\n", 2);
     }
     ADD("Via: ", 5);
-    if (via) {
-        ADD(via, via_len);
-        ADD(", ", 2);
-    }
+    add_list(r, "via", &head, &len, &cap);
     ADD("1.1 gatherd\r\nX-Request-Id: ", 27);
     ADD_STR(r->request_id);
     ADD("\r\n", 2);

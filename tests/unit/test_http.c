@@ -134,6 +134,27 @@ test_bodies(void)
 }
 
 static void
+test_trailers_are_not_headers(void)
+{
+    gw_parser_t p;
+    gw_req_t r;
+    outcome_t o = parse_both("POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             "3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nHost: evil\r\n\r\n",
+                             &r, &p);
+    CHECK(o.res == GW_PARSE_DONE && r.body_len == 3);
+    size_t len;
+    CHECK(gw_req_header(&r, "x-forwarded-for", &len) == NULL);
+    const char *host = gw_req_header(&r, "host", &len);
+    CHECK(host != NULL && len == 1 && host[0] == 'h');
+    CHECK(r.nheaders == 2);
+    gw_parser_free(&p);
+    char big[2048];
+    snprintf(big, sizeof(big),
+             "POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: %01100d\r\n\r\n", 0);
+    expect_status(big, 431);
+}
+
+static void
 test_pipelined_and_next(void)
 {
     const char *two = "GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.0\r\n\r\n";
@@ -286,6 +307,6 @@ test_mutations_do_not_crash(void)
     CHECK(done > 0 && errors > 0);
 }
 
-TEST_MAIN(T(test_simple_get), T(test_request_id_generated_when_insane), T(test_bodies), T(test_pipelined_and_next),
+TEST_MAIN(T(test_simple_get), T(test_request_id_generated_when_insane), T(test_bodies), T(test_trailers_are_not_headers), T(test_pipelined_and_next),
           T(test_expect_continue), T(test_keep_alive_rules), T(test_limits), T(test_smuggling_vectors),
           T(test_accepted_forms), T(test_mutations_do_not_crash))
