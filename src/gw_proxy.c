@@ -37,10 +37,6 @@
 #include <string.h>
 #include <strings.h>
 
-typedef struct {
-    uint32_t name_off, name_len, value_off, value_len;
-} hdr_t;
-
 struct gw_proxy_s {
     gw_conn_t *c;
     const gw_route_t *route;
@@ -58,7 +54,7 @@ struct gw_proxy_s {
     /* the response head, collected as llhttp hands it over */
     char *hbuf;
     size_t hlen, hcap;
-    hdr_t *hdrs;
+    gw_header_t *hdrs;
     size_t nhdrs, hdrs_cap;
     bool in_field, in_value;
 };
@@ -139,6 +135,18 @@ listed_in(const char *list, size_t list_len, const char *h, size_t hlen)
     return false;
 }
 
+/* True when one of the n Connection fields among hdrs (offsets into base)
+ * names h: several Connection lines form one list (RFC 9110 5.3). */
+static bool
+named_by_connection(const char *base, const gw_header_t *hdrs, size_t n, const char *h, size_t hlen)
+{
+    for (size_t i = 0; i < n; i++)
+        if (name_eq(base + hdrs[i].name_off, hdrs[i].name_len, "connection") &&
+            listed_in(base + hdrs[i].value_off, hdrs[i].value_len, h, hlen))
+            return true;
+    return false;
+}
+
 /* Hop-by-hop headers (RFC 9110 7.6.1) and the ones gatherd sets itself. */
 static bool
 hop_by_hop(const char *name, size_t len)
@@ -190,8 +198,7 @@ build_request(gw_proxy_t *p)
     ADD(" ", 1);
     ADD(target, tlen);
     ADD(" HTTP/1.1\r\n", 11);
-    size_t conn_len = 0, host_len = 0;
-    const char *conn = gw_req_header(r, "connection", &conn_len);
+    size_t host_len = 0;
     const char *host = gw_req_header(r, "host", &host_len);
     ADD("Host: ", 6);
     if (p->route->proxy.preserve_host && host)
@@ -202,7 +209,8 @@ build_request(gw_proxy_t *p)
     for (size_t i = 0; i < r->nheaders; i++) {
         const gw_header_t *h = &r->headers[i];
         const char *name = r->hbuf + h->name_off;
-        if (hop_by_hop(name, h->name_len) || (conn && listed_in(conn, conn_len, name, h->name_len)) ||
+        if (hop_by_hop(name, h->name_len) ||
+            named_by_connection(r->hbuf, r->headers, r->nheaders, name, h->name_len) ||
             name_eq(name, h->name_len, "host") || name_eq(name, h->name_len, "x-forwarded-for") ||
             name_eq(name, h->name_len, "x-forwarded-proto") || name_eq(name, h->name_len, "x-forwarded-host") ||
             name_eq(name, h->name_len, "via") || name_eq(name, h->name_len, "x-request-id") ||
@@ -371,8 +379,8 @@ on_resp_field(llhttp_t *ll, const char *at, size_t len)
     if (!p->in_field) {
         if (p->nhdrs >= 200)
             return -1;
-        gw_grow((void **)&p->hdrs, &p->hdrs_cap, p->nhdrs + 1, sizeof(hdr_t));
-        hdr_t *h = &p->hdrs[p->nhdrs];
+        gw_grow((void **)&p->hdrs, &p->hdrs_cap, p->nhdrs + 1, sizeof(gw_header_t));
+        gw_header_t *h = &p->hdrs[p->nhdrs];
         memset(h, 0, sizeof(*h));
         h->name_off = (uint32_t)p->hlen;
         p->in_field = true;
@@ -386,7 +394,7 @@ static int
 on_resp_value(llhttp_t *ll, const char *at, size_t len)
 {
     gw_proxy_t *p = PROXY(ll);
-    hdr_t *h = &p->hdrs[p->nhdrs];
+    gw_header_t *h = &p->hdrs[p->nhdrs];
     if (!p->in_value) {
         h->value_off = (uint32_t)p->hlen;
         p->in_value = true;
@@ -399,7 +407,7 @@ static int
 on_resp_value_complete(llhttp_t *ll)
 {
     gw_proxy_t *p = PROXY(ll);
-    hdr_t *h = &p->hdrs[p->nhdrs];
+    gw_header_t *h = &p->hdrs[p->nhdrs];
     if (!p->in_value)
         h->value_off = (uint32_t)p->hlen;
     const unsigned char *v = (const unsigned char *)p->hbuf + h->value_off;
@@ -425,19 +433,13 @@ on_resp_headers_complete(llhttp_t *ll)
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
      * Date and Server, which gatherd writes itself. */
-    const char *conn = NULL;
-    size_t conn_len = 0;
-    for (size_t i = 0; i < p->nhdrs; i++)
-        if (name_eq(p->hbuf + p->hdrs[i].name_off, p->hdrs[i].name_len, "connection")) {
-            conn = p->hbuf + p->hdrs[i].value_off;
-            conn_len = p->hdrs[i].value_len;
-        }
     char *out = NULL;
     size_t len = 0, cap = 0;
     for (size_t i = 0; i < p->nhdrs; i++) {
-        const hdr_t *h = &p->hdrs[i];
+        const gw_header_t *h = &p->hdrs[i];
         const char *name = p->hbuf + h->name_off;
-        if (hop_by_hop(name, h->name_len) || (conn && listed_in(conn, conn_len, name, h->name_len)) ||
+        if (hop_by_hop(name, h->name_len) ||
+            named_by_connection(p->hbuf, p->hdrs, p->nhdrs, name, h->name_len) ||
             name_eq(name, h->name_len, "date") || name_eq(name, h->name_len, "server") ||
             name_eq(name, h->name_len, "content-length") || name_eq(name, h->name_len, "x-request-id"))
             continue;

@@ -72,6 +72,7 @@
 #define CTL_SIZE_MAX (1ull << 40)      /* size= and truncate= */
 #define CTL_MS_MAX 3600000LL           /* delay= and chunk_delay= */
 #define DEFAULT_ADDR "127.0.0.1:9101"
+#define TRAILING_MAX 4096              /* trailing_bytes= */
 
 /* ---------------------------------------------------------------- types */
 
@@ -111,6 +112,17 @@ struct ctl {
     enum at_point reset_at;
     bool echo;
     bool keepalive;
+    long long close_idle_ms; /* 0: stay open while idle */
+    bool garbage;
+    bool close_if_reused;
+    bool reset_if_reused;
+    bool unframed;
+    bool abort_on_eof;
+    const char *trailing; /* trailing_bytes= */
+    size_t trailing_len;
+    long long trailing_delay_ms;
+    int interim; /* 0 or a 1xx status sent before the real head */
+    long long pad_header; /* bytes of an X-Pad response header, 0: none */
     bool ct_override; /* a header= control set Content-Type */
     struct kv extra[MAX_EXTRA];
     int nextra;
@@ -151,6 +163,10 @@ struct conn {
     enum pstate pstate;
     enum end_action close_action;
     bool peer_eof;
+    bool idle_close; /* close_idle_ms: the timer closes the idle connection */
+    bool idle_send;  /* trailing_delay_ms: the timer sends idle_bytes */
+    char idle_bytes[TRAILING_MAX];
+    size_t idle_bytes_len;
     bool oom; /* an evbuffer_add failed while building output */
     const char *errmsg;
     char errbuf[128];
@@ -838,12 +854,24 @@ enum ctl_id {
     C_ECHO,
     C_HEADER,
     C_KEEPALIVE,
+    C_CLOSE_IDLE_MS,
+    C_GARBAGE,
+    C_CLOSE_IF_REUSED,
+    C_RESET_IF_REUSED,
+    C_UNFRAMED,
+    C_ABORT_ON_EOF,
+    C_TRAILING_BYTES,
+    C_TRAILING_DELAY_MS,
+    C_INTERIM,
+    C_PAD_HEADER,
     C_COUNT
 };
 
 static const char *const ctl_names[C_COUNT] = {
     "status", "delay", "size", "chunked", "chunk", "chunk_delay", "body", "bad_json",
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
+    "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
+    "trailing_bytes", "trailing_delay_ms", "interim", "pad_header",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -928,6 +956,24 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
     case C_ECHO: ok = parse_bool(v, n, &k->echo); break;
     case C_HEADER: return add_extra(c, v, n);
     case C_KEEPALIVE: ok = parse_bool(v, n, &k->keepalive); break;
+    case C_CLOSE_IDLE_MS: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->close_idle_ms); break;
+    case C_GARBAGE: ok = parse_bool(v, n, &k->garbage); break;
+    case C_CLOSE_IF_REUSED: ok = parse_bool(v, n, &k->close_if_reused); break;
+    case C_RESET_IF_REUSED: ok = parse_bool(v, n, &k->reset_if_reused); break;
+    case C_UNFRAMED: ok = parse_bool(v, n, &k->unframed); break;
+    case C_ABORT_ON_EOF: ok = parse_bool(v, n, &k->abort_on_eof); break;
+    case C_TRAILING_BYTES:
+        ok = n <= TRAILING_MAX;
+        k->trailing = v;
+        k->trailing_len = n;
+        break;
+    case C_PAD_HEADER: ok = parse_ll(v, n, 0, BODY_MAX, &k->pad_header); break;
+    case C_TRAILING_DELAY_MS: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->trailing_delay_ms); break;
+    case C_INTERIM:
+        ok = parse_ll(v, n, 100, 199, &x) && x != 101;
+        if (ok)
+            k->interim = (int)x;
+        break;
     default: break;
     }
     return ok ? 0 : bad_ctl(c, id);
@@ -1273,6 +1319,18 @@ static void finish_response(struct conn *c)
     case END_KEEP:
         c->state = S_IDLE;
         c->pstate = P_HEAD;
+        /* trailing_bytes: unsolicited bytes after the response, at once or
+         * after trailing_delay_ms of idleness (a new request cancels) */
+        if (c->ctl.trailing_len > 0 && c->ctl.trailing_delay_ms == 0) {
+            put(c, bufferevent_get_output(c->bev), c->ctl.trailing, c->ctl.trailing_len);
+        } else if (c->ctl.trailing_len > 0) {
+            memcpy(c->idle_bytes, c->ctl.trailing, c->ctl.trailing_len);
+            c->idle_bytes_len = c->ctl.trailing_len;
+            c->idle_send = arm_timer(c, c->ctl.trailing_delay_ms);
+        }
+        /* close_idle_ms: close once idle that long (a new request cancels) */
+        else if (c->ctl.close_idle_ms > 0)
+            c->idle_close = arm_timer(c, c->ctl.close_idle_ms);
         break;
     case END_FIN:
     case END_RST:
@@ -1308,6 +1366,18 @@ static void send_response(struct conn *c)
         begin_close(c, END_FIN);
         return;
     }
+    /* close_if_reused / reset_if_reused: only a reused connection dies */
+    if (c->nreq > 1 && (k->reset_if_reused || k->close_if_reused)) {
+        logmsg("gw_stub: conn %llu req %llu: reused connection %s\n", c->id, c->nreq,
+               k->reset_if_reused ? "reset" : "closed");
+        begin_close(c, k->reset_if_reused ? END_RST : END_FIN);
+        return;
+    }
+    if (k->garbage) {
+        put_str(c, out, "THIS IS NOT HTTP\r\n\r\n");
+        begin_close(c, c->oom ? END_RST : END_FIN);
+        return;
+    }
 
     build_body(c);
     c->total = evbuffer_get_length(c->prefix) + c->pad_left + c->suffix_len;
@@ -1321,9 +1391,11 @@ static void send_response(struct conn *c)
     }
     c->no_body = is_head || k->status == 204 || k->status == 304;
     /* HTTP/1.0 has no chunked coding: such a body is delimited by close */
-    close_delimited = k->chunked && c->minor == 0;
-    c->frame_chunked = k->chunked && c->minor == 1 && k->status != 204 && k->status != 304;
+    close_delimited = (k->chunked && c->minor == 0) || (k->unframed && k->status != 204 && k->status != 304);
+    c->frame_chunked = k->chunked && !k->unframed && c->minor == 1 && k->status != 204 && k->status != 304;
 
+    if (k->interim)
+        putf(c, out, "HTTP/1.1 %d Interim\r\nX-Interim: 1\r\n\r\n", k->interim);
     n = snprintf(hb, sizeof hb, "HTTP/1.1 %d %s\r\nServer: gw_stub\r\n%s", k->status, reason(k->status),
                  k->ct_override ? "" : "Content-Type: application/json\r\n");
     if (n < 0 || (size_t)n >= sizeof hb)
@@ -1353,6 +1425,11 @@ static void send_response(struct conn *c)
         put(c, out, k->extra[i].name, k->extra[i].nlen);
         put(c, out, ": ", 2);
         put(c, out, k->extra[i].val, k->extra[i].vlen);
+        put(c, out, "\r\n", 2);
+    }
+    if (k->pad_header > 0) {
+        put_str(c, out, "X-Pad: ");
+        emit_pad(c, out, (unsigned long long)k->pad_header);
         put(c, out, "\r\n", 2);
     }
     put(c, out, "\r\n", 2);
@@ -1445,6 +1522,10 @@ static void start_request(struct conn *c)
 
     c->nreq++;
     atomic_fetch_add(&g_req_total, 1);
+    if (c->idle_close || c->idle_send) {
+        evtimer_del(c->timer);
+        c->idle_close = c->idle_send = false;
+    }
     c->keep = (c->minor == 1 ? !c->conn_close : (c->conn_keepalive && !c->conn_close)) && k->keepalive;
     if (k->delay_ms > 0) {
         c->state = S_DELAY;
@@ -1778,6 +1859,15 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
             /* a half-closed client still gets answers to what it sent */
             process_input(c);
             return;
+        case S_DELAY:
+        case S_STREAM:
+        case S_CHUNK_WAIT:
+            if (c->ctl.abort_on_eof) {
+                logmsg("gw_stub: conn %llu req %llu: peer gone, response abandoned\n", c->id, c->nreq);
+                conn_free(c);
+                return;
+            }
+            return; /* the response in progress finishes, then we close */
         default:
             return; /* the response in progress finishes, then we close */
         }
@@ -1804,6 +1894,19 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     case S_LINGER:
         conn_free(c);
+        return;
+    case S_IDLE:
+        if (c->idle_send) {
+            c->idle_send = false;
+            logmsg("gw_stub: conn %llu: sending %zu trailing bytes while idle\n", c->id, c->idle_bytes_len);
+            put(c, bufferevent_get_output(c->bev), c->idle_bytes, c->idle_bytes_len);
+            if (c->oom)
+                begin_close(c, END_RST);
+        } else if (c->idle_close) {
+            c->idle_close = false;
+            logmsg("gw_stub: conn %llu: closing after close_idle_ms\n", c->id);
+            begin_close(c, END_FIN);
+        }
         return;
     default:
         return;
