@@ -10,11 +10,14 @@
  */
 #include "gw_config.h"
 #include "gw_router.h"
+#include "gw_upstream.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
 #include <glob.h>
 #include <jansson.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <sched.h>
@@ -681,15 +684,15 @@ out:
     return rc;
 }
 
-/* "http://127.0.0.1:9101", "http://[::1]:9101", "http://10.0.0.1" (port 80). */
+/* "http://127.0.0.1:9101", "https://[::1]:8443", "http://10.0.0.1" (port 80; 443 for https). */
 static int
 parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
 {
     if (strncmp(url, "https://", 8) == 0)
-        return fail(c, "https backends are not supported by this version of gatherd yet");
-    if (strncmp(url, "http://", 7) != 0)
-        return fail(c, "must start with http:// (got \"%s\")", url);
-    const char *host = url + 7;
+        b->tls = true;
+    else if (strncmp(url, "http://", 7) != 0)
+        return fail(c, "must start with http:// or https:// (got \"%s\")", url);
+    const char *host = url + (b->tls ? 8 : 7);
     const char *end = host + strcspn(host, "/?#");
     if (*end == '?' || *end == '#' || (*end == '/' && end[1] != '\0'))
         return fail(c, "a backend URL has no path or query: the route decides the path");
@@ -703,7 +706,7 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
     const char *close_br = strchr(hostport, ']');
     const char *last_colon = strrchr(hostport, ':');
     if (last_colon == NULL || (close_br != NULL && last_colon < close_br))
-        snprintf(hostport + len, sizeof(hostport) - len, ":80");
+        snprintf(hostport + len, sizeof(hostport) - len, b->tls ? ":443" : ":80");
     gw_listen_t l;
     if (parse_addr(hostport, &l) != GW_OK || hostport[0] == '*' || hostport[0] == ':') {
         if (hostport[0] != '[' && strspn(hostport, "0123456789.:") != strlen(hostport))
@@ -713,6 +716,126 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
     b->addr = l.addr;
     b->addrlen = l.addrlen;
     b->host_header = gw_strdup(hostport);
+    /* the host without port and brackets: the default TLS server name */
+    char hostonly[300];
+    snprintf(hostonly, sizeof(hostonly), "%s", hostport[0] == '[' ? hostport + 1 : hostport);
+    char *cut = hostport[0] == '[' ? strchr(hostonly, ']') : strrchr(hostonly, ':');
+    if (cut)
+        *cut = '\0';
+    b->tls_server_name = gw_strdup(hostonly);
+    return GW_OK;
+}
+
+static bool
+is_ip_literal(const char *s)
+{
+    unsigned char buf[16];
+    return inet_pton(AF_INET, s, buf) == 1 || inet_pton(AF_INET6, s, buf) == 1;
+}
+
+static const char *
+ssl_error_text(char *buf, size_t len)
+{
+    unsigned long e = ERR_peek_last_error();
+    if (e == 0)
+        snprintf(buf, len, "unknown OpenSSL error");
+    else
+        ERR_error_string_n(e, buf, len);
+    ERR_clear_error();
+    return buf;
+}
+
+/* "tls": {"verify", "ca_file", "server_name", "cert_file", "key_file"}; builds b->ssl_ctx. */
+static int
+parse_tls(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "verify", "ca_file", "server_name", "cert_file", "key_file", NULL };
+    char ebuf[256];
+    b->tls_verify = true;
+    if (v != NULL) {
+        push_key(c, "tls");
+        int rc = GW_ERR;
+        if (!b->tls) {
+            fail(c, "\"tls\" needs an https:// url");
+        } else if (!json_is_object(v)) {
+            fail(c, "must be an object like {\"ca_file\": \"/etc/ssl/internal-ca.pem\"}");
+        } else if (check_keys(c, v, keys, "\"tls\"") == GW_OK) {
+            rc = GW_OK;
+            const char *name;
+            json_t *f;
+            json_object_foreach(v, name, f) {
+                push_key(c, name);
+                if (strcmp(name, "verify") == 0 ? !json_is_boolean(f) : (!json_is_string(f) || json_string_length(f) == 0))
+                    rc = fail(c, strcmp(name, "verify") == 0 ? "must be true or false" : "must be a non-empty string");
+                pop(c);
+                if (rc != GW_OK)
+                    break;
+            }
+        }
+        if (rc != GW_OK) {
+            pop(c);
+            return GW_ERR;
+        }
+        pop(c);
+    }
+    if (!b->tls)
+        return GW_OK;
+    json_t *verify = v ? json_object_get(v, "verify") : NULL;
+    json_t *ca = v ? json_object_get(v, "ca_file") : NULL;
+    json_t *sn = v ? json_object_get(v, "server_name") : NULL;
+    json_t *cert = v ? json_object_get(v, "cert_file") : NULL;
+    json_t *key = v ? json_object_get(v, "key_file") : NULL;
+    if (verify && json_is_false(verify))
+        b->tls_verify = false;
+    if (sn) {
+        free(b->tls_server_name);
+        b->tls_server_name = gw_strdup(json_string_value(sn));
+    }
+    b->tls_name_is_ip = is_ip_literal(b->tls_server_name);
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (ctx == NULL)
+        return fail(c, "cannot create a TLS context: %s", ssl_error_text(ebuf, sizeof(ebuf)));
+    b->ssl_ctx = ctx; /* freed with the backend */
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    /* Sessions are kept per worker pool for resumption (gw_upstream.c). */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, gw_upstream_tls_new_session);
+    SSL_CTX_set_verify(ctx, b->tls_verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
+    if (ca) {
+        push_key(c, "tls");
+        push_key(c, "ca_file");
+        int rc = SSL_CTX_load_verify_locations(ctx, json_string_value(ca), NULL) == 1
+                     ? GW_OK
+                     : fail(c, "cannot load \"%s\": %s", json_string_value(ca), ssl_error_text(ebuf, sizeof(ebuf)));
+        pop(c);
+        pop(c);
+        if (rc != GW_OK)
+            return GW_ERR;
+    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        return fail(c, "cannot load the system CA store: %s", ssl_error_text(ebuf, sizeof(ebuf)));
+    }
+    if ((cert == NULL) != (key == NULL))
+        return fail(c, "tls.cert_file and tls.key_file go together");
+    if (cert) {
+        push_key(c, "tls");
+        push_key(c, "cert_file");
+        int rc = GW_OK;
+        if (SSL_CTX_use_certificate_chain_file(ctx, json_string_value(cert)) != 1)
+            rc = fail(c, "cannot load \"%s\": %s", json_string_value(cert), ssl_error_text(ebuf, sizeof(ebuf)));
+        pop(c);
+        if (rc == GW_OK) {
+            push_key(c, "key_file");
+            if (SSL_CTX_use_PrivateKey_file(ctx, json_string_value(key), SSL_FILETYPE_PEM) != 1 ||
+                SSL_CTX_check_private_key(ctx) != 1)
+                rc = fail(c, "cannot use \"%s\" with the certificate: %s", json_string_value(key),
+                          ssl_error_text(ebuf, sizeof(ebuf)));
+            pop(c);
+        }
+        pop(c);
+        if (rc != GW_OK)
+            return GW_ERR;
+    }
     return GW_OK;
 }
 
@@ -720,7 +843,7 @@ static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
-                                        "max_connections", "max_idle", NULL };
+                                        "max_connections", "max_idle", "tls", NULL };
     gw_config_t *cfg = c->cfg;
     push_key(c, "backends");
     if (!json_is_object(v)) {
@@ -764,6 +887,8 @@ parse_backends(ctx_t *c, json_t *v)
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
             b->max_idle = (unsigned)maxi;
+            if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
+                rc = GW_ERR;
         }
         pop(c);
         if (rc != GW_OK) {
@@ -781,6 +906,8 @@ backend_free(gw_backend_t *b)
     free(b->name);
     free(b->url);
     free(b->host_header);
+    free(b->tls_server_name);
+    SSL_CTX_free(b->ssl_ctx);
     free(b);
 }
 

@@ -53,6 +53,12 @@ struct gw_backend_s {
     int idle_timeout_ms;           /* how long a pooled connection may stay idle */
     unsigned max_connections;      /* per worker: open connections to this backend */
     unsigned max_idle;             /* per worker: idle connections kept */
+    /* TLS (https:// URLs) */
+    bool tls;
+    bool tls_verify;               /* false only by an explicit, logged opt-out */
+    char *tls_server_name;         /* SNI and certificate name check; default the URL host */
+    bool tls_name_is_ip;           /* check an IP SAN instead of a DNS name, and send no SNI */
+    struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY } gw_route_kind_t;

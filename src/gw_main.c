@@ -146,6 +146,10 @@ main(int argc, char **argv)
     }
     for (size_t i = 0; i < cfg->nlisten; i++)
         gw_log(GW_LOG_NOTICE, "listening on %s", cfg->listen[i].text);
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        if (cfg->backends[i]->tls && !cfg->backends[i]->tls_verify)
+            gw_log(GW_LOG_WARN, "backend %s: TLS certificate verification is OFF (tls.verify: false); "
+                                "anyone on the path can impersonate it", cfg->backends[i]->name);
     gw_log(GW_LOG_NOTICE, "gatherd %s started: %d workers, %zu routes, configuration %s", PACKAGE_VERSION,
            cfg->workers, cfg->nroutes, file);
 

@@ -30,6 +30,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <llhttp.h>
 #include <stdio.h>
@@ -287,6 +288,8 @@ proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int e
     gw_req_t *r = gw_conn_req(c);
     gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
            code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
+    if (p->u)
+        p->u->broken = true;
     if (p->head_sent) {
         proxy_free(p, false);
         gw_conn_abort(c);
@@ -551,6 +554,12 @@ proxy_event_cb(struct bufferevent *bev, short what, void *arg)
     }
     if (what & BEV_EVENT_TIMEOUT) {
         proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
+    } else if (!p->u->connected && p->b->tls && (what & BEV_EVENT_ERROR || what & BEV_EVENT_EOF) &&
+               (bufferevent_get_openssl_error(bev) || err == 0)) {
+        char why[256];
+        gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
+               gw_upstream_tls_error(p->u, why, sizeof(why)));
+        proxy_fail(p, 502, "upstream_tls_failed", "handshaking with upstream", 0);
     } else if (!p->u->connected) {
         proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
     } else if (what & BEV_EVENT_EOF) {

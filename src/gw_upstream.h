@@ -20,9 +20,11 @@
 #include "gw_core.h"
 
 #include <event2/bufferevent.h>
+#include <openssl/ssl.h>
 
 struct gw_pool_s {
     const gw_backend_t *backend;
+    SSL_SESSION *session;   /* the latest TLS session, for resumption */
     gw_upstream_t *idle;    /* LIFO list of idle connections */
     unsigned nidle;
     unsigned nopen;         /* idle + in use + connecting */
@@ -36,6 +38,7 @@ struct gw_upstream_s {
     gw_upstream_t *next;    /* in the idle list */
     bool reused;            /* it served an earlier request */
     bool connected;
+    bool broken;            /* failed mid-use: its TLS session must not be resumed */
     unsigned requests;
 };
 
@@ -55,5 +58,12 @@ int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstre
 
 /* Gives u back: pooled when reusable (and the pool has room), else closed. */
 void gw_upstream_release(gw_upstream_t *u, bool reusable);
+
+/* OpenSSL's new-session callback, installed on every backend SSL_CTX: keeps
+ * the session in the pool of the connection that received it. */
+int gw_upstream_tls_new_session(SSL *ssl, SSL_SESSION *sess);
+
+/* Describes why the TLS connection of u failed, into buf. */
+const char *gw_upstream_tls_error(gw_upstream_t *u, char *buf, size_t len);
 
 #endif

@@ -187,7 +187,11 @@ test_backends_and_proxy(void)
                   "\"proxy\": {\"backend\": \"users\", \"strip_prefix\": \"/b\"}}]}",
                 "routes[0].proxy.strip_prefix: \"/b\" is not a literal prefix");
     check_error(B "{\"url\": \"127.0.0.1:1\"}}}", "backends.users.url: must start with http://");
-    check_error(B "{\"url\": \"https://127.0.0.1\"}}}", "backends.users.url: https backends are not supported");
+    check_error(B "{\"url\": \"http://127.0.0.1\", \"tls\": {}}}}", "backends.users.tls: \"tls\" needs an https:// url");
+    check_error(B "{\"url\": \"https://127.0.0.1\", \"tls\": {\"ca_file\": \"/nonexistent.pem\"}}}}",
+                "backends.users.tls.ca_file: cannot load \"/nonexistent.pem\"");
+    check_error(B "{\"url\": \"https://127.0.0.1\", \"tls\": {\"cert_file\": \"/x.pem\"}}}}", "go together");
+    check_error(B "{\"url\": \"https://127.0.0.1\", \"tls\": {\"verify\": \"no\"}}}}", "tls.verify: must be true or false");
     check_error(B "{\"url\": \"http://users.internal:80\"}}}", "host names are not supported");
     check_error(B "{\"url\": \"http://127.0.0.1:1/api\"}}}", "backends.users.url: a backend URL has no path");
     check_error(B "{\"url\": \"http://127.0.0.1:99999\"}}}", "backends.users.url: bad address");
