@@ -10,6 +10,7 @@
 #include "gw_http.h"
 
 #include <event2/buffer.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -280,27 +281,27 @@ on_message_complete(llhttp_t *ll)
 }
 
 static llhttp_settings_t settings;
-static int settings_ready;
+
+static void
+settings_build(void)
+{
+    llhttp_settings_init(&settings);
+    settings.on_message_begin = on_message_begin;
+    settings.on_url = on_url;
+    settings.on_header_field = on_header_field;
+    settings.on_header_field_complete = on_header_field_complete;
+    settings.on_header_value = on_header_value;
+    settings.on_header_value_complete = on_header_value_complete;
+    settings.on_headers_complete = on_headers_complete;
+    settings.on_body = on_body;
+    settings.on_message_complete = on_message_complete;
+}
 
 static void
 settings_init(void)
 {
-    if (__atomic_load_n(&settings_ready, __ATOMIC_ACQUIRE))
-        return;
-    llhttp_settings_t s;
-    llhttp_settings_init(&s);
-    s.on_message_begin = on_message_begin;
-    s.on_url = on_url;
-    s.on_header_field = on_header_field;
-    s.on_header_field_complete = on_header_field_complete;
-    s.on_header_value = on_header_value;
-    s.on_header_value_complete = on_header_value_complete;
-    s.on_headers_complete = on_headers_complete;
-    s.on_body = on_body;
-    s.on_message_complete = on_message_complete;
-    /* Identical from every thread, so a racing second copy is harmless. */
-    settings = s;
-    __atomic_store_n(&settings_ready, 1, __ATOMIC_RELEASE);
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, settings_build);
 }
 
 static void

@@ -33,6 +33,7 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <llhttp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -482,21 +483,22 @@ on_resp_message_complete(llhttp_t *ll)
 }
 
 static void
+settings_build(void)
+{
+    llhttp_settings_init(&resp_settings);
+    resp_settings.on_header_field = on_resp_field;
+    resp_settings.on_header_value = on_resp_value;
+    resp_settings.on_header_value_complete = on_resp_value_complete;
+    resp_settings.on_headers_complete = on_resp_headers_complete;
+    resp_settings.on_body = on_resp_body;
+    resp_settings.on_message_complete = on_resp_message_complete;
+}
+
+static void
 settings_init(void)
 {
-    static int ready;
-    if (__atomic_load_n(&ready, __ATOMIC_ACQUIRE))
-        return;
-    llhttp_settings_t s;
-    llhttp_settings_init(&s);
-    s.on_header_field = on_resp_field;
-    s.on_header_value = on_resp_value;
-    s.on_header_value_complete = on_resp_value_complete;
-    s.on_headers_complete = on_resp_headers_complete;
-    s.on_body = on_resp_body;
-    s.on_message_complete = on_resp_message_complete;
-    resp_settings = s; /* identical from every thread */
-    __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, settings_build);
 }
 
 /* The response is complete: pool the connection when it can serve another
