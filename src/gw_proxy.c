@@ -149,16 +149,33 @@ named_by_connection(const char *base, const gw_header_t *hdrs, size_t n, const c
     return false;
 }
 
-/* Hop-by-hop headers (RFC 9110 7.6.1) and the ones gatherd sets itself. */
 static bool
-hop_by_hop(const char *name, size_t len)
+name_in(const char *name, size_t len, const char *const *list)
 {
-    static const char *const hop[] = { "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-                                       "proxy-connection", "proxy-authenticate", "proxy-authorization", NULL };
-    for (const char *const *h = hop; *h; h++)
-        if (name_eq(name, len, *h))
+    for (; *list; list++)
+        if (name_eq(name, len, *list))
             return true;
     return false;
+}
+
+/* Hop-by-hop headers (RFC 9110 7.6.1). */
+static const char *const hop_by_hop[] = { "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                                          "proxy-connection", "proxy-authenticate", "proxy-authorization", NULL };
+/* Request headers gatherd writes itself (or drops: Expect, the body is sent whole). */
+static const char *const set_upstream[] = { "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
+                                            "x-request-id", "content-length", "expect", NULL };
+/* Response headers gatherd writes itself. */
+static const char *const set_downstream[] = { "date", "server", "content-length", "x-request-id", NULL };
+
+/* Whether header i of hdrs (offsets into base) is dropped: hop-by-hop, named
+ * by a Connection field, or one of own (written by gatherd). */
+static bool
+dropped(const char *base, const gw_header_t *hdrs, size_t n, size_t i, const char *const *own)
+{
+    const char *name = base + hdrs[i].name_off;
+    size_t len = hdrs[i].name_len;
+    return name_in(name, len, hop_by_hop) || name_in(name, len, own) ||
+           named_by_connection(base, hdrs, n, name, len);
 }
 
 static void
@@ -211,12 +228,7 @@ build_request(gw_proxy_t *p)
     for (size_t i = 0; i < r->nheaders; i++) {
         const gw_header_t *h = &r->headers[i];
         const char *name = r->hbuf + h->name_off;
-        if (hop_by_hop(name, h->name_len) ||
-            named_by_connection(r->hbuf, r->headers, r->nheaders, name, h->name_len) ||
-            name_eq(name, h->name_len, "host") || name_eq(name, h->name_len, "x-forwarded-for") ||
-            name_eq(name, h->name_len, "x-forwarded-proto") || name_eq(name, h->name_len, "x-forwarded-host") ||
-            name_eq(name, h->name_len, "via") || name_eq(name, h->name_len, "x-request-id") ||
-            name_eq(name, h->name_len, "content-length") || name_eq(name, h->name_len, "expect"))
+        if (dropped(r->hbuf, r->headers, r->nheaders, i, set_upstream))
             continue;
         ADD(name, h->name_len);
         ADD(": ", 2);
@@ -436,16 +448,13 @@ on_resp_headers_complete(llhttp_t *ll)
         return 0;
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
-     * Date and Server, which gatherd writes itself. */
+     * those gatherd writes itself (Date, Server, ...). */
     char *out = NULL;
     size_t len = 0, cap = 0;
     for (size_t i = 0; i < p->nhdrs; i++) {
         const gw_header_t *h = &p->hdrs[i];
         const char *name = p->hbuf + h->name_off;
-        if (hop_by_hop(name, h->name_len) ||
-            named_by_connection(p->hbuf, p->hdrs, p->nhdrs, name, h->name_len) ||
-            name_eq(name, h->name_len, "date") || name_eq(name, h->name_len, "server") ||
-            name_eq(name, h->name_len, "content-length") || name_eq(name, h->name_len, "x-request-id"))
+        if (dropped(p->hbuf, p->hdrs, p->nhdrs, i, set_downstream))
             continue;
         buf_add(&out, &len, &cap, name, h->name_len);
         buf_add(&out, &len, &cap, ": ", 2);

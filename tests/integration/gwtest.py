@@ -59,6 +59,20 @@ class Skip(Exception):
     """Raised by a test that cannot run here; counted as passed with a note."""
 
 
+def kill_and_reap(proc, timeout):
+    """SIGKILL to a process this harness started (by its own PID), then wait for it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def sanitizer_report(text):
     """Returns the part of text starting at the first sanitizer marker, or None."""
     first = None
@@ -396,14 +410,7 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             if self.sent_signal is None:
                 self.sent_signal = signal.SIGKILL
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            kill_and_reap(self.proc, timeout=10)
 
     def _check_sanitizer(self):
         if self._checked:

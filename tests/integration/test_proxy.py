@@ -148,15 +148,7 @@ class Stub:
             time.sleep(0.02)
 
     def _kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        gwtest.kill_and_reap(self.proc, timeout=5)
 
     def stop(self):
         """SIGTERM to this stub's own pid; SIGKILL after 5 s."""
