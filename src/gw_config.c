@@ -615,7 +615,7 @@ find_backend(const gw_config_t *cfg, const char *name)
 static int
 parse_proxy(ctx_t *c, json_t *v, gw_route_t *route)
 {
-    static const char *const keys[] = { "backend", "strip_prefix", "preserve_host", NULL };
+    static const char *const keys[] = { "backend", "strip_prefix", "preserve_host", "max_body_bytes", NULL };
     push_key(c, "proxy");
     int rc = GW_ERR;
     if (!json_is_object(v)) {
@@ -678,6 +678,14 @@ parse_proxy(ctx_t *c, json_t *v, gw_route_t *route)
         route->proxy.preserve_host = json_is_true(ph);
         pop(c);
     }
+    /* Streamed bodies cost no memory, so "no limit" (0) is allowed here,
+     * unlike http.max_body_bytes which bounds buffered bodies. */
+    route->proxy.max_body_bytes = -1;
+    long long mb = -1;
+    if (get_int(c, v, "max_body_bytes", 0, 1LL << 50, &mb) != GW_OK)
+        goto out;
+    if (mb >= 0)
+        route->proxy.max_body_bytes = mb == 0 ? INT64_MAX : mb;
     rc = GW_OK;
 out:
     pop(c);

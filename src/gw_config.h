@@ -79,6 +79,7 @@ struct gw_route_s {
         const gw_backend_t *backend; /* borrowed from the configuration */
         size_t strip_segments;       /* leading path segments removed upstream */
         bool preserve_host;
+        int64_t max_body_bytes;      /* streamed request bodies; -1: http.max_body_bytes; INT64_MAX: none */
     } proxy;
 };
 

@@ -78,6 +78,9 @@ struct gw_conn_s {
     bool want_drained; /* the async handler waits for the output to drain */
     bool chunked_out;  /* the response body is sent chunked */
     bool no_body;      /* HEAD, 204, 304: body bytes are dropped */
+    bool resp_started; /* the response head was queued */
+    bool body_stream;  /* the request body is being read and handed to the async handler */
+    bool body_paused;  /* ... but the handler asked to wait */
     const gw_conn_async_t *async; /* set while an async handler owns the request */
     void *async_ctx;
     char peer[64];
@@ -85,6 +88,7 @@ struct gw_conn_s {
 };
 
 static void conn_run(gw_conn_t *c);
+static void reject(gw_conn_t *c, int status, const char *reason);
 
 gw_conn_t *
 gw_conn_next(gw_conn_t *c)
@@ -252,6 +256,8 @@ static void
 request_done(gw_conn_t *c)
 {
     c->requests++;
+    c->resp_started = false;
+    c->body_stream = c->body_paused = false;
     if (c->close_after) {
         c->state = C_FLUSHING;
         read_enable(c, false);
@@ -272,8 +278,8 @@ static void
 decide_close(gw_conn_t *c)
 {
     if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
-        c->peer_eof)
-        c->close_after = true;
+        c->peer_eof || c->body_stream)
+        c->close_after = true; /* body_stream: the rest of the body is unread */
 }
 
 /*
@@ -396,6 +402,90 @@ dispatch(gw_conn_t *c)
     respond_error(c, 500, "internal", "route kind not handled", NULL);
 }
 
+/*
+ * The head of a request with a body was read. A proxy route gets the
+ * request now and the body streams to it (with the route's body limit);
+ * every other route gets it whole, once the body is in (http.max_body_bytes).
+ */
+static void
+head_received(gw_conn_t *c)
+{
+    gw_req_t *r = &c->req;
+    gw_match_t m;
+    const gw_route_t *route = NULL;
+    if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND && m.route->kind == GW_ROUTE_PROXY)
+        route = m.route;
+    if (route)
+        gw_parser_set_body_limit(&c->parser, route->proxy.max_body_bytes < 0 ? c->cfg->http.max_body_bytes
+                                                                              : (size_t)route->proxy.max_body_bytes);
+    if (gw_parser_resume(&c->parser) != GW_OK) {
+        timer_set(c, GW_T_NONE);
+        reject(c, c->parser.status, c->parser.reason);
+        return;
+    }
+    if (r->expect_continue)
+        evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    timer_set(c, GW_T_BODY);
+    if (route == NULL)
+        return;
+    c->state = C_HANDLING;
+    c->body_stream = true;
+    c->body_paused = false;
+    gw_proxy_start(c, route);
+}
+
+/* A streamed body cannot be read to its end (limit, bad framing, timeout):
+ * the handler is cancelled and the client told, or, when its response has
+ * begun, the connection is closed. */
+static void
+body_failed(gw_conn_t *c, int status, const char *reason)
+{
+    if (c->async) {
+        const gw_conn_async_t *ops = c->async;
+        c->async = NULL;
+        ops->cancel(c->async_ctx);
+    }
+    c->body_stream = false;
+    timer_set(c, GW_T_NONE);
+    if (c->resp_started) {
+        gw_log(GW_LOG_INFO, "client %s: %d %s while streaming the request body, request %s; closing", c->peer,
+               status, reason, c->req.request_id);
+        gw_conn_close(c);
+        return;
+    }
+    reject(c, status, reason);
+}
+
+/* Parses the streamed body out of the input and hands it to the handler,
+ * until the input is used up, the body ends or the handler pauses. */
+static void
+pump_body(gw_conn_t *c)
+{
+    while (c->body_stream && !c->body_paused && !c->dead && evbuffer_get_length(c->in) > 0) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(c->in, -1, NULL, &v, 1) < 1)
+            break;
+        size_t used = 0;
+        gw_parse_result_t pr = gw_parser_execute(&c->parser, v.iov_base, v.iov_len, &used);
+        evbuffer_drain(c->in, used);
+        if (pr == GW_PARSE_ERROR) {
+            body_failed(c, c->parser.status, c->parser.reason);
+            return;
+        }
+        if (pr == GW_PARSE_DONE) {
+            c->body_stream = false;
+            timer_set(c, GW_T_NONE);
+        } else {
+            timer_set(c, GW_T_BODY);
+        }
+        if (c->async && (evbuffer_get_length(c->req.body) > 0 || !c->body_stream))
+            c->async->body(c->async_ctx);
+    }
+    if (c->body_stream && !c->body_paused && !c->dead && !c->peer_eof && !c->reading &&
+        evbuffer_get_length(c->in) < IN_HIGH)
+        read_enable(c, true);
+}
+
 /* Parses and answers what the input holds, in order, until it needs more
  * bytes, a response is pending, or too much output waits. */
 static void
@@ -404,6 +494,8 @@ conn_process(gw_conn_t *c)
     if (c->processing)
         return; /* the loop further up the stack picks up the new state */
     c->processing = true;
+    if (c->body_stream)
+        pump_body(c);
     while (c->state == C_READING && !c->dead) {
         if (evbuffer_get_length(c->in) == 0)
             break;
@@ -425,9 +517,9 @@ conn_process(gw_conn_t *c)
                 timer_set(c, GW_T_BODY);
             break;
         case GW_PARSE_HEADERS:
-            evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
-            gw_parser_resume(&c->parser);
-            timer_set(c, GW_T_BODY);
+            head_received(c);
+            if (c->body_stream)
+                pump_body(c); /* body bytes that came with the head */
             break;
         case GW_PARSE_DONE:
             timer_set(c, GW_T_NONE);
@@ -593,7 +685,10 @@ conn_timer_cb(evutil_socket_t fd, short what, void *arg)
             gw_conn_close(c);
         break;
     case GW_T_BODY:
-        reject(c, 408, "client sent no request body bytes in time");
+        if (c->body_stream)
+            body_failed(c, 408, "client sent no request body bytes in time");
+        else
+            reject(c, 408, "client sent no request body bytes in time");
         break;
     default:
         gw_conn_close(c);
@@ -706,6 +801,7 @@ void
 gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len, int64_t content_length)
 {
     decide_close(c);
+    c->resp_started = true;
     c->no_body = c->req.method == HTTP_HEAD || status == 204 || status == 304 || (status >= 100 && status < 200);
     c->chunked_out = false;
     if (content_length < 0 && !c->no_body) {
@@ -752,6 +848,27 @@ gw_conn_end_response(gw_conn_t *c)
         evbuffer_add(c->out, "0\r\n\r\n", 5);
     c->async = NULL;
     request_done(c);
+}
+
+bool
+gw_conn_body_done(gw_conn_t *c)
+{
+    return !c->body_stream;
+}
+
+void
+gw_conn_body_pause(gw_conn_t *c, bool pause)
+{
+    if (!c->body_stream || pause == c->body_paused)
+        return;
+    c->body_paused = pause;
+    if (pause) {
+        timer_set(c, GW_T_NONE); /* waiting for the backend is not the client's delay */
+        return;
+    }
+    timer_set(c, GW_T_BODY);
+    if (!c->processing)
+        conn_run(c); /* the input may hold body bytes already */
 }
 
 void

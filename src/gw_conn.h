@@ -48,9 +48,26 @@ gw_conn_t *gw_conn_next(gw_conn_t *c);
 typedef struct {
     void (*cancel)(void *ctx);
     void (*drained)(void *ctx); /* the client took the output: more may be sent */
+    /* Streamed request bodies only: bytes were appended to req->body, or
+     * the body ended (gw_conn_body_done()). It moves bytes on and may call
+     * gw_conn_body_pause(); it must not end the request. */
+    void (*body)(void *ctx);
 } gw_conn_async_t;
 
 void gw_conn_begin_async(gw_conn_t *c, const gw_conn_async_t *ops, void *ctx);
+
+/*
+ * Streamed request bodies. A proxy route is started as soon as the request
+ * head is read; its body then arrives in req->body piece by piece (the body
+ * callback says when) and the handler drains it. gw_conn_body_done() is
+ * true once the whole body was read (at once for a request without one).
+ * gw_conn_body_pause(c, true) stops reading the client until it is called
+ * with false: the handler's way to apply backpressure. A response that ends
+ * before the body does closes the connection after it (the rest of the
+ * body is read and discarded by the lingering close).
+ */
+bool gw_conn_body_done(gw_conn_t *c);
+void gw_conn_body_pause(gw_conn_t *c, bool pause);
 gw_req_t *gw_conn_req(gw_conn_t *c);
 gw_worker_t *gw_conn_worker(gw_conn_t *c);
 /* The client's address without port ("127.0.0.1", "::1"). */

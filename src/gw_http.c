@@ -247,13 +247,13 @@ on_headers_complete(llhttp_t *ll)
     /* No protocol upgrades: the request is answered as plain HTTP. */
     ll->upgrade = 0;
     r->has_body = (ll->flags & F_CHUNKED) || ll->content_length > 0;
-    if ((ll->flags & F_CONTENT_LENGTH) && ll->content_length > p->limits->max_body_bytes) {
-        set_error(p, 413, "request body too large");
-        return -1;
-    }
+    r->chunked = (ll->flags & F_CHUNKED) != 0;
+    r->content_length = r->chunked ? -1 : (int64_t)ll->content_length;
     if (r->http_minor == 0)
         r->expect_continue = false; /* RFC 9110: ignore Expect from HTTP/1.0 */
-    if (r->expect_continue && r->has_body) {
+    if (r->has_body) {
+        /* The caller routes the request before its body is read: the
+         * route decides the body limit and whether the body streams. */
         p->paused_at_headers = true;
         return HPE_PAUSED;
     }
@@ -266,7 +266,7 @@ on_body(llhttp_t *ll, const char *at, size_t len)
     gw_parser_t *p = PARSER(ll);
     gw_req_t *r = p->req;
     r->body_len += len;
-    if (r->body_len > p->limits->max_body_bytes)
+    if (r->body_len > p->body_limit)
         return set_error(p, 413, "request body too large");
     evbuffer_add(r->body, at, len);
     return 0;
@@ -321,6 +321,7 @@ gw_parser_init(gw_parser_t *p, gw_req_t *req, const gw_http_limits_t *limits)
     memset(req, 0, sizeof(*req));
     p->req = req;
     p->limits = limits;
+    p->body_limit = limits->max_body_bytes;
     req->body = evbuffer_new();
     llhttp_init(&p->ll, HTTP_REQUEST, &settings);
     p->ll.data = p;
@@ -342,9 +343,21 @@ gw_parser_free(gw_parser_t *p)
 }
 
 void
+gw_parser_set_body_limit(gw_parser_t *p, size_t limit)
+{
+    p->body_limit = limit;
+}
+
+int
 gw_parser_resume(gw_parser_t *p)
 {
+    gw_req_t *r = p->req;
+    if (r->content_length > 0 && (uint64_t)r->content_length > p->body_limit) {
+        set_error(p, 413, "request body too large");
+        return GW_ERR;
+    }
     llhttp_resume(&p->ll);
+    return GW_OK;
 }
 
 void
@@ -357,7 +370,9 @@ gw_parser_next(gw_parser_t *p)
     r->path_off = r->path_len = 0;
     r->query_off = r->query_len = 0;
     r->nheaders = 0;
-    r->keep_alive = r->expect_continue = r->has_body = false;
+    r->keep_alive = r->expect_continue = r->has_body = r->chunked = false;
+    r->content_length = 0;
+    p->body_limit = p->limits->max_body_bytes;
     evbuffer_drain(r->body, evbuffer_get_length(r->body));
     r->body_len = 0;
     r->request_id[0] = '\0';
@@ -407,6 +422,8 @@ gw_parse_result_t
 gw_parser_execute(gw_parser_t *p, const char *data, size_t len, size_t *consumed)
 {
     *consumed = 0;
+    if (p->status)
+        return GW_PARSE_ERROR; /* a limit was exceeded at gw_parser_resume() */
     if (!p->scan_done && prescan(p, data, len) != 0)
         return GW_PARSE_ERROR;
     llhttp_errno_t err = llhttp_execute(&p->ll, data, len);

@@ -31,6 +31,8 @@ struct gw_req_s {
     bool keep_alive;            /* the client allows another request */
     bool expect_continue;
     bool has_body;
+    bool chunked;               /* the body came chunked */
+    int64_t content_length;     /* declared; -1 when chunked, 0 without a body */
     char *hbuf;                 /* target and header bytes, back to back */
     size_t hlen, hcap;
     size_t url_off, url_len;
@@ -48,7 +50,7 @@ struct gw_req_s {
 /* Result of gw_parser_execute(). */
 typedef enum {
     GW_PARSE_AGAIN,   /* everything consumed, more bytes needed */
-    GW_PARSE_HEADERS, /* paused after headers: "Expect: 100-continue" wants an answer */
+    GW_PARSE_HEADERS, /* paused after the head of a request with a body */
     GW_PARSE_DONE,    /* a whole request is in p->req; parser paused */
     GW_PARSE_ERROR    /* p->status and p->reason say why; close after answering */
 } gw_parse_result_t;
@@ -66,6 +68,7 @@ struct gw_parser_s {
     uint32_t cur_off, cur_len;
     int nhost;
     size_t trailer_len;  /* trailer bytes seen (dropped, but limited) */
+    size_t body_limit;   /* 413 above it; limits->max_body_bytes unless the route says otherwise */
     /* header-block pre-scan */
     bool scan_done;
     bool scan_line_start;
@@ -81,11 +84,19 @@ void gw_parser_free(gw_parser_t *p);
 /*
  * Feeds data. *consumed says how many bytes were used (less than len when a
  * request ended or the parser paused). After GW_PARSE_DONE the request is
- * handled, then gw_parser_next() prepares the next one; after
- * GW_PARSE_HEADERS call gw_parser_resume() once 100 Continue is written.
+ * handled, then gw_parser_next() prepares the next one. GW_PARSE_HEADERS
+ * comes after the head of every request that has a body: the caller routes
+ * it, may change the body limit, writes 100 Continue when expected, and
+ * calls gw_parser_resume(). Body bytes are appended to req->body; a caller
+ * that streams the body drains it as it goes.
  */
 gw_parse_result_t gw_parser_execute(gw_parser_t *p, const char *data, size_t len, size_t *consumed);
-void gw_parser_resume(gw_parser_t *p);
+/* Body limit for the current request (reset to limits->max_body_bytes by
+ * gw_parser_next()); SIZE_MAX for none. */
+void gw_parser_set_body_limit(gw_parser_t *p, size_t limit);
+/* Continues after GW_PARSE_HEADERS. GW_ERR (status 413 set) when the
+ * declared Content-Length exceeds the body limit. */
+int gw_parser_resume(gw_parser_t *p);
 void gw_parser_next(gw_parser_t *p);
 
 /* Finds a request header (case-insensitive); *len set; NULL when absent. */

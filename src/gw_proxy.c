@@ -1,18 +1,25 @@
 /*
  * gw_proxy.c - proxy routes (see gw_proxy.h).
  *
- * Life of a proxied request: the request head is built once (kept for one
- * retry), a pooled or new upstream connection gets it plus the buffered
- * body, llhttp parses the response; its head is filtered and written to the
- * client, its body is streamed as it arrives. When the client falls behind,
- * reading from the backend pauses until the client's output drains, so a
- * slow client slows the backend instead of filling memory.
+ * Life of a proxied request: it starts as soon as the request head is
+ * read. The upstream request head is built once (kept for one retry), a
+ * pooled or new upstream connection gets it, then the request body as it
+ * arrives from the client (with its Content-Length, or re-chunked when the
+ * client sent it chunked). llhttp parses the response; its head is filtered
+ * and written to the client, its body is streamed as it arrives.
+ *
+ * Backpressure both ways: when the client falls behind, reading from the
+ * backend pauses until the client's output drains; when the backend falls
+ * behind on the request body, reading from the client pauses until the
+ * upstream output drains. Memory per request stays a few hundred KiB
+ * whatever the body sizes.
  *
  * Failures before the response head was sent become JSON errors (502, 503,
  * 504); after it, the client connection is closed so a cut body never looks
  * whole. A request sent on a reused connection that the backend had closed
  * (EOF or reset before any response byte) is sent once more on a fresh
- * connection when the method is idempotent.
+ * connection when the method is idempotent and the body bytes sent so far
+ * are still at hand (a body is kept for that up to REPLAY_MAX bytes).
  *
  * Ownership: the proxy context belongs to the client connection's async
  * slot. It is freed by proxy_free() on every end: finish, error, abort, or
@@ -39,6 +46,13 @@
 #include <string.h>
 #include <strings.h>
 
+/* Pause reading the client's body above this much unsent upstream output;
+ * resume below the low mark. */
+#define UP_HIGH (256 * 1024)
+#define UP_LOW (64 * 1024)
+/* Request body bytes kept for a retry on a fresh connection. */
+#define REPLAY_MAX (64 * 1024)
+
 struct gw_proxy_s {
     gw_conn_t *c;
     const gw_route_t *route;
@@ -47,6 +61,10 @@ struct gw_proxy_s {
     struct event *timer;  /* the backend's timeout_ms for the whole call */
     char *head;           /* the upstream request head, kept for a retry */
     size_t head_len;
+    struct evbuffer *replay; /* the framed body sent so far, while it fits REPLAY_MAX */
+    bool has_body;        /* the client's request has a body */
+    bool body_sent;       /* all of it went upstream (the chunked end included) */
+    bool body_paused;     /* the client's body waits for the upstream output to drain */
     llhttp_t parser;
     bool retried;
     bool got_bytes;       /* a response byte arrived on this attempt */
@@ -64,6 +82,7 @@ struct gw_proxy_s {
 static llhttp_settings_t resp_settings;
 static void proxy_read_cb(struct bufferevent *bev, void *arg);
 static void proxy_event_cb(struct bufferevent *bev, short what, void *arg);
+static void proxy_write_cb(struct bufferevent *bev, void *arg);
 
 /* --- the upstream request ------------------------------------------------ */
 
@@ -249,9 +268,11 @@ build_request(gw_proxy_t *p)
     ADD("1.1 gatherd\r\nX-Request-Id: ", 27);
     ADD_STR(r->request_id);
     ADD("\r\n", 2);
-    if (r->body_len || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {
+    if (r->chunked) {
+        ADD_STR("Transfer-Encoding: chunked\r\n");
+    } else if (r->has_body || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {
         char cl[48];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", r->body_len);
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %lld\r\n", (long long)r->content_length);
         ADD(cl, (size_t)n);
     }
     ADD("\r\n", 2);
@@ -272,6 +293,8 @@ proxy_free(gw_proxy_t *p, bool reusable)
     if (p->timer)
         event_free(p->timer);
     free(p->head);
+    if (p->replay)
+        evbuffer_free(p->replay);
     free(p->hbuf);
     free(p->hdrs);
     free(p);
@@ -291,7 +314,71 @@ proxy_drained(void *ctx)
         bufferevent_enable(p->u->bev, EV_READ);
 }
 
-static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained };
+/* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX;
+ * past that, a retry is no longer possible. */
+static void
+replay_add(gw_proxy_t *p, const void *data, size_t n)
+{
+    if (p->replay == NULL)
+        return;
+    if (evbuffer_get_length(p->replay) + n > REPLAY_MAX) {
+        evbuffer_free(p->replay);
+        p->replay = NULL;
+        return;
+    }
+    evbuffer_add(p->replay, data, n);
+}
+
+static void
+body_add(gw_proxy_t *p, struct evbuffer *out, const void *data, size_t n)
+{
+    replay_add(p, data, n);
+    evbuffer_add(out, data, n);
+}
+
+/* Moves the client's body bytes at hand upstream (framed as the upstream
+ * request says), and pauses the client when the upstream output is full. */
+static void
+forward_body(gw_proxy_t *p)
+{
+    if (p->u == NULL || p->body_sent)
+        return;
+    gw_req_t *r = gw_conn_req(p->c);
+    struct evbuffer *out = bufferevent_get_output(p->u->bev);
+    size_t n = evbuffer_get_length(r->body);
+    if (n > 0) {
+        if (r->chunked) {
+            char size[24];
+            int k = snprintf(size, sizeof(size), "%zx\r\n", n);
+            body_add(p, out, size, (size_t)k);
+        }
+        if (p->replay && evbuffer_get_length(p->replay) + n <= REPLAY_MAX) {
+            replay_add(p, evbuffer_pullup(r->body, -1), n);
+        } else if (p->replay) {
+            evbuffer_free(p->replay); /* too much to keep: no retry from here on */
+            p->replay = NULL;
+        }
+        evbuffer_add_buffer(out, r->body);
+        if (r->chunked)
+            body_add(p, out, "\r\n", 2);
+    }
+    if (gw_conn_body_done(p->c)) {
+        if (r->chunked)
+            body_add(p, out, "0\r\n\r\n", 5);
+        p->body_sent = true;
+    } else if (evbuffer_get_length(out) > UP_HIGH && !p->body_paused) {
+        p->body_paused = true;
+        gw_conn_body_pause(p->c, true); /* proxy_write_cb resumes it */
+    }
+}
+
+static void
+proxy_body(void *ctx)
+{
+    forward_body(ctx);
+}
+
+static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained, proxy_body };
 
 /* Ends the request with an error; called from upstream callbacks only. */
 static void
@@ -328,13 +415,14 @@ send_attempt(gw_proxy_t *p, bool fresh)
     p->got_bytes = false;
     llhttp_init(&p->parser, HTTP_RESPONSE, &resp_settings);
     p->parser.data = p;
-    bufferevent_setcb(u->bev, proxy_read_cb, NULL, proxy_event_cb, p);
+    bufferevent_setcb(u->bev, proxy_read_cb, proxy_write_cb, proxy_event_cb, p);
+    bufferevent_setwatermark(u->bev, EV_WRITE, UP_LOW, 0);
     bufferevent_enable(u->bev, EV_READ | EV_WRITE);
     struct evbuffer *out = bufferevent_get_output(u->bev);
     evbuffer_add(out, p->head, p->head_len);
-    gw_req_t *r = gw_conn_req(p->c);
-    if (r->body_len)
-        evbuffer_add_buffer_reference(out, r->body);
+    if (p->replay) /* a retry: first what the failed attempt sent */
+        evbuffer_add(out, evbuffer_pullup(p->replay, -1), evbuffer_get_length(p->replay));
+    forward_body(p);
     return GW_OK;
 }
 
@@ -351,7 +439,8 @@ static void
 upstream_broke(gw_proxy_t *p, int err)
 {
     gw_conn_t *c = p->c;
-    if (p->u->reused && !p->retried && !p->got_bytes && idempotent(gw_conn_req(c)->method)) {
+    bool replayable = !p->has_body || p->replay != NULL;
+    if (p->u->reused && !p->retried && !p->got_bytes && replayable && idempotent(gw_conn_req(c)->method)) {
         gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                p->b->name, err ? strerror(err) : "EOF");
         p->retried = true;
@@ -516,7 +605,9 @@ static void
 proxy_finish(gw_proxy_t *p)
 {
     gw_conn_t *c = p->c;
-    bool reusable = llhttp_should_keep_alive(&p->parser) &&
+    /* A response that came before the whole request body was sent leaves
+     * the connection mid-request: never reused. */
+    bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
                     evbuffer_get_length(bufferevent_get_input(p->u->bev)) == 0;
     proxy_free(p, reusable);
     gw_conn_end_response(c);
@@ -549,6 +640,20 @@ proxy_read_cb(struct bufferevent *bev, void *arg)
         proxy_finish(p);
     else if (p->head_sent && !gw_conn_send(c))
         bufferevent_disable(bev, EV_READ); /* proxy_drained() resumes */
+    gw_conn_release(c);
+}
+
+/* The upstream output fell to UP_LOW: take more of the client's body. */
+static void
+proxy_write_cb(struct bufferevent *bev, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    GW_UNUSED(bev);
+    if (!p->body_paused)
+        return;
+    p->body_paused = false;
+    gw_conn_body_pause(c, false); /* may hand over body bytes, or end p: touch nothing after */
     gw_conn_release(c);
 }
 
@@ -617,6 +722,9 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     p->c = c;
     p->route = route;
     p->b = route->proxy.backend;
+    p->has_body = gw_conn_req(c)->has_body;
+    if (p->has_body)
+        p->replay = evbuffer_new();
     build_request(p);
     int rc = send_attempt(p, false);
     if (rc != GW_OK) {

@@ -30,7 +30,10 @@ feed(gw_parser_t *p, const char *text, size_t len, size_t step)
         off += used;
         o.consumed = off;
         if (o.res == GW_PARSE_HEADERS) {
-            gw_parser_resume(p);
+            if (gw_parser_resume(p) != GW_OK) {
+                o.res = GW_PARSE_ERROR; /* the declared length is over the limit */
+                break;
+            }
             continue;
         }
         if (o.res != GW_PARSE_AGAIN)
