@@ -36,8 +36,6 @@
 
 #include <errno.h>
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
-#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <llhttp.h>
 #include <pthread.h>
@@ -60,7 +58,10 @@ struct gw_proxy_s {
     gw_upstream_t *u;
     struct event *timer;  /* the backend's timeout_ms for the whole call */
     char *head;           /* the upstream request head, kept for a retry */
-    size_t head_len;
+    size_t head_len, head_cap;
+    char *hout;           /* the filtered response head */
+    size_t hout_cap;
+    gw_proxy_t *next_free; /* in the worker's cache */
     struct evbuffer *replay; /* the framed body sent so far, while it fits REPLAY_MAX */
     bool has_body;        /* the client's request has a body */
     bool body_sent;       /* all of it went upstream (the chunked end included) */
@@ -80,9 +81,9 @@ struct gw_proxy_s {
 };
 
 static llhttp_settings_t resp_settings;
-static void proxy_read_cb(struct bufferevent *bev, void *arg);
-static void proxy_event_cb(struct bufferevent *bev, short what, void *arg);
-static void proxy_write_cb(struct bufferevent *bev, void *arg);
+static void proxy_read_cb(gw_upstream_t *u, void *arg);
+static void proxy_event_cb(gw_upstream_t *u, int what, void *arg);
+static void proxy_write_cb(gw_upstream_t *u, void *arg);
 
 /* --- the upstream request ------------------------------------------------ */
 
@@ -227,8 +228,8 @@ static void
 build_request(gw_proxy_t *p)
 {
     gw_req_t *r = gw_conn_req(p->c);
-    char *head = NULL;
-    size_t len = 0, cap = 0;
+    char *head = p->head;
+    size_t len = 0, cap = p->head_cap;
     char target[9000];
     size_t tlen = gw_proxy_target(r, p->route->proxy.strip_segments, target, sizeof(target));
     const char *method = llhttp_method_name((llhttp_method_t)r->method);
@@ -278,6 +279,7 @@ build_request(gw_proxy_t *p)
     ADD("\r\n", 2);
     p->head = head;
     p->head_len = len;
+    p->head_cap = cap;
 }
 
 #undef ADD
@@ -285,19 +287,64 @@ build_request(gw_proxy_t *p)
 
 /* --- endings ------------------------------------------------------------- */
 
+/* Proxy contexts kept per worker for the next request, with their timer
+ * and buffers: a request then allocates nothing of its own. */
+#define CACHE_MAX 256
+
 static void
-proxy_free(gw_proxy_t *p, bool reusable)
+proxy_destroy(gw_proxy_t *p)
 {
-    if (p->u)
-        gw_upstream_release(p->u, reusable);
-    if (p->timer)
-        event_free(p->timer);
+    event_free(p->timer);
     free(p->head);
-    if (p->replay)
-        evbuffer_free(p->replay);
+    free(p->hout);
     free(p->hbuf);
     free(p->hdrs);
     free(p);
+}
+
+/* Ends p: its upstream connection is pooled when reusable, else closed. */
+static void
+proxy_free(gw_proxy_t *p, bool reusable)
+{
+    gw_worker_t *w = gw_conn_worker(p->c);
+    if (p->u)
+        gw_upstream_release(p->u, reusable);
+    evtimer_del(p->timer);
+    if (p->replay)
+        evbuffer_free(p->replay);
+    if (w->nproxy_cache >= CACHE_MAX || w->stopping) {
+        proxy_destroy(p);
+        return;
+    }
+    /* keep the allocations, reset the rest */
+    struct event *timer = p->timer;
+    char *head = p->head, *hout = p->hout, *hbuf = p->hbuf;
+    size_t head_cap = p->head_cap, hout_cap = p->hout_cap, hcap = p->hcap, hdrs_cap = p->hdrs_cap;
+    gw_header_t *hdrs = p->hdrs;
+    memset(p, 0, sizeof(*p));
+    p->timer = timer;
+    p->head = head;
+    p->head_cap = head_cap;
+    p->hout = hout;
+    p->hout_cap = hout_cap;
+    p->hbuf = hbuf;
+    p->hcap = hcap;
+    p->hdrs = hdrs;
+    p->hdrs_cap = hdrs_cap;
+    p->next_free = w->proxy_cache;
+    w->proxy_cache = p;
+    w->nproxy_cache++;
+}
+
+void
+gw_proxy_worker_free(gw_worker_t *w)
+{
+    while (w->proxy_cache) {
+        gw_proxy_t *p = w->proxy_cache;
+        w->proxy_cache = p->next_free;
+        proxy_destroy(p);
+    }
+    w->nproxy_cache = 0;
 }
 
 static void
@@ -311,7 +358,7 @@ proxy_drained(void *ctx)
 {
     gw_proxy_t *p = ctx;
     if (p->u)
-        bufferevent_enable(p->u->bev, EV_READ);
+        gw_upstream_read(p->u, true);
 }
 
 /* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX;
@@ -344,7 +391,7 @@ forward_body(gw_proxy_t *p)
     if (p->u == NULL || p->body_sent)
         return;
     gw_req_t *r = gw_conn_req(p->c);
-    struct evbuffer *out = bufferevent_get_output(p->u->bev);
+    struct evbuffer *out = gw_upstream_output(p->u);
     size_t n = evbuffer_get_length(r->body);
     if (n > 0) {
         if (r->chunked) {
@@ -366,7 +413,9 @@ forward_body(gw_proxy_t *p)
         if (r->chunked)
             body_add(p, out, "0\r\n\r\n", 5);
         p->body_sent = true;
-    } else if (evbuffer_get_length(out) > UP_HIGH && !p->body_paused) {
+    }
+    gw_upstream_send(p->u);
+    if (!p->body_sent && evbuffer_get_length(out) > UP_HIGH && !p->body_paused) {
         p->body_paused = true;
         gw_conn_body_pause(p->c, true); /* proxy_write_cb resumes it */
     }
@@ -415,10 +464,8 @@ send_attempt(gw_proxy_t *p, bool fresh)
     p->got_bytes = false;
     llhttp_init(&p->parser, HTTP_RESPONSE, &resp_settings);
     p->parser.data = p;
-    bufferevent_setcb(u->bev, proxy_read_cb, proxy_write_cb, proxy_event_cb, p);
-    bufferevent_setwatermark(u->bev, EV_WRITE, UP_LOW, 0);
-    bufferevent_enable(u->bev, EV_READ | EV_WRITE);
-    struct evbuffer *out = bufferevent_get_output(u->bev);
+    gw_upstream_setcb(u, proxy_read_cb, proxy_write_cb, proxy_event_cb, p, UP_LOW);
+    struct evbuffer *out = gw_upstream_output(u);
     evbuffer_add(out, p->head, p->head_len);
     if (p->replay) /* a retry: first what the failed attempt sent */
         evbuffer_add(out, evbuffer_pullup(p->replay, -1), evbuffer_get_length(p->replay));
@@ -538,8 +585,8 @@ on_resp_headers_complete(llhttp_t *ll)
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
      * those gatherd writes itself (Date, Server, ...). */
-    char *out = NULL;
-    size_t len = 0, cap = 0;
+    char *out = p->hout;
+    size_t len = 0, cap = p->hout_cap;
     for (size_t i = 0; i < p->nhdrs; i++) {
         const gw_header_t *h = &p->hdrs[i];
         const char *name = p->hbuf + h->name_off;
@@ -557,7 +604,8 @@ on_resp_headers_complete(llhttp_t *ll)
     else if (head_req || p->status == 204 || p->status == 304)
         clen = 0;
     gw_conn_start_response(p->c, p->status, out ? out : "", len, p->status == 204 ? -1 : clen);
-    free(out);
+    p->hout = out; /* kept for the next response */
+    p->hout_cap = cap;
     p->head_sent = true;
     /* HEAD: the backend sends no body whatever its headers say */
     return head_req ? 1 : 0;
@@ -608,17 +656,17 @@ proxy_finish(gw_proxy_t *p)
     /* A response that came before the whole request body was sent leaves
      * the connection mid-request: never reused. */
     bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
-                    evbuffer_get_length(bufferevent_get_input(p->u->bev)) == 0;
+                    evbuffer_get_length(gw_upstream_input(p->u)) == 0;
     proxy_free(p, reusable);
     gw_conn_end_response(c);
 }
 
 static void
-proxy_read_cb(struct bufferevent *bev, void *arg)
+proxy_read_cb(gw_upstream_t *u, void *arg)
 {
     gw_proxy_t *p = arg;
     gw_conn_t *c = p->c;
-    struct evbuffer *in = bufferevent_get_input(bev);
+    struct evbuffer *in = gw_upstream_input(u);
     p->got_bytes = true;
     while (!p->done && evbuffer_get_length(in) > 0) {
         struct evbuffer_iovec v;
@@ -639,17 +687,17 @@ proxy_read_cb(struct bufferevent *bev, void *arg)
     if (p->done)
         proxy_finish(p);
     else if (p->head_sent && !gw_conn_send(c))
-        bufferevent_disable(bev, EV_READ); /* proxy_drained() resumes */
+        gw_upstream_read(u, false); /* proxy_drained() resumes */
     gw_conn_release(c);
 }
 
 /* The upstream output fell to UP_LOW: take more of the client's body. */
 static void
-proxy_write_cb(struct bufferevent *bev, void *arg)
+proxy_write_cb(gw_upstream_t *u, void *arg)
 {
     gw_proxy_t *p = arg;
     gw_conn_t *c = p->c;
-    GW_UNUSED(bev);
+    GW_UNUSED(u);
     if (!p->body_paused)
         return;
     p->body_paused = false;
@@ -658,27 +706,30 @@ proxy_write_cb(struct bufferevent *bev, void *arg)
 }
 
 static void
-proxy_event_cb(struct bufferevent *bev, short what, void *arg)
+proxy_event_cb(gw_upstream_t *u, int what, void *arg)
 {
     gw_proxy_t *p = arg;
     gw_conn_t *c = p->c;
-    int err = EVUTIL_SOCKET_ERROR();
-    if (what & BEV_EVENT_CONNECTED) {
-        p->u->connected = true;
-        bufferevent_set_timeouts(bev, NULL, NULL);
+    int err = u->err;
+    if (what & GW_UP_CONNECTED) {
+        if (p->body_paused && evbuffer_get_length(gw_upstream_output(u)) <= UP_LOW) {
+            /* the connect wrote what the body had queued */
+            p->body_paused = false;
+            gw_conn_body_pause(c, false); /* may end p: touch nothing after */
+            gw_conn_release(c);
+        }
         return;
     }
-    if (what & BEV_EVENT_TIMEOUT) {
+    if (what & GW_UP_TIMEOUT) {
         proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
-    } else if (!p->u->connected && p->b->tls && (what & BEV_EVENT_ERROR || what & BEV_EVENT_EOF) &&
-               (bufferevent_get_openssl_error(bev) || err == 0)) {
+    } else if (gw_upstream_tls_failed(u)) {
         char why[256];
         gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
-               gw_upstream_tls_error(p->u, why, sizeof(why)));
+               gw_upstream_tls_error(u, why, sizeof(why)));
         proxy_fail(p, 502, "upstream_tls_failed", "handshaking with upstream", 0);
-    } else if (!p->u->connected) {
+    } else if (!u->connected) {
         proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
-    } else if (what & BEV_EVENT_EOF) {
+    } else if (what & GW_UP_EOF) {
         if (p->head_sent && llhttp_message_needs_eof(&p->parser)) {
             /* a close-delimited body ends here */
             if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
@@ -718,7 +769,16 @@ void
 gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
 {
     settings_init();
-    gw_proxy_t *p = gw_calloc(1, sizeof(gw_proxy_t));
+    gw_worker_t *w = gw_conn_worker(c);
+    gw_proxy_t *p = w->proxy_cache;
+    if (p) {
+        w->proxy_cache = p->next_free;
+        w->nproxy_cache--;
+        p->next_free = NULL;
+    } else {
+        p = gw_calloc(1, sizeof(gw_proxy_t));
+        p->timer = evtimer_new(w->base, proxy_timeout_cb, p);
+    }
     p->c = c;
     p->route = route;
     p->b = route->proxy.backend;
@@ -739,9 +799,6 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
                       extra);
         return;
     }
-    gw_worker_t *w = gw_conn_worker(c);
-    p->timer = evtimer_new(w->base, proxy_timeout_cb, p);
-    struct timeval tv = { p->b->timeout_ms / 1000, (p->b->timeout_ms % 1000) * 1000 };
-    evtimer_add(p->timer, &tv);
+    evtimer_add(p->timer, w->pools[p->b->index].call_timeout);
     gw_conn_begin_async(c, &proxy_ops, p);
 }

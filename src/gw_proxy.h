@@ -22,4 +22,7 @@ void gw_proxy_start(gw_conn_t *c, const gw_route_t *route);
  */
 size_t gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap);
 
+/* Frees the proxy contexts worker w keeps for reuse (worker stop). */
+void gw_proxy_worker_free(gw_worker_t *w);
+
 #endif

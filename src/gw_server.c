@@ -13,6 +13,7 @@
  * same).
  */
 #include "gw_server.h"
+#include "gw_proxy.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
@@ -213,6 +214,7 @@ worker_main(void *arg)
     event_base_dispatch(w->base);
     close_listeners(w);
     close_all(w);
+    gw_proxy_worker_free(w);
     gw_upstream_pools_free(w);
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
     return NULL;

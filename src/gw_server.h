@@ -44,6 +44,8 @@ struct gw_worker_s {
     bool force;
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
     gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
+    gw_proxy_t *proxy_cache;        /* proxy contexts kept for reuse, see gw_proxy.c */
+    unsigned nproxy_cache;
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
 };

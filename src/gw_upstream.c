@@ -1,7 +1,14 @@
 /*
  * gw_upstream.c - backend connections and per-worker keep-alive pools (see
- * gw_upstream.h). Upstream connections use bufferevents: they bring the
- * asynchronous connect and, later, bufferevent_openssl for TLS.
+ * gw_upstream.h).
+ *
+ * Two kinds of connection share one interface. Plain TCP does its own
+ * non-blocking I/O on the worker's event_base: connect, then a persistent
+ * read event, writes straight from the output buffer, and a write event
+ * armed only while connecting or while the socket is full. TLS runs on a
+ * bufferevent_openssl, whose callbacks are relayed to the same caller
+ * callbacks. Both use one timer: the connect timeout while connecting, the
+ * idle timeout while pooled.
  */
 #include "gw_upstream.h"
 #include "gw_config.h"
@@ -10,31 +17,47 @@
 
 #include <errno.h>
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <pthread.h>
 #include <stdio.h>
-#include <event2/event.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* Bytes asked of one recv(): big bodies stream in fewer calls. */
+#define READ_CHUNK 32768
 
 static void
 upstream_close(gw_upstream_t *u)
 {
     u->pool->nopen--;
-    SSL *ssl = u->pool->backend->tls ? bufferevent_openssl_get_ssl(u->bev) : NULL;
-    if (ssl && u->connected && !u->broken) {
-        /* A connection that ended cleanly: without this, SSL_free() would
-         * mark its session not resumable (no close_notify was exchanged). */
-        SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    if (u->bev) {
+        SSL *ssl = bufferevent_openssl_get_ssl(u->bev);
+        if (ssl && u->connected && !u->broken) {
+            /* A connection that ended cleanly: without this, SSL_free() would
+             * mark its session not resumable (no close_notify was exchanged). */
+            SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+        }
+        bufferevent_free(u->bev); /* closes the socket */
+    } else {
+        if (u->rev)
+            event_free(u->rev);
+        if (u->wev)
+            event_free(u->wev);
+        evbuffer_free(u->in);
+        evbuffer_free(u->out);
+        if (u->fd >= 0)
+            close(u->fd);
     }
-    if (u->idle_timer)
-        event_free(u->idle_timer);
-    bufferevent_free(u->bev); /* closes the socket */
+    event_free(u->timer);
     free(u);
 }
 
@@ -49,38 +72,163 @@ idle_unlink(gw_upstream_t *u)
             break;
         }
     u->next = NULL;
+    u->idle = false;
 }
 
-/* Anything from an idle connection (data, EOF, error) makes it unusable. */
+/* An idle connection that heard from its backend (data, EOF, error) or
+ * timed out: unusable, closed. */
 static void
-idle_read_cb(struct bufferevent *bev, void *arg)
+idle_drop(gw_upstream_t *u, const char *why)
 {
-    gw_upstream_t *u = arg;
-    GW_UNUSED(bev);
-    gw_log_debug("backend %s: unexpected data on an idle connection; closing it", u->pool->backend->name);
+    gw_log_debug("backend %s: %s on an idle connection; closing it", u->pool->backend->name, why);
     idle_unlink(u);
     upstream_close(u);
 }
 
 static void
-idle_event_cb(struct bufferevent *bev, short what, void *arg)
+emit(gw_upstream_t *u, int what)
+{
+    u->event_cb(u, what, u->arg);
+}
+
+/* --- plain TCP ----------------------------------------------------------- */
+
+static void
+plain_read_enable(gw_upstream_t *u, bool on)
+{
+    if (on == u->reading)
+        return;
+    u->reading = on;
+    if (on)
+        event_add(u->rev, NULL);
+    else
+        event_del(u->rev);
+}
+
+/* Writes the output. GW_OK: all written; GW_AGAIN: the socket is full (the
+ * write event is armed); GW_ERR: u->err says why. */
+static int
+plain_flush(gw_upstream_t *u)
+{
+    while (evbuffer_get_length(u->out) > 0) {
+        int n = evbuffer_write(u->out, u->fd);
+        if (n >= 0)
+            continue;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (!u->writing) {
+                u->writing = true;
+                event_add(u->wev, NULL);
+            }
+            return GW_AGAIN;
+        }
+        u->err = errno;
+        return GW_ERR;
+    }
+    if (u->writing) {
+        u->writing = false;
+        event_del(u->wev);
+    }
+    return GW_OK;
+}
+
+static void
+plain_read_ev(evutil_socket_t fd, short what, void *arg)
 {
     gw_upstream_t *u = arg;
-    GW_UNUSED(bev);
     GW_UNUSED(what);
-    idle_unlink(u);
-    upstream_close(u);
+    if (u->idle) {
+        idle_drop(u, "data or EOF");
+        return;
+    }
+    struct evbuffer_iovec v;
+    if (evbuffer_reserve_space(u->in, READ_CHUNK, &v, 1) < 1) {
+        u->err = ENOMEM;
+        emit(u, GW_UP_ERROR);
+        return;
+    }
+    ssize_t n = recv(fd, v.iov_base, v.iov_len, 0);
+    if (n > 0) {
+        v.iov_len = (size_t)n;
+        evbuffer_commit_space(u->in, &v, 1);
+        u->read_cb(u, u->arg);
+    } else if (n == 0) {
+        plain_read_enable(u, false);
+        emit(u, GW_UP_EOF);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        u->err = errno;
+        plain_read_enable(u, false);
+        emit(u, GW_UP_ERROR);
+    }
 }
 
 static void
-idle_timeout_cb(evutil_socket_t fd, short what, void *arg)
+plain_write_ev(evutil_socket_t fd, short what, void *arg)
 {
     gw_upstream_t *u = arg;
-    GW_UNUSED(fd);
     GW_UNUSED(what);
-    idle_unlink(u);
-    upstream_close(u);
+    if (u->err) { /* a write error noticed by gw_upstream_send() */
+        u->writing = false;
+        event_del(u->wev);
+        emit(u, GW_UP_ERROR);
+        return;
+    }
+    if (!u->connected) {
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+            err = errno;
+        if (err) {
+            u->err = err;
+            u->writing = false;
+            event_del(u->wev);
+            emit(u, GW_UP_ERROR);
+            return;
+        }
+        u->connected = true;
+        evtimer_del(u->timer);
+        if (plain_flush(u) == GW_ERR) {
+            emit(u, GW_UP_ERROR);
+            return;
+        }
+        emit(u, GW_UP_CONNECTED);
+        return;
+    }
+    int rc = plain_flush(u);
+    if (rc == GW_ERR)
+        emit(u, GW_UP_ERROR);
+    else if (evbuffer_get_length(u->out) <= u->low_water && u->drained_cb)
+        u->drained_cb(u, u->arg);
 }
+
+/* Starts a non-blocking connect of u to the backend's address. */
+static int
+plain_connect(gw_upstream_t *u, gw_worker_t *w, const gw_backend_t *b)
+{
+    u->fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (u->fd < 0)
+        return GW_ERR;
+    int one = 1;
+    setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (connect(u->fd, (const struct sockaddr *)&b->addr, b->addrlen) != 0 && errno != EINPROGRESS)
+        return GW_ERR;
+    /* Even a connect that completed at once is reported from the loop, once
+     * the caller has set its callbacks. */
+    u->rev = event_new(w->base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
+    u->wev = event_new(w->base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
+    u->in = evbuffer_new();
+    u->out = evbuffer_new();
+    if (u->rev == NULL || u->wev == NULL || u->in == NULL || u->out == NULL) {
+        gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", b->name);
+        abort(); /* our allocation policy: out of memory is fatal */
+    }
+    u->writing = true;
+    event_add(u->wev, NULL);
+    return GW_OK;
+}
+
+/* --- TLS (bufferevent_openssl) -------------------------------------------- */
 
 static int pool_ex_index = -1;
 static pthread_once_t pool_ex_once = PTHREAD_ONCE_INIT;
@@ -103,6 +251,12 @@ gw_upstream_tls_new_session(SSL *ssl, SSL_SESSION *sess)
     return 1;
 }
 
+bool
+gw_upstream_tls_failed(gw_upstream_t *u)
+{
+    return u->bev && !u->connected && (bufferevent_get_openssl_error(u->bev) || u->err == 0);
+}
+
 const char *
 gw_upstream_tls_error(gw_upstream_t *u, char *buf, size_t len)
 {
@@ -118,15 +272,58 @@ gw_upstream_tls_error(gw_upstream_t *u, char *buf, size_t len)
     return buf;
 }
 
-/* A TLS bufferevent for backend b: SNI and the certificate name check come
+static void
+tls_read_cb(struct bufferevent *bev, void *arg)
+{
+    gw_upstream_t *u = arg;
+    GW_UNUSED(bev);
+    if (u->idle)
+        idle_drop(u, "data");
+    else
+        u->read_cb(u, u->arg);
+}
+
+static void
+tls_write_cb(struct bufferevent *bev, void *arg)
+{
+    gw_upstream_t *u = arg;
+    GW_UNUSED(bev);
+    if (!u->idle && u->drained_cb)
+        u->drained_cb(u, u->arg);
+}
+
+static void
+tls_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    gw_upstream_t *u = arg;
+    GW_UNUSED(bev);
+    if (u->idle) {
+        idle_drop(u, "EOF or error");
+        return;
+    }
+    if (what & BEV_EVENT_CONNECTED) {
+        u->connected = true;
+        evtimer_del(u->timer);
+        emit(u, GW_UP_CONNECTED);
+    } else if (what & BEV_EVENT_EOF) {
+        emit(u, GW_UP_EOF);
+    } else {
+        u->err = EVUTIL_SOCKET_ERROR();
+        emit(u, GW_UP_ERROR);
+    }
+}
+
+/* A TLS connection for backend b: SNI and the certificate name check come
  * from tls.server_name (an IP address is checked against IP SANs). */
-static struct bufferevent *
-tls_bufferevent(gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
+static int
+tls_connect(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
 {
     pthread_once(&pool_ex_once, pool_ex_init);
     SSL *ssl = SSL_new(b->ssl_ctx);
-    if (ssl == NULL)
-        return NULL;
+    if (ssl == NULL) {
+        errno = ENOMEM;
+        return GW_ERR;
+    }
     SSL_set_ex_data(ssl, pool_ex_index, pool);
     if (b->tls_name_is_ip) {
         if (b->tls_verify)
@@ -138,24 +335,54 @@ tls_bufferevent(gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
     }
     if (pool->session)
         SSL_set_session(ssl, pool->session);
-    struct bufferevent *bev =
-        bufferevent_openssl_socket_new(w->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
-    if (bev == NULL) {
+    u->bev = bufferevent_openssl_socket_new(w->base, -1, ssl, BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE);
+    if (u->bev == NULL) {
         SSL_free(ssl);
-        return NULL;
+        errno = ENOMEM;
+        return GW_ERR;
     }
     /* Many servers close without close_notify; a cut body is still caught
      * by the HTTP framing (Content-Length, chunked). */
-    bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
-    return bev;
+    bufferevent_openssl_set_allow_dirty_shutdown(u->bev, 1);
+    u->in = bufferevent_get_input(u->bev);
+    u->out = bufferevent_get_output(u->bev);
+    bufferevent_setcb(u->bev, tls_read_cb, tls_write_cb, tls_event_cb, u);
+    if (bufferevent_socket_connect(u->bev, (const struct sockaddr *)&b->addr, (int)b->addrlen) != 0)
+        return GW_ERR;
+    u->fd = bufferevent_getfd(u->bev);
+    int one = 1;
+    setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return GW_OK;
+}
+
+/* --- the pool ------------------------------------------------------------ */
+
+static void
+timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_upstream_t *u = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    if (u->idle)
+        idle_drop(u, "idle_timeout_ms");
+    else
+        emit(u, GW_UP_TIMEOUT); /* only armed while connecting */
 }
 
 void
 gw_upstream_pools_init(gw_worker_t *w)
 {
     w->pools = gw_calloc(w->cfg->nbackends, sizeof(gw_pool_t));
-    for (size_t i = 0; i < w->cfg->nbackends; i++)
-        w->pools[i].backend = w->cfg->backends[i];
+    for (size_t i = 0; i < w->cfg->nbackends; i++) {
+        const gw_backend_t *b = w->cfg->backends[i];
+        struct timeval tv = { b->timeout_ms / 1000, (b->timeout_ms % 1000) * 1000 };
+        w->pools[i].backend = b;
+        w->pools[i].w = w;
+        w->pools[i].call_tv = tv;
+        w->pools[i].call_timeout = event_base_init_common_timeout(w->base, &tv);
+        if (w->pools[i].call_timeout == NULL) /* libevent allows 256 per base */
+            w->pools[i].call_timeout = &w->pools[i].call_tv;
+    }
 }
 
 void
@@ -183,8 +410,7 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     if (!fresh && pool->idle) {
         gw_upstream_t *u = pool->idle;
         idle_unlink(u);
-        event_del(u->idle_timer);
-        bufferevent_setcb(u->bev, NULL, NULL, NULL, NULL);
+        evtimer_del(u->timer);
         u->reused = true;
         *out = u;
         return GW_OK;
@@ -197,31 +423,76 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
         idle_unlink(old);
         upstream_close(old);
     }
-    struct bufferevent *bev =
-        b->tls ? tls_bufferevent(w, pool, b) : bufferevent_socket_new(w->base, -1, BEV_OPT_CLOSE_ON_FREE);
-    if (bev == NULL) {
-        errno = ENOMEM;
-        return GW_ERR;
-    }
     gw_upstream_t *u = gw_calloc(1, sizeof(gw_upstream_t));
     u->pool = pool;
-    u->w = w;
-    u->bev = bev;
-    u->idle_timer = evtimer_new(w->base, idle_timeout_cb, u);
+    u->fd = -1;
+    u->timer = evtimer_new(w->base, timer_cb, u);
     pool->nopen++;
-    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
-    bufferevent_set_timeouts(bev, NULL, &tv); /* a connect completes as a write */
-    if (bufferevent_socket_connect(bev, (const struct sockaddr *)&b->addr, (int)b->addrlen) != 0) {
+    int rc = b->tls ? tls_connect(u, w, pool, b) : plain_connect(u, w, b);
+    if (rc != GW_OK) {
         int err = errno;
         upstream_close(u);
         errno = err;
         return GW_ERR;
     }
-    evutil_socket_t fd = bufferevent_getfd(bev);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
+    evtimer_add(u->timer, &tv);
     *out = u;
     return GW_OK;
+}
+
+void
+gw_upstream_setcb(gw_upstream_t *u, gw_upstream_cb read, gw_upstream_cb drained, gw_upstream_event_cb event,
+                  void *arg, size_t low_water)
+{
+    u->read_cb = read;
+    u->drained_cb = drained;
+    u->event_cb = event;
+    u->arg = arg;
+    u->low_water = low_water;
+    u->err = 0;
+    if (u->bev) {
+        bufferevent_setwatermark(u->bev, EV_WRITE, low_water, 0);
+        bufferevent_enable(u->bev, EV_READ | EV_WRITE);
+    } else {
+        plain_read_enable(u, true);
+    }
+}
+
+struct evbuffer *
+gw_upstream_input(gw_upstream_t *u)
+{
+    return u->in;
+}
+
+struct evbuffer *
+gw_upstream_output(gw_upstream_t *u)
+{
+    return u->out;
+}
+
+void
+gw_upstream_send(gw_upstream_t *u)
+{
+    if (u->bev || !u->connected || u->err)
+        return; /* the bufferevent writes by itself; a connect flushes when done */
+    if (plain_flush(u) == GW_ERR) {
+        /* reported from the loop, not from inside the caller */
+        event_active(u->wev, EV_WRITE, 1);
+    }
+}
+
+void
+gw_upstream_read(gw_upstream_t *u, bool on)
+{
+    if (u->bev) {
+        if (on)
+            bufferevent_enable(u->bev, EV_READ);
+        else
+            bufferevent_disable(u->bev, EV_READ);
+    } else {
+        plain_read_enable(u, on);
+    }
 }
 
 void
@@ -229,18 +500,20 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
 {
     gw_pool_t *pool = u->pool;
     const gw_backend_t *b = pool->backend;
-    struct evbuffer *in = bufferevent_get_input(u->bev);
-    if (!reusable || !u->connected || pool->nidle >= b->max_idle || evbuffer_get_length(in) > 0 ||
-        u->w->stopping) {
+    if (!reusable || !u->connected || pool->nidle >= b->max_idle || evbuffer_get_length(u->in) > 0 ||
+        evbuffer_get_length(u->out) > 0 || u->err || pool->w->stopping) {
         upstream_close(u);
         return;
     }
     u->requests++;
-    bufferevent_set_timeouts(u->bev, NULL, NULL);
-    bufferevent_setcb(u->bev, idle_read_cb, NULL, idle_event_cb, u);
-    bufferevent_enable(u->bev, EV_READ);
+    u->idle = true;
+    u->read_cb = NULL;
+    u->drained_cb = NULL;
+    u->event_cb = NULL;
+    u->arg = NULL;
+    gw_upstream_read(u, true); /* anything from the backend now means it is gone */
     struct timeval tv = { b->idle_timeout_ms / 1000, (b->idle_timeout_ms % 1000) * 1000 };
-    event_add(u->idle_timer, &tv);
+    evtimer_add(u->timer, &tv);
     u->next = pool->idle;
     pool->idle = u;
     pool->nidle++;

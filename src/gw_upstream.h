@@ -10,6 +10,18 @@
  * half-read: a caller that gives up (deadline, client gone) releases it as
  * not reusable.
  *
+ * I/O: the caller queues bytes in gw_upstream_output() and calls
+ * gw_upstream_send(); what the backend sends arrives in gw_upstream_input()
+ * and the read callback says so. Plain TCP connections do their own I/O the
+ * way gw_conn does (a persistent read event, writes straight to the socket,
+ * a write event only while the socket is full), so a request costs one
+ * writev and one recv and no epoll_ctl. TLS connections run on
+ * bufferevent_openssl behind the same calls.
+ *
+ * Callbacks: each event of the connection calls exactly one of the caller's
+ * callbacks, as the last thing it does, so the callback may release the
+ * connection (or free everything it owns).
+ *
  * While idle, the pool watches the socket: any byte or EOF from the backend
  * means the connection is unusable and it is closed at once; after the
  * backend's idle_timeout_ms it is closed too.
@@ -19,11 +31,28 @@
 
 #include "gw_core.h"
 
-#include <event2/bufferevent.h>
+#include <event2/util.h>
 #include <openssl/ssl.h>
+#include <sys/time.h>
+
+struct evbuffer;
+struct event;
+struct bufferevent;
+
+/* What the event callback reports. */
+#define GW_UP_CONNECTED 0x01 /* connected (and, for TLS, handshaken) */
+#define GW_UP_EOF 0x02       /* the backend closed its side */
+#define GW_UP_ERROR 0x04     /* a socket or TLS error; gw_upstream_errno() says which */
+#define GW_UP_TIMEOUT 0x08   /* connect_timeout_ms passed before GW_UP_CONNECTED */
+
+typedef void (*gw_upstream_cb)(gw_upstream_t *u, void *arg);
+typedef void (*gw_upstream_event_cb)(gw_upstream_t *u, int what, void *arg);
 
 struct gw_pool_s {
     const gw_backend_t *backend;
+    gw_worker_t *w;
+    const struct timeval *call_timeout; /* the backend's timeout_ms: a common timeout of the worker's base */
+    struct timeval call_tv;             /* ... or this when the base has no common timeout left */
     SSL_SESSION *session;   /* the latest TLS session, for resumption */
     gw_upstream_t *idle;    /* LIFO list of idle connections */
     unsigned nidle;
@@ -32,13 +61,25 @@ struct gw_pool_s {
 
 struct gw_upstream_s {
     gw_pool_t *pool;
-    gw_worker_t *w;
-    struct bufferevent *bev;
-    struct event *idle_timer;
-    gw_upstream_t *next;    /* in the idle list */
-    bool reused;            /* it served an earlier request */
+    evutil_socket_t fd;
+    struct bufferevent *bev; /* TLS only */
+    struct event *rev;       /* plain: EV_READ | EV_PERSIST */
+    struct event *wev;       /* plain: EV_WRITE | EV_PERSIST, armed while connecting or blocked */
+    struct event *timer;     /* connect timeout, then idle timeout */
+    struct evbuffer *in, *out; /* plain: ours; TLS: the bufferevent's */
+    gw_upstream_cb read_cb;
+    gw_upstream_cb drained_cb;
+    gw_upstream_event_cb event_cb;
+    void *arg;
+    size_t low_water;        /* drained_cb when the output falls to this */
+    gw_upstream_t *next;     /* in the idle list */
+    int err;                 /* errno of the last GW_UP_ERROR */
+    bool reused;             /* it served an earlier request */
     bool connected;
-    bool broken;            /* failed mid-use: its TLS session must not be resumed */
+    bool reading;            /* plain: rev is registered */
+    bool writing;            /* plain: wev is registered */
+    bool idle;
+    bool broken;             /* failed mid-use: its TLS session must not be resumed */
     unsigned requests;
 };
 
@@ -49,12 +90,26 @@ void gw_upstream_pools_free(gw_worker_t *w);
 
 /*
  * A connection to backend b: idle from the pool unless fresh is true, else
- * a new one (connect started; the caller sees BEV_EVENT_CONNECTED or an
- * error on its bufferevent). GW_AGAIN when max_connections is reached,
- * GW_ERR when a socket cannot be made (errno set). The caller installs its
- * own bufferevent callbacks.
+ * a new one whose connect has started (GW_UP_CONNECTED or an error follows;
+ * bytes queued before that are sent once connected). GW_AGAIN when
+ * max_connections is reached, GW_ERR when a socket cannot be made (errno
+ * set). The caller sets its callbacks with gw_upstream_setcb() before
+ * returning to the event loop.
  */
 int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out);
+
+/* Installs the caller's callbacks and starts reading. drained (may be NULL)
+ * is called when the output falls to low_water after a send that could
+ * not write everything. */
+void gw_upstream_setcb(gw_upstream_t *u, gw_upstream_cb read, gw_upstream_cb drained, gw_upstream_event_cb event,
+                       void *arg, size_t low_water);
+
+struct evbuffer *gw_upstream_input(gw_upstream_t *u);
+struct evbuffer *gw_upstream_output(gw_upstream_t *u);
+/* Writes what the output holds, now when the socket takes it. */
+void gw_upstream_send(gw_upstream_t *u);
+/* Stops or resumes reading (backpressure from a slow client). */
+void gw_upstream_read(gw_upstream_t *u, bool on);
 
 /* Gives u back: pooled when reusable (and the pool has room), else closed. */
 void gw_upstream_release(gw_upstream_t *u, bool reusable);
@@ -63,7 +118,9 @@ void gw_upstream_release(gw_upstream_t *u, bool reusable);
  * the session in the pool of the connection that received it. */
 int gw_upstream_tls_new_session(SSL *ssl, SSL_SESSION *sess);
 
-/* Describes why the TLS connection of u failed, into buf. */
+/* Whether a failed TLS connection failed in TLS (handshake, certificate)
+ * rather than in TCP, and why, into buf. */
+bool gw_upstream_tls_failed(gw_upstream_t *u);
 const char *gw_upstream_tls_error(gw_upstream_t *u, char *buf, size_t len);
 
 #endif
