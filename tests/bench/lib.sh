@@ -80,6 +80,31 @@ start_bg() {
     STARTED_PIDS+=("$BG_PID")
 }
 
+# forget_pid PID -> drops PID from STARTED_PIDS once it has been stopped and
+# reaped, so that cleanup never signals a PID the system may have reused
+forget_pid() {
+    local p
+    local -a keep=()
+    for p in "${STARTED_PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    STARTED_PIDS=("${keep[@]}")
+}
+
+# stop_started PID -> stop_pid, then forget_pid (for servers and helpers that a
+# scenario starts and stops itself)
+stop_started() {
+    stop_pid "$1"
+    forget_pid "$1"
+}
+
+# running PID -> 0 while PID exists and is not a zombie (kill -0 succeeds on an
+# exited child that was not reaped yet)
+running() {
+    local s
+    { read -r s <"/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }
+    [[ ${s:0:1} != Z ]]
+}
+
 # stop_pid PID -> TERM, wait up to 5 s, then KILL; only ever called on our PIDs
 stop_pid() {
     local pid=$1 i
@@ -142,6 +167,47 @@ children_of() {
     done
 }
 
+# rss_kib PID... -> sum of VmRSS (resident memory, KiB) over the PIDs; a PID
+# that is gone counts 0
+rss_kib() {
+    local sum=0 p k v u
+    for p in "$@"; do
+        {
+            while read -r k v u; do
+                [[ $k == VmRSS: ]] && { sum=$((sum + v)); break; }
+            done <"/proc/$p/status"
+        } 2>/dev/null
+    done
+    echo "$sum"
+}
+
+# fd_count PID -> open file descriptors of PID (entries of /proc/PID/fd)
+fd_count() {
+    local -a ents=()
+    ents=(/proc/"$1"/fd/*)
+    [[ -e ${ents[0]} ]] || { echo 0; return; }
+    echo "${#ents[@]}"
+}
+
+# sample_rss WATCH_PID OUTFILE MAX_SECONDS INTERVAL_MS PID...
+#   While WATCH_PID runs (at most MAX_SECONDS), appends one line
+#   "<seconds since start> <sum of VmRSS KiB of the PIDs>" to OUTFILE every
+#   INTERVAL_MS. The first sample is taken at once.
+sample_rss() {
+    local watch=$1 out=$2 max=$3 ms=$4 i n t0 us iv
+    shift 4
+    n=$((max * 1000 / ms + 1))
+    printf -v iv '%d.%03d' $((ms / 1000)) $((ms % 1000))
+    t0=${EPOCHREALTIME//[.,]/}  # microseconds
+    : >"$out"
+    for ((i = 0; i < n; i++)); do
+        running "$watch" || break
+        us=$((${EPOCHREALTIME//[.,]/} - t0))
+        printf '%d.%03d %s\n' $((us / 1000000)) $((us % 1000000 / 1000)) "$(rss_kib "$@")" >>"$out"
+        sleep "$iv"
+    done
+}
+
 # ticks_of_pids PID... -> sum of proc_ticks over the PIDs
 ticks_of_pids() {
     local sum=0 p
@@ -171,13 +237,15 @@ run_wrk() {
         wrk -t"$BENCH_THREADS" -c"$conns" -d"$dur" --timeout 2s --latency "$url" >"$out" 2>&1
 }
 
-# measure LABEL URL CONNS PIDS_FN PREFIX
+# measure LABEL URL CONNS PIDS_FN PREFIX [BACKEND_PIDS_FN]
 #   warm-up run (BENCH_WARMUP, discarded), then the measured run (BENCH_DURATION).
 #   PIDS_FN prints the PIDs whose CPU time is charged to the server.
-#   Sets PREFIX_{RPS,REQ,ELAPSED,P50,P99,ERR,SOCK,NON2XX,CPU,UTIL,RPC,WRKCPU}.
+#   BACKEND_PIDS_FN (optional) prints the PIDs of the backends behind it, whose
+#   CPU during the measured run is reported separately (charged to nobody).
+#   Sets PREFIX_{RPS,REQ,ELAPSED,P50,P99,ERR,SOCK,NON2XX,CPU,UTIL,RPC,WRKCPU,BCPU}.
 measure() {
-    local label=$1 url=$2 conns=$3 pids_fn=$4 pfx=$5 tag
-    local t0 t1 c0 c1 cpu wcpu util rpc err W_REQUESTS W_ELAPSED W_RPS W_P50_MS W_P99_MS W_SOCK_ERRORS W_NON2XX
+    local label=$1 url=$2 conns=$3 pids_fn=$4 pfx=$5 bpids_fn=${6:-} tag
+    local t0 t1 c0 c1 b0=0 b1=0 bcpu="" cpu wcpu util rpc err W_REQUESTS W_ELAPSED W_RPS W_P50_MS W_P99_MS W_SOCK_ERRORS W_NON2XX
     tag="$label.c$conns.$SCEN_NAME"
 
     log "$SCEN_NAME: $label, $conns connections: warm-up $BENCH_WARMUP"
@@ -190,6 +258,8 @@ measure() {
     # reaped-children CPU right around run_wrk (so the $(...) helpers here are
     # not charged to wrk)
     # shellcheck disable=SC2046
+    [[ -n $bpids_fn ]] && b0=$(ticks_of_pids $($bpids_fn))
+    # shellcheck disable=SC2046
     t0=$(ticks_of_pids $($pids_fn))
     times >"$TMP/times.out"
     c0=$(children_cpu_s)
@@ -198,6 +268,8 @@ measure() {
     times >"$TMP/times.out"
     # shellcheck disable=SC2046
     t1=$(ticks_of_pids $($pids_fn))
+    # shellcheck disable=SC2046
+    [[ -n $bpids_fn ]] && b1=$(ticks_of_pids $($bpids_fn))
     c1=$(children_cpu_s)
     cp "$TMP/$tag.out" "$RESULTS_DIR/wrk-$tag.txt" 2>/dev/null || true
 
@@ -213,6 +285,7 @@ measure() {
     util=$(awk -v c="$cpu" -v e="$W_ELAPSED" 'BEGIN { if (e > 0) printf "%.1f\n", 100 * c / e }')
     rpc=$(awk -v r="$W_REQUESTS" -v c="$cpu" 'BEGIN { if (c > 0) printf "%.0f\n", r / c }')
     err=$((W_SOCK_ERRORS + W_NON2XX))
+    [[ -n $bpids_fn ]] && bcpu=$(awk -v a="$b0" -v b="$b1" -v h="$CLK_TCK" 'BEGIN { printf "%.2f\n", (b - a) / h }')
 
     printf -v "${pfx}_RPS" '%s' "$W_RPS"
     printf -v "${pfx}_REQ" '%s' "$W_REQUESTS"
@@ -226,6 +299,7 @@ measure() {
     printf -v "${pfx}_UTIL" '%s' "$util"
     printf -v "${pfx}_RPC" '%s' "$rpc"
     printf -v "${pfx}_WRKCPU" '%s' "$wcpu"
+    printf -v "${pfx}_BCPU" '%s' "$bcpu"
 }
 
 # ---------------------------------------------------------------- reporting
@@ -249,17 +323,18 @@ row() { # LABEL PREFIX
 json_side() { # NAME PREFIX
     local p=$2 k
     local -A v=()
-    for k in RPS REQ ELAPSED P50 P99 SOCK NON2XX ERR CPU UTIL RPC WRKCPU; do
+    for k in RPS REQ ELAPSED P50 P99 SOCK NON2XX ERR CPU UTIL RPC WRKCPU BCPU; do
         local n="${p}_$k"
-        v[$k]=${!n}
+        v[$k]=${!n:-}
     done
     printf '{"name": %s, "requests_per_s": %s, "requests": %s, "elapsed_s": %s, ' \
         "$(json_str "$1")" "$(json_num "${v[RPS]}")" "$(json_num "${v[REQ]}")" "$(json_num "${v[ELAPSED]}")"
     printf '"latency_p50_ms": %s, "latency_p99_ms": %s, "errors": %s, "socket_errors": %s, "non_2xx_3xx": %s, ' \
         "$(json_num "${v[P50]}")" "$(json_num "${v[P99]}")" "$(json_num "${v[ERR]}")" \
         "$(json_num "${v[SOCK]}")" "$(json_num "${v[NON2XX]}")"
-    printf '"server_cpu_s": %s, "server_cpu_percent": %s, "requests_per_cpu_s": %s, "wrk_cpu_s": %s}' \
-        "$(json_num "${v[CPU]}")" "$(json_num "${v[UTIL]}")" "$(json_num "${v[RPC]}")" "$(json_num "${v[WRKCPU]}")"
+    printf '"server_cpu_s": %s, "server_cpu_percent": %s, "requests_per_cpu_s": %s, "wrk_cpu_s": %s, "backend_cpu_s": %s}' \
+        "$(json_num "${v[CPU]}")" "$(json_num "${v[UTIL]}")" "$(json_num "${v[RPC]}")" "$(json_num "${v[WRKCPU]}")" \
+        "$(json_num "${v[BCPU]}")"
 }
 
 # bench_pair NAME GATEWAY_URL REF_URL [REF_LABEL [REF_PIDS_FN]]

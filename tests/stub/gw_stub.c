@@ -18,7 +18,7 @@
  *    produced (delay, streamed or paced body) later pipelined requests wait
  *    in the input buffer, so responses always leave in request order.
  *  - Memory is bounded: request head <= 64 KiB (431 beyond), request body
- *    <= 16 MiB (413 beyond), unread input <= ~256 KiB (reading pauses),
+ *    <= 16 MiB (413 beyond; sink=1 counts and drops up to 2^40 bytes), unread input <= ~256 KiB (reading pauses),
  *    queued output <= ~256 KiB plus one piece (big bodies are produced as
  *    the socket drains, padding bytes by reference to a static block).
  *  - The common path allocates almost nothing per request: the head is
@@ -123,6 +123,7 @@ struct ctl {
     long long trailing_delay_ms;
     int interim; /* 0 or a 1xx status sent before the real head */
     long long pad_header; /* bytes of an X-Pad response header, 0: none */
+    bool sink; /* request body of any size counted and discarded, answer {"received":N} */
     bool ct_override; /* a header= control set Content-Type */
     struct kv extra[MAX_EXTRA];
     int nextra;
@@ -864,6 +865,7 @@ enum ctl_id {
     C_TRAILING_DELAY_MS,
     C_INTERIM,
     C_PAD_HEADER,
+    C_SINK,
     C_COUNT
 };
 
@@ -871,7 +873,7 @@ static const char *const ctl_names[C_COUNT] = {
     "status", "delay", "size", "chunked", "chunk", "chunk_delay", "body", "bad_json",
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
-    "trailing_bytes", "trailing_delay_ms", "interim", "pad_header",
+    "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -968,6 +970,7 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
         k->trailing_len = n;
         break;
     case C_PAD_HEADER: ok = parse_ll(v, n, 0, BODY_MAX, &k->pad_header); break;
+    case C_SINK: ok = parse_bool(v, n, &k->sink); break;
     case C_TRAILING_DELAY_MS: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->trailing_delay_ms); break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
@@ -1240,7 +1243,9 @@ static void build_body(struct conn *c)
     evbuffer_drain(b, evbuffer_get_length(b));
     c->pad_left = 0;
     c->suffix_len = 0;
-    if (k->echo) {
+    if (k->sink) {
+        putf(c, b, "{\"received\":%llu}", c->body_len);
+    } else if (k->echo) {
         build_echo(c, b);
     } else if (k->bad_json) {
         put_str(c, b, "{\"broken\": ");
@@ -1561,10 +1566,17 @@ static void send_error(struct conn *c, int status)
 
 /* ---------------------------------------------------------------- request parsing on the input buffer */
 
-/* Request body bytes: kept for echo=1, dropped otherwise. */
+/* The request body limit: 16 MiB, or 2^40 bytes for sink=1, whose body is
+ * counted and dropped as it arrives (never held). */
+static unsigned long long body_max(const struct conn *c)
+{
+    return c->ctl.sink ? CTL_SIZE_MAX : BODY_MAX;
+}
+
+/* Request body bytes: kept for echo=1 (unless sink=1), dropped otherwise. */
 static int take_body(struct conn *c, struct evbuffer *in, size_t n)
 {
-    if (c->ctl.echo) {
+    if (c->ctl.echo && !c->ctl.sink) {
         if (evbuffer_remove_buffer(in, c->body, n) != (int)n)
             return bad(c, 500, "out of memory");
     } else {
@@ -1641,10 +1653,13 @@ static int parse_some(struct conn *c, struct evbuffer *in)
             st = parse_controls(c);
             if (st)
                 return st;
+            /* a sink takes big bodies: read in 256 KiB gulps, not 16 KiB */
+            if (c->ctl.sink)
+                (void)bufferevent_set_max_single_read(c->bev, READ_HIGH);
             if (c->req_chunked) {
                 c->pstate = P_CHUNK_SIZE;
             } else if (c->clen > 0) {
-                if (c->clen > (long long)BODY_MAX)
+                if (c->clen > (long long)body_max(c))
                     return bad(c, 413, "request body larger than 16 MiB");
                 c->body_left = (unsigned long long)c->clen;
                 c->pstate = P_BODY;
@@ -1693,7 +1708,7 @@ static int parse_some(struct conn *c, struct evbuffer *in)
                 i++;
             if (digits == 0 || (i < len && line[i] != ';'))
                 return bad(c, 400, "bad chunk size");
-            if (c->body_len + size > BODY_MAX)
+            if (c->body_len + size > body_max(c))
                 return bad(c, 413, "request body larger than 16 MiB");
             if (size == 0) {
                 c->pstate = P_TRAILER;
