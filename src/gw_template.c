@@ -640,13 +640,6 @@ value_text(const ph_t *ph, const gw_tpl_ctx_t *ctx, val_t *v, gw_tpl_err_t *e)
 
 /* --- rendering text ----------------------------------------------------- */
 
-typedef struct {
-    gw_tpl_buf_t *out;
-    size_t seg_start;     /* where the current path segment starts in out */
-    const ph_t *seg_ph;   /* a placeholder that wrote into it, or NULL */
-    bool in_query;
-} target_state_t;
-
 static int
 too_long(const ph_t *ph, const gw_tpl_buf_t *out, gw_tpl_err_t *e)
 {
@@ -655,47 +648,16 @@ too_long(const ph_t *ph, const gw_tpl_buf_t *out, gw_tpl_err_t *e)
     return GW_ERR;
 }
 
-/* A path segment that a value wrote into may not end up "", "." or "..":
- * that would address another resource than the template names. */
+/* Appends v percent-encoded. In the path, a value that is empty, "." or
+ * ".." is refused: it would address another resource than the template
+ * names. (A segment made of such a value and literal dots cannot become
+ * "." or ".." without the value itself being one of these, so checking the
+ * value is enough.) */
 static int
-check_segment(target_state_t *st, gw_tpl_err_t *e)
-{
-    if (st->seg_ph == NULL)
-        return GW_OK;
-    const char *s = st->out->data + st->seg_start;
-    size_t n = st->out->len - st->seg_start;
-    if (n == 0 || (n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) {
-        set_err(e, GW_TPL_INVALID_VALUE, "%s: makes the path segment \"%.*s\", which would change the path",
-                st->seg_ph->text, (int)n, s);
-        return GW_ERR;
-    }
-    return GW_OK;
-}
-
-static int
-target_literal(target_state_t *st, const part_t *p, gw_tpl_err_t *e)
-{
-    if (!buf_room(st->out, p->litlen))
-        return too_long(NULL, st->out, e);
-    for (size_t i = 0; i < p->litlen; i++) {
-        char c = p->lit[i];
-        if (!st->in_query && (c == '/' || c == '?')) {
-            if (check_segment(st, e) != GW_OK)
-                return GW_ERR;
-            st->seg_start = st->out->len + 1;
-            st->seg_ph = NULL;
-            st->in_query = c == '?';
-        }
-        st->out->data[st->out->len++] = c;
-    }
-    return GW_OK;
-}
-
-static int
-target_value(target_state_t *st, const ph_t *ph, const val_t *v, gw_tpl_err_t *e)
+target_value(gw_tpl_buf_t *out, const ph_t *ph, const val_t *v, gw_tpl_err_t *e)
 {
     static const char hex[] = "0123456789ABCDEF";
-    if (memchr(v->s, '\0', v->len) != NULL) {
+    if (v->len > 0 && memchr(v->s, '\0', v->len) != NULL) {
         set_err(e, GW_TPL_INVALID_VALUE, "%s: the value holds a NUL byte", ph->text);
         return GW_ERR;
     }
@@ -709,15 +671,14 @@ target_value(target_state_t *st, const ph_t *ph, const val_t *v, gw_tpl_err_t *e
                     v->s);
             return GW_ERR;
         }
-        st->seg_ph = ph;
     }
     size_t n = v->len;
     for (size_t i = 0; i < v->len; i++)
         if (!unreserved((unsigned char)v->s[i]))
             n += 2;
-    if (!buf_room(st->out, n))
-        return too_long(ph, st->out, e);
-    char *w = st->out->data + st->out->len;
+    if (!buf_room(out, n))
+        return too_long(ph, out, e);
+    char *w = out->data + out->len;
     for (size_t i = 0; i < v->len; i++) {
         unsigned char c = (unsigned char)v->s[i];
         if (unreserved(c)) {
@@ -728,57 +689,54 @@ target_value(target_state_t *st, const ph_t *ph, const val_t *v, gw_tpl_err_t *e
             *w++ = hex[c & 15];
         }
     }
-    st->out->len += n;
+    out->len += n;
+    return GW_OK;
+}
+
+/* Appends v as it is: a header value without control characters, or text
+ * for a JSON string that must be valid UTF-8. */
+static int
+plain_value(gw_tpl_buf_t *out, tpl_mode_t mode, const ph_t *ph, const val_t *v, gw_tpl_err_t *e)
+{
+    if (mode == MODE_HEADER) {
+        for (size_t k = 0; k < v->len; k++) {
+            if (is_ctl((unsigned char)v->s[k])) {
+                set_err(e, GW_TPL_INVALID_VALUE, "%s: control character in a header value", ph->text);
+                return GW_ERR;
+            }
+        }
+    } else if (!utf8_valid((const unsigned char *)v->s, v->len)) {
+        set_err(e, GW_TPL_INVALID_VALUE, "%s: the value is not valid UTF-8", ph->text);
+        return GW_ERR;
+    }
+    if (!buf_room(out, v->len))
+        return too_long(ph, out, e);
+    if (v->len > 0)
+        memcpy(out->data + out->len, v->s, v->len);
+    out->len += v->len;
     return GW_OK;
 }
 
 static int
 render_parts(const gw_tpl_t *t, const gw_tpl_ctx_t *ctx, gw_tpl_buf_t *out, gw_tpl_err_t *e)
 {
-    target_state_t st = { .out = out, .seg_start = out->len };
     for (size_t i = 0; i < t->nparts; i++) {
         const part_t *p = &t->parts[i];
         if (p->ph == NULL) {
-            if (t->mode == MODE_TARGET) {
-                if (target_literal(&st, p, e) != GW_OK)
-                    return GW_ERR;
-            } else {
-                if (!buf_room(out, p->litlen))
-                    return too_long(NULL, out, e);
-                memcpy(out->data + out->len, p->lit, p->litlen);
-                out->len += p->litlen;
-            }
+            if (!buf_room(out, p->litlen))
+                return too_long(NULL, out, e);
+            memcpy(out->data + out->len, p->lit, p->litlen);
+            out->len += p->litlen;
             continue;
         }
         val_t v = { 0 };
         int rc = value_text(p->ph, ctx, &v, e);
-        if (rc == GW_OK && t->mode == MODE_TARGET) {
-            rc = target_value(&st, p->ph, &v, e);
-        } else if (rc == GW_OK) {
-            for (size_t k = 0; t->mode == MODE_HEADER && k < v.len; k++) {
-                if (is_ctl((unsigned char)v.s[k])) {
-                    set_err(e, GW_TPL_INVALID_VALUE, "%s: control character in a header value", p->ph->text);
-                    rc = GW_ERR;
-                    break;
-                }
-            }
-            if (rc == GW_OK && t->mode == MODE_TEXT && !utf8_valid((const unsigned char *)v.s, v.len)) {
-                set_err(e, GW_TPL_INVALID_VALUE, "%s: the value is not valid UTF-8", p->ph->text);
-                rc = GW_ERR;
-            }
-            if (rc == GW_OK && !buf_room(out, v.len))
-                rc = too_long(p->ph, out, e);
-            if (rc == GW_OK) {
-                memcpy(out->data + out->len, v.s, v.len);
-                out->len += v.len;
-            }
-        }
+        if (rc == GW_OK)
+            rc = t->mode == MODE_TARGET ? target_value(out, p->ph, &v, e) : plain_value(out, t->mode, p->ph, &v, e);
         free(v.owned);
         if (rc != GW_OK)
             return GW_ERR;
     }
-    if (t->mode == MODE_TARGET && !st.in_query)
-        return check_segment(&st, e);
     return GW_OK;
 }
 

@@ -38,9 +38,9 @@
  *                  the query. In both every byte of a value except ALPHA,
  *                  DIGIT and "-._~" is percent-encoded, so a value can never
  *                  add a segment, a parameter, a fragment or a line. In the
- *                  path a value that is empty, "." or "..", or that makes its
- *                  segment "", "." or "..", fails with invalid_value (it
- *                  would change which resource is addressed). A NUL byte in
+ *                  path a value that is empty, "." or ".." fails with
+ *                  invalid_value (it would change which resource is
+ *                  addressed; "x{v}" with v = "" too). A NUL byte in
  *                  a value fails with invalid_value in both contexts (many
  *                  backends stop at an encoded NUL; gatherd itself refuses
  *                  %00 in requests).
