@@ -299,6 +299,8 @@ index_order(const void *a, const void *b)
 static void
 sel_sort(sel_node_t *n)
 {
+    if (n->nkids == 0)
+        return;
     size_t nkeys = 0;
     for (size_t i = 0; i < n->nkids; i++) {
         if (n->kids[i].step.key != NULL) {
