@@ -244,7 +244,7 @@ typedef struct sel_node_s sel_node_t;
 typedef struct sel_kid_s sel_kid_t;
 
 struct sel_node_s {
-    bool whole;     /* a listed path ends here: the whole value is selected */
+    bool whole;      /* a listed path ends here: the whole value is selected */
     sel_kid_t *kids; /* keys in first-listed order, then indexes ascending */
     size_t nkids, cap;
 };

@@ -27,7 +27,7 @@ typedef enum { SRC_PARAM, SRC_QUERY, SRC_HEADER, SRC_CALL, SRC_ITEM } src_t;
 
 typedef struct {
     src_t src;
-    char *name;       /* parameter, query, header or call name (NUL-terminated) */
+    char *name; /* parameter, query, header or call name (NUL-terminated) */
     size_t namelen;
     size_t call;      /* SRC_CALL: index in the scope */
     gw_jpath_t *path; /* SRC_CALL, SRC_ITEM: NULL for the whole value */
@@ -144,8 +144,7 @@ utf8_valid(const unsigned char *s, size_t n)
     return true;
 }
 
-static void __attribute__((format(printf, 3, 4)))
-set_err(gw_tpl_err_t *e, const char *code, const char *fmt, ...)
+static void __attribute__((format(printf, 3, 4))) set_err(gw_tpl_err_t *e, const char *code, const char *fmt, ...)
 {
     e->code = code;
     va_list ap;
@@ -154,8 +153,7 @@ set_err(gw_tpl_err_t *e, const char *code, const char *fmt, ...)
     va_end(ap);
 }
 
-static void __attribute__((format(printf, 3, 4)))
-compile_err(char *err, size_t errlen, const char *fmt, ...)
+static void __attribute__((format(printf, 3, 4))) compile_err(char *err, size_t errlen, const char *fmt, ...)
 {
     if (err == NULL || errlen == 0)
         return;
@@ -280,7 +278,7 @@ compile_ph(const char *text, size_t len, const gw_tpl_scope_t *scope, uint64_t *
         goto fail;
     }
     enum { NOT_RESERVED, QUERY, HEADER, ITEM } reserved = NOT_RESERVED;
-    static const char *const reserved_names[] = { "", "query", "header", "item" };
+    static const char *const reserved_names[] = {"", "query", "header", "item"};
     if (nlen == 5 && memcmp(in, "query", 5) == 0)
         reserved = QUERY;
     else if (nlen == 6 && memcmp(in, "header", 6) == 0)
@@ -428,8 +426,8 @@ tpl_compile(const char *src, tpl_mode_t mode, const gw_tpl_scope_t *scope, char 
         if (mode == MODE_TARGET) {
             const char *why = target_byte_problem(src, len, i, c);
             if (why != NULL) {
-                compile_err(err, errlen, "%s is not allowed in a target (offset %zu; percent-encode it as %%%02X)",
-                            why, i, c);
+                compile_err(err, errlen, "%s is not allowed in a target (offset %zu; percent-encode it as %%%02X)", why,
+                            i, c);
                 goto fail;
             }
             if (c == '?')
@@ -545,8 +543,7 @@ lookup(const ph_t *ph, const gw_tpl_ctx_t *ctx, val_t *v, gw_tpl_err_t *e)
         }
         set_err(e, GW_TPL_MISSING_VALUE, "%s: no path parameter \"%s\" in this match", ph->text, ph->name);
         return GW_ERR;
-    case SRC_QUERY:
-        return lookup_query(ph, ctx->req, v, e);
+    case SRC_QUERY: return lookup_query(ph, ctx->req, v, e);
     case SRC_HEADER:
         v->s = ctx->req != NULL ? gw_req_header(ctx->req, ph->name, &v->len) : NULL;
         if (v->s == NULL) {
@@ -643,8 +640,8 @@ value_text(const ph_t *ph, const gw_tpl_ctx_t *ctx, val_t *v, gw_tpl_err_t *e)
 static int
 too_long(const ph_t *ph, const gw_tpl_buf_t *out, gw_tpl_err_t *e)
 {
-    set_err(e, GW_TPL_INVALID_VALUE, "%s: the result would be longer than %zu bytes", ph != NULL ? ph->text : "template",
-            out->limit ? out->limit : (size_t)GW_TPL_MAX_LEN);
+    set_err(e, GW_TPL_INVALID_VALUE, "%s: the result would be longer than %zu bytes",
+            ph != NULL ? ph->text : "template", out->limit ? out->limit : (size_t)GW_TPL_MAX_LEN);
     return GW_ERR;
 }
 
@@ -729,7 +726,7 @@ render_parts(const gw_tpl_t *t, const gw_tpl_ctx_t *ctx, gw_tpl_buf_t *out, gw_t
             out->len += p->litlen;
             continue;
         }
-        val_t v = { 0 };
+        val_t v = {0};
         int rc = value_text(p->ph, ctx, &v, e);
         if (rc == GW_OK)
             rc = t->mode == MODE_TARGET ? target_value(out, p->ph, &v, e) : plain_value(out, t->mode, p->ph, &v, e);
@@ -914,7 +911,7 @@ gw_tpl_json_t *
 gw_tpl_json_compile(const json_t *body, const gw_tpl_scope_t *scope, char *err, size_t errlen)
 {
     gw_tpl_json_t *t = gw_calloc(1, sizeof(*t));
-    loc_t loc = { .len = 0 };
+    loc_t loc = {.len = 0};
     loc.buf[0] = '\0';
     if (jnode_compile(&t->root, body, scope, &t->deps, &loc, err, errlen) != GW_OK) {
         gw_tpl_json_free(t);
@@ -926,7 +923,7 @@ gw_tpl_json_compile(const json_t *body, const gw_tpl_scope_t *scope, char *err, 
 static json_t *
 whole_value(const ph_t *ph, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
 {
-    val_t v = { 0 };
+    val_t v = {0};
     if (lookup(ph, ctx, &v, e) != GW_OK) {
         free(v.owned);
         return NULL;
@@ -947,10 +944,9 @@ jnode_render(const jnode_t *n, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
     case JN_CONST:
         /* A copy, so that no value is ever shared between worker threads. */
         return json_deep_copy(n->constant);
-    case JN_WHOLE:
-        return whole_value(n->tpl->parts[0].ph, ctx, e);
+    case JN_WHOLE: return whole_value(n->tpl->parts[0].ph, ctx, e);
     case JN_TEXT: {
-        gw_tpl_buf_t b = { .limit = JSON_TEXT_LIMIT };
+        gw_tpl_buf_t b = {.limit = JSON_TEXT_LIMIT};
         json_t *s = NULL;
         if (gw_tpl_render(n->tpl, ctx, &b, e) == GW_OK) {
             s = json_stringn(b.data, b.len);

@@ -112,8 +112,7 @@ void gw_tpl_buf_free(gw_tpl_buf_t *b);
  * gw_tpl_free(), or NULL with a message in err, such as
  * unknown name "usr" in "{usr.id}": not a path parameter, a call, query.*, header.* or item
  */
-gw_tpl_t *gw_tpl_compile(const char *src, gw_tpl_kind_t kind, const gw_tpl_scope_t *scope, char *err,
-                         size_t errlen);
+gw_tpl_t *gw_tpl_compile(const char *src, gw_tpl_kind_t kind, const gw_tpl_scope_t *scope, char *err, size_t errlen);
 void gw_tpl_free(gw_tpl_t *t);
 
 /* Bit i is set when t refers to call i of the scope it was compiled with. */

@@ -209,7 +209,7 @@ test_delete(void)
 static gw_jpath_sel_t *
 S(const char *const *srcs, size_t n)
 {
-    gw_jpath_t *paths[16];
+    gw_jpath_t *paths[16] = { 0 };
     for (size_t i = 0; i < n; i++)
         paths[i] = P(srcs[i]);
     gw_jpath_sel_t *sel = gw_jpath_sel_new(paths, n);
