@@ -12,7 +12,10 @@
  * Placeholders, in "{...}" ("{{" and "}}" are literal braces):
  *   {id}                a route path parameter (already percent-decoded)
  *   {query.NAME}        the first client query parameter NAME ("%XX" and
- *                       "+" decoded; a bad escape is invalid_value)
+ *                       "+" decoded; a bad escape is invalid_value). NAME
+ *                       is everything after "query." and is compared byte
+ *                       for byte with the decoded names: {query.a b} finds
+ *                       "a%20b=1" and "a+b=1"; "flag" with no "=" is ""
  *   {header.NAME}       the first client request header NAME (any case)
  *   {CALL} {CALL.a.b} {CALL.items[0].id}
  *                       call CALL's parsed JSON answer, or a value inside it
@@ -25,7 +28,8 @@
  * Values as text: a JSON string gives its content; an integer its decimal
  * digits (exact over the whole int64 range); a real the shortest of %.15g,
  * %.16g and %.17g that reads back as the same double (jansson keeps no
- * original text for reals, so 1.50 renders as 1.5 and 1e300 as 1e+300);
+ * original text for reals, so 1.50 renders as 1.5 and 1e300 as 1e+300;
+ * printed in the C locale, which gatherd never changes);
  * true and false their names. null or an absent value fails with
  * "missing_value" and an object or array with "invalid_value": a missing
  * value never becomes an empty string or "null".
