@@ -910,6 +910,10 @@ jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t
 gw_tpl_json_t *
 gw_tpl_json_compile(const json_t *body, const gw_tpl_scope_t *scope, char *err, size_t errlen)
 {
+    if (body == NULL) {
+        compile_err(err, errlen, "no body to compile");
+        return NULL;
+    }
     gw_tpl_json_t *t = gw_calloc(1, sizeof(*t));
     loc_t loc = {.len = 0};
     loc.buf[0] = '\0';
@@ -979,5 +983,9 @@ jnode_render(const jnode_t *n, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
 json_t *
 gw_tpl_json_render(const gw_tpl_json_t *t, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *err)
 {
-    return jnode_render(&t->root, ctx, err);
+    err->code = NULL;
+    json_t *out = jnode_render(&t->root, ctx, err);
+    if (out == NULL && err->code == NULL) /* jansson's own allocation failed */
+        set_err(err, GW_TPL_INVALID_VALUE, "out of memory while building the body");
+    return out;
 }

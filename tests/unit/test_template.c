@@ -531,6 +531,8 @@ test_json_body(void)
     gw_tpl_json_free(t);
     /* the config tree can go right after compiling */
     json_decref(in);
+    CHECK(gw_tpl_json_compile(NULL, &SCOPE, err, sizeof(err)) == NULL);
+    CHECK_STR(err, "no body to compile");
     teardown();
 }
 
