@@ -36,6 +36,10 @@ typedef struct gw_parser_s gw_parser_t;
 typedef struct gw_conn_s gw_conn_t;
 typedef struct gw_worker_s gw_worker_t;
 typedef struct gw_server_s gw_server_t;
+typedef struct gw_jpath_s gw_jpath_t;
+typedef struct gw_jpath_sel_s gw_jpath_sel_t;
+typedef struct gw_tpl_s gw_tpl_t;
+typedef struct gw_tpl_json_s gw_tpl_json_t;
 
 /* Allocation wrappers: never return NULL (abort with a log line instead). */
 void *gw_malloc(size_t n);

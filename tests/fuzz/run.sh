@@ -40,5 +40,6 @@ if ! command -v clang >/dev/null || ! build_ll; then
 fi
 run fuzz_request "$SRC/src/gw_http.c" $COMMON
 run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_upstream.c" $COMMON
+run fuzz_template "$SRC/src/gw_template.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
