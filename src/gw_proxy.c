@@ -563,7 +563,11 @@ proxy_event_cb(struct bufferevent *bev, short what, void *arg)
         bufferevent_set_timeouts(bev, NULL, NULL);
         return;
     }
-    if (what & BEV_EVENT_TIMEOUT) {
+    if (p->u->resolve_failed) {
+        char doing[320];
+        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", p->b->host_name, gw_upstream_resolve_error(p->u));
+        proxy_fail(p, 502, "upstream_resolve_failed", doing, 0);
+    } else if (what & BEV_EVENT_TIMEOUT) {
         proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
     } else if (!p->u->connected && p->b->tls && (what & BEV_EVENT_ERROR || what & BEV_EVENT_EOF) &&
                (bufferevent_get_openssl_error(bev) || err == 0)) {

@@ -44,6 +44,7 @@ struct gw_worker_s {
     bool force;
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
     gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
+    gw_dns_t *dns;                  /* resolver for backend host names; NULL when none has one */
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
 };

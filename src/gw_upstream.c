@@ -1,10 +1,13 @@
 /*
  * gw_upstream.c - backend connections and per-worker keep-alive pools (see
  * gw_upstream.h). Upstream connections use bufferevents: they bring the
- * asynchronous connect and, later, bufferevent_openssl for TLS.
+ * asynchronous connect and bufferevent_openssl for TLS. A bufferevent made
+ * with no socket can be handed out, configured and written to before it
+ * connects; that is how a connection waits for a host name's addresses.
  */
 #include "gw_upstream.h"
 #include "gw_config.h"
+#include "gw_dns.h"
 #include "gw_log.h"
 #include "gw_server.h"
 
@@ -22,9 +25,51 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Takes a waiting connection off its pool's list of waiters. */
+static void
+waiter_unlink(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        pool->waiters = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    u->prev = u->next = NULL;
+    u->waiting = false;
+    pool->nwaiting--;
+}
+
+/* Appends u to its pool's waiters. */
+static void
+waiter_add(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    u->waiting = true;
+    u->next = NULL;
+    u->prev = NULL;
+    if (pool->waiters == NULL) {
+        pool->waiters = u;
+    } else {
+        gw_upstream_t *t = pool->waiters;
+        while (t->next)
+            t = t->next;
+        t->next = u;
+        u->prev = t;
+    }
+    pool->nwaiting++;
+}
+
+/* Closes u and frees it. A connect that failed (the caller marked u broken
+ * before it was connected) makes the pool avoid that address for a while. */
 static void
 upstream_close(gw_upstream_t *u)
 {
+    if (u->waiting)
+        waiter_unlink(u);
+    if (u->pool->name && u->connecting && !u->connected && u->broken)
+        gw_dns_name_mark_down(u->pool->name, u->addr_gen, u->addr_idx);
     u->pool->nopen--;
     SSL *ssl = u->pool->backend->tls ? bufferevent_openssl_get_ssl(u->bev) : NULL;
     if (ssl && u->connected && !u->broken) {
@@ -150,12 +195,149 @@ tls_bufferevent(gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
     return bev;
 }
 
+/*
+ * Starts connecting u to sa. The caller's callbacks are set aside during
+ * the call, so a connect that fails at once never calls back into code
+ * that is still setting u up; the events the caller enabled stay enabled.
+ * GW_ERR with errno set when no socket could be made.
+ */
+static int
+start_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
+{
+    const gw_backend_t *b = u->pool->backend;
+    bufferevent_data_cb rcb, wcb;
+    bufferevent_event_cb ecb;
+    void *arg;
+    bufferevent_getcb(u->bev, &rcb, &wcb, &ecb, &arg);
+    short enabled = bufferevent_get_enabled(u->bev);
+    bufferevent_setcb(u->bev, NULL, NULL, NULL, NULL);
+    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
+    bufferevent_set_timeouts(u->bev, NULL, &tv); /* a connect completes as a write */
+    memcpy(&u->sa, sa, salen);
+    u->salen = salen;
+    u->connecting = true;
+    int rc = bufferevent_socket_connect(u->bev, sa, (int)salen);
+    int err = errno;
+    bufferevent_setcb(u->bev, rcb, wcb, ecb, arg);
+    if (rc != 0) {
+        errno = err;
+        return GW_ERR;
+    }
+    if (enabled)
+        bufferevent_enable(u->bev, enabled);
+    evutil_socket_t fd = bufferevent_getfd(u->bev);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return GW_OK;
+}
+
+/* Reports an error to the caller of waiting connection u, through its
+ * event callback. Only from a loop callback of our own (the caller's
+ * callback may free u and its client connection). */
+static void
+report_error(gw_upstream_t *u, int err)
+{
+    EVUTIL_SET_SOCKET_ERROR(err);
+    bufferevent_trigger_event(u->bev, BEV_EVENT_ERROR, 0);
+}
+
+/* Fails every waiter of pool marked resolve_failed. One at a time from the
+ * head: each report may release connections of the pool. */
+static void
+fail_waiters(gw_pool_t *pool)
+{
+    for (;;) {
+        gw_upstream_t *u = pool->waiters;
+        while (u && !u->resolve_failed)
+            u = u->next;
+        if (u == NULL)
+            return;
+        waiter_unlink(u);
+        report_error(u, 0);
+    }
+}
+
+/* pool->fail_ev: failures found inside gw_upstream_get() are reported from
+ * here, after the caller has installed its callbacks. */
+static void
+fail_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    fail_waiters(arg);
+}
+
+/* A query for the pool's host name ended: connect the waiters to the new
+ * addresses or fail them, and retire idle connections to addresses the
+ * answer no longer lists. */
+static void
+pool_resolved(gw_dns_name_t *n, void *arg)
+{
+    gw_pool_t *pool = arg;
+    const gw_backend_t *b = pool->backend;
+    char list[256];
+    if (n->naddrs == 0 || n->err != 0) {
+        gw_log(GW_LOG_WARN, "backend %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest", b->name,
+               n->host, n->errtext, n->naddrs ? "keeping the last addresses: " : "no addresses",
+               n->naddrs ? gw_dns_name_list(n, list, sizeof(list)) : "", n->ttl_ms);
+    } else {
+        gw_log(GW_LOG_INFO, "backend %s: %s is %s (for %d ms)", b->name, n->host, gw_dns_name_list(n, list, sizeof(list)),
+               n->ttl_ms);
+    }
+    for (gw_upstream_t **pp = &pool->idle; *pp;) {
+        gw_upstream_t *u = *pp;
+        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen)) {
+            pp = &u->next;
+            continue;
+        }
+        *pp = u->next;
+        pool->nidle--;
+        u->next = NULL;
+        upstream_close(u);
+    }
+    if (n->naddrs == 0) {
+        for (gw_upstream_t *u = pool->waiters; u; u = u->next)
+            u->resolve_failed = true;
+        fail_waiters(pool);
+        return;
+    }
+    while (pool->waiters) {
+        gw_upstream_t *u = pool->waiters;
+        waiter_unlink(u);
+        const gw_dns_addr_t *a;
+        size_t idx;
+        if (gw_dns_name_pick(n, &a, &idx) != GW_OK) {
+            u->resolve_failed = true;
+            report_error(u, 0);
+            continue;
+        }
+        u->addr_gen = n->gen;
+        u->addr_idx = idx;
+        if (start_connect(u, (const struct sockaddr *)&a->sa, a->len) != GW_OK)
+            report_error(u, errno);
+    }
+}
+
 void
 gw_upstream_pools_init(gw_worker_t *w)
 {
     w->pools = gw_calloc(w->cfg->nbackends, sizeof(gw_pool_t));
-    for (size_t i = 0; i < w->cfg->nbackends; i++)
-        w->pools[i].backend = w->cfg->backends[i];
+    for (size_t i = 0; i < w->cfg->nbackends; i++) {
+        gw_pool_t *pool = &w->pools[i];
+        pool->backend = w->cfg->backends[i];
+        if (pool->backend->host_name != NULL) {
+            pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
+            gw_dns_name_init(pool->name, w->dns, pool->backend->host_name, pool->backend->port, pool_resolved, pool);
+            pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
+        }
+    }
+}
+
+const char *
+gw_upstream_resolve_error(const gw_upstream_t *u)
+{
+    const gw_dns_name_t *n = u->pool->name;
+    return n && n->errtext[0] ? n->errtext : "unknown error";
 }
 
 void
@@ -169,9 +351,17 @@ gw_upstream_pools_free(gw_worker_t *w)
             idle_unlink(u);
             upstream_close(u);
         }
-    for (size_t i = 0; i < w->cfg->nbackends; i++)
-        if (w->pools[i].session)
-            SSL_SESSION_free(w->pools[i].session);
+    for (size_t i = 0; i < w->cfg->nbackends; i++) {
+        gw_pool_t *pool = &w->pools[i];
+        if (pool->session)
+            SSL_SESSION_free(pool->session);
+        if (pool->name) {
+            /* Waiters belong to client connections, all closed by now. */
+            gw_dns_name_free(pool->name); /* cancels a query in flight */
+            free(pool->name);
+            event_free(pool->fail_ev);
+        }
+    }
     free(w->pools);
     w->pools = NULL;
 }
@@ -180,6 +370,8 @@ int
 gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out)
 {
     gw_pool_t *pool = &w->pools[b->index];
+    if (pool->name)
+        gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->idle) {
         gw_upstream_t *u = pool->idle;
         idle_unlink(u);
@@ -209,17 +401,38 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     u->bev = bev;
     u->idle_timer = evtimer_new(w->base, idle_timeout_cb, u);
     pool->nopen++;
-    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
-    bufferevent_set_timeouts(bev, NULL, &tv); /* a connect completes as a write */
-    if (bufferevent_socket_connect(bev, (const struct sockaddr *)&b->addr, (int)b->addrlen) != 0) {
-        int err = errno;
-        upstream_close(u);
-        errno = err;
-        return GW_ERR;
+    if (pool->name == NULL) {
+        if (start_connect(u, (const struct sockaddr *)&b->addr, b->addrlen) != GW_OK) {
+            int err = errno;
+            upstream_close(u);
+            errno = err;
+            return GW_ERR;
+        }
+        *out = u;
+        return GW_OK;
     }
-    evutil_socket_t fd = bufferevent_getfd(bev);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    const gw_dns_addr_t *a;
+    size_t idx;
+    int rc = gw_dns_name_pick(pool->name, &a, &idx);
+    if (rc == GW_OK) {
+        u->addr_gen = pool->name->gen;
+        u->addr_idx = idx;
+        if (start_connect(u, (const struct sockaddr *)&a->sa, a->len) != GW_OK) {
+            int err = errno;
+            upstream_close(u);
+            errno = err;
+            return GW_ERR;
+        }
+    } else {
+        /* No address yet: wait for the answer (GW_AGAIN), or fail from the
+         * loop when the name is known to fail (GW_ERR): the caller's
+         * callbacks are not installed yet. */
+        waiter_add(u);
+        if (rc == GW_ERR) {
+            u->resolve_failed = true;
+            event_active(pool->fail_ev, 0, 0);
+        }
+    }
     *out = u;
     return GW_OK;
 }
@@ -230,6 +443,8 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     gw_pool_t *pool = u->pool;
     const gw_backend_t *b = pool->backend;
     struct evbuffer *in = bufferevent_get_input(u->bev);
+    if (u->waiting)
+        waiter_unlink(u); /* released before its address arrived (client gone, deadline) */
     if (!reusable || !u->connected || pool->nidle >= b->max_idle || evbuffer_get_length(in) > 0 ||
         u->w->stopping) {
         upstream_close(u);
