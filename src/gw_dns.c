@@ -24,6 +24,7 @@
 #include <event2/event.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -388,9 +389,30 @@ resolve(gw_dns_name_t *n, uint64_t now)
 
 /* --- the public side ------------------------------------------------------ */
 
+/* libevent's own messages, evdns's among them ("Nameserver 10.0.0.2:53 has
+ * failed: request timed out"), go to gatherd's log with its levels instead
+ * of bare "[msg]" lines on stderr. */
+static void
+libevent_log_cb(int severity, const char *msg)
+{
+    gw_log_level_t level = severity == EVENT_LOG_DEBUG ? GW_LOG_DEBUG
+                           : severity == EVENT_LOG_MSG ? GW_LOG_INFO
+                           : severity == EVENT_LOG_WARN ? GW_LOG_WARN : GW_LOG_ERR;
+    if (level >= gw_log_get_level())
+        gw_log(level, "libevent: %s", msg);
+}
+
+static void
+libevent_log_init(void)
+{
+    event_set_log_callback(libevent_log_cb); /* process-wide: set once, before any worker runs */
+}
+
 gw_dns_t *
 gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char *err, size_t errlen)
 {
+    static pthread_once_t log_once = PTHREAD_ONCE_INIT;
+    pthread_once(&log_once, libevent_log_init);
     const gw_resolver_conf_t *conf = &cfg->resolver;
     gw_dns_t *dns = gw_calloc(1, sizeof(gw_dns_t));
     dns->base = base;
