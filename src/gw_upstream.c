@@ -41,23 +41,18 @@ waiter_unlink(gw_upstream_t *u)
     pool->nwaiting--;
 }
 
-/* Appends u to its pool's waiters. */
+/* Puts u on its pool's waiters (O(1): every waiter is served by the same
+ * answer, so their order does not matter). */
 static void
 waiter_add(gw_upstream_t *u)
 {
     gw_pool_t *pool = u->pool;
     u->waiting = true;
-    u->next = NULL;
     u->prev = NULL;
-    if (pool->waiters == NULL) {
-        pool->waiters = u;
-    } else {
-        gw_upstream_t *t = pool->waiters;
-        while (t->next)
-            t = t->next;
-        t->next = u;
-        u->prev = t;
-    }
+    u->next = pool->waiters;
+    if (pool->waiters)
+        pool->waiters->prev = u;
+    pool->waiters = u;
     pool->nwaiting++;
 }
 
@@ -215,14 +210,14 @@ start_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
     bufferevent_set_timeouts(u->bev, NULL, &tv); /* a connect completes as a write */
     memcpy(&u->sa, sa, salen);
     u->salen = salen;
-    u->connecting = true;
     int rc = bufferevent_socket_connect(u->bev, sa, (int)salen);
     int err = errno;
     bufferevent_setcb(u->bev, rcb, wcb, ecb, arg);
     if (rc != 0) {
-        errno = err;
+        errno = err; /* no socket (EMFILE, ...): not the address's fault */
         return GW_ERR;
     }
+    u->connecting = true;
     if (enabled)
         bufferevent_enable(u->bev, enabled);
     evutil_socket_t fd = bufferevent_getfd(u->bev);
