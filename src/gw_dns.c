@@ -107,8 +107,9 @@ hosts_load(gw_dns_t *dns, const char *path)
 {
     FILE *f = fopen(path, "r");
     if (f == NULL) {
-        gw_log(GW_LOG_WARN, "resolver: cannot read the hosts file %s: %s; names are resolved by DNS only", path,
-               strerror(errno));
+        if (dns->worker_id == 0) /* once, not once per worker */
+            gw_log(GW_LOG_WARN, "resolver: cannot read the hosts file %s: %s; names are resolved by DNS only", path,
+                   strerror(errno));
         return;
     }
     size_t cap = 0;
@@ -137,8 +138,9 @@ hosts_load(gw_dns_t *dns, const char *path)
         }
         for (char *name = next_word(&cur); name; name = next_word(&cur)) {
             if (dns->nhosts >= HOSTS_MAX_ENTRIES) {
-                gw_log(GW_LOG_WARN, "resolver: hosts file %s has more than %d entries; the rest is ignored", path,
-                       HOSTS_MAX_ENTRIES);
+                if (dns->worker_id == 0)
+                    gw_log(GW_LOG_WARN, "resolver: hosts file %s has more than %d entries; the rest is ignored",
+                           path, HOSTS_MAX_ENTRIES);
                 fclose(f);
                 return;
             }

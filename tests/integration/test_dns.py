@@ -57,7 +57,6 @@ class PortStub(tp.Stub):
     """tp.Stub on a given port (tp.Stub always asks for a free one)."""
 
     def __init__(self, host, port):
-        import shutil  # noqa: F401 - used by tp.Stub.close
         self.dir = tempfile.mkdtemp(prefix="gwstub-")
         self.portfile = os.path.join(self.dir, "port")
         self.log_path = os.path.join(self.dir, "stderr.log")
