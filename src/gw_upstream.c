@@ -306,6 +306,7 @@ pool_resolved(gw_dns_name_t *n, void *arg)
             report_error(u, 0);
             continue;
         }
+        u->resolve_failed = false; /* one failed earlier (still queued on fail_ev) is served now */
         u->addr_gen = n->gen;
         u->addr_idx = idx;
         if (start_connect(u, (const struct sockaddr *)&a->sa, a->len) != GW_OK)
