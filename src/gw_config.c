@@ -14,6 +14,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <event2/util.h>
 #include <glob.h>
 #include <jansson.h>
 #include <openssl/err.h>
@@ -692,7 +693,47 @@ out:
     return rc;
 }
 
-/* "http://127.0.0.1:9101", "https://[::1]:8443", "http://10.0.0.1" (port 80; 443 for https). */
+/* A host name as DNS carries it: dot-separated labels of 1-63 letters,
+ * digits, '-' (not first or last) and '_' (container and service names use
+ * it), 253 characters at most, an optional final dot; the last label is not
+ * all digits, so a mistyped IPv4 address ("10.0.0.300") is never taken for
+ * a name. */
+static bool
+valid_host_name(const char *s)
+{
+    size_t len = strlen(s);
+    if (len > 0 && s[len - 1] == '.')
+        len--;
+    if (len == 0 || len > 253)
+        return false;
+    size_t label = 0;
+    bool all_digits = true;
+    for (size_t i = 0; i <= len; i++) {
+        char ch = i < len ? s[i] : '.';
+        if (ch == '.') {
+            if (label == 0 || label > 63 || s[i - 1] == '-')
+                return false;
+            if (i == len && all_digits)
+                return false;
+            label = 0;
+            all_digits = true;
+            continue;
+        }
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+              ch == '_'))
+            return false;
+        if (label == 0 && ch == '-')
+            return false;
+        if (!(ch >= '0' && ch <= '9'))
+            all_digits = false;
+        label++;
+    }
+    return true;
+}
+
+/* "http://127.0.0.1:9101", "https://[::1]:8443", "http://10.0.0.1" (port 80;
+ * 443 for https), "http://api.internal:8080" (a host name, resolved by the
+ * workers at run time: never here, so "gatherd -t" sends no query). */
 static int
 parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
 {
@@ -710,26 +751,52 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
         return fail(c, "no host in \"%s\"", url);
     memcpy(hostport, host, len);
     hostport[len] = '\0';
+    if (strchr(hostport, '@') != NULL)
+        return fail(c, "credentials in a backend URL are not supported (\"%s\")", url);
     /* Default port 80 when none is given. */
     const char *close_br = strchr(hostport, ']');
     const char *last_colon = strrchr(hostport, ':');
     if (last_colon == NULL || (close_br != NULL && last_colon < close_br))
         snprintf(hostport + len, sizeof(hostport) - len, b->tls ? ":443" : ":80");
     gw_listen_t l;
-    if (parse_addr(hostport, &l) != GW_OK || hostport[0] == '*' || hostport[0] == ':') {
-        if (hostport[0] != '[' && strspn(hostport, "0123456789.:") != strlen(hostport))
-            return fail(c, "host names are not supported by this version of gatherd yet: use an IP address");
-        return fail(c, "bad address in \"%s\"", url);
+    if (parse_addr(hostport, &l) == GW_OK && hostport[0] != '*' && hostport[0] != ':') {
+        b->addr = l.addr;
+        b->addrlen = l.addrlen;
+        b->port = ntohs(l.addr.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&l.addr)->sin6_port
+                                                     : ((struct sockaddr_in *)&l.addr)->sin_port);
+    } else {
+        /* Not an IP address: a host name and a port. */
+        char *colon = strrchr(hostport, ':');
+        char name[300];
+        size_t nlen = (size_t)(colon - hostport);
+        memcpy(name, hostport, nlen);
+        name[nlen] = '\0';
+        char *pend;
+        errno = 0;
+        long port = strtol(colon + 1, &pend, 10);
+        if (hostport[0] == '[' || strchr(name, ':') != NULL || colon[1] < '0' || colon[1] > '9' || *pend != '\0' ||
+            errno || port < 1 || port > 65535)
+            return fail(c, "bad address in \"%s\" (expected IPv4:PORT, [IPv6]:PORT or NAME:PORT)", url);
+        if (strspn(name, "0123456789.") == nlen)
+            return fail(c, "bad IPv4 address in \"%s\"", url);
+        if (!valid_host_name(name))
+            return fail(c, "bad host name \"%s\" (letters, digits, '-' and '_' in dot-separated labels of at most 63)",
+                        name);
+        b->host_name = gw_strdup(name);
+        b->port = (uint16_t)port;
+        c->cfg->nnamed++;
     }
-    b->addr = l.addr;
-    b->addrlen = l.addrlen;
     b->host_header = gw_strdup(hostport);
-    /* the host without port and brackets: the default TLS server name */
+    /* the host without port and brackets (nor a name's final dot, which
+     * SNI does not carry): the default TLS server name */
     char hostonly[300];
     snprintf(hostonly, sizeof(hostonly), "%s", hostport[0] == '[' ? hostport + 1 : hostport);
     char *cut = hostport[0] == '[' ? strchr(hostonly, ']') : strrchr(hostonly, ':');
     if (cut)
         *cut = '\0';
+    size_t hl = strlen(hostonly);
+    if (hl > 1 && hostonly[hl - 1] == '.')
+        hostonly[hl - 1] = '\0';
     b->tls_server_name = gw_strdup(hostonly);
     return GW_OK;
 }
@@ -851,7 +918,7 @@ static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
-                                        "max_connections", "max_idle", "tls", NULL };
+                                        "max_connections", "max_idle", "max_response_bytes", "tls", NULL };
     gw_config_t *cfg = c->cfg;
     push_key(c, "backends");
     if (!json_is_object(v)) {
@@ -873,6 +940,7 @@ parse_backends(ctx_t *c, json_t *v)
         b->idle_timeout_ms = 30000;
         b->max_connections = 256;
         b->max_idle = 64;
+        b->max_response_bytes = 8u << 20;
         long long maxc = b->max_connections, maxi = b->max_idle;
         json_t *url = json_object_get(bv, "url");
         int rc = GW_ERR;
@@ -891,7 +959,8 @@ parse_backends(ctx_t *c, json_t *v)
             if (rc == GW_OK &&
                 (get_ms(c, bv, "connect_timeout_ms", &b->connect_timeout_ms) || get_ms(c, bv, "timeout_ms", &b->timeout_ms) ||
                  get_ms(c, bv, "idle_timeout_ms", &b->idle_timeout_ms) ||
-                 get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi)))
+                 get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi) ||
+                 get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes)))
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
             b->max_idle = (unsigned)maxi;
@@ -908,11 +977,102 @@ parse_backends(ctx_t *c, json_t *v)
     return GW_OK;
 }
 
+/* "resolver": {"nameservers", "timeout_ms", "attempts", "min_ttl_ms",
+ * "max_ttl_ms", "hosts_file"}. Only checked here: nothing is resolved and
+ * no file is read but a named hosts file's readability. */
+static int
+parse_resolver(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "nameservers", "timeout_ms", "attempts", "min_ttl_ms", "max_ttl_ms",
+                                        "hosts_file", NULL };
+    gw_resolver_conf_t *r = &c->cfg->resolver;
+    push_key(c, "resolver");
+    int rc = GW_ERR;
+    long long timeout = r->timeout_ms, attempts = r->attempts;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"nameservers\": [\"10.0.0.2\"]}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"resolver\"") || get_int(c, v, "timeout_ms", 10, 60000, &timeout) ||
+        get_int(c, v, "attempts", 1, 10, &attempts) || get_ms(c, v, "min_ttl_ms", &r->min_ttl_ms) ||
+        get_ms(c, v, "max_ttl_ms", &r->max_ttl_ms))
+        goto out;
+    r->timeout_ms = (int)timeout;
+    r->attempts = (int)attempts;
+    if (r->min_ttl_ms > r->max_ttl_ms) {
+        push_key(c, json_object_get(v, "min_ttl_ms") ? "min_ttl_ms" : "max_ttl_ms");
+        fail(c, "min_ttl_ms (%d) must not be above max_ttl_ms (%d)", r->min_ttl_ms, r->max_ttl_ms);
+        pop(c);
+        goto out;
+    }
+    json_t *ns = json_object_get(v, "nameservers");
+    if (ns != NULL) {
+        push_key(c, "nameservers");
+        if (!json_is_array(ns) || json_array_size(ns) == 0 || json_array_size(ns) > 16) {
+            fail(c, "must be an array of 1 to 16 addresses like [\"10.0.0.2\", \"10.0.0.3:5353\", \"[::1]:53\"]");
+            pop(c);
+            goto out;
+        }
+        r->nameservers = gw_calloc(json_array_size(ns), sizeof(gw_listen_t));
+        size_t i;
+        json_t *a;
+        json_array_foreach(ns, i, a) {
+            push_index(c, i);
+            gw_listen_t *l = &r->nameservers[i];
+            int len = (int)sizeof(l->addr);
+            if (!json_is_string(a) ||
+                evutil_parse_sockaddr_port(json_string_value(a), (struct sockaddr *)&l->addr, &len) != 0) {
+                fail(c, "bad nameserver address (expected an IP address, IP:PORT or [IPv6]:PORT; no host names)");
+                pop(c);
+                pop(c);
+                goto out;
+            }
+            l->addrlen = (socklen_t)len;
+            struct sockaddr_in *in4 = (struct sockaddr_in *)&l->addr;
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&l->addr;
+            if (l->addr.ss_family == AF_INET && in4->sin_port == 0)
+                in4->sin_port = htons(53);
+            else if (l->addr.ss_family == AF_INET6 && in6->sin6_port == 0)
+                in6->sin6_port = htons(53);
+            l->text = gw_strdup(json_string_value(a));
+            r->nnameservers = i + 1;
+            pop(c);
+        }
+        pop(c);
+    }
+    json_t *hf = json_object_get(v, "hosts_file");
+    if (hf != NULL) {
+        push_key(c, "hosts_file");
+        if (json_is_boolean(hf)) {
+            free(r->hosts_file);
+            r->hosts_file = json_is_true(hf) ? gw_strdup("/etc/hosts") : NULL;
+        } else if (json_is_string(hf) && json_string_length(hf) > 0) {
+            if (access(json_string_value(hf), R_OK) != 0) {
+                fail(c, "cannot read \"%s\": %s", json_string_value(hf), strerror(errno));
+                pop(c);
+                goto out;
+            }
+            free(r->hosts_file);
+            r->hosts_file = gw_strdup(json_string_value(hf));
+        } else {
+            fail(c, "must be true, false or the path of a hosts file");
+            pop(c);
+            goto out;
+        }
+        pop(c);
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
 static void
 backend_free(gw_backend_t *b)
 {
     free(b->name);
     free(b->url);
+    free(b->host_name);
     free(b->host_header);
     free(b->tls_server_name);
     SSL_CTX_free(b->ssl_ctx);
@@ -1140,6 +1300,11 @@ set_defaults(gw_config_t *cfg)
     cfg->http.max_url_bytes = 8192;
     cfg->http.max_body_bytes = 1 << 20;
     cfg->http.max_keepalive_requests = 10000;
+    cfg->resolver.timeout_ms = 2000;
+    cfg->resolver.attempts = 2;
+    cfg->resolver.min_ttl_ms = 1000;
+    cfg->resolver.max_ttl_ms = 300000;
+    cfg->resolver.hosts_file = gw_strdup("/etc/hosts");
     cfg->router = gw_router_new();
 }
 
@@ -1148,7 +1313,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "backends", "include", "routes", NULL };
+                                        "resolver", "backends", "include", "routes", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -1175,6 +1340,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     cfg->max_connections = (unsigned)maxconn;
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "resolver")) != NULL && parse_resolver(&c, v))
         goto fail;
     if ((v = json_object_get(root, "backends")) != NULL && parse_backends(&c, v))
         goto fail;
@@ -1232,6 +1399,10 @@ gw_config_unref(gw_config_t *cfg)
     for (size_t i = 0; i < cfg->nlisten; i++)
         free(cfg->listen[i].text);
     free(cfg->listen);
+    for (size_t i = 0; i < cfg->resolver.nnameservers; i++)
+        free(cfg->resolver.nameservers[i].text);
+    free(cfg->resolver.nameservers);
+    free(cfg->resolver.hosts_file);
     free(cfg->file);
     free(cfg);
 }

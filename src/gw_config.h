@@ -40,14 +40,29 @@ typedef struct {
     char *value;
 } gw_kv_t;
 
+/* The "resolver" section: how host names in backend URLs are resolved
+ * (per worker, with evdns; see gw_dns.h). */
+typedef struct {
+    gw_listen_t *nameservers;      /* none: the system's /etc/resolv.conf */
+    size_t nnameservers;
+    int timeout_ms;                /* per attempt */
+    int attempts;                  /* sends of one query before it fails */
+    int min_ttl_ms;                /* answers (and failures) are kept at least this long */
+    int max_ttl_ms;                /* and at most this long; hosts-file answers this long */
+    char *hosts_file;              /* looked up before DNS; NULL: not used */
+} gw_resolver_conf_t;
+
 /* A backend API. Immutable, owned by the configuration. */
 struct gw_backend_s {
     char *name;
     char *url;
     size_t index;                  /* its position in cfg->backends: per-worker pools are indexed by it */
-    struct sockaddr_storage addr;
+    struct sockaddr_storage addr;  /* an IP literal URL: the address; unused when host_name is set */
     socklen_t addrlen;
+    char *host_name;               /* a host name URL: the name to resolve ("api.internal"); NULL for an IP */
+    uint16_t port;
     char *host_header;             /* "127.0.0.1:9101": Host sent upstream */
+    size_t max_response_bytes;     /* largest response body accepted from this backend */
     int connect_timeout_ms;
     int timeout_ms;                /* whole call: connect, send, response head and body */
     int idle_timeout_ms;           /* how long a pooled connection may stay idle */
@@ -96,6 +111,8 @@ struct gw_config_s {
     size_t nroutes;
     gw_backend_t **backends;
     size_t nbackends;
+    size_t nnamed;                  /* backends with a host name: a resolver is needed */
+    gw_resolver_conf_t resolver;
     gw_router_t *router;
 };
 

@@ -28,6 +28,8 @@ typedef struct gw_route_s gw_route_t;
 typedef struct gw_backend_s gw_backend_t;
 typedef struct gw_upstream_s gw_upstream_t;
 typedef struct gw_pool_s gw_pool_t;
+typedef struct gw_dns_s gw_dns_t;
+typedef struct gw_dns_name_s gw_dns_name_t;
 typedef struct gw_proxy_s gw_proxy_t;
 typedef struct gw_router_s gw_router_t;
 typedef struct gw_match_s gw_match_t;

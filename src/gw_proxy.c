@@ -720,7 +720,11 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
         }
         return;
     }
-    if (what & GW_UP_TIMEOUT) {
+    if (u->resolve_failed) {
+        char doing[320];
+        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", p->b->host_name, gw_upstream_resolve_error(u));
+        proxy_fail(p, 502, "upstream_resolve_failed", doing, 0);
+    } else if (what & GW_UP_TIMEOUT) {
         proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];

@@ -16,6 +16,7 @@
 #include "gw_proxy.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_dns.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_upstream.h"
@@ -216,6 +217,8 @@ worker_main(void *arg)
     close_all(w);
     gw_proxy_worker_free(w);
     gw_upstream_pools_free(w);
+    gw_dns_free(w->dns); /* after the pools: their queries are cancelled by then */
+    w->dns = NULL;
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -264,6 +267,10 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             snprintf(err, errlen, "eventfd: %s", strerror(errno));
             return GW_ERR;
         }
+        /* The resolver reads resolv.conf and the hosts file here, on the
+         * main thread, before the worker runs: never on its loop. */
+        if (cfg->nnamed > 0 && (w->dns = gw_dns_new(w->base, cfg, i, err, errlen)) == NULL)
+            return GW_ERR;
         gw_upstream_pools_init(w);
         w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, stop_cb, w);
         event_add(w->stop_ev, NULL);
@@ -348,6 +355,9 @@ gw_server_free(gw_server_t *s)
                 event_free(w->accept_timer);
             if (w->force_timer)
                 event_free(w->force_timer);
+            gw_upstream_pools_free(w); /* a worker that never ran still has them */
+            gw_dns_free(w->dns);
+            w->dns = NULL;
             if (w->base)
                 event_base_free(w->base);
             gw_config_unref(w->cfg);

@@ -8,10 +8,13 @@
  * armed only while connecting or while the socket is full. TLS runs on a
  * bufferevent_openssl, whose callbacks are relayed to the same caller
  * callbacks. Both use one timer: the connect timeout while connecting, the
- * idle timeout while pooled.
+ * idle timeout while pooled. A connection can be handed out, configured and
+ * written to before it has an address: that is how it waits for a host
+ * name's addresses.
  */
 #include "gw_upstream.h"
 #include "gw_config.h"
+#include "gw_dns.h"
 #include "gw_log.h"
 #include "gw_server.h"
 
@@ -35,9 +38,46 @@
 /* Bytes asked of one recv(): big bodies stream in fewer calls. */
 #define READ_CHUNK 32768
 
+/* Takes a waiting connection off its pool's list of waiters. */
+static void
+waiter_unlink(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        pool->waiters = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    u->prev = u->next = NULL;
+    u->waiting = false;
+    pool->nwaiting--;
+}
+
+/* Puts u on its pool's waiters (O(1): every waiter is served by the same
+ * answer, so their order does not matter). */
+static void
+waiter_add(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    u->waiting = true;
+    u->prev = NULL;
+    u->next = pool->waiters;
+    if (pool->waiters)
+        pool->waiters->prev = u;
+    pool->waiters = u;
+    pool->nwaiting++;
+}
+
+/* Closes u and frees it. A connect that failed (the caller marked u broken
+ * before it was connected) makes the pool avoid that address for a while. */
 static void
 upstream_close(gw_upstream_t *u)
 {
+    if (u->waiting)
+        waiter_unlink(u);
+    if (u->pool->name && u->connecting && !u->connected && u->broken)
+        gw_dns_name_mark_down(u->pool->name, u->addr_gen, u->addr_idx);
     u->pool->nopen--;
     if (u->bev) {
         SSL *ssl = bufferevent_openssl_get_ssl(u->bev);
@@ -52,8 +92,10 @@ upstream_close(gw_upstream_t *u)
             event_free(u->rev);
         if (u->wev)
             event_free(u->wev);
-        evbuffer_free(u->in);
-        evbuffer_free(u->out);
+        if (u->in)
+            evbuffer_free(u->in);
+        if (u->out)
+            evbuffer_free(u->out);
         if (u->fd >= 0)
             close(u->fd);
     }
@@ -99,6 +141,8 @@ plain_read_enable(gw_upstream_t *u, bool on)
     if (on == u->reading)
         return;
     u->reading = on;
+    if (u->rev == NULL)
+        return; /* not connected yet: plain_connect() registers it */
     if (on)
         event_add(u->rev, NULL);
     else
@@ -202,27 +246,29 @@ plain_write_ev(evutil_socket_t fd, short what, void *arg)
         u->drained_cb(u, u->arg);
 }
 
-/* Starts a non-blocking connect of u to the backend's address. */
+/* Starts a non-blocking connect of u to sa. GW_ERR (errno set) when no
+ * socket could be made or the connect failed at once. */
 static int
-plain_connect(gw_upstream_t *u, gw_worker_t *w, const gw_backend_t *b)
+plain_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
 {
-    u->fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct event_base *base = u->pool->w->base;
+    u->fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (u->fd < 0)
         return GW_ERR;
     int one = 1;
     setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(u->fd, (const struct sockaddr *)&b->addr, b->addrlen) != 0 && errno != EINPROGRESS)
+    if (connect(u->fd, sa, salen) != 0 && errno != EINPROGRESS)
         return GW_ERR;
     /* Even a connect that completed at once is reported from the loop, once
      * the caller has set its callbacks. */
-    u->rev = event_new(w->base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
-    u->wev = event_new(w->base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
-    u->in = evbuffer_new();
-    u->out = evbuffer_new();
-    if (u->rev == NULL || u->wev == NULL || u->in == NULL || u->out == NULL) {
-        gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", b->name);
+    u->rev = event_new(base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
+    u->wev = event_new(base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
+    if (u->rev == NULL || u->wev == NULL) {
+        gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", u->pool->backend->name);
         abort(); /* our allocation policy: out of memory is fatal */
     }
+    if (u->reading)
+        event_add(u->rev, NULL);
     u->writing = true;
     event_add(u->wev, NULL);
     return GW_OK;
@@ -313,10 +359,11 @@ tls_event_cb(struct bufferevent *bev, short what, void *arg)
     }
 }
 
-/* A TLS connection for backend b: SNI and the certificate name check come
- * from tls.server_name (an IP address is checked against IP SANs). */
+/* The TLS side of u, before it has a socket: SNI and the certificate name
+ * check come from tls.server_name (an IP address is checked against IP
+ * SANs). */
 static int
-tls_connect(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
+tls_new(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
 {
     pthread_once(&pool_ex_once, pool_ex_init);
     SSL *ssl = SSL_new(b->ssl_ctx);
@@ -347,12 +394,140 @@ tls_connect(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_
     u->in = bufferevent_get_input(u->bev);
     u->out = bufferevent_get_output(u->bev);
     bufferevent_setcb(u->bev, tls_read_cb, tls_write_cb, tls_event_cb, u);
-    if (bufferevent_socket_connect(u->bev, (const struct sockaddr *)&b->addr, (int)b->addrlen) != 0)
+    return GW_OK;
+}
+
+/* Starts connecting the TLS connection u to sa. The relay callbacks are set
+ * aside meanwhile: a connect that fails at once reports through the return
+ * value, never through a callback into code still setting u up. */
+static int
+tls_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
+{
+    bufferevent_setcb(u->bev, NULL, NULL, NULL, NULL);
+    int rc = bufferevent_socket_connect(u->bev, sa, (int)salen);
+    int err = errno;
+    bufferevent_setcb(u->bev, tls_read_cb, tls_write_cb, tls_event_cb, u);
+    if (rc != 0) {
+        errno = err;
         return GW_ERR;
+    }
     u->fd = bufferevent_getfd(u->bev);
     int one = 1;
     setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return GW_OK;
+}
+
+/* Starts connecting u to sa, with the backend's connect timeout. GW_ERR
+ * with errno set when no socket could be made (not the address's fault). */
+static int
+start_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
+{
+    const gw_backend_t *b = u->pool->backend;
+    memcpy(&u->sa, sa, salen);
+    u->salen = salen;
+    int rc = u->bev ? tls_connect(u, sa, salen) : plain_connect(u, sa, salen);
+    if (rc != GW_OK)
+        return GW_ERR;
+    u->connecting = true;
+    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
+    evtimer_add(u->timer, &tv);
+    return GW_OK;
+}
+
+/* Reports an error to the caller of u through its event callback. Only from
+ * a loop callback of our own (the caller's callback may free u and its
+ * client connection). */
+static void
+report_error(gw_upstream_t *u, int err)
+{
+    u->err = err;
+    emit(u, GW_UP_ERROR);
+}
+
+/* Fails every waiter of pool marked resolve_failed. One at a time from the
+ * head: each report may release connections of the pool. */
+static void
+fail_waiters(gw_pool_t *pool)
+{
+    for (;;) {
+        gw_upstream_t *u = pool->waiters;
+        while (u && !u->resolve_failed)
+            u = u->next;
+        if (u == NULL)
+            return;
+        waiter_unlink(u);
+        report_error(u, 0);
+    }
+}
+
+/* pool->fail_ev: failures found inside gw_upstream_get() are reported from
+ * here, after the caller has installed its callbacks. */
+static void
+fail_ev_cb(evutil_socket_t fd, short what, void *arg)
+{
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    fail_waiters(arg);
+}
+
+/* A query for the pool's host name ended: connect the waiters to the new
+ * addresses or fail them, and retire idle connections to addresses the
+ * answer no longer lists. */
+static void
+pool_resolved(gw_dns_name_t *n, void *arg)
+{
+    gw_pool_t *pool = arg;
+    const gw_backend_t *b = pool->backend;
+    char list[256];
+    if (n->naddrs == 0 || n->err != 0) {
+        gw_log(GW_LOG_WARN, "backend %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest", b->name,
+               n->host, n->errtext, n->naddrs ? "keeping the last addresses: " : "no addresses",
+               n->naddrs ? gw_dns_name_list(n, list, sizeof(list)) : "", n->ttl_ms);
+    } else {
+        gw_log(GW_LOG_INFO, "backend %s: %s is %s (for %d ms)", b->name, n->host,
+               gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
+    }
+    for (gw_upstream_t **pp = &pool->idle; *pp;) {
+        gw_upstream_t *u = *pp;
+        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen)) {
+            pp = &u->next;
+            continue;
+        }
+        *pp = u->next;
+        pool->nidle--;
+        u->next = NULL;
+        u->idle = false;
+        upstream_close(u);
+    }
+    if (n->naddrs == 0) {
+        for (gw_upstream_t *u = pool->waiters; u; u = u->next)
+            u->resolve_failed = true;
+        fail_waiters(pool);
+        return;
+    }
+    while (pool->waiters) {
+        gw_upstream_t *u = pool->waiters;
+        waiter_unlink(u);
+        const gw_dns_addr_t *a;
+        size_t idx;
+        if (gw_dns_name_pick(n, &a, &idx) != GW_OK) {
+            u->resolve_failed = true;
+            report_error(u, 0);
+            continue;
+        }
+        u->resolve_failed = false; /* one failed earlier (still queued on fail_ev) is served now */
+        u->addr_gen = n->gen;
+        u->addr_idx = idx;
+        if (start_connect(u, (const struct sockaddr *)&a->sa, a->len) != GW_OK)
+            report_error(u, errno);
+    }
+}
+
+const char *
+gw_upstream_resolve_error(const gw_upstream_t *u)
+{
+    const gw_dns_name_t *n = u->pool->name;
+    return n && n->errtext[0] ? n->errtext : "unknown error";
 }
 
 /* --- the pool ------------------------------------------------------------ */
@@ -382,6 +557,12 @@ gw_upstream_pools_init(gw_worker_t *w)
         w->pools[i].call_timeout = event_base_init_common_timeout(w->base, &tv);
         if (w->pools[i].call_timeout == NULL) /* libevent allows 256 per base */
             w->pools[i].call_timeout = &w->pools[i].call_tv;
+        if (b->host_name != NULL) {
+            gw_pool_t *pool = &w->pools[i];
+            pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
+            gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
+            pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
+        }
     }
 }
 
@@ -396,9 +577,17 @@ gw_upstream_pools_free(gw_worker_t *w)
             idle_unlink(u);
             upstream_close(u);
         }
-    for (size_t i = 0; i < w->cfg->nbackends; i++)
-        if (w->pools[i].session)
-            SSL_SESSION_free(w->pools[i].session);
+    for (size_t i = 0; i < w->cfg->nbackends; i++) {
+        gw_pool_t *pool = &w->pools[i];
+        if (pool->session)
+            SSL_SESSION_free(pool->session);
+        if (pool->name) {
+            /* Waiters belong to client connections, all closed by now. */
+            gw_dns_name_free(pool->name); /* cancels a query in flight */
+            free(pool->name);
+            event_free(pool->fail_ev);
+        }
+    }
     free(w->pools);
     w->pools = NULL;
 }
@@ -407,6 +596,8 @@ int
 gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out)
 {
     gw_pool_t *pool = &w->pools[b->index];
+    if (pool->name)
+        gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->idle) {
         gw_upstream_t *u = pool->idle;
         idle_unlink(u);
@@ -428,15 +619,51 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     u->fd = -1;
     u->timer = evtimer_new(w->base, timer_cb, u);
     pool->nopen++;
-    int rc = b->tls ? tls_connect(u, w, pool, b) : plain_connect(u, w, b);
-    if (rc != GW_OK) {
-        int err = errno;
-        upstream_close(u);
-        errno = err;
-        return GW_ERR;
+    if (b->tls) {
+        if (tls_new(u, w, pool, b) != GW_OK) {
+            upstream_close(u);
+            errno = ENOMEM;
+            return GW_ERR;
+        }
+    } else {
+        u->in = evbuffer_new();
+        u->out = evbuffer_new();
+        if (u->in == NULL || u->out == NULL) {
+            gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", b->name);
+            abort(); /* our allocation policy: out of memory is fatal */
+        }
     }
-    struct timeval tv = { b->connect_timeout_ms / 1000, (b->connect_timeout_ms % 1000) * 1000 };
-    evtimer_add(u->timer, &tv);
+    int rc = GW_OK;
+    const struct sockaddr *sa = (const struct sockaddr *)&b->addr;
+    socklen_t salen = b->addrlen;
+    if (pool->name) {
+        const gw_dns_addr_t *a;
+        size_t idx;
+        rc = gw_dns_name_pick(pool->name, &a, &idx);
+        if (rc == GW_OK) {
+            u->addr_gen = pool->name->gen;
+            u->addr_idx = idx;
+            sa = (const struct sockaddr *)&a->sa;
+            salen = a->len;
+        }
+    }
+    if (rc == GW_OK) {
+        if (start_connect(u, sa, salen) != GW_OK) {
+            int err = errno;
+            upstream_close(u);
+            errno = err;
+            return GW_ERR;
+        }
+    } else {
+        /* No address yet: wait for the answer (GW_AGAIN), or fail from the
+         * loop when the name is known to fail (GW_ERR): the caller's
+         * callbacks are not installed yet. */
+        waiter_add(u);
+        if (rc == GW_ERR) {
+            u->resolve_failed = true;
+            event_active(pool->fail_ev, 0, 0);
+        }
+    }
     *out = u;
     return GW_OK;
 }
@@ -500,6 +727,8 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
 {
     gw_pool_t *pool = u->pool;
     const gw_backend_t *b = pool->backend;
+    if (u->waiting)
+        waiter_unlink(u); /* released before its address arrived (client gone, deadline) */
     if (!reusable || !u->connected || pool->nidle >= b->max_idle || evbuffer_get_length(u->in) > 0 ||
         evbuffer_get_length(u->out) > 0 || u->err || pool->w->stopping) {
         upstream_close(u);

@@ -25,6 +25,15 @@
  * While idle, the pool watches the socket: any byte or EOF from the backend
  * means the connection is unusable and it is closed at once; after the
  * backend's idle_timeout_ms it is closed too.
+ *
+ * A backend named by host name connects to the addresses of the pool's
+ * gw_dns_name_t in turn. Before the first answer, a new connection waits:
+ * gw_upstream_get() still returns it (output can be queued, callbacks set)
+ * and it connects when the answer arrives; when the name cannot be
+ * resolved its event callback gets GW_UP_ERROR with u->resolve_failed set.
+ * So callers see one contract either way: GW_UP_CONNECTED or an error.
+ * Waiters count towards max_connections, which bounds them. When a new
+ * answer drops an address, idle connections to it are closed.
  */
 #ifndef GW_UPSTREAM_H
 #define GW_UPSTREAM_H
@@ -33,6 +42,7 @@
 
 #include <event2/util.h>
 #include <openssl/ssl.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 struct evbuffer;
@@ -56,7 +66,11 @@ struct gw_pool_s {
     SSL_SESSION *session;   /* the latest TLS session, for resumption */
     gw_upstream_t *idle;    /* LIFO list of idle connections */
     unsigned nidle;
-    unsigned nopen;         /* idle + in use + connecting */
+    unsigned nopen;         /* idle + in use + connecting + waiting */
+    gw_dns_name_t *name;    /* the backend's host name and addresses; NULL for an IP address */
+    gw_upstream_t *waiters; /* doubly linked: connections waiting for the name's addresses */
+    unsigned nwaiting;
+    struct event *fail_ev;  /* reports resolution failures from the loop, not from gw_upstream_get() */
 };
 
 struct gw_upstream_s {
@@ -72,7 +86,8 @@ struct gw_upstream_s {
     gw_upstream_event_cb event_cb;
     void *arg;
     size_t low_water;        /* drained_cb when the output falls to this */
-    gw_upstream_t *next;     /* in the idle list */
+    gw_upstream_t *next;     /* in the idle list, or the waiters */
+    gw_upstream_t *prev;     /* in the waiters */
     int err;                 /* errno of the last GW_UP_ERROR */
     bool reused;             /* it served an earlier request */
     bool connected;
@@ -80,7 +95,14 @@ struct gw_upstream_s {
     bool writing;            /* plain: wev is registered */
     bool idle;
     bool broken;             /* failed mid-use: its TLS session must not be resumed */
+    bool waiting;            /* no address yet: in pool->waiters */
+    bool connecting;         /* a connect was started (to addr_idx of addr_gen for a host name) */
+    bool resolve_failed;     /* the host name could not be resolved (reported as GW_UP_ERROR) */
     unsigned requests;
+    unsigned addr_gen;
+    size_t addr_idx;
+    struct sockaddr_storage sa; /* the address connected to */
+    socklen_t salen;
 };
 
 /* Sets up the pools of worker w for every backend of its configuration. */
@@ -117,6 +139,10 @@ void gw_upstream_release(gw_upstream_t *u, bool reusable);
 /* OpenSSL's new-session callback, installed on every backend SSL_CTX: keeps
  * the session in the pool of the connection that received it. */
 int gw_upstream_tls_new_session(SSL *ssl, SSL_SESSION *sess);
+
+/* Why the host name of u's backend could not be resolved ("name does not
+ * exist (NXDOMAIN)"); borrowed, valid until the next callback. */
+const char *gw_upstream_resolve_error(const gw_upstream_t *u);
 
 /* Whether a failed TLS connection failed in TLS (handshake, certificate)
  * rather than in TCP, and why, into buf. */

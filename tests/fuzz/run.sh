@@ -9,8 +9,8 @@ SECS="${FUZZ_SECONDS:-20}"
 LLSRC="${LLHTTP_SRCDIR:-/usr/share/llhttp}"
 LLINC="${LLHTTP_INCDIR:-/usr/share/include/llhttp}"
 CFLAGS="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I$SRC/src -I$LLINC
-        $(pkg-config --cflags libevent_core libevent_openssl jansson openssl) -D_GNU_SOURCE -DPACKAGE_VERSION=\"fuzz\""
-LIBS="$(pkg-config --libs libevent_core libevent_openssl jansson openssl) -pthread"
+        $(pkg-config --cflags libevent_core libevent_extra libevent_openssl jansson openssl) -D_GNU_SOURCE -DPACKAGE_VERSION=\"fuzz\""
+LIBS="$(pkg-config --libs libevent_core libevent_extra libevent_openssl jansson openssl) -pthread"
 COMMON="$SRC/src/gw_alloc.c $SRC/src/gw_log.c $SRC/src/gw_router.c"
 passed=0 failed=0
 build_ll() {
@@ -39,7 +39,7 @@ if ! command -v clang >/dev/null || ! build_ll; then
     echo "FAIL - clang or llhttp sources missing"; echo "0 passed, 1 failed"; exit 1
 fi
 run fuzz_request "$SRC/src/gw_http.c" $COMMON
-run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_upstream.c" $COMMON
+run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_upstream.c" "$SRC/src/gw_dns.c" $COMMON
 run fuzz_template "$SRC/src/gw_template.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

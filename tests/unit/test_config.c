@@ -3,7 +3,9 @@
 #include "gw_config.h"
 #include "gw_test.h"
 
+#include <arpa/inet.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -192,7 +194,7 @@ test_backends_and_proxy(void)
                 "backends.users.tls.ca_file: cannot load \"/nonexistent.pem\"");
     check_error(B "{\"url\": \"https://127.0.0.1\", \"tls\": {\"cert_file\": \"/x.pem\"}}}}", "go together");
     check_error(B "{\"url\": \"https://127.0.0.1\", \"tls\": {\"verify\": \"no\"}}}}", "tls.verify: must be true or false");
-    check_error(B "{\"url\": \"http://users.internal:80\"}}}", "host names are not supported");
+    check_error(B "{\"url\": \"http://-users.internal:80\"}}}", "backends.users.url: bad host name \"-users.internal\"");
     check_error(B "{\"url\": \"http://127.0.0.1:1/api\"}}}", "backends.users.url: a backend URL has no path");
     check_error(B "{\"url\": \"http://127.0.0.1:99999\"}}}", "backends.users.url: bad address");
     check_error(B "{\"url\": \"http://127.0.0.1:1\", \"max_idle\": -1}}}", "backends.users.max_idle: must be between");
@@ -208,6 +210,101 @@ write_file(const char *path, const char *text)
         fputs(text, f);
         fclose(f);
     }
+}
+
+static void
+test_backend_host_names(void)
+{
+    gw_config_t *cfg = parse(B "{\"url\": \"http://users.internal:9101\", \"max_response_bytes\": 4096},\n"
+                               "  \"tls\": {\"url\": \"https://API.Example.com.\"},\n"
+                               "  \"under\": {\"url\": \"http://svc_1-a\"},\n"
+                               "  \"ip\": {\"url\": \"http://10.0.0.1:81\"}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK(cfg->nnamed == 3);
+    const gw_backend_t *u = cfg->backends[0], *t = cfg->backends[1], *un = cfg->backends[2], *ip = cfg->backends[3];
+    CHECK_STR(u->host_name, "users.internal");
+    CHECK(u->port == 9101 && u->addrlen == 0);
+    CHECK_STR(u->host_header, "users.internal:9101");
+    CHECK(u->max_response_bytes == 4096);
+    /* the URL host is the TLS name; SNI carries no final dot */
+    CHECK_STR(t->host_name, "API.Example.com.");
+    CHECK(t->port == 443 && t->tls && !t->tls_name_is_ip);
+    CHECK_STR(t->tls_server_name, "API.Example.com");
+    CHECK(t->max_response_bytes == 8u << 20);
+    CHECK_STR(un->host_name, "svc_1-a");
+    CHECK(un->port == 80);
+    CHECK(ip->host_name == NULL && ip->port == 81 && ip->addrlen > 0);
+    /* no resolver section: the defaults */
+    CHECK(cfg->resolver.nnameservers == 0);
+    CHECK(cfg->resolver.timeout_ms == 2000 && cfg->resolver.attempts == 2);
+    CHECK(cfg->resolver.min_ttl_ms == 1000 && cfg->resolver.max_ttl_ms == 300000);
+    CHECK_STR(cfg->resolver.hosts_file, "/etc/hosts");
+    gw_config_unref(cfg);
+
+    check_error(B "{\"url\": \"http://users..internal\"}}}", "backends.users.url: bad host name");
+    check_error(B "{\"url\": \"http://users-.internal\"}}}", "bad host name");
+    check_error(B "{\"url\": \"http://us$ers.internal\"}}}", "bad host name");
+    check_error(B "{\"url\": \"http://users.123\"}}}", "bad host name");
+    check_error(B "{\"url\": \"http://10.0.0.256\"}}}", "backends.users.url: bad IPv4 address");
+    check_error(B "{\"url\": \"http://users.internal:0\"}}}", "backends.users.url: bad address");
+    check_error(B "{\"url\": \"http://users.internal:x\"}}}", "backends.users.url: bad address");
+    check_error(B "{\"url\": \"http://u@users.internal\"}}}", "credentials");
+    check_error(B "{\"url\": \"http://" "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" ".internal\"}}}",
+                "bad host name");
+    check_error(B "{\"url\": \"http://users.internal\", \"max_response_bytes\": 0}}}",
+                "backends.users.max_response_bytes: must be between 1 and");
+    check_error(B "{\"url\": \"http://users.internal\", \"max_response_bytes\": \"8M\"}}}",
+                "backends.users.max_response_bytes: must be an integer");
+}
+
+static void
+test_resolver(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": [\"1\"],\n"
+                             " \"resolver\": {\"nameservers\": [\"10.0.0.2\", \"10.0.0.3:5353\", \"[::1]:53\", \"::2\"],\n"
+                             "   \"timeout_ms\": 500, \"attempts\": 3, \"min_ttl_ms\": 10, \"max_ttl_ms\": 60000,\n"
+                             "   \"hosts_file\": false}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    const gw_resolver_conf_t *r = &cfg->resolver;
+    CHECK(r->nnameservers == 4);
+    CHECK(r->nameservers[0].addr.ss_family == AF_INET &&
+          ntohs(((struct sockaddr_in *)&r->nameservers[0].addr)->sin_port) == 53);
+    CHECK(ntohs(((struct sockaddr_in *)&r->nameservers[1].addr)->sin_port) == 5353);
+    CHECK(r->nameservers[2].addr.ss_family == AF_INET6);
+    CHECK(ntohs(((struct sockaddr_in6 *)&r->nameservers[3].addr)->sin6_port) == 53);
+    CHECK(r->timeout_ms == 500 && r->attempts == 3 && r->min_ttl_ms == 10 && r->max_ttl_ms == 60000);
+    CHECK(r->hosts_file == NULL);
+    CHECK(cfg->nnamed == 0);
+    gw_config_unref(cfg);
+
+    cfg = parse("{\"listen\": [\"1\"], \"resolver\": {\"hosts_file\": \"/etc/hostname\"}}");
+    CHECK(cfg != NULL && cfg->resolver.hosts_file && strcmp(cfg->resolver.hosts_file, "/etc/hostname") == 0);
+    gw_config_unref(cfg);
+
+#define R "{\"listen\": [\"1\"],\n \"resolver\": "
+    check_error(R "{\"nameserver\": []}}", "t.json:2: resolver.nameserver: unknown key \"nameserver\" in \"resolver\"");
+    check_error(R "{\"nameservers\": [\"ns1.example\"]}}", "t.json:2: resolver.nameservers[0]: bad nameserver address");
+    check_error(R "{\"nameservers\": [\"10.0.0.1:99999\"]}}", "resolver.nameservers[0]: bad nameserver address");
+    check_error(R "{\"nameservers\": [1]}}", "resolver.nameservers[0]: bad nameserver address");
+    check_error(R "{\"nameservers\": []}}", "resolver.nameservers: must be an array of 1 to 16");
+    check_error(R "{\"timeout_ms\": 5}}", "resolver.timeout_ms: must be between 10 and 60000");
+    check_error(R "{\"attempts\": 11}}", "resolver.attempts: must be between 1 and 10");
+    check_error(R "{\"min_ttl_ms\": 0}}", "resolver.min_ttl_ms: must be between 1 and");
+    check_error(R "{\"min_ttl_ms\": 2000, \"max_ttl_ms\": 1000}}",
+                "resolver.min_ttl_ms: min_ttl_ms (2000) must not be above max_ttl_ms (1000)");
+    check_error(R "{\"max_ttl_ms\": 500}}", "resolver.max_ttl_ms: min_ttl_ms (1000) must not be above");
+    check_error(R "{\"hosts_file\": \"/nonexistent/hosts\"}}", "resolver.hosts_file: cannot read \"/nonexistent/hosts\"");
+    check_error(R "{\"hosts_file\": \"\"}}", "resolver.hosts_file: must be true, false or the path");
+    check_error(R "[]}", "t.json:2: resolver: must be an object");
+#undef R
 }
 
 static void
@@ -292,4 +389,5 @@ test_shipped_configs_are_valid(void)
 
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
+          T(test_backend_host_names), T(test_resolver),
           T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))

@@ -394,7 +394,7 @@ test_deps(void)
     CHECK(deps_of(&SCOPE, "/a/{user.id}/{orders[0].id}?x={user.name}") == 3);
     CHECK(deps_of(&SCOPE, "/a/{none}") == 4);
     /* 70 calls: the first 64 can be referred to, bit i for call i */
-    static char names[70][8];
+    static char names[70][16];
     const char *calls[70];
     for (int i = 0; i < 70; i++) {
         snprintf(names[i], sizeof(names[i]), "c%d", i);
