@@ -456,18 +456,29 @@ body_failed(gw_conn_t *c, int status, const char *reason)
     reject(c, status, reason);
 }
 
+/* Feeds the first piece of the input to the parser and drains what it
+ * used. False when the input holds nothing to feed. */
+static bool
+parse_input(gw_conn_t *c, gw_parse_result_t *pr)
+{
+    struct evbuffer_iovec v;
+    if (evbuffer_peek(c->in, -1, NULL, &v, 1) < 1)
+        return false;
+    size_t used = 0;
+    *pr = gw_parser_execute(&c->parser, v.iov_base, v.iov_len, &used);
+    evbuffer_drain(c->in, used);
+    return true;
+}
+
 /* Parses the streamed body out of the input and hands it to the handler,
  * until the input is used up, the body ends or the handler pauses. */
 static void
 pump_body(gw_conn_t *c)
 {
     while (c->body_stream && !c->body_paused && !c->dead && evbuffer_get_length(c->in) > 0) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(c->in, -1, NULL, &v, 1) < 1)
+        gw_parse_result_t pr;
+        if (!parse_input(c, &pr))
             break;
-        size_t used = 0;
-        gw_parse_result_t pr = gw_parser_execute(&c->parser, v.iov_base, v.iov_len, &used);
-        evbuffer_drain(c->in, used);
         if (pr == GW_PARSE_ERROR) {
             body_failed(c, c->parser.status, c->parser.reason);
             return;
@@ -505,12 +516,9 @@ conn_process(gw_conn_t *c)
         }
         if (c->timer_kind == GW_T_KEEPALIVE)
             timer_set(c, GW_T_HEADER);
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(c->in, -1, NULL, &v, 1) < 1)
+        gw_parse_result_t pr;
+        if (!parse_input(c, &pr))
             break;
-        size_t used = 0;
-        gw_parse_result_t pr = gw_parser_execute(&c->parser, v.iov_base, v.iov_len, &used);
-        evbuffer_drain(c->in, used);
         switch (pr) {
         case GW_PARSE_AGAIN:
             if (c->parser.headers_done)

@@ -691,18 +691,26 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
     gw_conn_release(c);
 }
 
-/* The upstream output fell to UP_LOW: take more of the client's body. */
+/* The upstream output drained: take more of the client's body. Ends an
+ * upstream callback: may hand over body bytes or end p, so nothing is
+ * touched after it. */
+static void
+resume_body(gw_proxy_t *p)
+{
+    gw_conn_t *c = p->c;
+    p->body_paused = false;
+    gw_conn_body_pause(c, false);
+    gw_conn_release(c);
+}
+
+/* The upstream output fell to UP_LOW. */
 static void
 proxy_write_cb(gw_upstream_t *u, void *arg)
 {
     gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
     GW_UNUSED(u);
-    if (!p->body_paused)
-        return;
-    p->body_paused = false;
-    gw_conn_body_pause(c, false); /* may hand over body bytes, or end p: touch nothing after */
-    gw_conn_release(c);
+    if (p->body_paused)
+        resume_body(p);
 }
 
 static void
@@ -712,12 +720,8 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
     gw_conn_t *c = p->c;
     int err = u->err;
     if (what & GW_UP_CONNECTED) {
-        if (p->body_paused && evbuffer_get_length(gw_upstream_output(u)) <= UP_LOW) {
-            /* the connect wrote what the body had queued */
-            p->body_paused = false;
-            gw_conn_body_pause(c, false); /* may end p: touch nothing after */
-            gw_conn_release(c);
-        }
+        if (p->body_paused && evbuffer_get_length(gw_upstream_output(u)) <= UP_LOW)
+            resume_body(p); /* the connect wrote what the body had queued */
         return;
     }
     if (u->resolve_failed) {

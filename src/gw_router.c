@@ -279,8 +279,8 @@ gw_router_match(const gw_router_t *r, int method, const gw_path_t *path, gw_matc
     return m->allow ? GW_ROUTE_BAD_METHOD : GW_ROUTE_NOT_FOUND;
 }
 
-static int
-hexval(char c)
+int
+gw_router_hexval(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -307,8 +307,8 @@ gw_router_normalize(const char *raw, size_t len, gw_path_t *out)
         while (i < len && raw[i] != '/') {
             char c = raw[i];
             if (c == '%') {
-                int hi = i + 2 < len ? hexval(raw[i + 1]) : -1;
-                int lo = hi >= 0 ? hexval(raw[i + 2]) : -1;
+                int hi = i + 2 < len ? gw_router_hexval(raw[i + 1]) : -1;
+                int lo = hi >= 0 ? gw_router_hexval(raw[i + 2]) : -1;
                 if (lo < 0)
                     return GW_ERR;
                 c = (char)(hi * 16 + lo);

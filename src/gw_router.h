@@ -68,6 +68,9 @@ gw_route_result_t gw_router_match(const gw_router_t *r, int method, const gw_pat
 int gw_router_normalize(const char *raw, size_t len, gw_path_t *out);
 void gw_path_free(gw_path_t *p);
 
+/* The value of hex digit c, or -1 (for percent-decoding). */
+int gw_router_hexval(char c);
+
 /* Writes "GET, HEAD, POST" for a method mask into buf. */
 void gw_router_format_methods(uint64_t methods, char *buf, size_t len);
 

@@ -71,18 +71,6 @@ tchar(unsigned char c)
            (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
-static int
-hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Decodes one byte of a form-encoded query component at raw[*i] ("+" is a
  * space, "%XX" a byte). -1 for a bad escape. */
 static int
@@ -97,8 +85,8 @@ query_byte(const char *raw, size_t len, size_t *i)
         (*i)++;
         return (unsigned char)c;
     }
-    int hi = *i + 2 < len ? hexval(raw[*i + 1]) : -1;
-    int lo = hi >= 0 ? hexval(raw[*i + 2]) : -1;
+    int hi = *i + 2 < len ? gw_router_hexval(raw[*i + 1]) : -1;
+    int lo = hi >= 0 ? gw_router_hexval(raw[*i + 2]) : -1;
     if (lo < 0)
         return -1;
     *i += 3;
@@ -371,7 +359,7 @@ target_byte_problem(const char *src, size_t len, size_t i, unsigned char c)
         return "\"#\" (a target has no fragment)";
     if (c != 0 && strchr("\"<>\\^`{|}", c) != NULL)
         return "a character that URLs do not allow";
-    if (c == '%' && (i + 2 >= len || hexval(src[i + 1]) < 0 || hexval(src[i + 2]) < 0))
+    if (c == '%' && (i + 2 >= len || gw_router_hexval(src[i + 1]) < 0 || gw_router_hexval(src[i + 2]) < 0))
         return "a \"%\" that does not start a %XX escape";
     return NULL;
 }

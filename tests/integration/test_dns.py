@@ -13,9 +13,7 @@ The last line of the output is "N passed, N failed".
 
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,38 +48,7 @@ def dns_stub():
 def stub_at(host, port):
     """gw_stub on host:port exactly (two stubs on one port at 127.0.0.1 and
     127.0.0.2 stand for one name's two addresses)."""
-    return PortStub(host, port)
-
-
-class PortStub(tp.Stub):
-    """tp.Stub on a given port (tp.Stub always asks for a free one)."""
-
-    def __init__(self, host, port):
-        self.dir = tempfile.mkdtemp(prefix="gwstub-")
-        self.portfile = os.path.join(self.dir, "port")
-        self.log_path = os.path.join(self.dir, "stderr.log")
-        self.host = host
-        self.nstats = 0
-        self.port = None
-        cmd = [tp.GW_STUB, "-q", "-l", f"{host}:{port}", "-p", self.portfile]
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
-                                         close_fds=True, preexec_fn=gwtest._die_with_parent)
-        self.pid = self.proc.pid
-        tp._all_stubs.append(self)
-        tp._resources.append(self)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if os.path.exists(self.portfile):
-                with open(self.portfile) as f:
-                    text = f.read().split()
-                if text:
-                    self.port = int(text[0])
-                    return
-            if self.proc.poll() is not None:
-                raise TestFailure(f"gw_stub on {host}:{port} exited with {self.proc.returncode}: {self.log()}")
-            time.sleep(0.01)
-        raise TestFailure("gw_stub wrote no port file within 10 s")
+    return tp.Stub(host, port=port)
 
 
 def two_stubs():

@@ -70,16 +70,17 @@ def ptest(fn):
 
 
 class Stub:
-    """tests/stub/gw_stub on a free loopback port (-p PORTFILE, port 0)."""
+    """tests/stub/gw_stub on a free loopback port (-p PORTFILE, port 0), or on
+    port when given."""
 
-    def __init__(self, host="127.0.0.1", threads=None):
+    def __init__(self, host="127.0.0.1", threads=None, port=0):
         if not os.access(GW_STUB, os.X_OK):
             raise TestFailure(f"GW_STUB={GW_STUB} is not an executable file (build it: make tests/stub/gw_stub)")
         self.dir = tempfile.mkdtemp(prefix="gwstub-")
         self.portfile = os.path.join(self.dir, "port")
         self.log_path = os.path.join(self.dir, "stderr.log")
         self.host = host
-        listen = f"[{host}]:0" if ":" in host else f"{host}:0"
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         cmd = [GW_STUB, "-q", "-l", listen, "-p", self.portfile]
         if threads:
             cmd += ["-t", str(threads)]
