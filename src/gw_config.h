@@ -12,6 +12,7 @@
 
 #include "gw_core.h"
 
+#include <jansson.h>
 #include <sys/socket.h>
 
 #define GW_CONF_MAX_WORKERS 256
@@ -76,7 +77,54 @@ struct gw_backend_s {
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
 };
 
-typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY } gw_route_kind_t;
+typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;
+
+/* A header a call adds: "headers": {"X-User": "{user.id}"}. */
+typedef struct {
+    char *name;     /* as written; a token, never one gatherd writes itself */
+    gw_tpl_t *value; /* GW_TPL_HEADER template */
+} gw_call_header_t;
+
+/*
+ * One backend call of an aggregate route ("routes[].calls[]"). Immutable,
+ * owned by its route. Templates are compiled against the route's scope:
+ * its path parameter names, its call names in list order (a call's index is
+ * its dependency bit) and, for a foreach call, the item.
+ */
+struct gw_call_s {
+    char *name;                  /* unique in the route: 1-64 of [A-Za-z0-9_-], not query/header/item */
+    size_t index;                /* position in the route's calls */
+    const gw_backend_t *backend; /* borrowed from the configuration */
+    int method;                  /* llhttp method number; GET by default */
+    gw_tpl_t *target;            /* "path": path and query, GW_TPL_TARGET */
+    gw_call_header_t *headers;   /* "headers": added to the call, templated */
+    size_t nheaders;
+    char **forward_headers;      /* "forward_headers": client headers passed on (names as written) */
+    size_t nforward;
+    gw_tpl_json_t *body;         /* "body" as a JSON template; NULL: none (or forward_body) */
+    bool forward_body;           /* "body": "forward": the client's body, with its Content-Type */
+    int timeout_ms;              /* the whole call; the backend's timeout_ms unless set */
+    bool required;               /* its failure fails the request */
+    json_t *fallback;            /* "fallback": put in its place when it fails; NULL: none. A
+                                    present JSON null is json_null(). Owned reference. */
+    char *group;                 /* its key in the aggregate; the name unless set */
+    uint64_t deps;               /* calls that must finish first: from its templates, "after"
+                                    and the foreach source; bit i = calls[i] */
+    /* "foreach": "orders.items": one request per element of that array */
+    bool foreach;
+    size_t foreach_call;         /* index of the call whose answer holds the array */
+    gw_jpath_t *foreach_path;    /* the array inside that answer (the root for "orders") */
+    unsigned foreach_concurrency; /* elements in flight at once (default 8) */
+    unsigned foreach_max;        /* most elements; more fails the call with too_many_items (default 100) */
+    /* shaping of the answer, in this order */
+    gw_jpath_t *target_path;     /* "target": the value to keep; NULL: the whole answer */
+    gw_jpath_sel_t *allow;       /* "allow": keep only these paths; NULL: none */
+    gw_jpath_sel_t *deny;        /* "deny": remove these paths; NULL: none (never both) */
+    gw_kv_t *rename;             /* "rename": top-level key old -> new, in the order written */
+    size_t nrename;
+};
+
+typedef enum { GW_MERGE_GROUP = 0, GW_MERGE_MERGE } gw_merge_t;
 
 struct gw_route_s {
     char *pattern;   /* as written: "/users/{id}" */
@@ -96,6 +144,15 @@ struct gw_route_s {
         bool preserve_host;
         int64_t max_body_bytes;      /* streamed request bodies; -1: http.max_body_bytes; INT64_MAX: none */
     } proxy;
+    struct {
+        gw_call_t **calls;           /* 1..GW_TPL_MAX_CALLS, in the order written */
+        size_t ncalls;
+        int deadline_ms;             /* the whole request (default 5000) */
+        gw_merge_t merge;            /* "merge": "group" (default) or "merge" */
+        bool errors;                 /* "errors": true adds "_errors" to degraded answers */
+        char **params;               /* the pattern's parameter names, in order */
+        size_t nparams;
+    } agg;
 };
 
 struct gw_config_s {

@@ -22,6 +22,7 @@
  * and no epoll_ctl, where a bufferevent toggles its write event twice.
  */
 #include "gw_conn.h"
+#include "gw_agg.h"
 #include "gw_config.h"
 #include "gw_http.h"
 #include "gw_log.h"
@@ -397,6 +398,9 @@ dispatch(gw_conn_t *c)
         return;
     case GW_ROUTE_PROXY:
         gw_proxy_start(c, route);
+        return;
+    case GW_ROUTE_AGGREGATE:
+        gw_agg_start(c, &m);
         return;
     }
     respond_error(c, 500, "internal", "route kind not handled", NULL);

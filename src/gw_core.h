@@ -25,6 +25,7 @@
 
 typedef struct gw_config_s gw_config_t;
 typedef struct gw_route_s gw_route_t;
+typedef struct gw_call_s gw_call_t;
 typedef struct gw_backend_s gw_backend_t;
 typedef struct gw_upstream_s gw_upstream_t;
 typedef struct gw_pool_s gw_pool_t;

@@ -14,6 +14,7 @@
  */
 #include "gw_server.h"
 #include "gw_proxy.h"
+#include "gw_agg.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_dns.h"
@@ -216,6 +217,7 @@ worker_main(void *arg)
     close_listeners(w);
     close_all(w);
     gw_proxy_worker_free(w);
+    gw_agg_worker_free(w);
     gw_upstream_pools_free(w);
     gw_dns_free(w->dns); /* after the pools: their queries are cancelled by then */
     w->dns = NULL;
