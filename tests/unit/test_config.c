@@ -142,7 +142,8 @@ test_routes(void)
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\"}]}", "needs exactly one of");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {}, \"proxy\": {}}]}",
                 "needs exactly one of");
-    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"calls\": []}]}", "not supported");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"calls\": []}]}",
+                "routes[0].calls: must be a non-empty array of calls");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [\"BREW\"], \"respond\": {}}]}",
                 "routes[0].methods[0]: unsupported method");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [], \"respond\": {}}]}",
