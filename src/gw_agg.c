@@ -105,6 +105,7 @@ struct gw_agg_s {
     gw_match_t match;
     struct event *deadline;
     uint64_t start_us;
+    uint64_t deadline_us; /* when the deadline fires */
     size_t pending;       /* calls not finished */
     int fatal;            /* index + 1 of the required call that failed first, else 0 */
     xchg_t *running;
@@ -116,11 +117,20 @@ struct gw_agg_s {
 };
 
 /* Per-worker caches, hanging off the worker's opaque pointers. */
+#define DEADLINES_MAX 32
+
 typedef struct {
     agg_t *aggs;
     unsigned naggs;
     xchg_t *xchgs;
     unsigned nxchgs;
+    /* route deadlines as common timeouts of the worker's base (O(1) queues,
+     * not the timer heap), by duration */
+    struct {
+        int ms;
+        const struct timeval *tv;
+    } deadlines[DEADLINES_MAX];
+    unsigned ndeadlines;
 } agg_cache_t;
 
 static llhttp_settings_t resp_settings;
@@ -557,6 +567,10 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
         xchg_end(x, false, NULL, code);
         return;
     }
+    /* No timer when the route's deadline comes first: it cancels the call
+     * anyway, with the same code. */
+    if (now_us() + (uint64_t)call->timeout_ms * 1000u >= a->deadline_us)
+        return;
     struct timeval tv = { call->timeout_ms / 1000, (call->timeout_ms % 1000) * 1000 };
     const struct timeval *t = &tv;
     if (call->timeout_ms == call->backend->timeout_ms)
@@ -665,7 +679,8 @@ static void
 timing_add(gw_tpl_buf_t *b, bool first, const char *name, uint64_t us, const char *desc)
 {
     char num[64];
-    int n = snprintf(num, sizeof(num), ";dur=%.1f", (double)us / 1000.0);
+    uint64_t tenths = (us + 50) / 100; /* milliseconds with one decimal, without printf's float path */
+    int n = snprintf(num, sizeof(num), ";dur=%llu.%u", (unsigned long long)(tenths / 10), (unsigned)(tenths % 10));
     if (!first)
         buf_add(b, ", ", 2);
     buf_str(b, name);
@@ -722,8 +737,13 @@ static void
 respond_ok(agg_t *a)
 {
     const gw_route_t *route = a->route;
-    json_t *doc = json_object();
+    bool group = route->agg.merge == GW_MERGE_GROUP;
+    /* group mode writes the document directly (group keys are unique);
+     * merge mode builds it, since later keys replace earlier ones */
+    json_t *doc = group ? NULL : json_object();
     json_t *errors = NULL;
+    a->out.len = 0;
+    buf_add(&a->out, "{", 1);
     bool complete = true;
     for (size_t i = 0; i < route->agg.ncalls; i++) {
         const gw_call_t *call = call_of(a, i);
@@ -743,16 +763,32 @@ respond_ok(agg_t *a)
         }
         if (rt->value == NULL)
             continue;
-        if (route->agg.merge == GW_MERGE_MERGE && json_is_object(rt->value))
+        if (group) {
+            if (a->out.len > 1)
+                buf_add(&a->out, ",", 1);
+            gw_json_dump_string(call->group, strlen(call->group), &a->out);
+            buf_add(&a->out, ":", 1);
+            gw_json_dump(rt->value, &a->out);
+        } else if (json_is_object(rt->value)) {
             json_object_update(doc, rt->value);
-        else
+        } else {
             json_object_set(doc, call->group, rt->value);
+        }
     }
-    if (errors)
-        json_object_set_new(doc, "_errors", errors);
-    a->out.len = 0;
-    gw_json_dump(doc, &a->out);
-    json_decref(doc);
+    if (doc) {
+        if (errors)
+            json_object_set(doc, "_errors", errors);
+        a->out.len = 0;
+        gw_json_dump(doc, &a->out);
+        json_decref(doc);
+    } else {
+        if (errors) {
+            buf_str(&a->out, a->out.len > 1 ? ",\"_errors\":" : "\"_errors\":");
+            gw_json_dump(errors, &a->out);
+        }
+        buf_add(&a->out, "}", 1);
+    }
+    json_decref(errors);
     server_timing(a);
     buf_str(&a->hdrs, complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
                                : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
@@ -777,6 +813,9 @@ agg_free(agg_t *a)
         json_decref(a->calls[i].failed);
         free(a->calls[i].elem_done);
     }
+    /* zeroed here for the next request, only as far as this route used them */
+    memset(a->calls, 0, a->route->agg.ncalls * sizeof(a->calls[0]));
+    memset(a->answers, 0, a->route->agg.ncalls * sizeof(a->answers[0]));
     agg_cache_t *cache = cache_of(a->w);
     if (cache->naggs >= AGG_CACHE_MAX || a->w->stopping || a->out.cap > (1u << 20)) {
         event_free(a->deadline);
@@ -1046,6 +1085,31 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- entry points -------------------------------------------------------- */
 
+/* Arms a's deadline: a common timeout of the worker's base for its
+ * duration when the base has one left (libevent allows 256), else a plain
+ * timer. */
+static void
+deadline_add(agg_t *a, agg_cache_t *cache, int ms)
+{
+    for (unsigned k = 0; k < cache->ndeadlines; k++)
+        if (cache->deadlines[k].ms == ms) {
+            evtimer_add(a->deadline, cache->deadlines[k].tv);
+            return;
+        }
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    const struct timeval *t = NULL;
+    if (cache->ndeadlines < DEADLINES_MAX)
+        t = event_base_init_common_timeout(a->w->base, &tv);
+    if (t == NULL) {
+        evtimer_add(a->deadline, &tv);
+        return;
+    }
+    cache->deadlines[cache->ndeadlines].ms = ms;
+    cache->deadlines[cache->ndeadlines].tv = t;
+    cache->ndeadlines++;
+    evtimer_add(a->deadline, t);
+}
+
 void
 gw_agg_start(gw_conn_t *c, const gw_match_t *m)
 {
@@ -1057,12 +1121,10 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     if (a) {
         cache->aggs = a->next_free;
         cache->naggs--;
-        struct event *deadline = a->deadline;
-        gw_tpl_buf_t out = a->out, hdrs = a->hdrs;
-        memset(a, 0, sizeof(*a));
-        a->deadline = deadline;
-        a->out = out;
-        a->hdrs = hdrs;
+        /* agg_free() left calls[] and answers[] of its route zeroed */
+        a->running = NULL;
+        a->fatal = 0;
+        a->next_free = NULL;
     } else {
         a = gw_calloc(1, sizeof(agg_t));
         a->deadline = evtimer_new(w->base, agg_deadline_cb, a);
@@ -1073,9 +1135,9 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->match = *m;
     a->pending = a->route->agg.ncalls;
     a->start_us = now_us();
+    a->deadline_us = a->start_us + (uint64_t)a->route->agg.deadline_ms * 1000u;
     a->out.len = a->hdrs.len = 0;
-    struct timeval tv = { a->route->agg.deadline_ms / 1000, (a->route->agg.deadline_ms % 1000) * 1000 };
-    evtimer_add(a->deadline, &tv);
+    deadline_add(a, cache, a->route->agg.deadline_ms);
     gw_conn_begin_async(c, &agg_ops, a);
     agg_progress(a); /* may answer at once (every call failed to start) */
 }

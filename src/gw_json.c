@@ -72,6 +72,12 @@ put_string(gw_tpl_buf_t *b, const char *s, size_t len)
 }
 
 void
+gw_json_dump_string(const char *s, size_t len, gw_tpl_buf_t *out)
+{
+    put_string(out, s, len);
+}
+
+void
 gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
 {
     char num[48];

@@ -25,4 +25,7 @@ size_t gw_json_real(double d, char buf[32]);
  * requires (", \, control characters), other UTF-8 is written as is. */
 void gw_json_dump(const json_t *v, gw_tpl_buf_t *out);
 
+/* Appends s as a JSON string (quoted and escaped) to out. */
+void gw_json_dump_string(const char *s, size_t len, gw_tpl_buf_t *out);
+
 #endif
