@@ -1,21 +1,1130 @@
 /*
- * gw_agg.c - aggregate routes (see gw_agg.h). Work in progress: the
- * configuration does not accept aggregate routes yet, so this is never
- * reached.
+ * gw_agg.c - aggregate routes (see gw_agg.h and README "Aggregate routes").
+ *
+ * Life of an aggregate request: gw_agg_start() takes a context (from the
+ * worker's cache), arms the route's deadline and runs the scheduler. The
+ * scheduler starts every call whose dependencies are all done, fails every
+ * call with a failed dependency (dependency_failed), and repeats until
+ * nothing changes; a foreach call keeps up to foreach_concurrency element
+ * exchanges in flight. Each exchange renders its request, takes a pooled
+ * or new upstream connection, and reads the response with llhttp into a
+ * bounded buffer (the backend's max_response_bytes) that jansson parses.
+ *
+ * The request is decided by the first of: a required call failed (answered
+ * at once with its error; the rest is cancelled), every call finished (the
+ * aggregate is built in the route's order and sent), the deadline passed
+ * (unfinished calls fail with "timeout", then as above).
+ *
+ * Ownership: the context belongs to the client connection's async slot and
+ * owns its exchanges; each exchange owns its upstream connection until it
+ * ends. Everything ends in agg_free(): running exchanges release their
+ * connections as not reusable (never pooled half-read), parsed answers are
+ * dropped. Entry points (upstream callbacks, timers) end with
+ * agg_progress(), which may free the context, then gw_conn_release(c);
+ * nothing is touched after that. Exchange and call endings never answer
+ * the client themselves, so no callback chain frees what its caller still
+ * uses.
  */
 #include "gw_agg.h"
+#include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_http.h"
+#include "gw_jpath.h"
+#include "gw_log.h"
+#include "gw_proxy.h"
 #include "gw_router.h"
+#include "gw_server.h"
+#include "gw_template.h"
+#include "gw_upstream.h"
+
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <jansson.h>
+#include <llhttp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* Contexts and exchanges kept per worker for the next requests. */
+#define AGG_CACHE_MAX 256
+#define XCHG_CACHE_MAX 1024
+/* The head of a call's request (target and headers) is at most this long. */
+#define HEAD_MAX (64 * 1024)
+
+typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED } call_state_t;
+
+typedef struct xchg_s xchg_t;
+
+/* The state of one call of one request. */
+typedef struct {
+    call_state_t state;
+    const char *code;  /* failure code (static); for foreach, the first element's */
+    int status;        /* the backend's status when it answered, else 0 */
+    json_t *answer;    /* parsed answer, templates read it (foreach: array of answers, null where failed) */
+    json_t *value;     /* shaped, for the aggregate (foreach: array) */
+    uint64_t start_us, end_us;
+    /* foreach */
+    json_t *items;     /* borrowed from the source call's answer */
+    size_t nitems, next_item, running, done_items;
+    unsigned char *elem_done; /* per element: its exchange ended */
+    bool filling;      /* foreach_fill() is on the stack */
+    json_t *failed;    /* indexes of failed elements, or NULL */
+} call_rt_t;
+
+typedef struct gw_agg_s agg_t;
+
+/* One HTTP exchange with a backend: a call, or one element of a foreach call. */
+struct xchg_s {
+    agg_t *a;
+    size_t call;
+    size_t item;          /* element index of a foreach call */
+    gw_upstream_t *u;
+    struct event *timer;  /* the call's timeout_ms */
+    llhttp_t parser;
+    gw_tpl_buf_t req;     /* the request head, kept for a retry */
+    char *out_body;       /* the request body when it is a JSON template (json_dumps), else NULL */
+    size_t out_len;
+    char *body;           /* the response body */
+    size_t blen, bcap;
+    size_t limit;         /* the backend's max_response_bytes */
+    int status;
+    bool got_bytes, retried, done, too_large;
+    xchg_t *next, *prev;  /* in the context's running list, or the cache */
+};
+
+struct gw_agg_s {
+    gw_conn_t *c;
+    gw_worker_t *w;
+    const gw_route_t *route;
+    gw_match_t match;
+    struct event *deadline;
+    uint64_t start_us;
+    size_t pending;       /* calls not finished */
+    int fatal;            /* index + 1 of the required call that failed first, else 0 */
+    xchg_t *running;
+    call_rt_t calls[GW_TPL_MAX_CALLS];
+    json_t *answers[GW_TPL_MAX_CALLS]; /* the template context's view: calls[i].answer when OK */
+    gw_tpl_buf_t out;     /* the serialized aggregate, reused */
+    gw_tpl_buf_t hdrs;    /* response headers, reused */
+    agg_t *next_free;
+};
+
+/* Per-worker caches, hanging off the worker's opaque pointers. */
+typedef struct {
+    agg_t *aggs;
+    unsigned naggs;
+    xchg_t *xchgs;
+    unsigned nxchgs;
+} agg_cache_t;
+
+static llhttp_settings_t resp_settings;
+static void xchg_read_cb(gw_upstream_t *u, void *arg);
+static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
+static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
+static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
+static void call_complete(agg_t *a, size_t i, const char *code, int status);
+static void foreach_fill(agg_t *a, size_t i);
+static json_t *shape(const gw_call_t *call, json_t *answer);
+
+/* --- small helpers ------------------------------------------------------- */
+
+static uint64_t
+now_us(agg_t *a)
+{
+    struct timeval tv;
+    event_base_gettimeofday_cached(a->w->base, &tv);
+    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
+}
+
+static void
+buf_add(gw_tpl_buf_t *b, const char *s, size_t n)
+{
+    gw_grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
+static void
+buf_str(gw_tpl_buf_t *b, const char *s)
+{
+    buf_add(b, s, strlen(s));
+}
+
+/* Serializes v compactly into b (replacing its content). GW_ERR when jansson
+ * cannot (it never should for values it built). */
+static int
+buf_json(gw_tpl_buf_t *b, const json_t *v)
+{
+    size_t flags = JSON_COMPACT | JSON_ENCODE_ANY;
+    size_t n = json_dumpb(v, b->data, b->cap, flags);
+    if (n == 0)
+        return GW_ERR;
+    if (n >= b->cap) {
+        gw_grow((void **)&b->data, &b->cap, n + 1, 1);
+        n = json_dumpb(v, b->data, b->cap, flags);
+        if (n == 0 || n >= b->cap)
+            return GW_ERR;
+    }
+    b->len = n;
+    b->data[n] = '\0';
+    return GW_OK;
+}
+
+static agg_cache_t *
+cache_of(gw_worker_t *w)
+{
+    if (w->agg_cache == NULL)
+        w->agg_cache = gw_calloc(1, sizeof(agg_cache_t));
+    return w->agg_cache;
+}
+
+static const gw_call_t *
+call_of(const agg_t *a, size_t i)
+{
+    return a->route->agg.calls[i];
+}
+
+/* --- exchanges ----------------------------------------------------------- */
+
+static xchg_t *
+xchg_new(agg_t *a, size_t call, size_t item)
+{
+    agg_cache_t *cache = cache_of(a->w);
+    xchg_t *x = cache->xchgs;
+    if (x) {
+        cache->xchgs = x->next;
+        cache->nxchgs--;
+    } else {
+        x = gw_calloc(1, sizeof(xchg_t));
+        x->timer = evtimer_new(a->w->base, xchg_timeout_cb, x);
+        x->req.limit = HEAD_MAX;
+    }
+    x->a = a;
+    x->call = call;
+    x->item = item;
+    x->next = a->running;
+    x->prev = NULL;
+    if (a->running)
+        a->running->prev = x;
+    a->running = x;
+    return x;
+}
+
+/* Ends x: its upstream connection is pooled when reusable, else closed;
+ * x goes back to the cache. */
+static void
+xchg_free(xchg_t *x, bool reusable)
+{
+    agg_t *a = x->a;
+    if (x->u)
+        gw_upstream_release(x->u, reusable);
+    evtimer_del(x->timer);
+    if (x->prev)
+        x->prev->next = x->next;
+    else
+        a->running = x->next;
+    if (x->next)
+        x->next->prev = x->prev;
+    free(x->out_body);
+    agg_cache_t *cache = cache_of(a->w);
+    if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->bcap > (1u << 20)) {
+        event_free(x->timer);
+        gw_tpl_buf_free(&x->req);
+        free(x->body);
+        free(x);
+        return;
+    }
+    struct event *timer = x->timer;
+    gw_tpl_buf_t req = x->req;
+    char *body = x->body;
+    size_t bcap = x->bcap;
+    memset(x, 0, sizeof(*x));
+    x->timer = timer;
+    x->req = req;
+    x->req.len = 0;
+    x->body = body;
+    x->bcap = bcap;
+    x->next = cache->xchgs;
+    cache->xchgs = x;
+    cache->nxchgs++;
+}
+
+/* The exchange of element x->item of a foreach call, or of a plain call,
+ * ended: with value (stolen; NULL on failure) or with code. */
+static void
+xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
+{
+    agg_t *a = x->a;
+    size_t i = x->call, item = x->item;
+    int status = x->status;
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    xchg_free(x, reusable);
+    if (!call->foreach) {
+        rt->answer = value;
+        call_complete(a, i, code, status);
+        return;
+    }
+    /* foreach: the element's answer and shaped value go in its slot (which
+     * holds the fallback, or null, until then) */
+    rt->running--;
+    rt->done_items++;
+    rt->elem_done[item] = 1;
+    if (value) {
+        json_t *shaped = shape(call, value);
+        json_array_set_new(rt->answer, item, value);
+        if (shaped)
+            json_array_set_new(rt->value, item, shaped);
+        else
+            code = "missing_target";
+    }
+    if (code) {
+        if (rt->code == NULL) {
+            rt->code = code;
+            rt->status = status;
+        }
+        if (rt->failed == NULL)
+            rt->failed = json_array();
+        json_array_append_new(rt->failed, json_integer((json_int_t)item));
+        if (call->required && a->fatal == 0)
+            a->fatal = (int)i + 1;
+    }
+    if (!rt->filling)
+        foreach_fill(a, i);
+}
+
+/* --- shaping ------------------------------------------------------------- */
+
+/* The call's shaped value of answer (borrowed): a new reference, or NULL
+ * when target finds nothing. */
+static json_t *
+shape(const gw_call_t *call, json_t *answer)
+{
+    json_t *v = answer;
+    if (call->target_path) {
+        v = gw_jpath_get(call->target_path, answer);
+        if (v == NULL)
+            return NULL;
+    }
+    json_t *shaped;
+    if (call->allow)
+        shaped = gw_jpath_allow(v, call->allow);
+    else if (call->deny)
+        shaped = gw_jpath_deny(v, call->deny);
+    else
+        shaped = json_incref(v);
+    if (shaped == NULL)
+        shaped = json_object(); /* nothing kept */
+    if (call->nrename && json_is_object(shaped)) {
+        /* a new object: shaped may share containers with the answer */
+        json_t *renamed = json_object();
+        const char *key;
+        json_t *val;
+        json_object_foreach(shaped, key, val) {
+            const char *to = key;
+            for (size_t k = 0; k < call->nrename; k++)
+                if (strcmp(call->rename[k].name, key) == 0)
+                    to = call->rename[k].value;
+            json_object_set(renamed, to, val);
+        }
+        json_decref(shaped);
+        shaped = renamed;
+    }
+    return shaped;
+}
+
+/* --- calls --------------------------------------------------------------- */
+
+/* Call i finished: OK when code is NULL. A foreach call is finished when
+ * its last element is (its code is then the first failed element's), or
+ * when it could not run at all. */
+static void
+call_complete(agg_t *a, size_t i, const char *code, int status)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    if (rt->state == CALL_OK || rt->state == CALL_FAILED)
+        return;
+    if (rt->start_us)
+        rt->end_us = now_us(a);
+    a->pending--;
+    if (call->foreach) {
+        /* rt->value holds the elements' values (partial after a deadline);
+         * a call that never started has none and is left out */
+        if (code == NULL) {
+            code = rt->code;
+            status = rt->status;
+        }
+    } else if (code == NULL) {
+        rt->value = shape(call, rt->answer);
+        if (rt->value == NULL)
+            code = "missing_target";
+    } else {
+        rt->value = call->fallback ? json_incref(call->fallback) : NULL;
+    }
+    rt->code = code;
+    rt->status = status;
+    if (code == NULL) {
+        rt->state = CALL_OK;
+        a->answers[i] = rt->answer;
+        return;
+    }
+    rt->state = CALL_FAILED;
+    gw_log(GW_LOG_INFO, "aggregate %s: call %s failed: %s, request %s", a->route->pattern, call->name, code,
+           gw_conn_req(a->c)->request_id);
+    if (call->required && a->fatal == 0)
+        a->fatal = (int)i + 1;
+}
+
+/* Fails every call still running (the deadline passed): their exchanges are
+ * closed, never pooled half-read. */
+static void
+cancel_all(agg_t *a, const char *code)
+{
+    while (a->running)
+        xchg_free(a->running, false);
+    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
+        call_rt_t *rt = &a->calls[i];
+        if (rt->state == CALL_OK || rt->state == CALL_FAILED)
+            continue;
+        if (rt->elem_done) {
+            /* a foreach call: the elements not answered failed too */
+            for (size_t k = 0; k < rt->nitems; k++) {
+                if (rt->elem_done[k])
+                    continue;
+                if (rt->failed == NULL)
+                    rt->failed = json_array();
+                json_array_append_new(rt->failed, json_integer((json_int_t)k));
+            }
+            rt->running = 0;
+        }
+        call_complete(a, i, code, 0);
+    }
+}
+
+static const gw_tpl_ctx_t *
+tpl_ctx(agg_t *a, const json_t *item, gw_tpl_ctx_t *ctx)
+{
+    ctx->req = gw_conn_req(a->c);
+    ctx->match = &a->match;
+    ctx->results = a->answers;
+    ctx->nresults = a->route->agg.ncalls;
+    ctx->item = item;
+    return ctx;
+}
+
+static bool
+idempotent(int method)
+{
+    return method == HTTP_GET || method == HTTP_PUT || method == HTTP_DELETE || method == HTTP_OPTIONS;
+}
+
+/* Builds x's request: head in x->req, a JSON body in x->out_body. NULL,
+ * or the failure code with the reason logged. */
+static const char *
+build_request(xchg_t *x, const json_t *item)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    gw_req_t *r = gw_conn_req(a->c);
+    gw_tpl_ctx_t ctx;
+    gw_tpl_err_t err;
+    tpl_ctx(a, item, &ctx);
+    gw_tpl_buf_t *b = &x->req;
+    b->len = 0;
+    const char *what = "path";
+    buf_str(b, llhttp_method_name((llhttp_method_t)call->method));
+    buf_add(b, " ", 1);
+    if (gw_tpl_render(call->target, &ctx, b, &err) != GW_OK)
+        goto fail;
+    buf_str(b, " HTTP/1.1\r\nHost: ");
+    buf_str(b, call->backend->host_header);
+    buf_add(b, "\r\n", 2);
+    bool accept = false, ctype = false;
+    for (size_t k = 0; k < call->nheaders; k++) {
+        const gw_call_header_t *h = &call->headers[k];
+        what = h->name;
+        buf_str(b, h->name);
+        buf_add(b, ": ", 2);
+        if (gw_tpl_render(h->value, &ctx, b, &err) != GW_OK)
+            goto fail;
+        buf_add(b, "\r\n", 2);
+        accept = accept || strcasecmp(h->name, "accept") == 0;
+        ctype = ctype || strcasecmp(h->name, "content-type") == 0;
+    }
+    for (size_t k = 0; k < call->nforward; k++) {
+        /* every field of the name, in order */
+        const char *name = call->forward_headers[k];
+        size_t nlen = strlen(name);
+        for (size_t h = 0; h < r->nheaders; h++) {
+            const gw_header_t *hd = &r->headers[h];
+            if (hd->name_len != nlen || strncasecmp(r->hbuf + hd->name_off, name, nlen) != 0)
+                continue;
+            buf_add(b, r->hbuf + hd->name_off, hd->name_len);
+            buf_add(b, ": ", 2);
+            buf_add(b, r->hbuf + hd->value_off, hd->value_len);
+            buf_add(b, "\r\n", 2);
+            accept = accept || strcasecmp(name, "accept") == 0;
+            ctype = ctype || strcasecmp(name, "content-type") == 0;
+        }
+    }
+    if (!accept)
+        buf_str(b, "Accept: application/json\r\n");
+    gw_proxy_add_forwarding(a->c, &b->data, &b->len, &b->cap);
+    free(x->out_body);
+    x->out_body = NULL;
+    x->out_len = 0;
+    if (call->body) {
+        what = "body";
+        json_t *body = gw_tpl_json_render(call->body, &ctx, &err);
+        if (body == NULL)
+            goto fail;
+        x->out_body = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+        json_decref(body);
+        if (x->out_body == NULL) {
+            err.code = GW_TPL_INVALID_VALUE;
+            snprintf(err.detail, sizeof(err.detail), "the body cannot be serialized");
+            goto fail;
+        }
+        x->out_len = strlen(x->out_body);
+        if (!ctype)
+            buf_str(b, "Content-Type: application/json\r\n");
+    } else if (call->forward_body) {
+        size_t ctlen = 0;
+        const char *ct = gw_req_header(r, "content-type", &ctlen);
+        if (ct && !ctype) {
+            buf_str(b, "Content-Type: ");
+            buf_add(b, ct, ctlen);
+            buf_add(b, "\r\n", 2);
+        }
+        x->out_len = evbuffer_get_length(r->body);
+    }
+    if (call->body || call->forward_body || call->method == HTTP_POST || call->method == HTTP_PUT ||
+        call->method == HTTP_PATCH) {
+        char cl[48];
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", x->out_len);
+        buf_add(b, cl, (size_t)n);
+    }
+    buf_add(b, "\r\n", 2);
+    if (b->len > HEAD_MAX) {
+        err.code = GW_TPL_INVALID_VALUE;
+        snprintf(err.detail, sizeof(err.detail), "the request head is over %d bytes", HEAD_MAX);
+        goto fail;
+    }
+    return NULL;
+fail:
+    gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: %s in %s: %s, request %s", a->route->pattern, call->name, err.code,
+           what, err.detail, r->request_id);
+    return err.code;
+}
+
+/* Hands x's request to a connection (fresh: never a pooled one). NULL, or
+ * the failure code. */
+static const char *
+xchg_send(xchg_t *x, bool fresh)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    gw_upstream_t *u = NULL;
+    int rc = gw_upstream_get(a->w, call->backend, fresh, &u);
+    if (rc != GW_OK) {
+        int err = errno;
+        gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
+               call->backend->name, call->backend->host_header,
+               rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
+               rc == GW_AGAIN ? "" : strerror(err), call->name, gw_conn_peer_ip(a->c),
+               gw_conn_req(a->c)->request_id);
+        return rc == GW_AGAIN ? "unavailable" : "connect_failed";
+    }
+    x->u = u;
+    x->got_bytes = false;
+    x->status = 0;
+    x->blen = 0;
+    x->done = x->too_large = false;
+    llhttp_init(&x->parser, HTTP_RESPONSE, &resp_settings);
+    x->parser.data = x;
+    gw_upstream_setcb(u, xchg_read_cb, NULL, xchg_event_cb, x, 0);
+    struct evbuffer *out = gw_upstream_output(u);
+    evbuffer_add(out, x->req.data, x->req.len);
+    if (x->out_body)
+        evbuffer_add(out, x->out_body, x->out_len);
+    else if (call->forward_body && x->out_len)
+        evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
+    gw_upstream_send(u);
+    return NULL;
+}
+
+/* Starts one exchange of call i (element item of a foreach call). Its
+ * failure to start ends it at once. */
+static void
+xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
+{
+    const gw_call_t *call = call_of(a, i);
+    xchg_t *x = xchg_new(a, i, item);
+    x->limit = call->backend->max_response_bytes;
+    const char *code = build_request(x, item_value);
+    if (code == NULL)
+        code = xchg_send(x, false);
+    if (code) {
+        xchg_end(x, false, NULL, code);
+        return;
+    }
+    struct timeval tv = { call->timeout_ms / 1000, (call->timeout_ms % 1000) * 1000 };
+    const struct timeval *t = &tv;
+    if (call->timeout_ms == call->backend->timeout_ms)
+        t = a->w->pools[call->backend->index].call_timeout; /* a common timeout: O(1) */
+    evtimer_add(x->timer, t);
+}
+
+/* Starts elements of foreach call i up to its concurrency. */
+static void
+foreach_fill(agg_t *a, size_t i)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    /* an element that fails to start ends inside xchg_start(): filling
+     * keeps it from calling back in here, so the stack stays flat */
+    rt->filling = true;
+    while (rt->state == CALL_RUNNING && rt->next_item < rt->nitems && rt->running < call->foreach_concurrency &&
+           !a->fatal) {
+        size_t k = rt->next_item++;
+        rt->running++;
+        xchg_start(a, i, k, json_array_get(rt->items, k));
+    }
+    rt->filling = false;
+    if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
+        call_complete(a, i, NULL, 0);
+}
+
+/* Starts call i, whose dependencies all succeeded. */
+static void
+call_start(agg_t *a, size_t i)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    rt->state = CALL_RUNNING;
+    rt->start_us = now_us(a);
+    if (!call->foreach) {
+        xchg_start(a, i, 0, NULL);
+        return;
+    }
+    json_t *items = gw_jpath_get(call->foreach_path, a->calls[call->foreach_call].answer);
+    const char *code = NULL, *why = NULL;
+    if (items == NULL || json_is_null(items)) {
+        code = GW_TPL_MISSING_VALUE;
+        why = "absent";
+    } else if (!json_is_array(items)) {
+        code = GW_TPL_INVALID_VALUE;
+        why = "not an array";
+    } else if (json_array_size(items) > call->foreach_max) {
+        code = "too_many_items";
+        why = "longer than foreach_max";
+    }
+    if (code) {
+        gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: foreach \"%s.%s\" is %s, request %s", a->route->pattern,
+               call->name, call_of(a, call->foreach_call)->name, gw_jpath_text(call->foreach_path), why,
+               gw_conn_req(a->c)->request_id);
+        call_complete(a, i, code, 0);
+        return;
+    }
+    rt->items = items;
+    rt->nitems = json_array_size(items);
+    rt->answer = json_array();
+    rt->value = json_array();
+    rt->elem_done = gw_calloc(rt->nitems + 1, 1);
+    for (size_t k = 0; k < rt->nitems; k++) {
+        json_array_append_new(rt->answer, json_null());
+        json_array_append_new(rt->value, call->fallback ? json_incref(call->fallback) : json_null());
+    }
+    foreach_fill(a, i);
+}
+
+/* Starts what is ready and fails what cannot run, until nothing changes. */
+static void
+schedule(agg_t *a)
+{
+    size_t n = a->route->agg.ncalls;
+    bool changed = true;
+    while (changed && !a->fatal) {
+        changed = false;
+        for (size_t i = 0; i < n && !a->fatal; i++) {
+            if (a->calls[i].state != CALL_WAITING)
+                continue;
+            uint64_t deps = call_of(a, i)->deps;
+            bool ready = true, failed = false;
+            for (size_t d = 0; d < n && deps; d++, deps >>= 1) {
+                if (!(deps & 1))
+                    continue;
+                if (a->calls[d].state == CALL_FAILED)
+                    failed = true;
+                else if (a->calls[d].state != CALL_OK)
+                    ready = false;
+            }
+            if (failed)
+                call_complete(a, i, "dependency_failed", 0);
+            else if (ready)
+                call_start(a, i);
+            else
+                continue;
+            changed = true;
+        }
+    }
+}
+
+/* --- the answer ---------------------------------------------------------- */
+
+static void
+timing_add(gw_tpl_buf_t *b, const char *name, uint64_t us, const char *desc)
+{
+    char num[64];
+    int n = snprintf(num, sizeof(num), ";dur=%.1f", (double)us / 1000.0);
+    if (b->len)
+        buf_add(b, ", ", 2);
+    buf_str(b, name);
+    buf_add(b, num, (size_t)n);
+    if (desc) {
+        buf_str(b, ";desc=\"");
+        buf_str(b, desc);
+        buf_add(b, "\"", 1);
+    }
+}
+
+static uint64_t
+call_us(const call_rt_t *rt)
+{
+    return rt->start_us && rt->end_us > rt->start_us ? rt->end_us - rt->start_us : 0;
+}
+
+/* "Server-Timing: ...\r\n" into a->hdrs (replacing its content). */
+static void
+server_timing(agg_t *a)
+{
+    gw_tpl_buf_t *h = &a->hdrs;
+    h->len = 0;
+    gw_tpl_buf_t list = { 0 };
+    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
+        const call_rt_t *rt = &a->calls[i];
+        timing_add(&list, call_of(a, i)->name, call_us(rt), rt->state == CALL_FAILED ? rt->code : NULL);
+    }
+    timing_add(&list, "total", now_us(a) - a->start_us, NULL);
+    buf_str(h, "Server-Timing: ");
+    buf_add(h, list.data, list.len);
+    buf_add(h, "\r\n", 2);
+    gw_tpl_buf_free(&list);
+}
+
+static void
+respond_error(agg_t *a)
+{
+    size_t i = (size_t)a->fatal - 1;
+    const call_rt_t *rt = &a->calls[i];
+    const gw_call_t *call = call_of(a, i);
+    int status = 502;
+    if (strcmp(rt->code, "timeout") == 0)
+        status = 504;
+    else if (strcmp(rt->code, "unavailable") == 0)
+        status = 503;
+    char extra[256];
+    int n = snprintf(extra, sizeof(extra), ",\"call\":\"%s\"", call->name);
+    if (rt->status)
+        snprintf(extra + n, sizeof(extra) - (size_t)n, ",\"status\":%d", rt->status);
+    server_timing(a);
+    gw_conn_error_headers(a->c, status, rt->code, extra, a->hdrs.data);
+}
+
+static void
+respond_ok(agg_t *a)
+{
+    const gw_route_t *route = a->route;
+    json_t *doc = json_object();
+    json_t *errors = NULL;
+    bool complete = true;
+    for (size_t i = 0; i < route->agg.ncalls; i++) {
+        const gw_call_t *call = call_of(a, i);
+        call_rt_t *rt = &a->calls[i];
+        if (rt->state == CALL_FAILED) {
+            complete = false;
+            if (route->agg.errors) {
+                if (errors == NULL)
+                    errors = json_object();
+                json_t *e = json_pack("{s:s,s:f}", "code", rt->code, "ms", (double)(call_us(rt) / 100) / 10.0);
+                if (rt->status)
+                    json_object_set_new(e, "status", json_integer(rt->status));
+                if (rt->failed)
+                    json_object_set(e, "failed", rt->failed);
+                json_object_set_new(errors, call->name, e);
+            }
+        }
+        if (rt->value == NULL)
+            continue;
+        if (route->agg.merge == GW_MERGE_MERGE && json_is_object(rt->value))
+            json_object_update(doc, rt->value);
+        else
+            json_object_set(doc, call->group, rt->value);
+    }
+    if (errors)
+        json_object_set_new(doc, "_errors", errors);
+    int rc = buf_json(&a->out, doc);
+    json_decref(doc);
+    if (rc != GW_OK) {
+        gw_log(GW_LOG_ERR, "aggregate %s: cannot serialize the answer, request %s", route->pattern,
+               gw_conn_req(a->c)->request_id);
+        gw_conn_error(a->c, 500, "internal", "");
+        return;
+    }
+    server_timing(a);
+    buf_str(&a->hdrs, complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
+                               : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
+    gw_conn_start_response(a->c, 200, a->hdrs.data, a->hdrs.len, (int64_t)a->out.len);
+    gw_conn_body(a->c, a->out.data, a->out.len);
+    gw_conn_end_response(a->c);
+}
+
+/* --- the context --------------------------------------------------------- */
+
+/* Ends a: running exchanges are closed, answers dropped, the context goes
+ * back to the cache. */
+static void
+agg_free(agg_t *a)
+{
+    while (a->running)
+        xchg_free(a->running, false);
+    evtimer_del(a->deadline);
+    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
+        json_decref(a->calls[i].answer);
+        json_decref(a->calls[i].value);
+        json_decref(a->calls[i].failed);
+        free(a->calls[i].elem_done);
+    }
+    agg_cache_t *cache = cache_of(a->w);
+    if (cache->naggs >= AGG_CACHE_MAX || a->w->stopping || a->out.cap > (1u << 20)) {
+        event_free(a->deadline);
+        gw_tpl_buf_free(&a->out);
+        gw_tpl_buf_free(&a->hdrs);
+        free(a);
+        return;
+    }
+    a->next_free = cache->aggs;
+    cache->aggs = a;
+    cache->naggs++;
+}
+
+/* After any event: start what became ready, and answer once the request is
+ * decided (a is freed then). */
+static void
+agg_progress(agg_t *a)
+{
+    if (!a->fatal)
+        schedule(a);
+    if (a->fatal) {
+        /* fail fast: the answer is decided, the other calls are not needed */
+        while (a->running)
+            xchg_free(a->running, false);
+        respond_error(a);
+        agg_free(a);
+    } else if (a->pending == 0) {
+        respond_ok(a);
+        agg_free(a);
+    }
+}
+
+static void
+agg_cancel(void *ctx)
+{
+    agg_free(ctx);
+}
+
+static void
+agg_drained(void *ctx)
+{
+    GW_UNUSED(ctx); /* the answer is queued whole */
+}
+
+static const gw_conn_async_t agg_ops = { agg_cancel, agg_drained, NULL };
+
+static void
+agg_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    agg_t *a = arg;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    gw_log(GW_LOG_INFO, "aggregate %s: deadline of %d ms passed with %zu calls unfinished, request %s",
+           a->route->pattern, a->route->agg.deadline_ms, a->pending, gw_conn_req(c)->request_id);
+    cancel_all(a, "timeout");
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* --- the response of an exchange ----------------------------------------- */
+
+#define XCHG(ll) ((xchg_t *)(ll)->data)
+
+static int
+on_headers_complete(llhttp_t *ll)
+{
+    xchg_t *x = XCHG(ll);
+    x->status = ll->status_code;
+    if (x->status < 200)
+        return 0; /* 1xx: the final response follows */
+    if (x->status <= 299 && (ll->flags & F_CONTENT_LENGTH) && ll->content_length > x->limit) {
+        x->too_large = true;
+        return -1;
+    }
+    return 0;
+}
+
+static int
+on_body(llhttp_t *ll, const char *at, size_t len)
+{
+    xchg_t *x = XCHG(ll);
+    if (x->status < 200 || x->status > 299)
+        return 0; /* not kept: only its status matters */
+    if (x->blen + len > x->limit) {
+        x->too_large = true;
+        return -1;
+    }
+    gw_grow((void **)&x->body, &x->bcap, x->blen + len, 1);
+    memcpy(x->body + x->blen, at, len);
+    x->blen += len;
+    return 0;
+}
+
+static int
+on_message_complete(llhttp_t *ll)
+{
+    xchg_t *x = XCHG(ll);
+    if (x->status < 200)
+        return 0;
+    x->done = true;
+    return HPE_PAUSED;
+}
+
+static void
+settings_build(void)
+{
+    llhttp_settings_init(&resp_settings);
+    resp_settings.on_headers_complete = on_headers_complete;
+    resp_settings.on_body = on_body;
+    resp_settings.on_message_complete = on_message_complete;
+}
+
+/* The whole response is in: judge it, parse it, end the exchange. */
+static void
+xchg_finish(xchg_t *x, bool reusable)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    if (x->status < 200 || x->status > 299) {
+        gw_log(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->status,
+               call->name, gw_conn_req(a->c)->request_id);
+        xchg_end(x, reusable, NULL, "bad_status");
+        return;
+    }
+    json_t *v;
+    if (x->blen == 0 && x->status == 204) {
+        v = json_null();
+    } else {
+        json_error_t jerr;
+        v = json_loadb(x->body ? x->body : "", x->blen, JSON_DECODE_ANY, &jerr);
+        if (v == NULL) {
+            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
+                   call->backend->name, call->name, jerr.text, jerr.position, gw_conn_req(a->c)->request_id);
+            xchg_end(x, reusable, NULL, "bad_json");
+            return;
+        }
+    }
+    xchg_end(x, reusable, v, NULL);
+}
+
+/* The connection failed: retry once on a fresh one when a reused
+ * connection died before any response byte, else end with code. */
+static void
+xchg_broke(xchg_t *x, const char *code, const char *doing, int err)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    if (x->u && x->u->reused && !x->retried && !x->got_bytes && idempotent(call->method)) {
+        gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
+               call->backend->name, err ? strerror(err) : "EOF");
+        x->retried = true;
+        gw_upstream_release(x->u, false);
+        x->u = NULL;
+        const char *rc = xchg_send(x, true);
+        if (rc == NULL)
+            return;
+        xchg_end(x, false, NULL, rc);
+        return;
+    }
+    gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s", call->backend->name,
+           call->backend->host_header, code, err ? ": " : "", err ? strerror(err) : "", doing, call->name,
+           gw_conn_peer_ip(a->c), gw_conn_req(a->c)->request_id);
+    if (x->u)
+        x->u->broken = true;
+    xchg_end(x, false, NULL, code);
+}
+
+static void
+xchg_read_cb(gw_upstream_t *u, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    struct evbuffer *in = gw_upstream_input(u);
+    x->got_bytes = true;
+    while (!x->done && evbuffer_get_length(in) > 0) {
+        struct evbuffer_iovec v;
+        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+            break;
+        llhttp_errno_t err = llhttp_execute(&x->parser, v.iov_base, v.iov_len);
+        if (err == HPE_OK) {
+            evbuffer_drain(in, v.iov_len);
+        } else if (err == HPE_PAUSED && x->done) {
+            evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&x->parser) - (const char *)v.iov_base));
+        } else {
+            if (x->too_large) {
+                gw_log(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
+                       call_of(a, x->call)->backend->name, x->limit, call_of(a, x->call)->name,
+                       gw_conn_req(c)->request_id);
+                x->u->broken = true;
+                xchg_end(x, false, NULL, "too_large");
+            } else {
+                gw_log(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
+                       call_of(a, x->call)->name, llhttp_get_error_reason(&x->parser));
+                x->u->broken = true;
+                xchg_end(x, false, NULL, "bad_response");
+            }
+            agg_progress(a);
+            gw_conn_release(c);
+            return;
+        }
+    }
+    if (x->done)
+        xchg_finish(x, llhttp_should_keep_alive(&x->parser) && evbuffer_get_length(in) == 0);
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+static void
+xchg_event_cb(gw_upstream_t *u, int what, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    int err = u->err;
+    if (what & GW_UP_CONNECTED)
+        return;
+    if (u->resolve_failed) {
+        char doing[320];
+        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", call_of(a, x->call)->backend->host_name,
+                 gw_upstream_resolve_error(u));
+        xchg_broke(x, "connect_failed", doing, 0);
+    } else if (what & GW_UP_TIMEOUT) {
+        xchg_broke(x, "timeout", "connecting to upstream", 0);
+    } else if (gw_upstream_tls_failed(u)) {
+        char why[256];
+        gw_log(GW_LOG_ERR, "backend %s: TLS handshake failed: %s", call_of(a, x->call)->backend->name,
+               gw_upstream_tls_error(u, why, sizeof(why)));
+        xchg_broke(x, "connect_failed", "handshaking with upstream", 0);
+    } else if (!u->connected) {
+        xchg_broke(x, "connect_failed", "connecting to upstream", err);
+    } else if ((what & GW_UP_EOF) && x->status >= 200 && llhttp_message_needs_eof(&x->parser) &&
+               llhttp_finish(&x->parser) == HPE_OK) {
+        x->done = true; /* a close-delimited body ends here */
+        xchg_finish(x, false);
+    } else {
+        xchg_broke(x, "truncated", x->got_bytes ? "reading response from upstream" : "waiting for the response",
+                   (what & GW_UP_EOF) ? 0 : err);
+    }
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+static void
+xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    const gw_call_t *call = call_of(a, x->call);
+    gw_log(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+           call->name, call->timeout_ms,
+           x->u && x->u->waiting   ? "resolving the backend's name"
+           : x->u && !x->u->connected ? "connecting to upstream"
+           : x->got_bytes          ? "reading the response from upstream"
+                                   : "waiting for the response from upstream",
+           gw_conn_req(c)->request_id);
+    if (x->u)
+        x->u->broken = true;
+    xchg_end(x, false, NULL, "timeout");
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* --- entry points -------------------------------------------------------- */
 
 void
 gw_agg_start(gw_conn_t *c, const gw_match_t *m)
 {
-    GW_UNUSED(m);
-    gw_conn_error(c, 500, "internal", "");
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, settings_build);
+    gw_worker_t *w = gw_conn_worker(c);
+    agg_cache_t *cache = cache_of(w);
+    agg_t *a = cache->aggs;
+    if (a) {
+        cache->aggs = a->next_free;
+        cache->naggs--;
+        struct event *deadline = a->deadline;
+        gw_tpl_buf_t out = a->out, hdrs = a->hdrs;
+        memset(a, 0, sizeof(*a));
+        a->deadline = deadline;
+        a->out = out;
+        a->hdrs = hdrs;
+    } else {
+        a = gw_calloc(1, sizeof(agg_t));
+        a->deadline = evtimer_new(w->base, agg_deadline_cb, a);
+    }
+    a->c = c;
+    a->w = w;
+    a->route = m->route;
+    a->match = *m;
+    a->pending = a->route->agg.ncalls;
+    a->start_us = now_us(a);
+    a->out.len = a->hdrs.len = 0;
+    struct timeval tv = { a->route->agg.deadline_ms / 1000, (a->route->agg.deadline_ms % 1000) * 1000 };
+    evtimer_add(a->deadline, &tv);
+    gw_conn_begin_async(c, &agg_ops, a);
+    agg_progress(a); /* may answer at once (every call failed to start) */
 }
 
 void
 gw_agg_worker_free(gw_worker_t *w)
 {
-    GW_UNUSED(w);
+    agg_cache_t *cache = w->agg_cache;
+    if (cache == NULL)
+        return;
+    while (cache->aggs) {
+        agg_t *a = cache->aggs;
+        cache->aggs = a->next_free;
+        event_free(a->deadline);
+        gw_tpl_buf_free(&a->out);
+        gw_tpl_buf_free(&a->hdrs);
+        free(a);
+    }
+    while (cache->xchgs) {
+        xchg_t *x = cache->xchgs;
+        cache->xchgs = x->next;
+        event_free(x->timer);
+        gw_tpl_buf_free(&x->req);
+        free(x->body);
+        free(x);
+    }
+    free(cache);
+    w->agg_cache = NULL;
 }

@@ -338,9 +338,14 @@ respond_error_json(gw_conn_t *c, int status, const char *code, const char *messa
     char body[1024];
     int n = snprintf(body, sizeof(body), "{\"error\":{\"code\":\"%s\"%s%s,\"request_id\":\"%s\"}}", code, msg,
                      members ? members : "", c->req.request_id);
-    char hdrs[512];
-    int h = snprintf(hdrs, sizeof(hdrs), "Content-Type: application/json\r\n%s", extra_headers ? extra_headers : "");
-    respond(c, status, hdrs, (size_t)h, body, (size_t)GW_MIN((size_t)n, sizeof(body) - 1));
+    const char *eh = extra_headers ? extra_headers : "";
+    size_t cap = 40 + strlen(eh); /* Server-Timing of an aggregate route can be a few KiB */
+    char small[512];
+    char *hdrs = cap <= sizeof(small) ? small : gw_malloc(cap);
+    int h = snprintf(hdrs, cap, "Content-Type: application/json\r\n%s", eh);
+    respond(c, status, hdrs, (size_t)h, body, (size_t)GW_MIN((size_t)n, sizeof(body) - 1)); /* copies both */
+    if (hdrs != small)
+        free(hdrs);
 }
 
 static void
@@ -807,6 +812,13 @@ gw_conn_error(gw_conn_t *c, int status, const char *code, const char *extra)
 {
     c->async = NULL;
     respond_error_json(c, status, code, NULL, extra, NULL);
+}
+
+void
+gw_conn_error_headers(gw_conn_t *c, int status, const char *code, const char *extra, const char *headers)
+{
+    c->async = NULL;
+    respond_error_json(c, status, code, NULL, extra, headers);
 }
 
 void

@@ -76,6 +76,8 @@ const char *gw_conn_peer_ip(gw_conn_t *c);
 /* Answers with a JSON error {"error": {"code": code<extra>}}; extra is more
  * members (",\"backend\":\"users\"") or "". Ends the async part. */
 void gw_conn_error(gw_conn_t *c, int status, const char *code, const char *extra);
+/* The same with extra header lines ("Name: v\r\n"..., borrowed). */
+void gw_conn_error_headers(gw_conn_t *c, int status, const char *code, const char *extra, const char *headers);
 
 /* Starts a streamed response: our head plus headers (lines, borrowed).
  * content_length < 0: unknown, sent chunked to HTTP/1.1 clients and

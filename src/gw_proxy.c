@@ -224,6 +224,33 @@ add_list(const gw_req_t *r, const char *name, char **buf, size_t *len, size_t *c
 #define ADD(s, n) buf_add(&head, &len, &cap, (s), (n))
 #define ADD_STR(s) ADD((s), strlen(s))
 
+void
+gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *blen, size_t *bcap)
+{
+    gw_req_t *r = gw_conn_req(c);
+    char *head = *buf;
+    size_t len = *blen, cap = *bcap;
+    size_t host_len = 0;
+    const char *host = gw_req_header(r, "host", &host_len);
+    ADD("X-Forwarded-For: ", 17);
+    add_list(r, "x-forwarded-for", &head, &len, &cap);
+    ADD_STR(gw_conn_peer_ip(c));
+    ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
+    if (host) {
+        ADD("X-Forwarded-Host: ", 18);
+        ADD(host, host_len);
+        ADD("\r\n", 2);
+    }
+    ADD("Via: ", 5);
+    add_list(r, "via", &head, &len, &cap);
+    ADD("1.1 gatherd\r\nX-Request-Id: ", 27);
+    ADD_STR(r->request_id);
+    ADD("\r\n", 2);
+    *buf = head;
+    *blen = len;
+    *bcap = cap;
+}
+
 static void
 build_request(gw_proxy_t *p)
 {
@@ -255,20 +282,7 @@ build_request(gw_proxy_t *p)
         ADD(r->hbuf + h->value_off, h->value_len);
         ADD("\r\n", 2);
     }
-    ADD("X-Forwarded-For: ", 17);
-    add_list(r, "x-forwarded-for", &head, &len, &cap);
-    ADD_STR(gw_conn_peer_ip(p->c));
-    ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
-    if (host) {
-        ADD("X-Forwarded-Host: ", 18);
-        ADD(host, host_len);
-        ADD("\r\n", 2);
-    }
-    ADD("Via: ", 5);
-    add_list(r, "via", &head, &len, &cap);
-    ADD("1.1 gatherd\r\nX-Request-Id: ", 27);
-    ADD_STR(r->request_id);
-    ADD("\r\n", 2);
+    gw_proxy_add_forwarding(p->c, &head, &len, &cap);
     if (r->chunked) {
         ADD_STR("Transfer-Encoding: chunked\r\n");
     } else if (r->has_body || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {

@@ -22,6 +22,16 @@ void gw_proxy_start(gw_conn_t *c, const gw_route_t *route);
  */
 size_t gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap);
 
+/*
+ * Appends the headers every request gatherd sends upstream carries about its
+ * client: X-Forwarded-For (the client's list plus its address),
+ * X-Forwarded-Proto, X-Forwarded-Host (when the client sent Host), Via
+ * (the client's list plus "1.1 gatherd") and X-Request-Id, each line ending
+ * in CRLF, to the growable buffer *buf of *len bytes and capacity *cap
+ * (gw_grow rules; kept NUL-terminated). Aggregate calls use it too.
+ */
+void gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *len, size_t *cap);
+
 /* Frees the proxy contexts worker w keeps for reuse (worker stop). */
 void gw_proxy_worker_free(gw_worker_t *w);
 

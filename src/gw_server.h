@@ -46,6 +46,7 @@ struct gw_worker_s {
     gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
     gw_proxy_t *proxy_cache;        /* proxy contexts kept for reuse, see gw_proxy.c */
     unsigned nproxy_cache;
+    void *agg_cache;                /* aggregate contexts kept for reuse, see gw_agg.c */
     gw_dns_t *dns;                  /* resolver for backend host names; NULL when none has one */
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
