@@ -162,10 +162,6 @@ def server_timing(r):
     return out
 
 
-def in_flight_zero(st):
-    return st["in_flight"] == 0
-
-
 def norm_pct(s):
     """Upper-cases the hex digits of %XX escapes (either case is valid)."""
     return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group(0).upper(), s)
