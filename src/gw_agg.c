@@ -29,6 +29,7 @@
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
+#include "gw_json.h"
 #include "gw_jpath.h"
 #include "gw_log.h"
 #include "gw_proxy.h"
@@ -47,6 +48,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* Contexts and exchanges kept per worker for the next requests. */
 #define AGG_CACHE_MAX 256
@@ -85,8 +87,9 @@ struct xchg_s {
     struct event *timer;  /* the call's timeout_ms */
     llhttp_t parser;
     gw_tpl_buf_t req;     /* the request head, kept for a retry */
-    char *out_body;       /* the request body when it is a JSON template (json_dumps), else NULL */
-    size_t out_len;
+    gw_tpl_buf_t obody;   /* the request body rendered from a JSON template */
+    bool has_obody;
+    size_t out_len;       /* the request body's length */
     char *body;           /* the response body */
     size_t blen, bcap;
     size_t limit;         /* the backend's max_response_bytes */
@@ -131,12 +134,15 @@ static json_t *shape(const gw_call_t *call, json_t *answer);
 
 /* --- small helpers ------------------------------------------------------- */
 
+/* Microseconds of the monotonic clock. Not libevent's cached time: that
+ * comes from CLOCK_MONOTONIC_COARSE (a few ms steps), too coarse for
+ * Server-Timing. */
 static uint64_t
-now_us(agg_t *a)
+now_us(void)
 {
-    struct timeval tv;
-    event_base_gettimeofday_cached(a->w->base, &tv);
-    return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 static void
@@ -152,26 +158,6 @@ static void
 buf_str(gw_tpl_buf_t *b, const char *s)
 {
     buf_add(b, s, strlen(s));
-}
-
-/* Serializes v compactly into b (replacing its content). GW_ERR when jansson
- * cannot (it never should for values it built). */
-static int
-buf_json(gw_tpl_buf_t *b, const json_t *v)
-{
-    size_t flags = JSON_COMPACT | JSON_ENCODE_ANY;
-    size_t n = json_dumpb(v, b->data, b->cap, flags);
-    if (n == 0)
-        return GW_ERR;
-    if (n >= b->cap) {
-        gw_grow((void **)&b->data, &b->cap, n + 1, 1);
-        n = json_dumpb(v, b->data, b->cap, flags);
-        if (n == 0 || n >= b->cap)
-            return GW_ERR;
-    }
-    b->len = n;
-    b->data[n] = '\0';
-    return GW_OK;
 }
 
 static agg_cache_t *
@@ -229,23 +215,25 @@ xchg_free(xchg_t *x, bool reusable)
         a->running = x->next;
     if (x->next)
         x->next->prev = x->prev;
-    free(x->out_body);
     agg_cache_t *cache = cache_of(a->w);
-    if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->bcap > (1u << 20)) {
+    if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->bcap > (1u << 20) || x->obody.cap > (1u << 20)) {
         event_free(x->timer);
         gw_tpl_buf_free(&x->req);
+        gw_tpl_buf_free(&x->obody);
         free(x->body);
         free(x);
         return;
     }
     struct event *timer = x->timer;
-    gw_tpl_buf_t req = x->req;
+    gw_tpl_buf_t req = x->req, obody = x->obody;
     char *body = x->body;
     size_t bcap = x->bcap;
     memset(x, 0, sizeof(*x));
     x->timer = timer;
     x->req = req;
     x->req.len = 0;
+    x->obody = obody;
+    x->obody.len = 0;
     x->body = body;
     x->bcap = bcap;
     x->next = cache->xchgs;
@@ -350,7 +338,7 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
     if (rt->state == CALL_OK || rt->state == CALL_FAILED)
         return;
     if (rt->start_us)
-        rt->end_us = now_us(a);
+        rt->end_us = now_us();
     a->pending--;
     if (call->foreach) {
         /* rt->value holds the elements' values (partial after a deadline);
@@ -475,22 +463,18 @@ build_request(xchg_t *x, const json_t *item)
     if (!accept)
         buf_str(b, "Accept: application/json\r\n");
     gw_proxy_add_forwarding(a->c, &b->data, &b->len, &b->cap);
-    free(x->out_body);
-    x->out_body = NULL;
+    x->has_obody = false;
     x->out_len = 0;
     if (call->body) {
         what = "body";
         json_t *body = gw_tpl_json_render(call->body, &ctx, &err);
         if (body == NULL)
             goto fail;
-        x->out_body = json_dumps(body, JSON_COMPACT | JSON_ENCODE_ANY);
+        x->obody.len = 0;
+        gw_json_dump(body, &x->obody);
         json_decref(body);
-        if (x->out_body == NULL) {
-            err.code = GW_TPL_INVALID_VALUE;
-            snprintf(err.detail, sizeof(err.detail), "the body cannot be serialized");
-            goto fail;
-        }
-        x->out_len = strlen(x->out_body);
+        x->has_obody = true;
+        x->out_len = x->obody.len;
         if (!ctype)
             buf_str(b, "Content-Type: application/json\r\n");
     } else if (call->forward_body) {
@@ -550,8 +534,8 @@ xchg_send(xchg_t *x, bool fresh)
     gw_upstream_setcb(u, xchg_read_cb, NULL, xchg_event_cb, x, 0);
     struct evbuffer *out = gw_upstream_output(u);
     evbuffer_add(out, x->req.data, x->req.len);
-    if (x->out_body)
-        evbuffer_add(out, x->out_body, x->out_len);
+    if (x->has_obody)
+        evbuffer_add(out, x->obody.data, x->out_len);
     else if (call->forward_body && x->out_len)
         evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
     gw_upstream_send(u);
@@ -607,7 +591,7 @@ call_start(agg_t *a, size_t i)
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
     rt->state = CALL_RUNNING;
-    rt->start_us = now_us(a);
+    rt->start_us = now_us();
     if (!call->foreach) {
         xchg_start(a, i, 0, NULL);
         return;
@@ -678,11 +662,11 @@ schedule(agg_t *a)
 /* --- the answer ---------------------------------------------------------- */
 
 static void
-timing_add(gw_tpl_buf_t *b, const char *name, uint64_t us, const char *desc)
+timing_add(gw_tpl_buf_t *b, bool first, const char *name, uint64_t us, const char *desc)
 {
     char num[64];
     int n = snprintf(num, sizeof(num), ";dur=%.1f", (double)us / 1000.0);
-    if (b->len)
+    if (!first)
         buf_add(b, ", ", 2);
     buf_str(b, name);
     buf_add(b, num, (size_t)n);
@@ -699,22 +683,20 @@ call_us(const call_rt_t *rt)
     return rt->start_us && rt->end_us > rt->start_us ? rt->end_us - rt->start_us : 0;
 }
 
-/* "Server-Timing: ...\r\n" into a->hdrs (replacing its content). */
+/* "Server-Timing: ...\r\n" into a->hdrs (replacing its content): each
+ * call's duration (with its failure code as desc), then the total. */
 static void
 server_timing(agg_t *a)
 {
     gw_tpl_buf_t *h = &a->hdrs;
     h->len = 0;
-    gw_tpl_buf_t list = { 0 };
+    buf_str(h, "Server-Timing: ");
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         const call_rt_t *rt = &a->calls[i];
-        timing_add(&list, call_of(a, i)->name, call_us(rt), rt->state == CALL_FAILED ? rt->code : NULL);
+        timing_add(h, i == 0, call_of(a, i)->name, call_us(rt), rt->state == CALL_FAILED ? rt->code : NULL);
     }
-    timing_add(&list, "total", now_us(a) - a->start_us, NULL);
-    buf_str(h, "Server-Timing: ");
-    buf_add(h, list.data, list.len);
+    timing_add(h, false, "total", now_us() - a->start_us, NULL);
     buf_add(h, "\r\n", 2);
-    gw_tpl_buf_free(&list);
 }
 
 static void
@@ -768,14 +750,9 @@ respond_ok(agg_t *a)
     }
     if (errors)
         json_object_set_new(doc, "_errors", errors);
-    int rc = buf_json(&a->out, doc);
+    a->out.len = 0;
+    gw_json_dump(doc, &a->out);
     json_decref(doc);
-    if (rc != GW_OK) {
-        gw_log(GW_LOG_ERR, "aggregate %s: cannot serialize the answer, request %s", route->pattern,
-               gw_conn_req(a->c)->request_id);
-        gw_conn_error(a->c, 500, "internal", "");
-        return;
-    }
     server_timing(a);
     buf_str(&a->hdrs, complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
                                : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
@@ -1095,7 +1072,7 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->route = m->route;
     a->match = *m;
     a->pending = a->route->agg.ncalls;
-    a->start_us = now_us(a);
+    a->start_us = now_us();
     a->out.len = a->hdrs.len = 0;
     struct timeval tv = { a->route->agg.deadline_ms / 1000, (a->route->agg.deadline_ms % 1000) * 1000 };
     evtimer_add(a->deadline, &tv);
@@ -1122,6 +1099,7 @@ gw_agg_worker_free(gw_worker_t *w)
         cache->xchgs = x->next;
         event_free(x->timer);
         gw_tpl_buf_free(&x->req);
+        gw_tpl_buf_free(&x->obody);
         free(x->body);
         free(x);
     }

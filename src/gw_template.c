@@ -8,6 +8,7 @@
  * placeholders.
  */
 #include "gw_template.h"
+#include "gw_json.h"
 #include "gw_http.h"
 #include "gw_jpath.h"
 #include "gw_router.h"
@@ -583,12 +584,7 @@ json_text(const ph_t *ph, val_t *v, gw_tpl_err_t *e)
         return GW_OK;
     case JSON_REAL: {
         /* Shortest text that reads back as the same double. */
-        double d = json_real_value(j);
-        for (int prec = 15; prec <= 17; prec++) {
-            v->len = (size_t)snprintf(v->num, sizeof(v->num), "%.*g", prec, d);
-            if (strtod(v->num, NULL) == d)
-                break;
-        }
+        v->len = gw_json_real(json_real_value(j), v->num);
         v->s = v->num;
         return GW_OK;
     }
