@@ -7,9 +7,15 @@
  *
  * Included files ("include": ["conf.d/NAME.json"], globs allowed, relative to the including
  * file) may hold "routes" only; their errors name the included file.
+ *
+ * Aggregate routes ("calls") are compiled completely at load: templates and
+ * JSON paths, call names resolved to indexes, dependency masks checked for
+ * cycles (see "aggregate routes" below).
  */
 #include "gw_config.h"
+#include "gw_jpath.h"
 #include "gw_router.h"
+#include "gw_template.h"
 #include "gw_upstream.h"
 
 #include <arpa/inet.h>
@@ -174,21 +180,27 @@ format_path(const ctx_t *c, size_t n, char *buf, size_t len)
     return w;
 }
 
-/* Reports an error at the current path (at its key when on_key). */
-static int __attribute__((format(printf, 3, 4)))
-fail_at(ctx_t *c, bool on_key, const char *fmt, ...)
+static void __attribute__((format(printf, 3, 0)))
+vfail_at(ctx_t *c, bool on_key, const char *fmt, va_list ap)
 {
     char path[512], msg[768];
     format_path(c, c->depth, path, sizeof(path));
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
     const char *pos = locate(c->text, c->path, c->depth, on_key);
     char where[64] = "";
     if (pos != NULL)
         snprintf(where, sizeof(where), ":%d", line_of(c->text, pos));
     snprintf(c->err, c->errlen, "%s%s: %s%s%s", c->name, where, path, path[0] ? ": " : "", msg);
+}
+
+/* Reports an error at the current path (at its key when on_key). */
+static int __attribute__((format(printf, 3, 4)))
+fail_at(ctx_t *c, bool on_key, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail_at(c, on_key, fmt, ap);
+    va_end(ap);
     return GW_ERR;
 }
 
@@ -216,6 +228,19 @@ static void
 pop(ctx_t *c)
 {
     c->depth--;
+}
+
+/* Reports an error at key inside the current path, with the line of the key. */
+static int __attribute__((format(printf, 3, 4)))
+fail_in(ctx_t *c, const char *key, const char *fmt, ...)
+{
+    push_key(c, key);
+    va_list ap;
+    va_start(ap, fmt);
+    vfail_at(c, true, fmt, ap);
+    va_end(ap);
+    pop(c);
+    return GW_ERR;
 }
 
 static const char *
@@ -480,16 +505,23 @@ valid_header_value(const char *s)
     return true;
 }
 
+/* Whether name is in list (NULL-terminated), ignoring case as header names do. */
+static bool
+in_list_nocase(const char *const *list, const char *name)
+{
+    for (const char *const *p = list; *p; p++)
+        if (strcasecmp(*p, name) == 0)
+            return true;
+    return false;
+}
+
 /* Headers that gatherd writes itself and a route may not set. */
 static bool
 reserved_header(const char *name)
 {
     static const char *const r[] = { "content-length", "transfer-encoding", "connection", "date", "keep-alive",
                                      "upgrade", "te", "trailer", NULL };
-    for (const char *const *p = r; *p; p++)
-        if (strcasecmp(*p, name) == 0)
-            return true;
-    return false;
+    return in_list_nocase(r, name);
 }
 
 static int
@@ -1067,6 +1099,676 @@ out:
     return rc;
 }
 
+/* --- aggregate routes ("calls") ------------------------------------------- */
+
+/*
+ * An aggregate route is compiled completely here, so that a request never
+ * meets a configuration mistake: every template and JSON path is compiled,
+ * every name a template, "after" or "foreach" uses is resolved to a call
+ * index, and the dependency masks are checked for cycles. Calls are attached
+ * to their route (owned by cfg) before they are filled in, so route_free()
+ * frees a half-parsed call on any error path.
+ */
+
+static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
+                                         "timeout_ms", "required", "fallback", "group", "after", "foreach",
+                                         "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
+                                         NULL };
+
+/* Headers a call may neither set nor forward: gatherd writes them itself
+ * (Host, framing, the request id, X-Forwarded-*, Via), or they are
+ * hop-by-hop and belong to the client's connection, not to gatherd's. */
+static bool
+reserved_call_header(const char *name)
+{
+    static const char *const r[] = { "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+                                     "trailer", "upgrade", "expect", "proxy-connection", "x-request-id",
+                                     "x-forwarded-for", "x-forwarded-proto", "via", NULL };
+    return in_list_nocase(r, name);
+}
+
+static void
+call_free(gw_call_t *call)
+{
+    if (call == NULL)
+        return;
+    free(call->name);
+    gw_tpl_free(call->target);
+    for (size_t i = 0; i < call->nheaders; i++) {
+        free(call->headers[i].name);
+        gw_tpl_free(call->headers[i].value);
+    }
+    free(call->headers);
+    for (size_t i = 0; i < call->nforward; i++)
+        free(call->forward_headers[i]);
+    free(call->forward_headers);
+    gw_tpl_json_free(call->body);
+    json_decref(call->fallback);
+    free(call->group);
+    gw_jpath_free(call->foreach_path);
+    gw_jpath_free(call->target_path);
+    gw_jpath_sel_free(call->allow);
+    gw_jpath_sel_free(call->deny);
+    for (size_t i = 0; i < call->nrename; i++) {
+        free(call->rename[i].name);
+        free(call->rename[i].value);
+    }
+    free(call->rename);
+    free(call);
+}
+
+/* The index of the call named name[0..len) in route, or -1. Only calls
+ * whose name is already set are searched. */
+static long
+call_index(const gw_route_t *route, const char *name, size_t len)
+{
+    for (size_t i = 0; i < route->agg.ncalls; i++) {
+        const char *n = route->agg.calls[i]->name;
+        if (n != NULL && strlen(n) == len && memcmp(n, name, len) == 0)
+            return (long)i;
+    }
+    return -1;
+}
+
+static bool
+valid_call_name(const char *s, size_t len)
+{
+    if (len == 0 || len > 64)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') || (s[i] >= '0' && s[i] <= '9') ||
+              s[i] == '_' || s[i] == '-'))
+            return false;
+    return true;
+}
+
+/* "query", "header" and "item" start placeholders of their own, so a call
+ * or a path parameter with one of these names could never be referred to. */
+static bool
+reserved_tpl_name(const char *name)
+{
+    return strcmp(name, "query") == 0 || strcmp(name, "header") == 0 || strcmp(name, "item") == 0;
+}
+
+/* Fills route->agg.params from the pattern, which gw_router_add() has
+ * accepted: every "{" starts a whole "{name}" segment with a valid name
+ * that appears once. */
+static void
+collect_params(gw_route_t *route)
+{
+    size_t n = 0;
+    for (const char *p = route->pattern; (p = strchr(p, '{')) != NULL; p++)
+        n++;
+    route->agg.params = gw_calloc(n, sizeof(char *));
+    for (const char *p = route->pattern; (p = strchr(p, '{')) != NULL; p++) {
+        const char *end = strchr(p, '}');
+        route->agg.params[route->agg.nparams++] = gw_strndup(p + 1, (size_t)(end - p - 1));
+    }
+}
+
+/* First pass over one call: its keys and its name, so that the templates
+ * of every call can refer to calls listed after it. */
+static int
+parse_call_name(ctx_t *c, json_t *v, gw_route_t *route, gw_call_t *call)
+{
+    if (!json_is_object(v))
+        return fail(c, "a call must be an object with \"name\", \"backend\" and \"path\"");
+    if (check_keys(c, v, call_keys, "a call"))
+        return GW_ERR;
+    json_t *name = json_object_get(v, "name");
+    if (name == NULL)
+        return fail(c, "\"name\" is required: 1-64 characters of A-Z a-z 0-9 _ -");
+    if (!json_is_string(name) || !valid_call_name(json_string_value(name), json_string_length(name)))
+        return fail_in(c, "name", "must be 1-64 characters of A-Z a-z 0-9 _ -");
+    const char *s = json_string_value(name);
+    if (reserved_tpl_name(s))
+        return fail_in(c, "name", "\"%s\" is reserved in templates ({query.NAME}, {header.NAME}, {item})", s);
+    long other = call_index(route, s, strlen(s));
+    if (other >= 0)
+        return fail_in(c, "name", "\"%s\" is already the name of calls[%ld]", s, other);
+    for (size_t i = 0; i < route->agg.nparams; i++)
+        if (strcmp(route->agg.params[i], s) == 0)
+            return fail_in(c, "name", "\"%s\" is also a path parameter of the route: rename one", s);
+    call->name = gw_strdup(s);
+    return GW_OK;
+}
+
+/* Compiles the text template src found at key. A template naming its own
+ * call is refused here, where the message can point at it. */
+static gw_tpl_t *
+compile_call_tpl(ctx_t *c, const char *key, const char *src, gw_tpl_kind_t kind, const gw_tpl_scope_t *scope,
+                 const gw_call_t *call)
+{
+    char terr[512];
+    gw_tpl_t *t = gw_tpl_compile(src, kind, scope, terr, sizeof(terr));
+    if (t == NULL) {
+        fail_in(c, key, "%s", terr);
+        return NULL;
+    }
+    if (gw_tpl_deps(t) & (1ULL << call->index)) {
+        fail_in(c, key, "\"%s\" uses the answer of call \"%s\" itself: a call cannot wait for it", src,
+                call->name);
+        gw_tpl_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+static bool
+call_sets_header(const gw_call_t *call, const char *name)
+{
+    for (size_t i = 0; i < call->nheaders; i++)
+        if (strcasecmp(call->headers[i].name, name) == 0)
+            return true;
+    return false;
+}
+
+static bool
+call_forwards_header(const gw_call_t *call, const char *name)
+{
+    for (size_t i = 0; i < call->nforward; i++)
+        if (strcasecmp(call->forward_headers[i], name) == 0)
+            return true;
+    return false;
+}
+
+/* "headers": {"X-User": "{user.id}"}. */
+static int
+parse_call_headers(ctx_t *c, json_t *v, gw_call_t *call, const gw_tpl_scope_t *scope)
+{
+    push_key(c, "headers");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object of header names to templates, like {\"X-User\": \"{user.id}\"}");
+        goto out;
+    }
+    call->headers = gw_calloc(json_object_size(v), sizeof(gw_call_header_t));
+    const char *name;
+    json_t *hv;
+    json_object_foreach(v, name, hv) {
+        if (!valid_token(name)) {
+            fail_in(c, name, "invalid header name \"%s\"", name);
+            goto out;
+        }
+        if (reserved_call_header(name)) {
+            fail_in(c, name, "header \"%s\" is set by gatherd and cannot be configured", name);
+            goto out;
+        }
+        if (call_sets_header(call, name)) {
+            fail_in(c, name, "header \"%s\" is set twice (names ignore case)", name);
+            goto out;
+        }
+        if (!json_is_string(hv)) {
+            fail_in(c, name, "must be a string (a template), not %s", type_name(hv));
+            goto out;
+        }
+        gw_call_header_t *h = &call->headers[call->nheaders++];
+        h->name = gw_strdup(name);
+        h->value = compile_call_tpl(c, name, json_string_value(hv), GW_TPL_HEADER, scope, call);
+        if (h->value == NULL)
+            goto out;
+        call->deps |= gw_tpl_deps(h->value);
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "forward_headers": ["Authorization", "Accept-Language"]. */
+static int
+parse_call_forward(ctx_t *c, json_t *v, gw_call_t *call)
+{
+    push_key(c, "forward_headers");
+    int rc = GW_ERR;
+    if (!json_is_array(v)) {
+        fail(c, "must be an array of client header names, like [\"Authorization\"]");
+        goto out;
+    }
+    call->forward_headers = gw_calloc(json_array_size(v), sizeof(char *));
+    size_t i;
+    json_t *e;
+    json_array_foreach(v, i, e) {
+        push_index(c, i);
+        const char *name = json_is_string(e) ? json_string_value(e) : "";
+        if (!valid_token(name)) {
+            fail(c, "must be a header name like \"Accept-Language\"");
+        } else if (reserved_call_header(name)) {
+            fail(c, "header \"%s\" is set by gatherd and cannot be forwarded", name);
+        } else if (call_forwards_header(call, name)) {
+            fail(c, "header \"%s\" is listed twice (names ignore case)", name);
+        } else if (call_sets_header(call, name)) {
+            fail(c, "header \"%s\" is also set in \"headers\": either forward it or set it", name);
+        } else {
+            call->forward_headers[call->nforward++] = gw_strdup(name);
+            pop(c);
+            continue;
+        }
+        pop(c);
+        goto out;
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "after": ["a", "b"]: calls this one waits for without using their answers. */
+static int
+parse_call_after(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call)
+{
+    push_key(c, "after");
+    int rc = GW_ERR;
+    uint64_t after = 0;
+    if (!json_is_array(v)) {
+        fail(c, "must be an array of call names, like [\"login\"]");
+        goto out;
+    }
+    size_t i;
+    json_t *e;
+    json_array_foreach(v, i, e) {
+        push_index(c, i);
+        long k = json_is_string(e) ? call_index(route, json_string_value(e), json_string_length(e)) : -1;
+        if (!json_is_string(e)) {
+            fail(c, "must be the name of a call, not %s", type_name(e));
+        } else if (k < 0) {
+            fail(c, "unknown call \"%s\"", json_string_value(e));
+        } else if ((size_t)k == call->index) {
+            fail(c, "a call cannot wait for itself");
+        } else if (after & (1ULL << k)) {
+            fail(c, "call \"%s\" is listed twice", json_string_value(e));
+        } else {
+            after |= 1ULL << k;
+            pop(c);
+            continue;
+        }
+        pop(c);
+        goto out;
+    }
+    call->deps |= after;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "foreach": "CALL", "CALL.path.to.array" or "CALL[0].items", with its
+ * limits. Reads "foreach_concurrency" and "foreach_max" too, which only a
+ * foreach call may have. */
+static int
+parse_call_foreach(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call)
+{
+    static const char *const limits[] = { "foreach_concurrency", "foreach_max" };
+    json_t *fe = json_object_get(v, "foreach");
+    if (fe == NULL) {
+        for (size_t i = 0; i < GW_NELEM(limits); i++)
+            if (json_object_get(v, limits[i]) != NULL)
+                return fail_in(c, limits[i], "only for a call with \"foreach\"");
+        return GW_OK;
+    }
+    const char *s = json_is_string(fe) ? json_string_value(fe) : "";
+    size_t nlen = strcspn(s, ".[");
+    if (nlen == 0)
+        return fail_in(c, "foreach", "must name a call and the array in its answer, like \"orders.items\"");
+    long k = call_index(route, s, nlen);
+    if (k < 0)
+        return fail_in(c, "foreach", "unknown call \"%.*s\"", (int)nlen, s);
+    if ((size_t)k == call->index)
+        return fail_in(c, "foreach", "a call cannot iterate over its own answer");
+    /* The same syntax as after a call name in a template: "." starts a key
+     * and "[" an index; nothing after the name means the answer itself. */
+    const char *rest = s + nlen;
+    if (rest[0] == '.' && (rest[1] == '\0' || rest[1] == '.' || rest[1] == '['))
+        return fail_in(c, "foreach", "empty key after \".\" in \"%s\"", s);
+    char jerr[256];
+    call->foreach_path = gw_jpath_compile(rest[0] == '.' ? rest + 1 : rest, jerr, sizeof(jerr));
+    if (call->foreach_path == NULL)
+        return fail_in(c, "foreach", "%s", jerr);
+    call->foreach = true;
+    call->foreach_call = (size_t)k;
+    call->deps |= 1ULL << k;
+    long long conc = 8, max = 100;
+    if (get_int(c, v, "foreach_concurrency", 1, 1024, &conc) || get_int(c, v, "foreach_max", 1, 10000, &max))
+        return GW_ERR;
+    call->foreach_concurrency = (unsigned)conc;
+    call->foreach_max = (unsigned)max;
+    return GW_OK;
+}
+
+/* "allow" or "deny": a non-empty array of JSON paths, compiled into a
+ * selection. */
+static int
+parse_call_sel(ctx_t *c, json_t *v, const char *key, gw_jpath_sel_t **out)
+{
+    push_key(c, key);
+    int rc = GW_ERR;
+    size_t n = json_is_array(v) ? json_array_size(v) : 0;
+    gw_jpath_t **paths = gw_calloc(n, sizeof(gw_jpath_t *));
+    size_t np = 0;
+    if (n == 0) {
+        fail(c, "must be a non-empty array of JSON paths, like [\"id\", \"address.city\"]");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *e = json_array_get(v, i);
+        char jerr[256];
+        push_index(c, i);
+        /* "" would select the whole answer: allow would keep everything and
+         * deny would remove it, both surely a mistake. */
+        if (!json_is_string(e) || json_string_length(e) == 0) {
+            fail(c, "must be a non-empty JSON path like \"items[0].id\"");
+            pop(c);
+            goto out;
+        }
+        paths[np] = gw_jpath_compile(json_string_value(e), jerr, sizeof(jerr));
+        if (paths[np] == NULL) {
+            fail(c, "%s", jerr);
+            pop(c);
+            goto out;
+        }
+        np++;
+        pop(c);
+    }
+    *out = gw_jpath_sel_new(paths, np);
+    rc = GW_OK;
+out:
+    for (size_t i = 0; i < np; i++)
+        gw_jpath_free(paths[i]);
+    free(paths);
+    pop(c);
+    return rc;
+}
+
+/* "rename": {"old": "new"}, kept in the order written. */
+static int
+parse_call_rename(ctx_t *c, json_t *v, gw_call_t *call)
+{
+    push_key(c, "rename");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object of top-level keys to new names, like {\"name\": \"full_name\"}");
+        goto out;
+    }
+    call->rename = gw_calloc(json_object_size(v), sizeof(gw_kv_t));
+    const char *old;
+    json_t *nv;
+    json_object_foreach(v, old, nv) {
+        if (!json_is_string(nv) || json_string_length(nv) == 0) {
+            fail_in(c, old, "the new name must be a non-empty string");
+            goto out;
+        }
+        for (size_t i = 0; i < call->nrename; i++)
+            if (strcmp(call->rename[i].value, json_string_value(nv)) == 0) {
+                fail_in(c, old, "\"%s\" is already the new name of \"%s\"", json_string_value(nv),
+                        call->rename[i].name);
+                goto out;
+            }
+        call->rename[call->nrename].name = gw_strdup(old);
+        call->rename[call->nrename].value = gw_strdup(json_string_value(nv));
+        call->nrename++;
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "group": the call's key in the aggregate, unique in the route. */
+static int
+parse_call_group(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call)
+{
+    json_t *g = json_object_get(v, "group");
+    const char *key = g != NULL ? "group" : "name";
+    if (g != NULL && (!json_is_string(g) || json_string_length(g) == 0))
+        return fail_in(c, "group", "must be a non-empty string");
+    call->group = gw_strdup(g != NULL ? json_string_value(g) : call->name);
+    if (strcmp(call->group, "_errors") == 0)
+        return fail_in(c, key, "group \"_errors\" is reserved for the error report%s",
+                       g != NULL ? "" : ": set another \"group\"");
+    for (size_t i = 0; i < call->index; i++)
+        if (strcmp(route->agg.calls[i]->group, call->group) == 0)
+            return fail_in(c, key, "group \"%s\" is already the group of call \"%s\"", call->group,
+                           route->agg.calls[i]->name);
+    return GW_OK;
+}
+
+/* Second pass over one call: everything but its name. */
+static int
+parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const gw_tpl_scope_t *scope)
+{
+    json_t *b = json_object_get(v, "backend");
+    if (b == NULL)
+        return fail(c, "\"backend\" is required: the name of a backend");
+    if (!json_is_string(b))
+        return fail_in(c, "backend", "must be the name of a backend, not %s", type_name(b));
+    call->backend = find_backend(c->cfg, json_string_value(b));
+    if (call->backend == NULL)
+        return fail_in(c, "backend", "unknown backend \"%s\"", json_string_value(b));
+
+    call->method = HTTP_GET;
+    json_t *m = json_object_get(v, "method");
+    if (m != NULL) {
+        int num = json_is_string(m) ? gw_config_method_from_name(json_string_value(m)) : -1;
+        if (num == HTTP_HEAD)
+            return fail_in(c, "method", "HEAD is not allowed for a call: its answer has no body to aggregate");
+        if (num < 0)
+            return fail_in(c, "method", "unsupported method (use one of GET, POST, PUT, DELETE, PATCH, OPTIONS)");
+        call->method = num;
+    }
+
+    /* foreach first: it decides whether the templates may use {item}. */
+    if (parse_call_foreach(c, v, route, call) != GW_OK)
+        return GW_ERR;
+
+    json_t *path = json_object_get(v, "path");
+    if (path == NULL)
+        return fail(c, "\"path\" is required: a template like \"/users/{id}\"");
+    if (!json_is_string(path))
+        return fail_in(c, "path", "must be a string like \"/users/{id}\", not %s", type_name(path));
+    call->target = compile_call_tpl(c, "path", json_string_value(path), GW_TPL_TARGET, scope, call);
+    if (call->target == NULL)
+        return GW_ERR;
+    call->deps |= gw_tpl_deps(call->target);
+
+    json_t *x;
+    if ((x = json_object_get(v, "headers")) != NULL && parse_call_headers(c, x, call, scope) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "forward_headers")) != NULL && parse_call_forward(c, x, call) != GW_OK)
+        return GW_ERR;
+
+    if ((x = json_object_get(v, "body")) != NULL) {
+        if (json_is_string(x) && strcmp(json_string_value(x), "forward") == 0) {
+            call->forward_body = true;
+        } else {
+            char terr[512];
+            call->body = gw_tpl_json_compile(x, scope, terr, sizeof(terr));
+            if (call->body == NULL)
+                return fail_in(c, "body", "%s", terr);
+            if (gw_tpl_json_deps(call->body) & (1ULL << call->index))
+                return fail_in(c, "body", "uses the answer of call \"%s\" itself: a call cannot wait for it",
+                               call->name);
+            call->deps |= gw_tpl_json_deps(call->body);
+        }
+    }
+
+    call->timeout_ms = call->backend->timeout_ms;
+    if (get_ms(c, v, "timeout_ms", &call->timeout_ms) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "required")) != NULL) {
+        if (!json_is_boolean(x))
+            return fail_in(c, "required", "must be true or false");
+        call->required = json_is_true(x);
+    }
+    if ((x = json_object_get(v, "fallback")) != NULL) {
+        /* A copy, so that the call shares nothing with the parsed file. */
+        call->fallback = json_deep_copy(x);
+        if (call->fallback == NULL)
+            return fail_in(c, "fallback", "cannot copy the value");
+    }
+    if (parse_call_group(c, v, route, call) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "after")) != NULL && parse_call_after(c, x, route, call) != GW_OK)
+        return GW_ERR;
+
+    if ((x = json_object_get(v, "target")) != NULL) {
+        char jerr[256];
+        if (!json_is_string(x))
+            return fail_in(c, "target", "must be a JSON path like \"data.user\", not %s", type_name(x));
+        call->target_path = gw_jpath_compile(json_string_value(x), jerr, sizeof(jerr));
+        if (call->target_path == NULL)
+            return fail_in(c, "target", "%s", jerr);
+    }
+    if (json_object_get(v, "allow") != NULL && json_object_get(v, "deny") != NULL)
+        return fail_in(c, "deny", "\"allow\" and \"deny\" cannot be used together: keep one");
+    if ((x = json_object_get(v, "allow")) != NULL && parse_call_sel(c, x, "allow", &call->allow) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "deny")) != NULL && parse_call_sel(c, x, "deny", &call->deny) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "rename")) != NULL && parse_call_rename(c, x, call) != GW_OK)
+        return GW_ERR;
+    return GW_OK;
+}
+
+/*
+ * Finds a cycle in the calls' dependency masks with a depth-first walk and
+ * writes it as "a -> b -> a" ("a" waits for "b"), starting from the cycle's
+ * first call in list order so the message does not depend on the walk.
+ * Returns false when there is none.
+ */
+static bool
+find_cycle(const gw_route_t *route, char *buf, size_t len)
+{
+    enum { UNSEEN, ON_PATH, DONE };
+    unsigned char state[GW_TPL_MAX_CALLS] = { 0 };
+    size_t path[GW_TPL_MAX_CALLS], next[GW_TPL_MAX_CALLS];
+    size_t n = route->agg.ncalls;
+    for (size_t start = 0; start < n; start++) {
+        if (state[start] != UNSEEN)
+            continue;
+        size_t depth = 1;
+        path[0] = start;
+        next[0] = 0;
+        state[start] = ON_PATH;
+        while (depth > 0) {
+            size_t u = path[depth - 1], d = next[depth - 1];
+            while (d < n && !(route->agg.calls[u]->deps & (1ULL << d)))
+                d++;
+            if (d == n) {
+                state[u] = DONE;
+                depth--;
+                continue;
+            }
+            next[depth - 1] = d + 1;
+            if (state[d] == UNSEEN) {
+                state[d] = ON_PATH;
+                path[depth] = d;
+                next[depth] = 0;
+                depth++;
+                continue;
+            }
+            if (state[d] == DONE)
+                continue;
+            /* d is on the path: path[from..depth) and back to d is a cycle */
+            size_t from = 0, first = 0;
+            while (path[from] != d)
+                from++;
+            for (size_t i = from; i < depth; i++)
+                if (path[i] < path[from + first])
+                    first = i - from;
+            size_t cycle = depth - from, w = 0;
+            buf[0] = '\0';
+            for (size_t i = 0; i <= cycle && w < len; i++) {
+                int k = snprintf(buf + w, len - w, "%s%s", i ? " -> " : "",
+                                 route->agg.calls[path[from + (first + i) % cycle]]->name);
+                if (k < 0)
+                    break;
+                w += (size_t)k;
+            }
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The keys of a route with "calls": "calls", "deadline_ms", "merge", "errors". */
+static int
+parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
+{
+    route->kind = GW_ROUTE_AGGREGATE;
+    route->agg.deadline_ms = 5000;
+    route->agg.merge = GW_MERGE_GROUP;
+    if (get_ms(c, v, "deadline_ms", &route->agg.deadline_ms) != GW_OK)
+        return GW_ERR;
+    json_t *x;
+    if ((x = json_object_get(v, "merge")) != NULL) {
+        if (json_is_string(x) && strcmp(json_string_value(x), "group") == 0)
+            route->agg.merge = GW_MERGE_GROUP;
+        else if (json_is_string(x) && strcmp(json_string_value(x), "merge") == 0)
+            route->agg.merge = GW_MERGE_MERGE;
+        else
+            return fail_in(c, "merge", "must be \"group\" or \"merge\"");
+    }
+    if ((x = json_object_get(v, "errors")) != NULL) {
+        if (!json_is_boolean(x))
+            return fail_in(c, "errors", "must be true or false");
+        route->agg.errors = json_is_true(x);
+    }
+    collect_params(route);
+    for (size_t i = 0; i < route->agg.nparams; i++)
+        if (reserved_tpl_name(route->agg.params[i]))
+            return fail_in(c, "path",
+                           "path parameter \"%s\" is reserved in a route with \"calls\" ({query.NAME}, "
+                           "{header.NAME} and {item} are template sources): rename it",
+                           route->agg.params[i]);
+
+    json_t *calls = json_object_get(v, "calls");
+    size_t n = json_is_array(calls) ? json_array_size(calls) : 0;
+    if (n == 0)
+        return fail_in(c, "calls",
+                       "must be a non-empty array of calls, like [{\"name\": \"user\", \"backend\": "
+                       "\"users\", \"path\": \"/users/{id}\"}]");
+    if (n > GW_TPL_MAX_CALLS)
+        return fail_in(c, "calls", "at most %d calls per route, not %zu", GW_TPL_MAX_CALLS, n);
+    push_key(c, "calls");
+    int rc = GW_ERR;
+    const char **names = gw_calloc(n, sizeof(char *)); /* the scope's call names, borrowed from the calls */
+    route->agg.calls = gw_calloc(n, sizeof(gw_call_t *));
+    for (size_t i = 0; i < n; i++) {
+        gw_call_t *call = gw_calloc(1, sizeof(gw_call_t));
+        route->agg.calls[route->agg.ncalls++] = call; /* owned by the route from here on */
+        call->index = i;
+        push_index(c, i);
+        int crc = parse_call_name(c, json_array_get(calls, i), route, call);
+        pop(c);
+        if (crc != GW_OK)
+            goto out;
+        names[i] = call->name;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *cv = json_array_get(calls, i);
+        gw_tpl_scope_t scope = { .params = (const char *const *)route->agg.params,
+                                 .nparams = route->agg.nparams,
+                                 .calls = names,
+                                 .ncalls = n,
+                                 .has_item = json_object_get(cv, "foreach") != NULL };
+        push_index(c, i);
+        int crc = parse_call(c, cv, route, route->agg.calls[i], &scope);
+        pop(c);
+        if (crc != GW_OK)
+            goto out;
+    }
+    char cycle[GW_TPL_MAX_CALLS * 70];
+    if (find_cycle(route, cycle, sizeof(cycle))) {
+        fail(c, "dependency cycle: %s (each call waits for the next one)", cycle);
+        goto out;
+    }
+    rc = GW_OK;
+out:
+    free(names);
+    pop(c);
+    return rc;
+}
+
 static void
 backend_free(gw_backend_t *b)
 {
@@ -1088,13 +1790,21 @@ route_free(gw_route_t *r)
     free(r->where);
     free(r->respond.head);
     free(r->respond.body);
+    for (size_t i = 0; i < r->agg.ncalls; i++)
+        call_free(r->agg.calls[i]);
+    free(r->agg.calls);
+    for (size_t i = 0; i < r->agg.nparams; i++)
+        free(r->agg.params[i]);
+    free(r->agg.params);
     free(r);
 }
 
 static int
 parse_route(ctx_t *c, json_t *v, size_t index)
 {
-    static const char *const keys[] = { "path", "methods", "respond", "proxy", "calls", NULL };
+    static const char *const keys[] = { "path",        "methods", "respond", "proxy", "calls",
+                                        "deadline_ms", "merge",   "errors",  NULL };
+    static const char *const agg_keys[] = { "deadline_ms", "merge", "errors", NULL };
     gw_config_t *cfg = c->cfg;
     if (!json_is_object(v))
         return fail(c, "a route must be an object with \"path\" and one of \"respond\", \"proxy\" or \"calls\"");
@@ -1117,17 +1827,15 @@ parse_route(ctx_t *c, json_t *v, size_t index)
     int kinds = !!json_object_get(v, "respond") + !!json_object_get(v, "proxy") + !!json_object_get(v, "calls");
     if (kinds != 1)
         return fail(c, "a route needs exactly one of \"respond\", \"proxy\" or \"calls\"");
+    bool aggregate = json_object_get(v, "calls") != NULL;
+    for (const char *const *k = agg_keys; !aggregate && *k; k++)
+        if (json_object_get(v, *k) != NULL)
+            return fail_in(c, *k, "only for routes with \"calls\"");
     if (json_object_get(v, "proxy") != NULL) {
         if (parse_proxy(c, json_object_get(v, "proxy"), route) != GW_OK)
             return GW_ERR;
-    } else if (json_object_get(v, "calls") == NULL && parse_respond(c, json_object_get(v, "respond"), route) != GW_OK) {
+    } else if (!aggregate && parse_respond(c, json_object_get(v, "respond"), route) != GW_OK) {
         return GW_ERR;
-    }
-    if (json_object_get(v, "calls") != NULL) {
-        push_key(c, "calls");
-        int rc = fail(c, "aggregate routes are not supported by this version of gatherd yet");
-        pop(c);
-        return rc;
     }
     char rerr[512];
     if (gw_router_add(cfg->router, route->pattern, route->methods, route, rerr, sizeof(rerr)) != GW_OK) {
@@ -1136,6 +1844,10 @@ parse_route(ctx_t *c, json_t *v, size_t index)
         pop(c);
         return GW_ERR;
     }
+    /* After gw_router_add(), which has checked the pattern: the calls'
+     * templates are compiled against its parameter names. */
+    if (aggregate && parse_agg(c, v, route) != GW_OK)
+        return GW_ERR;
     return GW_OK;
 }
 

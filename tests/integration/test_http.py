@@ -319,7 +319,7 @@ def config_rejects_reserved_headers_and_unsupported_kinds():
                                        "routes": [{"path": "/a", "proxy": {"upstream": "http://127.0.0.1:1"}}]}))
     contains(err, 'routes[0].proxy.upstream: unknown key "upstream"', "stderr for a proxy with an unknown key")
     _, err = _config_error(json.dumps({"listen": ["127.0.0.1:8080"], "routes": [{"path": "/a", "calls": []}]}))
-    contains(err, "not supported", "stderr for calls")
+    contains(err, "routes[0].calls: must be a non-empty array of calls", "stderr for an empty calls")
     _, err = _config_error(json.dumps({"listen": ["127.0.0.1:8080"], "routes": [{"path": "/a"}]}))
     _, err = _config_error(json.dumps({"listen": ["127.0.0.1:8080"], "workers": 0}))
     contains(err, "workers", "stderr")

@@ -1,9 +1,13 @@
 /* Unit tests for src/gw_config.c: defaults, strictness, error messages
- * with file, line and JSON path, includes. */
+ * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
+#include "gw_jpath.h"
+#include "gw_router.h"
+#include "gw_template.h"
 #include "gw_test.h"
 
 #include <arpa/inet.h>
+#include <llhttp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -142,7 +146,8 @@ test_routes(void)
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\"}]}", "needs exactly one of");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"respond\": {}, \"proxy\": {}}]}",
                 "needs exactly one of");
-    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"calls\": []}]}", "not supported");
+    check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"calls\": []}]}",
+                "routes[0].calls: must be a non-empty array of calls");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [\"BREW\"], \"respond\": {}}]}",
                 "routes[0].methods[0]: unsupported method");
     check_error("{\"listen\": [\"1\"], \"routes\": [{\"path\": \"/a\", \"methods\": [], \"respond\": {}}]}",
@@ -199,6 +204,387 @@ test_backends_and_proxy(void)
     check_error(B "{\"url\": \"http://127.0.0.1:99999\"}}}", "backends.users.url: bad address");
     check_error(B "{\"url\": \"http://127.0.0.1:1\", \"max_idle\": -1}}}", "backends.users.max_idle: must be between");
     check_error(B "{\"url\": \"http://127.0.0.1:1\", \"retries\": 1}}}", "backends.users.retries: unknown key");
+}
+
+/* --- aggregate routes ------------------------------------------------------ */
+
+/* Aggregate routes in C strings are hard to read with \" everywhere, so
+ * these tests write JSON with single quotes and q() turns them into double
+ * quotes (none of the texts needs a real single quote). */
+static const char *
+q(const char *s)
+{
+    static char buf[16384];
+    size_t n = strlen(s);
+    if (n >= sizeof(buf))
+        n = sizeof(buf) - 1;
+    for (size_t i = 0; i < n; i++)
+        buf[i] = s[i] == '\'' ? '"' : s[i];
+    buf[n] = '\0';
+    return buf;
+}
+
+/* users has timeout_ms 700, orders the default (30000). */
+#define AGG                                                                                                            \
+    "{'listen': ['1'], 'backends': {'users': {'url': 'http://127.0.0.1:9101', 'timeout_ms': 700},\n"                   \
+    " 'orders': {'url': 'http://127.0.0.1:9102'}},\n 'routes': ["
+
+/* The route "/a/{id}" with these calls (single-quoted JSON) must be
+ * rejected with a message containing expect. */
+static void
+check_calls_error(const char *calls, const char *expect)
+{
+    char text[12288];
+    snprintf(text, sizeof(text), AGG "{'path': '/a/{id}', 'calls': [%s]}]}", calls);
+    check_error(q(text), expect);
+}
+
+static void
+test_aggregate_route(void)
+{
+    gw_config_t *cfg = parse(q(AGG "{'path': '/dash/{id}', 'methods': ['GET'], 'deadline_ms': 800, 'merge': 'merge',\n"
+                                   "  'errors': true, 'calls': [\n"
+                                   " {'name': 'customer', 'backend': 'users', 'path': '/users/{id}',\n"
+                                   "  'required': true, 'allow': ['id', 'name']},\n"
+                                   " {'name': 'orders', 'backend': 'orders', 'method': 'POST', 'path': "
+                                   "'/orders?user={customer.id}',\n"
+                                   "  'headers': {'X-User': '{customer.id}', 'Accept': 'application/json'},\n"
+                                   "  'forward_headers': ['Authorization'],\n"
+                                   "  'body': {'user': '{customer.id}', 'q': '{query.q}'}, 'target': 'items',\n"
+                                   "  'fallback': null, 'group': 'my_orders', 'rename': {'a': 'b', 'c': 'd'}},\n"
+                                   " {'name': 'products', 'backend': 'orders', 'path': '/products/{item.product_id}',\n"
+                                   "  'foreach': 'orders.items', 'foreach_concurrency': 4, 'foreach_max': 20,\n"
+                                   "  'deny': ['internal', 'x.y'], 'timeout_ms': 50},\n"
+                                   " {'name': 'recs', 'backend': 'users', 'method': 'PUT', 'path': "
+                                   "'/recs?lang={query.lang}',\n"
+                                   "  'after': ['customer'], 'body': 'forward'},\n"
+                                   " {'name': 'each', 'backend': 'users', 'path': '/e/{item}', 'foreach': 'recs'},\n"
+                                   " {'name': 'later', 'backend': 'users', 'path': '/l/{zlast.id}'},\n"
+                                   " {'name': 'zlast', 'backend': 'users', 'path': '/z', 'fallback': {'items': []}}\n"
+                                   "]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    gw_route_t *r = cfg->routes[0];
+    CHECK(r->kind == GW_ROUTE_AGGREGATE);
+    CHECK(r->agg.ncalls == 7 && r->agg.deadline_ms == 800 && r->agg.merge == GW_MERGE_MERGE && r->agg.errors);
+    CHECK(r->agg.nparams == 1);
+    CHECK_STR(r->agg.params[0], "id");
+    gw_call_t *const *c = (gw_call_t *const *)r->agg.calls;
+    for (size_t i = 0; i < r->agg.ncalls; i++)
+        CHECK(c[i]->index == i);
+
+    CHECK_STR(c[0]->name, "customer");
+    CHECK(c[0]->backend == cfg->backends[0] && c[0]->method == HTTP_GET && c[0]->deps == 0);
+    CHECK_STR(c[0]->group, "customer");
+    CHECK(c[0]->required && c[0]->fallback == NULL && c[0]->timeout_ms == 700);
+    CHECK(c[0]->allow != NULL && c[0]->deny == NULL && !c[0]->foreach && c[0]->target_path == NULL);
+    CHECK_STR(gw_tpl_source(c[0]->target), "/users/{id}");
+
+    CHECK(c[1]->backend == cfg->backends[1] && c[1]->method == HTTP_POST && c[1]->deps == 1);
+    CHECK(!c[1]->required && c[1]->timeout_ms == 30000);
+    CHECK(c[1]->nheaders == 2);
+    if (c[1]->nheaders == 2) {
+        CHECK_STR(c[1]->headers[0].name, "X-User");
+        CHECK(gw_tpl_deps(c[1]->headers[0].value) == 1 && gw_tpl_deps(c[1]->headers[1].value) == 0);
+    }
+    CHECK(c[1]->nforward == 1);
+    if (c[1]->nforward == 1)
+        CHECK_STR(c[1]->forward_headers[0], "Authorization");
+    CHECK(c[1]->body != NULL && gw_tpl_json_deps(c[1]->body) == 1 && !c[1]->forward_body);
+    CHECK(c[1]->target_path != NULL && strcmp(gw_jpath_text(c[1]->target_path), "items") == 0);
+    CHECK(c[1]->fallback != NULL && json_is_null(c[1]->fallback));
+    CHECK_STR(c[1]->group, "my_orders");
+    CHECK(c[1]->nrename == 2);
+    if (c[1]->nrename == 2) {
+        CHECK_STR(c[1]->rename[0].name, "a");
+        CHECK_STR(c[1]->rename[0].value, "b");
+        CHECK_STR(c[1]->rename[1].name, "c");
+        CHECK_STR(c[1]->rename[1].value, "d");
+    }
+
+    CHECK(c[2]->foreach && c[2]->foreach_call == 1 && c[2]->foreach_concurrency == 4 && c[2]->foreach_max == 20);
+    CHECK(c[2]->foreach_path != NULL && strcmp(gw_jpath_text(c[2]->foreach_path), "items") == 0);
+    CHECK(c[2]->deps == 1u << 1 && c[2]->deny != NULL && c[2]->allow == NULL && c[2]->timeout_ms == 50);
+
+    CHECK(c[3]->method == HTTP_PUT && c[3]->forward_body && c[3]->body == NULL && c[3]->deps == 1);
+    CHECK(!c[3]->foreach && c[3]->foreach_path == NULL);
+
+    CHECK(c[4]->foreach && c[4]->foreach_call == 3 && gw_jpath_is_root(c[4]->foreach_path));
+    CHECK(c[4]->foreach_concurrency == 8 && c[4]->foreach_max == 100 && c[4]->deps == 1u << 3);
+
+    CHECK(c[5]->deps == 1u << 6); /* a template may name a call listed later */
+    CHECK(c[6]->fallback != NULL && json_is_object(c[6]->fallback));
+
+    /* the route is in the router as before */
+    gw_path_t path = { 0 };
+    gw_match_t m;
+    CHECK(gw_router_normalize("/dash/7", 7, &path) == GW_OK);
+    CHECK(gw_router_match(cfg->router, HTTP_GET, &path, &m) == GW_ROUTE_FOUND && m.route == r);
+    gw_path_free(&path);
+    gw_config_unref(cfg);
+
+    /* defaults of the route, and the most calls a route may have */
+    char text[12288];
+    size_t w = (size_t)snprintf(text, sizeof(text), "%s", AGG "{'path': '/m', 'calls': [");
+    for (int i = 0; i < GW_TPL_MAX_CALLS; i++)
+        w += (size_t)snprintf(text + w, sizeof(text) - w, "%s{'name': 'c%d', 'backend': 'users', 'path': '/'}",
+                              i ? ", " : "", i);
+    snprintf(text + w, sizeof(text) - w, "]}]}");
+    cfg = parse(q(text));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    r = cfg->routes[0];
+    CHECK(r->agg.ncalls == GW_TPL_MAX_CALLS && r->agg.nparams == 0);
+    CHECK(r->agg.deadline_ms == 5000 && r->agg.merge == GW_MERGE_GROUP && !r->agg.errors);
+    gw_config_unref(cfg);
+    snprintf(text + w, sizeof(text) - w, ", {'name': 'one_more', 'backend': 'users', 'path': '/'}]}]}");
+    check_error(q(text), "routes[0].calls: at most 64 calls per route, not 65");
+}
+
+static void
+test_aggregate_route_keys(void)
+{
+    check_error(q(AGG "{'path': '/a', 'calls': {}}]}"), "routes[0].calls: must be a non-empty array of calls");
+    check_error(q(AGG "{'path': '/a', 'respond': {}, 'deadline_ms': 100}]}"),
+                "routes[0].deadline_ms: only for routes with \"calls\"");
+    check_error(q(AGG "{'path': '/a', 'proxy': {'backend': 'users'}, 'merge': 'group'}]}"),
+                "routes[0].merge: only for routes with \"calls\"");
+    check_error(q(AGG "{'path': '/a', 'respond': {}, 'errors': true}]}"),
+                "routes[0].errors: only for routes with \"calls\"");
+    const char *call = "[{'name': 'a', 'backend': 'users', 'path': '/'}]";
+    char text[1024];
+    snprintf(text, sizeof(text), AGG "{'path': '/a', 'merge': 'deep', 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].merge: must be \"group\" or \"merge\"");
+    snprintf(text, sizeof(text), AGG "{'path': '/a', 'errors': 1, 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].errors: must be true or false");
+    snprintf(text, sizeof(text), AGG "{'path': '/a', 'deadline_ms': 0, 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].deadline_ms: must be between 1 and 86400000, not 0");
+    snprintf(text, sizeof(text), AGG "{'path': '/a', 'deadline_ms': 86400001, 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].deadline_ms: must be between");
+    snprintf(text, sizeof(text), AGG "{'path': '/a/{item}', 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].path: path parameter \"item\" is reserved");
+    snprintf(text, sizeof(text), AGG "{'path': '/a/{x y}', 'calls': %s}]}", call);
+    check_error(q(text), "routes[0].path: parameter name \"x y\"");
+    snprintf(text, sizeof(text), AGG "{'path': '/a', 'calls': %s}, {'path': '/a', 'calls': %s}]}", call, call);
+    check_error(q(text), "routes[1].path: duplicate route");
+}
+
+static void
+test_aggregate_call_errors(void)
+{
+    check_calls_error("1", "routes[0].calls[0]: a call must be an object");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'tmeout_ms': 5}",
+                      "routes[0].calls[0].tmeout_ms: unknown key \"tmeout_ms\" in a call");
+    check_calls_error("{'backend': 'users', 'path': '/'}", "routes[0].calls[0]: \"name\" is required");
+    check_calls_error("{'name': 'a', 'path': '/'}", "routes[0].calls[0]: \"backend\" is required");
+    check_calls_error("{'name': 'a', 'backend': 'users'}", "routes[0].calls[0]: \"path\" is required");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': 5}", "routes[0].calls[0].path: must be a string");
+    check_calls_error("{'name': 'a', 'backend': 'nope', 'path': '/'}",
+                      "routes[0].calls[0].backend: unknown backend \"nope\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, {'name': 'a', 'backend': 'users', 'path': '/'}",
+                      "routes[0].calls[1].name: \"a\" is already the name of calls[0]");
+    static const char *const reserved[] = { "query", "header", "item" };
+    for (size_t i = 0; i < GW_NELEM(reserved); i++) {
+        char calls[256];
+        snprintf(calls, sizeof(calls), "{'name': '%s', 'backend': 'users', 'path': '/'}", reserved[i]);
+        check_calls_error(calls, "routes[0].calls[0].name: \"");
+        check_calls_error(calls, "\" is reserved in templates");
+    }
+    static const char *const bad_names[] = { "", "a.b", "a b", "é",
+                                             "a2345678901234567890123456789012345678901234567890123456789012345" };
+    for (size_t i = 0; i < GW_NELEM(bad_names); i++) {
+        char calls[256];
+        snprintf(calls, sizeof(calls), "{'name': '%s', 'backend': 'users', 'path': '/'}", bad_names[i]);
+        check_calls_error(calls, "routes[0].calls[0].name: must be 1-64 characters of A-Z a-z 0-9 _ -");
+    }
+    check_calls_error("{'name': 5, 'backend': 'users', 'path': '/'}", "routes[0].calls[0].name: must be 1-64");
+    gw_config_t *cfg = parse(q(AGG "{'path': '/a', 'calls': [{'name': "
+                                   "'A_-4567890123456789012345678901234567890123456789012345678901234', "
+                                   "'backend': 'users', 'path': '/'}]}]}"));
+    CHECK(cfg != NULL);
+    gw_config_unref(cfg);
+    check_calls_error("{'name': 'id', 'backend': 'users', 'path': '/'}",
+                      "routes[0].calls[0].name: \"id\" is also a path parameter of the route");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'method': 'HEAD'}",
+                      "routes[0].calls[0].method: HEAD is not allowed for a call");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'method': 'BREW'}",
+                      "routes[0].calls[0].method: unsupported method (use one of GET, POST");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'timeout_ms': 0}",
+                      "routes[0].calls[0].timeout_ms: must be between 1 and");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'required': 'yes'}",
+                      "routes[0].calls[0].required: must be true or false");
+}
+
+static void
+test_aggregate_templates(void)
+{
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/u/{usr.id}'}",
+                      "routes[0].calls[0].path: unknown name \"usr\" in \"{usr.id}\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': 'u/{id}'}", "routes[0].calls[0].path: ");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/u/{item.id}'}",
+                      "routes[0].calls[0].path: \"{item.id}\": item exists only in a call with \"foreach\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'X-A': '{item}'}}",
+                      "routes[0].calls[0].headers.X-A: \"{item}\": item exists only in a call with \"foreach\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'body': {'items': [1, '{nope}']}}",
+                      "routes[0].calls[0].body: items[1]: unknown name \"nope\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'X-A': 5}}",
+                      "routes[0].calls[0].headers.X-A: must be a string");
+    /* a call waiting for itself */
+    check_calls_error("{'name': 'self', 'backend': 'users', 'path': '/{self.id}'}",
+                      "routes[0].calls[0].path: \"/{self.id}\" uses the answer of call \"self\" itself");
+    check_calls_error("{'name': 'self', 'backend': 'users', 'path': '/', 'headers': {'X-A': '{self}'}}",
+                      "routes[0].calls[0].headers.X-A: \"{self}\" uses the answer of call \"self\" itself");
+    check_calls_error("{'name': 'self', 'backend': 'users', 'path': '/', 'body': ['{self.id}']}",
+                      "routes[0].calls[0].body: uses the answer of call \"self\" itself");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'after': ['a']}",
+                      "routes[0].calls[0].after[0]: a call cannot wait for itself");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'after': ['b']}",
+                      "routes[0].calls[0].after[0]: unknown call \"b\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'after': ['a', 'a']}",
+                      "routes[0].calls[1].after[1]: call \"a\" is listed twice");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'after': 'b'}",
+                      "routes[0].calls[0].after: must be an array of call names");
+    /* cycles, named from the first call of the cycle in list order */
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/{b.id}'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/{a.id}'}",
+                      "routes[0].calls: dependency cycle: a -> b -> a");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/{b.id}'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'headers': {'X-C': '{c}'}}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'after': ['a']}",
+                      "routes[0].calls: dependency cycle: a -> b -> c -> a");
+    check_calls_error("{'name': 'x', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'body': {'k': '{a.id}'}}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/{c.id}', 'after': ['x']}, "
+                      "{'name': 'a', 'backend': 'users', 'path': '/', 'foreach': 'b.items'}",
+                      "routes[0].calls: dependency cycle: c -> a -> b -> c");
+}
+
+static void
+test_aggregate_headers(void)
+{
+    static const char *const reserved[] = { "Host", "content-length", "Transfer-Encoding", "Connection",
+                                            "Keep-Alive", "TE", "Trailer", "Upgrade", "Expect",
+                                            "Proxy-Connection", "X-Request-Id", "x-forwarded-for",
+                                            "X-Forwarded-Proto", "Via" };
+    for (size_t i = 0; i < GW_NELEM(reserved); i++) {
+        char calls[512], expect[256];
+        snprintf(calls, sizeof(calls), "{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'%s': 'x'}}",
+                 reserved[i]);
+        snprintf(expect, sizeof(expect), "routes[0].calls[0].headers.%s: header \"%s\" is set by gatherd", reserved[i],
+                 reserved[i]);
+        check_calls_error(calls, expect);
+        snprintf(calls, sizeof(calls), "{'name': 'a', 'backend': 'users', 'path': '/', 'forward_headers': ['%s']}",
+                 reserved[i]);
+        snprintf(expect, sizeof(expect), "routes[0].calls[0].forward_headers[0]: header \"%s\" is set by gatherd",
+                 reserved[i]);
+        check_calls_error(calls, expect);
+    }
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'X A': 'x'}}",
+                      "routes[0].calls[0].headers.X A: invalid header name");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'X-A': 'x', 'x-a': 'y'}}",
+                      "routes[0].calls[0].headers.x-a: header \"x-a\" is set twice");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'X-A': 'a\\r\\nX-B: b'}}",
+                      "routes[0].calls[0].headers.X-A: ");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'forward_headers': ['Accept', 'accept']}",
+                      "routes[0].calls[0].forward_headers[1]: header \"accept\" is listed twice");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'forward_headers': ['A B']}",
+                      "routes[0].calls[0].forward_headers[0]: must be a header name");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'forward_headers': 'Accept'}",
+                      "routes[0].calls[0].forward_headers: must be an array");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'headers': {'Accept': 'x'},"
+                      " 'forward_headers': ['ACCEPT']}",
+                      "routes[0].calls[0].forward_headers[0]: header \"ACCEPT\" is also set in \"headers\"");
+}
+
+static void
+test_aggregate_groups_and_foreach(void)
+{
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'group': 'g'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'group': 'g'}",
+                      "routes[0].calls[1].group: group \"g\" is already the group of call \"a\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'group': 'a'}",
+                      "routes[0].calls[1].group: group \"a\" is already the group of call \"a\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'group': 'b'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/'}",
+                      "routes[0].calls[1].name: group \"b\" is already the group of call \"a\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'group': '_errors'}",
+                      "routes[0].calls[0].group: group \"_errors\" is reserved");
+    check_calls_error("{'name': '_errors', 'backend': 'users', 'path': '/'}",
+                      "routes[0].calls[0].name: group \"_errors\" is reserved for the error report: set another");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'group': ''}",
+                      "routes[0].calls[0].group: must be a non-empty string");
+
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'foreach': 'nope.items'}",
+                      "routes[0].calls[0].foreach: unknown call \"nope\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'foreach': 'a'}",
+                      "routes[0].calls[0].foreach: a call cannot iterate over its own answer");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a.'}",
+                      "routes[0].calls[1].foreach: empty key after \".\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a.x..y'}",
+                      "routes[0].calls[1].foreach: ");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'foreach': 5}",
+                      "routes[0].calls[0].foreach: must name a call and the array in its answer");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'foreach_concurrency': 2}",
+                      "routes[0].calls[0].foreach_concurrency: only for a call with \"foreach\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'foreach_max': 2}",
+                      "routes[0].calls[0].foreach_max: only for a call with \"foreach\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'foreach_concurrency': 1025}",
+                      "routes[0].calls[1].foreach_concurrency: must be between 1 and 1024");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'foreach_max': 10001}",
+                      "routes[0].calls[1].foreach_max: must be between 1 and 10000");
+}
+
+static void
+test_aggregate_shaping(void)
+{
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'allow': ['id'], 'deny': ['x']}",
+                      "routes[0].calls[0].deny: \"allow\" and \"deny\" cannot be used together");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'allow': ['id', 'a..b']}",
+                      "routes[0].calls[0].allow[1]: ");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'deny': ['id', '']}",
+                      "routes[0].calls[0].deny[1]: must be a non-empty JSON path");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'deny': []}",
+                      "routes[0].calls[0].deny: must be a non-empty array of JSON paths");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'target': 'a[01]'}",
+                      "routes[0].calls[0].target: ");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'target': 1}",
+                      "routes[0].calls[0].target: must be a JSON path");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'rename': {'a': ''}}",
+                      "routes[0].calls[0].rename.a: the new name must be a non-empty string");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'rename': {'a': 'x', 'b': 'x'}}",
+                      "routes[0].calls[0].rename.b: \"x\" is already the new name of \"a\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'rename': ['a']}",
+                      "routes[0].calls[0].rename: must be an object");
+}
+
+static void
+test_aggregate_error_names_line(void)
+{
+    check_error(q(AGG "{'path': '/a/{id}', 'calls': [\n"
+                      "  {'name': 'user', 'backend': 'users', 'path': '/users/{id}'},\n"
+                      "  {'name': 'orders', 'backend': 'orders',\n"
+                      "   'path': '/orders?u={usr.id}'}]}]}"),
+                "t.json:6: routes[0].calls[1].path: unknown name \"usr\" in \"{usr.id}\"");
+    check_error(q(AGG "{'path': '/a/{id}',\n 'calls': [\n"
+                      "  {'name': 'a', 'backend': 'users', 'path': '/{b.id}'},\n"
+                      "  {'name': 'b', 'backend': 'users', 'path': '/{a.id}'}]}]}"),
+                "t.json:4: routes[0].calls: dependency cycle: a -> b -> a");
+    check_error(q(AGG "{'path': '/a/{id}', 'calls': [\n"
+                      "  {'name': 'a', 'backend': 'users', 'path': '/',\n"
+                      "   'headers': {\n    'Via': 'x'}}]}]}"),
+                "t.json:6: routes[0].calls[0].headers.Via: header \"Via\" is set by gatherd");
 }
 
 static void
@@ -389,5 +775,7 @@ test_shipped_configs_are_valid(void)
 
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
-          T(test_backend_host_names), T(test_resolver),
+          T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
+          T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
+          T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
           T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))
