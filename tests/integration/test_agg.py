@@ -15,6 +15,7 @@ anything failed.
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -903,6 +904,276 @@ def agg_retry_on_stale_pooled_connection():
     j = ok_json(r, what="retried call")
     check(j["a"]["connection_id"] != first, "the call did not go over a new connection after the stale one")
     eq(j["a"]["connection_requests"], 1, "the retry's connection is new")
+
+
+@atest
+def agg_no_retry_for_non_idempotent_calls():
+    """A POST on a pooled connection the backend closed is not sent again."""
+    s = Stub()
+    d = agg_daemon([route("/warm", [call("a", "/w?echo=1")]),
+                    route("/post", [call("p", "/p?close_if_reused=1&echo=1", method="POST", body={"x": 1})],
+                          errors=True)], s)
+    ok_json(get(d, "/warm")[0])
+    r, _ = get(d, "/post")
+    j = ok_json(r, completed=False, what="POST on a stale connection")
+    eq(j["_errors"]["p"]["code"], "truncated", "code of a POST whose connection was closed")
+    eq(s.stats()["requests"], 2, "requests at the backend (no second POST)")
+
+
+@atest
+def agg_backend_framings_and_limits():
+    s = Stub()
+    d = agg_daemon([route("/fr", [
+        call("chunked", "/c?chunked=1&chunk=7&" + jbody({"a": [1, 2, 3], "s": "x" * 50})),
+        call("interim", "/i?interim=103&" + jbody({"i": 1})),
+        call("paced", "/p?size=3000&chunk=500&chunk_delay=20", target="data"),
+        call("exact", "/e?size=100", backend="small", target="data"),
+        call("over", "/o?size=101", backend="small"),
+        call("over_chunked", "/o?size=101&chunked=1&chunk=10", backend="small"),
+        call("err_big", "/x?status=500&size=5000", backend="small"),
+    ], errors=True)], s)
+    r, _ = get(d, "/fr")
+    j = ok_json(r, completed=False)
+    eq(j.get("chunked"), {"a": [1, 2, 3], "s": "x" * 50}, "chunked answer")
+    eq(j.get("interim"), {"i": 1}, "answer after a 103 interim response")
+    eq(j.get("paced"), "x" * (3000 - 11), "slowly sent answer")
+    eq(j.get("exact"), "x" * (100 - 11), "answer of exactly max_response_bytes")
+    eq(sorted(j["_errors"].keys()), ["err_big", "over", "over_chunked"], f"failed calls: {j['_errors']}")
+    eq(j["_errors"]["over"]["code"], "too_large", "max_response_bytes + 1 (Content-Length)")
+    eq(j["_errors"]["over_chunked"]["code"], "too_large", "max_response_bytes + 1 (chunked)")
+    eq(j["_errors"]["err_big"]["code"], "bad_status", "a big error answer is a bad_status")
+    eq(j["_errors"]["err_big"].get("status"), 500, "status of the big error answer")
+
+
+@atest
+def agg_backend_timeout_default_and_connect_timeout():
+    """A call without timeout_ms uses its backend's; a connect that hangs
+    ends with the call's timeout too."""
+    s = Stub()
+    hole = tp.Blackhole(accepting=False)
+    swallow = tp.Blackhole(accepting=True)
+    d = agg_daemon([route("/bt", [call("slow", "/x?delay=3000", backend="quick"),
+                                  call("hang", "/x", backend="hole"),
+                                  call("swallowed", "/x", backend="swallow"),
+                                  call("ok", "/users/1")], errors=True),
+                    route("/bt-req", [call("slow", "/x?delay=3000", backend="quick", required=True)])],
+                   s, backends={"quick": tp.backend(s.url, timeout_ms=ms(200)),
+                                "hole": tp.backend(hole.url, connect_timeout_ms=ms(200), timeout_ms=ms(5000)),
+                                "swallow": tp.backend(f"http://127.0.0.1:{swallow.port}", timeout_ms=ms(250))})
+    r, dt = get(d, "/bt")
+    j = ok_json(r, completed=False)
+    eq(j["_errors"]["slow"]["code"], "timeout", "the backend's timeout_ms")
+    eq(j["_errors"]["swallowed"]["code"], "timeout", "a backend that never answers")
+    check(j["_errors"]["hang"]["code"] in ("timeout", "connect_failed"),
+          f"a connect that hangs: {j['_errors']['hang']}")
+    check(dt < 0.25 * SLOW + 0.5, f"answered after {dt:.3f}s (timeouts of 200-250 ms)")
+    r, dt = get(d, "/bt-req")
+    error_json(r, 504, "timeout", "slow")
+
+
+@atest
+def agg_deadline_during_foreach_keeps_finished_elements():
+    s, s2 = Stub(), Stub()
+    items = [{"n": 0, "d": 0}, {"n": 1, "d": 5000}, {"n": 2, "d": 0}, {"n": 3, "d": 5000}]
+    d = agg_daemon([route("/fd", [call("src", "/src?" + jbody(items)),
+                                  call("fe", "/fe/{item.n}?delay={item.d}&abort_on_eof=1", backend="s2",
+                                       foreach="src", fallback="FB")],
+                          deadline_ms=ms(300), errors=True)], s, s2)
+    r, dt = get(d, "/fd")
+    j = ok_json(r, completed=False)
+    eq(j.get("fe"), [{"ok": True, "path": "/fe/0"}, "FB", {"ok": True, "path": "/fe/2"}, "FB"],
+       "finished elements kept, the others get the fallback")
+    eq(j["_errors"]["fe"]["code"], "timeout", "_errors.fe.code")
+    eq(j["_errors"]["fe"].get("failed"), [1, 3], "_errors.fe.failed")
+    s2.wait_stats(lambda st: st["open_connections"] <= 2 and st["in_flight"] == 0, 1.0,
+                  "the cancelled elements' connections closed")
+
+
+@atest
+def agg_foreach_limits_and_results_as_template_source():
+    s = Stub()
+    d = agg_daemon([
+        route("/fm/{n}", [call("src", "/src?size=0"),
+                          call("list", "/l?" + jbody(list(range(100)))),
+                          call("fe", "/fe/{item}", foreach="list"),
+                          call("first", "/f/{fe[0].path}/{fe[99].ok}?echo=1")]),
+        route("/fm101", [call("list", "/l?" + jbody(list(range(101)))),
+                         call("fe", "/fe/{item}", foreach="list")], errors=True),
+        route("/fm3", [call("list", "/l?" + jbody(list(range(4)))),
+                       call("fe", "/fe/{item}", foreach="list", foreach_max=3)], errors=True),
+    ], s)
+    r, _ = get(d, "/fm/1")
+    eq(r.status, 200, f"status ({r.raw[:300]!r})")
+    j = r.json()
+    eq(len(j["fe"]), 100, "100 elements (the default foreach_max)")
+    eq(j["fe"][57], {"ok": True, "path": "/fe/57"}, "element 57")
+    eq(j["first"]["path"], "/f/%2Ffe%2F0/true", "a template reading a foreach call's answers")
+    for path in ("/fm101", "/fm3"):
+        r, _ = get(d, path)
+        j = ok_json(r, completed=False, what=path)
+        check("fe" not in j, f"{path}: a foreach call over too many items has a key: {j}")
+        eq(j["_errors"]["fe"]["code"], "too_many_items", f"{path}: code")
+
+
+@atest
+def agg_sixty_four_calls():
+    s = Stub()
+    calls = [call(f"c{i}", f"/users/{i}", allow=["id"]) for i in range(64)]
+    d = agg_daemon([route("/many", calls)], s)
+    r, _ = get(d, "/many")
+    j = ok_json(r)
+    eq(list(j.keys()), [f"c{i}" for i in range(64)], "64 calls in order")
+    eq([j[f"c{i}"]["id"] for i in range(64)], list(range(64)), "64 answers")
+
+
+@atest
+def agg_answers_json_values_as_sent():
+    """Strings, Unicode, escapes, big and real numbers survive parsing and
+    serialization, and reach templates as their JSON digits."""
+    s = Stub()
+    raw = (r'{"s":"caf\u00e9 \"q\" \\ \/ \n","u":"\ud83d\ude00","n":12345678901234,'
+           r'"r":0.1,"e":1e300,"neg":-0.0,"t":true,"z":null,"emptyo":{},"emptya":[]}')
+    d = agg_daemon([route("/vals", [call("v", "/v?body=" + pq(raw)),
+                                    call("e", "/e/{v.r}/{v.n}?echo=1&e={v.e}")])], s)
+    r, _ = get(d, "/vals")
+    j = ok_json(r)
+    eq(j["v"], json.loads(raw), "values of the answer")
+    eq(j["e"]["path"], "/e/0.1/12345678901234", "numbers in a path")
+
+
+@atest
+def agg_pipelined_and_http10_clients():
+    s = Stub()
+    d = agg_daemon([route("/pa/{n}", [call("a", "/a/{n}?delay=100&echo=1"), call("b", "/users/{n}")])], s)
+    with Client(d) as c:
+        c.send(req("GET", "/pa/1") + req("GET", "/pa/2") + req("HEAD", "/pa/3") + req("GET", "/pa/4"))
+        got = []
+        for n in (1, 2, 3, 4):
+            r = c.read_response("HEAD" if n == 3 else "GET")
+            eq(r.status, 200, f"pipelined request {n} ({r.raw[:300]!r})")
+            if n != 3:
+                got.append(r.json()["b"]["id"])
+        eq(got, [1, 2, 4], "pipelined answers in request order")
+    with Client(d) as c:
+        r = c.request(req("GET", "/pa/5", version="HTTP/1.0", host=None))
+        eq(r.status, 200, f"HTTP/1.0 status ({r.raw[:300]!r})")
+        check(r.header("Content-Length") is not None, "HTTP/1.0 answer without Content-Length")
+        eq(r.json()["b"]["id"], 5, "HTTP/1.0 answer")
+
+
+@atest
+def agg_graceful_stop_finishes_aggregates_in_flight():
+    s = Stub()
+    d = agg_daemon([route("/gs", [call("a", "/a?delay=400"), call("b", "/users/1")])], s)
+    c = Client(d)
+    c.send(req("GET", "/gs"))
+    s.wait_stats(lambda st: st["in_flight"] == 1, 2, "the slow call reached the backend")
+    d.send_signal(signal.SIGTERM)
+    r = c.read_response()
+    j = ok_json(r, what="answer during a graceful stop")
+    eq(j["a"], {"ok": True, "path": "/a"}, "the slow call's answer")
+    eq((r.header("Connection") or "").lower(), "close", "Connection of an answer during a stop")
+    c.close()
+    eq(d.wait(10 * SLOW), 0, "exit code of the graceful stop")
+
+
+@atest
+def agg_backend_close_delimited_answer():
+    """A 200 whose body ends with the connection (no Content-Length, not
+    chunked) is a complete answer, not a truncated one."""
+    s = Stub()
+    d = agg_daemon([route("/cd", [call("u", "/u?unframed=1&" + jbody({"u": True}))], errors=True)], s)
+    r, _ = get(d, "/cd")
+    j = ok_json(r)
+    eq(j.get("u"), {"u": True}, "close-delimited answer")
+
+
+@atest
+def agg_answers_any_json_value():
+    """README: a call succeeds with a 2xx JSON body (any JSON value):
+    integers beyond 64 bits and \u0000 in strings are valid JSON."""
+    s = Stub()
+    d = agg_daemon([route("/big", [call("v", "/v?body=" + pq('{"x":123456789012345678901234}'))], errors=True),
+                    route("/nul", [call("v", "/v?body=" + pq(r'{"x":"a\u0000b"}'))], errors=True)], s)
+    problems = []
+    for path, want in (("/big", {"x": 123456789012345678901234}), ("/nul", {"x": "a\u0000b"})):
+        r, _ = get(d, path)
+        try:
+            j = ok_json(r, what=path)
+            eq(j.get("v"), want, f"{path}: value")
+        except TestFailure as e:
+            problems.append(f"{e} (body {r.body[:200]!r})")
+    check(not problems, "; ".join(problems))
+
+
+@atest
+def agg_template_numbers_keep_their_digits():
+    """README: a number is written with its exact JSON digits."""
+    s = Stub()
+    d = agg_daemon([route("/digits", [call("v", "/v?body=" + pq('{"f":1.50,"e":1E3,"g":2.0,"h":-0.25e-3}')),
+                                      call("e", "/e/{v.f}/{v.e}/{v.g}/{v.h}?echo=1")])], s)
+    r, _ = get(d, "/digits")
+    j = ok_json(r)
+    eq(j["e"]["path"], "/e/1.50/1E3/2.0/-0.25e-3", "numbers in a path, as the backend wrote them")
+
+
+@atest
+def agg_calls_send_only_documented_headers():
+    """README "What each call sends": Host, Accept, X-Request-Id,
+    X-Forwarded-For, X-Forwarded-Proto, Via, the call's headers and
+    forward_headers; "a backend never sees a client header nobody listed"."""
+    s = Stub()
+    d = agg_daemon([route("/only", [call("a", "/e?echo=1")])], s)
+    r, _ = get(d, "/only", headers={"X-Secret": "1", "Cookie": "c=1", "User-Agent": "ua", "Referer": "r"},)
+    j = ok_json(r)
+    eq(sorted(j["a"]["headers"].keys()),
+       sorted(["host", "accept", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "via"]),
+       f"headers a GET call sends ({j['a']['headers']})")
+
+
+@atest
+def agg_backend_connections_are_pooled_safely():
+    s = Stub()
+    forged = "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"forged\":1}\n"
+    d = agg_daemon([route("/p/{n}", [call("a", "/p/{n}?echo=1")]),
+                    route("/noka", [call("a", "/k?keepalive=0&echo=1")]),
+                    route("/trail", [call("a", "/t?echo=1&trailing_delay_ms=30&trailing_bytes=" + pq(forged))])], s)
+    ids = []
+    for n in range(4):
+        r, _ = get(d, f"/p/{n}")
+        ids.append(ok_json(r)["a"]["connection_id"])
+    eq(len(set(ids)), 1, f"sequential calls share one pooled connection ({ids})")
+    r, _ = get(d, "/noka")
+    k = ok_json(r, what="Connection: close answer")["a"]["connection_id"]
+    eq(k, ids[0], "the pooled connection is used")
+    r, _ = get(d, "/p/9")
+    j = ok_json(r, what="after a Connection: close answer")
+    check(j["a"]["connection_id"] != k, "a connection the backend closed was used again")
+    r, _ = get(d, "/trail")
+    t = ok_json(r, what="trailing bytes")["a"]["connection_id"]
+    time.sleep(0.15)  # the forged bytes arrive while the connection is idle in the pool
+    for n in range(3):
+        r, _ = get(d, f"/p/{n}")
+        j = ok_json(r, what="after unsolicited bytes")
+        eq(j["a"].get("path"), f"/p/{n}", "the answer after unsolicited bytes (not the forged one)")
+        check(j["a"]["connection_id"] != t, "a connection that sent unsolicited bytes was reused")
+
+
+@atest
+def agg_required_foreach_element_failure_cancels_the_others():
+    s, s2 = Stub(), Stub()
+    items = [{"n": 0, "d": 3000, "s": 200}, {"n": 1, "d": 100, "s": 500}, {"n": 2, "d": 3000, "s": 200}]
+    d = agg_daemon([route("/rf", [call("src", "/src?" + jbody(items)),
+                                  call("fe", "/fe/{item.n}?delay={item.d}&status={item.s}&abort_on_eof=1",
+                                       backend="s2", foreach="src", required=True)])], s, s2)
+    s2_conns = s2.stats()["connections"]
+    r, dt = get(d, "/rf")
+    error_json(r, 502, "bad_status", "fe", backend_status=500, what="required foreach")
+    check(dt < 0.1 + 0.5 * SLOW, f"answered after {dt:.3f}s, not at once (other elements: 3 s)")
+    # the failed element's connection had a whole answer and may stay pooled
+    st, _ = s2.wait_stats(lambda st: st["open_connections"] <= 1 and st["in_flight"] == 0, 1.0,
+                          "the other elements' connections closed")
+    eq(st["requests"], 3, "elements sent")
 
 
 if __name__ == "__main__":
