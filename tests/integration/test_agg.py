@@ -594,6 +594,9 @@ def agg_client_disconnect_cancels_calls():
     d = agg_daemon([route("/gone", [call("slow", "/slow?delay=5000&abort_on_eof=1", backend="s2"),
                                     call("slow2", "/slow2?delay=5000&abort_on_eof=1", backend="s2"),
                                     call("next", "/n/{slow.id}", backend="s2")], deadline_ms=20000),
+                    route("/gone-fe", [call("src", "/src?" + jbody(list(range(6)))),
+                                       call("fe", "/fe/{item}?delay=5000&abort_on_eof=1", backend="s2",
+                                            foreach="src", foreach_concurrency=2)], deadline_ms=20000),
                     route("/ok", [call("a", "/users/1")])], s, s2)
     for attempt in range(3):
         c = Client(d)
@@ -605,6 +608,14 @@ def agg_client_disconnect_cancels_calls():
                               "the calls of a gone client cancelled")
         check(t < 1.0 * SLOW, f"calls cancelled {t:.2f}s after the client left")
         eq(st["requests"], 2 * (attempt + 1), "requests at the backend (the dependent call never started)")
+    # a foreach call with elements running and elements not started yet
+    c = Client(d)
+    c.send(req("GET", "/gone-fe"))
+    s2.wait_stats(lambda st: st["in_flight"] == 2, 2, "two elements reached the backend")
+    c.close()
+    st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 1.0,
+                          "the elements of a gone client cancelled")
+    eq(st["requests"], 8, "requests at the backend (no element started after the client left)")
     # the daemon goes on serving
     r, _ = get(d, "/ok")
     eq(ok_json(r, what="after the cancellations")["a"]["id"], 1, "a request after the cancellations")
@@ -702,6 +713,10 @@ def agg_template_sources_and_number_types():
     e = j["e"]
     eq(e["path"], "/e/abc%20d/12345678901234/1.5/true/str/-7/22", "values as text in the path")
     eq(norm_pct(e["query"]), "echo=1&q=x%20y&h=hv&lit=%7B%7D&two=1", "query: first query parameter and header")
+    r, _ = get(d, "/src/a+b?q=c+d%2Be", headers={"X-Thing": "h"})
+    e = ok_json(r, what="plus signs")["e"]
+    eq(e["path"], "/e/a%2Bb/12345678901234/1.5/true/str/-7/22", "a + in a path parameter is a plus")
+    eq(norm_pct(e["query"]), "echo=1&q=c%20d%2Be&h=h&lit=%7B%7D&two=1", "a + in a query parameter is a space")
 
 
 # --- shaping and merging --------------------------------------------------------------------------
@@ -847,6 +862,8 @@ def agg_json_body_template_and_forwarded_body():
         route("/post/{id}", [call("a", "/users/7"),
                              call("b", "/b?" + jbody({"t": True})),
                              call("p", "/e/p?echo=1", method="POST", body=body_tpl)]),
+        route("/ct", [call("c", "/e/c?echo=1", method="PATCH", body={"x": 1},
+                           headers={"Content-Type": "application/merge-patch+json"})]),
         route("/fwd", [call("f1", "/e/f1?echo=1", method="PUT", body="forward"),
                        call("f2", "/e/f2?echo=1", method="POST", body="forward"),
                        call("g", "/e/g?echo=1")], methods=["POST"]),
@@ -862,6 +879,11 @@ def agg_json_body_template_and_forwarded_body():
     eq(sent, {"id": 7, "name": "User 7", "text": "user 7!", "all": user, "lit": 5,
               "nested": {"x": ["gold", "qq", "x1"]}, "braces": "{a.id}", "flag": True},
        "rendered JSON body (a lone placeholder keeps its JSON type)")
+    r, _ = get(d, "/ct")
+    e = ok_json(r, what="Content-Type replaced")["c"]
+    eq(e["method"], "PATCH", "method")
+    eq(e["headers"].get("content-type"), "application/merge-patch+json", "Content-Type replaced (one value)")
+    eq(json.loads(e["body"]), {"x": 1}, "body")
     payload = b'{"hello": [1, 2, "\xc3\xa9"]}'
     r, _ = get(d, "/fwd", method="POST", body=payload, headers={"Content-Type": "application/x-test"})
     j = ok_json(r, what="forwarded body")
@@ -876,7 +898,8 @@ def agg_json_body_template_and_forwarded_body():
 @atest
 def agg_head_of_get_route():
     s = Stub()
-    d = agg_daemon([route("/hd", [call("a", "/users/4"), call("b", "/orders?user=4", target="items")])], s)
+    d = agg_daemon([route("/hd", [call("a", "/users/4"), call("b", "/orders?user=4", target="items")]),
+                    route("/hd-err", [call("a", "/x?status=500", required=True)])], s)
     with Client(d) as c:
         g = c.request(req("GET", "/hd"))
         ok_json(g)
@@ -889,8 +912,17 @@ def agg_head_of_get_route():
         # the connection is still in sync: a leaked body would break this
         g2 = c.request(req("GET", "/hd"))
         eq(g2.body, g.body, "GET after HEAD")
+        ge = c.request(req("GET", "/hd-err"))
+        error_json(ge, 502, "bad_status", "a", backend_status=500, what="GET of a failing route")
+        he = c.request(req("HEAD", "/hd-err"))
+        eq(he.status, 502, f"HEAD of a failing route ({he.raw[:300]!r})")
+        eq(he.body, b"", "HEAD body of an error")
+        eq(he.header("Content-Length"), str(len(ge.body)), "HEAD Content-Length of an error")
+        check(he.header("Server-Timing"), "HEAD Server-Timing of an error")
+        g3 = c.request(req("GET", "/hd"))
+        eq(g3.status, 200, "GET after the HEAD of an error")
     st = s.stats()
-    eq(st["requests"], 6, "backend requests for GET, HEAD, GET (HEAD sends the calls' GETs)")
+    eq(st["requests"], 10, "backend requests: 2 calls for GET, HEAD, GET and GET; 1 for GET and HEAD of the error")
 
 
 @atest
@@ -1076,6 +1108,22 @@ def agg_graceful_stop_finishes_aggregates_in_flight():
     c.close()
     eq(d.wait(10 * SLOW), 0, "exit code of the graceful stop")
 
+
+@atest
+def agg_large_answers():
+    """Three 500 KB answers make a 1.5 MB aggregate, twice on one connection
+    (buffers grown past their reuse limit are dropped, not kept)."""
+    s = Stub()
+    d = agg_daemon([route("/big", [call(k, f"/{k}?size=500000", target="data") for k in "abc"]),
+                    route("/small", [call("a", "/users/1", allow=["id"])])], s)
+    with Client(d) as c:
+        for _ in range(2):
+            r = c.request(req("GET", "/big"))
+            j = ok_json(r)
+            eq([len(j[k]) for k in "abc"], [500000 - 11] * 3, "answer sizes")
+            check(set(j["a"]) == {"x"}, "answer content")
+            r = c.request(req("GET", "/small"))
+            eq(ok_json(r, what="small after big"), {"a": {"id": 1}}, "a small answer after a big one")
 
 @atest
 def agg_backend_close_delimited_answer():
