@@ -24,6 +24,9 @@ trap 'kill "$STUB" 2>/dev/null || true' EXIT
 cat <<MSG
 
 gatherd is starting on http://127.0.0.1:8080 (demo backend on http://127.0.0.1:9101). Try:
+  curl -i http://127.0.0.1:8080/api/dashboard/42     # 4 backend calls: fan-out, dependent call, foreach
+  curl -i -H 'X-Stub-Delay: 300' http://127.0.0.1:8080/api/dashboard/42
+                         # recommendations times out (100 ms): 200, X-Gateway-Completed: false, _errors
   curl -i http://127.0.0.1:8080/
   curl -i http://127.0.0.1:8080/health
   curl -i http://127.0.0.1:8080/api/hello
