@@ -47,6 +47,7 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -124,6 +125,7 @@ struct ctl {
     int interim; /* 0 or a 1xx status sent before the real head */
     long long pad_header; /* bytes of an X-Pad response header, 0: none */
     bool sink; /* request body of any size counted and discarded, answer {"received":N} */
+    bool stats_reset; /* GET /stats?reset=1: max_in_flight starts again from in_flight */
     bool ct_override; /* a header= control set Content-Type */
     struct kv extra[MAX_EXTRA];
     int nextra;
@@ -169,6 +171,8 @@ struct conn {
     char idle_bytes[TRAILING_MAX];
     size_t idle_bytes_len;
     bool oom; /* an evbuffer_add failed while building output */
+    bool in_flight; /* this request is counted in g_in_flight */
+    double received_ms; /* CLOCK_MONOTONIC ms when the request head was complete */
     const char *errmsg;
     char errbuf[128];
 
@@ -235,6 +239,8 @@ struct worker {
 static atomic_ullong g_conn_total;
 static atomic_ullong g_req_total;
 static atomic_llong g_conn_open;
+static atomic_llong g_in_flight;     /* requests whose head was read and whose response is not finished */
+static atomic_llong g_max_in_flight; /* the maximum of g_in_flight since start or the last reset */
 static bool g_quiet;
 static char g_pad[PAD_SIZE];
 
@@ -406,6 +412,39 @@ static bool arm_timer(struct conn *c, long long ms)
 
     ms_to_tv(ms, &tv);
     return evtimer_add(c->timer, &tv) == 0;
+}
+
+/* CLOCK_MONOTONIC in milliseconds: the clock Python's time.monotonic()
+ * reads on Linux, so a test can compare echo=1's received_ms with its own. */
+static double mono_ms(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0.0;
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+/* A request head was read: it is in flight until its response is finished
+ * (or abandoned). /stats itself is not counted. */
+static void flight_begin(struct conn *c)
+{
+    long long now, max;
+
+    c->in_flight = true;
+    now = atomic_fetch_add(&g_in_flight, 1) + 1;
+    max = atomic_load(&g_max_in_flight);
+    while (now > max && !atomic_compare_exchange_weak(&g_max_in_flight, &max, now))
+        ;
+}
+
+/* The request's response is finished or abandoned; idempotent. */
+static void flight_end(struct conn *c)
+{
+    if (c->in_flight) {
+        c->in_flight = false;
+        atomic_fetch_sub(&g_in_flight, 1);
+    }
 }
 
 static const char *reason(int st)
@@ -1037,6 +1076,13 @@ static bool find_query(struct conn *c, const char *want, const char **val, size_
 
 /* Fills c->ctl from X-Stub-* headers, then from the query string (so the
  * query wins for single-valued controls). Returns 0 or an error status. */
+/* GET or HEAD /stats: the counters, not counted as in flight. */
+static bool is_stats(const struct conn *c)
+{
+    return c->plen == 6 && memcmp(c->path, "/stats", 6) == 0 &&
+           ((c->mlen == 3 && memcmp(c->method, "GET", 3) == 0) || (c->mlen == 4 && memcmp(c->method, "HEAD", 4) == 0));
+}
+
 static int parse_controls(struct conn *c)
 {
     struct ctl *k = &c->ctl;
@@ -1079,6 +1125,9 @@ static int parse_controls(struct conn *c)
         if (!d)
             return bad(c, 431, "query too large");
         len = pct_decode(v, vl, d, true);
+        /* /stats?reset=1 resets max_in_flight; reset=WHERE stays a control */
+        if (id == C_RESET && is_stats(c) && parse_bool(d, len, &k->stats_reset))
+            continue;
         st = apply_ctl(c, id, d, len);
         if (st)
             return st;
@@ -1145,9 +1194,14 @@ static bool build_builtin(struct conn *c, struct evbuffer *b)
     if (path_is(c, "/static")) {
         put_str(c, b, "{\"hello\":\"world\"}");
     } else if (path_is(c, "/stats")) {
-        putf(c, b, "{\"connections\":%llu,\"requests\":%llu,\"open_connections\":%lld}",
+        if (c->ctl.stats_reset)
+            atomic_store(&g_max_in_flight, atomic_load(&g_in_flight));
+        putf(c, b,
+             "{\"connections\":%llu,\"requests\":%llu,\"open_connections\":%lld,\"in_flight\":%lld,"
+             "\"max_in_flight\":%lld}",
              (unsigned long long)atomic_load(&g_conn_total), (unsigned long long)atomic_load(&g_req_total),
-             (long long)atomic_load(&g_conn_open));
+             (long long)atomic_load(&g_conn_open), (long long)atomic_load(&g_in_flight),
+             (long long)atomic_load(&g_max_in_flight));
     } else if (path_param(c, "/users/", &id, &il)) {
         put_str(c, b, "{\"id\":");
         put_id(c, b, id, il);
@@ -1227,8 +1281,8 @@ static void build_echo(struct conn *c, struct evbuffer *b)
         }
     }
     json_esc(c, b, body, blen);
-    putf(c, b, "\",\"body_length\":%llu,\"connection_requests\":%llu,\"connection_id\":%llu}", c->body_len,
-         c->nreq, c->id);
+    putf(c, b, "\",\"body_length\":%llu,\"connection_requests\":%llu,\"connection_id\":%llu,\"received_ms\":%.3f}",
+         c->body_len, c->nreq, c->id, c->received_ms);
 }
 
 /* Builds the response body: the whole of it goes into c->prefix, except
@@ -1316,6 +1370,7 @@ static void emit_body(struct conn *c, struct evbuffer *out, size_t n)
 /* Ends the current response: back to parsing, or closing, or stuck. */
 static void finish_response(struct conn *c)
 {
+    flight_end(c);
     evbuffer_drain(c->prefix, evbuffer_get_length(c->prefix));
     evbuffer_drain(c->body, evbuffer_get_length(c->body));
     c->pad_left = 0;
@@ -1639,6 +1694,7 @@ static int parse_some(struct conn *c, struct evbuffer *in)
                 return bad(c, 500, "cannot read the request head");
             c->head[hlen] = '\0';
             c->head_len = hlen;
+            c->received_ms = mono_ms();
             c->scratch_used = 0;
             c->nh = 0;
             c->clen = 0;
@@ -1653,6 +1709,8 @@ static int parse_some(struct conn *c, struct evbuffer *in)
             st = parse_controls(c);
             if (st)
                 return st;
+            if (!is_stats(c))
+                flight_begin(c);
             /* a sink takes big bodies: read in 256 KiB gulps, not 16 KiB */
             if (c->ctl.sink)
                 (void)bufferevent_set_max_single_read(c->bev, READ_HIGH);
@@ -1778,6 +1836,7 @@ static void process_input(struct conn *c)
  * close itself always runs from a top-level callback. */
 static void begin_close(struct conn *c, enum end_action action)
 {
+    flight_end(c);
     c->state = S_CLOSING;
     c->close_action = action;
     evtimer_del(c->timer);
@@ -1934,6 +1993,7 @@ static void conn_free(struct conn *c)
 {
     struct worker *w = c->w;
 
+    flight_end(c);
     if (c->prev)
         c->prev->next = c->next;
     else

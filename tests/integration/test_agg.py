@@ -1,0 +1,1228 @@
+#!/usr/bin/env python3
+"""Integration tests of gatherd's aggregate routes (README "Aggregate routes"):
+the real daemon in front of the stub backend (tests/stub/gw_stub), raw HTTP on
+both sides. The stub's echo=1 answer tells what each call sent and, with
+received_ms (CLOCK_MONOTONIC, the clock of Python's time.monotonic()), when it
+reached the backend; its /stats tells how many requests were in flight at once
+and whether gatherd closed a cancelled call's connection (abort_on_eof=1).
+
+Run: GATHERD=/path/to/gatherd GW_STUB=/path/to/gw_stub \
+         python3 tests/integration/test_agg.py [NAME-SUBSTRING ...]
+The last line of the output is "N passed, N failed"; the exit code is 1 when
+anything failed.
+"""
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gwtest  # noqa: E402
+from gwtest import SLOW, Daemon, TestFailure, check, contains, eq, main, req  # noqa: E402
+
+# test_proxy holds the Stub, Client and resource helpers; importing it
+# registers its tests, so the registry is put back afterwards.
+_saved_tests = list(gwtest._TESTS)
+import test_proxy as tp  # noqa: E402
+gwtest._TESTS[:] = _saved_tests
+
+ms = tp.ms
+atest = tp.ptest     # a test whose stubs and clients are closed when it ends
+Stub = tp.Stub
+Client = tp.Client
+
+CODE_STATUS = {"timeout": 504, "unavailable": 503, "connect_failed": 502, "bad_status": 502, "bad_json": 502,
+               "too_large": 502, "truncated": 502, "bad_response": 502, "missing_target": 502,
+               "missing_value": 502, "invalid_value": 502, "dependency_failed": 502, "too_many_items": 502}
+
+
+# --- building configurations ------------------------------------------------------------
+
+def pq(value):
+    """Percent-encodes every byte but the unreserved ones (what the README
+    promises for template values in a path)."""
+    return urllib.parse.quote(value, safe="")
+
+
+def jbody(obj):
+    """A stub body= control giving obj as the JSON answer (percent-encoded, so
+    the call's path template holds no brace or quote)."""
+    return "body=" + pq(json.dumps(obj, separators=(",", ":")))
+
+
+def call(name, path, backend="s", **kw):
+    c = {"name": name, "backend": backend, "path": path}
+    c.update(kw)
+    return c
+
+
+def route(path, calls, methods=("GET",), **kw):
+    r = {"path": path, "methods": list(methods), "calls": calls}
+    r.update(kw)
+    return r
+
+
+def agg_daemon(routes, stub, stub2=None, workers=1, backends=None, http=None):
+    """gatherd with backends s (stub), s2 (stub2, for cancellation checks),
+    small (stub, max_response_bytes 100), one (stub, max_connections 1) and
+    dead (a closed port), plus backends; one worker by default so that pools
+    and max_connections are predictable."""
+    bs = {"s": tp.backend(stub.url),
+          "small": tp.backend(stub.url, max_response_bytes=100),
+          "one": tp.backend(stub.url, max_connections=1),
+          "dead": tp.backend(f"http://127.0.0.1:{tp.closed_port()}")}
+    if stub2 is not None:
+        bs["s2"] = tp.backend(stub2.url)
+    bs.update(backends or {})
+    return Daemon(tp.config(bs, routes=routes, http=http), workers=workers)
+
+
+def now_ms():
+    return time.monotonic() * 1000.0
+
+
+def get(d, path, headers=None, method="GET", body=b"", timeout=10.0):
+    """One request on a new connection: (response, seconds)."""
+    with Client(d, timeout=timeout) as c:
+        t0 = time.monotonic()
+        r = c.request(req(method, path, headers=headers, body=body))
+        return r, time.monotonic() - t0
+
+
+def ok_json(r, completed=True, what=""):
+    """A 200 aggregate answer: checks the status, Content-Type and
+    X-Gateway-Completed; returns the document."""
+    eq(r.status, 200, f"{what} status (response {r.raw[:600]!r})")
+    contains(r.header("Content-Type") or "", "application/json", f"{what} Content-Type")
+    eq(r.header("X-Gateway-Completed"), "true" if completed else "false", f"{what} X-Gateway-Completed")
+    j = r.json()
+    check(isinstance(j, dict), f"{what} answer is not an object: {r.body[:300]!r}")
+    return j
+
+
+# codes where the backend never gave a status (none to report)
+NO_STATUS = ("timeout", "unavailable", "connect_failed", "bad_response", "missing_value", "invalid_value",
+             "dependency_failed", "too_many_items")
+
+
+def check_status_field(e, code, backend_status, what):
+    """status: the backend's when it answered (bad_status), absent when it
+    never answered; for a 2xx answer that failed later (bad_json, too_large,
+    truncated, missing_target) the README leaves it open: absent or 2xx."""
+    if backend_status is not None:
+        eq(e.get("status"), backend_status, f"{what} status in {e}")
+    elif code in NO_STATUS:
+        check("status" not in e, f"{what} status without a backend answer: {e}")
+    elif "status" in e:
+        check(isinstance(e["status"], int) and 200 <= e["status"] < 300, f"{what} status: {e}")
+
+
+def error_json(r, status, code, call_name, backend_status=None, what=""):
+    """A failed request: status, {"error": {"code", "call", "status"?, "request_id"}}."""
+    eq(r.status, status, f"{what} status (response {r.raw[:600]!r})")
+    contains(r.header("Content-Type") or "", "application/json", f"{what} Content-Type")
+    j = r.json()
+    check(isinstance(j, dict) and isinstance(j.get("error"), dict), f"{what} error body shape: {r.body[:300]!r}")
+    e = j["error"]
+    eq(e.get("code"), code, f"{what} error.code in {r.body[:300]!r}")
+    eq(e.get("call"), call_name, f"{what} error.call in {r.body[:300]!r}")
+    check_status_field(e, code, backend_status, f"{what} error")
+    rid = r.header("X-Request-Id")
+    check(rid, f"{what} X-Request-Id header missing")
+    eq(e.get("request_id"), rid, f"{what} error.request_id vs X-Request-Id")
+    check(r.header("X-Gateway-Completed") != "true", f"{what} X-Gateway-Completed: true on an error")
+    return e
+
+
+def server_timing(r):
+    """Server-Timing as {name: (dur, {param: value})}; every entry has dur."""
+    raw = r.header("Server-Timing")
+    check(raw, f"Server-Timing missing (response {r.raw[:400]!r})")
+    out = {}
+    for part in raw.split(","):
+        items = [p.strip() for p in part.strip().split(";")]
+        name, params = items[0], {}
+        check(re.match(r"^[A-Za-z0-9_-]+$", name), f"Server-Timing entry name {name!r} in {raw!r}")
+        for p in items[1:]:
+            k, _, v = p.partition("=")
+            params[k.strip()] = v.strip()
+        check("dur" in params, f"Server-Timing entry {name!r} without dur: {raw!r}")
+        try:
+            dur = float(params["dur"])
+        except ValueError:
+            raise TestFailure(f"Server-Timing dur of {name!r} is not a number: {raw!r}")
+        check(dur >= 0, f"negative dur in {raw!r}")
+        check(name not in out, f"Server-Timing entry {name!r} twice: {raw!r}")
+        out[name] = (dur, params)
+    return out
+
+
+def norm_pct(s):
+    """Upper-cases the hex digits of %XX escapes (either case is valid)."""
+    return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group(0).upper(), s)
+
+
+# --- concurrency and ordering ----------------------------------------------------------------
+
+@atest
+def agg_independent_calls_run_concurrently():
+    s = Stub()
+    d = agg_daemon([route("/c3", [call("a", "/one?delay=300&echo=1"), call("b", "/two?delay=300&echo=1"),
+                                  call("c", "/three?delay=300&echo=1")])], s)
+    for attempt in range(2):
+        r, dt = get(d, "/c3")
+        j = ok_json(r)
+        eq(list(j.keys()), ["a", "b", "c"], "keys in the order the calls are listed")
+        eq([j[k]["path"] for k in "abc"], ["/one", "/two", "/three"], "paths the calls sent")
+        check(dt >= 0.29, f"answered in {dt:.3f}s, before the 300 ms calls could finish")
+        check(dt < 0.75, f"three 300 ms calls took {dt:.3f}s: not concurrent")
+        rec = [j[k]["received_ms"] for k in "abc"]
+        check(max(rec) - min(rec) < 100, f"calls reached the backend {max(rec) - min(rec):.1f} ms apart: {rec}")
+
+
+@atest
+def agg_dependent_call_starts_when_its_dependency_finishes():
+    """c needs a (100 ms); b (400 ms) is independent: c starts right after a,
+    not after b (no waves), and the answer comes when b is done."""
+    s = Stub()
+    d = agg_daemon([route("/dep", [call("a", "/a?delay=100&echo=1"),
+                                   call("b", "/b?delay=400&echo=1"),
+                                   call("c", "/c/{a.method}/{a.connection_id}?echo=1")])], s)
+    for attempt in range(2):
+        t0 = now_ms()
+        r, dt = get(d, "/dep")
+        j = ok_json(r)
+        ra, rb, rc = (j[k]["received_ms"] for k in "abc")
+        eq(j["c"]["path"], f"/c/GET/{j['a']['connection_id']}", "c's path rendered from a's answer")
+        check(abs(ra - rb) < 100, f"a and b started {abs(ra - rb):.1f} ms apart")
+        check(ra - t0 < 150, f"a reached the backend {ra - t0:.1f} ms after the client sent")
+        check(rc - ra >= 99, f"c reached the backend {rc - ra:.1f} ms after a: before a's 100 ms answer")
+        check(rc - ra < 250, f"c reached the backend {rc - ra:.1f} ms after a: it waited for b (400 ms)")
+        check(rc < rb + 400, f"c started at {rc - rb:.1f} ms after b, after b had finished")
+        check(0.39 <= dt < 0.7, f"answer after {dt:.3f}s (b takes 400 ms)")
+
+
+@atest
+def agg_after_orders_calls_without_templates():
+    s = Stub()
+    d = agg_daemon([route("/after", [call("c", "/c?echo=1", after=["b"]),
+                                     call("a", "/a?delay=150&echo=1"),
+                                     call("b", "/b?delay=100&echo=1", after=["a"]),
+                                     call("x", "/x?echo=1")])], s)
+    r, dt = get(d, "/after")
+    j = ok_json(r)
+    eq(list(j.keys()), ["c", "a", "b", "x"], "keys in the order the calls are listed")
+    ra, rb, rc, rx = (j[k]["received_ms"] for k in "abcx")
+    check(rb - ra >= 149, f"b reached the backend {rb - ra:.1f} ms after a (after: a, 150 ms)")
+    check(rc - rb >= 99, f"c reached the backend {rc - rb:.1f} ms after b (after: b, 100 ms)")
+    check(abs(rx - ra) < 100, f"x (no dependency) started {rx - ra:.1f} ms from a")
+    check(dt >= 0.249, f"answer after {dt:.3f}s, before the chain could finish")
+
+
+# --- foreach ------------------------------------------------------------------------------------
+
+@atest
+def agg_foreach_keeps_element_order():
+    s = Stub()
+    items = [{"i": 0, "d": 300}, {"i": 1, "d": 200}, {"i": 2, "d": 100}, {"i": 3, "d": 0}]
+    d = agg_daemon([
+        route("/fe", [call("src", "/src?" + jbody({"items": items})),
+                      call("fe", "/fe/{item.i}?delay={item.d}&echo=1", foreach="src.items")]),
+        route("/fe-root", [call("src", "/src?" + jbody([5, 6, 7])),
+                           call("fe", "/p/{item}?echo=1", foreach="src")]),
+        route("/fe-empty", [call("src", "/src?" + jbody({"items": []})),
+                            call("fe", "/p/{item}?echo=1", foreach="src.items")]),
+    ], s)
+    r, dt = get(d, "/fe")
+    j = ok_json(r)
+    eq(j["src"], {"items": items}, "the source call's answer")
+    check(isinstance(j["fe"], list), f"foreach result is not an array: {j['fe']!r}")
+    eq([e["path"] for e in j["fe"]], ["/fe/0", "/fe/1", "/fe/2", "/fe/3"], "foreach results in element order")
+    eq([e["query"] for e in j["fe"]], [f"delay={x['d']}&echo=1" for x in items], "queries of the elements")
+    rec = [e["received_ms"] for e in j["fe"]]
+    check(max(rec) - min(rec) < 100, f"elements reached the backend {max(rec) - min(rec):.1f} ms apart: {rec}")
+    check(dt < 0.6, f"foreach of 300/200/100/0 ms took {dt:.3f}s: not concurrent")
+    r, dt = get(d, "/fe-root")
+    j = ok_json(r, what="/fe-root")
+    eq([e["path"] for e in j["fe"]], ["/p/5", "/p/6", "/p/7"], "foreach over a root array")
+    r, dt = get(d, "/fe-empty")
+    j = ok_json(r, what="/fe-empty")
+    eq(j.get("fe"), [], "foreach over an empty array")
+
+
+@atest
+def agg_foreach_concurrency_limit():
+    s = Stub()
+    items = list(range(10))
+    d = agg_daemon([
+        route("/fc3", [call("src", "/src?" + jbody(items)),
+                       call("fe", "/fe/{item}?delay=150", foreach="src", foreach_concurrency=3)]),
+        route("/fc-default", [call("src", "/src?" + jbody(items)),
+                              call("fe", "/fe/{item}?delay=150", foreach="src")]),
+        route("/fc1", [call("src", "/src?" + jbody([0, 1, 2])),
+                       call("fe", "/fe/{item}?delay=100&echo=1", foreach="src", foreach_concurrency=1)]),
+    ], s)
+    s.get("/stats?reset=1")
+    r, dt = get(d, "/fc3")
+    j = ok_json(r)
+    eq(j["fe"], [{"ok": True, "path": f"/fe/{i}"} for i in items], "foreach results")
+    st = s.stats()
+    eq(st["max_in_flight"], 3, f"elements in flight at once with foreach_concurrency 3 (stats {st})")
+    check(dt >= 0.59, f"10 elements, 3 at a time, 150 ms each took {dt:.3f}s: fewer than 4 rounds")
+    check(dt < 1.2, f"10 elements, 3 at a time, 150 ms each took {dt:.3f}s")
+    s.get("/stats?reset=1")
+    r, dt = get(d, "/fc-default")
+    ok_json(r, what="/fc-default")
+    st = s.stats()
+    eq(st["max_in_flight"], 8, f"elements in flight at once by default (8) (stats {st})")
+    check(0.29 <= dt < 0.8, f"10 elements, 8 at a time, 150 ms each took {dt:.3f}s (2 rounds)")
+    r, dt = get(d, "/fc1")
+    j = ok_json(r, what="/fc1")
+    rec = [e["received_ms"] for e in j["fe"]]
+    check(rec[1] - rec[0] >= 99 and rec[2] - rec[1] >= 99, f"foreach_concurrency 1 overlapped: {rec}")
+
+
+@atest
+def agg_foreach_element_failures():
+    s = Stub()
+    items = [{"s": 200, "n": 0}, {"s": 500, "n": 1}, {"s": 200, "n": 2}, {"s": 503, "n": 3}]
+    src = call("src", "/src?" + jbody({"items": items}))
+    d = agg_daemon([
+        route("/fef", [src, call("fe", "/fe/{item.n}?status={item.s}", foreach="src.items")], errors=True),
+        route("/fef-fb", [src, call("fe", "/fe/{item.n}?status={item.s}", foreach="src.items",
+                                    fallback={"fb": True})], errors=True),
+        route("/fef-req", [call("src", "/src?" + jbody([{"s": 200, "n": 0}, {"s": 500, "n": 1}])),
+                           call("fe", "/fe/{item.n}?status={item.s}", foreach="src", required=True)]),
+        route("/fef-nosrc", [call("src", "/src?status=500"),
+                             call("fe", "/fe/{item}", foreach="src.items")], errors=True),
+        route("/fef-absent", [call("src", "/src?" + jbody({"other": 1})),
+                              call("fe", "/fe/{item}", foreach="src.items")], errors=True),
+    ], s)
+    r, _ = get(d, "/fef")
+    j = ok_json(r, completed=False)
+    eq(j["fe"], [{"ok": True, "path": "/fe/0"}, None, {"ok": True, "path": "/fe/2"}, None],
+       "failed elements are null without a fallback")
+    check("fe" in j.get("_errors", {}), f"_errors of a foreach call with failed elements: {j.get('_errors')}")
+    eq(j["_errors"]["fe"].get("failed"), [1, 3], "_errors.fe.failed")
+    check("src" not in j["_errors"], f"_errors names a call that succeeded: {j['_errors']}")
+    r, _ = get(d, "/fef-fb")
+    j = ok_json(r, completed=False, what="/fef-fb")
+    eq(j["fe"], [{"ok": True, "path": "/fe/0"}, {"fb": True}, {"ok": True, "path": "/fe/2"}, {"fb": True}],
+       "failed elements get the fallback")
+    r, _ = get(d, "/fef-req")
+    error_json(r, 502, "bad_status", "fe", backend_status=500, what="required foreach")
+    # a foreach call that cannot run at all: its key is left out
+    r, _ = get(d, "/fef-nosrc")
+    j = ok_json(r, completed=False, what="/fef-nosrc")
+    check("src" not in j, f"failed source without fallback is present: {j}")
+    eq(j["_errors"]["src"]["code"], "bad_status", "_errors.src.code")
+    eq(j["_errors"]["fe"]["code"], "dependency_failed", "_errors.fe.code when the source failed")
+    r, _ = get(d, "/fef-absent")
+    j = ok_json(r, completed=False, what="/fef-absent")
+    check("fe" not in j, f"foreach over an absent array has a key: {j}")
+    check("fe" in j.get("_errors", {}), f"foreach over an absent array not in _errors: {j}")
+
+
+# --- failure codes -----------------------------------------------------------------------------
+
+# (case, call path, call backend, extra call keys, code, backend status or None, preceding calls)
+FAILURES = [
+    ("status500", "/x?status=500", "s", {}, "bad_status", 500, []),
+    ("status404", "/x?status=404", "s", {}, "bad_status", 404, []),
+    ("status302", "/x?status=302&header=Location:/y", "s", {}, "bad_status", 302, []),
+    ("badjson", "/x?bad_json=1", "s", {}, "bad_json", None, []),
+    ("html", "/x?body=%3Chtml%3E&header=Content-Type:text/html", "s", {}, "bad_json", None, []),
+    ("toolarge", "/x?size=1000", "small", {}, "too_large", None, []),
+    ("toolarge_chunked", "/x?size=1000&chunked=1", "small", {}, "too_large", None, []),
+    ("truncate", "/x?size=100&truncate=10", "s", {}, "truncated", None, []),
+    ("midbody", "/x?size=100&close=mid_body", "s", {}, "truncated", None, []),
+    ("reset_after_headers", "/x?size=100&reset=after_headers", "s", {}, "truncated", None, []),
+    ("chunked_cut", "/x?size=1000&chunked=1&chunk=100&truncate=300", "s", {}, "truncated", None, []),
+    ("timeout", "/x?delay=3000", "s", {"timeout_ms": 200}, "timeout", None, []),
+    ("connect", "/x", "dead", {}, "connect_failed", None, []),
+    ("garbage", "/x?garbage=1", "s", {}, "bad_response", None, []),
+    ("target", "/users/3", "s", {"target": "nothere.at_all"}, "missing_target", None, []),
+    ("target_index", "/orders?user=3", "s", {"target": "items[5]"}, "missing_target", None, []),
+    ("missing", "/x/{a.nope}", "s", {}, "missing_value", None, [call("a", "/users/1")]),
+    ("null", "/x/{a.v}", "s", {}, "missing_value", None, [call("a", "/a?" + jbody({"v": None}))]),
+    ("object", "/x/{a.v}", "s", {}, "invalid_value", None, [call("a", "/a?" + jbody({"v": {"k": 1}}))]),
+    ("array", "/x?q={a.v}", "s", {}, "invalid_value", None, [call("a", "/a?" + jbody({"v": [1]}))]),
+    ("empty", "/x/{a.v}", "s", {}, "invalid_value", None, [call("a", "/a?" + jbody({"v": ""}))]),
+    ("dot", "/x/{a.v}", "s", {}, "invalid_value", None, [call("a", "/a?" + jbody({"v": "."}))]),
+    ("dotdot", "/x/{a.v}/y", "s", {}, "invalid_value", None, [call("a", "/a?" + jbody({"v": ".."}))]),
+    ("header_crlf", "/x", "s", {"headers": {"X-V": "{a.v}"}}, "invalid_value", None,
+     [call("a", "/a?" + jbody({"v": "a\r\nX-Injected: 1"}))]),
+    ("dependency", "/x/{a.id}", "s", {}, "dependency_failed", None, [call("a", "/users/1?status=500")]),
+    ("items", "/x/{item}", "s", {"foreach": "a", "foreach_max": 2}, "too_many_items", None,
+     [call("a", "/a?" + jbody([1, 2, 3]))]),
+]
+
+
+@atest
+def agg_failure_codes_optional_and_required():
+    """Each code of the README's table that the stub can produce: an optional
+    call gets 200 with X-Gateway-Completed: false, the key left out and
+    _errors naming the code; a required one gets the table's status and the
+    error body."""
+    s = Stub()
+    routes = []
+    for case, path, backend, extra, code, bstatus, pre in FAILURES:
+        for mode in ("opt", "req"):
+            f = call("f", path, backend=backend, **extra)
+            if mode == "req":
+                f["required"] = True
+            routes.append(route(f"/f/{case}/{mode}", pre + [call("ok", "/users/5"), f],
+                                errors=True, deadline_ms=ms(3000)))
+    d = agg_daemon(routes, s)
+    problems = []
+    for case, path, backend, extra, code, bstatus, pre in FAILURES:
+        try:
+            r, dt = get(d, f"/f/{case}/opt")
+            j = ok_json(r, completed=False, what=case)
+            eq(j.get("ok"), {"id": 5, "name": "User 5", "email": "user5@example.com", "tier": "gold"},
+               f"{case}: the call that succeeded")
+            check("f" not in j, f"{case}: a failed call without fallback has a key: {j.get('f')!r}")
+            errs = j.get("_errors")
+            check(isinstance(errs, dict) and "f" in errs, f"{case}: _errors: {errs!r}")
+            e = errs["f"]
+            eq(e.get("code"), code, f"{case}: _errors.f.code")
+            check_status_field(e, code, bstatus, f"{case}: _errors.f")
+            check(isinstance(e.get("ms"), (int, float)) and e["ms"] >= 0, f"{case}: _errors.f.ms: {e}")
+            check("ok" not in errs, f"{case}: _errors names a call that succeeded: {errs}")
+            if code == "timeout":
+                check(0.19 <= dt < 0.2 + 0.6 * SLOW, f"{case}: a 200 ms timeout answered after {dt:.3f}s")
+            r, dt = get(d, f"/f/{case}/req")
+            error_json(r, CODE_STATUS[code], code, "f", backend_status=bstatus, what=f"{case} required")
+        except TestFailure as ex:
+            problems.append(str(ex))
+    check(not problems, f"{len(problems)} of {len(FAILURES)} cases failed:\n  " + "\n  ".join(problems))
+
+
+@atest
+def agg_unavailable_when_backend_connections_are_used_up():
+    s = Stub()
+    d = agg_daemon([route("/hold", [call("h", "/h?delay=800", backend="one")]),
+                    route("/need", [call("n", "/n", backend="one", required=True)]),
+                    route("/want", [call("n", "/n", backend="one"), call("ok", "/users/1")], errors=True)], s)
+    holder = Client(d)
+    holder.send(req("GET", "/hold"))
+    s.wait_stats(lambda st: st["in_flight"] == 1, 2, "the holding call reached the backend")
+    r, dt = get(d, "/need")
+    error_json(r, 503, "unavailable", "n", what="required call on a full backend")
+    check(dt < 0.5, f"unavailable answered after {dt:.3f}s (it must not wait for a connection)")
+    r, dt = get(d, "/want")
+    j = ok_json(r, completed=False, what="optional call on a full backend")
+    eq(j["_errors"]["n"]["code"], "unavailable", "_errors.n.code")
+    r = holder.read_response()
+    ok_json(r, what="the holding request")
+    # the connection is free again
+    r, dt = get(d, "/need")
+    j = ok_json(r, what="after the holder finished")
+    eq(j["n"], {"ok": True, "path": "/n"}, "the call once the backend has room")
+
+
+# --- statuses, fallbacks, _errors --------------------------------------------------------------
+
+@atest
+def agg_required_failure_answers_at_once_and_cancels_the_rest():
+    s, s2 = Stub(), Stub()
+    d = agg_daemon([route("/rq", [call("slow", "/slow?delay=3000&abort_on_eof=1", backend="s2"),
+                                  call("bad", "/bad?delay=100&status=500", required=True),
+                                  call("fine", "/users/2")]),
+                    route("/rq-timeout", [call("slow", "/slow?delay=3000&abort_on_eof=1", backend="s2",
+                                               timeout_ms=ms(200), required=True)])], s, s2)
+    r, dt = get(d, "/rq")
+    error_json(r, 502, "bad_status", "bad", backend_status=500)
+    check(dt < 0.1 + 0.5 * SLOW, f"required failure answered after {dt:.3f}s, not at once (slow call: 3 s)")
+    st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 1.0,
+                          "the cancelled call's connection closed")
+    timing = server_timing(r)
+    check("bad" in timing and "total" in timing, f"Server-Timing of an error answer: {r.header('Server-Timing')}")
+    r, dt = get(d, "/rq-timeout")
+    error_json(r, 504, "timeout", "slow")
+    check(dt < 0.2 + 0.6 * SLOW, f"a 200 ms timeout answered after {dt:.3f}s")
+    s2.wait_stats(lambda st: st["open_connections"] == 0, 1.0, "the timed-out call's connection closed")
+
+
+@atest
+def agg_fallback_values_and_errors_report():
+    s = Stub()
+    fails = [call("fo", "/x?status=500", fallback={"a": 1}),
+             call("fa", "/x?status=500", fallback=[]),
+             call("fn", "/x?status=500", fallback=None),
+             call("fs", "/x?status=500", fallback="none"),
+             call("fz", "/x?status=500", fallback=0),
+             call("gone", "/x?status=500"),
+             call("ok", "/users/9")]
+    d = agg_daemon([route("/fb", fails), route("/fb-e", fails, errors=True),
+                    route("/good", [call("a", "/users/1"), call("b", "/x?status=204"),
+                                    call("c", "/x?status=201&" + jbody([1, 2]))], errors=True)], s)
+    r, _ = get(d, "/fb")
+    j = ok_json(r, completed=False)
+    eq(j, {"fo": {"a": 1}, "fa": [], "fn": None, "fs": "none", "fz": 0,
+           "ok": {"id": 9, "name": "User 9", "email": "user9@example.com", "tier": "gold"}},
+       "fallbacks in place, a failed call without one left out, no _errors by default")
+    eq(list(j.keys()), ["fo", "fa", "fn", "fs", "fz", "ok"], "key order")
+    r, _ = get(d, "/fb-e")
+    j = ok_json(r, completed=False, what="errors: true")
+    errs = j.get("_errors")
+    check(isinstance(errs, dict), f"_errors with errors: true: {j}")
+    eq(sorted(errs.keys()), sorted(["fo", "fa", "fn", "fs", "fz", "gone"]), "calls in _errors")
+    for k, e in errs.items():
+        eq(e.get("code"), "bad_status", f"_errors.{k}.code")
+        eq(e.get("status"), 500, f"_errors.{k}.status")
+        check(isinstance(e.get("ms"), (int, float)) and e["ms"] >= 0, f"_errors.{k}.ms: {e}")
+    eq(j["fo"], {"a": 1}, "fallback with errors: true")
+    check("gone" not in j, "a failed call without fallback has a key with errors: true")
+    r, _ = get(d, "/good")
+    j = ok_json(r, completed=True, what="everything succeeded")
+    check("_errors" not in j, f"_errors when every call succeeded: {j}")
+    eq(j["b"], None, "a 204 answer is null")
+    eq(j["c"], [1, 2], "a 201 answer")
+
+
+# --- deadline and cancellation ------------------------------------------------------------------
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@atest
+def agg_deadline_cancels_running_and_pending_calls():
+    s, s2 = Stub(), Stub()
+    d = agg_daemon([
+        route("/dl", [call("slow", "/slow?delay=5000&abort_on_eof=1", backend="s2"),
+                      call("after_slow", "/p/{slow.id}"),
+                      call("fast", "/users/3")], deadline_ms=ms(300), errors=True),
+        route("/dl-req", [call("slow", "/slow?delay=5000&abort_on_eof=1", backend="s2", required=True),
+                          call("fast", "/users/3")], deadline_ms=ms(300)),
+    ], s, s2)
+    r, dt = get(d, "/dl")
+    j = ok_json(r, completed=False)
+    check(0.29 <= dt < 0.3 + 0.5 * SLOW, f"deadline 300 ms answered after {dt:.3f}s")
+    eq(j.get("fast"), {"id": 3, "name": "User 3", "email": "user3@example.com", "tier": "gold"}, "fast call")
+    check("slow" not in j and "after_slow" not in j, f"cancelled calls have keys: {j}")
+    eq(j["_errors"]["slow"]["code"], "timeout", "_errors.slow.code (running at the deadline)")
+    eq(j["_errors"]["after_slow"]["code"], "timeout", "_errors.after_slow.code (not started at the deadline)")
+    st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 1.0,
+                          "the cancelled call's upstream connection closed")
+    eq(st["requests"], 1, "requests the backend got")
+    r, dt = get(d, "/dl-req")
+    error_json(r, 504, "timeout", "slow")
+    check(dt < 0.3 + 0.5 * SLOW, f"deadline 300 ms answered after {dt:.3f}s")
+    s2.wait_stats(lambda st: st["open_connections"] == 0, 1.0, "the cancelled call's connection closed")
+
+
+@atest
+def agg_deadline_under_load_leaks_no_descriptors():
+    """1000 requests whose call outlives a 120 ms deadline, 50 client
+    connections at a time: every cancelled upstream connection is closed."""
+    s, s2 = Stub(), Stub()
+    d = agg_daemon([route("/dl", [call("slow", "/slow?delay=10000&abort_on_eof=1", backend="s2"),
+                                  call("fast", "/static")], deadline_ms=120)], s, s2)
+    # warm up (pool to s, first allocations), then the baseline with no client
+    for _ in range(3):
+        r, _ = get(d, "/dl")
+        ok_json(r, completed=False, what="warm-up")
+    s2.wait_stats(lambda st: st["open_connections"] == 0, 2, "warm-up connections closed")
+    time.sleep(0.1)
+    base = fd_count(d.pid)
+    pooled_before = s.stats()["open_connections"]  # gatherd's idle connections to s (the fast call)
+    s2_before = s2.stats()["connections"]
+    nstats_before = s2.nstats  # each /stats request is a connection of its own
+    nclients, per_client = 50, 20
+    results = []
+    errors = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 40 * SLOW
+
+    def client():
+        got = []
+        try:
+            with gwtest.Conn(d.host, d.port, timeout=10) as c:
+                for _ in range(per_client):
+                    if time.monotonic() > stop_at:
+                        break
+                    r = c.request(req("GET", "/dl"))
+                    got.append((r.status, r.header("X-Gateway-Completed")))
+        except Exception as e:  # noqa: BLE001 - reported below
+            with lock:
+                errors.append(repr(e))
+        with lock:
+            results.extend(got)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(nclients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, stop_at - time.monotonic() + 5))
+    elapsed = time.monotonic() - t0
+    check(not any(t.is_alive() for t in threads), "client threads still running after the time limit")
+    check(not errors, f"{len(errors)} client errors, first: {errors[:3]}")
+    eq(len(results), nclients * per_client, f"answers within the time limit ({elapsed:.1f}s)")
+    bad = [x for x in results if x != (200, "false")]
+    check(not bad, f"{len(bad)} answers were not 200 with X-Gateway-Completed: false: {bad[:5]}")
+    st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 3,
+                          "every cancelled upstream connection closed")
+    conns = st["connections"] - s2_before - (s2.nstats - nstats_before)
+    check(conns <= nclients * per_client, f"{conns} backend connections for {nclients * per_client} calls")
+    # the fast calls' connections to s stay pooled (max_idle 64): they are
+    # expected descriptors; everything else must be back to the baseline
+    deadline = time.monotonic() + 3 * SLOW
+    while True:
+        pooled = s.stats()["open_connections"] - pooled_before
+        after = fd_count(d.pid)
+        if after <= base + pooled + 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    print(f"# {len(results)} requests in {elapsed:.2f}s; gatherd fds {base} before, {after} after; "
+          f"backend connections {conns}; {pooled} more pooled connections to s")
+    check(after <= base + pooled + 2,
+          f"gatherd holds {after} descriptors after the load, {base} before ({pooled} more pooled to s)")
+
+
+@atest
+def agg_client_disconnect_cancels_calls():
+    s, s2 = Stub(), Stub()
+    d = agg_daemon([route("/gone", [call("slow", "/slow?delay=5000&abort_on_eof=1", backend="s2"),
+                                    call("slow2", "/slow2?delay=5000&abort_on_eof=1", backend="s2"),
+                                    call("next", "/n/{slow.id}", backend="s2")], deadline_ms=20000),
+                    route("/gone-fe", [call("src", "/src?" + jbody(list(range(6)))),
+                                       call("fe", "/fe/{item}?delay=5000&abort_on_eof=1", backend="s2",
+                                            foreach="src", foreach_concurrency=2)], deadline_ms=20000),
+                    route("/ok", [call("a", "/users/1")])], s, s2)
+    for attempt in range(3):
+        c = Client(d)
+        c.send(req("GET", "/gone"))
+        s2.wait_stats(lambda st: st["in_flight"] == 2, 2, "both calls reached the backend")
+        t0 = time.monotonic()
+        c.close()
+        st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 1.0,
+                              "the calls of a gone client cancelled")
+        check(t < 1.0 * SLOW, f"calls cancelled {t:.2f}s after the client left")
+        eq(st["requests"], 2 * (attempt + 1), "requests at the backend (the dependent call never started)")
+    # a foreach call with elements running and elements not started yet
+    c = Client(d)
+    c.send(req("GET", "/gone-fe"))
+    s2.wait_stats(lambda st: st["in_flight"] == 2, 2, "two elements reached the backend")
+    c.close()
+    st, t = s2.wait_stats(lambda st: st["open_connections"] == 0 and st["in_flight"] == 0, 1.0,
+                          "the elements of a gone client cancelled")
+    eq(st["requests"], 8, "requests at the backend (no element started after the client left)")
+    # the daemon goes on serving
+    r, _ = get(d, "/ok")
+    eq(ok_json(r, what="after the cancellations")["a"]["id"], 1, "a request after the cancellations")
+
+
+# --- templates -------------------------------------------------------------------------------------
+
+EVIL = ["a/b", "x?y=1", "p&q=2", "f#frag", "cr\r\nX-Injected: 1", "sp ace", "pct%2F", "semi;c", "+plus",
+        "uni\u00e9", "..a", "a..", "~-._"]
+
+
+@atest
+def agg_template_values_are_encoded():
+    s = Stub()
+    src = call("src", "/src?" + jbody({"v": EVIL}))
+    d = agg_daemon([
+        route("/inj/{p}", [call("pp", "/e/{p}?echo=1"),
+                           call("qq", "/e/q?echo=1&v={query.v}&w={p}"),
+                           call("hh", "/e/h?echo=1", headers={"X-P": "{query.h}"})]),
+        route("/injc/{n}", [src,
+                            call("cc", "/e/{src.v[0]}/{src.v[1]}/{src.v[2]}/{src.v[3]}?echo=1&w={src.v[4]}"),
+                            call("ce", "/e/{item}?echo=1&w={item}", foreach="src.v")]),
+    ], s)
+    for v in EVIL:
+        path = "/inj/" + pq(v) + "?v=" + pq(v) + "&h=ok"
+        r, _ = get(d, path)
+        j = ok_json(r, what=f"value {v!r}")
+        e = j["pp"]
+        seg = e["path"][len("/e/"):]
+        check(e["path"].startswith("/e/"), f"{v!r}: path {e['path']!r}")
+        check(re.fullmatch(r"([A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})+", seg),
+              f"{v!r} from a path parameter: not one encoded segment: {e['path']!r}")
+        eq(norm_pct(seg), pq(v), f"{v!r} from a path parameter: segment")
+        eq(urllib.parse.unquote(seg), v, f"{v!r}: segment decoded")
+        eq(e["query"], "echo=1", f"{v!r}: query of the path-parameter call")
+        e = j["qq"]
+        eq(e["path"], "/e/q", f"{v!r}: path of the query call")
+        eq(norm_pct(e["query"]), "echo=1&v=" + pq(v) + "&w=" + pq(v), f"{v!r}: query value and path param in a query")
+        for one in (j["pp"], j["qq"], j["hh"]):
+            check("x-injected" not in one["headers"], f"{v!r}: a header was injected: {one['headers']}")
+        eq(j["hh"]["headers"].get("x-p"), "ok", "header from a query parameter")
+    # values from an earlier call's answer
+    r, _ = get(d, "/injc/1")
+    j = ok_json(r, what="values from a call's answer")
+    e = j["cc"]
+    segs = e["path"].split("/")
+    eq(len(segs), 6, f"segments of {e['path']!r}")
+    eq([norm_pct(x) for x in segs[2:]], [pq(x) for x in EVIL[:4]], "segments from the answer")
+    eq(norm_pct(e["query"]), "echo=1&w=" + pq(EVIL[4]), "query from the answer (CR LF encoded)")
+    check("x-injected" not in e["headers"], f"a header was injected: {e['headers']}")
+    eq(len(j["ce"]), len(EVIL), "foreach over the evil values")
+    for v, one in zip(EVIL, j["ce"]):
+        eq(norm_pct(one["path"]), "/e/" + pq(v), f"foreach item {v!r} in the path")
+        eq(norm_pct(one["query"]), "echo=1&w=" + pq(v), f"foreach item {v!r} in the query")
+        check("x-injected" not in one["headers"], f"{v!r}: a header was injected")
+
+
+@atest
+def agg_template_values_that_cannot_be_used():
+    s = Stub()
+    d = agg_daemon([
+        route("/bad", [call("pp", "/e/{query.v}?echo=1"), call("ok", "/users/1")], errors=True),
+        route("/badh", [call("hh", "/e?echo=1", headers={"X-V": "{query.v}"}), call("ok", "/users/1")],
+              errors=True),
+    ], s)
+    for v, code in ((".", "invalid_value"), ("..", "invalid_value"), ("", "invalid_value")):
+        r, _ = get(d, "/bad?v=" + pq(v))
+        j = ok_json(r, completed=False, what=f"path value {v!r}")
+        check("pp" not in j, f"path value {v!r}: the call ran: {j.get('pp')}")
+        eq(j["_errors"]["pp"]["code"], code, f"path value {v!r}: code")
+    r, _ = get(d, "/bad")
+    j = ok_json(r, completed=False, what="absent query parameter")
+    eq(j["_errors"]["pp"]["code"], "missing_value", "absent query parameter: code")
+    for v in ("a\r\nX-Injected: 1", "tab\there", "nul\x01"):
+        r, _ = get(d, "/badh?v=" + pq(v))
+        j = ok_json(r, completed=False, what=f"header value {v!r}")
+        check("hh" not in j, f"header value {v!r}: the call ran: {j.get('hh')}")
+        eq(j["_errors"]["hh"]["code"], "invalid_value", f"header value {v!r}: code")
+    st = s.stats()
+    # only the ok calls reached the backend
+    eq(st["requests"], 7, f"requests at the backend (only the calls that could be sent): {st}")
+
+
+@atest
+def agg_template_sources_and_number_types():
+    s = Stub()
+    d = agg_daemon([route("/src/{id}", [
+        call("a", "/a?" + jbody({"n": 12345678901234, "f": 1.5, "t": True, "s": "str", "neg": -7,
+                                 "items": [{"id": 11}, {"id": 22}]})),
+        call("e", "/e/{id}/{a.n}/{a.f}/{a.t}/{a.s}/{a.neg}/{a.items[1].id}?echo=1&q={query.q}&h={header.X-Thing}"
+                  "&lit=%7B%7D&two=1"),
+    ])], s)
+    r, _ = get(d, "/src/abc%20d?q=x%20y&q=second", headers={"X-Thing": "hv", "x-thing": "other"})
+    j = ok_json(r)
+    e = j["e"]
+    eq(e["path"], "/e/abc%20d/12345678901234/1.5/true/str/-7/22", "values as text in the path")
+    eq(norm_pct(e["query"]), "echo=1&q=x%20y&h=hv&lit=%7B%7D&two=1", "query: first query parameter and header")
+    r, _ = get(d, "/src/a+b?q=c+d%2Be", headers={"X-Thing": "h"})
+    e = ok_json(r, what="plus signs")["e"]
+    eq(e["path"], "/e/a%2Bb/12345678901234/1.5/true/str/-7/22", "a + in a path parameter is a plus")
+    eq(norm_pct(e["query"]), "echo=1&q=c%20d%2Be&h=h&lit=%7B%7D&two=1", "a + in a query parameter is a space")
+
+
+# --- shaping and merging --------------------------------------------------------------------------
+
+@atest
+def agg_shaping_target_allow_deny_rename():
+    s = Stub()
+    nested = {"a": {"b": 1, "c": 2}, "d": 3, "items": [{"id": 1, "secret": "s", "x": 1}, {"id": 2}],
+              "internal": {"k": 1}}
+    d = agg_daemon([route("/shape", [
+        call("user", "/users/7", allow=["id", "name"]),
+        call("user2", "/users/7", deny=["email", "tier"], rename={"name": "full_name"}),
+        call("order", "/orders?user=7", target="items[1]"),
+        call("items", "/orders?user=7", target="items"),
+        call("combo", "/orders?user=7", target="items[0]", allow=["id", "qty"], rename={"qty": "quantity"}),
+        call("deep", "/n?" + jbody(nested), allow=["a.b", "d"]),
+        call("denied", "/n?" + jbody(nested), deny=["internal", "items[0].secret", "a.c"]),
+        call("arr", "/arr?" + jbody([1, 2, 3])),
+        call("num", "/num?" + jbody(42)),
+        call("str", "/str?" + jbody("text")),
+        call("grouped", "/users/8", group="custom", allow=["id"]),
+        call("raw", "/c/{user.email}/{user2.tier}?echo=1"),
+    ])], s)
+    r, _ = get(d, "/shape")
+    j = ok_json(r)
+    eq(j["user"], {"id": 7, "name": "User 7"}, "allow")
+    eq(j["user2"], {"id": 7, "full_name": "User 7"}, "deny and rename")
+    eq(j["order"], {"id": 102, "product_id": 9, "qty": 2}, "target items[1]")
+    eq(j["items"], [{"id": 101, "product_id": 7, "qty": 1}, {"id": 102, "product_id": 9, "qty": 2}], "target items")
+    eq(j["combo"], {"id": 101, "quantity": 1}, "target, allow, rename in that order")
+    eq(j["deep"], {"a": {"b": 1}, "d": 3}, "allow of nested paths")
+    eq(j["denied"], {"a": {"b": 1}, "d": 3, "items": [{"id": 1, "x": 1}, {"id": 2}]}, "deny of nested paths")
+    eq(j["arr"], [1, 2, 3], "an array answer under its group key")
+    eq(j["num"], 42, "a number answer under its group key")
+    eq(j["str"], "text", "a string answer under its group key")
+    check("grouped" not in j, "a call with group is under its name")
+    eq(j["custom"], {"id": 8}, "group key")
+    eq(j["raw"]["path"], "/c/user7%40example.com/gold", "templates see the answer before shaping")
+    eq(list(j.keys()), ["user", "user2", "order", "items", "combo", "deep", "denied", "arr", "num", "str",
+                        "custom", "raw"], "keys in the order the calls are listed")
+
+
+@atest
+def agg_merge_is_deterministic():
+    s = Stub()
+
+    def calls(first_delay, second_delay):
+        return [call("first", f"/a?delay={first_delay}&" + jbody({"k": "first", "a": 1, "shared": {"x": 1}})),
+                call("second", f"/b?delay={second_delay}&" + jbody({"k": "second", "b": 2, "shared": {"y": 2}})),
+                call("arr", "/c?" + jbody([1, 2]), group="list"),
+                call("third", "/d?" + jbody({"c": 3}), rename={"c": "k"}, required=True)]
+
+    d = agg_daemon([route("/m-slow-first", calls(200, 0), merge="merge"),
+                    route("/m-slow-second", calls(0, 200), merge="merge"),
+                    route("/m-fail", [call("first", "/a?" + jbody({"k": "first"})),
+                                      call("second", "/b?status=500", fallback={"k": "fallback", "f": 1})],
+                          merge="merge")], s)
+    want = {"k": 3, "a": 1, "b": 2, "shared": {"y": 2}, "list": [1, 2]}
+    for i in range(3):
+        for path in ("/m-slow-first", "/m-slow-second"):
+            r, _ = get(d, path)
+            j = ok_json(r, what=path)
+            eq(j, want, f"{path} (round {i}): later-listed calls win whatever finished first")
+    r, _ = get(d, "/m-fail")
+    j = ok_json(r, completed=False, what="merge with a fallback")
+    eq(j, {"k": "fallback", "f": 1}, "merge with an object fallback")
+
+
+# --- what each call sends ----------------------------------------------------------------------
+
+@atest
+def agg_request_headers_and_server_timing():
+    s = Stub()
+    d = agg_daemon([
+        route("/h/{id}", [
+            call("plain", "/e/plain?echo=1"),
+            call("fwd", "/e/fwd?echo=1", forward_headers=["Accept-Language", "Authorization"]),
+            call("tpl", "/e/tpl?echo=1", headers={"X-User": "{id}", "X-Lang": "{query.lang}",
+                                                  "X-Trace": "t-{header.X-Trace}-{plain.method}",
+                                                  "Accept": "application/vnd.test+json"}),
+        ]),
+    ], s)
+    hdrs = [("X-Request-Id", "req-abc.123"), ("Accept-Language", "de-CH"), ("Authorization", "Bearer tok"),
+            ("Cookie", "sid=1"), ("X-Trace", "tr9"), ("X-Forwarded-For", "10.1.2.3"), ("Accept", "text/html")]
+    r, _ = get(d, "/h/77?lang=fr", headers=hdrs)
+    j = ok_json(r)
+    eq(r.header("X-Request-Id"), "req-abc.123", "X-Request-Id of the answer")
+    for k in ("plain", "fwd", "tpl"):
+        h = j[k]["headers"]
+        eq(h.get("x-request-id"), "req-abc.123", f"{k}: X-Request-Id sent to the backend")
+        eq(h.get("host"), s.hostport, f"{k}: Host")
+        eq(h.get("via"), "1.1 gatherd", f"{k}: Via")
+        eq(h.get("x-forwarded-for"), "10.1.2.3, 127.0.0.1", f"{k}: X-Forwarded-For")
+        eq(h.get("x-forwarded-proto"), "http", f"{k}: X-Forwarded-Proto")
+        check("cookie" not in h, f"{k}: a client header nobody listed reached the backend: {h}")
+        eq(j[k]["method"], "GET", f"{k}: method")
+        eq(j[k]["body_length"], 0, f"{k}: body")
+    h = j["plain"]["headers"]
+    eq(h.get("accept"), "application/json", "plain: Accept")
+    check("accept-language" not in h and "authorization" not in h and "x-trace" not in h,
+          f"plain: client headers reached the backend: {h}")
+    h = j["fwd"]["headers"]
+    eq(h.get("accept-language"), "de-CH", "fwd: Accept-Language forwarded")
+    eq(h.get("authorization"), "Bearer tok", "fwd: Authorization forwarded")
+    check("x-trace" not in h, f"fwd: unlisted header forwarded: {h}")
+    h = j["tpl"]["headers"]
+    eq(h.get("x-user"), "77", "tpl: header from a path parameter")
+    eq(h.get("x-lang"), "fr", "tpl: header from a query parameter")
+    eq(h.get("x-trace"), "t-tr9-GET", "tpl: header from a client header and a call's answer")
+    eq(h.get("accept"), "application/vnd.test+json", "tpl: Accept replaced (one value)")
+    check(j["tpl"]["received_ms"] >= j["plain"]["received_ms"], "tpl waited for plain (its template names it)")
+    timing = server_timing(r)
+    eq(sorted(timing.keys()), sorted(["plain", "fwd", "tpl", "total"]), f"Server-Timing entries: {timing}")
+    check(timing["total"][0] >= max(v[0] for k, v in timing.items() if k != "total") - 0.5,
+          f"total shorter than a call: {r.header('Server-Timing')}")
+    # a client without X-Request-Id: gatherd's own id reaches the backends
+    r, _ = get(d, "/h/1?lang=x", headers={"X-Trace": "t2"})
+    j = ok_json(r, what="no X-Request-Id")
+    rid = r.header("X-Request-Id")
+    check(rid and gwtest.HEX32_RE.match(rid), f"generated X-Request-Id {rid!r}")
+    eq({j[k]["headers"].get("x-request-id") for k in ("plain", "fwd", "tpl")}, {rid}, "generated id sent upstream")
+
+
+@atest
+def agg_server_timing_names_failed_calls():
+    s = Stub()
+    d = agg_daemon([route("/st", [call("a", "/users/1"), call("slow", "/x?delay=2000", timeout_ms=ms(100)),
+                                  call("bad", "/x?status=500")])], s)
+    r, _ = get(d, "/st")
+    ok_json(r, completed=False)
+    timing = server_timing(r)
+    eq(sorted(timing.keys()), ["a", "bad", "slow", "total"], f"Server-Timing entries: {r.header('Server-Timing')}")
+    eq(timing["slow"][1].get("desc"), '"timeout"', "desc of the timed-out call")
+    check(timing["slow"][0] >= 90, f"dur of a 100 ms timeout: {timing['slow'][0]}")
+
+
+@atest
+def agg_json_body_template_and_forwarded_body():
+    s = Stub()
+    body_tpl = {"id": "{a.id}", "name": "{a.name}", "text": "user {a.id}!", "all": "{a}", "lit": 5,
+                "nested": {"x": ["{a.tier}", "{query.q}", "{id}"]}, "braces": "{{a.id}}", "flag": "{b.t}"}
+    d = agg_daemon([
+        route("/post/{id}", [call("a", "/users/7"),
+                             call("b", "/b?" + jbody({"t": True})),
+                             call("p", "/e/p?echo=1", method="POST", body=body_tpl)]),
+        route("/ct", [call("c", "/e/c?echo=1", method="PATCH", body={"x": 1},
+                           headers={"Content-Type": "application/merge-patch+json"})]),
+        route("/fwd", [call("f1", "/e/f1?echo=1", method="PUT", body="forward"),
+                       call("f2", "/e/f2?echo=1", method="POST", body="forward"),
+                       call("g", "/e/g?echo=1")], methods=["POST"]),
+    ], s)
+    r, _ = get(d, "/post/x1?q=qq")
+    j = ok_json(r)
+    e = j["p"]
+    eq(e["method"], "POST", "method")
+    eq(e["headers"].get("content-type"), "application/json", "Content-Type of a JSON body")
+    eq(e["headers"].get("content-length"), str(e["body_length"]), "Content-Length of the body")
+    sent = json.loads(e["body"])
+    user = {"id": 7, "name": "User 7", "email": "user7@example.com", "tier": "gold"}
+    eq(sent, {"id": 7, "name": "User 7", "text": "user 7!", "all": user, "lit": 5,
+              "nested": {"x": ["gold", "qq", "x1"]}, "braces": "{a.id}", "flag": True},
+       "rendered JSON body (a lone placeholder keeps its JSON type)")
+    r, _ = get(d, "/ct")
+    e = ok_json(r, what="Content-Type replaced")["c"]
+    eq(e["method"], "PATCH", "method")
+    eq(e["headers"].get("content-type"), "application/merge-patch+json", "Content-Type replaced (one value)")
+    eq(json.loads(e["body"]), {"x": 1}, "body")
+    payload = b'{"hello": [1, 2, "\xc3\xa9"]}'
+    r, _ = get(d, "/fwd", method="POST", body=payload, headers={"Content-Type": "application/x-test"})
+    j = ok_json(r, what="forwarded body")
+    for k, m in (("f1", "PUT"), ("f2", "POST")):
+        eq(j[k]["method"], m, f"{k}: method")
+        eq(j[k]["body"].encode(), payload, f"{k}: the client's body")
+        eq(j[k]["headers"].get("content-type"), "application/x-test", f"{k}: the client's Content-Type")
+    eq(j["g"]["body_length"], 0, "a call without body sends none")
+    check("content-type" not in j["g"]["headers"], f"a call without body has a Content-Type: {j['g']['headers']}")
+
+
+@atest
+def agg_head_of_get_route():
+    s = Stub()
+    d = agg_daemon([route("/hd", [call("a", "/users/4"), call("b", "/orders?user=4", target="items")]),
+                    route("/hd-err", [call("a", "/x?status=500", required=True)])], s)
+    with Client(d) as c:
+        g = c.request(req("GET", "/hd"))
+        ok_json(g)
+        h = c.request(req("HEAD", "/hd"))
+        eq(h.status, 200, f"HEAD status ({h.raw[:300]!r})")
+        eq(h.body, b"", "HEAD body")
+        eq(h.header("Content-Length"), str(len(g.body)), "HEAD Content-Length (the GET answer's)")
+        eq(h.header("X-Gateway-Completed"), "true", "HEAD X-Gateway-Completed")
+        check(h.header("Server-Timing"), "HEAD Server-Timing")
+        # the connection is still in sync: a leaked body would break this
+        g2 = c.request(req("GET", "/hd"))
+        eq(g2.body, g.body, "GET after HEAD")
+        ge = c.request(req("GET", "/hd-err"))
+        error_json(ge, 502, "bad_status", "a", backend_status=500, what="GET of a failing route")
+        he = c.request(req("HEAD", "/hd-err"))
+        eq(he.status, 502, f"HEAD of a failing route ({he.raw[:300]!r})")
+        eq(he.body, b"", "HEAD body of an error")
+        eq(he.header("Content-Length"), str(len(ge.body)), "HEAD Content-Length of an error")
+        check(he.header("Server-Timing"), "HEAD Server-Timing of an error")
+        g3 = c.request(req("GET", "/hd"))
+        eq(g3.status, 200, "GET after the HEAD of an error")
+    st = s.stats()
+    eq(st["requests"], 10, "backend requests: 2 calls for GET, HEAD, GET and GET; 1 for GET and HEAD of the error")
+
+
+@atest
+def agg_retry_on_stale_pooled_connection():
+    s = Stub()
+    d = agg_daemon([route("/rt", [call("a", "/r?close_if_reused=1&echo=1", required=True)]),
+                    route("/warm", [call("a", "/w?echo=1")])], s)
+    r, _ = get(d, "/warm")
+    first = ok_json(r)["a"]["connection_id"]
+    r, _ = get(d, "/rt")
+    j = ok_json(r, what="retried call")
+    check(j["a"]["connection_id"] != first, "the call did not go over a new connection after the stale one")
+    eq(j["a"]["connection_requests"], 1, "the retry's connection is new")
+
+
+@atest
+def agg_no_retry_for_non_idempotent_calls():
+    """A POST on a pooled connection the backend closed is not sent again."""
+    s = Stub()
+    d = agg_daemon([route("/warm", [call("a", "/w?echo=1")]),
+                    route("/post", [call("p", "/p?close_if_reused=1&echo=1", method="POST", body={"x": 1})],
+                          errors=True)], s)
+    ok_json(get(d, "/warm")[0])
+    r, _ = get(d, "/post")
+    j = ok_json(r, completed=False, what="POST on a stale connection")
+    eq(j["_errors"]["p"]["code"], "truncated", "code of a POST whose connection was closed")
+    eq(s.stats()["requests"], 2, "requests at the backend (no second POST)")
+
+
+@atest
+def agg_backend_framings_and_limits():
+    s = Stub()
+    d = agg_daemon([route("/fr", [
+        call("chunked", "/c?chunked=1&chunk=7&" + jbody({"a": [1, 2, 3], "s": "x" * 50})),
+        call("interim", "/i?interim=103&" + jbody({"i": 1})),
+        call("paced", "/p?size=3000&chunk=500&chunk_delay=20", target="data"),
+        call("exact", "/e?size=100", backend="small", target="data"),
+        call("over", "/o?size=101", backend="small"),
+        call("over_chunked", "/o?size=101&chunked=1&chunk=10", backend="small"),
+        call("err_big", "/x?status=500&size=5000", backend="small"),
+    ], errors=True)], s)
+    r, _ = get(d, "/fr")
+    j = ok_json(r, completed=False)
+    eq(j.get("chunked"), {"a": [1, 2, 3], "s": "x" * 50}, "chunked answer")
+    eq(j.get("interim"), {"i": 1}, "answer after a 103 interim response")
+    eq(j.get("paced"), "x" * (3000 - 11), "slowly sent answer")
+    eq(j.get("exact"), "x" * (100 - 11), "answer of exactly max_response_bytes")
+    eq(sorted(j["_errors"].keys()), ["err_big", "over", "over_chunked"], f"failed calls: {j['_errors']}")
+    eq(j["_errors"]["over"]["code"], "too_large", "max_response_bytes + 1 (Content-Length)")
+    eq(j["_errors"]["over_chunked"]["code"], "too_large", "max_response_bytes + 1 (chunked)")
+    eq(j["_errors"]["err_big"]["code"], "bad_status", "a big error answer is a bad_status")
+    eq(j["_errors"]["err_big"].get("status"), 500, "status of the big error answer")
+
+
+@atest
+def agg_backend_timeout_default_and_connect_timeout():
+    """A call without timeout_ms uses its backend's; a connect that hangs
+    ends with the call's timeout too."""
+    s = Stub()
+    hole = tp.Blackhole(accepting=False)
+    swallow = tp.Blackhole(accepting=True)
+    d = agg_daemon([route("/bt", [call("slow", "/x?delay=3000", backend="quick"),
+                                  call("hang", "/x", backend="hole"),
+                                  call("swallowed", "/x", backend="swallow"),
+                                  call("ok", "/users/1")], errors=True),
+                    route("/bt-req", [call("slow", "/x?delay=3000", backend="quick", required=True)])],
+                   s, backends={"quick": tp.backend(s.url, timeout_ms=ms(200)),
+                                "hole": tp.backend(hole.url, connect_timeout_ms=ms(200), timeout_ms=ms(5000)),
+                                "swallow": tp.backend(f"http://127.0.0.1:{swallow.port}", timeout_ms=ms(250))})
+    r, dt = get(d, "/bt")
+    j = ok_json(r, completed=False)
+    eq(j["_errors"]["slow"]["code"], "timeout", "the backend's timeout_ms")
+    eq(j["_errors"]["swallowed"]["code"], "timeout", "a backend that never answers")
+    check(j["_errors"]["hang"]["code"] in ("timeout", "connect_failed"),
+          f"a connect that hangs: {j['_errors']['hang']}")
+    check(dt < 0.25 * SLOW + 0.5, f"answered after {dt:.3f}s (timeouts of 200-250 ms)")
+    r, dt = get(d, "/bt-req")
+    error_json(r, 504, "timeout", "slow")
+
+
+@atest
+def agg_deadline_during_foreach_keeps_finished_elements():
+    s, s2 = Stub(), Stub()
+    items = [{"n": 0, "d": 0}, {"n": 1, "d": 5000}, {"n": 2, "d": 0}, {"n": 3, "d": 5000}]
+    d = agg_daemon([route("/fd", [call("src", "/src?" + jbody(items)),
+                                  call("fe", "/fe/{item.n}?delay={item.d}&abort_on_eof=1", backend="s2",
+                                       foreach="src", fallback="FB")],
+                          deadline_ms=ms(300), errors=True)], s, s2)
+    r, dt = get(d, "/fd")
+    j = ok_json(r, completed=False)
+    eq(j.get("fe"), [{"ok": True, "path": "/fe/0"}, "FB", {"ok": True, "path": "/fe/2"}, "FB"],
+       "finished elements kept, the others get the fallback")
+    eq(j["_errors"]["fe"]["code"], "timeout", "_errors.fe.code")
+    eq(j["_errors"]["fe"].get("failed"), [1, 3], "_errors.fe.failed")
+    s2.wait_stats(lambda st: st["open_connections"] <= 2 and st["in_flight"] == 0, 1.0,
+                  "the cancelled elements' connections closed")
+
+
+@atest
+def agg_foreach_limits_and_results_as_template_source():
+    s = Stub()
+    d = agg_daemon([
+        route("/fm/{n}", [call("src", "/src?size=0"),
+                          call("list", "/l?" + jbody(list(range(100)))),
+                          call("fe", "/fe/{item}", foreach="list"),
+                          call("first", "/f/{fe[0].path}/{fe[99].ok}?echo=1")]),
+        route("/fm101", [call("list", "/l?" + jbody(list(range(101)))),
+                         call("fe", "/fe/{item}", foreach="list")], errors=True),
+        route("/fm3", [call("list", "/l?" + jbody(list(range(4)))),
+                       call("fe", "/fe/{item}", foreach="list", foreach_max=3)], errors=True),
+    ], s)
+    r, _ = get(d, "/fm/1")
+    eq(r.status, 200, f"status ({r.raw[:300]!r})")
+    j = r.json()
+    eq(len(j["fe"]), 100, "100 elements (the default foreach_max)")
+    eq(j["fe"][57], {"ok": True, "path": "/fe/57"}, "element 57")
+    eq(j["first"]["path"], "/f/%2Ffe%2F0/true", "a template reading a foreach call's answers")
+    for path in ("/fm101", "/fm3"):
+        r, _ = get(d, path)
+        j = ok_json(r, completed=False, what=path)
+        check("fe" not in j, f"{path}: a foreach call over too many items has a key: {j}")
+        eq(j["_errors"]["fe"]["code"], "too_many_items", f"{path}: code")
+
+
+@atest
+def agg_sixty_four_calls():
+    s = Stub()
+    calls = [call(f"c{i}", f"/users/{i}", allow=["id"]) for i in range(64)]
+    d = agg_daemon([route("/many", calls)], s)
+    r, _ = get(d, "/many")
+    j = ok_json(r)
+    eq(list(j.keys()), [f"c{i}" for i in range(64)], "64 calls in order")
+    eq([j[f"c{i}"]["id"] for i in range(64)], list(range(64)), "64 answers")
+
+
+@atest
+def agg_answers_json_values_as_sent():
+    """Strings, Unicode, escapes, big and real numbers survive parsing and
+    serialization, and reach templates as their JSON digits."""
+    s = Stub()
+    raw = (r'{"s":"caf\u00e9 \"q\" \\ \/ \n","u":"\ud83d\ude00","n":12345678901234,'
+           r'"r":0.1,"e":1e300,"neg":-0.0,"t":true,"z":null,"emptyo":{},"emptya":[]}')
+    d = agg_daemon([route("/vals", [call("v", "/v?body=" + pq(raw)),
+                                    call("e", "/e/{v.r}/{v.n}?echo=1&e={v.e}")])], s)
+    r, _ = get(d, "/vals")
+    j = ok_json(r)
+    eq(j["v"], json.loads(raw), "values of the answer")
+    eq(j["e"]["path"], "/e/0.1/12345678901234", "numbers in a path")
+
+
+@atest
+def agg_pipelined_and_http10_clients():
+    s = Stub()
+    d = agg_daemon([route("/pa/{n}", [call("a", "/a/{n}?delay=100&echo=1"), call("b", "/users/{n}")])], s)
+    with Client(d) as c:
+        c.send(req("GET", "/pa/1") + req("GET", "/pa/2") + req("HEAD", "/pa/3") + req("GET", "/pa/4"))
+        got = []
+        for n in (1, 2, 3, 4):
+            r = c.read_response("HEAD" if n == 3 else "GET")
+            eq(r.status, 200, f"pipelined request {n} ({r.raw[:300]!r})")
+            if n != 3:
+                got.append(r.json()["b"]["id"])
+        eq(got, [1, 2, 4], "pipelined answers in request order")
+    with Client(d) as c:
+        r = c.request(req("GET", "/pa/5", version="HTTP/1.0", host=None))
+        eq(r.status, 200, f"HTTP/1.0 status ({r.raw[:300]!r})")
+        check(r.header("Content-Length") is not None, "HTTP/1.0 answer without Content-Length")
+        eq(r.json()["b"]["id"], 5, "HTTP/1.0 answer")
+
+
+@atest
+def agg_graceful_stop_finishes_aggregates_in_flight():
+    s = Stub()
+    d = agg_daemon([route("/gs", [call("a", "/a?delay=400"), call("b", "/users/1")])], s)
+    c = Client(d)
+    c.send(req("GET", "/gs"))
+    s.wait_stats(lambda st: st["in_flight"] == 1, 2, "the slow call reached the backend")
+    d.send_signal(signal.SIGTERM)
+    r = c.read_response()
+    j = ok_json(r, what="answer during a graceful stop")
+    eq(j["a"], {"ok": True, "path": "/a"}, "the slow call's answer")
+    eq((r.header("Connection") or "").lower(), "close", "Connection of an answer during a stop")
+    c.close()
+    eq(d.wait(10 * SLOW), 0, "exit code of the graceful stop")
+
+
+@atest
+def agg_large_answers():
+    """Three 500 KB answers make a 1.5 MB aggregate, twice on one connection
+    (buffers grown past their reuse limit are dropped, not kept)."""
+    s = Stub()
+    d = agg_daemon([route("/big", [call(k, f"/{k}?size=500000", target="data") for k in "abc"]),
+                    route("/small", [call("a", "/users/1", allow=["id"])])], s)
+    with Client(d) as c:
+        for _ in range(2):
+            r = c.request(req("GET", "/big"))
+            j = ok_json(r)
+            eq([len(j[k]) for k in "abc"], [500000 - 11] * 3, "answer sizes")
+            check(set(j["a"]) == {"x"}, "answer content")
+            r = c.request(req("GET", "/small"))
+            eq(ok_json(r, what="small after big"), {"a": {"id": 1}}, "a small answer after a big one")
+
+@atest
+def agg_backend_close_delimited_answer():
+    """A 200 whose body ends with the connection (no Content-Length, not
+    chunked) is a complete answer, not a truncated one."""
+    s = Stub()
+    d = agg_daemon([route("/cd", [call("u", "/u?unframed=1&" + jbody({"u": True}))], errors=True)], s)
+    r, _ = get(d, "/cd")
+    j = ok_json(r)
+    eq(j.get("u"), {"u": True}, "close-delimited answer")
+
+
+@atest
+def agg_answers_any_json_value():
+    """README: a call succeeds with a 2xx JSON body (any JSON value):
+    integers beyond 64 bits and \u0000 in strings are valid JSON."""
+    s = Stub()
+    d = agg_daemon([route("/big", [call("v", "/v?body=" + pq('{"x":123456789012345678901234}'))], errors=True),
+                    route("/nul", [call("v", "/v?body=" + pq(r'{"x":"a\u0000b"}'))], errors=True)], s)
+    problems = []
+    for path, want in (("/big", {"x": 123456789012345678901234}), ("/nul", {"x": "a\u0000b"})):
+        r, _ = get(d, path)
+        try:
+            j = ok_json(r, what=path)
+            eq(j.get("v"), want, f"{path}: value")
+        except TestFailure as e:
+            problems.append(f"{e} (body {r.body[:200]!r})")
+    check(not problems, "; ".join(problems))
+
+
+@atest
+def agg_template_numbers_keep_their_digits():
+    """README: a number is written with its exact JSON digits."""
+    s = Stub()
+    d = agg_daemon([route("/digits", [call("v", "/v?body=" + pq('{"f":1.50,"e":1E3,"g":2.0,"h":-0.25e-3}')),
+                                      call("e", "/e/{v.f}/{v.e}/{v.g}/{v.h}?echo=1")])], s)
+    r, _ = get(d, "/digits")
+    j = ok_json(r)
+    eq(j["e"]["path"], "/e/1.50/1E3/2.0/-0.25e-3", "numbers in a path, as the backend wrote them")
+
+
+@atest
+def agg_calls_send_only_documented_headers():
+    """README "What each call sends": Host, Accept, X-Request-Id,
+    X-Forwarded-For, X-Forwarded-Proto, Via, the call's headers and
+    forward_headers; "a backend never sees a client header nobody listed"."""
+    s = Stub()
+    d = agg_daemon([route("/only", [call("a", "/e?echo=1")])], s)
+    r, _ = get(d, "/only", headers={"X-Secret": "1", "Cookie": "c=1", "User-Agent": "ua", "Referer": "r"},)
+    j = ok_json(r)
+    eq(sorted(j["a"]["headers"].keys()),
+       sorted(["host", "accept", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "via"]),
+       f"headers a GET call sends ({j['a']['headers']})")
+
+
+@atest
+def agg_backend_connections_are_pooled_safely():
+    s = Stub()
+    forged = "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"forged\":1}\n"
+    d = agg_daemon([route("/p/{n}", [call("a", "/p/{n}?echo=1")]),
+                    route("/noka", [call("a", "/k?keepalive=0&echo=1")]),
+                    route("/trail", [call("a", "/t?echo=1&trailing_delay_ms=30&trailing_bytes=" + pq(forged))])], s)
+    ids = []
+    for n in range(4):
+        r, _ = get(d, f"/p/{n}")
+        ids.append(ok_json(r)["a"]["connection_id"])
+    eq(len(set(ids)), 1, f"sequential calls share one pooled connection ({ids})")
+    r, _ = get(d, "/noka")
+    k = ok_json(r, what="Connection: close answer")["a"]["connection_id"]
+    eq(k, ids[0], "the pooled connection is used")
+    r, _ = get(d, "/p/9")
+    j = ok_json(r, what="after a Connection: close answer")
+    check(j["a"]["connection_id"] != k, "a connection the backend closed was used again")
+    r, _ = get(d, "/trail")
+    t = ok_json(r, what="trailing bytes")["a"]["connection_id"]
+    time.sleep(0.15)  # the forged bytes arrive while the connection is idle in the pool
+    for n in range(3):
+        r, _ = get(d, f"/p/{n}")
+        j = ok_json(r, what="after unsolicited bytes")
+        eq(j["a"].get("path"), f"/p/{n}", "the answer after unsolicited bytes (not the forged one)")
+        check(j["a"]["connection_id"] != t, "a connection that sent unsolicited bytes was reused")
+
+
+@atest
+def agg_required_foreach_element_failure_cancels_the_others():
+    s, s2 = Stub(), Stub()
+    items = [{"n": 0, "d": 3000, "s": 200}, {"n": 1, "d": 100, "s": 500}, {"n": 2, "d": 3000, "s": 200}]
+    d = agg_daemon([route("/rf", [call("src", "/src?" + jbody(items)),
+                                  call("fe", "/fe/{item.n}?delay={item.d}&status={item.s}&abort_on_eof=1",
+                                       backend="s2", foreach="src", required=True)])], s, s2)
+    s2_conns = s2.stats()["connections"]
+    r, dt = get(d, "/rf")
+    error_json(r, 502, "bad_status", "fe", backend_status=500, what="required foreach")
+    check(dt < 0.1 + 0.5 * SLOW, f"answered after {dt:.3f}s, not at once (other elements: 3 s)")
+    # the failed element's connection had a whole answer and may stay pooled
+    st, _ = s2.wait_stats(lambda st: st["open_connections"] <= 1 and st["in_flight"] == 0, 1.0,
+                          "the other elements' connections closed")
+    eq(st["requests"], 3, "elements sent")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
