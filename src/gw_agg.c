@@ -321,13 +321,17 @@ shape(const gw_call_t *call, json_t *answer)
         /* a new object: shaped may share containers with the answer */
         json_t *renamed = json_object();
         const char *key;
+        size_t klen;
         json_t *val;
-        json_object_foreach(shaped, key, val) {
+        json_object_keylen_foreach(shaped, key, klen, val) {
             const char *to = key;
+            size_t tlen = klen; /* a key may hold a NUL */
             for (size_t k = 0; k < call->nrename; k++)
-                if (strcmp(call->rename[k].name, key) == 0)
+                if (strlen(call->rename[k].name) == klen && memcmp(call->rename[k].name, key, klen) == 0) {
                     to = call->rename[k].value;
-            json_object_set(renamed, to, val);
+                    tlen = strlen(to);
+                }
+            json_object_setn(renamed, to, tlen, val);
         }
         json_decref(shaped);
         shaped = renamed;
@@ -946,7 +950,7 @@ xchg_finish(xchg_t *x, bool reusable)
         v = json_null();
     } else {
         json_error_t jerr;
-        v = json_loadb(x->body ? x->body : "", x->blen, JSON_DECODE_ANY, &jerr);
+        v = json_loadb(x->body ? x->body : "", x->blen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
         if (v == NULL) {
             gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
                    call->backend->name, call->name, jerr.text, jerr.position, gw_conn_req(a->c)->request_id);
@@ -1049,8 +1053,10 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
     } else if (!u->connected) {
         xchg_broke(x, "connect_failed", "connecting to upstream", err);
     } else if ((what & GW_UP_EOF) && x->status >= 200 && llhttp_message_needs_eof(&x->parser) &&
-               llhttp_finish(&x->parser) == HPE_OK) {
-        x->done = true; /* a close-delimited body ends here */
+               (llhttp_finish(&x->parser) == HPE_OK || x->done)) {
+        /* a close-delimited body ends here (on_message_complete pauses the
+         * parser, so llhttp_finish() reports HPE_PAUSED: done says it ended) */
+        x->done = true;
         xchg_finish(x, false);
     } else {
         xchg_broke(x, "truncated", x->got_bytes ? "reading response from upstream" : "waiting for the response",

@@ -84,14 +84,16 @@ gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
     switch (json_typeof(v)) {
     case JSON_OBJECT: {
         const char *key;
+        size_t klen;
         json_t *member;
         bool first = true;
         put(b, "{", 1);
-        json_object_foreach((json_t *)v, key, member) {
+        /* keys may hold a NUL (answers are parsed with JSON_ALLOW_NUL) */
+        json_object_keylen_foreach((json_t *)v, key, klen, member) {
             if (!first)
                 put(b, ",", 1);
             first = false;
-            put_string(b, key, strlen(key));
+            put_string(b, key, klen);
             put(b, ":", 1);
             gw_json_dump(member, b);
         }
