@@ -1228,5 +1228,33 @@ def agg_required_foreach_element_failure_cancels_the_others():
     eq(st["requests"], 3, "elements sent")
 
 
+@atest
+def agg_demo_config_dashboard():
+    """conf/gatherd.json, the README's first command, on the stub: the
+    dashboard fans out, chains, runs a foreach, and degrades when the
+    recommendations backend is slow (X-Stub-Delay is forwarded to it only)."""
+    srcdir = os.environ.get("GW_SRCDIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    with open(os.path.join(srcdir, "conf", "gatherd.json")) as f:
+        cfg = json.load(f)
+    s = Stub()
+    for b in cfg["backends"].values():
+        b["url"] = s.url
+    cfg["listen"] = ["127.0.0.1:PORT"]
+    cfg.pop("include", None)
+    d = Daemon(cfg, workers=1)
+    r, _ = get(d, "/api/dashboard/42")
+    j = ok_json(r, what="demo dashboard")
+    eq(j["customer"], {"id": 42, "name": "User 42", "tier": "gold"}, "customer, allow-listed")
+    eq([o["product_id"] for o in j["orders"]], [7, 9], "orders, targeted")
+    eq(j["products"], [{"name": "Product 7", "price": 9.99}, {"name": "Product 9", "price": 9.99}],
+       "one product per order, in order")
+    eq(j["recommendations"], [1, 2, 3], "recommendations")
+    r, _ = get(d, "/api/dashboard/42", headers={"X-Stub-Delay": "300"})
+    j = ok_json(r, completed=False, what="slow recommendations")
+    eq(j["recommendations"], [], "the fallback")
+    eq(j["_errors"]["recommendations"]["code"], "timeout", "why it is missing")
+    eq(j["customer"]["id"], 42, "the rest is there")
+
+
 if __name__ == "__main__":
     sys.exit(main())
