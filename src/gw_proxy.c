@@ -782,8 +782,11 @@ proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_t *c = p->c;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    proxy_fail(p, 504, "upstream_timeout", p->head_sent ? "reading response body from upstream"
-                                                         : "waiting for the response from upstream", 0);
+    const char *doing = p->head_sent                  ? "reading response body from upstream"
+                        : p->u && p->u->waiting       ? "resolving the backend's name"
+                        : p->u && !p->u->connected    ? "connecting to upstream"
+                                                      : "waiting for the response from upstream";
+    proxy_fail(p, 504, "upstream_timeout", doing, 0);
     gw_conn_release(c);
 }
 
