@@ -74,6 +74,8 @@ typedef struct {
     unsigned char *elem_done; /* per element: its exchange ended */
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
+    bool raw;          /* the answer is kept as checked bytes in a->raws, not parsed */
+    size_t raw_off, raw_len;
 } call_rt_t;
 
 typedef struct gw_agg_s agg_t;
@@ -111,6 +113,8 @@ struct gw_agg_s {
     xchg_t *running;
     call_rt_t calls[GW_TPL_MAX_CALLS];
     json_t *answers[GW_TPL_MAX_CALLS]; /* the template context's view: calls[i].answer when OK */
+    uint64_t read;        /* calls whose answers other calls read (templates, foreach) */
+    gw_tpl_buf_t raws;    /* unparsed answers, back to back, reused */
     gw_tpl_buf_t out;     /* the serialized aggregate, reused */
     gw_tpl_buf_t hdrs;    /* response headers, reused */
     agg_t *next_free;
@@ -361,7 +365,7 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
             code = rt->code;
             status = rt->status;
         }
-    } else if (code == NULL) {
+    } else if (code == NULL && !rt->raw) {
         rt->value = shape(call, rt->answer);
         if (rt->value == NULL)
             code = "missing_target";
@@ -765,14 +769,17 @@ respond_ok(agg_t *a)
                 json_object_set_new(errors, call->name, e);
             }
         }
-        if (rt->value == NULL)
+        if (rt->value == NULL && !(rt->raw && rt->state == CALL_OK))
             continue;
         if (group) {
             if (a->out.len > 1)
                 buf_add(&a->out, ",", 1);
             gw_json_dump_string(call->group, strlen(call->group), &a->out);
             buf_add(&a->out, ":", 1);
-            gw_json_dump(rt->value, &a->out);
+            if (rt->value)
+                gw_json_dump(rt->value, &a->out);
+            else
+                buf_add(&a->out, a->raws.data + rt->raw_off, rt->raw_len);
         } else if (json_is_object(rt->value)) {
             json_object_update(doc, rt->value);
         } else {
@@ -821,10 +828,11 @@ agg_free(agg_t *a)
     memset(a->calls, 0, a->route->agg.ncalls * sizeof(a->calls[0]));
     memset(a->answers, 0, a->route->agg.ncalls * sizeof(a->answers[0]));
     agg_cache_t *cache = cache_of(a->w);
-    if (cache->naggs >= AGG_CACHE_MAX || a->w->stopping || a->out.cap > (1u << 20)) {
+    if (cache->naggs >= AGG_CACHE_MAX || a->w->stopping || a->out.cap > (1u << 20) || a->raws.cap > (1u << 20)) {
         event_free(a->deadline);
         gw_tpl_buf_free(&a->out);
         gw_tpl_buf_free(&a->hdrs);
+        gw_tpl_buf_free(&a->raws);
         free(a);
         return;
     }
@@ -948,6 +956,25 @@ xchg_finish(xchg_t *x, bool reusable)
     json_t *v;
     if (x->blen == 0 && x->status == 204) {
         v = json_null();
+    } else if (!call->foreach && !call->target_path && !call->allow && !call->deny && !call->nrename &&
+               a->route->agg.merge == GW_MERGE_GROUP && !(a->read & (1ULL << x->call))) {
+        /* Nothing reads or reshapes this answer: check it without building
+         * a tree and copy its bytes into the aggregate (parsing three small
+         * answers was a tenth of the CPU of a fan-out). */
+        size_t st, vl;
+        if (!gw_json_valid(x->body ? x->body : "", x->blen, &st, &vl)) {
+            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s, request %s", call->backend->name, call->name,
+                   gw_conn_req(a->c)->request_id);
+            xchg_end(x, reusable, NULL, "bad_json");
+            return;
+        }
+        call_rt_t *rt = &a->calls[x->call];
+        rt->raw = true;
+        rt->raw_off = a->raws.len;
+        rt->raw_len = vl;
+        buf_add(&a->raws, x->body + st, vl);
+        xchg_end(x, reusable, NULL, NULL);
+        return;
     } else {
         json_error_t jerr;
         v = json_loadb(x->body ? x->body : "", x->blen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
@@ -1142,7 +1169,10 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->pending = a->route->agg.ncalls;
     a->start_us = now_us();
     a->deadline_us = a->start_us + (uint64_t)a->route->agg.deadline_ms * 1000u;
-    a->out.len = a->hdrs.len = 0;
+    a->out.len = a->hdrs.len = a->raws.len = 0;
+    a->read = 0;
+    for (size_t i = 0; i < a->route->agg.ncalls; i++)
+        a->read |= call_of(a, i)->deps;
     deadline_add(a, cache, a->route->agg.deadline_ms);
     gw_conn_begin_async(c, &agg_ops, a);
     agg_progress(a); /* may answer at once (every call failed to start) */
@@ -1160,6 +1190,7 @@ gw_agg_worker_free(gw_worker_t *w)
         event_free(a->deadline);
         gw_tpl_buf_free(&a->out);
         gw_tpl_buf_free(&a->hdrs);
+        gw_tpl_buf_free(&a->raws);
         free(a);
     }
     while (cache->xchgs) {

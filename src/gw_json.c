@@ -3,6 +3,8 @@
  */
 #include "gw_json.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,4 +141,269 @@ gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
         put(b, "null", 4);
         return;
     }
+}
+
+/* --- validation without a tree (see gw_json_valid) ----------------------- */
+
+#define VALID_MAX_DEPTH 2048
+
+typedef struct {
+    const unsigned char *p, *end;
+} scan_t;
+
+static void
+skip_ws(scan_t *s)
+{
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+        s->p++;
+}
+
+static int
+hex4(const unsigned char *p)
+{
+    int v = 0;
+    for (int i = 0; i < 4; i++) {
+        int c = p[i], d;
+        if (c >= '0' && c <= '9')
+            d = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            d = c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F')
+            d = c - 'A' + 10;
+        else
+            return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* One UTF-8 sequence starting at s->p (a byte >= 0x80): the shortest
+ * form, no surrogates, at most U+10FFFF (what jansson's utf.c accepts). */
+static bool
+utf8_seq(scan_t *s)
+{
+    unsigned c = *s->p;
+    size_t n;
+    unsigned cp;
+    if (c >= 0xC2 && c <= 0xDF) {
+        n = 2;
+        cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        n = 3;
+        cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 4;
+        cp = c & 0x07;
+    } else {
+        return false;
+    }
+    if ((size_t)(s->end - s->p) < n)
+        return false;
+    for (size_t i = 1; i < n; i++) {
+        unsigned k = s->p[i];
+        if ((k & 0xC0) != 0x80)
+            return false;
+        cp = (cp << 6) | (k & 0x3F);
+    }
+    if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return false;
+    s->p += n;
+    return true;
+}
+
+static bool
+scan_string(scan_t *s)
+{
+    s->p++; /* the opening quote */
+    while (s->p < s->end) {
+        unsigned c = *s->p;
+        if (c == '"') {
+            s->p++;
+            return true;
+        }
+        if (c < 0x20)
+            return false;
+        if (c >= 0x80) {
+            if (!utf8_seq(s))
+                return false;
+            continue;
+        }
+        if (c != '\\') {
+            s->p++;
+            continue;
+        }
+        if (s->end - s->p < 2)
+            return false;
+        c = s->p[1];
+        if (c != 'u') {
+            if (!strchr("\"\\/bfnrt", (int)c) || c == 0)
+                return false;
+            s->p += 2;
+            continue;
+        }
+        if (s->end - s->p < 6)
+            return false;
+        int v = hex4(s->p + 2);
+        if (v < 0)
+            return false;
+        s->p += 6;
+        if (v >= 0xDC00 && v <= 0xDFFF)
+            return false; /* a low surrogate alone */
+        if (v >= 0xD800 && v <= 0xDBFF) {
+            if (s->end - s->p < 6 || s->p[0] != '\\' || s->p[1] != 'u')
+                return false;
+            int lo = hex4(s->p + 2);
+            if (lo < 0xDC00 || lo > 0xDFFF)
+                return false;
+            s->p += 6;
+        }
+    }
+    return false;
+}
+
+static bool
+digit(scan_t *s)
+{
+    return s->p < s->end && *s->p >= '0' && *s->p <= '9';
+}
+
+static bool
+scan_number(scan_t *s)
+{
+    const unsigned char *start = s->p;
+    bool real = false;
+    if (*s->p == '-')
+        s->p++;
+    if (!digit(s))
+        return false;
+    if (*s->p == '0') {
+        s->p++;
+        if (digit(s))
+            return false; /* no leading zeros */
+    } else {
+        while (digit(s))
+            s->p++;
+    }
+    if (s->p < s->end && *s->p == '.') {
+        real = true;
+        s->p++;
+        if (!digit(s))
+            return false;
+        while (digit(s))
+            s->p++;
+    }
+    if (s->p < s->end && (*s->p == 'e' || *s->p == 'E')) {
+        real = true;
+        s->p++;
+        if (s->p < s->end && (*s->p == '+' || *s->p == '-'))
+            s->p++;
+        if (!digit(s))
+            return false;
+        while (digit(s))
+            s->p++;
+    }
+    /* the ranges jansson enforces: int64 integers, finite doubles */
+    char small[128];
+    size_t n = (size_t)(s->p - start);
+    if (!real && n > 20)
+        return false; /* more digits than any int64 */
+    char *num = n < sizeof(small) ? small : gw_malloc(n + 1); /* a long real: rare */
+    memcpy(num, start, n);
+    num[n] = '\0';
+    errno = 0;
+    bool ok;
+    if (real) {
+        double d = strtod(num, NULL);
+        ok = errno != ERANGE || (d != HUGE_VAL && d != -HUGE_VAL); /* underflow is fine, as in jansson */
+    } else {
+        (void)strtoll(num, NULL, 10);
+        ok = errno != ERANGE;
+    }
+    if (num != small)
+        free(num);
+    return ok;
+}
+
+static bool
+scan_literal(scan_t *s, const char *lit, size_t n)
+{
+    if ((size_t)(s->end - s->p) < n || memcmp(s->p, lit, n) != 0)
+        return false;
+    s->p += n;
+    return true;
+}
+
+static bool
+scan_value(scan_t *s, int depth)
+{
+    if (s->p >= s->end)
+        return false;
+    switch (*s->p) {
+    case '"':
+        return scan_string(s);
+    case 't':
+        return scan_literal(s, "true", 4);
+    case 'f':
+        return scan_literal(s, "false", 5);
+    case 'n':
+        return scan_literal(s, "null", 4);
+    case '{':
+    case '[': {
+        bool obj = *s->p == '{';
+        char close = obj ? '}' : ']';
+        if (depth >= VALID_MAX_DEPTH)
+            return false;
+        s->p++;
+        skip_ws(s);
+        if (s->p < s->end && *s->p == close) {
+            s->p++;
+            return true;
+        }
+        for (;;) {
+            if (obj) {
+                if (s->p >= s->end || *s->p != '"' || !scan_string(s))
+                    return false;
+                skip_ws(s);
+                if (s->p >= s->end || *s->p != ':')
+                    return false;
+                s->p++;
+                skip_ws(s);
+            }
+            if (!scan_value(s, depth + 1))
+                return false;
+            skip_ws(s);
+            if (s->p >= s->end)
+                return false;
+            if (*s->p == close) {
+                s->p++;
+                return true;
+            }
+            if (*s->p != ',')
+                return false;
+            s->p++;
+            skip_ws(s);
+        }
+    }
+    default:
+        if (*s->p == '-' || (*s->p >= '0' && *s->p <= '9'))
+            return scan_number(s);
+        return false;
+    }
+}
+
+bool
+gw_json_valid(const char *text, size_t len, size_t *start, size_t *vlen)
+{
+    scan_t s = { (const unsigned char *)text, (const unsigned char *)text + len };
+    skip_ws(&s);
+    const unsigned char *v = s.p;
+    if (!scan_value(&s, 0))
+        return false;
+    size_t n = (size_t)(s.p - v);
+    skip_ws(&s);
+    if (s.p != s.end)
+        return false;
+    *start = (size_t)(v - (const unsigned char *)text);
+    *vlen = n;
+    return true;
 }

@@ -28,4 +28,15 @@ void gw_json_dump(const json_t *v, gw_tpl_buf_t *out);
 /* Appends s as a JSON string (quoted and escaped) to out. */
 void gw_json_dump_string(const char *s, size_t len, gw_tpl_buf_t *out);
 
+/*
+ * Whether the len bytes at s are one JSON value (RFC 8259, with optional
+ * white space around it) that jansson would accept with JSON_DECODE_ANY |
+ * JSON_ALLOW_NUL: valid UTF-8, surrogate escapes in pairs, integers within
+ * int64, reals within double range, at most 2048 levels of nesting. It
+ * allocates nothing: aggregate answers that no template reads and no
+ * shaping changes are checked with it and copied as they are. *start and
+ * *vlen get the value without the white space around it.
+ */
+bool gw_json_valid(const char *s, size_t len, size_t *start, size_t *vlen);
+
 #endif

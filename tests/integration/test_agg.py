@@ -1256,5 +1256,28 @@ def agg_demo_config_dashboard():
     eq(j["customer"]["id"], 42, "the rest is there")
 
 
+@atest
+def agg_unread_answers_pass_through_as_written():
+    """An answer nothing reads or reshapes is checked and copied as the
+    backend wrote it (trimmed); the same answer read by a template is parsed
+    and written compactly. Both refuse what jansson refuses."""
+    s = Stub()
+    body = ' {"f": 1.50,\n "s": "\\u00e9"} '
+    d = agg_daemon([route("/raw", [call("v", "/v?body=" + pq(body))]),
+                    route("/parsed", [call("v", "/v?body=" + pq(body)), call("e", "/e/{v.f}?echo=1", target="path")]),
+                    route("/bad", [call("v", "/v?body=" + pq('{"a":1} x'))], errors=True),
+                    route("/badnum", [call("v", "/v?body=" + pq('[1e400]'))], errors=True)], s)
+    r, _ = get(d, "/raw")
+    ok_json(r, what="/raw")
+    eq(r.body, b'{"v":{"f": 1.50,\n "s": "\\u00e9"}}', "the answer's own text")
+    r, _ = get(d, "/parsed")
+    ok_json(r, what="/parsed")
+    eq(r.body, b'{"v":{"f":1.5,"s":"\xc3\xa9"},"e":"/e/1.5"}', "a parsed answer, compact")
+    for path in ("/bad", "/badnum"):
+        r, _ = get(d, path)
+        eq(r.status, 200, f"{path} status")
+        eq(r.json()["_errors"]["v"]["code"], "bad_json", f"{path}: refused")
+
+
 if __name__ == "__main__":
     sys.exit(main())
