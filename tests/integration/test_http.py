@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gwtest import (DATE_RE, HEX32_RE, SLOW, ConnectionClosed, Daemon, Skip, TempDir,  # noqa: E402
+from gwtest import (DATE_RE, HEX32_RE, SLOW, Conn, ConnectionClosed, Daemon, Skip, TempDir,  # noqa: E402
                     TestFailure, check, contains, eq, ipv6_loopback_available, main, req, run_cli, test)
 
 # --- shared configuration -------------------------------------------------------
@@ -1277,16 +1277,25 @@ def ipv6_listen():
     with d.connect(host="127.0.0.1") as c:
         expect_ok(c.request(get("/health")), b'{"ok":true}')
     eq(d.stop(), 0, "exit code")
-    d6 = Daemon(config(listen=["[::1]:PORT"]))
+    # v6-only: the same port on 127.0.0.1 is not served by it. Another test
+    # running in parallel may listen on that number on 127.0.0.1, so a
+    # connect that succeeds only fails the test when this daemon answers
+    # (a marker only its configuration has).
+    marker = os.urandom(8).hex()
+    d6 = Daemon(config(listen=["[::1]:PORT"],
+                       routes=ROUTES + [{"path": "/marker", "respond": {"body": {"m": marker}}}]))
     with d6.connect(host="::1") as c:
         expect_ok(c.request(get("/health", host="[::1]")), b'{"ok":true}')
-    # v6-only: the same port on 127.0.0.1 is not served by it
     try:
-        s = socket.create_connection(("127.0.0.1", d6.port), timeout=1)
-        s.close()
-        raise TestFailure("listen [::1] also accepted on 127.0.0.1")
+        c4 = Conn("127.0.0.1", d6.port, timeout=2)
     except OSError:
-        pass
+        return  # refused: nobody listens there
+    with c4:
+        try:
+            r = c4.request(get("/marker"))
+        except (OSError, ConnectionClosed):
+            return
+        check(marker.encode() not in r.body, "listen [::1] also accepted on 127.0.0.1")
 
 
 # --- max_connections ---------------------------------------------------------------------
