@@ -214,6 +214,16 @@ xchg_new(agg_t *a, size_t call, size_t item)
     return x;
 }
 
+static void
+xchg_destroy(xchg_t *x)
+{
+    event_free(x->timer);
+    gw_tpl_buf_free(&x->req);
+    gw_tpl_buf_free(&x->obody);
+    free(x->body);
+    free(x);
+}
+
 /* Ends x: its upstream connection is pooled when reusable, else closed;
  * x goes back to the cache. */
 static void
@@ -231,11 +241,7 @@ xchg_free(xchg_t *x, bool reusable)
         x->next->prev = x->prev;
     agg_cache_t *cache = cache_of(a->w);
     if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->bcap > (1u << 20) || x->obody.cap > (1u << 20)) {
-        event_free(x->timer);
-        gw_tpl_buf_free(&x->req);
-        gw_tpl_buf_free(&x->obody);
-        free(x->body);
-        free(x);
+        xchg_destroy(x);
         return;
     }
     struct event *timer = x->timer;
@@ -810,6 +816,16 @@ respond_ok(agg_t *a)
 
 /* --- the context --------------------------------------------------------- */
 
+static void
+agg_destroy(agg_t *a)
+{
+    event_free(a->deadline);
+    gw_tpl_buf_free(&a->out);
+    gw_tpl_buf_free(&a->hdrs);
+    gw_tpl_buf_free(&a->raws);
+    free(a);
+}
+
 /* Ends a: running exchanges are closed, answers dropped, the context goes
  * back to the cache. */
 static void
@@ -829,11 +845,7 @@ agg_free(agg_t *a)
     memset(a->answers, 0, a->route->agg.ncalls * sizeof(a->answers[0]));
     agg_cache_t *cache = cache_of(a->w);
     if (cache->naggs >= AGG_CACHE_MAX || a->w->stopping || a->out.cap > (1u << 20) || a->raws.cap > (1u << 20)) {
-        event_free(a->deadline);
-        gw_tpl_buf_free(&a->out);
-        gw_tpl_buf_free(&a->hdrs);
-        gw_tpl_buf_free(&a->raws);
-        free(a);
+        agg_destroy(a);
         return;
     }
     a->next_free = cache->aggs;
@@ -1187,20 +1199,12 @@ gw_agg_worker_free(gw_worker_t *w)
     while (cache->aggs) {
         agg_t *a = cache->aggs;
         cache->aggs = a->next_free;
-        event_free(a->deadline);
-        gw_tpl_buf_free(&a->out);
-        gw_tpl_buf_free(&a->hdrs);
-        gw_tpl_buf_free(&a->raws);
-        free(a);
+        agg_destroy(a);
     }
     while (cache->xchgs) {
         xchg_t *x = cache->xchgs;
         cache->xchgs = x->next;
-        event_free(x->timer);
-        gw_tpl_buf_free(&x->req);
-        gw_tpl_buf_free(&x->obody);
-        free(x->body);
-        free(x);
+        xchg_destroy(x);
     }
     free(cache);
     w->agg_cache = NULL;
