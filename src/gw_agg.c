@@ -429,12 +429,6 @@ tpl_ctx(agg_t *a, const json_t *item, gw_tpl_ctx_t *ctx)
     return ctx;
 }
 
-static bool
-idempotent(int method)
-{
-    return method == HTTP_GET || method == HTTP_PUT || method == HTTP_DELETE || method == HTTP_OPTIONS;
-}
-
 /* Builds x's request: head in x->req, a JSON body in x->out_body. NULL,
  * or the failure code with the reason logged. */
 static const char *
@@ -1007,7 +1001,7 @@ xchg_broke(xchg_t *x, const char *code, const char *doing, int err)
 {
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    if (x->u && x->u->reused && !x->retried && !x->got_bytes && idempotent(call->method)) {
+    if (x->u && x->u->reused && !x->retried && !x->got_bytes && gw_http_idempotent(call->method)) {
         gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                call->backend->name, err ? strerror(err) : "EOF");
         x->retried = true;

@@ -462,6 +462,13 @@ gw_req_header(const gw_req_t *r, const char *name, size_t *len)
     return NULL;
 }
 
+bool
+gw_http_idempotent(int method)
+{
+    return method == HTTP_GET || method == HTTP_HEAD || method == HTTP_PUT || method == HTTP_DELETE ||
+           method == HTTP_OPTIONS || method == HTTP_TRACE;
+}
+
 const char *
 gw_http_status_text(int status)
 {

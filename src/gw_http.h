@@ -102,6 +102,12 @@ void gw_parser_next(gw_parser_t *p);
 /* Finds a request header (case-insensitive); *len set; NULL when absent. */
 const char *gw_req_header(const gw_req_t *r, const char *name, size_t *len);
 
+/* Whether a request with method (llhttp number) may be sent again after a
+ * connection broke before any response byte (RFC 9110 9.2.2): GET, HEAD,
+ * PUT, DELETE, OPTIONS, TRACE. Proxy routes and aggregate calls retry on
+ * this rule. */
+bool gw_http_idempotent(int method);
+
 /* Status line reason phrase ("Not Found"). */
 const char *gw_http_status_text(int status);
 

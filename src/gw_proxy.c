@@ -487,13 +487,6 @@ send_attempt(gw_proxy_t *p, bool fresh)
     return GW_OK;
 }
 
-static bool
-idempotent(int method)
-{
-    return method == HTTP_GET || method == HTTP_HEAD || method == HTTP_PUT || method == HTTP_DELETE ||
-           method == HTTP_OPTIONS || method == HTTP_TRACE;
-}
-
 /* The connection broke before any response byte: retry once when that is
  * safe, else fail. err: errno, or 0 for EOF. */
 static void
@@ -501,7 +494,7 @@ upstream_broke(gw_proxy_t *p, int err)
 {
     gw_conn_t *c = p->c;
     bool replayable = !p->has_body || p->replay != NULL;
-    if (p->u->reused && !p->retried && !p->got_bytes && replayable && idempotent(gw_conn_req(c)->method)) {
+    if (p->u->reused && !p->retried && !p->got_bytes && replayable && gw_http_idempotent(gw_conn_req(c)->method)) {
         gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                p->b->name, err ? strerror(err) : "EOF");
         p->retried = true;
