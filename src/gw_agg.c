@@ -160,18 +160,9 @@ now_us(void)
 }
 
 static void
-buf_add(gw_tpl_buf_t *b, const char *s, size_t n)
-{
-    gw_grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-}
-
-static void
 buf_str(gw_tpl_buf_t *b, const char *s)
 {
-    buf_add(b, s, strlen(s));
+    gw_tpl_buf_add(b, s, strlen(s));
 }
 
 static agg_cache_t *
@@ -444,21 +435,21 @@ build_request(xchg_t *x, const json_t *item)
     b->len = 0;
     const char *what = "path";
     buf_str(b, llhttp_method_name((llhttp_method_t)call->method));
-    buf_add(b, " ", 1);
+    gw_tpl_buf_add(b, " ", 1);
     if (gw_tpl_render(call->target, &ctx, b, &err) != GW_OK)
         goto fail;
     buf_str(b, " HTTP/1.1\r\nHost: ");
     buf_str(b, call->backend->host_header);
-    buf_add(b, "\r\n", 2);
+    gw_tpl_buf_add(b, "\r\n", 2);
     bool accept = false, ctype = false;
     for (size_t k = 0; k < call->nheaders; k++) {
         const gw_call_header_t *h = &call->headers[k];
         what = h->name;
         buf_str(b, h->name);
-        buf_add(b, ": ", 2);
+        gw_tpl_buf_add(b, ": ", 2);
         if (gw_tpl_render(h->value, &ctx, b, &err) != GW_OK)
             goto fail;
-        buf_add(b, "\r\n", 2);
+        gw_tpl_buf_add(b, "\r\n", 2);
         accept = accept || strcasecmp(h->name, "accept") == 0;
         ctype = ctype || strcasecmp(h->name, "content-type") == 0;
     }
@@ -470,10 +461,10 @@ build_request(xchg_t *x, const json_t *item)
             const gw_header_t *hd = &r->headers[h];
             if (hd->name_len != nlen || strncasecmp(r->hbuf + hd->name_off, name, nlen) != 0)
                 continue;
-            buf_add(b, r->hbuf + hd->name_off, hd->name_len);
-            buf_add(b, ": ", 2);
-            buf_add(b, r->hbuf + hd->value_off, hd->value_len);
-            buf_add(b, "\r\n", 2);
+            gw_tpl_buf_add(b, r->hbuf + hd->name_off, hd->name_len);
+            gw_tpl_buf_add(b, ": ", 2);
+            gw_tpl_buf_add(b, r->hbuf + hd->value_off, hd->value_len);
+            gw_tpl_buf_add(b, "\r\n", 2);
             accept = accept || strcasecmp(name, "accept") == 0;
             ctype = ctype || strcasecmp(name, "content-type") == 0;
         }
@@ -500,8 +491,8 @@ build_request(xchg_t *x, const json_t *item)
         const char *ct = gw_req_header(r, "content-type", &ctlen);
         if (ct && !ctype) {
             buf_str(b, "Content-Type: ");
-            buf_add(b, ct, ctlen);
-            buf_add(b, "\r\n", 2);
+            gw_tpl_buf_add(b, ct, ctlen);
+            gw_tpl_buf_add(b, "\r\n", 2);
         }
         x->out_len = evbuffer_get_length(r->body);
     }
@@ -509,9 +500,9 @@ build_request(xchg_t *x, const json_t *item)
         call->method == HTTP_PATCH) {
         char cl[48];
         int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", x->out_len);
-        buf_add(b, cl, (size_t)n);
+        gw_tpl_buf_add(b, cl, (size_t)n);
     }
-    buf_add(b, "\r\n", 2);
+    gw_tpl_buf_add(b, "\r\n", 2);
     if (b->len > HEAD_MAX) {
         err.code = GW_TPL_INVALID_VALUE;
         snprintf(err.detail, sizeof(err.detail), "the request head is over %d bytes", HEAD_MAX);
@@ -690,13 +681,13 @@ timing_add(gw_tpl_buf_t *b, bool first, const char *name, uint64_t us, const cha
     uint64_t tenths = (us + 50) / 100; /* milliseconds with one decimal, without printf's float path */
     int n = snprintf(num, sizeof(num), ";dur=%llu.%u", (unsigned long long)(tenths / 10), (unsigned)(tenths % 10));
     if (!first)
-        buf_add(b, ", ", 2);
+        gw_tpl_buf_add(b, ", ", 2);
     buf_str(b, name);
-    buf_add(b, num, (size_t)n);
+    gw_tpl_buf_add(b, num, (size_t)n);
     if (desc) {
         buf_str(b, ";desc=\"");
         buf_str(b, desc);
-        buf_add(b, "\"", 1);
+        gw_tpl_buf_add(b, "\"", 1);
     }
 }
 
@@ -719,7 +710,7 @@ server_timing(agg_t *a)
         timing_add(h, i == 0, call_of(a, i)->name, call_us(rt), rt->state == CALL_FAILED ? rt->code : NULL);
     }
     timing_add(h, false, "total", now_us() - a->start_us, NULL);
-    buf_add(h, "\r\n", 2);
+    gw_tpl_buf_add(h, "\r\n", 2);
 }
 
 static void
@@ -751,7 +742,7 @@ respond_ok(agg_t *a)
     json_t *doc = group ? NULL : json_object();
     json_t *errors = NULL;
     a->out.len = 0;
-    buf_add(&a->out, "{", 1);
+    gw_tpl_buf_add(&a->out, "{", 1);
     bool complete = true;
     for (size_t i = 0; i < route->agg.ncalls; i++) {
         const gw_call_t *call = call_of(a, i);
@@ -773,13 +764,13 @@ respond_ok(agg_t *a)
             continue;
         if (group) {
             if (a->out.len > 1)
-                buf_add(&a->out, ",", 1);
+                gw_tpl_buf_add(&a->out, ",", 1);
             gw_json_dump_string(call->group, strlen(call->group), &a->out);
-            buf_add(&a->out, ":", 1);
+            gw_tpl_buf_add(&a->out, ":", 1);
             if (rt->value)
                 gw_json_dump(rt->value, &a->out);
             else
-                buf_add(&a->out, a->raws.data + rt->raw_off, rt->raw_len);
+                gw_tpl_buf_add(&a->out, a->raws.data + rt->raw_off, rt->raw_len);
         } else if (json_is_object(rt->value)) {
             json_object_update(doc, rt->value);
         } else {
@@ -797,7 +788,7 @@ respond_ok(agg_t *a)
             buf_str(&a->out, a->out.len > 1 ? ",\"_errors\":" : "\"_errors\":");
             gw_json_dump(errors, &a->out);
         }
-        buf_add(&a->out, "}", 1);
+        gw_tpl_buf_add(&a->out, "}", 1);
     }
     json_decref(errors);
     server_timing(a);
@@ -978,7 +969,7 @@ xchg_finish(xchg_t *x, bool reusable)
         rt->raw = true;
         rt->raw_off = a->raws.len;
         rt->raw_len = vl;
-        buf_add(&a->raws, x->body + st, vl);
+        gw_tpl_buf_add(&a->raws, x->body + st, vl);
         xchg_end(x, reusable, NULL, NULL);
         return;
     } else {

@@ -30,14 +30,6 @@ reserve(gw_tpl_buf_t *b, size_t n)
 }
 
 static void
-put(gw_tpl_buf_t *b, const char *s, size_t n)
-{
-    memcpy(reserve(b, n), s, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-}
-
-static void
 put_string(gw_tpl_buf_t *b, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
@@ -89,28 +81,28 @@ gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
         size_t klen;
         json_t *member;
         bool first = true;
-        put(b, "{", 1);
+        gw_tpl_buf_add(b, "{", 1);
         /* keys may hold a NUL (answers are parsed with JSON_ALLOW_NUL) */
         json_object_keylen_foreach((json_t *)v, key, klen, member) {
             if (!first)
-                put(b, ",", 1);
+                gw_tpl_buf_add(b, ",", 1);
             first = false;
             put_string(b, key, klen);
-            put(b, ":", 1);
+            gw_tpl_buf_add(b, ":", 1);
             gw_json_dump(member, b);
         }
-        put(b, "}", 1);
+        gw_tpl_buf_add(b, "}", 1);
         return;
     }
     case JSON_ARRAY: {
         size_t n = json_array_size(v);
-        put(b, "[", 1);
+        gw_tpl_buf_add(b, "[", 1);
         for (size_t i = 0; i < n; i++) {
             if (i)
-                put(b, ",", 1);
+                gw_tpl_buf_add(b, ",", 1);
             gw_json_dump(json_array_get(v, i), b);
         }
-        put(b, "]", 1);
+        gw_tpl_buf_add(b, "]", 1);
         return;
     }
     case JSON_STRING:
@@ -118,7 +110,7 @@ gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
         return;
     case JSON_INTEGER: {
         int n = snprintf(num, sizeof(num), "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        put(b, num, (size_t)n);
+        gw_tpl_buf_add(b, num, (size_t)n);
         return;
     }
     case JSON_REAL: {
@@ -128,17 +120,17 @@ gw_json_dump(const json_t *v, gw_tpl_buf_t *b)
             num[n++] = '.';
             num[n++] = '0';
         }
-        put(b, num, n);
+        gw_tpl_buf_add(b, num, n);
         return;
     }
     case JSON_TRUE:
-        put(b, "true", 4);
+        gw_tpl_buf_add(b, "true", 4);
         return;
     case JSON_FALSE:
-        put(b, "false", 5);
+        gw_tpl_buf_add(b, "false", 5);
         return;
     case JSON_NULL:
-        put(b, "null", 4);
+        gw_tpl_buf_add(b, "null", 4);
         return;
     }
 }

@@ -162,6 +162,15 @@ gw_tpl_buf_free(gw_tpl_buf_t *b)
     b->len = b->cap = 0;
 }
 
+void
+gw_tpl_buf_add(gw_tpl_buf_t *b, const char *s, size_t n)
+{
+    gw_grow((void **)&b->data, &b->cap, b->len + n + 1, 1);
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+}
+
 /* Makes room for n more bytes (and a NUL); false when over the limit. */
 static bool
 buf_room(gw_tpl_buf_t *b, size_t n)

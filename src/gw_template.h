@@ -110,6 +110,11 @@ typedef struct {
 
 void gw_tpl_buf_free(gw_tpl_buf_t *b);
 
+/* Appends n bytes of s to b as they are, keeping data NUL-terminated. For
+ * text assembled around renders (request heads, JSON output): b's limit
+ * applies to renders only, not here. */
+void gw_tpl_buf_add(gw_tpl_buf_t *b, const char *s, size_t n);
+
 /*
  * Compiles src (NUL-terminated) as a template of kind kind against scope
  * (borrowed; names are copied). Returns a new template to free with

@@ -42,6 +42,6 @@ run fuzz_request "$SRC/src/gw_http.c" $COMMON
 run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_upstream.c" "$SRC/src/gw_dns.c" "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" \
     "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 run fuzz_template "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
-run fuzz_json "$SRC/src/gw_json.c" $COMMON
+run fuzz_json "$SRC/src/gw_json.c" "$SRC/src/gw_template.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
