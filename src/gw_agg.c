@@ -113,7 +113,6 @@ struct gw_agg_s {
     xchg_t *running;
     call_rt_t calls[GW_TPL_MAX_CALLS];
     json_t *answers[GW_TPL_MAX_CALLS]; /* the template context's view: calls[i].answer when OK */
-    uint64_t read;        /* calls whose answers other calls read (templates, foreach) */
     gw_tpl_buf_t raws;    /* unparsed answers, back to back, reused */
     gw_tpl_buf_t out;     /* the serialized aggregate, reused */
     gw_tpl_buf_t hdrs;    /* response headers, reused */
@@ -954,7 +953,7 @@ xchg_finish(xchg_t *x, bool reusable)
     if (x->blen == 0 && x->status == 204) {
         v = json_null();
     } else if (!call->foreach && !call->target_path && !call->allow && !call->deny && !call->nrename &&
-               a->route->agg.merge == GW_MERGE_GROUP && !(a->read & (1ULL << x->call))) {
+               a->route->agg.merge == GW_MERGE_GROUP && !(a->route->agg.read & (1ULL << x->call))) {
         /* Nothing reads or reshapes this answer: check it without building
          * a tree and copy its bytes into the aggregate (parsing three small
          * answers was a tenth of the CPU of a fan-out). */
@@ -1167,9 +1166,6 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->start_us = now_us();
     a->deadline_us = a->start_us + (uint64_t)a->route->agg.deadline_ms * 1000u;
     a->out.len = a->hdrs.len = a->raws.len = 0;
-    a->read = 0;
-    for (size_t i = 0; i < a->route->agg.ncalls; i++)
-        a->read |= call_of(a, i)->deps;
     deadline_add(a, cache, a->route->agg.deadline_ms);
     gw_conn_begin_async(c, &agg_ops, a);
     agg_progress(a); /* may answer at once (every call failed to start) */

@@ -1762,6 +1762,8 @@ parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
         fail(c, "dependency cycle: %s (each call waits for the next one)", cycle);
         goto out;
     }
+    for (size_t i = 0; i < route->agg.ncalls; i++)
+        route->agg.read |= route->agg.calls[i]->deps;
     rc = GW_OK;
 out:
     free(names);

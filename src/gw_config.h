@@ -150,6 +150,7 @@ struct gw_route_s {
         int deadline_ms;             /* the whole request (default 5000) */
         gw_merge_t merge;            /* "merge": "group" (default) or "merge" */
         bool errors;                 /* "errors": true adds "_errors" to degraded answers */
+        uint64_t read;               /* calls whose answers other calls need (any call's deps) */
         char **params;               /* the pattern's parameter names, in order */
         size_t nparams;
     } agg;
