@@ -74,6 +74,9 @@
 #define CTL_MS_MAX 3600000LL           /* delay= and chunk_delay= */
 #define DEFAULT_ADDR "127.0.0.1:9101"
 #define TRAILING_MAX 4096              /* trailing_bytes= */
+#define TAG_MAX 64                     /* tag= length */
+#define TAGS_MAX 256                   /* distinct tags logged (more are not logged) */
+#define TAG_LOG_MAX 4096               /* entries kept per tag (more are counted only) */
 
 /* ---------------------------------------------------------------- types */
 
@@ -127,6 +130,12 @@ struct ctl {
     bool sink; /* request body of any size counted and discarded, answer {"received":N} */
     bool stats_reset; /* GET /stats?reset=1: max_in_flight starts again from in_flight */
     bool ct_override; /* a header= control set Content-Type */
+    char tag[TAG_MAX + 1]; /* tag=: the request is logged under it ("" none) */
+    long long fail_first;  /* with tag=: the tag's first N requests fail */
+    int fail_status;       /* ... with this status (default 503) */
+    enum fail_mode { FAIL_STATUS = 0, FAIL_RESET, FAIL_CLOSE } fail_mode;
+    long long delay_first_ms; /* with tag=: the tag's first request waits this long */
+    bool log_reset;        /* GET /log?reset=1 */
     struct kv extra[MAX_EXTRA];
     int nextra;
 };
@@ -172,6 +181,8 @@ struct conn {
     size_t idle_bytes_len;
     bool oom; /* an evbuffer_add failed while building output */
     bool in_flight; /* this request is counted in g_in_flight */
+    int tag_idx;    /* tag log entry of the request in flight: tag index, or -1 */
+    long tag_entry; /* ... and entry index */
     double received_ms; /* CLOCK_MONOTONIC ms when the request head was complete */
     const char *errmsg;
     char errbuf[128];
@@ -242,6 +253,24 @@ static atomic_llong g_conn_open;
 static atomic_llong g_in_flight;     /* requests whose head was read and whose response is not finished */
 static atomic_llong g_max_in_flight; /* the maximum of g_in_flight since start or the last reset */
 static bool g_quiet;
+
+/* Tag logs (tag=): every request of a tag, in arrival order, shared by all
+ * threads behind one mutex held for a few instructions. */
+struct tag_entry {
+    double received_ms;
+    unsigned long long conn;
+    int status;       /* the status chosen (0: a reset or close instead) */
+    bool abandoned;   /* the connection went away before the response was finished */
+    char method[8];
+};
+struct tag_log {
+    char name[TAG_MAX + 1];
+    unsigned long long count; /* requests seen, also past TAG_LOG_MAX */
+    struct tag_entry *e;      /* TAG_LOG_MAX entries */
+};
+static pthread_mutex_t g_tag_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tag_log g_tags[TAGS_MAX];
+static int g_ntags;
 static char g_pad[PAD_SIZE];
 
 /* ---------------------------------------------------------------- small helpers */
@@ -905,6 +934,11 @@ enum ctl_id {
     C_INTERIM,
     C_PAD_HEADER,
     C_SINK,
+    C_TAG,
+    C_FAIL_FIRST,
+    C_FAIL_STATUS,
+    C_FAIL_MODE,
+    C_DELAY_FIRST,
     C_COUNT
 };
 
@@ -913,6 +947,7 @@ static const char *const ctl_names[C_COUNT] = {
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
+    "tag", "fail_first", "fail_status", "fail_mode", "delay_first",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1011,6 +1046,33 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
     case C_PAD_HEADER: ok = parse_ll(v, n, 0, BODY_MAX, &k->pad_header); break;
     case C_SINK: ok = parse_bool(v, n, &k->sink); break;
     case C_TRAILING_DELAY_MS: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->trailing_delay_ms); break;
+    case C_TAG:
+        ok = n >= 1 && n <= TAG_MAX;
+        for (size_t i = 0; ok && i < n; i++)
+            ok = (v[i] >= 'a' && v[i] <= 'z') || (v[i] >= 'A' && v[i] <= 'Z') || (v[i] >= '0' && v[i] <= '9') ||
+                 v[i] == '_' || v[i] == '-' || v[i] == '.';
+        if (ok) {
+            memcpy(k->tag, v, n);
+            k->tag[n] = '\0';
+        }
+        break;
+    case C_FAIL_FIRST: ok = parse_ll(v, n, 0, 1000000, &k->fail_first); break;
+    case C_FAIL_STATUS:
+        ok = parse_ll(v, n, 200, 599, &x);
+        if (ok)
+            k->fail_status = (int)x;
+        break;
+    case C_FAIL_MODE:
+        if (ieq(v, n, "status"))
+            k->fail_mode = FAIL_STATUS;
+        else if (ieq(v, n, "reset"))
+            k->fail_mode = FAIL_RESET;
+        else if (ieq(v, n, "close"))
+            k->fail_mode = FAIL_CLOSE;
+        else
+            ok = false;
+        break;
+    case C_DELAY_FIRST: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->delay_first_ms); break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1074,14 +1136,16 @@ static bool find_query(struct conn *c, const char *want, const char **val, size_
     return false;
 }
 
-/* Fills c->ctl from X-Stub-* headers, then from the query string (so the
- * query wins for single-valued controls). Returns 0 or an error status. */
-/* GET or HEAD /stats: the counters, not counted as in flight. */
+/* GET or HEAD /stats or /log: the counters and the tag logs, not counted
+ * as in flight and never logged under a tag. */
 static bool is_stats(const struct conn *c)
 {
-    return c->plen == 6 && memcmp(c->path, "/stats", 6) == 0 &&
+    return ((c->plen == 6 && memcmp(c->path, "/stats", 6) == 0) || (c->plen == 4 && memcmp(c->path, "/log", 4) == 0)) &&
            ((c->mlen == 3 && memcmp(c->method, "GET", 3) == 0) || (c->mlen == 4 && memcmp(c->method, "HEAD", 4) == 0));
 }
+
+/* Fills c->ctl from X-Stub-* headers, then from the query string (so the
+ * query wins for single-valued controls). Returns 0 or an error status. */
 
 static int parse_controls(struct conn *c)
 {
@@ -1097,6 +1161,7 @@ static int parse_controls(struct conn *c)
     k->chunk = 4096;
     k->truncate = -1;
     k->keepalive = true;
+    k->fail_status = 503;
 
     for (i = 0; i < c->nh; i++) {
         const struct hdr *h = &c->h[i];
@@ -1126,8 +1191,10 @@ static int parse_controls(struct conn *c)
             return bad(c, 431, "query too large");
         len = pct_decode(v, vl, d, true);
         /* /stats?reset=1 resets max_in_flight; reset=WHERE stays a control */
-        if (id == C_RESET && is_stats(c) && parse_bool(d, len, &k->stats_reset))
+        if (id == C_RESET && is_stats(c) && parse_bool(d, len, &k->stats_reset)) {
+            k->log_reset = k->stats_reset;
             continue;
+        }
         st = apply_ctl(c, id, d, len);
         if (st)
             return st;
@@ -1183,6 +1250,107 @@ static void put_user_param(struct conn *c, struct evbuffer *b)
         put_str(c, b, "null");
 }
 
+/* Logs the request under its tag and applies fail_first / delay_first.
+ * Called once per request, when it is complete. */
+static void tag_request(struct conn *c)
+{
+    struct ctl *k = &c->ctl;
+    struct tag_log *t = NULL;
+    unsigned long long n;
+    int i;
+
+    c->tag_idx = -1;
+    if (k->tag[0] == '\0' || is_stats(c))
+        return;
+    pthread_mutex_lock(&g_tag_lock);
+    for (i = 0; i < g_ntags; i++)
+        if (strcmp(g_tags[i].name, k->tag) == 0)
+            break;
+    if (i == g_ntags && g_ntags < TAGS_MAX) {
+        t = &g_tags[i];
+        if (t->e == NULL)
+            t->e = calloc(TAG_LOG_MAX, sizeof(struct tag_entry));
+        if (t->e != NULL) {
+            memcpy(t->name, k->tag, sizeof t->name);
+            t->count = 0;
+            g_ntags++;
+        }
+    }
+    if (i < g_ntags) {
+        t = &g_tags[i];
+        n = ++t->count;
+        if (n <= (unsigned long long)k->fail_first) {
+            if (k->fail_mode == FAIL_RESET)
+                k->reset_at = AT_BEFORE_HEADERS;
+            else if (k->fail_mode == FAIL_CLOSE)
+                k->close_at = AT_BEFORE_HEADERS;
+            else
+                k->status = k->fail_status;
+        }
+        if (n == 1 && k->delay_first_ms > 0)
+            k->delay_ms = k->delay_first_ms;
+        if (n <= TAG_LOG_MAX) {
+            struct tag_entry *e = &t->e[n - 1];
+            size_t ml = c->mlen < sizeof e->method - 1 ? c->mlen : sizeof e->method - 1;
+            e->received_ms = c->received_ms;
+            e->conn = c->id;
+            e->status = (k->reset_at == AT_BEFORE_HEADERS || k->close_at == AT_BEFORE_HEADERS) ? 0 : k->status;
+            e->abandoned = false;
+            memcpy(e->method, c->method, ml);
+            e->method[ml] = '\0';
+            c->tag_idx = i;
+            c->tag_entry = (long)(n - 1);
+        }
+    }
+    pthread_mutex_unlock(&g_tag_lock);
+}
+
+/* The request's response was given up (the connection went away first). */
+static void tag_abandoned(struct conn *c)
+{
+    if (c->tag_idx < 0)
+        return;
+    pthread_mutex_lock(&g_tag_lock);
+    g_tags[c->tag_idx].e[c->tag_entry].abandoned = true;
+    pthread_mutex_unlock(&g_tag_lock);
+    c->tag_idx = -1;
+}
+
+/* GET /log?tag=T: {"tag":"T","count":N,"requests":[{"ms":..,"conn":..,
+ * "method":"GET","status":503,"abandoned":false},...]}; /log?reset=1
+ * forgets every tag. */
+static void build_log(struct conn *c, struct evbuffer *b)
+{
+    int i;
+    unsigned long long j, shown;
+
+    pthread_mutex_lock(&g_tag_lock);
+    if (c->ctl.log_reset) {
+        for (i = 0; i < g_ntags; i++) {
+            g_tags[i].name[0] = '\0';
+            g_tags[i].count = 0;
+        }
+        g_ntags = 0;
+        pthread_mutex_unlock(&g_tag_lock);
+        put_str(c, b, "{\"reset\":true}");
+        return;
+    }
+    for (i = 0; i < g_ntags; i++)
+        if (strcmp(g_tags[i].name, c->ctl.tag) == 0)
+            break;
+    put_str(c, b, "{\"tag\":");
+    put_json_str(c, b, c->ctl.tag, strlen(c->ctl.tag));
+    putf(c, b, ",\"count\":%llu,\"requests\":[", i < g_ntags ? g_tags[i].count : 0ull);
+    shown = i < g_ntags ? (g_tags[i].count < TAG_LOG_MAX ? g_tags[i].count : TAG_LOG_MAX) : 0;
+    for (j = 0; j < shown; j++) {
+        const struct tag_entry *e = &g_tags[i].e[j];
+        putf(c, b, "%s{\"ms\":%.3f,\"conn\":%llu,\"method\":\"%s\",\"status\":%d,\"abandoned\":%s}", j ? "," : "",
+             e->received_ms, e->conn, e->method, e->status, e->abandoned ? "true" : "false");
+    }
+    put_str(c, b, "]}");
+    pthread_mutex_unlock(&g_tag_lock);
+}
+
 /* The demo and benchmark paths; false when the path is not one of them. */
 static bool build_builtin(struct conn *c, struct evbuffer *b)
 {
@@ -1191,7 +1359,9 @@ static bool build_builtin(struct conn *c, struct evbuffer *b)
 
     if (!method_is(c, "GET") && !method_is(c, "HEAD"))
         return false;
-    if (path_is(c, "/static")) {
+    if (path_is(c, "/log")) {
+        build_log(c, b);
+    } else if (path_is(c, "/static")) {
         put_str(c, b, "{\"hello\":\"world\"}");
     } else if (path_is(c, "/stats")) {
         if (c->ctl.stats_reset)
@@ -1371,6 +1541,7 @@ static void emit_body(struct conn *c, struct evbuffer *out, size_t n)
 static void finish_response(struct conn *c)
 {
     flight_end(c);
+    c->tag_idx = -1;
     evbuffer_drain(c->prefix, evbuffer_get_length(c->prefix));
     evbuffer_drain(c->body, evbuffer_get_length(c->body));
     c->pad_left = 0;
@@ -1582,6 +1753,7 @@ static void start_request(struct conn *c)
 
     c->nreq++;
     atomic_fetch_add(&g_req_total, 1);
+    tag_request(c);
     if (c->idle_close || c->idle_send) {
         evtimer_del(c->timer);
         c->idle_close = c->idle_send = false;
@@ -1837,6 +2009,7 @@ static void process_input(struct conn *c)
 static void begin_close(struct conn *c, enum end_action action)
 {
     flight_end(c);
+    c->tag_idx = -1;
     c->state = S_CLOSING;
     c->close_action = action;
     evtimer_del(c->timer);
@@ -1993,6 +2166,8 @@ static void conn_free(struct conn *c)
 {
     struct worker *w = c->w;
 
+    if (c->in_flight)
+        tag_abandoned(c);
     flight_end(c);
     if (c->prev)
         c->prev->next = c->next;
@@ -2037,6 +2212,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
         return;
     }
     c->w = w;
+    c->tag_idx = -1;
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;
