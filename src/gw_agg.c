@@ -33,6 +33,7 @@
 #include "gw_jpath.h"
 #include "gw_log.h"
 #include "gw_proxy.h"
+#include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_server.h"
 #include "gw_template.h"
@@ -98,6 +99,18 @@ struct xchg_s {
     int status;
     bool got_bytes, retried, done, too_large;
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
+    /* retries and hedging (see "retries and hedging" below) */
+    struct event *rtimer; /* the backoff sleep, else the per-try timeout; made on first use */
+    struct event *htimer; /* hedge_after_ms; made on first use */
+    uint64_t call_end_us; /* the call's timeout: no backoff sleeps past it */
+    unsigned attempt;     /* tries started, the first included; 0: never sent */
+    bool counted;         /* in the backend's requests in flight (retry budget) */
+    bool slot;            /* the try in flight (or the sleep before it) holds a retry budget slot */
+    bool backoff;         /* rtimer is the backoff sleep */
+    bool final;           /* the call's own timeout ended it: no retry, no hedge to wait for */
+    bool waiting_twin;    /* its own try failed while its hedge runs: the hedge decides */
+    xchg_t *twin;         /* its hedge, while one runs */
+    xchg_t *owner;        /* a hedge: the exchange it copies */
 };
 
 struct gw_agg_s {
@@ -144,6 +157,9 @@ static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, const char *code, int status);
 static void foreach_fill(agg_t *a, size_t i);
 static json_t *shape(const gw_call_t *call, json_t *answer);
+static bool retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code);
+static void retry_leg_free(xchg_t *x);
+static void retry_begin(xchg_t *x);
 
 /* --- small helpers ------------------------------------------------------- */
 
@@ -208,6 +224,10 @@ static void
 xchg_destroy(xchg_t *x)
 {
     event_free(x->timer);
+    if (x->rtimer)
+        event_free(x->rtimer);
+    if (x->htimer)
+        event_free(x->htimer);
     gw_tpl_buf_free(&x->req);
     gw_tpl_buf_free(&x->obody);
     free(x->body);
@@ -220,6 +240,7 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
+    retry_leg_free(x);
     if (x->u)
         gw_upstream_release(x->u, reusable);
     evtimer_del(x->timer);
@@ -234,12 +255,14 @@ xchg_free(xchg_t *x, bool reusable)
         xchg_destroy(x);
         return;
     }
-    struct event *timer = x->timer;
+    struct event *timer = x->timer, *rtimer = x->rtimer, *htimer = x->htimer;
     gw_tpl_buf_t req = x->req, obody = x->obody;
     char *body = x->body;
     size_t bcap = x->bcap;
     memset(x, 0, sizeof(*x));
     x->timer = timer;
+    x->rtimer = rtimer;
+    x->htimer = htimer;
     x->req = req;
     x->req.len = 0;
     x->obody = obody;
@@ -256,6 +279,8 @@ xchg_free(xchg_t *x, bool reusable)
 static void
 xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
 {
+    if (retry_end(&x, reusable, value, code))
+        return; /* retried, or a hedge still runs */
     agg_t *a = x->a;
     size_t i = x->call, item = x->item;
     int status = x->status;
@@ -559,12 +584,14 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     xchg_t *x = xchg_new(a, i, item);
     x->limit = call->backend->max_response_bytes;
     const char *code = build_request(x, item_value);
+    /* breaker: admit here */
     if (code == NULL)
         code = xchg_send(x, false);
     if (code) {
         xchg_end(x, false, NULL, code);
         return;
     }
+    retry_begin(x);
     /* No timer when the route's deadline comes first: it cancels the call
      * anyway, with the same code. */
     if (now_us() + (uint64_t)call->timeout_ms * 1000u >= a->deadline_us)
@@ -1107,9 +1134,281 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
            gw_conn_req(c)->request_id);
     if (x->u)
         x->u->broken = true;
+    x->final = true;
     xchg_end(x, false, NULL, "timeout");
     agg_progress(a);
     gw_conn_release(c);
+}
+
+/* --- retries and hedging ------------------------------------------------- */
+
+/*
+ * An exchange is one request of a call; each try of it is one send on one
+ * connection with one outcome, reported through xchg_end(), where
+ * retry_end() sees it first. A try that failed in a way the backend's
+ * "retry" section retries (connect failure, reset or EOF before a whole
+ * response, a per-try timeout, a listed status) is sent again after a
+ * full-jitter sleep, while tries are left, the sleep ends before both the
+ * call's timeout and the route's deadline, and the retry budget has room;
+ * otherwise the exchange ends with that try's failure. The call's timeout
+ * (x->timer) runs across tries.
+ *
+ * A hedge (the call's hedge_after_ms) is a second exchange, the twin, that
+ * sends a copy of the request on a fresh connection (the pool's next
+ * address) and reports into its owner: the first good answer of either
+ * ends the exchange and the other try is closed, never pooled. A failed
+ * try leaves the other one running; when both failed, the last failure
+ * goes through the retry rules of the owner.
+ */
+
+static const gw_retry_conf_t *
+retry_conf(const xchg_t *x)
+{
+    return call_of(x->a, x->call)->backend->retry;
+}
+
+static void retry_timer_cb(evutil_socket_t fd, short what, void *arg);
+static void hedge_timer_cb(evutil_socket_t fd, short what, void *arg);
+
+/* Arms the per-try timeout of the try just sent, when there is one. */
+static void
+retry_arm_try(xchg_t *x)
+{
+    const gw_retry_conf_t *rc = retry_conf(x);
+    if (!rc->enabled || rc->per_try_timeout_ms <= 0)
+        return;
+    if (x->rtimer == NULL)
+        x->rtimer = evtimer_new(x->a->w->base, retry_timer_cb, x);
+    x->backoff = false;
+    struct timeval tv = { rc->per_try_timeout_ms / 1000, (rc->per_try_timeout_ms % 1000) * 1000 };
+    evtimer_add(x->rtimer, &tv);
+}
+
+/* The first try of x was sent: count it, arm its per-try timeout and the
+ * call's hedge. */
+static void
+retry_begin(xchg_t *x)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    const gw_retry_conf_t *rc = call->backend->retry;
+    uint64_t now = now_us();
+    x->attempt = 1;
+    x->call_end_us = now + (uint64_t)call->timeout_ms * 1000u;
+    if (rc->counted) {
+        x->counted = true;
+        gw_retry_request_begin(rc);
+    }
+    retry_arm_try(x);
+    if (call->hedge_after_ms > 0 && now + (uint64_t)call->hedge_after_ms * 1000u < a->deadline_us) {
+        if (x->htimer == NULL)
+            x->htimer = evtimer_new(a->w->base, hedge_timer_cb, x);
+        struct timeval tv = { call->hedge_after_ms / 1000, (call->hedge_after_ms % 1000) * 1000 };
+        evtimer_add(x->htimer, &tv);
+    }
+}
+
+/* x ends (xchg_free): its budget slot and count are given back, its timers
+ * stopped, and it is unlinked from its twin or owner. */
+static void
+retry_leg_free(xchg_t *x)
+{
+    const gw_retry_conf_t *rc = retry_conf(x);
+    if (x->slot)
+        gw_retry_release(rc);
+    if (x->counted)
+        gw_retry_request_end(rc);
+    x->slot = x->counted = false;
+    if (x->rtimer)
+        evtimer_del(x->rtimer);
+    if (x->htimer)
+        evtimer_del(x->htimer);
+    if (x->twin)
+        x->twin->owner = NULL;
+    if (x->owner)
+        x->owner->twin = NULL;
+    x->twin = x->owner = NULL;
+}
+
+/* Whether a failed try may be tried again, as far as its failure goes. */
+static bool
+retry_code(const gw_retry_conf_t *rc, const char *code, int status)
+{
+    if (strcmp(code, "bad_status") == 0)
+        return gw_retry_status(rc, status);
+    return strcmp(code, "connect_failed") == 0 || strcmp(code, "truncated") == 0 || strcmp(code, "timeout") == 0;
+}
+
+/*
+ * A try of *xp ended: with value (NULL on failure) or code. True when that
+ * ending was taken care of here (a retry sleeps, or the other try of a
+ * hedged exchange goes on); false when the exchange ends, then *xp is the
+ * exchange to end (a winning hedge hands over to its owner).
+ */
+static bool
+retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
+{
+    xchg_t *x = *xp;
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    const gw_retry_conf_t *rc = call->backend->retry;
+    GW_UNUSED(value);
+    /* breaker: outcome here */
+    if (x->slot) {
+        gw_retry_release(rc);
+        x->slot = false;
+    }
+    if (x->rtimer)
+        evtimer_del(x->rtimer);
+    if (x->owner) {
+        xchg_t *p = x->owner;
+        if (code == NULL) {
+            /* the hedge won: the owner's own try is closed, the answer is the hedge's */
+            gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
+                   call->name, gw_conn_req(a->c)->request_id);
+            if (p->u) {
+                /* breaker: abandon here */
+                gw_upstream_release(p->u, false);
+                p->u = NULL;
+            }
+            p->status = x->status;
+            xchg_free(x, reusable);
+            *xp = p;
+            return false;
+        }
+        gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
+               code, gw_conn_req(a->c)->request_id);
+        bool owner_failed = p->waiting_twin;
+        int status = x->status;
+        xchg_free(x, reusable);
+        if (!owner_failed)
+            return true; /* the owner's try goes on */
+        p->waiting_twin = false;
+        p->status = status;
+        x = *xp = p;
+        reusable = false;
+    } else if (x->twin) {
+        if (code == NULL || x->final) {
+            xchg_free(x->twin, false); /* the hedge lost, or the call is over */
+        } else {
+            gw_log(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
+                   call->name, code, gw_conn_req(a->c)->request_id);
+            if (x->u) {
+                gw_upstream_release(x->u, reusable);
+                x->u = NULL;
+            }
+            x->waiting_twin = true;
+            return true;
+        }
+    }
+    if (code == NULL || x->final || x->attempt == 0 || !rc->enabled)
+        return false;
+    if (x->attempt >= rc->attempts || !retry_code(rc, code, x->status) || !gw_retry_method_ok(rc, call->method))
+        return false;
+    int ms = gw_retry_backoff_ms(rc, x->attempt);
+    uint64_t wake = now_us() + (uint64_t)ms * 1000u;
+    if (wake >= x->call_end_us || wake >= a->deadline_us) {
+        gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
+               call->backend->name, call->name, code, ms, wake >= x->call_end_us ? "timeout_ms" : "route's deadline",
+               gw_conn_req(a->c)->request_id);
+        return false;
+    }
+    if (!gw_retry_acquire(rc)) {
+        gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: the retry budget is spent, request %s",
+               call->backend->name, call->name, code, gw_conn_req(a->c)->request_id);
+        return false;
+    }
+    gw_log(GW_LOG_INFO, "backend %s: call %s: %s%s; retry %u of %u in %d ms, request %s", call->backend->name,
+           call->name, code, x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
+           gw_conn_req(a->c)->request_id);
+    x->slot = true;
+    if (x->u) {
+        gw_upstream_release(x->u, reusable);
+        x->u = NULL;
+    }
+    if (x->rtimer == NULL)
+        x->rtimer = evtimer_new(a->w->base, retry_timer_cb, x);
+    x->backoff = true;
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    evtimer_add(x->rtimer, &tv);
+    return true;
+}
+
+/* x->rtimer: the backoff sleep ended (send the next try), or the try in
+ * flight ran past per_try_timeout_ms (it fails with "timeout"). */
+static void
+retry_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    if (x->backoff) {
+        x->backoff = false;
+        x->attempt++;
+        /* breaker: admit here */
+        const char *code = xchg_send(x, false);
+        if (code)
+            xchg_end(x, false, NULL, code);
+        else
+            retry_arm_try(x);
+    } else {
+        const gw_call_t *call = call_of(a, x->call);
+        gw_log(GW_LOG_INFO, "backend %s: call %s: try %u passed per_try_timeout_ms (%d) while %s, request %s",
+               call->backend->name, call->name, x->attempt, call->backend->retry->per_try_timeout_ms,
+               x->u && !x->u->connected ? "connecting to upstream"
+               : x->got_bytes           ? "reading the response from upstream"
+                                        : "waiting for the response from upstream",
+               gw_conn_req(c)->request_id);
+        if (x->u)
+            x->u->broken = true;
+        xchg_end(x, false, NULL, "timeout");
+    }
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* x->htimer: no answer after hedge_after_ms: send a copy on a fresh
+ * connection, when the budget has room (else keep waiting). */
+static void
+hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    const gw_call_t *call = call_of(a, x->call);
+    const gw_retry_conf_t *rc = call->backend->retry;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    if (x->twin || x->u == NULL || x->got_bytes || x->waiting_twin)
+        return; /* answering, or between tries: nothing to hedge */
+    if (!gw_retry_acquire(rc)) {
+        gw_log(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
+               call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
+        return;
+    }
+    xchg_t *h = xchg_new(a, x->call, x->item);
+    h->limit = x->limit;
+    gw_tpl_buf_add(&h->req, x->req.data, x->req.len);
+    if (x->has_obody)
+        gw_tpl_buf_add(&h->obody, x->obody.data, x->obody.len);
+    h->has_obody = x->has_obody;
+    h->out_len = x->out_len;
+    h->owner = x;
+    x->twin = h;
+    h->slot = true;
+    h->attempt = 1;
+    h->call_end_us = x->call_end_us;
+    /* breaker: admit here */
+    const char *code = xchg_send(h, true);
+    if (code) {
+        xchg_free(h, false); /* the owner's try goes on alone */
+        return;
+    }
+    gw_log(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
+           call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
+    retry_arm_try(h);
 }
 
 /* --- entry points -------------------------------------------------------- */

@@ -13,7 +13,9 @@
  * cycles (see "aggregate routes" below).
  */
 #include "gw_config.h"
+#include "gw_http.h"
 #include "gw_jpath.h"
+#include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_template.h"
 #include "gw_upstream.h"
@@ -946,11 +948,81 @@ parse_tls(ctx_t *c, gw_backend_t *b, json_t *v)
     return GW_OK;
 }
 
+/* "retry": {"attempts", "backoff_base_ms", "backoff_cap_ms",
+ * "per_try_timeout_ms", "statuses", "retry_non_idempotent",
+ * "budget_percent", "min_retries"} into b->retry (see gw_retry.h). */
+static int
+parse_retry(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "attempts", "backoff_base_ms", "backoff_cap_ms", "per_try_timeout_ms",
+                                        "statuses", "retry_non_idempotent", "budget_percent", "min_retries", NULL };
+    gw_retry_conf_t *rc = b->retry;
+    if (v == NULL)
+        return GW_OK;
+    push_key(c, "retry");
+    int rc_ = GW_ERR;
+    long long attempts = 3, base = rc->backoff_base_ms, cap = rc->backoff_cap_ms, per_try = 0, pct = rc->budget_percent,
+              minr = rc->min_retries;
+    json_t *x;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"attempts\": 3}");
+    } else if (check_keys(c, v, keys, "\"retry\"") == GW_OK && get_int(c, v, "attempts", 1, GW_RETRY_MAX_ATTEMPTS, &attempts) == GW_OK &&
+               get_int(c, v, "backoff_base_ms", 0, 60000, &base) == GW_OK &&
+               get_int(c, v, "backoff_cap_ms", 0, 60000, &cap) == GW_OK &&
+               get_int(c, v, "per_try_timeout_ms", 0, 86400000, &per_try) == GW_OK &&
+               get_int(c, v, "budget_percent", 0, 100, &pct) == GW_OK &&
+               get_int(c, v, "min_retries", 0, 100000, &minr) == GW_OK) {
+        rc_ = GW_OK;
+        if (cap < base)
+            rc_ = fail_in(c, "backoff_cap_ms", "must not be below backoff_base_ms (%lld)", base);
+        if (rc_ == GW_OK && (x = json_object_get(v, "retry_non_idempotent")) != NULL) {
+            if (!json_is_boolean(x))
+                rc_ = fail_in(c, "retry_non_idempotent", "must be true or false");
+            else
+                rc->retry_non_idempotent = json_is_true(x);
+        }
+        if (rc_ == GW_OK && (x = json_object_get(v, "statuses")) != NULL) {
+            if (!json_is_array(x) || json_array_size(x) > GW_RETRY_MAX_STATUSES) {
+                rc_ = fail_in(c, "statuses", "must be an array of at most %d statuses like [502, 503, 504]",
+                              GW_RETRY_MAX_STATUSES);
+            } else {
+                push_key(c, "statuses");
+                rc->nstatuses = 0;
+                size_t i;
+                json_t *st;
+                json_array_foreach(x, i, st) {
+                    push_index(c, i);
+                    if (!json_is_integer(st) || json_integer_value(st) < 400 || json_integer_value(st) > 599)
+                        rc_ = fail(c, "must be a status between 400 and 599");
+                    else if (gw_retry_status(rc, (int)json_integer_value(st)))
+                        rc_ = fail(c, "status %d is listed twice", (int)json_integer_value(st));
+                    else
+                        rc->statuses[rc->nstatuses++] = (int)json_integer_value(st);
+                    pop(c);
+                    if (rc_ != GW_OK)
+                        break;
+                }
+                pop(c);
+            }
+        }
+    }
+    pop(c);
+    rc->enabled = true;
+    rc->counted = true;
+    rc->attempts = (unsigned)attempts;
+    rc->backoff_base_ms = (int)base;
+    rc->backoff_cap_ms = (int)cap;
+    rc->per_try_timeout_ms = (int)per_try;
+    rc->budget_percent = (unsigned)pct;
+    rc->min_retries = (unsigned)minr;
+    return rc_;
+}
+
 static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
-                                        "max_connections", "max_idle", "max_response_bytes", "tls", NULL };
+                                        "max_connections", "max_idle", "max_response_bytes", "tls", "retry", NULL };
     gw_config_t *cfg = c->cfg;
     push_key(c, "backends");
     if (!json_is_object(v)) {
@@ -973,6 +1045,7 @@ parse_backends(ctx_t *c, json_t *v)
         b->max_connections = 256;
         b->max_idle = 64;
         b->max_response_bytes = 8u << 20;
+        b->retry = gw_retry_conf_new();
         long long maxc = b->max_connections, maxi = b->max_idle;
         json_t *url = json_object_get(bv, "url");
         int rc = GW_ERR;
@@ -997,6 +1070,8 @@ parse_backends(ctx_t *c, json_t *v)
             b->max_connections = (unsigned)maxc;
             b->max_idle = (unsigned)maxi;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
+                rc = GW_ERR;
+            if (rc == GW_OK && parse_retry(c, b, json_object_get(bv, "retry")) != GW_OK)
                 rc = GW_ERR;
         }
         pop(c);
@@ -1113,7 +1188,7 @@ out:
 static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
                                          "timeout_ms", "required", "fallback", "group", "after", "foreach",
                                          "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
-                                         NULL };
+                                         "hedge_after_ms", NULL };
 
 /* Headers a call may neither set nor forward: gatherd writes them itself
  * (Host, framing, the request id, X-Forwarded-*, Via), or they are
@@ -1594,6 +1669,17 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
     call->timeout_ms = call->backend->timeout_ms;
     if (get_ms(c, v, "timeout_ms", &call->timeout_ms) != GW_OK)
         return GW_ERR;
+    if (get_ms(c, v, "hedge_after_ms", &call->hedge_after_ms) != GW_OK)
+        return GW_ERR;
+    if (call->hedge_after_ms) {
+        /* a second copy of a request that changes something could change it twice */
+        if (!gw_http_idempotent(call->method))
+            return fail_in(c, "hedge_after_ms", "needs an idempotent method (GET, HEAD, PUT, DELETE, OPTIONS), not %s",
+                           llhttp_method_name((llhttp_method_t)call->method));
+        if (call->hedge_after_ms >= call->timeout_ms)
+            return fail_in(c, "hedge_after_ms", "must be below the call's timeout_ms (%d)", call->timeout_ms);
+        call->backend->retry->counted = true; /* hedges count against the backend's retry budget */
+    }
     if ((x = json_object_get(v, "required")) != NULL) {
         if (!json_is_boolean(x))
             return fail_in(c, "required", "must be true or false");
@@ -1780,6 +1866,7 @@ backend_free(gw_backend_t *b)
     free(b->host_header);
     free(b->tls_server_name);
     SSL_CTX_free(b->ssl_ctx);
+    gw_retry_conf_free(b->retry);
     free(b);
 }
 

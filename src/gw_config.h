@@ -75,6 +75,7 @@ struct gw_backend_s {
     char *tls_server_name;         /* SNI and certificate name check; default the URL host */
     bool tls_name_is_ip;           /* check an IP SAN instead of a DNS name, and send no SNI */
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
+    struct gw_retry_conf_s *retry; /* "retry" (gw_retry.h); never NULL: attempts 1 when absent */
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;
@@ -104,6 +105,7 @@ struct gw_call_s {
     gw_tpl_json_t *body;         /* "body" as a JSON template; NULL: none (or forward_body) */
     bool forward_body;           /* "body": "forward": the client's body, with its Content-Type */
     int timeout_ms;              /* the whole call; the backend's timeout_ms unless set */
+    int hedge_after_ms;          /* "hedge_after_ms": a second copy after this long; 0: none */
     bool required;               /* its failure fails the request */
     json_t *fallback;            /* "fallback": put in its place when it fails; NULL: none. A
                                     present JSON null is json_null(). Owned reference. */

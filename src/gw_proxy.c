@@ -31,6 +31,7 @@
 #include "gw_conn.h"
 #include "gw_http.h"
 #include "gw_log.h"
+#include "gw_retry.h"
 #include "gw_server.h"
 #include "gw_upstream.h"
 
@@ -43,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* Pause reading the client's body above this much unsent upstream output;
  * resume below the low mark. */
@@ -72,6 +74,14 @@ struct gw_proxy_s {
     bool head_sent;       /* the response head went to the client */
     bool done;            /* the whole response was read */
     int status;
+    /* retries (the backend's "retry"; see "retries" below) */
+    struct event *rtimer; /* the backoff sleep; made on first use */
+    uint64_t end_ms;      /* when the backend's timeout_ms ends the request */
+    unsigned attempt;     /* tries started, the first included */
+    int retry_ms;         /* the sleep decided for the next try */
+    bool counted;         /* in the backend's requests in flight (retry budget) */
+    bool slot;            /* the next try (or the one in flight) holds a retry budget slot */
+    bool retry_status;    /* the response head has a retried status: not passed on */
     /* the response head, collected as llhttp hands it over */
     char *hbuf;
     size_t hlen, hcap;
@@ -82,6 +92,9 @@ struct gw_proxy_s {
 
 static llhttp_settings_t resp_settings;
 static void proxy_read_cb(gw_upstream_t *u, void *arg);
+static bool proxy_retry(gw_proxy_t *p, const char *code, int err);
+static bool proxy_retry_head(gw_proxy_t *p);
+static void proxy_retry_free(gw_proxy_t *p);
 static void proxy_event_cb(gw_upstream_t *u, int what, void *arg);
 static void proxy_write_cb(gw_upstream_t *u, void *arg);
 
@@ -309,6 +322,8 @@ static void
 proxy_destroy(gw_proxy_t *p)
 {
     event_free(p->timer);
+    if (p->rtimer)
+        event_free(p->rtimer);
     free(p->head);
     free(p->hout);
     free(p->hbuf);
@@ -321,6 +336,7 @@ static void
 proxy_free(gw_proxy_t *p, bool reusable)
 {
     gw_worker_t *w = gw_conn_worker(p->c);
+    proxy_retry_free(p);
     if (p->u)
         gw_upstream_release(p->u, reusable);
     evtimer_del(p->timer);
@@ -331,12 +347,13 @@ proxy_free(gw_proxy_t *p, bool reusable)
         return;
     }
     /* keep the allocations, reset the rest */
-    struct event *timer = p->timer;
+    struct event *timer = p->timer, *rtimer = p->rtimer;
     char *head = p->head, *hout = p->hout, *hbuf = p->hbuf;
     size_t head_cap = p->head_cap, hout_cap = p->hout_cap, hcap = p->hcap, hdrs_cap = p->hdrs_cap;
     gw_header_t *hdrs = p->hdrs;
     memset(p, 0, sizeof(*p));
     p->timer = timer;
+    p->rtimer = rtimer;
     p->head = head;
     p->head_cap = head_cap;
     p->hout = hout;
@@ -510,6 +527,8 @@ upstream_broke(gw_proxy_t *p, int err)
         proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
         return;
     }
+    if (proxy_retry(p, p->got_bytes ? "upstream_bad_response" : "upstream_reset", err))
+        return;
     if (p->got_bytes)
         proxy_fail(p, 502, "upstream_bad_response", "reading response header from upstream", err);
     else
@@ -589,6 +608,10 @@ on_resp_headers_complete(llhttp_t *ll)
         /* 1xx: skipped; the final response follows */
         p->hlen = p->nhdrs = 0;
         return 0;
+    }
+    if (proxy_retry_head(p)) {
+        p->retry_status = true; /* nothing was sent to the client: proxy_read_cb retries */
+        return -1;
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
      * those gatherd writes itself (Date, Server, ...). */
@@ -684,6 +707,10 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
             evbuffer_drain(in, v.iov_len);
         } else if (err == HPE_PAUSED && p->done) {
             evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&p->parser) - (const char *)v.iov_base));
+        } else if (p->retry_status) {
+            proxy_retry(p, NULL, 0); /* decided in on_resp_headers_complete */
+            gw_conn_release(c);
+            return;
         } else {
             gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
             proxy_fail(p, 502, "upstream_bad_response", "reading response from upstream", 0);
@@ -736,14 +763,16 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
         snprintf(doing, sizeof(doing), "resolving \"%s\": %s", p->b->host_name, gw_upstream_resolve_error(u));
         proxy_fail(p, 502, "upstream_resolve_failed", doing, 0);
     } else if (what & GW_UP_TIMEOUT) {
-        proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
+        if (!proxy_retry(p, "upstream_connect_timeout", 0))
+            proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
         gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
                gw_upstream_tls_error(u, why, sizeof(why)));
         proxy_fail(p, 502, "upstream_tls_failed", "handshaking with upstream", 0);
     } else if (!u->connected) {
-        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
+        if (!proxy_retry(p, "upstream_connect_failed", err))
+            proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
     } else if (what & GW_UP_EOF) {
         if (p->head_sent && llhttp_message_needs_eof(&p->parser)) {
             /* a close-delimited body ends here */
@@ -783,6 +812,151 @@ proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_release(c);
 }
 
+/* --- retries --------------------------------------------------------------- */
+
+/*
+ * With the backend's "retry" section, a proxied request is sent again
+ * (after a full-jitter sleep, while tries are left, within the backend's
+ * timeout_ms and the retry budget) when nothing of the response has
+ * reached the client yet and the request can be replayed (no body, or the
+ * body sent so far is still at hand: up to REPLAY_MAX bytes). Retried:
+ * connect failures and connect timeouts, a reset or EOF before the
+ * response head, and a listed status when the request's body was sent
+ * whole (the response is then dropped, its connection closed). A request
+ * whose body is still streaming from the client is never retried on a
+ * status: the backend may have acted on part of it.
+ */
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void
+proxy_retry_begin(gw_proxy_t *p)
+{
+    const gw_retry_conf_t *rc = p->b->retry;
+    p->attempt = 1;
+    p->end_ms = mono_ms() + (uint64_t)p->b->timeout_ms;
+    if (rc->counted) {
+        p->counted = true;
+        gw_retry_request_begin(rc);
+    }
+}
+
+/* p ends: its budget slot and count are given back. */
+static void
+proxy_retry_free(gw_proxy_t *p)
+{
+    const gw_retry_conf_t *rc = p->b ? p->b->retry : NULL;
+    if (p->slot)
+        gw_retry_release(rc);
+    if (p->counted)
+        gw_retry_request_end(rc);
+    p->slot = p->counted = false;
+    if (p->rtimer)
+        evtimer_del(p->rtimer);
+}
+
+/* The try in flight failed (why): whether another may follow. True with a
+ * budget slot taken and p->retry_ms set. */
+static bool
+proxy_retry_decide(gw_proxy_t *p, const char *why)
+{
+    const gw_retry_conf_t *rc = p->b->retry;
+    gw_req_t *r = gw_conn_req(p->c);
+    /* breaker: outcome here */
+    if (p->slot) {
+        gw_retry_release(rc);
+        p->slot = false;
+    }
+    if (!rc->enabled || p->attempt == 0 || p->attempt >= rc->attempts || p->head_sent ||
+        !gw_retry_method_ok(rc, r->method) || (p->has_body && p->replay == NULL))
+        return false;
+    int ms = gw_retry_backoff_ms(rc, p->attempt);
+    if (mono_ms() + (uint64_t)ms >= p->end_ms) {
+        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
+               p->b->name, why, ms, r->request_id);
+        return false;
+    }
+    if (!gw_retry_acquire(rc)) {
+        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
+               r->request_id);
+        return false;
+    }
+    p->slot = true;
+    p->retry_ms = ms;
+    return true;
+}
+
+/* A response head arrived: whether its status is retried (decided, with a
+ * slot taken); else the try is over and its slot is given back. */
+static bool
+proxy_retry_head(gw_proxy_t *p)
+{
+    const gw_retry_conf_t *rc = p->b->retry;
+    if (rc->enabled && gw_retry_status(rc, p->status) && (!p->has_body || (p->body_sent && p->replay)))
+        return proxy_retry_decide(p, "status");
+    /* breaker: outcome here */
+    if (p->slot) {
+        gw_retry_release(rc);
+        p->slot = false;
+    }
+    return false;
+}
+
+static void
+proxy_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    p->attempt++;
+    /* breaker: admit here */
+    int rc = send_attempt(p, false);
+    if (rc == GW_AGAIN)
+        proxy_fail(p, 503, "upstream_unavailable", "retrying (max_connections reached)", 0);
+    else if (rc != GW_OK)
+        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+    gw_conn_release(c);
+}
+
+/*
+ * The try in flight failed with code (NULL: a retried status that
+ * on_resp_headers_complete already decided on): when another try may
+ * follow, its connection is closed and the sleep starts; true then.
+ */
+static bool
+proxy_retry(gw_proxy_t *p, const char *code, int err)
+{
+    if (code != NULL && !proxy_retry_decide(p, code))
+        return false;
+    gw_log(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
+           code ? code : "status", err ? ": " : "", err ? strerror(err) : "", p->attempt, p->b->retry->attempts - 1,
+           p->retry_ms, gw_conn_req(p->c)->request_id);
+    if (code == NULL && p->status)
+        gw_log(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
+               gw_conn_req(p->c)->request_id);
+    if (p->u) {
+        p->u->broken = code != NULL;
+        gw_upstream_release(p->u, false);
+        p->u = NULL;
+    }
+    p->retry_status = false;
+    p->status = 0;
+    p->hlen = p->nhdrs = 0;
+    p->in_field = p->in_value = false;
+    if (p->rtimer == NULL)
+        p->rtimer = evtimer_new(gw_conn_worker(p->c)->base, proxy_retry_cb, p);
+    struct timeval tv = { p->retry_ms / 1000, (p->retry_ms % 1000) * 1000 };
+    evtimer_add(p->rtimer, &tv);
+    return true;
+}
+
 void
 gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
 {
@@ -804,6 +978,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     if (p->has_body)
         p->replay = evbuffer_new();
     build_request(p);
+    /* breaker: admit here */
     int rc = send_attempt(p, false);
     if (rc != GW_OK) {
         int err = errno;
@@ -818,5 +993,6 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         return;
     }
     evtimer_add(p->timer, w->pools[p->b->index].call_timeout);
+    proxy_retry_begin(p);
     gw_conn_begin_async(c, &proxy_ops, p);
 }
