@@ -2,6 +2,7 @@
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
 #include "gw_jpath.h"
+#include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_template.h"
 #include "gw_test.h"
@@ -752,6 +753,147 @@ test_include(void)
     CHECK(system(cmd) == 0);
 }
 
+/* --- retries and hedging ------------------------------------------------- */
+
+#define RB "{'listen': ['1'], 'backends': {'users': {'url': 'http://127.0.0.1:9101', 'timeout_ms': 700, 'retry': "
+
+/* A backend "users" with this retry section (single-quoted JSON) must be
+ * rejected with a message containing expect. */
+static void
+check_retry_error(const char *retry, const char *expect)
+{
+    char text[4096];
+    snprintf(text, sizeof(text), RB "%s}}}", retry);
+    check_error(q(text), expect);
+}
+
+static void
+test_retry(void)
+{
+    /* absent: no retries, defaults for the budget hedges use */
+    gw_config_t *cfg = parse(q(AGG "{'path': '/a', 'calls': [{'name': 'a', 'backend': 'users', 'path': '/'}]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    const gw_retry_conf_t *rc = cfg->backends[0]->retry;
+    CHECK(rc != NULL && !rc->enabled && rc->attempts == 1 && !rc->counted);
+    CHECK(rc->budget_percent == 20 && rc->min_retries == 3 && rc->nstatuses == 3);
+    CHECK(cfg->routes[0]->agg.calls[0]->hedge_after_ms == 0);
+    gw_config_unref(cfg);
+
+    /* present and empty: the documented defaults */
+    char text[4096];
+    snprintf(text, sizeof(text), RB "{}}}}");
+    cfg = parse(q(text));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    rc = cfg->backends[0]->retry;
+    CHECK(rc->enabled && rc->counted && rc->attempts == 3 && rc->backoff_base_ms == 25 && rc->backoff_cap_ms == 250);
+    CHECK(rc->per_try_timeout_ms == 0 && !rc->retry_non_idempotent && rc->budget_percent == 20 && rc->min_retries == 3);
+    CHECK(rc->nstatuses == 3 && gw_retry_status(rc, 502) && gw_retry_status(rc, 503) && gw_retry_status(rc, 504));
+    CHECK(!gw_retry_status(rc, 500));
+    CHECK(gw_retry_method_ok(rc, HTTP_GET) && gw_retry_method_ok(rc, HTTP_PUT) && !gw_retry_method_ok(rc, HTTP_POST));
+    /* full jitter within [0, min(cap, base * 2^(n-1))] */
+    for (int i = 0; i < 2000; i++) {
+        int b1 = gw_retry_backoff_ms(rc, 1), b4 = gw_retry_backoff_ms(rc, 4), b9 = gw_retry_backoff_ms(rc, 9);
+        CHECK(b1 >= 0 && b1 <= 25 && b4 >= 0 && b4 <= 200 && b9 >= 0 && b9 <= 250);
+    }
+    /* the budget: max(min_retries, budget_percent of requests in flight) */
+    for (int i = 0; i < 30; i++)
+        gw_retry_request_begin(rc);
+    int granted = 0;
+    for (int i = 0; i < 10; i++)
+        granted += gw_retry_acquire(rc);
+    CHECK(granted == 6); /* 20 % of 30 */
+    for (int i = 0; i < 30; i++)
+        gw_retry_request_end(rc);
+    CHECK(!gw_retry_acquire(rc)); /* 6 in flight, min_retries 3 */
+    for (int i = 0; i < 6; i++)
+        gw_retry_release(rc);
+    granted = 0;
+    for (int i = 0; i < 5; i++)
+        granted += gw_retry_acquire(rc);
+    CHECK(granted == 3);
+    gw_retry_stats_t st;
+    gw_retry_stats(rc, &st);
+    CHECK(st.retries == 3 && st.requests == 0 && st.granted == 9 && st.denied == 7);
+    for (int i = 0; i < 3; i++)
+        gw_retry_release(rc);
+
+    /* a reload shares the state of a same-named backend with the same settings */
+    gw_config_t *same = parse(q(text));
+    snprintf(text, sizeof(text), RB "{'attempts': 2}}}}");
+    gw_config_t *other = parse(q(text));
+    CHECK(same != NULL && other != NULL);
+    if (same && other) {
+        gw_retry_inherit(same, cfg);
+        gw_retry_inherit(other, cfg);
+        CHECK(same->backends[0]->retry->state == cfg->backends[0]->retry->state);
+        CHECK(other->backends[0]->retry->state != cfg->backends[0]->retry->state);
+        gw_config_unref(cfg); /* the shared state lives on in same */
+        cfg = NULL;
+        gw_retry_request_begin(same->backends[0]->retry);
+        gw_retry_request_end(same->backends[0]->retry);
+    }
+    gw_config_unref(same);
+    gw_config_unref(other);
+    gw_config_unref(cfg);
+
+    snprintf(text, sizeof(text),
+             RB "{'attempts': 5, 'backoff_base_ms': 0, 'backoff_cap_ms': 0, 'per_try_timeout_ms': 100, "
+                "'statuses': [429, 503], 'retry_non_idempotent': true, 'budget_percent': 0, 'min_retries': 0}}}}");
+    cfg = parse(q(text));
+    CHECK(cfg != NULL);
+    if (cfg) {
+        rc = cfg->backends[0]->retry;
+        CHECK(rc->attempts == 5 && rc->backoff_cap_ms == 0 && rc->per_try_timeout_ms == 100 && rc->nstatuses == 2);
+        CHECK(gw_retry_status(rc, 429) && !gw_retry_status(rc, 502) && gw_retry_method_ok(rc, HTTP_POST));
+        CHECK(gw_retry_backoff_ms(rc, 3) == 0);
+        CHECK(!gw_retry_acquire(rc)); /* budget 0 and min_retries 0: never */
+    }
+    gw_config_unref(cfg);
+
+    check_retry_error("3", "t.json:1: backends.users.retry: must be an object");
+    check_retry_error("{'atempts': 2}", "backends.users.retry.atempts: unknown key \"atempts\" in \"retry\"");
+    check_retry_error("{'attempts': 0}", "backends.users.retry.attempts: must be between 1 and 10");
+    check_retry_error("{'attempts': 11}", "backends.users.retry.attempts: must be between 1 and 10");
+    check_retry_error("{'backoff_base_ms': -1}", "backends.users.retry.backoff_base_ms: must be between 0 and 60000");
+    check_retry_error("{'backoff_base_ms': 100, 'backoff_cap_ms': 50}",
+                      "backends.users.retry.backoff_cap_ms: must not be below backoff_base_ms (100)");
+    check_retry_error("{'per_try_timeout_ms': 'x'}", "backends.users.retry.per_try_timeout_ms: must be an integer");
+    check_retry_error("{'statuses': 503}", "backends.users.retry.statuses: must be an array");
+    check_retry_error("{'statuses': [503, 200]}", "backends.users.retry.statuses[1]: must be a status between 400 and 599");
+    check_retry_error("{'statuses': [503, 503]}", "backends.users.retry.statuses[1]: status 503 is listed twice");
+    check_retry_error("{'retry_non_idempotent': 1}", "backends.users.retry.retry_non_idempotent: must be true or false");
+    check_retry_error("{'budget_percent': 101}", "backends.users.retry.budget_percent: must be between 0 and 100");
+    check_retry_error("{'min_retries': -1}", "backends.users.retry.min_retries: must be between 0 and 100000");
+    /* the line of the error */
+    check_error(q("{'listen': ['1'], 'backends': {'users': {'url': 'http://127.0.0.1:9101',\n"
+                  " 'retry': {\n 'attempts': 99}}}}"),
+                "t.json:3: backends.users.retry.attempts: must be between 1 and 10");
+
+    /* hedge_after_ms */
+    cfg = parse(q(AGG "{'path': '/a', 'calls': [{'name': 'a', 'backend': 'users', 'path': '/', "
+                      "'hedge_after_ms': 50}]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg) {
+        CHECK(cfg->routes[0]->agg.calls[0]->hedge_after_ms == 50);
+        CHECK(cfg->backends[0]->retry->counted && !cfg->backends[0]->retry->enabled);
+        CHECK(!cfg->backends[1]->retry->counted);
+    }
+    gw_config_unref(cfg);
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'method': 'POST', 'hedge_after_ms': 50}",
+                      "routes[0].calls[0].hedge_after_ms: needs an idempotent method (GET, HEAD, PUT, DELETE, "
+                      "OPTIONS), not POST");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'hedge_after_ms': 700}",
+                      "routes[0].calls[0].hedge_after_ms: must be below the call's timeout_ms (700)");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'hedge_after_ms': 0}",
+                      "routes[0].calls[0].hedge_after_ms: must be between 1 and");
+}
+
 static void
 test_missing_file(void)
 {
@@ -778,4 +920,4 @@ TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
-          T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))
+          T(test_include), T(test_retry), T(test_missing_file), T(test_shipped_configs_are_valid))
