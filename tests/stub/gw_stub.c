@@ -6,6 +6,10 @@
  * the gateway. Every response can be shaped per request with query
  * parameters or X-Stub-* headers: status, delays, body size, chunking,
  * truncation, early close or reset, an echo of the request, extra headers.
+ * Requests can be logged per tag (tag=T; GET /log?tag=T lists them with
+ * their arrival time; /log?reset=1) and a tag's first requests can fail
+ * (fail_first=N with fail_status=S or fail_mode=reset|close) or wait
+ * (delay_first=MS): the retry and hedging tests count tries with them.
  * A few built-in paths (/users/{id}, /orders, /products/{id},
  * /recommendations, /stats, /static) serve the demo and the benchmarks.
  * tests/stub/README.md documents the command line and every control.
