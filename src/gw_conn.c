@@ -275,7 +275,7 @@ request_done(gw_conn_t *c)
     } else {
         gw_parser_next(&c->parser);
         c->state = C_READING;
-        timer_set(c, evbuffer_get_length(c->in) ? GW_T_HEADER : GW_T_KEEPALIVE);
+        timer_set(c, evbuffer_get_length(c->in) ? GW_T_HEADER : c->w->stopping ? GW_T_DRAIN : GW_T_KEEPALIVE);
         if (!c->peer_eof)
             read_enable(c, evbuffer_get_length(c->in) < IN_HIGH);
     }
@@ -532,7 +532,7 @@ conn_process(gw_conn_t *c)
             c->wait_write = true; /* resumed once the output drains */
             break;
         }
-        if (c->timer_kind == GW_T_KEEPALIVE)
+        if (c->timer_kind == GW_T_KEEPALIVE || c->timer_kind == GW_T_DRAIN)
             timer_set(c, GW_T_HEADER);
         gw_parse_result_t pr;
         if (!parse_input(c, &pr))
@@ -797,10 +797,15 @@ gw_conn_adopt_gen(gw_conn_t *c)
 void
 gw_conn_shutdown(gw_conn_t *c)
 {
-    c->close_after = true;
+    /* The next response says Connection: close (decide_close sees the
+     * worker stopping); an idle connection gets GW_T_DRAIN to send it. */
     if (c->state == C_READING && !c->parser.started && evbuffer_get_length(c->in) == 0 &&
-        evbuffer_get_length(c->out) == 0)
-        gw_conn_close(c);
+        evbuffer_get_length(c->out) == 0) {
+        if (c->peer_eof)
+            gw_conn_close(c);
+        else
+            timer_set(c, GW_T_DRAIN);
+    }
     gw_conn_release(c);
 }
 

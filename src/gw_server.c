@@ -197,7 +197,8 @@ set_timeouts(gw_worker_t *w, const gw_config_t *cfg)
                                [GW_T_BODY] = cfg->http.client_body_timeout_ms,
                                [GW_T_KEEPALIVE] = cfg->http.keepalive_timeout_ms,
                                [GW_T_LINGER] = cfg->http.lingering_timeout_ms,
-                               [GW_T_SEND] = cfg->http.send_timeout_ms };
+                               [GW_T_SEND] = cfg->http.send_timeout_ms,
+                               [GW_T_DRAIN] = GW_MIN(GW_DRAIN_IDLE_MS, cfg->shutdown_timeout_ms) };
     for (int t = 1; t < GW_T_MAX; t++) {
         struct timeval tv = { ms[t] / 1000, (ms[t] % 1000) * 1000 };
         w->timeout_tv[t] = tv;
@@ -327,6 +328,19 @@ wake_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     w->stopping = true;
+    /* Connections the kernel completed but we did not accept yet would be
+     * reset by the close: they are taken and served (with Connection: close). */
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[i].lev);
+        for (int n = 0; n < 4096; n++) {
+            struct sockaddr_storage ss;
+            socklen_t sl = sizeof(ss);
+            int cfd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (cfd < 0)
+                break;
+            accept_cb(w->listeners[i].lev, cfd, (struct sockaddr *)&ss, (int)sl, w);
+        }
+    }
     close_listeners(w);
     evtimer_del(w->accept_timer);
     gw_conn_t *c = w->conns;

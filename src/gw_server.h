@@ -31,7 +31,13 @@ struct evconnlistener;
 
 /* The per-connection timers; their durations are the worker's common
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
-typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_MAX } gw_timer_t;
+typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_MAX } gw_timer_t;
+
+/* At a graceful stop, an idle keep-alive connection may send one more
+ * request (answered with Connection: close) for this long, at most
+ * shutdown_timeout_ms: closing it at once would race with a request already
+ * on its way, which the client would see as a reset. */
+#define GW_DRAIN_IDLE_MS 1000
 
 /* A configuration as one worker uses it. Worker thread only. */
 struct gw_gen_s {
