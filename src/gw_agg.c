@@ -76,6 +76,7 @@ typedef struct {
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
     bool raw;          /* the answer is kept as checked bytes in a->raws, not parsed */
+    bool hedge_won;    /* a hedge gave the answer (of an element, for foreach): Server-Timing says so */
     size_t raw_off, raw_len;
 } call_rt_t;
 
@@ -733,7 +734,8 @@ server_timing(agg_t *a)
     buf_str(h, "Server-Timing: ");
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         const call_rt_t *rt = &a->calls[i];
-        timing_add(h, i == 0, call_of(a, i)->name, call_us(rt), rt->state == CALL_FAILED ? rt->code : NULL);
+        timing_add(h, i == 0, call_of(a, i)->name, call_us(rt),
+                   rt->state == CALL_FAILED ? rt->code : rt->hedge_won ? "hedge" : NULL);
     }
     timing_add(h, false, "total", now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
@@ -1272,6 +1274,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
                 p->u = NULL;
             }
             p->status = x->status;
+            a->calls[x->call].hedge_won = true;
             xchg_free(x, reusable);
             *xp = p;
             return false;

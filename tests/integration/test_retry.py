@@ -239,6 +239,8 @@ def hedge_wins_and_the_slow_try_is_closed():
     r, dt = get(d, "/h")
     eq(r.status, 200, f"status ({r.raw[:300]!r})")
     check(dt < 0.3 * SLOW, f"answered after {dt:.2f}s: the hedge did not win")
+    check('c;dur=' in (r.header("Server-Timing") or "") and 'desc="hedge"' in r.header("Server-Timing"),
+          f"Server-Timing names the hedge: {r.header('Server-Timing')}")
     lg = wait_log(s, "h1", lambda lg: lg["count"] == 2 and lg["requests"][0]["abandoned"], 1,
                   "two requests, the first one's connection closed")
     gap = lg["requests"][1]["ms"] - lg["requests"][0]["ms"]
@@ -254,6 +256,7 @@ def hedge_not_sent_when_the_answer_is_fast():
     for _ in range(3):
         r, _ = get(d, "/h")
         eq(r.status, 200, "status")
+        check("hedge" not in (r.header("Server-Timing") or ""), f"no hedge in Server-Timing: {r.header('Server-Timing')}")
     time.sleep(0.3 * SLOW)
     eq(tag_log(s, "h2")["count"], 3, "one backend request per call: no hedge")
 
