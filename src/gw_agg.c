@@ -26,6 +26,7 @@
  * uses.
  */
 #include "gw_agg.h"
+#include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
@@ -97,6 +98,9 @@ struct xchg_s {
     size_t limit;         /* the backend's max_response_bytes */
     int status;
     bool got_bytes, retried, done, too_large;
+    bool admitted;        /* the breaker let it through: its outcome is reported once */
+    bool sent;            /* it got a connection (else its end says nothing about the backend) */
+    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
 };
 
@@ -140,6 +144,7 @@ static llhttp_settings_t resp_settings;
 static void xchg_read_cb(gw_upstream_t *u, void *arg);
 static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
+static void xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg);
 static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, const char *code, int status);
 static void foreach_fill(agg_t *a, size_t i);
@@ -220,6 +225,9 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
+    gw_upstream_wait_cancel(&x->wait);
+    if (x->admitted) /* cancelled: deadline, fail fast, client gone */
+        gw_breaker_abandon(call_of(a, x->call)->backend);
     if (x->u)
         gw_upstream_release(x->u, reusable);
     evtimer_del(x->timer);
@@ -261,6 +269,15 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
     int status = x->status;
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
+    if (x->admitted) {
+        /* a backend's health: 4xx and oversized answers are not its failures */
+        bool ok = code == NULL || (strcmp(code, "bad_status") == 0 && status < 500) || strcmp(code, "too_large") == 0;
+        if (x->sent)
+            gw_breaker_done(call->backend, ok);
+        else
+            gw_breaker_abandon(call->backend);
+        x->admitted = false;
+    }
     xchg_free(x, reusable);
     if (!call->foreach) {
         rt->answer = value;
@@ -523,6 +540,15 @@ xchg_send(xchg_t *x, bool fresh)
     const gw_call_t *call = call_of(a, x->call);
     gw_upstream_t *u = NULL;
     int rc = gw_upstream_get(a->w, call->backend, fresh, &u);
+    if (rc == GW_AGAIN && !fresh && call->backend->max_pending > 0) {
+        /* max_connections in use: wait for one (xchg_wait_cb) */
+        if (gw_upstream_wait(a->w, call->backend, &x->wait, xchg_wait_cb, x) == GW_OK)
+            return NULL;
+        gw_log(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
+               call->backend->name, call->backend->max_pending, call->name, gw_conn_peer_ip(a->c),
+               gw_conn_req(a->c)->request_id);
+        return "queue_full";
+    }
     if (rc != GW_OK) {
         int err = errno;
         gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
@@ -533,6 +559,7 @@ xchg_send(xchg_t *x, bool fresh)
         return rc == GW_AGAIN ? "unavailable" : "connect_failed";
     }
     x->u = u;
+    x->sent = true;
     x->got_bytes = false;
     x->status = 0;
     x->blen = 0;
@@ -559,6 +586,10 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     xchg_t *x = xchg_new(a, i, item);
     x->limit = call->backend->max_response_bytes;
     const char *code = build_request(x, item_value);
+    if (code == NULL && gw_breaker_admit(call->backend, NULL) != GW_OK)
+        code = "circuit_open";
+    else if (code == NULL)
+        x->admitted = true;
     if (code == NULL)
         code = xchg_send(x, false);
     if (code) {
@@ -723,11 +754,23 @@ respond_error(agg_t *a)
         status = 504;
     else if (strcmp(rt->code, "unavailable") == 0)
         status = 503;
+    int retry_s = 0; /* Retry-After */
+    if (strcmp(rt->code, "circuit_open") == 0)
+        retry_s = gw_breaker_retry_after_s(call->backend);
+    else if (strcmp(rt->code, "queue_full") == 0 || strcmp(rt->code, "queue_timeout") == 0)
+        retry_s = 1;
+    if (retry_s)
+        status = 503;
     char extra[256];
     int n = snprintf(extra, sizeof(extra), ",\"call\":\"%s\"", call->name);
     if (rt->status)
         snprintf(extra + n, sizeof(extra) - (size_t)n, ",\"status\":%d", rt->status);
     server_timing(a);
+    if (retry_s) {
+        char ra[40];
+        int k = snprintf(ra, sizeof(ra), "Retry-After: %d\r\n", retry_s);
+        gw_tpl_buf_add(&a->hdrs, ra, (size_t)k);
+    }
     gw_conn_error_headers(a->c, status, rt->code, extra, a->hdrs.data);
 }
 
@@ -1100,7 +1143,8 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     const gw_call_t *call = call_of(a, x->call);
     gw_log(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
            call->name, call->timeout_ms,
-           x->u && x->u->waiting   ? "resolving the backend's name"
+           x->u == NULL            ? "waiting in the backend's queue for a connection"
+           : x->u->waiting         ? "resolving the backend's name"
            : x->u && !x->u->connected ? "connecting to upstream"
            : x->got_bytes          ? "reading the response from upstream"
                                    : "waiting for the response from upstream",
@@ -1108,6 +1152,30 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     if (x->u)
         x->u->broken = true;
     xchg_end(x, false, NULL, "timeout");
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* x waited in its backend's queue: a connection may be free now, or
+ * queue_timeout_ms passed. */
+static void
+xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(wt);
+    const gw_call_t *call = call_of(a, x->call);
+    const char *code;
+    if (status == GW_OK) {
+        code = xchg_send(x, false);
+    } else {
+        gw_log(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
+               call->backend->name, call->backend->queue_timeout_ms, call->name, gw_conn_req(c)->request_id);
+        code = "queue_timeout";
+    }
+    if (code)
+        xchg_end(x, false, NULL, code);
     agg_progress(a);
     gw_conn_release(c);
 }

@@ -13,6 +13,7 @@
  * cycles (see "aggregate routes" below).
  */
 #include "gw_config.h"
+#include "gw_breaker.h"
 #include "gw_jpath.h"
 #include "gw_router.h"
 #include "gw_template.h"
@@ -946,11 +947,62 @@ parse_tls(ctx_t *c, gw_backend_t *b, json_t *v)
     return GW_OK;
 }
 
+/* A backend's "circuit_breaker" (absent: none): every key optional. The
+ * breaker's shared state is made here, owned by b (gw_breaker.h). */
+static int
+parse_breaker(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "consecutive_failures", "failure_ratio", "window_ms", "min_requests",
+                                        "open_ms", "max_open_ms", "probe_requests", NULL };
+    if (v == NULL)
+        return GW_OK;
+    gw_breaker_conf_t *bc = &b->breaker_conf;
+    long long cf = 5, minr = 20, probes = 1;
+    bc->failure_ratio = 0.5;
+    bc->window_ms = 10000;
+    bc->open_ms = 5000;
+    bc->max_open_ms = 60000;
+    push_key(c, "circuit_breaker");
+    int rc = GW_ERR;
+    long long window = bc->window_ms;
+    json_t *ratio = json_object_get(v, "failure_ratio");
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"consecutive_failures\": 5}");
+    } else if (check_keys(c, v, keys, "\"circuit_breaker\"") == GW_OK &&
+               get_int(c, v, "consecutive_failures", 0, 1000000, &cf) == GW_OK &&
+               get_int(c, v, "window_ms", 100, 3600000, &window) == GW_OK &&
+               get_int(c, v, "min_requests", 1, 1000000, &minr) == GW_OK && get_ms(c, v, "open_ms", &bc->open_ms) == GW_OK &&
+               get_ms(c, v, "max_open_ms", &bc->max_open_ms) == GW_OK &&
+               get_int(c, v, "probe_requests", 1, 1000, &probes) == GW_OK) {
+        if (ratio && (!json_is_number(ratio) || json_number_value(ratio) < 0 || json_number_value(ratio) > 1)) {
+            fail_in(c, "failure_ratio", "must be a number from 0 to 1 (0: no ratio trigger)");
+        } else if (bc->max_open_ms < bc->open_ms) {
+            fail_in(c, "max_open_ms", "must not be below open_ms (%d)", bc->open_ms);
+        } else {
+            if (ratio)
+                bc->failure_ratio = json_number_value(ratio);
+            bc->consecutive_failures = (unsigned)cf;
+            bc->window_ms = (int)window;
+            bc->min_requests = (unsigned)minr;
+            bc->probe_requests = (unsigned)probes;
+            if (bc->consecutive_failures == 0 && bc->failure_ratio == 0)
+                fail(c, "consecutive_failures and failure_ratio are both 0: it could never open (remove it instead)");
+            else
+                rc = GW_OK;
+        }
+    }
+    pop(c);
+    if (rc == GW_OK)
+        b->breaker = gw_breaker_new(b->name, bc);
+    return rc;
+}
+
 static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
-                                        "max_connections", "max_idle", "max_response_bytes", "tls", NULL };
+                                        "max_connections", "max_idle", "max_response_bytes", "tls",
+                                        "max_pending", "queue_timeout_ms", "circuit_breaker", NULL };
     gw_config_t *cfg = c->cfg;
     push_key(c, "backends");
     if (!json_is_object(v)) {
@@ -973,7 +1025,9 @@ parse_backends(ctx_t *c, json_t *v)
         b->max_connections = 256;
         b->max_idle = 64;
         b->max_response_bytes = 8u << 20;
-        long long maxc = b->max_connections, maxi = b->max_idle;
+        b->max_pending = 128;
+        b->queue_timeout_ms = 1000;
+        long long maxc = b->max_connections, maxi = b->max_idle, maxp = b->max_pending;
         json_t *url = json_object_get(bv, "url");
         int rc = GW_ERR;
         if (!json_is_object(bv)) {
@@ -992,10 +1046,13 @@ parse_backends(ctx_t *c, json_t *v)
                 (get_ms(c, bv, "connect_timeout_ms", &b->connect_timeout_ms) || get_ms(c, bv, "timeout_ms", &b->timeout_ms) ||
                  get_ms(c, bv, "idle_timeout_ms", &b->idle_timeout_ms) ||
                  get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi) ||
-                 get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes)))
+                 get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes) ||
+                 get_int(c, bv, "max_pending", 0, 100000, &maxp) || get_ms(c, bv, "queue_timeout_ms", &b->queue_timeout_ms) ||
+                 parse_breaker(c, b, json_object_get(bv, "circuit_breaker"))))
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
             b->max_idle = (unsigned)maxi;
+            b->max_pending = (unsigned)maxp;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;
         }
@@ -1780,6 +1837,7 @@ backend_free(gw_backend_t *b)
     free(b->host_header);
     free(b->tls_server_name);
     SSL_CTX_free(b->ssl_ctx);
+    gw_breaker_unref(b->breaker);
     free(b);
 }
 

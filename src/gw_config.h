@@ -53,6 +53,17 @@ typedef struct {
     char *hosts_file;              /* looked up before DNS; NULL: not used */
 } gw_resolver_conf_t;
 
+/* A backend's "circuit_breaker" settings (gw_breaker.h); 0 disables a trigger. */
+struct gw_breaker_conf_s {
+    unsigned consecutive_failures; /* failures in a row that open it (default 5) */
+    double failure_ratio;          /* failed share of the window that opens it (default 0.5) */
+    int window_ms;                 /* the sliding window (default 10000) */
+    unsigned min_requests;         /* calls in the window before the ratio counts (default 20) */
+    int open_ms;                   /* first open time (default 5000), doubled per trip in a row */
+    int max_open_ms;               /* up to this (default 60000) */
+    unsigned probe_requests;       /* calls let through half-open (default 1) */
+};
+
 /* A backend API. Immutable, owned by the configuration. */
 struct gw_backend_s {
     char *name;
@@ -75,6 +86,11 @@ struct gw_backend_s {
     char *tls_server_name;         /* SNI and certificate name check; default the URL host */
     bool tls_name_is_ip;           /* check an IP SAN instead of a DNS name, and send no SNI */
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
+    /* resilience */
+    unsigned max_pending;          /* per worker: calls waiting for a connection when max_connections are used (0: none) */
+    int queue_timeout_ms;          /* longest wait in that queue */
+    gw_breaker_conf_t breaker_conf; /* "circuit_breaker", when breaker is set */
+    gw_breaker_t *breaker;         /* its shared mutable state (one reference); NULL: no breaker */
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;

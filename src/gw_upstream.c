@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Bytes asked of one recv(): big bodies stream in fewer calls. */
@@ -69,6 +70,8 @@ waiter_add(gw_upstream_t *u)
     pool->nwaiting++;
 }
 
+static void queue_notify(gw_pool_t *pool);
+
 /* Closes u and frees it. A connect that failed (the caller marked u broken
  * before it was connected) makes the pool avoid that address for a while. */
 static void
@@ -100,7 +103,9 @@ upstream_close(gw_upstream_t *u)
             close(u->fd);
     }
     event_free(u->timer);
+    gw_pool_t *pool = u->pool;
     free(u);
+    queue_notify(pool); /* a slot is free */
 }
 
 static void
@@ -544,6 +549,135 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         emit(u, GW_UP_TIMEOUT); /* only armed while connecting */
 }
 
+/* --- the wait queue (max_pending) ----------------------------------------- */
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Whether gw_upstream_get() can give a connection now. */
+static bool
+pool_has_room(const gw_pool_t *pool)
+{
+    return pool->idle != NULL || pool->nopen < pool->backend->max_connections;
+}
+
+/* A slot may have freed: serve the queue from the loop, never from inside
+ * the caller that released or closed a connection. */
+static void
+queue_notify(gw_pool_t *pool)
+{
+    if (pool->qhead)
+        event_active(pool->wake_ev, 0, 0);
+}
+
+static void
+queue_unlink(gw_upstream_wait_t *wt)
+{
+    gw_pool_t *pool = wt->pool;
+    if (wt->prev)
+        wt->prev->next = wt->next;
+    else
+        pool->qhead = wt->next;
+    if (wt->next)
+        wt->next->prev = wt->prev;
+    else
+        pool->qtail = wt->prev;
+    wt->next = wt->prev = NULL;
+    wt->pool = NULL;
+    pool->nqueued--;
+}
+
+/* Arms the queue timer for the head's expiry. The timer is not moved when
+ * the head leaves early: it then fires early and re-arms for the new head. */
+static void
+qtimer_arm(gw_pool_t *pool)
+{
+    if (pool->qhead == NULL)
+        return;
+    uint64_t now = mono_ms();
+    uint64_t ms = pool->qhead->expires_ms > now ? pool->qhead->expires_ms - now : 0;
+    struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000) };
+    evtimer_add(pool->qtimer, &tv);
+}
+
+/* pool->wake_ev: hands free slots to the waiters, oldest first. Each
+ * callback may release connections, cancel other waiters or queue new
+ * ones, so the head is read afresh each time; at most the waiters present
+ * at the start are served in one run (a waiter that cannot take its slot
+ * and queues again waits for the next run). */
+static void
+wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_pool_t *pool = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    unsigned budget = pool->nqueued;
+    while (budget-- > 0 && pool->qhead && pool_has_room(pool)) {
+        gw_upstream_wait_t *wt = pool->qhead;
+        queue_unlink(wt);
+        pool->serving = true;
+        wt->cb(wt, GW_OK, wt->arg);
+        pool->serving = false;
+    }
+    if (pool->qhead && pool_has_room(pool))
+        event_active(pool->wake_ev, 0, 0);
+}
+
+/* pool->qtimer: fails the waiters whose queue_timeout_ms passed (the
+ * oldest are at the head: they all waited the same time). */
+static void
+qtimer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_pool_t *pool = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    uint64_t now = mono_ms();
+    unsigned budget = pool->nqueued;
+    while (budget-- > 0 && pool->qhead && pool->qhead->expires_ms <= now) {
+        gw_upstream_wait_t *wt = pool->qhead;
+        queue_unlink(wt);
+        wt->cb(wt, GW_AGAIN, wt->arg);
+    }
+    qtimer_arm(pool);
+}
+
+int
+gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
+{
+    gw_pool_t *pool = &w->pools[b->index];
+    if (pool->wake_ev == NULL || pool->nqueued >= b->max_pending)
+        return GW_AGAIN;
+    wt->pool = pool;
+    wt->cb = cb;
+    wt->arg = arg;
+    wt->expires_ms = mono_ms() + (uint64_t)b->queue_timeout_ms;
+    wt->next = NULL;
+    wt->prev = pool->qtail;
+    if (pool->qtail)
+        pool->qtail->next = wt;
+    else
+        pool->qhead = wt;
+    pool->qtail = wt;
+    pool->nqueued++;
+    if (pool->qhead == wt)
+        qtimer_arm(pool);
+    if (pool_has_room(pool))
+        event_active(pool->wake_ev, 0, 0); /* room while the queue was being served: it is this one's turn soon */
+    return GW_OK;
+}
+
+void
+gw_upstream_wait_cancel(gw_upstream_wait_t *wt)
+{
+    if (wt->pool)
+        queue_unlink(wt);
+}
+
 void
 gw_upstream_pools_init(gw_worker_t *w)
 {
@@ -562,6 +696,10 @@ gw_upstream_pools_init(gw_worker_t *w)
             pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
             gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
             pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
+        }
+        if (b->max_pending > 0) {
+            w->pools[i].wake_ev = event_new(w->base, -1, 0, wake_cb, &w->pools[i]);
+            w->pools[i].qtimer = evtimer_new(w->base, qtimer_cb, &w->pools[i]);
         }
     }
 }
@@ -587,6 +725,11 @@ gw_upstream_pools_free(gw_worker_t *w)
             free(pool->name);
             event_free(pool->fail_ev);
         }
+        if (pool->wake_ev) {
+            /* waiters belong to client connections, all closed by now */
+            event_free(pool->wake_ev);
+            event_free(pool->qtimer);
+        }
     }
     free(w->pools);
     w->pools = NULL;
@@ -598,6 +741,8 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     gw_pool_t *pool = &w->pools[b->index];
     if (pool->name)
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
+    if (!fresh && pool->qhead && !pool->serving)
+        return GW_AGAIN; /* calls are waiting: a newcomer queues behind them */
     if (!fresh && pool->idle) {
         gw_upstream_t *u = pool->idle;
         idle_unlink(u);
@@ -746,4 +891,5 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     u->next = pool->idle;
     pool->idle = u;
     pool->nidle++;
+    queue_notify(pool);
 }

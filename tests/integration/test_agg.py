@@ -70,12 +70,12 @@ def route(path, calls, methods=("GET",), **kw):
 
 def agg_daemon(routes, stub, stub2=None, workers=1, backends=None, http=None):
     """gatherd with backends s (stub), s2 (stub2, for cancellation checks),
-    small (stub, max_response_bytes 100), one (stub, max_connections 1) and
+    small (stub, max_response_bytes 100), one (stub, max_connections 1, no queue) and
     dead (a closed port), plus backends; one worker by default so that pools
     and max_connections are predictable."""
     bs = {"s": tp.backend(stub.url),
           "small": tp.backend(stub.url, max_response_bytes=100),
-          "one": tp.backend(stub.url, max_connections=1),
+          "one": tp.backend(stub.url, max_connections=1, max_pending=0),
           "dead": tp.backend(f"http://127.0.0.1:{tp.closed_port()}")}
     if stub2 is not None:
         bs["s2"] = tp.backend(stub2.url)

@@ -1279,7 +1279,7 @@ def proxy_expect_100_continue():
 @ptest
 def proxy_error_max_connections():
     s = Stub()
-    d = proxy_daemon(s, max_connections=1)
+    d = proxy_daemon(s, max_connections=1, max_pending=0)
     a = Client(d)
     a.send(get("/legacy/slow?delay=1500&echo=1"))
     s.wait_stats(lambda st: st["requests"] >= 1, 3, "the slow request at the backend")
