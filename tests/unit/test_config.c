@@ -1,6 +1,7 @@
 /* Unit tests for src/gw_config.c: defaults, strictness, error messages
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
+#include "gw_breaker.h"
 #include "gw_jpath.h"
 #include "gw_router.h"
 #include "gw_template.h"
@@ -773,9 +774,94 @@ test_shipped_configs_are_valid(void)
     gw_config_unref(cfg);
 }
 
+/* "circuit_breaker", "max_pending", "queue_timeout_ms" of a backend, and
+ * gw_breaker_inherit() at a reload. */
+static void
+test_backend_resilience(void)
+{
+    gw_config_t *cfg = parse(B "{\"url\": \"http://127.0.0.1:1\"}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    CHECK(cfg->backends[0]->max_pending == 128 && cfg->backends[0]->queue_timeout_ms == 1000);
+    CHECK(cfg->backends[0]->breaker == NULL);
+    gw_config_unref(cfg);
+
+    cfg = parse(B "{\"url\": \"http://127.0.0.1:1\", \"max_pending\": 0, \"queue_timeout_ms\": 50,\n"
+                  " \"circuit_breaker\": {}}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    const gw_backend_t *b = cfg->backends[0];
+    CHECK(b->max_pending == 0 && b->queue_timeout_ms == 50);
+    CHECK(b->breaker != NULL);
+    CHECK(b->breaker_conf.consecutive_failures == 5 && b->breaker_conf.failure_ratio == 0.5);
+    CHECK(b->breaker_conf.window_ms == 10000 && b->breaker_conf.min_requests == 20);
+    CHECK(b->breaker_conf.open_ms == 5000 && b->breaker_conf.max_open_ms == 60000 && b->breaker_conf.probe_requests == 1);
+    gw_breaker_stats_t st;
+    CHECK(gw_breaker_stats(b, &st) && st.state == GW_BREAKER_CLOSED && st.trips == 0);
+    gw_config_unref(cfg);
+
+#define CB(x) B "{\"url\": \"http://127.0.0.1:1\", \"circuit_breaker\": " x "}}}"
+    cfg = parse(CB("{\"consecutive_failures\": 0, \"failure_ratio\": 1, \"window_ms\": 100, \"min_requests\": 1,"
+                   " \"open_ms\": 10, \"max_open_ms\": 10, \"probe_requests\": 3}"));
+    CHECK(cfg != NULL && cfg->backends[0]->breaker_conf.consecutive_failures == 0 &&
+          cfg->backends[0]->breaker_conf.failure_ratio == 1.0 && cfg->backends[0]->breaker_conf.probe_requests == 3);
+    gw_config_unref(cfg);
+    check_error(CB("{\"consecutive_failures\": 0, \"failure_ratio\": 0}"), "backends.users.circuit_breaker: consecutive_failures and failure_ratio are both 0");
+    check_error(CB("{\"failure_ratio\": 1.5}"), "backends.users.circuit_breaker.failure_ratio: must be a number from 0 to 1");
+    check_error(CB("{\"failure_ratio\": \"half\"}"), "circuit_breaker.failure_ratio: must be a number");
+    check_error(CB("{\"open_ms\": 5000, \"max_open_ms\": 1000}"), "circuit_breaker.max_open_ms: must not be below open_ms (5000)");
+    check_error(CB("{\"window_ms\": 10}"), "circuit_breaker.window_ms: must be between 100 and");
+    check_error(CB("{\"probe_requests\": 0}"), "circuit_breaker.probe_requests: must be between 1 and");
+    check_error(CB("{\"min_requests\": 0}"), "circuit_breaker.min_requests: must be between 1 and");
+    check_error(CB("{\"open_ms\": 0}"), "circuit_breaker.open_ms: must be between 1 and");
+    check_error(CB("{\"consecutive_failures\": -1}"), "circuit_breaker.consecutive_failures: must be between 0 and");
+    check_error(CB("{\"half_open\": 1}"), "t.json:1: backends.users.circuit_breaker.half_open: unknown key");
+    check_error(CB("true"), "backends.users.circuit_breaker: must be an object");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\",\n \"max_pending\": -1}}}", "t.json:2: backends.users.max_pending: must be between 0 and 100000");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\", \"queue_timeout_ms\": 0}}}", "backends.users.queue_timeout_ms: must be between 1 and");
+
+    /* a reload keeps the state of an unchanged breaker, and only that */
+    const char *two = "{\"listen\": [\"1\"], \"backends\": {\"a\": {\"url\": \"http://127.0.0.1:1\", \"circuit_breaker\": {\"open_ms\": %d}},"
+                      " \"b\": {\"url\": \"http://127.0.0.1:2\", \"circuit_breaker\": {}}, \"c\": {\"url\": \"http://127.0.0.1:3\"}}}";
+    char t1[512], t2[512];
+    snprintf(t1, sizeof(t1), two, 5000);
+    snprintf(t2, sizeof(t2), two, 6000);
+    gw_config_t *oldc = parse(t1);
+    gw_config_t *same = parse(t1);
+    gw_config_t *changed = parse(t2);
+    CHECK(oldc && same && changed);
+    if (oldc && same && changed) {
+        gw_breaker_inherit(same, oldc);
+        CHECK(same->backends[0]->breaker == oldc->backends[0]->breaker);
+        CHECK(same->backends[1]->breaker == oldc->backends[1]->breaker);
+        CHECK(same->backends[2]->breaker == NULL);
+        gw_breaker_inherit(changed, oldc);
+        CHECK(changed->backends[0]->breaker != oldc->backends[0]->breaker); /* open_ms changed: fresh */
+        CHECK(changed->backends[1]->breaker == oldc->backends[1]->breaker);
+        /* opened in the old configuration: open in the new one too */
+        for (int k = 0; k < 5; k++) {
+            CHECK(gw_breaker_admit(oldc->backends[1], NULL) == GW_OK);
+            gw_breaker_done(oldc->backends[1], false);
+        }
+        int ra = 0;
+        CHECK(gw_breaker_admit(same->backends[1], &ra) == GW_AGAIN && ra > 4000 && ra <= 5000);
+        CHECK(gw_breaker_retry_after_s(same->backends[1]) == 5);
+    }
+    gw_config_unref(oldc); /* the shared state outlives the old configuration */
+    if (same) {
+        gw_breaker_stats_t st2;
+        CHECK(gw_breaker_stats(same->backends[1], &st2) && st2.state == GW_BREAKER_OPEN && st2.trips == 1);
+    }
+    gw_config_unref(same);
+    gw_config_unref(changed);
+#undef CB
+}
+
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
-          T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid))
+          T(test_include), T(test_missing_file), T(test_shipped_configs_are_valid), T(test_backend_resilience))
