@@ -589,7 +589,7 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     if (code == NULL && gw_breaker_admit(call->backend, NULL) != GW_OK)
         code = "circuit_open";
     else if (code == NULL)
-        x->admitted = true;
+        x->admitted = call->backend->breaker != NULL;
     if (code == NULL)
         code = xchg_send(x, false);
     if (code) {

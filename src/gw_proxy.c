@@ -804,7 +804,8 @@ proxy_refuse(gw_proxy_t *p, const char *code, int retry_s, const char *why)
 {
     gw_conn_t *c = p->c;
     char extra[256], hdr[40];
-    gw_log(GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
+    /* an open circuit was logged once when it opened */
+    gw_log(strcmp(code, "circuit_open") == 0 ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
            gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
     snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
@@ -834,8 +835,8 @@ proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
         proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
     } else if (rc != GW_OK) {
         proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
-    } else {
-        gw_conn_body_pause(c, false); /* the body goes upstream now */
+    } else if (!p->body_paused) {
+        gw_conn_body_pause(c, false); /* the body goes upstream now (unless the upstream output is full already) */
     }
     gw_conn_release(c);
 }
@@ -865,7 +866,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker is open");
         return;
     }
-    p->admitted = true;
+    p->admitted = p->b->breaker != NULL;
     int rc = send_attempt(p, false);
     if (rc == GW_AGAIN && p->b->max_pending > 0) {
         /* max_connections in use: wait for one (proxy_wait_cb); the body waits in the client's socket */
