@@ -1055,6 +1055,14 @@ parse_backends(ctx_t *c, json_t *v)
             b->max_pending = (unsigned)maxp;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;
+            if (rc == GW_OK) {
+                json_t *tls = json_object_get(bv, "tls");
+                char *tls_text = tls ? json_dumps(tls, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+                size_t len = strlen(b->url) + (tls_text ? strlen(tls_text) : 0) + 32;
+                b->conn_key = gw_malloc(len);
+                snprintf(b->conn_key, len, "%s|%d|%s", b->url, b->connect_timeout_ms, tls_text ? tls_text : "");
+                free(tls_text);
+            }
         }
         pop(c);
         if (rc != GW_OK) {
@@ -1836,6 +1844,8 @@ backend_free(gw_backend_t *b)
     free(b->host_name);
     free(b->host_header);
     free(b->tls_server_name);
+    free(b->conn_key);
+    free(b->pools);
     SSL_CTX_free(b->ssl_ctx);
     gw_breaker_unref(b->breaker);
     free(b);
@@ -2085,7 +2095,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "resolver", "backends", "include", "routes", NULL };
+                                        "resolver", "backends", "include", "routes", "pid_file", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2111,6 +2121,15 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         get_ms(&c, root, "shutdown_timeout_ms", &cfg->shutdown_timeout_ms))
         goto fail;
     cfg->max_connections = (unsigned)maxconn;
+    if ((v = json_object_get(root, "pid_file")) != NULL) {
+        push_key(&c, "pid_file");
+        if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
+            fail(&c, "must be a file name like \"/run/gatherd.pid\"");
+            goto fail;
+        }
+        pop(&c);
+        cfg->pid_file = gw_strdup(json_string_value(v));
+    }
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
         goto fail;
     if ((v = json_object_get(root, "resolver")) != NULL && parse_resolver(&c, v))
@@ -2121,6 +2140,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     if ((v = json_object_get(root, "include")) != NULL && parse_include(&c, v))
         goto fail;
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers, sizeof(gw_pool_t *));
     json_decref(root);
     return cfg;
 fail:
@@ -2156,6 +2177,12 @@ gw_config_ref(gw_config_t *cfg)
     return cfg;
 }
 
+bool
+gw_config_backend_same_connection(const gw_backend_t *a, const gw_backend_t *b)
+{
+    return a->conn_key && b->conn_key && strcmp(a->conn_key, b->conn_key) == 0;
+}
+
 void
 gw_config_unref(gw_config_t *cfg)
 {
@@ -2175,6 +2202,7 @@ gw_config_unref(gw_config_t *cfg)
         free(cfg->resolver.nameservers[i].text);
     free(cfg->resolver.nameservers);
     free(cfg->resolver.hosts_file);
+    free(cfg->pid_file);
     free(cfg->file);
     free(cfg);
 }
