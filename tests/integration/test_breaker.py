@@ -256,6 +256,40 @@ def breaker_404_and_timeouts_count_right():
     expect_error(r, 503, "circuit_open", "after two timeouts")
 
 
+@btest
+def breaker_state_survives_a_reload():
+    import json
+    import signal
+    s = Stub()
+    breaker = {"consecutive_failures": 2, "failure_ratio": 0, "open_ms": 20000}
+    d = cb_daemon(s, breaker)
+
+    def reload(brk):
+        b = tp.backend(s.url)
+        b["circuit_breaker"] = brk
+        cfg = tp.config({"cb": b}, routes=ROUTES)
+        cfg["listen"] = [f"127.0.0.1:{d.port}"]
+        n = d.log().count("reloaded")
+        tmp = d.conf_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cfg, f)
+        os.rename(tmp, d.conf_path)
+        d.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5 * SLOW
+        while d.log().count("reloaded") <= n:
+            check(time.monotonic() < deadline, f"no reload in the log:\n{d.log()[-1500:]}")
+            time.sleep(0.01)
+
+    trip(d, 2)
+    reload(dict(breaker))  # the same settings: still open
+    r, _ = get(d, "/req/ok")
+    expect_error(r, 503, "circuit_open", "after a reload with the same breaker settings")
+    check(retry_after(r, "after the reload") > 10, "the open time went on, it did not restart")
+    reload(dict(breaker, open_ms=20001))  # changed settings: a fresh, closed breaker
+    r, _ = get(d, "/req/ok")
+    eq(r.status, 200, f"after a reload with other breaker settings ({r.raw[:300]!r})")
+
+
 # --- the wait queue --------------------------------------------------------------------------
 
 @btest
