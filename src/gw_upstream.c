@@ -635,7 +635,11 @@ wake_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 /* pool->qtimer: fails the waiters whose queue_timeout_ms passed (the
- * oldest are at the head: they all waited the same time). */
+ * oldest are at the head: they all wait the same time). Accepted: for a
+ * moment after a reload that changed queue_timeout_ms of a backend whose
+ * pool is kept, waiters of both configurations share the queue, and one
+ * with the shorter timeout behind one with the longer is failed late, when
+ * the head leaves (still bounded by its call timeout and deadline). */
 static void
 qtimer_cb(evutil_socket_t fd, short what, void *arg)
 {
