@@ -33,13 +33,13 @@ struct gw_breaker_s {
     char *name;
     gw_breaker_conf_t conf;
     pthread_mutex_t mu;
-    int state;                /* gw_breaker_state_t; atomic loads outside mu */
-    uint64_t open_until_ms;   /* while open */
-    unsigned trips_in_row;    /* trips since it last closed: the open time doubles with each */
+    int state;              /* gw_breaker_state_t; atomic loads outside mu */
+    uint64_t open_until_ms; /* while open */
+    unsigned trips_in_row;  /* trips since it last closed: the open time doubles with each */
     uint64_t trips;
-    unsigned consecutive;     /* failures in a row (closed) */
-    unsigned probes_taken;    /* half-open: admitted probes (given back by abandon) */
-    unsigned probes_out;      /* half-open: probes not answered yet */
+    unsigned consecutive;  /* failures in a row (closed) */
+    unsigned probes_taken; /* half-open: admitted probes (given back by abandon) */
+    unsigned probes_out;   /* half-open: probes not answered yet */
     unsigned probes_ok;
     uint64_t bucket_ms;
     bucket_t ring[WINDOW_BUCKETS];
@@ -210,7 +210,7 @@ gw_breaker_admit(const gw_backend_t *b, int *retry_after_ms)
         return GW_OK;
     uint64_t now = now_ms();
     int rc = GW_AGAIN;
-    note_t n = { 0, "" };
+    note_t n = {0, ""};
     pthread_mutex_lock(&br->mu);
     if (br->state == GW_BREAKER_OPEN && now >= br->open_until_ms) {
         br->state = GW_BREAKER_HALF_OPEN;
@@ -240,7 +240,7 @@ gw_breaker_done(const gw_backend_t *b, bool ok)
     if (br == NULL)
         return;
     uint64_t now = now_ms();
-    note_t n = { 0, "" };
+    note_t n = {0, ""};
     pthread_mutex_lock(&br->mu);
     switch (br->state) {
     case GW_BREAKER_CLOSED:
@@ -276,8 +276,7 @@ gw_breaker_done(const gw_backend_t *b, bool ok)
             close_circuit(br, &n);
         }
         break;
-    default:
-        break; /* open: late answers of calls admitted before it opened */
+    default: break; /* open: late answers of calls admitted before it opened */
     }
     pthread_mutex_unlock(&br->mu);
     note_flush(br, &n);
@@ -350,7 +349,8 @@ gw_breaker_inherit(gw_config_t *newc, const gw_config_t *oldc)
             const gw_backend_t *ob = oldc->backends[k];
             if (strcmp(ob->name, nb->name) != 0)
                 continue;
-            if (ob->breaker && ob->breaker != nb->breaker && gw_breaker_conf_equal(&ob->breaker_conf, &nb->breaker_conf)) {
+            if (ob->breaker && ob->breaker != nb->breaker &&
+                gw_breaker_conf_equal(&ob->breaker_conf, &nb->breaker_conf)) {
                 gw_breaker_unref(nb->breaker);
                 nb->breaker = gw_breaker_ref(ob->breaker);
             }

@@ -33,9 +33,9 @@ typedef enum { GW_BREAKER_CLOSED = 0, GW_BREAKER_OPEN, GW_BREAKER_HALF_OPEN } gw
 /* For metrics and status pages: a consistent snapshot. */
 typedef struct {
     gw_breaker_state_t state;
-    uint64_t trips;            /* times it opened (from closed or from half-open) */
-    unsigned consecutive;      /* failures in a row while closed */
-    int retry_after_ms;        /* while open: until half-open; else 0 */
+    uint64_t trips;       /* times it opened (from closed or from half-open) */
+    unsigned consecutive; /* failures in a row while closed */
+    int retry_after_ms;   /* while open: until half-open; else 0 */
 } gw_breaker_stats_t;
 
 /* A new breaker (one reference) for backend name (copied) with the
