@@ -70,6 +70,8 @@ bool gw_conn_body_done(gw_conn_t *c);
 void gw_conn_body_pause(gw_conn_t *c, bool pause);
 gw_req_t *gw_conn_req(gw_conn_t *c);
 gw_worker_t *gw_conn_worker(gw_conn_t *c);
+/* The configuration the connection runs on (borrowed, lives as long as c). */
+const gw_config_t *gw_conn_config(gw_conn_t *c);
 /* The client's address without port ("127.0.0.1", "::1"). */
 const char *gw_conn_peer_ip(gw_conn_t *c);
 
