@@ -29,6 +29,7 @@
 #include "gw_log.h"
 #include "gw_proxy.h"
 #include "gw_ratelimit.h"
+#include "gw_realip.h"
 #include "gw_router.h"
 #include "gw_server.h"
 
@@ -409,7 +410,8 @@ admit(gw_conn_t *c, const gw_route_t *route, bool body_unread)
         c->inflight = true;
     }
     if (route->ratelimit) {
-        unsigned retry = gw_ratelimit_admit(route->ratelimit, c, c->rl_hdr, sizeof(c->rl_hdr), &c->rl_hdr_len);
+        unsigned retry = gw_ratelimit_admit(route->ratelimit, c->cfg, &c->req, c->peer_ip, c->rl_hdr, sizeof(c->rl_hdr),
+                                            &c->rl_hdr_len);
         if (retry) {
             snprintf(hdr, sizeof(hdr), "Retry-After: %u\r\n", retry);
             c->close_after = c->close_after || body_unread;
@@ -849,10 +851,16 @@ gw_conn_worker(gw_conn_t *c)
     return c->w;
 }
 
-const gw_config_t *
-gw_conn_config(gw_conn_t *c)
+const char *
+gw_conn_client_ip(gw_conn_t *c)
 {
-    return c->cfg;
+    return gw_realip_get(c->cfg, &c->req, c->peer_ip);
+}
+
+bool
+gw_conn_peer_trusted(gw_conn_t *c)
+{
+    return gw_realip_peer_trusted(c->cfg, &c->req, c->peer_ip);
 }
 
 const char *

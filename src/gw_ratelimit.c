@@ -24,7 +24,6 @@
  * the buckets of active clients (which would reset their limits).
  */
 #include "gw_ratelimit.h"
-#include "gw_conn.h"
 #include "gw_http.h"
 #include "gw_realip.h"
 
@@ -384,15 +383,16 @@ gw_ratelimit_take(gw_ratelimit_t *rl, const char *key, size_t len, uint64_t now_
 }
 
 unsigned
-gw_ratelimit_admit(gw_ratelimit_t *rl, gw_conn_t *c, char *hdr, size_t cap, size_t *hlen)
+gw_ratelimit_admit(gw_ratelimit_t *rl, const gw_config_t *cfg, gw_req_t *r, const char *peer_ip, char *hdr,
+                   size_t cap, size_t *hlen)
 {
     const char *key = "";
     size_t len = 0;
     if (rl->conf.key == GW_RL_KEY_CLIENT) {
-        key = gw_realip_get(c);
+        key = gw_realip_get(cfg, r, peer_ip);
         len = strlen(key);
     } else if (rl->conf.key == GW_RL_KEY_HEADER) {
-        key = gw_req_header(gw_conn_req(c), rl->conf.header, &len);
+        key = gw_req_header(r, rl->conf.header, &len);
         if (key == NULL) {
             key = ""; /* requests without the header share the empty key */
             len = 0;

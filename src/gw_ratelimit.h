@@ -52,13 +52,14 @@ typedef struct {
 void gw_ratelimit_take(gw_ratelimit_t *rl, const char *key, size_t len, uint64_t now_ns, gw_ratelimit_result_t *res);
 
 /*
- * Applies route's limiter to the request of c (its key: the real client
- * address, a header's value, or none). Writes the RateLimit-Limit,
+ * Applies the limiter to request r (its key: the real client address under
+ * cfg from peer_ip, a header's value, or none). Writes the RateLimit-Limit,
  * -Remaining and -Reset header lines to hdr (cap >= GW_RATELIMIT_HDR_MAX;
  * NUL-terminated), *hlen their length. Returns 0 when the request may go
  * on, else the Retry-After in seconds (>= 1).
  */
-unsigned gw_ratelimit_admit(gw_ratelimit_t *rl, gw_conn_t *c, char *hdr, size_t cap, size_t *hlen);
+unsigned gw_ratelimit_admit(gw_ratelimit_t *rl, const gw_config_t *cfg, gw_req_t *r, const char *peer_ip, char *hdr,
+                            size_t cap, size_t *hlen);
 
 /* Buckets a keyed limiter holds now (tests, metrics). */
 size_t gw_ratelimit_nkeys(gw_ratelimit_t *rl);

@@ -9,7 +9,6 @@
  * call's X-Forwarded-For) parses the headers once.
  */
 #include "gw_realip.h"
-#include "gw_conn.h"
 #include "gw_http.h"
 
 #include <arpa/inet.h>
@@ -153,12 +152,9 @@ gw_realip_trusted(const gw_config_t *cfg, int family, const unsigned char addr[1
 }
 
 bool
-gw_realip_peer_trusted(gw_conn_t *c)
+gw_realip_peer_trusted(const gw_config_t *cfg, gw_req_t *r, const char *peer)
 {
-    gw_req_t *r = gw_conn_req(c);
     if (r->peer_trust == TRUST_UNKNOWN) {
-        const gw_config_t *cfg = gw_conn_config(c);
-        const char *peer = gw_conn_peer_ip(c);
         int family;
         unsigned char addr[16];
         bool yes = cfg->ntrusted > 0 && gw_realip_parse_addr(peer, strlen(peer), &family, addr) &&
@@ -205,16 +201,14 @@ scan_xff(const gw_config_t *cfg, const char *v, size_t len, bool *found, int *lf
 }
 
 const char *
-gw_realip_get(gw_conn_t *c)
+gw_realip_get(const gw_config_t *cfg, gw_req_t *r, const char *peer)
 {
-    gw_req_t *r = gw_conn_req(c);
     if (r->client_ip[0] != '\0')
         return r->client_ip;
-    const gw_config_t *cfg = gw_conn_config(c);
     bool have = false, found = false;
     int family = 0;
     unsigned char addr[16];
-    if (gw_realip_peer_trusted(c)) {
+    if (gw_realip_peer_trusted(cfg, r, peer)) {
         bool xri = cfg->real_ip_header == GW_REALIP_X_REAL_IP;
         const char *name = xri ? "x-real-ip" : "x-forwarded-for";
         size_t nlen = strlen(name);
@@ -237,6 +231,6 @@ gw_realip_get(gw_conn_t *c)
         }
     }
     if (!have || inet_ntop(family, addr, r->client_ip, sizeof(r->client_ip)) == NULL)
-        snprintf(r->client_ip, sizeof(r->client_ip), "%s", gw_conn_peer_ip(c));
+        snprintf(r->client_ip, sizeof(r->client_ip), "%s", peer);
     return r->client_ip;
 }

@@ -5,8 +5,9 @@
  * from the right past every trusted hop, or X-Real-IP), as nginx's realip
  * module does with real_ip_recursive on.
  *
- * Used by rate limits keyed by client, by X-Forwarded-For sent upstream
- * (extended only behind a trusted proxy) and by logs.
+ * Used by rate limits keyed by client and by X-Forwarded-For sent upstream
+ * (extended only behind a trusted proxy). gw_conn_client_ip() and
+ * gw_conn_peer_trusted() (gw_conn.h) apply it to a connection's request.
  */
 #ifndef GW_REALIP_H
 #define GW_REALIP_H
@@ -36,11 +37,12 @@ bool gw_realip_parse_addr(const char *s, size_t len, int *family, unsigned char 
 /* Whether the address (as from gw_realip_parse_addr) is in cfg->trusted_proxies. */
 bool gw_realip_trusted(const gw_config_t *cfg, int family, const unsigned char addr[16]);
 
-/* Whether the peer of c is a trusted proxy. Cached per request. */
-bool gw_realip_peer_trusted(gw_conn_t *c);
+/* Whether peer_ip (the connection's peer, text) is a trusted proxy under
+ * cfg. Cached in r (per request). */
+bool gw_realip_peer_trusted(const gw_config_t *cfg, gw_req_t *r, const char *peer_ip);
 
 /*
- * The real client address of the request of c, as text ("203.0.113.7",
+ * The real client address of request r from peer_ip under cfg, as text ("203.0.113.7",
  * "2001:db8::1"): the peer unless it is trusted; then, for X-Forwarded-For
  * (all its fields as one list), the right-most entry that is not itself a
  * trusted proxy (the left-most valid one when all are), malformed entries
@@ -48,6 +50,6 @@ bool gw_realip_peer_trusted(gw_conn_t *c);
  * header holds no usable address. Computed once per request; the result is
  * borrowed from the request and valid until the next one.
  */
-const char *gw_realip_get(gw_conn_t *c);
+const char *gw_realip_get(const gw_config_t *cfg, gw_req_t *r, const char *peer_ip);
 
 #endif
