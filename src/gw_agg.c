@@ -572,7 +572,7 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     struct timeval tv = { call->timeout_ms / 1000, (call->timeout_ms % 1000) * 1000 };
     const struct timeval *t = &tv;
     if (call->timeout_ms == call->backend->timeout_ms)
-        t = a->w->pools[call->backend->index].call_timeout; /* a common timeout: O(1) */
+        t = gw_upstream_pool(a->w, call->backend)->call_timeout; /* a common timeout: O(1) */
     evtimer_add(x->timer, t);
 }
 

@@ -1001,6 +1001,14 @@ parse_backends(ctx_t *c, json_t *v)
             b->max_idle = (unsigned)maxi;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;
+            if (rc == GW_OK) {
+                json_t *tls = json_object_get(bv, "tls");
+                char *tls_text = tls ? json_dumps(tls, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+                size_t len = strlen(b->url) + (tls_text ? strlen(tls_text) : 0) + 32;
+                b->conn_key = gw_malloc(len);
+                snprintf(b->conn_key, len, "%s|%d|%s", b->url, b->connect_timeout_ms, tls_text ? tls_text : "");
+                free(tls_text);
+            }
         }
         pop(c);
         if (rc != GW_OK) {
@@ -1877,6 +1885,8 @@ backend_free(gw_backend_t *b)
     free(b->host_name);
     free(b->host_header);
     free(b->tls_server_name);
+    free(b->conn_key);
+    free(b->pools);
     SSL_CTX_free(b->ssl_ctx);
     free(b);
 }
@@ -2128,7 +2138,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "resolver", "backends", "include", "routes", "trusted_proxies",
+                                        "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
                                         "real_ip_header", "max_inflight", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
@@ -2161,6 +2171,15 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         ((v = json_object_get(root, "real_ip_header")) != NULL && parse_real_ip_header(&c, v)))
         goto fail;
     cfg->max_inflight = (unsigned)maxinf;
+    if ((v = json_object_get(root, "pid_file")) != NULL) {
+        push_key(&c, "pid_file");
+        if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
+            fail(&c, "must be a file name like \"/run/gatherd.pid\"");
+            goto fail;
+        }
+        pop(&c);
+        cfg->pid_file = gw_strdup(json_string_value(v));
+    }
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
         goto fail;
     if ((v = json_object_get(root, "resolver")) != NULL && parse_resolver(&c, v))
@@ -2171,6 +2190,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     if ((v = json_object_get(root, "include")) != NULL && parse_include(&c, v))
         goto fail;
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers, sizeof(gw_pool_t *));
     json_decref(root);
     return cfg;
 fail:
@@ -2206,6 +2227,12 @@ gw_config_ref(gw_config_t *cfg)
     return cfg;
 }
 
+bool
+gw_config_backend_same_connection(const gw_backend_t *a, const gw_backend_t *b)
+{
+    return a->conn_key && b->conn_key && strcmp(a->conn_key, b->conn_key) == 0;
+}
+
 void
 gw_config_unref(gw_config_t *cfg)
 {
@@ -2226,6 +2253,7 @@ gw_config_unref(gw_config_t *cfg)
     free(cfg->resolver.nameservers);
     free(cfg->resolver.hosts_file);
     free(cfg->trusted_proxies);
+    free(cfg->pid_file);
     free(cfg->file);
     free(cfg);
 }

@@ -88,6 +88,11 @@ struct gw_backend_s {
     char *tls_server_name;         /* SNI and certificate name check; default the URL host */
     bool tls_name_is_ip;           /* check an IP SAN instead of a DNS name, and send no SNI */
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
+    char *conn_key;                /* what a connection to it depends on (URL, connect timeout, TLS
+                                      settings): equal keys let a reload keep the pools */
+    /* The one mutable part: worker i's connection pool for this backend, set
+     * and used by worker i's thread only (see gw_upstream.h). [cfg->workers] */
+    gw_pool_t **pools;
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;
@@ -178,6 +183,7 @@ struct gw_config_s {
     int workers;
     unsigned max_connections;
     int shutdown_timeout_ms;
+    char *pid_file;                 /* "pid_file": written at start, removed at exit; NULL: none */
     gw_http_limits_t http;
     gw_route_t **routes;
     size_t nroutes;
@@ -204,6 +210,9 @@ gw_config_t *gw_config_parse(const char *text, const char *name, const char *bas
                              char *err, size_t errlen);
 
 gw_config_t *gw_config_ref(gw_config_t *cfg);
+/* Whether connections made for backend a can serve backend b (a reload keeps
+ * the pool of such a backend, with its idle connections). */
+bool gw_config_backend_same_connection(const gw_backend_t *a, const gw_backend_t *b);
 void gw_config_unref(gw_config_t *cfg);
 
 /* Method name ("GET") to llhttp method number, or -1 for an unsupported one. */

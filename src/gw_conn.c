@@ -68,7 +68,8 @@ struct gw_conn_s {
     struct evbuffer *out;
     gw_timer_t timer_kind;
     conn_state_t state;
-    gw_config_t *cfg; /* one reference, taken at accept */
+    gw_gen_t *gen;    /* one reference: the configuration requests start on */
+    gw_config_t *cfg; /* gen->cfg */
     gw_parser_t parser;
     gw_req_t req;
     unsigned requests;
@@ -127,7 +128,7 @@ conn_free(gw_conn_t *c)
     evbuffer_free(c->out);
     close(c->fd);
     gw_parser_free(&c->parser);
-    gw_config_unref(c->cfg);
+    gw_server_gen_unref(w, c->gen);
     free(c);
     gw_server_conn_closed(w);
 }
@@ -195,6 +196,14 @@ put_uint(char *p, size_t v)
     return p;
 }
 
+static void
+body_sent(const void *data, size_t len, void *cfg)
+{
+    GW_UNUSED(data);
+    GW_UNUSED(len);
+    gw_config_unref(cfg);
+}
+
 /*
  * Appends a whole response to the output: the status line and the headers
  * every response has, extra (header lines, borrowed), then body unless
@@ -256,8 +265,8 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
     if (!small && send_body && clen) {
         if (clen <= COPY_BODY_MAX)
             evbuffer_add(c->out, body, clen);
-        else
-            evbuffer_add_reference(c->out, body, clen, NULL, NULL);
+        else /* the configuration that owns it lives until it is sent */
+            evbuffer_add_reference(c->out, body, clen, body_sent, gw_config_ref(c->cfg));
     }
 }
 
@@ -280,7 +289,7 @@ request_done(gw_conn_t *c)
     } else {
         gw_parser_next(&c->parser);
         c->state = C_READING;
-        timer_set(c, evbuffer_get_length(c->in) ? GW_T_HEADER : GW_T_KEEPALIVE);
+        timer_set(c, evbuffer_get_length(c->in) ? GW_T_HEADER : c->w->stopping ? GW_T_DRAIN : GW_T_KEEPALIVE);
         if (!c->peer_eof)
             read_enable(c, evbuffer_get_length(c->in) < IN_HIGH);
     }
@@ -573,7 +582,7 @@ conn_process(gw_conn_t *c)
             c->wait_write = true; /* resumed once the output drains */
             break;
         }
-        if (c->timer_kind == GW_T_KEEPALIVE)
+        if (c->timer_kind == GW_T_KEEPALIVE || c->timer_kind == GW_T_DRAIN)
             timer_set(c, GW_T_HEADER);
         gw_parse_result_t pr;
         if (!parse_input(c, &pr))
@@ -717,6 +726,7 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
         gw_conn_release(c);
         return;
     }
+    gw_conn_adopt_gen(c);
     conn_run(c);
     gw_conn_release(c);
 }
@@ -788,7 +798,8 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     gw_conn_t *c = gw_calloc(1, sizeof(gw_conn_t));
     c->w = w;
     c->fd = fd;
-    c->cfg = gw_config_ref(w->cfg);
+    c->gen = gw_server_gen_ref(w);
+    c->cfg = c->gen->cfg;
     format_peer(sa, c->peer, sizeof(c->peer));
     snprintf(c->peer_ip, sizeof(c->peer_ip), "%s", c->peer);
     if (c->peer_ip[0] == '[') {
@@ -820,12 +831,31 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
 }
 
 void
+gw_conn_adopt_gen(gw_conn_t *c)
+{
+    gw_worker_t *w = c->w;
+    if (c->gen == w->gen || c->state != C_READING || c->parser.started || c->async || c->dead)
+        return;
+    gw_gen_t *old = c->gen;
+    c->gen = gw_server_gen_ref(w);
+    c->cfg = c->gen->cfg;
+    c->parser.limits = &c->cfg->http;
+    gw_parser_set_body_limit(&c->parser, c->cfg->http.max_body_bytes);
+    gw_server_gen_unref(w, old);
+}
+
+void
 gw_conn_shutdown(gw_conn_t *c)
 {
-    c->close_after = true;
+    /* The next response says Connection: close (decide_close sees the
+     * worker stopping); an idle connection gets GW_T_DRAIN to send it. */
     if (c->state == C_READING && !c->parser.started && evbuffer_get_length(c->in) == 0 &&
-        evbuffer_get_length(c->out) == 0)
-        gw_conn_close(c);
+        evbuffer_get_length(c->out) == 0) {
+        if (c->peer_eof)
+            gw_conn_close(c);
+        else
+            timer_set(c, GW_T_DRAIN);
+    }
     gw_conn_release(c);
 }
 

@@ -19,6 +19,12 @@
 /* Takes over fd, a freshly accepted socket of worker w. */
 void gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, int salen);
 
+/* Moves a connection between requests to its worker's current
+ * configuration (after a reload); does nothing while a request is being
+ * read or handled. Only from the top of an event callback: the previous
+ * configuration may be freed here. */
+void gw_conn_adopt_gen(gw_conn_t *c);
+
 /* Graceful stop: closes the connection now when idle, else after its
  * current response. */
 void gw_conn_shutdown(gw_conn_t *c);

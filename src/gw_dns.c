@@ -44,7 +44,7 @@ typedef struct {
 struct gw_dns_s {
     struct event_base *base;
     struct evdns_base *evdns;
-    const gw_resolver_conf_t *conf;
+    gw_resolver_conf_t conf;       /* a copy without the pointers: it outlives a reloaded configuration */
     int worker_id;
     hosts_entry_t *hosts;
     size_t nhosts;
@@ -229,7 +229,7 @@ from_hosts(gw_dns_name_t *n, uint64_t now)
     n->from_hosts = true;
     n->err = 0;
     n->errtext[0] = '\0';
-    n->ttl_ms = n->dns->conf->max_ttl_ms;
+    n->ttl_ms = n->dns->conf.max_ttl_ms;
     n->expires = now + (uint64_t)n->ttl_ms;
     return true;
 }
@@ -238,7 +238,7 @@ from_hosts(gw_dns_name_t *n, uint64_t now)
 static void
 apply(gw_dns_name_t *n, gw_dns_query_t *q)
 {
-    const gw_resolver_conf_t *conf = n->dns->conf;
+    const gw_resolver_conf_t *conf = &n->dns->conf;
     uint64_t now = gw_dns_now_ms();
     size_t count = q->n4 + q->n6;
     if (count > 0) {
@@ -386,7 +386,7 @@ resolve(gw_dns_name_t *n, uint64_t now)
         snprintf(n->errtext, sizeof(n->errtext), "cannot start a DNS query");
     }
     gw_log(GW_LOG_ERR, "resolver: cannot start a DNS query for %s", n->host);
-    n->expires = now + (uint64_t)dns->conf->min_ttl_ms;
+    n->expires = now + (uint64_t)dns->conf.min_ttl_ms;
 }
 
 /* --- the public side ------------------------------------------------------ */
@@ -418,7 +418,6 @@ gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char 
     const gw_resolver_conf_t *conf = &cfg->resolver;
     gw_dns_t *dns = gw_calloc(1, sizeof(gw_dns_t));
     dns->base = base;
-    dns->conf = conf;
     dns->worker_id = worker_id;
     /* Inactive: the resolver's socket is not watched between queries. */
     dns->evdns = evdns_base_new(base, EVDNS_BASE_DISABLE_WHEN_INACTIVE);
@@ -453,6 +452,10 @@ gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char 
     evdns_base_set_option(dns->evdns, "attempts:", val);
     if (conf->hosts_file != NULL)
         hosts_load(dns, conf->hosts_file);
+    dns->conf = *conf;
+    dns->conf.nameservers = NULL;
+    dns->conf.nnameservers = 0;
+    dns->conf.hosts_file = NULL;
     return dns;
 }
 

@@ -4,7 +4,12 @@
  * The main thread owns no connections: it loads the configuration, starts
  * the workers, then waits for signals with sigtimedwait() (every thread
  * blocks them, so no handler ever runs on a worker). SIGTERM and SIGINT
- * stop gracefully; a second one stops at once.
+ * stop gracefully; a second one stops at once. SIGHUP reloads the
+ * configuration: it is loaded and checked here, off the workers' loops, and
+ * published only when valid (gw_server_reload).
+ *
+ * "gatherd -s reload|stop|quit" signals the running daemon whose pid is in
+ * the pid file (--pid, else the configuration's "pid_file"), like nginx -s.
  */
 #include "gw_config.h"
 #include "gw_log.h"
@@ -12,6 +17,7 @@
 
 #include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <jansson.h>
 #include <llhttp.h>
@@ -31,14 +37,18 @@ static void
 usage(FILE *f)
 {
     fprintf(f,
-            "Usage: gatherd [-t] [-c FILE] [-w N] [-l LEVEL]\n"
+            "Usage: gatherd [-t] [-c FILE] [-w N] [-l LEVEL] [--pid FILE] [-s SIGNAL]\n"
             "  -c FILE   configuration file (default: %s when it exists, else %s)\n"
             "  -t        check the configuration and exit (0: valid, 1: invalid)\n"
+            "  --pid FILE  write the process id to FILE (overrides \"pid_file\")\n"
+            "  -s SIGNAL send SIGNAL to the running daemon named by the pid file and exit:\n"
+            "            reload (HUP: re-read the configuration), stop (TERM: graceful), quit (QUIT: at once)\n"
             "  -w N      number of worker threads, overriding \"workers\"\n"
             "  -l LEVEL  log level: debug, info, notice (default), warn, error\n"
             "  -V        print the version and exit\n"
             "  -h        print this help and exit\n"
-            "Signals: TERM/INT stop gracefully (a second one stops at once).\n",
+            "Signals: TERM/INT stop gracefully (a second one stops at once), QUIT stops at once,\n"
+            "HUP reloads the configuration (an invalid one is logged and ignored).\n",
             GW_SOURCE_CONF, GW_DEFAULT_CONF);
 }
 
@@ -54,15 +64,121 @@ parse_level(const char *s, gw_log_level_t *out)
     return GW_ERR;
 }
 
+/* Reads the pid in path; 0 with a message on stderr when there is none. */
+static pid_t
+read_pid(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        fprintf(stderr, "gatherd: cannot read the pid file %s: %s\n", path, strerror(errno));
+        return 0;
+    }
+    long pid = 0;
+    int n = fscanf(f, "%ld", &pid);
+    fclose(f);
+    if (n != 1 || pid <= 1) {
+        fprintf(stderr, "gatherd: the pid file %s holds no process id\n", path);
+        return 0;
+    }
+    return (pid_t)pid;
+}
+
+/* Sends the -s signal to the daemon of pid_path; the exit status. */
+static int
+send_signal(const char *name, const char *pid_path)
+{
+    static const struct {
+        const char *name;
+        int sig;
+    } sigs[] = { { "reload", SIGHUP }, { "stop", SIGTERM }, { "quit", SIGQUIT } };
+    int sig = 0;
+    for (size_t i = 0; i < GW_NELEM(sigs); i++)
+        if (strcmp(name, sigs[i].name) == 0)
+            sig = sigs[i].sig;
+    if (sig == 0) {
+        fprintf(stderr, "gatherd: -s wants reload, stop or quit, not \"%s\"\n", name);
+        return 1;
+    }
+    if (pid_path == NULL) {
+        fprintf(stderr, "gatherd: -s %s needs the pid file: --pid FILE or \"pid_file\" in the configuration\n", name);
+        return 1;
+    }
+    pid_t pid = read_pid(pid_path);
+    if (pid == 0)
+        return 1;
+    if (kill(pid, sig) != 0) {
+        fprintf(stderr, "gatherd: cannot signal process %ld (from %s): %s\n", (long)pid, pid_path, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
+static int
+write_pid(const char *path)
+{
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        gw_log(GW_LOG_EMERG, "cannot write the pid file %s: %s", tmp, strerror(errno));
+        return GW_ERR;
+    }
+    char buf[32];
+    int n = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+    bool ok = write(fd, buf, (size_t)n) == n;
+    ok = close(fd) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) { /* atomic: "-s" never reads half a file */
+        gw_log(GW_LOG_EMERG, "cannot write the pid file %s: %s", path, strerror(errno));
+        unlink(tmp);
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
+/* SIGHUP: a new configuration for new requests, or a log line saying why not. */
+static void
+reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
+{
+    char err[2048];
+    gw_log(GW_LOG_NOTICE, "SIGHUP: reloading configuration %s", file);
+    gw_config_t *next = gw_config_load(file, srv->nworkers, err, sizeof(err));
+    if (next == NULL) {
+        gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
+        return;
+    }
+    if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
+        gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
+        gw_config_unref(next);
+        return;
+    }
+    for (size_t i = 0; i < next->nbackends; i++)
+        if (next->backends[i]->tls && !next->backends[i]->tls_verify)
+            gw_log(GW_LOG_WARN, "backend %s: TLS certificate verification is OFF (tls.verify: false)",
+                   next->backends[i]->name);
+    gw_log(GW_LOG_NOTICE, "configuration %s reloaded: %zu routes, %zu backends, %zu listen addresses", file,
+           next->nroutes, next->nbackends, next->nlisten);
+    gw_config_unref(*cfg);
+    *cfg = next;
+}
+
 int
 main(int argc, char **argv)
 {
     const char *file = NULL;
+    const char *pid_opt = NULL;
+    const char *signal_name = NULL;
     bool test_only = false;
     int workers = 0;
     int opt;
-    while ((opt = getopt(argc, argv, "c:tw:l:Vh")) != -1) {
+    static const struct option longopts[] = { { "pid", required_argument, NULL, 'p' }, { NULL, 0, NULL, 0 } };
+    while ((opt = getopt_long(argc, argv, "c:tw:l:s:Vh", longopts, NULL)) != -1) {
         switch (opt) {
+        case 'p':
+            pid_opt = optarg;
+            break;
+        case 's':
+            signal_name = optarg;
+            break;
         case 'c':
             file = optarg;
             break;
@@ -111,6 +227,14 @@ main(int argc, char **argv)
 
     char err[2048];
     gw_config_t *cfg = gw_config_load(file, workers, err, sizeof(err));
+    if (signal_name) {
+        const char *pid_path = pid_opt ? pid_opt : cfg ? cfg->pid_file : NULL;
+        if (pid_path == NULL && cfg == NULL && pid_opt == NULL)
+            fprintf(stderr, "gatherd: %s\n", err);
+        int rc = send_signal(signal_name, pid_path);
+        gw_config_unref(cfg);
+        return rc;
+    }
     if (test_only) {
         if (cfg == NULL) {
             fprintf(stderr, "gatherd: %s\ngatherd: configuration file %s test failed\n", err, file);
@@ -144,6 +268,15 @@ main(int argc, char **argv)
         gw_config_unref(cfg);
         return 1;
     }
+    const char *pid_path = pid_opt ? pid_opt : cfg->pid_file;
+    char *pid_file = pid_path ? gw_strdup(pid_path) : NULL; /* a reload does not move it */
+    if (pid_file && write_pid(pid_file) != GW_OK) {
+        gw_server_stop(&srv, true);
+        gw_server_free(&srv);
+        gw_config_unref(cfg);
+        free(pid_file);
+        return 1;
+    }
     for (size_t i = 0; i < cfg->nlisten; i++)
         gw_log(GW_LOG_NOTICE, "listening on %s", cfg->listen[i].text);
     for (size_t i = 0; i < cfg->nbackends; i++)
@@ -164,7 +297,10 @@ main(int argc, char **argv)
             gw_server_stop(&srv, force);
             stopping = true;
         } else if (sig == SIGHUP) {
-            gw_log(GW_LOG_WARN, "SIGHUP: configuration reload is not supported by this version; ignored");
+            if (stopping)
+                gw_log(GW_LOG_NOTICE, "SIGHUP while stopping: ignored");
+            else
+                reload(&srv, &cfg, file);
         } else if (sig < 0 && errno != EAGAIN && errno != EINTR) {
             gw_log(GW_LOG_ERR, "sigtimedwait: %s", strerror(errno));
         }
@@ -173,6 +309,10 @@ main(int argc, char **argv)
     }
     gw_server_free(&srv);
     gw_config_unref(cfg);
+    if (pid_file) {
+        unlink(pid_file);
+        free(pid_file);
+    }
     gw_log(GW_LOG_NOTICE, "stopped");
     libevent_global_shutdown();
     return 0;

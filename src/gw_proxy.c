@@ -818,6 +818,6 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
                       extra);
         return;
     }
-    evtimer_add(p->timer, w->pools[p->b->index].call_timeout);
+    evtimer_add(p->timer, gw_upstream_pool(w, p->b)->call_timeout);
     gw_conn_begin_async(c, &proxy_ops, p);
 }

@@ -105,6 +105,7 @@ accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, i
     gw_conn_accept(w, fd, sa, salen);
 }
 
+
 static void
 accept_resume_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -114,7 +115,7 @@ accept_resume_cb(evutil_socket_t fd, short what, void *arg)
     if (w->stopping)
         return;
     for (size_t i = 0; i < w->nlisteners; i++)
-        evconnlistener_enable(w->listeners[i]);
+        evconnlistener_enable(w->listeners[i].lev);
 }
 
 static void
@@ -125,17 +126,41 @@ accept_error_cb(struct evconnlistener *lev, void *arg)
     GW_UNUSED(lev);
     gw_log(GW_LOG_ERR, "accept() failed: %s; pausing accepts for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
     for (size_t i = 0; i < w->nlisteners; i++)
-        evconnlistener_disable(w->listeners[i]);
+        evconnlistener_disable(w->listeners[i].lev);
     struct timeval tv = { 0, ACCEPT_BACKOFF_MS * 1000 };
     evtimer_add(w->accept_timer, &tv);
+}
+
+/* Watches fd (a listening socket of l) in w; the listener owns fd from here on, also on failure. */
+static int
+listener_add(gw_worker_t *w, gw_listener_t *out, const gw_listen_t *l, evutil_socket_t fd)
+{
+    memset(out, 0, sizeof(*out));
+    out->lev = evconnlistener_new(w->base, accept_cb, w, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+    if (out->lev == NULL) {
+        close(fd);
+        return GW_ERR;
+    }
+    evconnlistener_set_error_cb(out->lev, accept_error_cb);
+    memcpy(&out->addr, &l->addr, l->addrlen);
+    out->addrlen = l->addrlen;
+    return GW_OK;
+}
+
+static bool
+same_addr(const struct sockaddr_storage *a, socklen_t alen, const struct sockaddr_storage *b, socklen_t blen)
+{
+    return alen == blen && memcmp(a, b, alen) == 0;
 }
 
 static void
 close_listeners(gw_worker_t *w)
 {
     for (size_t i = 0; i < w->nlisteners; i++)
-        if (w->listeners[i])
-            evconnlistener_free(w->listeners[i]);
+        if (w->listeners[i].lev)
+            evconnlistener_free(w->listeners[i].lev);
+    free(w->listeners);
+    w->listeners = NULL;
     w->nlisteners = 0;
 }
 
@@ -163,8 +188,129 @@ force_cb(evutil_socket_t fd, short what, void *arg)
     event_base_loopexit(w->base, NULL);
 }
 
+/* --- generations --------------------------------------------------------- */
+
 static void
-stop_cb(evutil_socket_t fd, short what, void *arg)
+set_timeouts(gw_worker_t *w, const gw_config_t *cfg)
+{
+    const int ms[GW_T_MAX] = { [GW_T_HEADER] = cfg->http.client_header_timeout_ms,
+                               [GW_T_BODY] = cfg->http.client_body_timeout_ms,
+                               [GW_T_KEEPALIVE] = cfg->http.keepalive_timeout_ms,
+                               [GW_T_LINGER] = cfg->http.lingering_timeout_ms,
+                               [GW_T_SEND] = cfg->http.send_timeout_ms,
+                               [GW_T_DRAIN] = GW_MIN(GW_DRAIN_IDLE_MS, cfg->shutdown_timeout_ms) };
+    for (int t = 1; t < GW_T_MAX; t++) {
+        struct timeval tv = { ms[t] / 1000, (ms[t] % 1000) * 1000 };
+        w->timeout_tv[t] = tv;
+        /* libevent allows 256 common timeouts per base; many reloads with
+         * new values could use them up: then a plain timeout. */
+        w->timeouts[t] = event_base_init_common_timeout(w->base, &tv);
+        if (w->timeouts[t] == NULL)
+            w->timeouts[t] = &w->timeout_tv[t];
+    }
+}
+
+/* Makes cfg (a reference is taken) w's current generation. */
+static void
+gen_switch(gw_worker_t *w, gw_config_t *cfg)
+{
+    gw_gen_t *g = gw_calloc(1, sizeof(gw_gen_t));
+    g->cfg = gw_config_ref(cfg);
+    g->refs = 1;
+    gw_upstream_pools_attach(w, cfg, w->gen ? w->gen->cfg : NULL);
+    gw_gen_t *old = w->gen;
+    w->gen = g;
+    w->cfg = cfg;
+    set_timeouts(w, cfg);
+    if (old)
+        gw_server_gen_unref(w, old);
+}
+
+gw_gen_t *
+gw_server_gen_ref(gw_worker_t *w)
+{
+    w->gen->refs++;
+    return w->gen;
+}
+
+void
+gw_server_gen_unref(gw_worker_t *w, gw_gen_t *g)
+{
+    if (g == NULL || --g->refs > 0)
+        return;
+    gw_upstream_pools_detach(w, g->cfg);
+    gw_config_unref(g->cfg);
+    free(g);
+}
+
+/* Takes the configuration in w's mailbox, if any: new requests start on it,
+ * listeners follow its addresses. */
+static void
+take_mail(gw_worker_t *w)
+{
+    pthread_mutex_lock(&w->mail_mtx);
+    gw_config_t *cfg = w->mail_cfg;
+    evutil_socket_t *fds = w->mail_fds;
+    w->mail_cfg = NULL;
+    w->mail_fds = NULL;
+    pthread_mutex_unlock(&w->mail_mtx);
+    if (cfg == NULL)
+        return;
+    if (w->stopping) {
+        for (size_t k = 0; k < cfg->nlisten; k++)
+            if (fds[k] >= 0)
+                close(fds[k]);
+        free(fds);
+        gw_config_unref(cfg);
+        return;
+    }
+    if (cfg->nnamed > 0 && w->dns == NULL) {
+        /* The first backend with a host name: the resolver is set up here,
+         * on the worker (it reads resolv.conf and the hosts file once). */
+        char err[256];
+        w->dns = gw_dns_new(w->base, cfg, w->id, err, sizeof(err));
+        if (w->dns == NULL) {
+            gw_log(GW_LOG_ERR, "reload: %s; this worker keeps the previous configuration", err);
+            for (size_t k = 0; k < cfg->nlisten; k++)
+                if (fds[k] >= 0)
+                    close(fds[k]);
+            free(fds);
+            gw_config_unref(cfg);
+            return;
+        }
+    }
+    /* Listeners in the order of cfg: kept ones move, added ones are new. */
+    gw_listener_t *ls = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
+    size_t n = 0;
+    for (size_t k = 0; k < cfg->nlisten; k++) {
+        const gw_listen_t *l = &cfg->listen[k];
+        if (fds[k] >= 0) {
+            if (listener_add(w, &ls[n], l, fds[k]) == GW_OK)
+                n++;
+            else
+                gw_log(GW_LOG_ERR, "reload: cannot watch the socket of %s", l->text);
+            continue;
+        }
+        for (size_t i = 0; i < w->nlisteners; i++)
+            if (w->listeners[i].lev && same_addr(&w->listeners[i].addr, w->listeners[i].addrlen, &l->addr, l->addrlen)) {
+                ls[n++] = w->listeners[i];
+                w->listeners[i].lev = NULL;
+                break;
+            }
+    }
+    free(fds);
+    close_listeners(w); /* those of removed addresses */
+    w->listeners = ls;
+    w->nlisteners = n;
+    gen_switch(w, cfg);
+    gw_config_unref(cfg); /* the generation has its own */
+    /* Idle connections move now, so the old generation ends with its last request. */
+    for (gw_conn_t *c = w->conns; c; c = gw_conn_next(c))
+        gw_conn_adopt_gen(c);
+}
+
+static void
+wake_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_worker_t *w = arg;
     uint64_t v;
@@ -172,14 +318,29 @@ stop_cb(evutil_socket_t fd, short what, void *arg)
     if (read(fd, &v, sizeof(v)) < 0) {
         /* EAGAIN: a second wake-up for the same request */
     }
+    take_mail(w);
     bool force = __atomic_load_n(&w->force, __ATOMIC_ACQUIRE);
-    if (w->stopping && !force)
+    bool stop = __atomic_load_n(&w->stop, __ATOMIC_ACQUIRE);
+    if (!stop || (w->stopping && !force))
         return;
     if (force) {
         force_cb(-1, 0, w);
         return;
     }
     w->stopping = true;
+    /* Connections the kernel completed but we did not accept yet would be
+     * reset by the close: they are taken and served (with Connection: close). */
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[i].lev);
+        for (int n = 0; n < 4096; n++) {
+            struct sockaddr_storage ss;
+            socklen_t sl = sizeof(ss);
+            int cfd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (cfd < 0)
+                break;
+            accept_cb(w->listeners[i].lev, cfd, (struct sockaddr *)&ss, (int)sl, w);
+        }
+    }
     close_listeners(w);
     evtimer_del(w->accept_timer);
     gw_conn_t *c = w->conns;
@@ -206,6 +367,32 @@ gw_server_conn_closed(gw_worker_t *w)
         event_base_loopexit(w->base, NULL);
 }
 
+/* Frees what a worker owns once its connections are gone (its thread, or
+ * the main thread for a worker that never ran). */
+static void
+worker_cleanup(gw_worker_t *w)
+{
+    close_listeners(w);
+    close_all(w);
+    gw_proxy_worker_free(w);
+    gw_agg_worker_free(w);
+    pthread_mutex_lock(&w->mail_mtx);
+    if (w->mail_cfg) {
+        for (size_t k = 0; k < w->mail_cfg->nlisten; k++)
+            if (w->mail_fds[k] >= 0)
+                close(w->mail_fds[k]);
+        free(w->mail_fds);
+        gw_config_unref(w->mail_cfg);
+        w->mail_cfg = NULL;
+        w->mail_fds = NULL;
+    }
+    pthread_mutex_unlock(&w->mail_mtx);
+    gw_server_gen_unref(w, w->gen); /* the last reference: connections are gone */
+    w->gen = NULL;
+    gw_dns_free(w->dns); /* after the pools: their queries are cancelled by then */
+    w->dns = NULL;
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -214,13 +401,7 @@ worker_main(void *arg)
     snprintf(tag, sizeof(tag), "w%d", w->id);
     gw_log_set_thread(tag);
     event_base_dispatch(w->base);
-    close_listeners(w);
-    close_all(w);
-    gw_proxy_worker_free(w);
-    gw_agg_worker_free(w);
-    gw_upstream_pools_free(w);
-    gw_dns_free(w->dns); /* after the pools: their queries are cancelled by then */
-    w->dns = NULL;
+    worker_cleanup(w);
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -238,24 +419,16 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     }
     s->nworkers = cfg->workers;
     s->workers = gw_calloc((size_t)s->nworkers, sizeof(gw_worker_t));
-    for (int i = 0; i < s->nworkers; i++)
-        s->workers[i].stop_fd = -1;
+    for (int i = 0; i < s->nworkers; i++) {
+        s->workers[i].wake_fd = -1;
+        pthread_mutex_init(&s->workers[i].mail_mtx, NULL);
+    }
     for (int i = 0; i < s->nworkers; i++) {
         gw_worker_t *w = &s->workers[i];
         w->srv = s;
         w->id = i;
-        w->cfg = gw_config_ref(cfg);
-        w->fds = gw_calloc(cfg->nlisten, sizeof(evutil_socket_t));
-        for (size_t k = 0; k < cfg->nlisten; k++)
-            w->fds[k] = -1;
-        w->listeners = gw_calloc(cfg->nlisten, sizeof(struct evconnlistener *));
-        for (size_t k = 0; k < cfg->nlisten; k++) {
-            w->fds[k] = open_listener(&cfg->listen[k], true, err, errlen);
-            if (w->fds[k] < 0)
-                return GW_ERR;
-        }
         /* No locks: only this worker's thread touches its base; the main
-         * thread talks to it through stop_fd. */
+         * thread talks to it through wake_fd and the mailbox. */
         struct event_config *ec = event_config_new();
         event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
         w->base = event_base_new_with_config(ec);
@@ -264,8 +437,8 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             snprintf(err, errlen, "cannot create an event loop");
             return GW_ERR;
         }
-        w->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (w->stop_fd < 0) {
+        w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (w->wake_fd < 0) {
             snprintf(err, errlen, "eventfd: %s", strerror(errno));
             return GW_ERR;
         }
@@ -273,30 +446,21 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
          * main thread, before the worker runs: never on its loop. */
         if (cfg->nnamed > 0 && (w->dns = gw_dns_new(w->base, cfg, i, err, errlen)) == NULL)
             return GW_ERR;
-        gw_upstream_pools_init(w);
-        w->stop_ev = event_new(w->base, w->stop_fd, EV_READ | EV_PERSIST, stop_cb, w);
-        event_add(w->stop_ev, NULL);
-        const int ms[GW_T_MAX] = { [GW_T_HEADER] = cfg->http.client_header_timeout_ms,
-                                   [GW_T_BODY] = cfg->http.client_body_timeout_ms,
-                                   [GW_T_KEEPALIVE] = cfg->http.keepalive_timeout_ms,
-                                   [GW_T_LINGER] = cfg->http.lingering_timeout_ms,
-                                   [GW_T_SEND] = cfg->http.send_timeout_ms };
-        for (int t = 1; t < GW_T_MAX; t++) {
-            struct timeval tv = { ms[t] / 1000, (ms[t] % 1000) * 1000 };
-            w->timeouts[t] = event_base_init_common_timeout(w->base, &tv);
-        }
+        gen_switch(w, cfg);
+        w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, wake_cb, w);
+        event_add(w->wake_ev, NULL);
         w->accept_timer = evtimer_new(w->base, accept_resume_cb, w);
         w->force_timer = evtimer_new(w->base, force_cb, w);
+        w->listeners = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
         for (size_t k = 0; k < cfg->nlisten; k++) {
-            w->listeners[k] = evconnlistener_new(w->base, accept_cb, w, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC,
-                                                 -1, w->fds[k]);
-            if (w->listeners[k] == NULL) {
+            evutil_socket_t fd = open_listener(&cfg->listen[k], true, err, errlen);
+            if (fd < 0)
+                return GW_ERR;
+            if (listener_add(w, &w->listeners[k], &cfg->listen[k], fd) != GW_OK) {
                 snprintf(err, errlen, "cannot watch the socket of %s", cfg->listen[k].text);
                 return GW_ERR;
             }
-            w->fds[k] = -1; /* owned by the listener now */
             w->nlisteners = k + 1;
-            evconnlistener_set_error_cb(w->listeners[k], accept_error_cb);
         }
     }
     for (int i = 0; i < s->nworkers; i++) {
@@ -310,18 +474,101 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     return GW_OK;
 }
 
+static void
+wake(gw_worker_t *w)
+{
+    uint64_t one = 1;
+    if (write(w->wake_fd, &one, sizeof(one)) < 0)
+        gw_log(GW_LOG_ERR, "cannot wake worker %d: %s", w->id, strerror(errno));
+}
+
+int
+gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
+{
+    if (cfg->workers != s->nworkers) {
+        snprintf(err, errlen, "the configuration has %d workers, the daemon runs %d", cfg->workers, s->nworkers);
+        return GW_ERR;
+    }
+    /* The previous reload must be taken first: its added sockets are
+     * counted as open below. */
+    for (int tries = 0;; tries++) {
+        bool pending = false;
+        for (int i = 0; i < s->nworkers; i++) {
+            pthread_mutex_lock(&s->workers[i].mail_mtx);
+            pending |= s->workers[i].mail_cfg != NULL;
+            pthread_mutex_unlock(&s->workers[i].mail_mtx);
+        }
+        if (!pending)
+            break;
+        if (tries == 5000) {
+            snprintf(err, errlen, "the workers have not taken the previous reload after 5 s");
+            return GW_ERR;
+        }
+        struct timespec ms = { 0, 1000 * 1000 };
+        nanosleep(&ms, NULL);
+    }
+    bool *added = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(bool));
+    for (size_t k = 0; k < cfg->nlisten; k++) {
+        added[k] = true;
+        for (size_t i = 0; i < s->cfg->nlisten; i++)
+            if (same_addr(&s->cfg->listen[i].addr, s->cfg->listen[i].addrlen, &cfg->listen[k].addr,
+                          cfg->listen[k].addrlen))
+                added[k] = false;
+        if (added[k]) {
+            evutil_socket_t probe = open_listener(&cfg->listen[k], false, err, errlen);
+            if (probe < 0) {
+                free(added);
+                return GW_ERR;
+            }
+            close(probe);
+        }
+    }
+    evutil_socket_t **fds = gw_calloc((size_t)s->nworkers, sizeof(evutil_socket_t *));
+    int rc = GW_OK;
+    for (int i = 0; i < s->nworkers; i++) {
+        fds[i] = gw_malloc((cfg->nlisten ? cfg->nlisten : 1) * sizeof(evutil_socket_t));
+        for (size_t k = 0; k < cfg->nlisten; k++)
+            fds[i][k] = -1;
+        for (size_t k = 0; k < cfg->nlisten && rc == GW_OK; k++)
+            if (added[k] && (fds[i][k] = open_listener(&cfg->listen[k], true, err, errlen)) < 0)
+                rc = GW_ERR;
+    }
+    free(added);
+    if (rc != GW_OK) {
+        for (int i = 0; i < s->nworkers; i++) {
+            for (size_t k = 0; k < cfg->nlisten; k++)
+                if (fds[i][k] >= 0)
+                    close(fds[i][k]);
+            free(fds[i]);
+        }
+        free(fds);
+        return GW_ERR;
+    }
+    for (int i = 0; i < s->nworkers; i++) {
+        gw_worker_t *w = &s->workers[i];
+        pthread_mutex_lock(&w->mail_mtx);
+        w->mail_cfg = gw_config_ref(cfg);
+        w->mail_fds = fds[i];
+        pthread_mutex_unlock(&w->mail_mtx);
+        wake(w);
+    }
+    free(fds);
+    gw_config_unref(s->cfg);
+    s->cfg = gw_config_ref(cfg);
+    return GW_OK;
+}
+
 void
 gw_server_stop(gw_server_t *s, bool force)
 {
     for (int i = 0; i < s->nworkers; i++) {
         gw_worker_t *w = &s->workers[i];
-        if (w->stop_fd < 0)
+        if (w->wake_fd < 0)
             continue;
         if (force)
             __atomic_store_n(&w->force, true, __ATOMIC_RELEASE);
-        uint64_t one = 1;
-        if (write(w->stop_fd, &one, sizeof(one)) < 0)
-            gw_log(GW_LOG_ERR, "cannot wake worker %d: %s", i, strerror(errno));
+        __atomic_store_n(&w->stop, true, __ATOMIC_RELEASE);
+        wake(w);
     }
 }
 
@@ -342,27 +589,19 @@ gw_server_free(gw_server_t *s)
     if (s->workers) {
         for (int i = 0; i < s->nworkers; i++) {
             gw_worker_t *w = &s->workers[i];
-            close_listeners(w);
-            if (w->fds)
-                for (size_t k = 0; k < s->cfg->nlisten; k++)
-                    if (w->fds[k] >= 0)
-                        close(w->fds[k]);
-            free(w->fds);
-            free(w->listeners);
-            if (w->stop_ev)
-                event_free(w->stop_ev);
-            if (w->stop_fd >= 0)
-                close(w->stop_fd);
+            if (i >= s->started && w->base)
+                worker_cleanup(w); /* a worker that never ran */
+            if (w->wake_ev)
+                event_free(w->wake_ev);
+            if (w->wake_fd >= 0)
+                close(w->wake_fd);
             if (w->accept_timer)
                 event_free(w->accept_timer);
             if (w->force_timer)
                 event_free(w->force_timer);
-            gw_upstream_pools_free(w); /* a worker that never ran still has them */
-            gw_dns_free(w->dns);
-            w->dns = NULL;
             if (w->base)
                 event_base_free(w->base);
-            gw_config_unref(w->cfg);
+            pthread_mutex_destroy(&w->mail_mtx);
         }
         free(s->workers);
     }

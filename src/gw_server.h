@@ -7,6 +7,14 @@
  * connections across them), and the connections it accepted. The only state
  * shared between threads is the immutable configuration and the atomic
  * connection counter that enforces max_connections.
+ *
+ * Reload: the main thread loads and checks a new configuration, opens the
+ * sockets of listen addresses it adds, and posts it to every worker's
+ * mailbox. Each worker then switches at once, on its own loop: new requests
+ * start on the new configuration (a "generation", gw_gen_t), requests in
+ * flight finish on the one they started with, and a generation is freed by
+ * its worker when its last request is done. Pools of backends whose
+ * connection settings did not change are shared by both generations.
  */
 #ifndef GW_SERVER_H
 #define GW_SERVER_H
@@ -16,32 +24,56 @@
 #include <event2/event.h>
 #include <event2/util.h>
 #include <pthread.h>
+#include <sys/socket.h>
 #include <time.h>
 
 struct evconnlistener;
 
 /* The per-connection timers; their durations are the worker's common
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
-typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_MAX } gw_timer_t;
+typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_MAX } gw_timer_t;
+
+/* At a graceful stop, an idle keep-alive connection may send one more
+ * request (answered with Connection: close) for this long, at most
+ * shutdown_timeout_ms: closing it at once would race with a request already
+ * on its way, which the client would see as a reset. */
+#define GW_DRAIN_IDLE_MS 1000
+
+/* A configuration as one worker uses it. Worker thread only. */
+struct gw_gen_s {
+    gw_config_t *cfg;               /* one reference */
+    unsigned refs;                  /* the worker while it is current, and each connection on it */
+};
+
+typedef struct {
+    struct evconnlistener *lev;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} gw_listener_t;
 
 struct gw_worker_s {
     gw_server_t *srv;
     int id;
     pthread_t thread;
     struct event_base *base;
-    gw_config_t *cfg;               /* one reference */
-    evutil_socket_t *fds;           /* listening sockets, until wrapped */
-    struct evconnlistener **listeners;
+    gw_gen_t *gen;                  /* the configuration new requests start on */
+    gw_config_t *cfg;               /* gen->cfg */
+    gw_listener_t *listeners;
     size_t nlisteners;
-    int stop_fd;                    /* eventfd the main thread writes to stop us */
-    struct event *stop_ev;
+    int wake_fd;                    /* eventfd the main thread writes to: stop, or look at the mailbox */
+    struct event *wake_ev;
+    pthread_mutex_t mail_mtx;
+    gw_config_t *mail_cfg;          /* a reloaded configuration (a reference), until the worker takes it */
+    evutil_socket_t *mail_fds;      /* [mail_cfg->nlisten]: sockets of added addresses, else -1 */
     const struct timeval *timeouts[GW_T_MAX];
+    struct timeval timeout_tv[GW_T_MAX]; /* when the base has no common timeout left */
     struct event *accept_timer;     /* re-enables accepting after EMFILE */
     struct event *force_timer;      /* shutdown_timeout_ms after the stop */
     bool stopping;
     unsigned refused;               /* connections refused since the last log line */
     time_t refused_logged_at;
-    bool force;
+    bool force;                     /* atomic: stop at once */
+    bool stop;                      /* atomic: stop gracefully */
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
     gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
     gw_proxy_t *proxy_cache;        /* proxy contexts kept for reuse, see gw_proxy.c */
@@ -53,7 +85,7 @@ struct gw_worker_s {
 };
 
 struct gw_server_s {
-    gw_config_t *cfg;
+    gw_config_t *cfg;               /* the newest published configuration */
     gw_worker_t *workers;
     int nworkers;
     int started;                    /* threads running */
@@ -65,6 +97,20 @@ struct gw_server_s {
  * before any thread runs) and starts the workers. cfg: a reference is taken.
  */
 int gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
+
+/*
+ * Publishes cfg (main thread; a reference is taken): opens the sockets of
+ * the listen addresses it adds, then hands it to every worker, which
+ * switches to it and closes the listeners of addresses it removed.
+ * GW_ERR with a message in err: nothing changed. Waits (up to 5 s) for the
+ * workers to take the previous reload first.
+ */
+int gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
+
+/* Takes a reference on w's current generation (a connection starting a request). */
+gw_gen_t *gw_server_gen_ref(gw_worker_t *w);
+/* Drops one; the last frees the generation and detaches its pools. */
+void gw_server_gen_unref(gw_worker_t *w, gw_gen_t *g);
 
 /* Asks every worker to stop: gracefully first, at once when force. Thread-safe. */
 void gw_server_stop(gw_server_t *s, bool force);

@@ -71,6 +71,8 @@ waiter_add(gw_upstream_t *u)
 
 /* Closes u and frees it. A connect that failed (the caller marked u broken
  * before it was connected) makes the pool avoid that address for a while. */
+static void pool_check_unused(gw_pool_t *pool);
+
 static void
 upstream_close(gw_upstream_t *u)
 {
@@ -78,7 +80,8 @@ upstream_close(gw_upstream_t *u)
         waiter_unlink(u);
     if (u->pool->name && u->connecting && !u->connected && u->broken)
         gw_dns_name_mark_down(u->pool->name, u->addr_gen, u->addr_idx);
-    u->pool->nopen--;
+    gw_pool_t *pool = u->pool;
+    pool->nopen--;
     if (u->bev) {
         SSL *ssl = bufferevent_openssl_get_ssl(u->bev);
         if (ssl && u->connected && !u->broken) {
@@ -101,6 +104,7 @@ upstream_close(gw_upstream_t *u)
     }
     event_free(u->timer);
     free(u);
+    pool_check_unused(pool);
 }
 
 static void
@@ -544,58 +548,118 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         emit(u, GW_UP_TIMEOUT); /* only armed while connecting */
 }
 
-void
-gw_upstream_pools_init(gw_worker_t *w)
+static void
+pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, gw_config_t *cfg)
 {
-    w->pools = gw_calloc(w->cfg->nbackends, sizeof(gw_pool_t));
-    for (size_t i = 0; i < w->cfg->nbackends; i++) {
-        const gw_backend_t *b = w->cfg->backends[i];
-        struct timeval tv = { b->timeout_ms / 1000, (b->timeout_ms % 1000) * 1000 };
-        w->pools[i].backend = b;
-        w->pools[i].w = w;
-        w->pools[i].call_tv = tv;
-        w->pools[i].call_timeout = event_base_init_common_timeout(w->base, &tv);
-        if (w->pools[i].call_timeout == NULL) /* libevent allows 256 per base */
-            w->pools[i].call_timeout = &w->pools[i].call_tv;
-        if (b->host_name != NULL) {
-            gw_pool_t *pool = &w->pools[i];
-            pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
-            gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
-            pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
+    gw_worker_t *w = pool->w;
+    struct timeval tv = { b->timeout_ms / 1000, (b->timeout_ms % 1000) * 1000 };
+    pool->backend = b;
+    pool->call_tv = tv;
+    pool->call_timeout = event_base_init_common_timeout(w->base, &tv);
+    if (pool->call_timeout == NULL) /* libevent allows 256 per base */
+        pool->call_timeout = &pool->call_tv;
+    if (pool->name)
+        pool->name->host = b->host_name; /* the same name: the URLs are equal */
+    gw_config_ref(cfg);
+    gw_config_unref(pool->cfg);
+    pool->cfg = cfg;
+}
+
+static gw_pool_t *
+pool_new(gw_worker_t *w, const gw_backend_t *b, gw_config_t *cfg)
+{
+    gw_pool_t *pool = gw_calloc(1, sizeof(gw_pool_t));
+    pool->w = w;
+    pool->refs = 1;
+    if (b->host_name != NULL) {
+        pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
+        gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
+        pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
+    }
+    pool_set_backend(pool, b, cfg);
+    return pool;
+}
+
+static void
+pool_free(gw_pool_t *pool)
+{
+    if (pool->session)
+        SSL_SESSION_free(pool->session);
+    if (pool->name) {
+        /* No waiters: they count in nopen. */
+        gw_dns_name_free(pool->name); /* cancels a query in flight */
+        free(pool->name);
+        event_free(pool->fail_ev);
+    }
+    gw_config_unref(pool->cfg);
+    free(pool);
+}
+
+/* Frees a pool that no configuration uses once its last connection is gone. */
+static void
+pool_check_unused(gw_pool_t *pool)
+{
+    if (pool->refs == 0 && pool->nopen == 0)
+        pool_free(pool);
+}
+
+gw_pool_t *
+gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b)
+{
+    return b->pools[w->id];
+}
+
+void
+gw_upstream_pools_attach(gw_worker_t *w, gw_config_t *cfg, gw_config_t *old)
+{
+    for (size_t i = 0; i < cfg->nbackends; i++) {
+        const gw_backend_t *b = cfg->backends[i];
+        gw_pool_t *pool = NULL;
+        for (size_t k = 0; old && k < old->nbackends && pool == NULL; k++) {
+            const gw_backend_t *o = old->backends[k];
+            if (o->pools[w->id] && strcmp(o->name, b->name) == 0 && gw_config_backend_same_connection(o, b))
+                pool = o->pools[w->id];
         }
+        if (pool == NULL) {
+            pool = pool_new(w, b, cfg);
+        } else {
+            pool->refs++;
+            pool_set_backend(pool, b, cfg);
+            /* A session of the old TLS context is not offered to the new one. */
+            if (pool->session) {
+                SSL_SESSION_free(pool->session);
+                pool->session = NULL;
+            }
+        }
+        cfg->backends[i]->pools[w->id] = pool;
     }
 }
 
 void
-gw_upstream_pools_free(gw_worker_t *w)
+gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg)
 {
-    if (w->pools == NULL)
-        return;
-    for (size_t i = 0; i < w->cfg->nbackends; i++)
-        while (w->pools[i].idle) {
-            gw_upstream_t *u = w->pools[i].idle;
+    for (size_t i = 0; i < cfg->nbackends; i++) {
+        gw_pool_t *pool = cfg->backends[i]->pools[w->id];
+        if (pool == NULL)
+            continue;
+        cfg->backends[i]->pools[w->id] = NULL;
+        if (--pool->refs > 0)
+            continue;
+        while (pool->idle) {
+            gw_upstream_t *u = pool->idle;
             idle_unlink(u);
+            pool->nopen++; /* held while the list empties */
             upstream_close(u);
+            pool->nopen--;
         }
-    for (size_t i = 0; i < w->cfg->nbackends; i++) {
-        gw_pool_t *pool = &w->pools[i];
-        if (pool->session)
-            SSL_SESSION_free(pool->session);
-        if (pool->name) {
-            /* Waiters belong to client connections, all closed by now. */
-            gw_dns_name_free(pool->name); /* cancels a query in flight */
-            free(pool->name);
-            event_free(pool->fail_ev);
-        }
+        pool_check_unused(pool);
     }
-    free(w->pools);
-    w->pools = NULL;
 }
 
 int
 gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out)
 {
-    gw_pool_t *pool = &w->pools[b->index];
+    gw_pool_t *pool = b->pools[w->id];
     if (pool->name)
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->idle) {
@@ -730,7 +794,7 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     if (u->waiting)
         waiter_unlink(u); /* released before its address arrived (client gone, deadline) */
     if (!reusable || !u->connected || pool->nidle >= b->max_idle || evbuffer_get_length(u->in) > 0 ||
-        evbuffer_get_length(u->out) > 0 || u->err || pool->w->stopping) {
+        evbuffer_get_length(u->out) > 0 || u->err || pool->w->stopping || pool->refs == 0) {
         upstream_close(u);
         return;
     }

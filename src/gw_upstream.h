@@ -59,8 +59,10 @@ typedef void (*gw_upstream_cb)(gw_upstream_t *u, void *arg);
 typedef void (*gw_upstream_event_cb)(gw_upstream_t *u, int what, void *arg);
 
 struct gw_pool_s {
-    const gw_backend_t *backend;
+    const gw_backend_t *backend; /* of the newest configuration that uses the pool */
+    gw_config_t *cfg;            /* a reference: the configuration backend belongs to */
     gw_worker_t *w;
+    unsigned refs;               /* configurations of the worker whose backend uses it */
     const struct timeval *call_timeout; /* the backend's timeout_ms: a common timeout of the worker's base */
     struct timeval call_tv;             /* ... or this when the base has no common timeout left */
     SSL_SESSION *session;   /* the latest TLS session, for resumption */
@@ -105,10 +107,21 @@ struct gw_upstream_s {
     socklen_t salen;
 };
 
-/* Sets up the pools of worker w for every backend of its configuration. */
-void gw_upstream_pools_init(gw_worker_t *w);
-/* Closes every idle connection and frees the pools (worker stop). */
-void gw_upstream_pools_free(gw_worker_t *w);
+/*
+ * Pools and reloads. Worker w's pool for backend b is b->pools[w->id]. A
+ * worker attaches pools to each configuration it starts using: a backend
+ * whose connection settings (gw_config_backend_same_connection) and name
+ * equal those of a backend of old, the configuration it used so far (NULL at
+ * start), shares that pool, idle connections included; any other backend
+ * gets a new pool. Detaching (when no request of the worker uses cfg any
+ * more) drops cfg's share; a pool no configuration uses closes its idle
+ * connections at once and is freed with its last connection (requests still
+ * running on it release theirs as not reusable).
+ */
+void gw_upstream_pools_attach(gw_worker_t *w, gw_config_t *cfg, gw_config_t *old);
+void gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg);
+/* Worker w's pool for backend b (of a configuration w uses). */
+gw_pool_t *gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b);
 
 /*
  * A connection to backend b: idle from the pool unless fresh is true, else

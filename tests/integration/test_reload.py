@@ -1,0 +1,408 @@
+#!/usr/bin/env python3
+"""Integration tests of configuration reload (SIGHUP, gatherd -s) and of the
+graceful stop under load: the real daemon, the stub backend and real wrk,
+all on loopback.
+
+Run: GATHERD=/path/to/gatherd GW_STUB=/path/to/gw_stub \
+         python3 tests/integration/test_reload.py [NAME-SUBSTRING ...]
+The last line of the output is "N passed, N failed"; the exit code is 1 when
+anything failed.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gwtest  # noqa: E402
+from gwtest import GATHERD, SLOW, Conn, ConnectionClosed, Daemon, TestFailure, check, contains, eq, main, req  # noqa: E402
+
+_saved_tests = list(gwtest._TESTS)
+import test_proxy as tp  # noqa: E402
+gwtest._TESTS[:] = _saved_tests
+
+ms = tp.ms
+rtest = tp.ptest
+Stub = tp.Stub
+
+WRK = shutil.which("wrk")
+
+
+def jbody(obj):
+    return "body=" + urllib.parse.quote(json.dumps(obj, separators=(",", ":")), safe="")
+
+
+def config(port, version, stub, extra_listen=(), backend_opts=None, delay_ms=0):
+    """Version `version` of a configuration: a respond route /v, an aggregate
+    route /agg whose two calls both carry the version, on one stub backend."""
+    b = tp.backend(stub.url, **(backend_opts or {}))
+    q = f"&delay={delay_ms}" if delay_ms else ""
+    return {
+        "listen": [f"127.0.0.1:{port}"] + list(extra_listen),
+        "backends": {"s": b},
+        "routes": [
+            {"path": "/v", "respond": {"body": {"v": version}}},
+            {"path": "/agg", "methods": ["GET"], "deadline_ms": ms(5000),
+             "calls": [{"name": "a", "backend": "s", "path": "/a?" + jbody({"v": version}) + q},
+                       {"name": "b", "backend": "s", "path": "/b?" + jbody({"v": version}) + q}]},
+        ],
+    }
+
+
+def write_config(d, cfg):
+    """Replaces d's configuration file atomically (the daemon never reads half a file)."""
+    tmp = d.conf_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
+    os.rename(tmp, d.conf_path)
+
+
+def reload(d, cfg, expect="reloaded", timeout=5.0):
+    """Writes cfg, sends SIGHUP and waits for the log line saying what came of it."""
+    n = d.log().count(expect)
+    write_config(d, cfg)
+    d.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout * SLOW
+    while d.log().count(expect) <= n:
+        if time.monotonic() > deadline:
+            raise TestFailure(f"no new {expect!r} in the log after SIGHUP:\n{d.log()[-2000:]}")
+        time.sleep(0.01)
+
+
+def get(d, path, port=None):
+    with Conn("127.0.0.1", port or d.port) as c:
+        return c.request(req("GET", path))
+
+
+def start(stub, version="A", workers=2, **kw):
+    d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=workers, start=False)
+    d.start()
+    write_config(d, config(d.port, version, stub, **kw))
+    d.send_signal(signal.SIGHUP)
+    d.wait_log("reloaded")
+    return d
+
+
+# --- reload ------------------------------------------------------------------------------
+
+@rtest
+def reload_applies_to_new_requests_and_idle_connections():
+    stub = Stub()
+    d = start(stub, "A")
+    eq(get(d, "/v").json(), {"v": "A"}, "before")
+    with Conn("127.0.0.1", d.port) as idle:
+        eq(idle.request(req("GET", "/v")).json(), {"v": "A"}, "keep-alive, before")
+        reload(d, config(d.port, "B", stub))
+        eq(get(d, "/v").json(), {"v": "B"}, "new connection, after")
+        r = idle.request(req("GET", "/agg"))
+        eq(r.status, 200, "keep-alive connection, after")
+        eq(r.json(), {"a": {"v": "B"}, "b": {"v": "B"}}, "keep-alive connection, after")
+
+
+@rtest
+def reload_invalid_configuration_keeps_the_running_one():
+    stub = Stub()
+    d = start(stub, "A")
+    reload(d, '{"listen": ["127.0.0.1:%d"], "routes": [ {"path": "/v", }' % d.port, expect="reload failed")
+    contains(d.log(), "still running the previous configuration", "log")
+    check(re.search(r"gatherd\.json:1", d.log()), "the error names the file and line")
+    eq(get(d, "/v").json(), {"v": "A"}, "after a syntax error")
+    bad = config(d.port, "B", stub)
+    bad["routes"][1]["calls"][0]["backend"] = "nope"
+    reload(d, bad, expect="reload failed")
+    contains(d.log(), 'unknown backend "nope"', "log")
+    eq(get(d, "/agg").json(), {"a": {"v": "A"}, "b": {"v": "A"}}, "after an invalid backend")
+    reload(d, config(d.port, "C", stub))
+    eq(get(d, "/v").json(), {"v": "C"}, "a valid one after the invalid ones")
+
+
+@rtest
+def reload_lets_requests_in_flight_finish_on_their_configuration():
+    stub = Stub()
+    d = start(stub, "A", delay_ms=ms(600))
+    with Conn("127.0.0.1", d.port, timeout=10) as c:
+        c.send(req("GET", "/agg"))
+        time.sleep(0.15 * SLOW)
+        reload(d, config(d.port, "B", stub, delay_ms=ms(600)))
+        t0 = time.monotonic()
+        eq(get(d, "/v").json(), {"v": "B"}, "a new request meanwhile")
+        check(time.monotonic() - t0 < 0.4 * SLOW, "a new request does not wait for the old one")
+        r = c.read_response()
+        eq(r.status, 200, "in flight")
+        eq(r.json(), {"a": {"v": "A"}, "b": {"v": "A"}}, "the request in flight saw one configuration")
+        r = c.request(req("GET", "/agg"))
+        eq(r.json(), {"a": {"v": "B"}, "b": {"v": "B"}}, "the same connection's next request")
+
+
+@rtest
+def reload_keeps_the_pools_of_unchanged_backends():
+    stub = Stub()
+    d = start(stub, "A", workers=1)
+    eq(get(d, "/agg").status, 200, "warm-up")
+    s0 = stub.stats()
+    reload(d, config(d.port, "B", stub))
+    eq(get(d, "/agg").json(), {"a": {"v": "B"}, "b": {"v": "B"}}, "after reload")
+    s1 = stub.stats()
+    # + 1: the /stats request's own connection
+    eq(s1["connections"], s0["connections"] + 1, "connections opened to an unchanged backend (pooled ones reused)")
+    # A changed connection setting: a new pool; the old one's idle connections close.
+    reload(d, config(d.port, "C", stub, backend_opts={"connect_timeout_ms": ms(1500)}))
+    eq(get(d, "/agg").json(), {"a": {"v": "C"}, "b": {"v": "C"}}, "after the backend changed")
+    s2 = stub.stats()
+    check(s2["connections"] > s1["connections"], f"a changed backend gets new connections ({s1} -> {s2})")
+    stub.wait_stats(lambda s: s["open_connections"] <= s2["connections"] - s1["connections"] - 1, 3,
+                    "the old pool's idle connections closed")
+
+
+@rtest
+def reload_opens_and_closes_listen_addresses():
+    stub = Stub()
+    d = start(stub, "A")
+    p2 = gwtest.free_port()
+    reload(d, config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]))
+    eq(get(d, "/v", port=p2).json(), {"v": "B"}, "added address")
+    eq(get(d, "/v").json(), {"v": "B"}, "kept address")
+    cfg = config(p2, "C", stub)
+    reload(d, cfg)
+    eq(get(d, "/v", port=p2).json(), {"v": "C"}, "kept address")
+    deadline = time.monotonic() + 3 * SLOW
+    while True:
+        try:
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=1)
+            s.close()
+        except ConnectionRefusedError:
+            break
+        if time.monotonic() > deadline:
+            raise TestFailure("the removed address still accepts connections")
+        time.sleep(0.02)
+
+
+@rtest
+def reload_with_an_address_in_use_is_rejected():
+    stub = Stub()
+    d = start(stub, "A")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        p2 = busy.getsockname()[1]
+        reload(d, config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]), expect="reload failed")
+        contains(d.log(), f"127.0.0.1:{p2}", "the error names the address")
+        eq(get(d, "/v").json(), {"v": "A"}, "the running configuration stays")
+    finally:
+        busy.close()
+
+
+@rtest
+def signal_option_and_pid_file():
+    stub = Stub()
+    tmp = tempfile.mkdtemp(prefix="gwpid-")
+    try:
+        pid_path = os.path.join(tmp, "gatherd.pid")
+        d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=1, args=["--pid", pid_path], start=False)
+        d.start()
+        with open(pid_path) as f:
+            eq(f.read().strip(), str(d.pid), "pid file")
+        write_config(d, config(d.port, "B", stub))
+        r = subprocess.run([GATHERD, "-s", "reload", "--pid", pid_path], capture_output=True, text=True, timeout=10)
+        eq(r.returncode, 0, f"-s reload ({r.stderr})")
+        d.wait_log("reloaded")
+        eq(get(d, "/v").json(), {"v": "B"}, "after -s reload")
+        # pid_file from the configuration, found with -c
+        cfg = config(d.port, "C", stub)
+        cfg["pid_file"] = pid_path
+        write_config(d, cfg)
+        r = subprocess.run([GATHERD, "-s", "reload", "-c", d.conf_path], capture_output=True, text=True, timeout=10)
+        eq(r.returncode, 0, f"-s reload -c ({r.stderr})")
+        deadline = time.monotonic() + 5 * SLOW
+        while get(d, "/v").json() != {"v": "C"}:
+            check(time.monotonic() < deadline, "-s reload -c took effect")
+            time.sleep(0.02)
+        r = subprocess.run([GATHERD, "-s", "bogus", "--pid", pid_path], capture_output=True, text=True, timeout=10)
+        eq(r.returncode, 1, "-s bogus")
+        contains(r.stderr, "reload, stop or quit", "-s bogus message")
+        d.sent_signal = signal.SIGTERM  # what -s stop sends: the exit is expected
+        r = subprocess.run([GATHERD, "-s", "stop", "--pid", pid_path], capture_output=True, text=True, timeout=10)
+        eq(r.returncode, 0, f"-s stop ({r.stderr})")
+        d.wait(10)
+        eq(d.exit_code, 0, "exit status after -s stop")
+        check(not os.path.exists(pid_path), "the pid file is removed at exit")
+        r = subprocess.run([GATHERD, "-s", "reload", "--pid", pid_path], capture_output=True, text=True, timeout=10)
+        eq(r.returncode, 1, "-s reload without a daemon")
+        contains(r.stderr, "cannot read the pid file", "message without a daemon")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- under load ------------------------------------------------------------------------------
+
+WRK_SCRIPT = r"""
+threads = {}
+mixed = 0
+bad = 0
+function setup(thread)
+  table.insert(threads, thread)
+end
+function response(status, headers, body)
+  local _, a = body:gsub('"v":"A"', '')
+  local _, b = body:gsub('"v":"B"', '')
+  if a > 0 and b > 0 then
+    mixed = mixed + 1
+  elseif a + b ~= 2 then
+    bad = bad + 1
+  end
+end
+function done(summary, latency, requests)
+  local m, b = 0, 0
+  for _, t in ipairs(threads) do
+    m = m + t:get("mixed")
+    b = b + t:get("bad")
+  end
+  local e = summary.errors
+  io.write(string.format("RESULT requests=%d mixed=%d bad=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+                         summary.requests, m, b, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def run_wrk(port, path, seconds, conns, during=None):
+    """wrk -c conns -d seconds on loopback with WRK_SCRIPT; during(elapsed) is
+    called about every 50 ms while it runs. Returns the RESULT numbers."""
+    if WRK is None:
+        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
+    tmp = tempfile.mkdtemp(prefix="gwwrk-")
+    try:
+        script = os.path.join(tmp, "check.lua")
+        with open(script, "w") as f:
+            f.write(WRK_SCRIPT)
+        cmd = [WRK, "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", script,
+               f"http://127.0.0.1:{port}{path}"]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=gwtest._die_with_parent)
+        t0 = time.monotonic()
+        try:
+            while p.poll() is None:
+                if during:
+                    during(time.monotonic() - t0)
+                time.sleep(0.05)
+                if time.monotonic() - t0 > seconds + 30:
+                    raise TestFailure("wrk did not end")
+            out = p.stdout.read()
+        finally:
+            if p.poll() is None:
+                gwtest.kill_and_reap(p, 5)
+        m = re.search(r"RESULT (.*)", out)
+        if not m:
+            raise TestFailure(f"wrk printed no result: {out}")
+        res = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+        print(f"# wrk: {m.group(1)}")
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@rtest
+def reload_every_second_under_wrk_load_loses_nothing():
+    """200 connections for 20 s, a reload every second between two
+    configurations: no failed request, no non-2xx answer, and no answer mixing
+    the two configurations."""
+    stub = Stub(threads=2)
+    d = start(stub, "A", workers=2)
+    state = {"next": 1.0, "n": 0}
+
+    def during(elapsed):
+        if elapsed >= state["next"] and elapsed < 19.5:
+            state["n"] += 1
+            write_config(d, config(d.port, "B" if state["n"] % 2 else "A", stub))
+            d.send_signal(signal.SIGHUP)
+            state["next"] += 1.0
+
+    res = run_wrk(d.port, "/agg", 20, 200, during)
+    eq(res["mixed"], 0, "answers mixing two configurations")
+    eq(res["bad"], 0, "answers without the two calls")
+    for k in ("connect", "read", "write", "status", "timeout"):
+        eq(res[k], 0, f"wrk {k} errors")
+    check(res["requests"] > 1000, f"wrk made requests ({res['requests']})")
+    n = d.log().count("reloaded")
+    check(n >= state["n"], f"every reload was applied ({n} of {state['n']} + 1)")
+    check("reload failed" not in d.log(), "no reload failed")
+    eq(get(d, "/v").status, 200, "still serving")
+
+
+@rtest
+def graceful_stop_under_wrk_load():
+    """SIGTERM while wrk runs: every accepted request is answered in full (no
+    read error, timeout or non-2xx in wrk: a connection closed or reset with a
+    request unanswered is a read error); the daemon exits within
+    shutdown_timeout_ms. Once it is gone wrk's reconnects are refused, which
+    wrk counts as write errors: those requests were never accepted."""
+    stub = Stub(threads=2)
+    d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=2, start=False)
+    d.start()
+    cfg = config(d.port, "A", stub, delay_ms=ms(20))
+    cfg["shutdown_timeout_ms"] = ms(3000)
+    write_config(d, cfg)
+    d.send_signal(signal.SIGHUP)
+    d.wait_log("reloaded")
+    state = {"sent": None, "exited": None, "before": None}
+
+    def during(elapsed):
+        if elapsed >= 2.0 and state["sent"] is None:
+            state["sent"] = time.monotonic()
+            d.send_signal(signal.SIGTERM)
+        if state["sent"] and state["exited"] is None and d.proc.poll() is not None:
+            state["exited"] = time.monotonic()
+
+    res = run_wrk(d.port, "/agg", 5, 200, during)
+    d.wait(10)
+    eq(d.exit_code, 0, "exit status")
+    contains(d.log(), "stopped", "log")
+    check(state["exited"] is not None, "gatherd exited while wrk ran")
+    took = state["exited"] - state["sent"]
+    print(f"# exited {took * 1000:.0f} ms after SIGTERM")
+    check(took < 3.0 + 1.0 * SLOW, f"exit within shutdown_timeout_ms (3000 ms; took {took * 1000:.0f} ms)")
+    for k in ("read", "status", "timeout", "mixed", "bad"):
+        eq(res[k], 0, f"wrk {k} errors")
+    check(res["requests"] > 200, f"wrk made requests ({res['requests']})")
+
+
+@rtest
+def graceful_stop_answers_with_connection_close():
+    """A request in flight at SIGTERM gets its whole answer with Connection:
+    close; an idle keep-alive connection may send one more request and gets
+    Connection: close too."""
+    stub = Stub()
+    d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=1, start=False)
+    d.start()
+    write_config(d, config(d.port, "A", stub, delay_ms=ms(500)))
+    d.send_signal(signal.SIGHUP)
+    d.wait_log("reloaded")
+    with Conn("127.0.0.1", d.port, timeout=10) as busy, Conn("127.0.0.1", d.port, timeout=10) as idle:
+        eq(idle.request(req("GET", "/v")).status, 200, "idle connection's first request")
+        busy.send(req("GET", "/agg"))
+        time.sleep(0.1 * SLOW)
+        d.send_signal(signal.SIGTERM)
+        time.sleep(0.1 * SLOW)
+        r = idle.request(req("GET", "/v"))
+        eq(r.status, 200, "idle connection's request after SIGTERM")
+        eq((r.header("Connection") or "").lower(), "close", "its Connection header")
+        r = busy.read_response()
+        eq(r.status, 200, "request in flight")
+        eq(r.json(), {"a": {"v": "A"}, "b": {"v": "A"}}, "request in flight")
+        eq((r.header("Connection") or "").lower(), "close", "its Connection header")
+    d.wait(10)
+    eq(d.exit_code, 0, "exit status")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
