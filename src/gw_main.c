@@ -13,6 +13,7 @@
  */
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_ratelimit.h"
 #include "gw_server.h"
 
 #include <errno.h>
@@ -146,6 +147,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         return;
     }
+    gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         gw_config_unref(next);

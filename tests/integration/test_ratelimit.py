@@ -15,6 +15,7 @@ The last line of the output is "N passed, N failed".
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -315,6 +316,36 @@ def rate_max_keys():
         eq(status(c, "/fast", k("b")), 429, "fast: b's own bucket, now empty")
         eq(status(c, "/fast", k("c")), 200, "fast: c, no full bucket to evict: overflow")
         eq(status(c, "/fast", k("d")), 429, "fast: d, overflow empty")
+
+
+@rtest
+def rate_limit_survives_reload():
+    """SIGHUP: a route whose rate_limit settings did not change keeps its
+    bucket (a reload neither refills nor empties it); a changed one starts full."""
+    s = Stub()
+
+    def conf(period_m):
+        return cfg(s, [{"path": "/k", "respond": {"body": {}}, "rate_limit": {"rate": 1, "period_ms": 60000}},
+                       {"path": "/m", "respond": {"body": {}}, "rate_limit": {"rate": 1, "period_ms": period_m}}])
+    d = Daemon(conf(60000), workers=2)
+    with Client(d) as c:
+        eq([status(c, p) for p in ("/k", "/k", "/m", "/m")], [200, 429, 200, 429], "before the reload")
+    c1 = conf(50000)
+    c1["listen"] = [f"127.0.0.1:{d.port}"]
+    tmp = d.conf_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(c1, f)
+    os.rename(tmp, d.conf_path)
+    n = d.log().count("reloaded")
+    d.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5 * SLOW
+    while d.log().count("reloaded") <= n:
+        if time.monotonic() > deadline:
+            raise TestFailure(f"no reload in the log: {d.log()[-1000:]}")
+        time.sleep(0.01)
+    with Client(d) as c:
+        eq(status(c, "/k"), 429, "/k after the reload: the same (empty) bucket")
+        eq(status(c, "/m"), 200, "/m after the reload: other settings, a new bucket")
 
 
 # --- max_inflight ---------------------------------------------------------------------
