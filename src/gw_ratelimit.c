@@ -36,8 +36,8 @@
 #include <time.h>
 
 /* Units of time per token (T). */
-#define SCALE 1024u
-#define SHARDS_MAX 64
+#define SCALE          1024u
+#define SHARDS_MAX     64
 #define SHARD_MIN_KEYS 64
 /* Keys are stored up to this many bytes; longer ones as a prefix plus a second hash. */
 #define KEY_MAX 128
@@ -46,8 +46,8 @@
 
 typedef struct entry_s entry_t;
 struct entry_s {
-    entry_t *hnext;          /* hash chain */
-    entry_t *prev, *next;    /* LRU list: head is the most recently used */
+    entry_t *hnext;       /* hash chain */
+    entry_t *prev, *next; /* LRU list: head is the most recently used */
     uint64_t hash;
     uint64_t tat;
     uint32_t len;
@@ -60,17 +60,17 @@ typedef struct {
     size_t mask;
     entry_t *head, *tail;
     size_t n, cap;
-    char pad[64];            /* keeps shards' mutexes off one cache line */
+    char pad[64]; /* keeps shards' mutexes off one cache line */
 } shard_t;
 
 struct gw_ratelimit_s {
     int refcnt; /* atomic */
     gw_ratelimit_conf_t conf;
-    uint64_t base_ns;        /* creation time: units count from it */
-    uint64_t cap_u;          /* burst * SCALE */
-    uint64_t tat;            /* the global bucket; atomic */
-    uint64_t overflow_tat;   /* keys that found no room; atomic */
-    uint64_t k0, k1;         /* SipHash key */
+    uint64_t base_ns;      /* creation time: units count from it */
+    uint64_t cap_u;        /* burst * SCALE */
+    uint64_t tat;          /* the global bucket; atomic */
+    uint64_t overflow_tat; /* keys that found no room; atomic */
+    uint64_t k0, k1;       /* SipHash key */
     shard_t *shards;
     size_t nshards;
 };
@@ -374,8 +374,8 @@ gw_ratelimit_take(gw_ratelimit_t *rl, const char *key, size_t len, uint64_t now_
     uint64_t since = now_ns > rl->base_ns ? now_ns - rl->base_ns : 0;
     /* rate / period is at most 10^7 per second (checked at load), so this
      * is at most 10.24 units per ns: 57 years of uptime fit. */
-    uint64_t now = (uint64_t)((unsigned __int128)since * rl->conf.rate * SCALE /
-                              ((uint64_t)rl->conf.period_ms * 1000000u));
+    uint64_t now =
+        (uint64_t)((unsigned __int128)since * rl->conf.rate * SCALE / ((uint64_t)rl->conf.period_ms * 1000000u));
     if (rl->conf.key == GW_RL_KEY_GLOBAL)
         take_atomic(rl, &rl->tat, now, res);
     else
@@ -383,8 +383,8 @@ gw_ratelimit_take(gw_ratelimit_t *rl, const char *key, size_t len, uint64_t now_
 }
 
 unsigned
-gw_ratelimit_admit(gw_ratelimit_t *rl, const gw_config_t *cfg, gw_req_t *r, const char *peer_ip, char *hdr,
-                   size_t cap, size_t *hlen)
+gw_ratelimit_admit(gw_ratelimit_t *rl, const gw_config_t *cfg, gw_req_t *r, const char *peer_ip, char *hdr, size_t cap,
+                   size_t *hlen)
 {
     const char *key = "";
     size_t len = 0;

@@ -20,12 +20,12 @@ typedef enum { GW_RL_KEY_GLOBAL = 0, GW_RL_KEY_CLIENT, GW_RL_KEY_HEADER } gw_rl_
 
 /* The settings of one limit, as configured. */
 typedef struct {
-    unsigned rate;      /* tokens per period: 1..10000000 */
-    int period_ms;      /* 1..86400000; rate / period at most 10 000 000 per second */
-    unsigned burst;     /* bucket capacity: 1..10000000, default rate */
+    unsigned rate;  /* tokens per period: 1..10000000 */
+    int period_ms;  /* 1..86400000; rate / period at most 10 000 000 per second */
+    unsigned burst; /* bucket capacity: 1..10000000, default rate */
     gw_rl_key_t key;
-    char *header;       /* GW_RL_KEY_HEADER: the header name, owned */
-    unsigned max_keys;  /* keyed limits: buckets kept, 1..1000000, default 10000 */
+    char *header;      /* GW_RL_KEY_HEADER: the header name, owned */
+    unsigned max_keys; /* keyed limits: buckets kept, 1..1000000, default 10000 */
 } gw_ratelimit_conf_t;
 
 /* Longest header block gw_ratelimit_admit() writes. */
@@ -41,8 +41,8 @@ const gw_ratelimit_conf_t *gw_ratelimit_conf(const gw_ratelimit_t *rl);
 /* The outcome of one gw_ratelimit_take(). */
 typedef struct {
     bool admitted;
-    unsigned remaining;       /* whole tokens left after this request */
-    uint64_t reset_ms;        /* admitted: until the bucket is full again; refused: until one token */
+    unsigned remaining; /* whole tokens left after this request */
+    uint64_t reset_ms;  /* admitted: until the bucket is full again; refused: until one token */
 } gw_ratelimit_result_t;
 
 /*

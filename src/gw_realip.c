@@ -20,7 +20,7 @@
 
 enum { TRUST_UNKNOWN = 0, TRUST_NO, TRUST_YES };
 
-static const unsigned char v4mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+static const unsigned char v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
 
 /* inet_pton on len bytes; folds mapped IPv4. */
 static bool
