@@ -15,6 +15,8 @@
 #include "gw_config.h"
 #include "gw_breaker.h"
 #include "gw_jpath.h"
+#include "gw_ratelimit.h"
+#include "gw_realip.h"
 #include "gw_router.h"
 #include "gw_template.h"
 #include "gw_upstream.h"
@@ -33,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define MAX_DEPTH 16
@@ -1836,6 +1839,101 @@ out:
     return rc;
 }
 
+/* --- trusted proxies, rate limits, max_inflight (gw_realip.h, gw_ratelimit.h) --- */
+
+static int
+parse_trusted_proxies(ctx_t *c, json_t *v)
+{
+    gw_config_t *cfg = c->cfg;
+    push_key(c, "trusted_proxies");
+    int rc = GW_OK;
+    if (!json_is_array(v) || json_array_size(v) > 1024) {
+        rc = fail(c, "must be an array of at most 1024 address blocks like \"10.0.0.0/8\" or \"::1/128\"");
+    } else {
+        cfg->trusted_proxies = gw_calloc(json_array_size(v) + 1, sizeof(gw_cidr_t));
+        size_t i;
+        json_t *e;
+        json_array_foreach(v, i, e) {
+            char msg[256];
+            push_index(c, i);
+            if (!json_is_string(e))
+                rc = fail(c, "must be a string like \"10.0.0.0/8\", not %s", type_name(e));
+            else if (gw_realip_parse_cidr(json_string_value(e), &cfg->trusted_proxies[i], msg, sizeof(msg)) != GW_OK)
+                rc = fail(c, "%s", msg);
+            pop(c);
+            if (rc != GW_OK)
+                break;
+            cfg->ntrusted++;
+        }
+    }
+    pop(c);
+    return rc;
+}
+
+static int
+parse_real_ip_header(ctx_t *c, json_t *v)
+{
+    const char *s = json_is_string(v) ? json_string_value(v) : "";
+    if (strcasecmp(s, "X-Forwarded-For") == 0)
+        c->cfg->real_ip_header = GW_REALIP_X_FORWARDED_FOR;
+    else if (strcasecmp(s, "X-Real-IP") == 0)
+        c->cfg->real_ip_header = GW_REALIP_X_REAL_IP;
+    else
+        return fail_in(c, "real_ip_header", "must be \"X-Forwarded-For\" or \"X-Real-IP\"");
+    return GW_OK;
+}
+
+static int
+rate_limit_conf(ctx_t *c, json_t *v, gw_ratelimit_conf_t *rc)
+{
+    static const char *const keys[] = { "rate", "period_ms", "burst", "key", "max_keys", NULL };
+    if (!json_is_object(v))
+        return fail(c, "must be an object like {\"rate\": 100, \"period_ms\": 1000}");
+    if (check_keys(c, v, keys, "\"rate_limit\""))
+        return GW_ERR;
+    if (json_object_get(v, "rate") == NULL)
+        return fail(c, "\"rate\" is required: the tokens added every period_ms");
+    long long rate = 1, burst = 0, maxk = 10000;
+    int period = 1000;
+    if (get_int(c, v, "rate", 1, 10000000, &rate) || get_ms(c, v, "period_ms", &period) ||
+        get_int(c, v, "burst", 1, 10000000, &burst) || get_int(c, v, "max_keys", 1, 1000000, &maxk))
+        return GW_ERR;
+    if (rate * 1000 > 10000000LL * period)
+        return fail_in(c, "rate", "at most 10000000 per second, not %lld per %d ms", rate, period);
+    rc->rate = (unsigned)rate;
+    rc->period_ms = period;
+    rc->burst = burst ? (unsigned)burst : (unsigned)rate;
+    rc->max_keys = (unsigned)maxk;
+    rc->key = GW_RL_KEY_GLOBAL;
+    json_t *key = json_object_get(v, "key");
+    const char *k = json_is_string(key) ? json_string_value(key) : NULL;
+    if (key == NULL || (k && strcmp(k, "global") == 0))
+        rc->key = GW_RL_KEY_GLOBAL;
+    else if (k && strcmp(k, "client") == 0)
+        rc->key = GW_RL_KEY_CLIENT;
+    else if (k && strncmp(k, "header:", 7) == 0 && valid_token(k + 7))
+        rc->key = GW_RL_KEY_HEADER;
+    else
+        return fail_in(c, "key", "must be \"global\", \"client\" or \"header:NAME\" (NAME a header name)");
+    if (rc->key == GW_RL_KEY_GLOBAL && json_object_get(v, "max_keys") != NULL)
+        return fail_in(c, "max_keys", "only for a keyed limit (\"key\": \"client\" or \"header:NAME\")");
+    rc->header = rc->key == GW_RL_KEY_HEADER ? (char *)k + 7 : NULL; /* copied by gw_ratelimit_new() */
+    return GW_OK;
+}
+
+static int
+parse_rate_limit(ctx_t *c, json_t *v, gw_route_t *route)
+{
+    gw_ratelimit_conf_t rc;
+    memset(&rc, 0, sizeof(rc));
+    push_key(c, "rate_limit");
+    int rv = rate_limit_conf(c, v, &rc);
+    pop(c);
+    if (rv == GW_OK)
+        route->ratelimit = gw_ratelimit_new(&rc);
+    return rv;
+}
+
 static void
 backend_free(gw_backend_t *b)
 {
@@ -1866,6 +1964,7 @@ route_free(gw_route_t *r)
     for (size_t i = 0; i < r->agg.nparams; i++)
         free(r->agg.params[i]);
     free(r->agg.params);
+    gw_ratelimit_unref(r->ratelimit);
     free(r);
 }
 
@@ -1873,7 +1972,7 @@ static int
 parse_route(ctx_t *c, json_t *v, size_t index)
 {
     static const char *const keys[] = { "path",        "methods", "respond", "proxy", "calls",
-                                        "deadline_ms", "merge",   "errors",  NULL };
+                                        "deadline_ms", "merge",   "errors",  "rate_limit", NULL };
     static const char *const agg_keys[] = { "deadline_ms", "merge", "errors", NULL };
     gw_config_t *cfg = c->cfg;
     if (!json_is_object(v))
@@ -1917,6 +2016,8 @@ parse_route(ctx_t *c, json_t *v, size_t index)
     /* After gw_router_add(), which has checked the pattern: the calls'
      * templates are compiled against its parameter names. */
     if (aggregate && parse_agg(c, v, route) != GW_OK)
+        return GW_ERR;
+    if (json_object_get(v, "rate_limit") != NULL && parse_rate_limit(c, json_object_get(v, "rate_limit"), route))
         return GW_ERR;
     return GW_OK;
 }
@@ -2095,7 +2196,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "resolver", "backends", "include", "routes", "pid_file", NULL };
+                                        "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
+                                        "real_ip_header", "max_inflight", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2121,6 +2223,12 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         get_ms(&c, root, "shutdown_timeout_ms", &cfg->shutdown_timeout_ms))
         goto fail;
     cfg->max_connections = (unsigned)maxconn;
+    long long maxinf = 0;
+    if (get_int(&c, root, "max_inflight", 1, 10000000, &maxinf) ||
+        ((v = json_object_get(root, "trusted_proxies")) != NULL && parse_trusted_proxies(&c, v)) ||
+        ((v = json_object_get(root, "real_ip_header")) != NULL && parse_real_ip_header(&c, v)))
+        goto fail;
+    cfg->max_inflight = (unsigned)maxinf;
     if ((v = json_object_get(root, "pid_file")) != NULL) {
         push_key(&c, "pid_file");
         if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
@@ -2202,6 +2310,7 @@ gw_config_unref(gw_config_t *cfg)
         free(cfg->resolver.nameservers[i].text);
     free(cfg->resolver.nameservers);
     free(cfg->resolver.hosts_file);
+    free(cfg->trusted_proxies);
     free(cfg->pid_file);
     free(cfg->file);
     free(cfg);

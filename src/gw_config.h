@@ -41,6 +41,19 @@ typedef struct {
     char *value;
 } gw_kv_t;
 
+/* An address block of "trusted_proxies" (see gw_realip.h). */
+typedef struct {
+    int family;              /* AF_INET or AF_INET6 */
+    unsigned bits;           /* prefix length */
+    unsigned char addr[16];  /* 4 bytes used for IPv4 */
+} gw_cidr_t;
+
+/* "real_ip_header": where a trusted proxy says who its client is. */
+typedef enum { GW_REALIP_X_FORWARDED_FOR = 0, GW_REALIP_X_REAL_IP } gw_realip_header_t;
+
+/* A route's "rate_limit" (see gw_ratelimit.h): settings and shared state. */
+typedef struct gw_ratelimit_s gw_ratelimit_t;
+
 /* The "resolver" section: how host names in backend URLs are resolved
  * (per worker, with evdns; see gw_dns.h). */
 typedef struct {
@@ -175,6 +188,7 @@ struct gw_route_s {
         char **params;               /* the pattern's parameter names, in order */
         size_t nparams;
     } agg;
+    gw_ratelimit_t *ratelimit; /* "rate_limit": one reference, shared across reloads; NULL: none */
 };
 
 struct gw_config_s {
@@ -194,6 +208,10 @@ struct gw_config_s {
     size_t nnamed;                  /* backends with a host name: a resolver is needed */
     gw_resolver_conf_t resolver;
     gw_router_t *router;
+    gw_cidr_t *trusted_proxies;     /* "trusted_proxies" (see gw_realip.h) */
+    size_t ntrusted;
+    gw_realip_header_t real_ip_header;
+    unsigned max_inflight;          /* requests being handled, whole process; 0: no limit */
 };
 
 /*

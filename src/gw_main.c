@@ -14,6 +14,7 @@
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_ratelimit.h"
 #include "gw_server.h"
 
 #include <errno.h>
@@ -148,6 +149,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
         return;
     }
     gw_breaker_inherit(next, *cfg); /* unchanged breakers keep their state */
+    gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         gw_config_unref(next);

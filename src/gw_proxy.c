@@ -237,7 +237,8 @@ gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *blen, size_t *bcap)
     size_t host_len = 0;
     const char *host = gw_req_header(r, "host", &host_len);
     ADD("X-Forwarded-For: ", 17);
-    add_list(r, "x-forwarded-for", &head, &len, &cap);
+    if (gw_conn_peer_trusted(c)) /* else the client's list is not believed: replaced */
+        add_list(r, "x-forwarded-for", &head, &len, &cap);
     ADD_STR(gw_conn_peer_ip(c));
     ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
     if (host) {
