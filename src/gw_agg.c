@@ -26,6 +26,7 @@
  * uses.
  */
 #include "gw_agg.h"
+#include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
@@ -99,6 +100,9 @@ struct xchg_s {
     size_t limit;         /* the backend's max_response_bytes */
     int status;
     bool got_bytes, retried, done, too_large;
+    bool admitted;        /* the breaker let it through: its outcome is reported once */
+    bool sent;            /* it got a connection (else its end says nothing about the backend) */
+    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
     /* retries and hedging (see "retries and hedging" below) */
     struct event *rtimer; /* the backoff sleep, else the per-try timeout; made on first use */
@@ -154,6 +158,7 @@ static llhttp_settings_t resp_settings;
 static void xchg_read_cb(gw_upstream_t *u, void *arg);
 static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
+static void xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg);
 static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, const char *code, int status);
 static void foreach_fill(agg_t *a, size_t i);
@@ -242,6 +247,9 @@ xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
     retry_leg_free(x);
+    gw_upstream_wait_cancel(&x->wait);
+    if (x->admitted) /* cancelled: deadline, fail fast, client gone */
+        gw_breaker_abandon(call_of(a, x->call)->backend);
     if (x->u)
         gw_upstream_release(x->u, reusable);
     evtimer_del(x->timer);
@@ -277,6 +285,22 @@ xchg_free(xchg_t *x, bool reusable)
 
 /* The exchange of element x->item of a foreach call, or of a plain call,
  * ended: with value (stolen; NULL on failure) or with code. */
+/* The breaker hears the outcome of x's try (once): code NULL is a success. */
+static void
+xchg_breaker_outcome(xchg_t *x, const char *code)
+{
+    if (!x->admitted)
+        return;
+    const gw_backend_t *b = call_of(x->a, x->call)->backend;
+    /* a backend's health: 4xx and oversized answers are not its failures */
+    bool ok = code == NULL || (strcmp(code, "bad_status") == 0 && x->status < 500) || strcmp(code, "too_large") == 0;
+    if (x->sent)
+        gw_breaker_done(b, ok);
+    else
+        gw_breaker_abandon(b);
+    x->admitted = false;
+}
+
 static void
 xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
 {
@@ -287,6 +311,7 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
     int status = x->status;
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
+    xchg_breaker_outcome(x, code);
     xchg_free(x, reusable);
     if (!call->foreach) {
         rt->answer = value;
@@ -549,6 +574,15 @@ xchg_send(xchg_t *x, bool fresh)
     const gw_call_t *call = call_of(a, x->call);
     gw_upstream_t *u = NULL;
     int rc = gw_upstream_get(a->w, call->backend, fresh, &u);
+    if (rc == GW_AGAIN && !fresh && call->backend->max_pending > 0) {
+        /* max_connections in use: wait for one (xchg_wait_cb) */
+        if (gw_upstream_wait(a->w, call->backend, &x->wait, xchg_wait_cb, x) == GW_OK)
+            return NULL;
+        gw_log(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
+               call->backend->name, call->backend->max_pending, call->name, gw_conn_peer_ip(a->c),
+               gw_conn_req(a->c)->request_id);
+        return "queue_full";
+    }
     if (rc != GW_OK) {
         int err = errno;
         gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
@@ -559,6 +593,7 @@ xchg_send(xchg_t *x, bool fresh)
         return rc == GW_AGAIN ? "unavailable" : "connect_failed";
     }
     x->u = u;
+    x->sent = true;
     x->got_bytes = false;
     x->status = 0;
     x->blen = 0;
@@ -585,7 +620,10 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     xchg_t *x = xchg_new(a, i, item);
     x->limit = call->backend->max_response_bytes;
     const char *code = build_request(x, item_value);
-    /* breaker: admit here */
+    if (code == NULL && gw_breaker_admit(call->backend, NULL) != GW_OK)
+        code = "circuit_open";
+    else if (code == NULL)
+        x->admitted = call->backend->breaker != NULL;
     if (code == NULL)
         code = xchg_send(x, false);
     if (code) {
@@ -752,11 +790,23 @@ respond_error(agg_t *a)
         status = 504;
     else if (strcmp(rt->code, "unavailable") == 0)
         status = 503;
+    int retry_s = 0; /* Retry-After */
+    if (strcmp(rt->code, "circuit_open") == 0)
+        retry_s = gw_breaker_retry_after_s(call->backend);
+    else if (strcmp(rt->code, "queue_full") == 0 || strcmp(rt->code, "queue_timeout") == 0)
+        retry_s = 1;
+    if (retry_s)
+        status = 503;
     char extra[256];
     int n = snprintf(extra, sizeof(extra), ",\"call\":\"%s\"", call->name);
     if (rt->status)
         snprintf(extra + n, sizeof(extra) - (size_t)n, ",\"status\":%d", rt->status);
     server_timing(a);
+    if (retry_s) {
+        char ra[40];
+        int k = snprintf(ra, sizeof(ra), "Retry-After: %d\r\n", retry_s);
+        gw_tpl_buf_add(&a->hdrs, ra, (size_t)k);
+    }
     gw_conn_error_headers(a->c, status, rt->code, extra, a->hdrs.data);
 }
 
@@ -1129,7 +1179,8 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     const gw_call_t *call = call_of(a, x->call);
     gw_log(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
            call->name, call->timeout_ms,
-           x->u && x->u->waiting   ? "resolving the backend's name"
+           x->u == NULL            ? "waiting in the backend's queue for a connection"
+           : x->u->waiting         ? "resolving the backend's name"
            : x->u && !x->u->connected ? "connecting to upstream"
            : x->got_bytes          ? "reading the response from upstream"
                                    : "waiting for the response from upstream",
@@ -1138,6 +1189,30 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
         x->u->broken = true;
     x->final = true;
     xchg_end(x, false, NULL, "timeout");
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* x waited in its backend's queue: a connection may be free now, or
+ * queue_timeout_ms passed. */
+static void
+xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
+{
+    xchg_t *x = arg;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(wt);
+    const gw_call_t *call = call_of(a, x->call);
+    const char *code;
+    if (status == GW_OK) {
+        code = xchg_send(x, false);
+    } else {
+        gw_log(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
+               call->backend->name, call->backend->queue_timeout_ms, call->name, gw_conn_req(c)->request_id);
+        code = "queue_timeout";
+    }
+    if (code)
+        xchg_end(x, false, NULL, code);
     agg_progress(a);
     gw_conn_release(c);
 }
@@ -1255,7 +1330,9 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
     const gw_call_t *call = call_of(a, x->call);
     const gw_retry_conf_t *rc = call->backend->retry;
     GW_UNUSED(value);
-    /* breaker: outcome here */
+    /* this try is over: the breaker hears how it went, a queued one leaves the queue */
+    xchg_breaker_outcome(x, code);
+    gw_upstream_wait_cancel(&x->wait);
     if (x->slot) {
         gw_retry_release(rc);
         x->slot = false;
@@ -1268,8 +1345,11 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
             /* the hedge won: the owner's own try is closed, the answer is the hedge's */
             gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
                    call->name, gw_conn_req(a->c)->request_id);
+            if (p->admitted) {
+                gw_breaker_abandon(call->backend); /* cancelled, not failed */
+                p->admitted = false;
+            }
             if (p->u) {
-                /* breaker: abandon here */
                 gw_upstream_release(p->u, false);
                 p->u = NULL;
             }
@@ -1348,10 +1428,17 @@ retry_timer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     if (x->backoff) {
+        const gw_backend_t *b = call_of(a, x->call)->backend;
+        const char *code = NULL;
         x->backoff = false;
         x->attempt++;
-        /* breaker: admit here */
-        const char *code = xchg_send(x, false);
+        x->sent = false;
+        if (gw_breaker_admit(b, NULL) != GW_OK)
+            code = "circuit_open";
+        else
+            x->admitted = b->breaker != NULL;
+        if (code == NULL)
+            code = xchg_send(x, false);
         if (code)
             xchg_end(x, false, NULL, code);
         else
@@ -1360,7 +1447,8 @@ retry_timer_cb(evutil_socket_t fd, short what, void *arg)
         const gw_call_t *call = call_of(a, x->call);
         gw_log(GW_LOG_INFO, "backend %s: call %s: try %u passed per_try_timeout_ms (%d) while %s, request %s",
                call->backend->name, call->name, x->attempt, call->backend->retry->per_try_timeout_ms,
-               x->u && !x->u->connected ? "connecting to upstream"
+               x->u == NULL             ? "waiting in the backend's queue for a connection"
+               : !x->u->connected       ? "connecting to upstream"
                : x->got_bytes           ? "reading the response from upstream"
                                         : "waiting for the response from upstream",
                gw_conn_req(c)->request_id);
@@ -1385,8 +1473,12 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     if (x->twin || x->u == NULL || x->got_bytes || x->waiting_twin)
-        return; /* answering, or between tries: nothing to hedge */
+        return; /* answering, queued, or between tries: nothing to hedge */
+    if (gw_breaker_admit(call->backend, NULL) != GW_OK)
+        return; /* its circuit opened meanwhile: no new try */
     if (!gw_retry_acquire(rc)) {
+        if (call->backend->breaker)
+            gw_breaker_abandon(call->backend);
         gw_log(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
                call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
         return;
@@ -1403,7 +1495,7 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
     h->slot = true;
     h->attempt = 1;
     h->call_end_us = x->call_end_us;
-    /* breaker: admit here */
+    h->admitted = call->backend->breaker != NULL;
     const char *code = xchg_send(h, true);
     if (code) {
         xchg_free(h, false); /* the owner's try goes on alone */

@@ -13,8 +13,11 @@
  * cycles (see "aggregate routes" below).
  */
 #include "gw_config.h"
+#include "gw_breaker.h"
 #include "gw_http.h"
 #include "gw_jpath.h"
+#include "gw_ratelimit.h"
+#include "gw_realip.h"
 #include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_template.h"
@@ -34,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define MAX_DEPTH 16
@@ -1018,11 +1022,62 @@ parse_retry(ctx_t *c, gw_backend_t *b, json_t *v)
     return rc_;
 }
 
+/* A backend's "circuit_breaker" (absent: none): every key optional. The
+ * breaker's shared state is made here, owned by b (gw_breaker.h). */
+static int
+parse_breaker(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "consecutive_failures", "failure_ratio", "window_ms", "min_requests",
+                                        "open_ms", "max_open_ms", "probe_requests", NULL };
+    if (v == NULL)
+        return GW_OK;
+    gw_breaker_conf_t *bc = &b->breaker_conf;
+    long long cf = 5, minr = 20, probes = 1;
+    bc->failure_ratio = 0.5;
+    bc->window_ms = 10000;
+    bc->open_ms = 5000;
+    bc->max_open_ms = 60000;
+    push_key(c, "circuit_breaker");
+    int rc = GW_ERR;
+    long long window = bc->window_ms;
+    json_t *ratio = json_object_get(v, "failure_ratio");
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"consecutive_failures\": 5}");
+    } else if (check_keys(c, v, keys, "\"circuit_breaker\"") == GW_OK &&
+               get_int(c, v, "consecutive_failures", 0, 1000000, &cf) == GW_OK &&
+               get_int(c, v, "window_ms", 100, 3600000, &window) == GW_OK &&
+               get_int(c, v, "min_requests", 1, 1000000, &minr) == GW_OK && get_ms(c, v, "open_ms", &bc->open_ms) == GW_OK &&
+               get_ms(c, v, "max_open_ms", &bc->max_open_ms) == GW_OK &&
+               get_int(c, v, "probe_requests", 1, 1000, &probes) == GW_OK) {
+        if (ratio && (!json_is_number(ratio) || json_number_value(ratio) < 0 || json_number_value(ratio) > 1)) {
+            fail_in(c, "failure_ratio", "must be a number from 0 to 1 (0: no ratio trigger)");
+        } else if (bc->max_open_ms < bc->open_ms) {
+            fail_in(c, "max_open_ms", "must not be below open_ms (%d)", bc->open_ms);
+        } else {
+            if (ratio)
+                bc->failure_ratio = json_number_value(ratio);
+            bc->consecutive_failures = (unsigned)cf;
+            bc->window_ms = (int)window;
+            bc->min_requests = (unsigned)minr;
+            bc->probe_requests = (unsigned)probes;
+            if (bc->consecutive_failures == 0 && bc->failure_ratio == 0)
+                fail(c, "consecutive_failures and failure_ratio are both 0: it could never open (remove it instead)");
+            else
+                rc = GW_OK;
+        }
+    }
+    pop(c);
+    if (rc == GW_OK)
+        b->breaker = gw_breaker_new(b->name, bc);
+    return rc;
+}
+
 static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
-                                        "max_connections", "max_idle", "max_response_bytes", "tls", "retry", NULL };
+                                        "max_connections", "max_idle", "max_response_bytes", "tls",
+                                        "max_pending", "queue_timeout_ms", "circuit_breaker", "retry", NULL };
     gw_config_t *cfg = c->cfg;
     push_key(c, "backends");
     if (!json_is_object(v)) {
@@ -1046,7 +1101,9 @@ parse_backends(ctx_t *c, json_t *v)
         b->max_idle = 64;
         b->max_response_bytes = 8u << 20;
         b->retry = gw_retry_conf_new();
-        long long maxc = b->max_connections, maxi = b->max_idle;
+        b->max_pending = 128;
+        b->queue_timeout_ms = 1000;
+        long long maxc = b->max_connections, maxi = b->max_idle, maxp = b->max_pending;
         json_t *url = json_object_get(bv, "url");
         int rc = GW_ERR;
         if (!json_is_object(bv)) {
@@ -1065,10 +1122,13 @@ parse_backends(ctx_t *c, json_t *v)
                 (get_ms(c, bv, "connect_timeout_ms", &b->connect_timeout_ms) || get_ms(c, bv, "timeout_ms", &b->timeout_ms) ||
                  get_ms(c, bv, "idle_timeout_ms", &b->idle_timeout_ms) ||
                  get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi) ||
-                 get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes)))
+                 get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes) ||
+                 get_int(c, bv, "max_pending", 0, 100000, &maxp) || get_ms(c, bv, "queue_timeout_ms", &b->queue_timeout_ms) ||
+                 parse_breaker(c, b, json_object_get(bv, "circuit_breaker"))))
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
             b->max_idle = (unsigned)maxi;
+            b->max_pending = (unsigned)maxp;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;
             if (rc == GW_OK) {
@@ -1865,6 +1925,101 @@ out:
     return rc;
 }
 
+/* --- trusted proxies, rate limits, max_inflight (gw_realip.h, gw_ratelimit.h) --- */
+
+static int
+parse_trusted_proxies(ctx_t *c, json_t *v)
+{
+    gw_config_t *cfg = c->cfg;
+    push_key(c, "trusted_proxies");
+    int rc = GW_OK;
+    if (!json_is_array(v) || json_array_size(v) > 1024) {
+        rc = fail(c, "must be an array of at most 1024 address blocks like \"10.0.0.0/8\" or \"::1/128\"");
+    } else {
+        cfg->trusted_proxies = gw_calloc(json_array_size(v) + 1, sizeof(gw_cidr_t));
+        size_t i;
+        json_t *e;
+        json_array_foreach(v, i, e) {
+            char msg[256];
+            push_index(c, i);
+            if (!json_is_string(e))
+                rc = fail(c, "must be a string like \"10.0.0.0/8\", not %s", type_name(e));
+            else if (gw_realip_parse_cidr(json_string_value(e), &cfg->trusted_proxies[i], msg, sizeof(msg)) != GW_OK)
+                rc = fail(c, "%s", msg);
+            pop(c);
+            if (rc != GW_OK)
+                break;
+            cfg->ntrusted++;
+        }
+    }
+    pop(c);
+    return rc;
+}
+
+static int
+parse_real_ip_header(ctx_t *c, json_t *v)
+{
+    const char *s = json_is_string(v) ? json_string_value(v) : "";
+    if (strcasecmp(s, "X-Forwarded-For") == 0)
+        c->cfg->real_ip_header = GW_REALIP_X_FORWARDED_FOR;
+    else if (strcasecmp(s, "X-Real-IP") == 0)
+        c->cfg->real_ip_header = GW_REALIP_X_REAL_IP;
+    else
+        return fail_in(c, "real_ip_header", "must be \"X-Forwarded-For\" or \"X-Real-IP\"");
+    return GW_OK;
+}
+
+static int
+rate_limit_conf(ctx_t *c, json_t *v, gw_ratelimit_conf_t *rc)
+{
+    static const char *const keys[] = { "rate", "period_ms", "burst", "key", "max_keys", NULL };
+    if (!json_is_object(v))
+        return fail(c, "must be an object like {\"rate\": 100, \"period_ms\": 1000}");
+    if (check_keys(c, v, keys, "\"rate_limit\""))
+        return GW_ERR;
+    if (json_object_get(v, "rate") == NULL)
+        return fail(c, "\"rate\" is required: the tokens added every period_ms");
+    long long rate = 1, burst = 0, maxk = 10000;
+    int period = 1000;
+    if (get_int(c, v, "rate", 1, 10000000, &rate) || get_ms(c, v, "period_ms", &period) ||
+        get_int(c, v, "burst", 1, 10000000, &burst) || get_int(c, v, "max_keys", 1, 1000000, &maxk))
+        return GW_ERR;
+    if (rate * 1000 > 10000000LL * period)
+        return fail_in(c, "rate", "at most 10000000 per second, not %lld per %d ms", rate, period);
+    rc->rate = (unsigned)rate;
+    rc->period_ms = period;
+    rc->burst = burst ? (unsigned)burst : (unsigned)rate;
+    rc->max_keys = (unsigned)maxk;
+    rc->key = GW_RL_KEY_GLOBAL;
+    json_t *key = json_object_get(v, "key");
+    const char *k = json_is_string(key) ? json_string_value(key) : NULL;
+    if (key == NULL || (k && strcmp(k, "global") == 0))
+        rc->key = GW_RL_KEY_GLOBAL;
+    else if (k && strcmp(k, "client") == 0)
+        rc->key = GW_RL_KEY_CLIENT;
+    else if (k && strncmp(k, "header:", 7) == 0 && valid_token(k + 7))
+        rc->key = GW_RL_KEY_HEADER;
+    else
+        return fail_in(c, "key", "must be \"global\", \"client\" or \"header:NAME\" (NAME a header name)");
+    if (rc->key == GW_RL_KEY_GLOBAL && json_object_get(v, "max_keys") != NULL)
+        return fail_in(c, "max_keys", "only for a keyed limit (\"key\": \"client\" or \"header:NAME\")");
+    rc->header = rc->key == GW_RL_KEY_HEADER ? (char *)k + 7 : NULL; /* copied by gw_ratelimit_new() */
+    return GW_OK;
+}
+
+static int
+parse_rate_limit(ctx_t *c, json_t *v, gw_route_t *route)
+{
+    gw_ratelimit_conf_t rc;
+    memset(&rc, 0, sizeof(rc));
+    push_key(c, "rate_limit");
+    int rv = rate_limit_conf(c, v, &rc);
+    pop(c);
+    if (rv == GW_OK)
+        route->ratelimit = gw_ratelimit_new(&rc);
+    return rv;
+}
+
 static void
 backend_free(gw_backend_t *b)
 {
@@ -1876,6 +2031,7 @@ backend_free(gw_backend_t *b)
     free(b->conn_key);
     free(b->pools);
     SSL_CTX_free(b->ssl_ctx);
+    gw_breaker_unref(b->breaker);
     gw_retry_conf_free(b->retry);
     free(b);
 }
@@ -1895,6 +2051,7 @@ route_free(gw_route_t *r)
     for (size_t i = 0; i < r->agg.nparams; i++)
         free(r->agg.params[i]);
     free(r->agg.params);
+    gw_ratelimit_unref(r->ratelimit);
     free(r);
 }
 
@@ -1902,7 +2059,7 @@ static int
 parse_route(ctx_t *c, json_t *v, size_t index)
 {
     static const char *const keys[] = { "path",        "methods", "respond", "proxy", "calls",
-                                        "deadline_ms", "merge",   "errors",  NULL };
+                                        "deadline_ms", "merge",   "errors",  "rate_limit", NULL };
     static const char *const agg_keys[] = { "deadline_ms", "merge", "errors", NULL };
     gw_config_t *cfg = c->cfg;
     if (!json_is_object(v))
@@ -1946,6 +2103,8 @@ parse_route(ctx_t *c, json_t *v, size_t index)
     /* After gw_router_add(), which has checked the pattern: the calls'
      * templates are compiled against its parameter names. */
     if (aggregate && parse_agg(c, v, route) != GW_OK)
+        return GW_ERR;
+    if (json_object_get(v, "rate_limit") != NULL && parse_rate_limit(c, json_object_get(v, "rate_limit"), route))
         return GW_ERR;
     return GW_OK;
 }
@@ -2124,7 +2283,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
                 size_t errlen)
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
-                                        "resolver", "backends", "include", "routes", "pid_file", NULL };
+                                        "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
+                                        "real_ip_header", "max_inflight", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2150,6 +2310,12 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         get_ms(&c, root, "shutdown_timeout_ms", &cfg->shutdown_timeout_ms))
         goto fail;
     cfg->max_connections = (unsigned)maxconn;
+    long long maxinf = 0;
+    if (get_int(&c, root, "max_inflight", 1, 10000000, &maxinf) ||
+        ((v = json_object_get(root, "trusted_proxies")) != NULL && parse_trusted_proxies(&c, v)) ||
+        ((v = json_object_get(root, "real_ip_header")) != NULL && parse_real_ip_header(&c, v)))
+        goto fail;
+    cfg->max_inflight = (unsigned)maxinf;
     if ((v = json_object_get(root, "pid_file")) != NULL) {
         push_key(&c, "pid_file");
         if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
@@ -2231,6 +2397,7 @@ gw_config_unref(gw_config_t *cfg)
         free(cfg->resolver.nameservers[i].text);
     free(cfg->resolver.nameservers);
     free(cfg->resolver.hosts_file);
+    free(cfg->trusted_proxies);
     free(cfg->pid_file);
     free(cfg->file);
     free(cfg);

@@ -41,6 +41,19 @@ typedef struct {
     char *value;
 } gw_kv_t;
 
+/* An address block of "trusted_proxies" (see gw_realip.h). */
+typedef struct {
+    int family;              /* AF_INET or AF_INET6 */
+    unsigned bits;           /* prefix length */
+    unsigned char addr[16];  /* 4 bytes used for IPv4 */
+} gw_cidr_t;
+
+/* "real_ip_header": where a trusted proxy says who its client is. */
+typedef enum { GW_REALIP_X_FORWARDED_FOR = 0, GW_REALIP_X_REAL_IP } gw_realip_header_t;
+
+/* A route's "rate_limit" (see gw_ratelimit.h): settings and shared state. */
+typedef struct gw_ratelimit_s gw_ratelimit_t;
+
 /* The "resolver" section: how host names in backend URLs are resolved
  * (per worker, with evdns; see gw_dns.h). */
 typedef struct {
@@ -52,6 +65,17 @@ typedef struct {
     int max_ttl_ms;                /* and at most this long; hosts-file answers this long */
     char *hosts_file;              /* looked up before DNS; NULL: not used */
 } gw_resolver_conf_t;
+
+/* A backend's "circuit_breaker" settings (gw_breaker.h); 0 disables a trigger. */
+struct gw_breaker_conf_s {
+    unsigned consecutive_failures; /* failures in a row that open it (default 5) */
+    double failure_ratio;          /* failed share of the window that opens it (default 0.5) */
+    int window_ms;                 /* the sliding window (default 10000) */
+    unsigned min_requests;         /* calls in the window before the ratio counts (default 20) */
+    int open_ms;                   /* first open time (default 5000), doubled per trip in a row */
+    int max_open_ms;               /* up to this (default 60000) */
+    unsigned probe_requests;       /* calls let through half-open (default 1) */
+};
 
 /* A backend API. Immutable, owned by the configuration. */
 struct gw_backend_s {
@@ -80,6 +104,11 @@ struct gw_backend_s {
     /* The one mutable part: worker i's connection pool for this backend, set
      * and used by worker i's thread only (see gw_upstream.h). [cfg->workers] */
     gw_pool_t **pools;
+    /* resilience */
+    unsigned max_pending;          /* per worker: calls waiting for a connection when max_connections are used (0: none) */
+    int queue_timeout_ms;          /* longest wait in that queue */
+    gw_breaker_conf_t breaker_conf; /* "circuit_breaker", when breaker is set */
+    gw_breaker_t *breaker;         /* its shared mutable state (one reference); NULL: no breaker */
     struct gw_retry_conf_s *retry; /* "retry" (gw_retry.h); never NULL: attempts 1 when absent */
 };
 
@@ -161,6 +190,7 @@ struct gw_route_s {
         char **params;               /* the pattern's parameter names, in order */
         size_t nparams;
     } agg;
+    gw_ratelimit_t *ratelimit; /* "rate_limit": one reference, shared across reloads; NULL: none */
 };
 
 struct gw_config_s {
@@ -180,6 +210,10 @@ struct gw_config_s {
     size_t nnamed;                  /* backends with a host name: a resolver is needed */
     gw_resolver_conf_t resolver;
     gw_router_t *router;
+    gw_cidr_t *trusted_proxies;     /* "trusted_proxies" (see gw_realip.h) */
+    size_t ntrusted;
+    gw_realip_header_t real_ip_header;
+    unsigned max_inflight;          /* requests being handled, whole process; 0: no limit */
 };
 
 /*

@@ -25,8 +25,11 @@
 #include "gw_agg.h"
 #include "gw_config.h"
 #include "gw_http.h"
+#include "gw_inflight.h"
 #include "gw_log.h"
 #include "gw_proxy.h"
+#include "gw_ratelimit.h"
+#include "gw_realip.h"
 #include "gw_router.h"
 #include "gw_server.h"
 
@@ -87,6 +90,9 @@ struct gw_conn_s {
     void *async_ctx;
     char peer[64];
     char peer_ip[64];
+    bool inflight;     /* the request holds a gw_inflight unit */
+    size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
+    char rl_hdr[GW_RATELIMIT_HDR_MAX];
 };
 
 static void conn_run(gw_conn_t *c);
@@ -107,6 +113,8 @@ conn_free(gw_conn_t *c)
         c->async = NULL;
         ops->cancel(c->async_ctx);
     }
+    if (c->inflight)
+        gw_inflight_release();
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -219,7 +227,7 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
     const char *text = gw_http_status_text(status);
     size_t idlen = strlen(id), textlen = strlen(text); /* id: at most 63 bytes, see gw_http.c */
     /* fixed text of the head, two numbers, the id and the status text */
-    size_t head_max = 160 + idlen + textlen;
+    size_t head_max = 160 + idlen + textlen + c->rl_hdr_len;
     bool small = head_max + extra_len + (send_body ? clen : 0) <= sizeof(buf);
     char *p = PUT_LIT(buf, "HTTP/1.1 ");
     p = put_uint(p, (size_t)status);
@@ -237,6 +245,7 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
         evbuffer_add(c->out, extra, extra_len);
         p = buf;
     }
+    p = put(p, c->rl_hdr, c->rl_hdr_len);
     if (length < 0) {
         if (c->chunked_out)
             p = PUT_LIT(p, "Transfer-Encoding: chunked\r\n");
@@ -266,6 +275,11 @@ static void
 request_done(gw_conn_t *c)
 {
     c->requests++;
+    if (c->inflight) {
+        c->inflight = false;
+        gw_inflight_release();
+    }
+    c->rl_hdr_len = 0;
     c->resp_started = false;
     c->body_stream = c->body_paused = false;
     if (c->close_after) {
@@ -385,6 +399,38 @@ reject(gw_conn_t *c, int status, const char *reason)
     respond_error(c, status, code, reason, NULL);
 }
 
+/*
+ * Admission of a routed request, before any backend is contacted:
+ * max_inflight (503 overloaded), then the route's rate limit (429
+ * rate_limited). False when it was answered. body_unread: the request's
+ * body is still in the socket (a streamed proxy body), so a refusal closes
+ * the connection after it.
+ */
+static bool
+admit(gw_conn_t *c, const gw_route_t *route, bool body_unread)
+{
+    char hdr[48];
+    if (c->cfg->max_inflight && !c->inflight) {
+        if (!gw_inflight_acquire(c->cfg->max_inflight)) {
+            c->close_after = c->close_after || body_unread;
+            respond_error(c, 503, "overloaded", "too many requests in flight", "Retry-After: 1\r\n");
+            return false;
+        }
+        c->inflight = true;
+    }
+    if (route->ratelimit) {
+        unsigned retry = gw_ratelimit_admit(route->ratelimit, c->cfg, &c->req, c->peer_ip, c->rl_hdr, sizeof(c->rl_hdr),
+                                            &c->rl_hdr_len);
+        if (retry) {
+            snprintf(hdr, sizeof(hdr), "Retry-After: %u\r\n", retry);
+            c->close_after = c->close_after || body_unread;
+            respond_error(c, 429, "rate_limited", "rate limit exceeded", hdr);
+            return false;
+        }
+    }
+    return true;
+}
+
 static void
 dispatch(gw_conn_t *c)
 {
@@ -405,6 +451,8 @@ dispatch(gw_conn_t *c)
         return;
     }
     const gw_route_t *route = m.route;
+    if (!admit(c, route, false))
+        return;
     switch (route->kind) {
     case GW_ROUTE_RESPOND:
         respond(c, route->respond.status, route->respond.head, route->respond.head_len, route->respond.body,
@@ -433,6 +481,8 @@ head_received(gw_conn_t *c)
     const gw_route_t *route = NULL;
     if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND && m.route->kind == GW_ROUTE_PROXY)
         route = m.route;
+    if (route && !admit(c, route, true))
+        return;
     if (route)
         gw_parser_set_body_limit(&c->parser, route->proxy.max_body_bytes < 0 ? c->cfg->http.max_body_bytes
                                                                               : (size_t)route->proxy.max_body_bytes);
@@ -829,6 +879,18 @@ gw_worker_t *
 gw_conn_worker(gw_conn_t *c)
 {
     return c->w;
+}
+
+const char *
+gw_conn_client_ip(gw_conn_t *c)
+{
+    return gw_realip_get(c->cfg, &c->req, c->peer_ip);
+}
+
+bool
+gw_conn_peer_trusted(gw_conn_t *c)
+{
+    return gw_realip_peer_trusted(c->cfg, &c->req, c->peer_ip);
 }
 
 const char *

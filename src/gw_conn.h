@@ -76,6 +76,11 @@ bool gw_conn_body_done(gw_conn_t *c);
 void gw_conn_body_pause(gw_conn_t *c, bool pause);
 gw_req_t *gw_conn_req(gw_conn_t *c);
 gw_worker_t *gw_conn_worker(gw_conn_t *c);
+/* The real client address of the current request (gw_realip_get():
+ * the peer, or what a trusted proxy says), and whether the peer is a
+ * trusted proxy. Cached per request. */
+const char *gw_conn_client_ip(gw_conn_t *c);
+bool gw_conn_peer_trusted(gw_conn_t *c);
 /* The client's address without port ("127.0.0.1", "::1"). */
 const char *gw_conn_peer_ip(gw_conn_t *c);
 

@@ -29,6 +29,8 @@ typedef struct gw_call_s gw_call_t;
 typedef struct gw_backend_s gw_backend_t;
 typedef struct gw_upstream_s gw_upstream_t;
 typedef struct gw_pool_s gw_pool_t;
+typedef struct gw_breaker_s gw_breaker_t;
+typedef struct gw_breaker_conf_s gw_breaker_conf_t;
 typedef struct gw_gen_s gw_gen_t;
 typedef struct gw_dns_s gw_dns_t;
 typedef struct gw_dns_name_s gw_dns_name_t;

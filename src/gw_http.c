@@ -376,6 +376,8 @@ gw_parser_next(gw_parser_t *p)
     evbuffer_drain(r->body, evbuffer_get_length(r->body));
     r->body_len = 0;
     r->request_id[0] = '\0';
+    r->client_ip[0] = '\0';
+    r->peer_trust = 0;
     p->status = 0;
     p->reason = NULL;
     p->started = p->headers_done = p->in_field = false;

@@ -45,6 +45,8 @@ struct gw_req_s {
     size_t body_len;
     gw_path_t path;             /* normalized, for the router */
     char request_id[72];
+    char client_ip[48];         /* gw_realip_get() cache; "" until computed */
+    signed char peer_trust;     /* gw_realip_peer_trusted() cache; 0 until computed */
 };
 
 /* Result of gw_parser_execute(). */

@@ -11,8 +11,11 @@
  * "gatherd -s reload|stop|quit" signals the running daemon whose pid is in
  * the pid file (--pid, else the configuration's "pid_file"), like nginx -s.
  */
+#include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_ratelimit.h"
+#include "gw_retry.h"
 #include "gw_server.h"
 
 #include <errno.h>
@@ -146,6 +149,9 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         return;
     }
+    gw_breaker_inherit(next, *cfg); /* unchanged breakers keep their state */
+    gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
+    gw_retry_inherit(next, *cfg); /* unchanged retry sections keep their budget counters */
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         gw_config_unref(next);

@@ -27,6 +27,7 @@
  * gw_conn_release(c) and touch nothing after it.
  */
 #include "gw_proxy.h"
+#include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
@@ -88,6 +89,9 @@ struct gw_proxy_s {
     gw_header_t *hdrs;
     size_t nhdrs, hdrs_cap;
     bool in_field, in_value;
+    bool admitted;        /* the breaker let it through: its outcome is reported once, by proxy_free() */
+    int outcome;          /* for the breaker: 1 ok, -1 failed, 0 unknown (cancelled: abandoned) */
+    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
 };
 
 static llhttp_settings_t resp_settings;
@@ -246,7 +250,8 @@ gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *blen, size_t *bcap)
     size_t host_len = 0;
     const char *host = gw_req_header(r, "host", &host_len);
     ADD("X-Forwarded-For: ", 17);
-    add_list(r, "x-forwarded-for", &head, &len, &cap);
+    if (gw_conn_peer_trusted(c)) /* else the client's list is not believed: replaced */
+        add_list(r, "x-forwarded-for", &head, &len, &cap);
     ADD_STR(gw_conn_peer_ip(c));
     ADD("\r\nX-Forwarded-Proto: http\r\n", 27);
     if (host) {
@@ -337,6 +342,11 @@ proxy_free(gw_proxy_t *p, bool reusable)
 {
     gw_worker_t *w = gw_conn_worker(p->c);
     proxy_retry_free(p);
+    gw_upstream_wait_cancel(&p->wait);
+    if (p->admitted && p->outcome)
+        gw_breaker_done(p->b, p->outcome > 0);
+    else if (p->admitted)
+        gw_breaker_abandon(p->b);
     if (p->u)
         gw_upstream_release(p->u, reusable);
     evtimer_del(p->timer);
@@ -468,8 +478,10 @@ proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int e
     gw_req_t *r = gw_conn_req(c);
     gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
            code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
-    if (p->u)
+    if (p->u) {
         p->u->broken = true;
+        p->outcome = -1; /* it reached the backend (a queue or local failure says nothing about it) */
+    }
     if (p->head_sent) {
         proxy_free(p, false);
         gw_conn_abort(c);
@@ -687,6 +699,7 @@ proxy_finish(gw_proxy_t *p)
      * the connection mid-request: never reused. */
     bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
                     evbuffer_get_length(gw_upstream_input(p->u)) == 0;
+    p->outcome = p->status >= 500 ? -1 : 1;
     proxy_free(p, reusable);
     gw_conn_end_response(c);
 }
@@ -778,6 +791,7 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
             /* a close-delimited body ends here */
             if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
                 p->done = true;
+                p->outcome = p->status >= 500 ? -1 : 1;
                 proxy_free(p, false);
                 gw_conn_end_response(c);
             } else {
@@ -805,10 +819,55 @@ proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     const char *doing = p->head_sent                  ? "reading response body from upstream"
-                        : p->u && p->u->waiting       ? "resolving the backend's name"
+                        : p->u == NULL                ? "waiting in the backend's queue for a connection"
+                        : p->u->waiting               ? "resolving the backend's name"
                         : p->u && !p->u->connected    ? "connecting to upstream"
                                                       : "waiting for the response from upstream";
     proxy_fail(p, 504, "upstream_timeout", doing, 0);
+    gw_conn_release(c);
+}
+
+/* Answers 503 code with Retry-After: retry_s, before anything was sent (from
+ * gw_proxy_start() or a queue callback). */
+static void
+proxy_refuse(gw_proxy_t *p, const char *code, int retry_s, const char *why)
+{
+    gw_conn_t *c = p->c;
+    char extra[256], hdr[40];
+    /* an open circuit was logged once when it opened */
+    gw_log(strcmp(code, "circuit_open") == 0 ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
+           gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
+    snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
+    snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
+    proxy_free(p, false);
+    gw_conn_error_headers(c, 503, code, extra, hdr);
+}
+
+/* p waited in its backend's queue: a connection may be free now, or
+ * queue_timeout_ms passed. */
+static void
+proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
+{
+    gw_proxy_t *p = arg;
+    gw_conn_t *c = p->c;
+    GW_UNUSED(wt);
+    if (status != GW_OK) {
+        proxy_refuse(p, "queue_timeout", 1, "no connection within queue_timeout_ms");
+        gw_conn_release(c);
+        return;
+    }
+    int rc = send_attempt(p, false);
+    if (rc == GW_AGAIN && gw_upstream_wait(gw_conn_worker(c), p->b, &p->wait, proxy_wait_cb, p) == GW_OK) {
+        gw_conn_release(c); /* taken by another: wait again */
+        return;
+    }
+    if (rc == GW_AGAIN) {
+        proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+    } else if (rc != GW_OK) {
+        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+    } else if (!p->body_paused) {
+        gw_conn_body_pause(c, false); /* the body goes upstream now (unless the upstream output is full already) */
+    }
     gw_conn_release(c);
 }
 
@@ -868,7 +927,6 @@ proxy_retry_decide(gw_proxy_t *p, const char *why)
 {
     const gw_retry_conf_t *rc = p->b->retry;
     gw_req_t *r = gw_conn_req(p->c);
-    /* breaker: outcome here */
     if (p->slot) {
         gw_retry_release(rc);
         p->slot = false;
@@ -889,6 +947,13 @@ proxy_retry_decide(gw_proxy_t *p, const char *why)
     }
     p->slot = true;
     p->retry_ms = ms;
+    if (p->admitted) {
+        /* the breaker hears how this try went (a retried 4xx is an answer, not a failure); the
+         * next try asks it again. Without a retry proxy_free() reports, as for any request. */
+        gw_breaker_done(p->b, p->status >= 400 && p->status < 500);
+        p->admitted = false;
+        p->outcome = 0;
+    }
     return true;
 }
 
@@ -900,7 +965,6 @@ proxy_retry_head(gw_proxy_t *p)
     const gw_retry_conf_t *rc = p->b->retry;
     if (rc->enabled && gw_retry_status(rc, p->status) && (!p->has_body || (p->body_sent && p->replay)))
         return proxy_retry_decide(p, "status");
-    /* breaker: outcome here */
     if (p->slot) {
         gw_retry_release(rc);
         p->slot = false;
@@ -916,12 +980,24 @@ proxy_retry_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     p->attempt++;
-    /* breaker: admit here */
+    if (gw_breaker_admit(p->b, NULL) != GW_OK) {
+        proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker opened before a retry");
+        gw_conn_release(c);
+        return;
+    }
+    p->admitted = p->b->breaker != NULL;
     int rc = send_attempt(p, false);
-    if (rc == GW_AGAIN)
+    if (rc == GW_AGAIN && p->b->max_pending > 0) {
+        /* max_connections in use: wait for one (proxy_wait_cb), as a first try does */
+        if (gw_upstream_wait(gw_conn_worker(c), p->b, &p->wait, proxy_wait_cb, p) == GW_OK)
+            gw_conn_body_pause(c, true);
+        else
+            proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+    } else if (rc == GW_AGAIN) {
         proxy_fail(p, 503, "upstream_unavailable", "retrying (max_connections reached)", 0);
-    else if (rc != GW_OK)
+    } else if (rc != GW_OK) {
         proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+    }
     gw_conn_release(c);
 }
 
@@ -978,8 +1054,21 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     if (p->has_body)
         p->replay = evbuffer_new();
     build_request(p);
-    /* breaker: admit here */
+    if (gw_breaker_admit(p->b, NULL) != GW_OK) {
+        proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker is open");
+        return;
+    }
+    p->admitted = p->b->breaker != NULL;
     int rc = send_attempt(p, false);
+    if (rc == GW_AGAIN && p->b->max_pending > 0) {
+        /* max_connections in use: wait for one (proxy_wait_cb); the body waits in the client's socket */
+        if (gw_upstream_wait(w, p->b, &p->wait, proxy_wait_cb, p) != GW_OK) {
+            proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+            return;
+        }
+        gw_conn_body_pause(c, true);
+        rc = GW_OK;
+    }
     if (rc != GW_OK) {
         int err = errno;
         char extra[256];

@@ -24,7 +24,8 @@ size_t gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap)
 
 /*
  * Appends the headers every request gatherd sends upstream carries about its
- * client: X-Forwarded-For (the client's list plus its address),
+ * client: X-Forwarded-For (the peer's address, after the list the peer
+ * sent when it is a trusted proxy: nginx's $proxy_add_x_forwarded_for),
  * X-Forwarded-Proto, X-Forwarded-Host (when the client sent Host), Via
  * (the client's list plus "1.1 gatherd") and X-Request-Id, each line ending
  * in CRLF, to the growable buffer *buf of *len bytes and capacity *cap

@@ -21,8 +21,8 @@
 
 struct gw_retry_state_s {
     atomic_int refcnt;
-    atomic_long requests;    /* requests in flight to the backend */
-    atomic_long retries;     /* retries and hedges in flight */
+    atomic_long requests; /* requests in flight to the backend */
+    atomic_long retries;  /* retries and hedges in flight */
     atomic_ullong granted;
     atomic_ullong denied;
 };

@@ -33,18 +33,18 @@ typedef struct gw_retry_state_s gw_retry_state_t;
 /* A backend's "retry" section. Immutable once loaded, except state, which
  * only gw_retry_inherit() replaces (before the configuration is published). */
 typedef struct gw_retry_conf_s {
-    bool enabled;                 /* "retry" was given */
-    unsigned attempts;            /* tries of one request, the first included (1..10; 1 when absent) */
-    int backoff_base_ms;          /* 0..60000, default 25 */
-    int backoff_cap_ms;           /* base..60000, default 250 */
-    int per_try_timeout_ms;       /* 0: none (the call's timeout only) */
+    bool enabled;                        /* "retry" was given */
+    unsigned attempts;                   /* tries of one request, the first included (1..10; 1 when absent) */
+    int backoff_base_ms;                 /* 0..60000, default 25 */
+    int backoff_cap_ms;                  /* base..60000, default 250 */
+    int per_try_timeout_ms;              /* 0: none (the call's timeout only) */
     int statuses[GW_RETRY_MAX_STATUSES]; /* answers retried (default 502, 503, 504) */
     unsigned nstatuses;
-    bool retry_non_idempotent;    /* also POST and PATCH */
-    unsigned budget_percent;      /* 0..100, default 20 */
-    unsigned min_retries;         /* 0..100000, default 3 */
-    bool counted;                 /* requests are counted for the budget: retries enabled or a call hedges */
-    gw_retry_state_t *state;      /* one reference; never NULL after gw_retry_conf_new() */
+    bool retry_non_idempotent; /* also POST and PATCH */
+    unsigned budget_percent;   /* 0..100, default 20 */
+    unsigned min_retries;      /* 0..100000, default 3 */
+    bool counted;              /* requests are counted for the budget: retries enabled or a call hedges */
+    gw_retry_state_t *state;   /* one reference; never NULL after gw_retry_conf_new() */
 } gw_retry_conf_t;
 
 /* A configuration with the defaults (attempts 1) and a new state. Freed
@@ -82,8 +82,8 @@ void gw_retry_release(const gw_retry_conf_t *rc);
 
 /* Counters for metrics and tests. */
 typedef struct {
-    long requests;            /* in flight now */
-    long retries;             /* in flight now */
+    long requests;                      /* in flight now */
+    long retries;                       /* in flight now */
     unsigned long long granted, denied; /* since the state was created */
 } gw_retry_stats_t;
 void gw_retry_stats(const gw_retry_conf_t *rc, gw_retry_stats_t *out);

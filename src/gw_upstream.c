@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Bytes asked of one recv(): big bodies stream in fewer calls. */
@@ -69,6 +70,8 @@ waiter_add(gw_upstream_t *u)
     pool->nwaiting++;
 }
 
+static void queue_notify(gw_pool_t *pool);
+
 /* Closes u and frees it. A connect that failed (the caller marked u broken
  * before it was connected) makes the pool avoid that address for a while. */
 static void pool_check_unused(gw_pool_t *pool);
@@ -104,6 +107,7 @@ upstream_close(gw_upstream_t *u)
     }
     event_free(u->timer);
     free(u);
+    queue_notify(pool); /* a slot is free */
     pool_check_unused(pool);
 }
 
@@ -548,6 +552,145 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
         emit(u, GW_UP_TIMEOUT); /* only armed while connecting */
 }
 
+/* --- the wait queue (max_pending) ----------------------------------------- */
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Whether gw_upstream_get() can give a connection now. */
+static bool
+pool_has_room(const gw_pool_t *pool)
+{
+    return pool->idle != NULL || pool->nopen < pool->backend->max_connections;
+}
+
+/* A slot may have freed: serve the queue from the loop, never from inside
+ * the caller that released or closed a connection. */
+static void
+queue_notify(gw_pool_t *pool)
+{
+    if (pool->qhead)
+        event_active(pool->wake_ev, 0, 0);
+}
+
+static void
+queue_unlink(gw_upstream_wait_t *wt)
+{
+    gw_pool_t *pool = wt->pool;
+    if (wt->prev)
+        wt->prev->next = wt->next;
+    else
+        pool->qhead = wt->next;
+    if (wt->next)
+        wt->next->prev = wt->prev;
+    else
+        pool->qtail = wt->prev;
+    wt->next = wt->prev = NULL;
+    wt->pool = NULL;
+    pool->nqueued--;
+}
+
+/* Arms the queue timer for the head's expiry. The timer is not moved when
+ * the head leaves early: it then fires early and re-arms for the new head. */
+static void
+qtimer_arm(gw_pool_t *pool)
+{
+    if (pool->qhead == NULL)
+        return;
+    uint64_t now = mono_ms();
+    uint64_t ms = pool->qhead->expires_ms > now ? pool->qhead->expires_ms - now : 0;
+    struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000) };
+    evtimer_add(pool->qtimer, &tv);
+}
+
+/* pool->wake_ev: hands free slots to the waiters, oldest first. Each
+ * callback may release connections, cancel other waiters or queue new
+ * ones, so the head is read afresh each time; at most the waiters present
+ * at the start are served in one run (a waiter that cannot take its slot
+ * and queues again waits for the next run). */
+static void
+wake_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_pool_t *pool = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    unsigned budget = pool->nqueued;
+    pool->holds++; /* a callback may end the last request of the pool's last configuration */
+    while (budget-- > 0 && pool->qhead && pool_has_room(pool)) {
+        gw_upstream_wait_t *wt = pool->qhead;
+        queue_unlink(wt);
+        pool->serving = true;
+        wt->cb(wt, GW_OK, wt->arg);
+        pool->serving = false;
+    }
+    if (pool->qhead && pool_has_room(pool))
+        event_active(pool->wake_ev, 0, 0);
+    pool->holds--;
+    pool_check_unused(pool);
+}
+
+/* pool->qtimer: fails the waiters whose queue_timeout_ms passed (the
+ * oldest are at the head: they all wait the same time). Accepted: for a
+ * moment after a reload that changed queue_timeout_ms of a backend whose
+ * pool is kept, waiters of both configurations share the queue, and one
+ * with the shorter timeout behind one with the longer is failed late, when
+ * the head leaves (still bounded by its call timeout and deadline). */
+static void
+qtimer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_pool_t *pool = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    uint64_t now = mono_ms();
+    unsigned budget = pool->nqueued;
+    pool->holds++;
+    while (budget-- > 0 && pool->qhead && pool->qhead->expires_ms <= now) {
+        gw_upstream_wait_t *wt = pool->qhead;
+        queue_unlink(wt);
+        wt->cb(wt, GW_AGAIN, wt->arg);
+    }
+    qtimer_arm(pool);
+    pool->holds--;
+    pool_check_unused(pool);
+}
+
+int
+gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
+{
+    gw_pool_t *pool = gw_upstream_pool(w, b);
+    if (pool->nqueued >= b->max_pending)
+        return GW_AGAIN;
+    wt->pool = pool;
+    wt->cb = cb;
+    wt->arg = arg;
+    wt->expires_ms = mono_ms() + (uint64_t)b->queue_timeout_ms;
+    wt->next = NULL;
+    wt->prev = pool->qtail;
+    if (pool->qtail)
+        pool->qtail->next = wt;
+    else
+        pool->qhead = wt;
+    pool->qtail = wt;
+    pool->nqueued++;
+    if (pool->qhead == wt)
+        qtimer_arm(pool);
+    if (pool_has_room(pool))
+        event_active(pool->wake_ev, 0, 0); /* room while the queue was being served: it is this one's turn soon */
+    return GW_OK;
+}
+
+void
+gw_upstream_wait_cancel(gw_upstream_wait_t *wt)
+{
+    if (wt->pool)
+        queue_unlink(wt);
+}
+
 static void
 pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, gw_config_t *cfg)
 {
@@ -571,6 +714,8 @@ pool_new(gw_worker_t *w, const gw_backend_t *b, gw_config_t *cfg)
     gw_pool_t *pool = gw_calloc(1, sizeof(gw_pool_t));
     pool->w = w;
     pool->refs = 1;
+    pool->wake_ev = event_new(w->base, -1, 0, wake_cb, pool);
+    pool->qtimer = evtimer_new(w->base, qtimer_cb, pool);
     if (b->host_name != NULL) {
         pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
         gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
@@ -591,6 +736,9 @@ pool_free(gw_pool_t *pool)
         free(pool->name);
         event_free(pool->fail_ev);
     }
+    /* No waiters either: they belong to requests of configurations that use it. */
+    event_free(pool->wake_ev);
+    event_free(pool->qtimer);
     gw_config_unref(pool->cfg);
     free(pool);
 }
@@ -599,7 +747,7 @@ pool_free(gw_pool_t *pool)
 static void
 pool_check_unused(gw_pool_t *pool)
 {
-    if (pool->refs == 0 && pool->nopen == 0)
+    if (pool->refs == 0 && pool->nopen == 0 && pool->holds == 0)
         pool_free(pool);
 }
 
@@ -662,6 +810,8 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     gw_pool_t *pool = b->pools[w->id];
     if (pool->name)
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
+    if (!fresh && pool->qhead && !pool->serving)
+        return GW_AGAIN; /* calls are waiting: a newcomer queues behind them */
     if (!fresh && pool->idle) {
         gw_upstream_t *u = pool->idle;
         idle_unlink(u);
@@ -810,4 +960,5 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     u->next = pool->idle;
     pool->idle = u;
     pool->nidle++;
+    queue_notify(pool);
 }

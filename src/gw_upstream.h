@@ -58,6 +58,25 @@ struct bufferevent;
 typedef void (*gw_upstream_cb)(gw_upstream_t *u, void *arg);
 typedef void (*gw_upstream_event_cb)(gw_upstream_t *u, int what, void *arg);
 
+/*
+ * A call waiting for a connection of a full pool (gw_upstream_wait()). The
+ * caller embeds it in its own context and owns it; the pool only links it.
+ * status GW_OK: a connection was released (or closed, freeing a slot): call
+ * gw_upstream_get() now, which gives one unless something else took it
+ * (then wait again). GW_AGAIN: queue_timeout_ms passed. Either way the
+ * waiter is off the queue when cb runs, and cb runs from the pool's own
+ * loop events, never inside another caller's gw_upstream_release().
+ */
+typedef struct gw_upstream_wait_s gw_upstream_wait_t;
+typedef void (*gw_upstream_wait_cb)(gw_upstream_wait_t *wt, int status, void *arg);
+struct gw_upstream_wait_s {
+    gw_pool_t *pool;           /* set while queued */
+    gw_upstream_wait_t *next, *prev;
+    uint64_t expires_ms;       /* monotonic ms: queue_timeout_ms after it was queued */
+    gw_upstream_wait_cb cb;
+    void *arg;
+};
+
 struct gw_pool_s {
     const gw_backend_t *backend; /* of the newest configuration that uses the pool */
     gw_config_t *cfg;            /* a reference: the configuration backend belongs to */
@@ -73,6 +92,13 @@ struct gw_pool_s {
     gw_upstream_t *waiters; /* doubly linked: connections waiting for the name's addresses */
     unsigned nwaiting;
     struct event *fail_ev;  /* reports resolution failures from the loop, not from gw_upstream_get() */
+    /* calls waiting for a connection (FIFO, at most the backend's max_pending) */
+    gw_upstream_wait_t *qhead, *qtail;
+    unsigned nqueued;
+    bool serving;           /* wake_cb is handing slots to waiters */
+    unsigned holds;         /* the queue's callbacks are running: not freed meanwhile */
+    struct event *wake_ev;  /* made active when a slot frees while calls wait */
+    struct event *qtimer;   /* the head's queue_timeout_ms */
 };
 
 struct gw_upstream_s {
@@ -132,6 +158,22 @@ gw_pool_t *gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b);
  * returning to the event loop.
  */
 int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out);
+
+/*
+ * Queues wt (owned by the caller, not queued) for a connection of b's pool
+ * after gw_upstream_get() returned GW_AGAIN: cb(wt, status, arg) is called
+ * once, later, from the loop (see gw_upstream_wait_t). GW_AGAIN when the
+ * queue is full (max_pending, 0: no queue): nothing is queued.
+ */
+int gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg);
+/* Takes wt off its queue when it is on one (O(1)); cb will not be called.
+ * Callers do this whenever they give up (timeout, deadline, client gone). */
+void gw_upstream_wait_cancel(gw_upstream_wait_t *wt);
+static inline bool
+gw_upstream_waiting(const gw_upstream_wait_t *wt)
+{
+    return wt->pool != NULL;
+}
 
 /* Installs the caller's callbacks and starts reading. drained (may be NULL)
  * is called when the output falls to low_water after a send that could

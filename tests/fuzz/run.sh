@@ -39,7 +39,7 @@ if ! command -v clang >/dev/null || ! build_ll; then
     echo "FAIL - clang or llhttp sources missing"; echo "0 passed, 1 failed"; exit 1
 fi
 run fuzz_request "$SRC/src/gw_http.c" $COMMON
-run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_retry.c" "$SRC/src/gw_upstream.c" "$SRC/src/gw_dns.c" "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" \
+run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_breaker.c" "$SRC/src/gw_ratelimit.c" "$SRC/src/gw_realip.c" "$SRC/src/gw_retry.c" "$SRC/src/gw_upstream.c" "$SRC/src/gw_dns.c" "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" \
     "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 run fuzz_template "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 run fuzz_json "$SRC/src/gw_json.c" "$SRC/src/gw_template.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON

@@ -667,7 +667,8 @@ def proxy_request_headers_forwarded():
         eq(h.get("accept"), "application/json", "Accept")
         eq(h.get("cookie"), "a=1; b=2", "Cookie")
         eq(h.get("host"), s.hostport, "Host (the backend's host:port)")
-        eq(h.get("x-forwarded-for"), "10.0.0.1, 127.0.0.1", "X-Forwarded-For")
+        # the client is no trusted proxy: its X-Forwarded-For is replaced, not extended
+        eq(h.get("x-forwarded-for"), "127.0.0.1", "X-Forwarded-For of an untrusted client")
         eq(h.get("x-forwarded-proto"), "http", "X-Forwarded-Proto")
         eq(h.get("x-forwarded-host"), "front.example:8080", "X-Forwarded-Host")
         eq(h.get("via"), "1.0 fred, 1.1 gatherd", "Via")
@@ -692,9 +693,10 @@ def proxy_request_headers_forwarded():
 @ptest
 def proxy_repeated_forwarding_headers_are_combined():
     """Two X-Forwarded-For (or Via) fields are one comma-joined list (RFC
-    9110 5.3): gatherd must append to all of it, not to the first field only."""
+    9110 5.3): gatherd must append to all of it, not to the first field only
+    (X-Forwarded-For is extended only when the peer is a trusted proxy)."""
     s = Stub()
-    d = proxy_daemon(s)
+    d = Daemon(config({"b": backend(s.url)}, trusted_proxies=["127.0.0.1/32"]), workers=1)
     with Client(d) as c:
         r, j = echo(c, "/legacy/xff", headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2"),
                                               ("Via", "1.0 a"), ("Via", "1.1 b")])
@@ -1064,8 +1066,8 @@ def proxy_ipv6_backend():
         r, j = echo(c, "/legacy/v6")
         eq(j["path"], "/v6", "path")
         eq(j["headers"].get("host"), f"[::1]:{s.port}", "Host of an IPv6 backend")
-    # an IPv6 client: its address in X-Forwarded-For
-    cfg = config({"b": backend(s.url)})
+    # an IPv6 client (a trusted proxy): its address in X-Forwarded-For
+    cfg = config({"b": backend(s.url)}, trusted_proxies=["::1/128"])
     cfg["listen"] = ["[::1]:PORT"]
     d6 = Daemon(cfg, workers=1)
     with Client(d6) as c:
@@ -1279,7 +1281,7 @@ def proxy_expect_100_continue():
 @ptest
 def proxy_error_max_connections():
     s = Stub()
-    d = proxy_daemon(s, max_connections=1)
+    d = proxy_daemon(s, max_connections=1, max_pending=0)
     a = Client(d)
     a.send(get("/legacy/slow?delay=1500&echo=1"))
     s.wait_stats(lambda st: st["requests"] >= 1, 3, "the slow request at the backend")

@@ -230,6 +230,66 @@ def retry_budget_caps_retries_when_everything_fails():
     check("retry budget is spent" in d.log(), "denied retries are logged")
 
 
+@rtest
+def retry_tries_are_seen_by_the_circuit_breaker():
+    """Each try is one admission and one outcome for the breaker: with
+    consecutive_failures 2, the second failed try opens the circuit and the
+    third try is not sent (circuit_open)."""
+    s = Stub()
+    d = daemon(s, [route("/a", [call("c", "/x?tag=cb&status=503")])],
+               retry=retry(attempts=3, backoff_base_ms=0, backoff_cap_ms=0),
+               circuit_breaker={"consecutive_failures": 2, "failure_ratio": 0, "open_ms": 20000})
+    r, _ = get(d, "/a")
+    eq((r.status, error_code(r)), (503, "circuit_open"), f"the third try met the open circuit ({r.raw[:300]!r})")
+    eq(tag_log(s, "cb")["count"], 2, "tries sent")
+
+
+def reload_with(d, cfg):
+    """Writes cfg (a dict) as d's configuration on d's port and waits for SIGHUP's reload."""
+    import json
+    import signal
+    cfg = dict(cfg, listen=[f"127.0.0.1:{d.port}"])
+    n = d.log().count("reloaded")
+    tmp = d.conf_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f)
+    os.rename(tmp, d.conf_path)
+    d.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5 * SLOW
+    while d.log().count("reloaded") <= n:
+        check(time.monotonic() < deadline, f"no reload in the log:\n{d.log()[-1500:]}")
+        time.sleep(0.01)
+
+
+@rtest
+def retry_budget_survives_a_reload_with_the_same_settings():
+    """budget_percent 0 and min_retries 1: one retry in flight at a time. A
+    retry of the old configuration still holds the slot after a reload with
+    the same settings (the new request's retry is denied); with other
+    settings the budget starts afresh (its retry goes out)."""
+    s = Stub()
+    slow = ms(1500)
+    rs = retry(attempts=2, backoff_base_ms=0, backoff_cap_ms=0, budget_percent=0, min_retries=1)
+    routes = [route("/slow", [call("c", "/x?tag={query.t}&fail_first=1&delay=%d" % slow)], deadline_ms=ms(10000)),
+              route("/fast", [call("c", "/x?tag={query.t}&fail_first=1")])]
+    d = daemon(s, routes, retry=rs)
+    for i, (settings, want) in enumerate(((rs, (502, 1)), (dict(rs, attempts=3), (200, 2)))):
+        out = []
+        t = threading.Thread(target=lambda: out.append(get(d, f"/slow?t=slow{i}")[0].status))
+        t.start()
+        wait_log(s, f"slow{i}", lambda lg: lg["count"] == 2, 3 * slow / 1000.0, "the slow call's retry")
+        reload_with(d, tp.config({"r": tp.backend(s.url, retry=settings), "plain": tp.backend(s.url)}, routes=routes))
+        r, _ = get(d, f"/fast?t=fast{i}")
+        lg = tag_log(s, f"slow{i}")
+        check(lg["count"] == 2 and time.monotonic() * 1000 < lg["requests"][1]["ms"] + slow - 100,
+              "the slow retry was still in flight (the machine is too slow for this test)")
+        eq((r.status, tag_log(s, f"fast{i}")["count"]), want,
+           "the new request's retry " + ("denied: the slot is still held" if i == 0 else "sent: a fresh budget"))
+        t.join(10 * SLOW)
+        eq(out, [200], "the slow call succeeded on its retry")
+    check("the retry budget is spent" in d.log(), "the denied retry is logged")
+
+
 # --- aggregate calls: hedging ------------------------------------------------------------
 
 @rtest

@@ -1,7 +1,9 @@
 /* Unit tests for src/gw_config.c: defaults, strictness, error messages
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
+#include "gw_breaker.h"
 #include "gw_jpath.h"
+#include "gw_ratelimit.h"
 #include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_template.h"
@@ -903,6 +905,121 @@ test_missing_file(void)
 }
 
 static void
+test_trusted_proxies_and_max_inflight(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": \"1\"}");
+    CHECK(cfg != NULL && cfg->ntrusted == 0 && cfg->real_ip_header == GW_REALIP_X_FORWARDED_FOR &&
+          cfg->max_inflight == 0);
+    gw_config_unref(cfg);
+    cfg = parse("{\"listen\": \"1\", \"max_inflight\": 5, \"real_ip_header\": \"x-real-ip\",\n"
+                " \"trusted_proxies\": [\"127.0.0.1/32\", \"10.0.0.0/8\", \"::1/128\", \"192.0.2.7\",\n"
+                "   \"::ffff:172.16.0.0/108\", \"0.0.0.0/0\"]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK(cfg->max_inflight == 5 && cfg->real_ip_header == GW_REALIP_X_REAL_IP && cfg->ntrusted == 6);
+    CHECK(cfg->trusted_proxies[1].family == AF_INET && cfg->trusted_proxies[1].bits == 8);
+    CHECK(cfg->trusted_proxies[2].family == AF_INET6 && cfg->trusted_proxies[2].bits == 128);
+    CHECK(cfg->trusted_proxies[3].bits == 32);
+    CHECK(cfg->trusted_proxies[4].family == AF_INET && cfg->trusted_proxies[4].bits == 12);
+    gw_config_unref(cfg);
+    check_error("{\"listen\": \"1\",\n \"max_inflight\": 0}", "t.json:2: max_inflight: must be between 1 and 10000000");
+    check_error("{\"listen\": \"1\", \"max_inflight\": \"9\"}", "max_inflight: must be an integer");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": \"10.0.0.0/8\"}", "trusted_proxies: must be an array");
+    check_error("{\"listen\": \"1\",\n \"trusted_proxies\": [\"10.0.0.0/8\",\n \"10.0.0.1/8\"]}",
+                "t.json:3: trusted_proxies[1]: \"10.0.0.1/8\": the address has bits set beyond the /8 prefix");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [\"10.0.0.0/33\"]}", "trusted_proxies[0]: \"10.0.0.0/33\": the prefix length is at most 32");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [\"::/129\"]}", "at most 128");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [\"10.0.0.0/\"]}", "must be a number");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [\"proxy.internal\"]}", "is not an address block");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [\"10.0.0.0/8 \"]}", "must be a number");
+    check_error("{\"listen\": \"1\", \"trusted_proxies\": [8]}", "trusted_proxies[0]: must be a string");
+    check_error("{\"listen\": \"1\",\n \"real_ip_header\": \"Forwarded\"}",
+                "t.json:2: real_ip_header: must be \"X-Forwarded-For\" or \"X-Real-IP\"");
+}
+
+static void
+test_rate_limit(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": \"1\", \"routes\": [\n"
+                             " {\"path\": \"/a\", \"respond\": {}, \"rate_limit\": {\"rate\": 20}},\n"
+                             " {\"path\": \"/b\", \"respond\": {}, \"rate_limit\": {\"rate\": 3, \"period_ms\": 60000,\n"
+                             "   \"burst\": 7, \"key\": \"header:X-Api-Key\", \"max_keys\": 50}},\n"
+                             " {\"path\": \"/c\", \"respond\": {}, \"rate_limit\": {\"rate\": 1, \"key\": \"client\"}},\n"
+                             " {\"path\": \"/d\", \"respond\": {}}]}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    const gw_ratelimit_conf_t *a = gw_ratelimit_conf(cfg->routes[0]->ratelimit);
+    CHECK(a->rate == 20 && a->period_ms == 1000 && a->burst == 20 && a->key == GW_RL_KEY_GLOBAL && a->max_keys == 10000);
+    const gw_ratelimit_conf_t *b = gw_ratelimit_conf(cfg->routes[1]->ratelimit);
+    CHECK(b->rate == 3 && b->period_ms == 60000 && b->burst == 7 && b->key == GW_RL_KEY_HEADER && b->max_keys == 50);
+    CHECK_STR(b->header, "X-Api-Key");
+    CHECK(gw_ratelimit_conf(cfg->routes[2]->ratelimit)->key == GW_RL_KEY_CLIENT);
+    CHECK(cfg->routes[3]->ratelimit == NULL);
+    gw_config_unref(cfg);
+    const char *pre = "{\"listen\": \"1\", \"routes\": [{\"path\": \"/a\", \"respond\": {},\n \"rate_limit\": ";
+    static const struct {
+        const char *rl, *expect;
+    } bad[] = {
+        { "{}}]}", "t.json:2: routes[0].rate_limit: \"rate\" is required" },
+        { "5}]}", "routes[0].rate_limit: must be an object" },
+        { "{\"rate\": 0}}]}", "routes[0].rate_limit.rate: must be between 1 and 10000000, not 0" },
+        { "{\"rate\": 10, \"burst\": 0}}]}", "rate_limit.burst: must be between 1 and 10000000" },
+        { "{\"rate\": 10, \"period_ms\": 0}}]}", "rate_limit.period_ms: must be between 1 and 86400000" },
+        { "{\"rate\": 10000000, \"period_ms\": 100}}]}", "rate_limit.rate: at most 10000000 per second" },
+        { "{\"rate\": 1, \"key\": \"ip\"}}]}", "rate_limit.key: must be \"global\", \"client\" or \"header:NAME\"" },
+        { "{\"rate\": 1, \"key\": \"header:\"}}]}", "rate_limit.key: must be" },
+        { "{\"rate\": 1, \"key\": \"header:a b\"}}]}", "rate_limit.key: must be" },
+        { "{\"rate\": 1, \"max_keys\": 5}}]}", "rate_limit.max_keys: only for a keyed limit" },
+        { "{\"rate\": 1, \"key\": \"client\", \"max_keys\": 0}}]}", "rate_limit.max_keys: must be between 1 and 1000000" },
+        { "{\"rate\": 1,\n \"burts\": 5}}]}", "t.json:3: routes[0].rate_limit.burts: unknown key \"burts\" in \"rate_limit\"" },
+    };
+    for (size_t i = 0; i < GW_NELEM(bad); i++) {
+        char text[512];
+        snprintf(text, sizeof(text), "%s%s", pre, bad[i].rl);
+        check_error(text, bad[i].expect);
+    }
+    /* the limit of a proxy or an aggregate route too */
+    cfg = parse("{\"listen\": \"1\", \"backends\": {\"b\": {\"url\": \"http://127.0.0.1:1\"}}, \"routes\": [\n"
+                " {\"path\": \"/p/*\", \"proxy\": {\"backend\": \"b\"}, \"rate_limit\": {\"rate\": 2}},\n"
+                " {\"path\": \"/g\", \"calls\": [{\"name\": \"x\", \"backend\": \"b\", \"path\": \"/\"}],\n"
+                "  \"rate_limit\": {\"rate\": 2, \"key\": \"client\"}}]}");
+    CHECK(cfg != NULL && cfg->routes[0]->ratelimit != NULL && cfg->routes[1]->ratelimit != NULL);
+    gw_config_unref(cfg);
+}
+
+static void
+test_rate_limit_inherit(void)
+{
+    const char *text = "{\"listen\": \"1\", \"routes\": [\n"
+                       " {\"path\": \"/a\", \"respond\": {}, \"rate_limit\": {\"rate\": 2}},\n"
+                       " {\"path\": \"/b\", \"respond\": {}, \"rate_limit\": {\"rate\": 2}},\n"
+                       " {\"path\": \"/c\", \"methods\": [\"GET\"], \"respond\": {}, \"rate_limit\": {\"rate\": 2}}]}";
+    const char *text2 = "{\"listen\": \"1\", \"routes\": [\n"
+                        " {\"path\": \"/a\", \"respond\": {\"status\": 201}, \"rate_limit\": {\"rate\": 2}},\n"
+                        " {\"path\": \"/b\", \"respond\": {}, \"rate_limit\": {\"rate\": 3}},\n"
+                        " {\"path\": \"/c\", \"methods\": [\"POST\"], \"respond\": {}, \"rate_limit\": {\"rate\": 2}}]}";
+    gw_config_t *oldc = parse(text), *newc = parse(text2);
+    CHECK(oldc != NULL && newc != NULL);
+    if (oldc == NULL || newc == NULL)
+        return;
+    gw_ratelimit_inherit(newc, oldc);
+    CHECK(newc->routes[0]->ratelimit == oldc->routes[0]->ratelimit); /* same pattern, methods, settings */
+    CHECK(newc->routes[1]->ratelimit != oldc->routes[1]->ratelimit); /* another rate */
+    CHECK(newc->routes[2]->ratelimit != oldc->routes[2]->ratelimit); /* other methods */
+    gw_config_unref(oldc); /* the shared limiter lives on with newc */
+    gw_ratelimit_result_t res;
+    gw_ratelimit_take(newc->routes[0]->ratelimit, "", 0, 0, &res);
+    CHECK(res.admitted);
+    gw_config_unref(newc);
+}
+
+static void
 test_shipped_configs_are_valid(void)
 {
     const char *src = getenv("GW_SRCDIR");
@@ -915,9 +1032,95 @@ test_shipped_configs_are_valid(void)
     gw_config_unref(cfg);
 }
 
+/* "circuit_breaker", "max_pending", "queue_timeout_ms" of a backend, and
+ * gw_breaker_inherit() at a reload. */
+static void
+test_backend_resilience(void)
+{
+    gw_config_t *cfg = parse(B "{\"url\": \"http://127.0.0.1:1\"}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    CHECK(cfg->backends[0]->max_pending == 128 && cfg->backends[0]->queue_timeout_ms == 1000);
+    CHECK(cfg->backends[0]->breaker == NULL);
+    gw_config_unref(cfg);
+
+    cfg = parse(B "{\"url\": \"http://127.0.0.1:1\", \"max_pending\": 0, \"queue_timeout_ms\": 50,\n"
+                  " \"circuit_breaker\": {}}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    const gw_backend_t *b = cfg->backends[0];
+    CHECK(b->max_pending == 0 && b->queue_timeout_ms == 50);
+    CHECK(b->breaker != NULL);
+    CHECK(b->breaker_conf.consecutive_failures == 5 && b->breaker_conf.failure_ratio == 0.5);
+    CHECK(b->breaker_conf.window_ms == 10000 && b->breaker_conf.min_requests == 20);
+    CHECK(b->breaker_conf.open_ms == 5000 && b->breaker_conf.max_open_ms == 60000 && b->breaker_conf.probe_requests == 1);
+    gw_breaker_stats_t st;
+    CHECK(gw_breaker_stats(b, &st) && st.state == GW_BREAKER_CLOSED && st.trips == 0);
+    gw_config_unref(cfg);
+
+#define CB(x) B "{\"url\": \"http://127.0.0.1:1\", \"circuit_breaker\": " x "}}}"
+    cfg = parse(CB("{\"consecutive_failures\": 0, \"failure_ratio\": 1, \"window_ms\": 100, \"min_requests\": 1,"
+                   " \"open_ms\": 10, \"max_open_ms\": 10, \"probe_requests\": 3}"));
+    CHECK(cfg != NULL && cfg->backends[0]->breaker_conf.consecutive_failures == 0 &&
+          cfg->backends[0]->breaker_conf.failure_ratio == 1.0 && cfg->backends[0]->breaker_conf.probe_requests == 3);
+    gw_config_unref(cfg);
+    check_error(CB("{\"consecutive_failures\": 0, \"failure_ratio\": 0}"), "backends.users.circuit_breaker: consecutive_failures and failure_ratio are both 0");
+    check_error(CB("{\"failure_ratio\": 1.5}"), "backends.users.circuit_breaker.failure_ratio: must be a number from 0 to 1");
+    check_error(CB("{\"failure_ratio\": \"half\"}"), "circuit_breaker.failure_ratio: must be a number");
+    check_error(CB("{\"open_ms\": 5000, \"max_open_ms\": 1000}"), "circuit_breaker.max_open_ms: must not be below open_ms (5000)");
+    check_error(CB("{\"window_ms\": 10}"), "circuit_breaker.window_ms: must be between 100 and");
+    check_error(CB("{\"probe_requests\": 0}"), "circuit_breaker.probe_requests: must be between 1 and");
+    check_error(CB("{\"min_requests\": 0}"), "circuit_breaker.min_requests: must be between 1 and");
+    check_error(CB("{\"open_ms\": 0}"), "circuit_breaker.open_ms: must be between 1 and");
+    check_error(CB("{\"consecutive_failures\": -1}"), "circuit_breaker.consecutive_failures: must be between 0 and");
+    check_error(CB("{\"half_open\": 1}"), "t.json:1: backends.users.circuit_breaker.half_open: unknown key");
+    check_error(CB("true"), "backends.users.circuit_breaker: must be an object");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\",\n \"max_pending\": -1}}}", "t.json:2: backends.users.max_pending: must be between 0 and 100000");
+    check_error(B "{\"url\": \"http://127.0.0.1:1\", \"queue_timeout_ms\": 0}}}", "backends.users.queue_timeout_ms: must be between 1 and");
+
+    /* a reload keeps the state of an unchanged breaker, and only that */
+    const char *two = "{\"listen\": [\"1\"], \"backends\": {\"a\": {\"url\": \"http://127.0.0.1:1\", \"circuit_breaker\": {\"open_ms\": %d}},"
+                      " \"b\": {\"url\": \"http://127.0.0.1:2\", \"circuit_breaker\": {}}, \"c\": {\"url\": \"http://127.0.0.1:3\"}}}";
+    char t1[512], t2[512];
+    snprintf(t1, sizeof(t1), two, 5000);
+    snprintf(t2, sizeof(t2), two, 6000);
+    gw_config_t *oldc = parse(t1);
+    gw_config_t *same = parse(t1);
+    gw_config_t *changed = parse(t2);
+    CHECK(oldc && same && changed);
+    if (oldc && same && changed) {
+        gw_breaker_inherit(same, oldc);
+        CHECK(same->backends[0]->breaker == oldc->backends[0]->breaker);
+        CHECK(same->backends[1]->breaker == oldc->backends[1]->breaker);
+        CHECK(same->backends[2]->breaker == NULL);
+        gw_breaker_inherit(changed, oldc);
+        CHECK(changed->backends[0]->breaker != oldc->backends[0]->breaker); /* open_ms changed: fresh */
+        CHECK(changed->backends[1]->breaker == oldc->backends[1]->breaker);
+        /* opened in the old configuration: open in the new one too */
+        for (int k = 0; k < 5; k++) {
+            CHECK(gw_breaker_admit(oldc->backends[1], NULL) == GW_OK);
+            gw_breaker_done(oldc->backends[1], false);
+        }
+        int ra = 0;
+        CHECK(gw_breaker_admit(same->backends[1], &ra) == GW_AGAIN && ra > 4000 && ra <= 5000);
+        CHECK(gw_breaker_retry_after_s(same->backends[1]) == 5);
+    }
+    gw_config_unref(oldc); /* the shared state outlives the old configuration */
+    if (same) {
+        gw_breaker_stats_t st2;
+        CHECK(gw_breaker_stats(same->backends[1], &st2) && st2.state == GW_BREAKER_OPEN && st2.trips == 1);
+    }
+    gw_config_unref(same);
+    gw_config_unref(changed);
+#undef CB
+}
+
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
-          T(test_include), T(test_retry), T(test_missing_file), T(test_shipped_configs_are_valid))
+          T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
+          T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience))
