@@ -7,5 +7,5 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${GATHERD:=$here/../../src/gatherd}"
 : "${GW_STUB:=$here/../../tests/stub/gw_stub}"
 export GATHERD GW_STUB PYTHONDONTWRITEBYTECODE=1
-python3 "$here/test_dns.py" "$@"
-exit $?
+# Shared with the other integration tests; run_reload.sh's load tests take it alone.
+exec flock -s "${TMPDIR:-/tmp}/gatherd-integration-$(id -u).lock" python3 "$here/test_dns.py" "$@"
