@@ -27,6 +27,11 @@ gatherd is starting on http://127.0.0.1:8080 (demo backend on http://127.0.0.1:9
   curl -i http://127.0.0.1:8080/api/dashboard/42     # 4 backend calls: fan-out, dependent call, foreach
   curl -i -H 'X-Stub-Delay: 300' http://127.0.0.1:8080/api/dashboard/42
                          # recommendations times out (100 ms): 200, X-Gateway-Completed: false, _errors
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} %{time_total}s\n' \
+      -H 'X-Stub-Delay: 300' http://127.0.0.1:8080/api/dashboard/42; done; \
+      curl -s http://127.0.0.1:8080/api/dashboard/42 | grep -o '"_errors".*'
+                         # after 5 timeouts the recs circuit opens: circuit_open at once for 2 s
+  kill -HUP \$(pgrep -n gatherd)    # reload conf/gatherd.json (or: gatherd -s reload with a pid_file)
   curl -i http://127.0.0.1:8080/
   curl -i http://127.0.0.1:8080/health
   curl -i http://127.0.0.1:8080/api/hello
