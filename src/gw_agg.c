@@ -169,17 +169,6 @@ static void retry_begin(xchg_t *x);
 
 /* --- small helpers ------------------------------------------------------- */
 
-/* Microseconds of the monotonic clock. Not libevent's cached time: that
- * comes from CLOCK_MONOTONIC_COARSE (a few ms steps), too coarse for
- * Server-Timing. */
-static uint64_t
-now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
 static void
 buf_str(gw_tpl_buf_t *b, const char *s)
 {
@@ -403,7 +392,7 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
     if (rt->state == CALL_OK || rt->state == CALL_FAILED)
         return;
     if (rt->start_us)
-        rt->end_us = now_us();
+        rt->end_us = gw_now_us();
     a->pending--;
     if (call->foreach) {
         /* rt->value holds the elements' values (partial after a deadline);
@@ -633,7 +622,7 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     retry_begin(x);
     /* No timer when the route's deadline comes first: it cancels the call
      * anyway, with the same code. */
-    if (now_us() + (uint64_t)call->timeout_ms * 1000u >= a->deadline_us)
+    if (gw_now_us() + (uint64_t)call->timeout_ms * 1000u >= a->deadline_us)
         return;
     struct timeval tv = { call->timeout_ms / 1000, (call->timeout_ms % 1000) * 1000 };
     const struct timeval *t = &tv;
@@ -669,7 +658,7 @@ call_start(agg_t *a, size_t i)
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
     rt->state = CALL_RUNNING;
-    rt->start_us = now_us();
+    rt->start_us = gw_now_us();
     if (!call->foreach) {
         xchg_start(a, i, 0, NULL);
         return;
@@ -775,7 +764,7 @@ server_timing(agg_t *a)
         timing_add(h, i == 0, call_of(a, i)->name, call_us(rt),
                    rt->state == CALL_FAILED ? rt->code : rt->hedge_won ? "hedge" : NULL);
     }
-    timing_add(h, false, "total", now_us() - a->start_us, NULL);
+    timing_add(h, false, "total", gw_now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
 }
 
@@ -1269,7 +1258,7 @@ retry_begin(xchg_t *x)
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
     const gw_retry_conf_t *rc = call->backend->retry;
-    uint64_t now = now_us();
+    uint64_t now = gw_now_us();
     x->attempt = 1;
     x->call_end_us = now + (uint64_t)call->timeout_ms * 1000u;
     if (rc->counted) {
@@ -1389,7 +1378,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
     if (x->attempt >= rc->attempts || !retry_code(rc, code, x->status) || !gw_retry_method_ok(rc, call->method))
         return false;
     int ms = gw_retry_backoff_ms(rc, x->attempt);
-    uint64_t wake = now_us() + (uint64_t)ms * 1000u;
+    uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->call_end_us || wake >= a->deadline_us) {
         gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
                call->backend->name, call->name, code, ms, wake >= x->call_end_us ? "timeout_ms" : "route's deadline",
@@ -1557,7 +1546,7 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->route = m->route;
     a->match = *m;
     a->pending = a->route->agg.ncalls;
-    a->start_us = now_us();
+    a->start_us = gw_now_us();
     a->deadline_us = a->start_us + (uint64_t)a->route->agg.deadline_ms * 1000u;
     a->out.len = a->hdrs.len = a->raws.len = 0;
     deadline_add(a, cache, a->route->agg.deadline_ms);

@@ -51,14 +51,6 @@ typedef struct {
     char msg[256];
 } note_t;
 
-static uint64_t
-now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void
 note_flush(const gw_breaker_t *br, const note_t *n)
 {
@@ -208,7 +200,7 @@ gw_breaker_admit(const gw_backend_t *b, int *retry_after_ms)
         *retry_after_ms = 0;
     if (br == NULL || __atomic_load_n(&br->state, __ATOMIC_ACQUIRE) == GW_BREAKER_CLOSED)
         return GW_OK;
-    uint64_t now = now_ms();
+    uint64_t now = gw_now_ms();
     int rc = GW_AGAIN;
     note_t n = {0, ""};
     pthread_mutex_lock(&br->mu);
@@ -239,7 +231,7 @@ gw_breaker_done(const gw_backend_t *b, bool ok)
     gw_breaker_t *br = b->breaker;
     if (br == NULL)
         return;
-    uint64_t now = now_ms();
+    uint64_t now = gw_now_ms();
     note_t n = {0, ""};
     pthread_mutex_lock(&br->mu);
     switch (br->state) {
@@ -302,7 +294,7 @@ gw_breaker_retry_after(const gw_backend_t *b)
     gw_breaker_t *br = b->breaker;
     if (br == NULL || __atomic_load_n(&br->state, __ATOMIC_ACQUIRE) == GW_BREAKER_CLOSED)
         return 0;
-    uint64_t now = now_ms();
+    uint64_t now = gw_now_ms();
     pthread_mutex_lock(&br->mu);
     int ms = wait_ms(br, now);
     if (ms == 0 && br->state == GW_BREAKER_OPEN)
@@ -326,7 +318,7 @@ gw_breaker_stats(const gw_backend_t *b, gw_breaker_stats_t *out)
     memset(out, 0, sizeof(*out));
     if (br == NULL)
         return false;
-    uint64_t now = now_ms();
+    uint64_t now = gw_now_ms();
     pthread_mutex_lock(&br->mu);
     out->state = (gw_breaker_state_t)br->state;
     out->trips = br->trips;

@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <stdbool.h>
 
 #define GW_OK 0
@@ -22,6 +23,28 @@
 #define GW_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define GW_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define GW_NELEM(a) (sizeof(a) / sizeof((a)[0]))
+
+/* The monotonic clock, for durations and deadlines that need precision
+ * (Server-Timing, breaker windows, queue and retry timing, rate buckets).
+ * Not libevent's cached time: that is CLOCK_MONOTONIC_COARSE, in steps of a
+ * few milliseconds. */
+static inline uint64_t
+gw_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+static inline uint64_t
+gw_now_us(void)
+{
+    return gw_now_ns() / 1000u;
+}
+static inline uint64_t
+gw_now_ms(void)
+{
+    return gw_now_ns() / 1000000u;
+}
 
 typedef struct gw_config_s gw_config_t;
 typedef struct gw_route_s gw_route_t;

@@ -886,20 +886,12 @@ proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
  * status: the backend may have acted on part of it.
  */
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void
 proxy_retry_begin(gw_proxy_t *p)
 {
     const gw_retry_conf_t *rc = p->b->retry;
     p->attempt = 1;
-    p->end_ms = mono_ms() + (uint64_t)p->b->timeout_ms;
+    p->end_ms = gw_now_ms() + (uint64_t)p->b->timeout_ms;
     if (rc->counted) {
         p->counted = true;
         gw_retry_request_begin(rc);
@@ -935,7 +927,7 @@ proxy_retry_decide(gw_proxy_t *p, const char *why)
         !gw_retry_method_ok(rc, r->method) || (p->has_body && p->replay == NULL))
         return false;
     int ms = gw_retry_backoff_ms(rc, p->attempt);
-    if (mono_ms() + (uint64_t)ms >= p->end_ms) {
+    if (gw_now_ms() + (uint64_t)ms >= p->end_ms) {
         gw_log(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
                p->b->name, why, ms, r->request_id);
         return false;

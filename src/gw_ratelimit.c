@@ -129,14 +129,6 @@ siphash(uint64_t k0, uint64_t k1, const char *data, size_t len)
 
 /* --- life ------------------------------------------------------------------ */
 
-static uint64_t
-mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static size_t
 pow2_at_least(size_t n)
 {
@@ -153,7 +145,7 @@ gw_ratelimit_new(const gw_ratelimit_conf_t *conf)
     rl->refcnt = 1;
     rl->conf = *conf;
     rl->conf.header = conf->header ? gw_strdup(conf->header) : NULL;
-    rl->base_ns = mono_ns();
+    rl->base_ns = gw_now_ns();
     rl->cap_u = (uint64_t)conf->burst * SCALE;
     uint64_t seed[2];
     if (getrandom(seed, sizeof(seed), GRND_NONBLOCK) != (ssize_t)sizeof(seed)) {
@@ -399,7 +391,7 @@ gw_ratelimit_admit(gw_ratelimit_t *rl, const gw_config_t *cfg, gw_req_t *r, cons
         }
     }
     gw_ratelimit_result_t res;
-    gw_ratelimit_take(rl, key, len, mono_ns(), &res);
+    gw_ratelimit_take(rl, key, len, gw_now_ns(), &res);
     uint64_t reset_s = (res.reset_ms + 999) / 1000;
     int n = snprintf(hdr, cap, "RateLimit-Limit: %u\r\nRateLimit-Remaining: %u\r\nRateLimit-Reset: %llu\r\n",
                      rl->conf.rate, res.remaining, (unsigned long long)reset_s);

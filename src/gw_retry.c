@@ -112,9 +112,7 @@ static uint64_t
 prng_next(void)
 {
     if (prng == 0) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        uint64_t seed = (uint64_t)ts.tv_nsec * 0x9E3779B97F4A7C15ULL ^ (uint64_t)ts.tv_sec ^
+        uint64_t seed = gw_now_ns() * 0x9E3779B97F4A7C15ULL ^
                         (uint64_t)(uintptr_t)&prng ^ ((uint64_t)(uintptr_t)pthread_self() << 17);
         prng = seed ? seed : 0x2545F4914F6CDD1DULL;
     }

@@ -554,14 +554,6 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- the wait queue (max_pending) ----------------------------------------- */
 
-static uint64_t
-mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* Whether gw_upstream_get() can give a connection now. */
 static bool
 pool_has_room(const gw_pool_t *pool)
@@ -602,7 +594,7 @@ qtimer_arm(gw_pool_t *pool)
 {
     if (pool->qhead == NULL)
         return;
-    uint64_t now = mono_ms();
+    uint64_t now = gw_now_ms();
     uint64_t ms = pool->qhead->expires_ms > now ? pool->qhead->expires_ms - now : 0;
     struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000) };
     evtimer_add(pool->qtimer, &tv);
@@ -646,7 +638,7 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
     gw_pool_t *pool = arg;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    uint64_t now = mono_ms();
+    uint64_t now = gw_now_ms();
     unsigned budget = pool->nqueued;
     pool->holds++;
     while (budget-- > 0 && pool->qhead && pool->qhead->expires_ms <= now) {
@@ -668,7 +660,7 @@ gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, 
     wt->pool = pool;
     wt->cb = cb;
     wt->arg = arg;
-    wt->expires_ms = mono_ms() + (uint64_t)b->queue_timeout_ms;
+    wt->expires_ms = gw_now_ms() + (uint64_t)b->queue_timeout_ms;
     wt->next = NULL;
     wt->prev = pool->qtail;
     if (pool->qtail)

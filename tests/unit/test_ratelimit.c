@@ -23,21 +23,13 @@ limiter(unsigned rate, int period_ms, unsigned burst, gw_rl_key_t key, unsigned 
     return gw_ratelimit_new(&c);
 }
 
-static uint64_t
-now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* A request every millisecond for 10 s at 20 per second, burst 5: exactly
  * 5 + 200 admitted, and the bucket refills continuously (no per-second
  * steps). Rates that do not divide the period (3 per 1000 ms) too. */
 static void
 test_exact_rate(void)
 {
-    uint64_t t0 = now_ns() + 1000 * MS;
+    uint64_t t0 = gw_now_ns() + 1000 * MS;
     gw_ratelimit_t *rl = limiter(20, 1000, 5, GW_RL_KEY_GLOBAL, 0);
     unsigned admitted = 0;
     gw_ratelimit_result_t r;
@@ -66,7 +58,7 @@ test_exact_rate(void)
 static void
 test_result_fields(void)
 {
-    uint64_t t0 = now_ns() + 1000 * MS;
+    uint64_t t0 = gw_now_ns() + 1000 * MS;
     gw_ratelimit_t *rl = limiter(2, 10000, 2, GW_RL_KEY_GLOBAL, 0);
     gw_ratelimit_result_t r;
     gw_ratelimit_take(rl, NULL, 0, t0, &r);
@@ -108,7 +100,7 @@ hammer(void *p)
 static void
 test_threads_share_one_bucket(void)
 {
-    uint64_t t = now_ns() + 1000 * MS;
+    uint64_t t = gw_now_ns() + 1000 * MS;
     for (int keyed = 0; keyed < 2; keyed++) {
         gw_ratelimit_t *rl = limiter(1000, 1000, 100, keyed ? GW_RL_KEY_CLIENT : GW_RL_KEY_GLOBAL, 1000);
         pthread_t th[8];
@@ -134,7 +126,7 @@ test_threads_share_one_bucket(void)
 static void
 test_max_keys(void)
 {
-    uint64_t t0 = now_ns() + 1000 * MS;
+    uint64_t t0 = gw_now_ns() + 1000 * MS;
     gw_ratelimit_t *rl = limiter(1, 1000, 1, GW_RL_KEY_HEADER, 2);
     gw_ratelimit_result_t r;
     gw_ratelimit_take(rl, "a", 1, t0, &r);
