@@ -2304,6 +2304,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     if ((v = json_object_get(root, "workers")) != NULL && parse_workers(&c, v))
         goto fail;
+    cfg->workers_conf = cfg->workers;
     if (workers_override > 0)
         cfg->workers = GW_MIN(workers_override, GW_CONF_MAX_WORKERS);
     if (get_int(&c, root, "max_connections", 1, 10000000, &maxconn) ||

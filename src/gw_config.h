@@ -199,6 +199,7 @@ struct gw_config_s {
     gw_listen_t *listen;
     size_t nlisten;
     int workers;
+    int workers_conf;               /* what the file asks for ("auto": the CPUs), before -w */
     unsigned max_connections;
     int shutdown_timeout_ms;
     char *pid_file;                 /* "pid_file": written at start, removed at exit; NULL: none */

@@ -140,7 +140,7 @@ write_pid(const char *path)
 
 /* SIGHUP: a new configuration for new requests, or a log line saying why not. */
 static void
-reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
+reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed)
 {
     char err[2048];
     gw_log(GW_LOG_NOTICE, "SIGHUP: reloading configuration %s", file);
@@ -163,6 +163,9 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
                    next->backends[i]->name);
     gw_log(GW_LOG_NOTICE, "configuration %s reloaded: %zu routes, %zu backends, %zu listen addresses", file,
            next->nroutes, next->nbackends, next->nlisten);
+    if (!workers_fixed && next->workers_conf != srv->nworkers)
+        gw_log(GW_LOG_WARN, "reload: \"workers\" asks for %d threads; %d keep running until a restart",
+               next->workers_conf, srv->nworkers);
     gw_config_unref(*cfg);
     *cfg = next;
 }
@@ -306,7 +309,7 @@ main(int argc, char **argv)
             if (stopping)
                 gw_log(GW_LOG_NOTICE, "SIGHUP while stopping: ignored");
             else
-                reload(&srv, &cfg, file);
+                reload(&srv, &cfg, file, workers > 0);
         } else if (sig < 0 && errno != EAGAIN && errno != EINTR) {
             gw_log(GW_LOG_ERR, "sigtimedwait: %s", strerror(errno));
         }

@@ -244,6 +244,54 @@ def signal_option_and_pid_file():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@rtest
+def reload_warns_when_workers_change():
+    """The number of worker threads is fixed at start: a reload that asks for
+    another says so in the log and keeps running with the old number."""
+    stub = Stub()
+    tmp = tempfile.mkdtemp(prefix="gwwk-")
+    proc = None
+    try:
+        port = gwtest.free_port()
+        path = os.path.join(tmp, "gatherd.json")
+        cfg = config(port, "A", stub)
+        cfg["workers"] = 1
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        log = open(os.path.join(tmp, "stderr.log"), "wb")
+        proc = subprocess.Popen([GATHERD, "-c", path], stdout=subprocess.DEVNULL, stderr=log,
+                                preexec_fn=gwtest._die_with_parent)
+        deadline = time.monotonic() + 5 * SLOW
+        while True:
+            try:
+                eq(get(None, "/v", port=port).json(), {"v": "A"}, "before")
+                break
+            except OSError:
+                check(time.monotonic() < deadline, "gatherd answers")
+                time.sleep(0.02)
+        cfg = config(port, "B", stub)
+        cfg["workers"] = 2
+        with open(path + ".tmp", "w") as f:
+            json.dump(cfg, f)
+        os.rename(path + ".tmp", path)
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5 * SLOW
+        text = ""
+        while "reloaded" not in text:
+            check(time.monotonic() < deadline, "reloaded")
+            time.sleep(0.02)
+            with open(os.path.join(tmp, "stderr.log")) as f:
+                text = f.read()
+        contains(text, '"workers" asks for 2 threads; 1 keep running until a restart', "log")
+        eq(get(None, "/v", port=port).json(), {"v": "B"}, "after")
+    finally:
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+            eq(proc.returncode, 0, "exit status")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # --- under load ------------------------------------------------------------------------------
 
 WRK_SCRIPT = r"""
