@@ -14,6 +14,7 @@
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_notify.h"
 #include "gw_ratelimit.h"
 #include "gw_retry.h"
 #include "gw_server.h"
@@ -294,6 +295,8 @@ main(int argc, char **argv)
                                 "anyone on the path can impersonate it", cfg->backends[i]->name);
     gw_log(GW_LOG_NOTICE, "gatherd %s started: %d workers, %zu routes, configuration %s", PACKAGE_VERSION,
            cfg->workers, cfg->nroutes, file);
+    if (gw_notify_init() == GW_OK)
+        gw_notify_ready(); /* listeners bound, workers running */
 
     bool stopping = false;
     struct timespec tick = { 0, 100 * 1000 * 1000 };
@@ -303,13 +306,18 @@ main(int argc, char **argv)
             bool force = stopping || sig == SIGQUIT;
             gw_log(GW_LOG_NOTICE, "signal %d (%s): %s", sig, strsignal(sig),
                    force ? "stopping now" : "stopping gracefully");
+            if (!stopping)
+                gw_notify_stopping();
             gw_server_stop(&srv, force);
             stopping = true;
         } else if (sig == SIGHUP) {
             if (stopping)
                 gw_log(GW_LOG_NOTICE, "SIGHUP while stopping: ignored");
-            else
+            else {
+                gw_notify_reloading();
                 reload(&srv, &cfg, file, workers > 0);
+                gw_notify_reloaded(); /* applied or refused: running either way */
+            }
         } else if (sig < 0 && errno != EAGAIN && errno != EINTR) {
             gw_log(GW_LOG_ERR, "sigtimedwait: %s", strerror(errno));
         }
@@ -318,6 +326,7 @@ main(int argc, char **argv)
     }
     gw_server_free(&srv);
     gw_config_unref(cfg);
+    gw_notify_close();
     if (pid_file) {
         unlink(pid_file);
         free(pid_file);
