@@ -215,7 +215,7 @@ class Nginx:
         if os.geteuid() == 0:  # workers run as the test user, not nobody
             pw = pwd.getpwuid(os.geteuid())
             user = f"user {pw.pw_name};\n"
-        conf = (f"{user}daemon off;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n"
+        conf = (f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\n"
                 f"error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n"
                 f"http {{\n    access_log {d}/access.log;\n"
                 f"    client_body_temp_path {d}/client_body;\n    proxy_temp_path {d}/proxy;\n"
@@ -233,7 +233,7 @@ class Nginx:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TestFailure(f"nginx exited with {self.proc.returncode}: {self.log()}")
+                raise TestFailure(f"nginx exited with {self.proc.returncode}: {self.log()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
@@ -248,7 +248,7 @@ class Nginx:
                 out += open(os.path.join(self.dir, n), errors="replace").read()
             except OSError:
                 pass
-        return out[-3000:]
+        return out
 
     def close(self):
         # SIGQUIT: nginx's graceful stop; its workers are its children, gone with the master
@@ -352,9 +352,10 @@ def nginx_client_rate_limits_key_on_the_real_client():
     ds, ngx = setup(stub, extra_routes=[rl])
     codes2 = [get(ngx.port, "/rl", src="127.0.0.2", headers={"X-Forwarded-For": f"6.6.6.{i}"}).status
               for i in range(4)]
-    check(codes2.count(429) >= 2, f"127.0.0.2, spoofing: at most one answer per instance ({codes2})")
+    # one nginx worker: round robin alternates A, B, A, B
+    eq(codes2, [200, 200, 429, 429], "127.0.0.2, spoofing X-Forwarded-For: one answer per instance")
     codes3 = [get(ngx.port, "/rl", src="127.0.0.3").status for _ in range(2)]
-    eq(codes3, [200, 200], "127.0.0.3 has buckets of its own")
+    eq(codes3, [200, 200], "127.0.0.3 has buckets of its own (not nginx's)")
 
 
 WRK_SCRIPT = r"""
@@ -435,7 +436,7 @@ def nginx_sigterm_one_instance_under_wrk_load_loses_nothing():
         r = get(ngx.port, "/agg")
         eq(r.status, 200, "through nginx after the stop")
         eq(r.json()["a"]["i"], "B", "instance B answers")
-    check("[error]" not in ngx.log() or "no live upstreams" not in ngx.log(), "nginx always had an upstream")
+    check("no live upstreams" not in ngx.log(), "nginx always had an upstream")
 
 
 if __name__ == "__main__":
