@@ -33,8 +33,9 @@ gw_notify_init(void)
         return GW_OK;
     size_t len = strlen(s);
     if ((s[0] != '/' && s[0] != '@') || len < 2 || len > sizeof(notify_addr.sun_path)) {
-        gw_log(GW_LOG_WARN, "NOTIFY_SOCKET \"%s\" is not an absolute path or an @abstract name "
-                            "of at most %zu bytes: readiness notifications are off",
+        gw_log(GW_LOG_WARN,
+               "NOTIFY_SOCKET \"%s\" is not an absolute path or an @abstract name "
+               "of at most %zu bytes: readiness notifications are off",
                s, sizeof(notify_addr.sun_path));
         return GW_ERR;
     }
@@ -68,8 +69,8 @@ gw_notify_send(const char *msg)
                    notify_addrlen);
     while (n < 0 && errno == EINTR);
     if (n < 0 || (size_t)n != len) {
-        gw_log(GW_LOG_WARN, "cannot notify the service manager on %s (%.*s): %s", notify_name,
-               (int)strcspn(msg, "\n"), msg, n < 0 ? strerror(errno) : "short send");
+        gw_log(GW_LOG_WARN, "cannot notify the service manager on %s (%.*s): %s", notify_name, (int)strcspn(msg, "\n"),
+               msg, n < 0 ? strerror(errno) : "short send");
         return GW_ERR;
     }
     gw_log(GW_LOG_DEBUG, "notified the service manager: %.*s", (int)strcspn(msg, "\n"), msg);
