@@ -358,6 +358,9 @@ writer_reopen(void)
         free(cur_path[s]);
         cur_path[s] = paths[s];
     }
+    gw_log(GW_LOG_NOTICE, "log files reopened: access log %s, error log %s",
+           cur_path[S_ACCESS] ? cur_path[S_ACCESS] : fds[S_ACCESS] < 0 ? "off" : "stderr",
+           cur_path[S_ERROR] ? cur_path[S_ERROR] : "stderr");
 }
 
 static void
