@@ -218,8 +218,8 @@ gw_alog_request(const gw_config_t *cfg, const gw_req_t *req, const char *client,
     char line[4096];
     out_t o = { line, line + sizeof(line) - 1 }; /* room for the newline */
     size_t ref_len = 0, ua_len = 0;
-    const char *ref = gw_req_header(req, "Referer", &ref_len);
-    const char *ua = gw_req_header(req, "User-Agent", &ua_len);
+    const char *ref = r->no_head ? NULL : gw_req_header(req, "Referer", &ref_len);
+    const char *ua = r->no_head ? NULL : gw_req_header(req, "User-Agent", &ua_len);
     const char *method = llhttp_method_name((llhttp_method_t)req->method);
     const char *target = req->hbuf ? req->hbuf + req->url_off : "";
     size_t target_len = req->hbuf ? req->url_len : 0;
@@ -230,12 +230,16 @@ gw_alog_request(const gw_config_t *cfg, const gw_req_t *req, const char *client,
         out_str(&o, log_time(true));
         out_str(&o, "\",\"client\":\"");
         out_esc(&o, client, strlen(client), true);
-        out_str(&o, "\",\"method\":\"");
-        out_str(&o, method);
-        out_str(&o, "\",\"target\":\"");
-        out_esc(&o, target, target_len, true);
-        out_fmt(&o, "\",\"protocol\":\"HTTP/%u.%u\",\"status\":%d,\"bytes\":%llu,\"referer\":\"", req->http_major,
-                req->http_minor, status, (unsigned long long)r->bytes);
+        if (r->no_head) {
+            out_str(&o, "\",\"method\":null,\"target\":null,\"protocol\":null");
+        } else {
+            out_str(&o, "\",\"method\":\"");
+            out_str(&o, method);
+            out_str(&o, "\",\"target\":\"");
+            out_esc(&o, target, target_len, true);
+            out_fmt(&o, "\",\"protocol\":\"HTTP/%u.%u\"", req->http_major, req->http_minor);
+        }
+        out_fmt(&o, ",\"status\":%d,\"bytes\":%llu,\"referer\":\"", status, (unsigned long long)r->bytes);
         out_esc(&o, ref ? ref : "", ref_len, true);
         out_str(&o, "\",\"user_agent\":\"");
         out_esc(&o, ua ? ua : "", ua_len, true);
@@ -278,11 +282,15 @@ gw_alog_request(const gw_config_t *cfg, const gw_req_t *req, const char *client,
         out_str(&o, " - - [");
         out_str(&o, log_time(false));
         out_str(&o, "] \"");
-        out_str(&o, method);
-        out_str(&o, " ");
-        out_esc(&o, target, target_len, false);
-        out_fmt(&o, " HTTP/%u.%u\" %d %llu \"", req->http_major, req->http_minor, status,
-                (unsigned long long)r->bytes);
+        if (r->no_head) {
+            out_str(&o, "-");
+        } else {
+            out_str(&o, method);
+            out_str(&o, " ");
+            out_esc(&o, target, target_len, false);
+            out_fmt(&o, " HTTP/%u.%u", req->http_major, req->http_minor);
+        }
+        out_fmt(&o, "\" %d %llu \"", status, (unsigned long long)r->bytes);
         if (ref)
             out_esc(&o, ref, ref_len, false);
         else

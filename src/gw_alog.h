@@ -30,6 +30,7 @@ typedef struct gw_alog_rec_s {
     int64_t up_us;        /* upstream time; -1: no backend involved */
     int status;           /* 0: no response started */
     uint64_t bytes;       /* response body bytes */
+    bool no_head;         /* the request head was not complete (400, 408, 431...) */
     const char *route;    /* the route's pattern (borrowed from the conn's configuration); NULL: none */
     size_t fail_len;
     char fail[240];       /* "call:code,call:code" */

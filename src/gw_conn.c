@@ -112,12 +112,24 @@ gw_conn_next(gw_conn_t *c)
     return c->next;
 }
 
+/* The access log line of the current request (when the log is on). A
+ * request refused before its head was complete has no method, target or
+ * trustworthy headers yet: the line says "-" and names the peer. */
+static void
+log_request(gw_conn_t *c)
+{
+    if (!c->cfg->log.access_on)
+        return;
+    c->alog.no_head = !c->parser.headers_done;
+    gw_alog_request(c->cfg, &c->req, c->alog.no_head ? c->peer_ip : gw_conn_client_ip(c), &c->alog);
+}
+
 static void
 conn_free(gw_conn_t *c)
 {
     gw_worker_t *w = c->w;
     if (c->state == C_HANDLING) /* died mid-request: still one line */
-        gw_alog_request(c->cfg, &c->req, gw_conn_client_ip(c), &c->alog);
+        log_request(c);
     if (c->async) {
         const gw_conn_async_t *ops = c->async;
         c->async = NULL;
@@ -285,7 +297,7 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
 static void
 request_done(gw_conn_t *c)
 {
-    gw_alog_request(c->cfg, &c->req, gw_conn_client_ip(c), &c->alog);
+    log_request(c);
     gw_alog_rec_reset(&c->alog);
     c->requests++;
     if (c->inflight) {

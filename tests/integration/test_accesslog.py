@@ -276,6 +276,22 @@ def client_gone_mid_request_is_logged():
 
 
 @atest
+def malformed_request_is_logged_without_a_request_line():
+    stub = Stub()
+    t = tmpdir()
+    path = os.path.join(t, "access.log")
+    d = log_daemon(t, stub, {"access_log": path}, trusted_proxies=["127.0.0.1/32"])
+    with Client(d) as c:
+        c.send(b"GET /r HTTP/1.1\r\nX-Forwarded-For: 203.0.113.9\r\nBad Header\r\n\r\n")
+        r = c.read_response()
+        eq(r.status, 400, "malformed header")
+    lines = wait_lines(path, 1)
+    eq(len(lines), 1, "one line")
+    check(re.match(r'^127\.0\.0\.1 - - \[[^\]]+\] "-" 400 \d+ "-" "-" rid=\S+ route=- t=[\d.]+ up=- fail=-$', lines[0]),
+          f"line of a malformed request: {lines[0]!r}")
+
+
+@atest
 def bad_log_config_is_an_error():
     t = tmpdir()
     for log, want in (({"acces_log": "x"}, 'log.acces_log: unknown key "acces_log"'),
