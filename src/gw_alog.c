@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <llhttp.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -478,7 +479,14 @@ gw_alog_start(const gw_config_t *cfg, char *err, size_t errlen)
     }
     set_wanted(cfg);
     ctl_stop = ctl_kick = ctl_reopen = false;
+    /* The writer takes no signal: a process-directed SIGHUP or SIGUSR1
+     * delivered to it would kill the process instead of reaching the main
+     * thread's sigtimedwait(). It is created with all of them blocked. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     int rc = pthread_create(&writer, NULL, writer_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
         snprintf(err, errlen, "cannot start the log writer thread: %s", strerror(rc));
         for (int s = 0; s < S_N; s++)
