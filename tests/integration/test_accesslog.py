@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -194,6 +195,22 @@ def sigusr1_reopens_files():
     eq(len(read_lines(path + ".1")), 2, "the old file got nothing more")
     contains("\n".join(read_lines(epath + ".1")), "SIGUSR1: reopening the log files", "old error log")
     contains("\n".join(wait_lines(epath, 1)), "log files reopened", "new error log")
+
+
+@atest
+def many_usr1_never_kill_the_daemon():
+    """The writer thread must not take signals: a USR1 delivered to it would
+    end the process (it did, about one time in a few hundred)."""
+    stub = Stub()
+    t = tmpdir()
+    path = os.path.join(t, "access.log")
+    d = log_daemon(t, stub, {"access_log": path, "error_log": os.path.join(t, "error.log")})
+    # bash's kill builtin sends them fast enough that some arrive while the
+    # main thread is not in sigtimedwait(), when any other thread may get them
+    subprocess.run(["bash", "-c", f"for i in $(seq 1 2000); do kill -USR1 {d.pid} || exit; done"], timeout=60)
+    time.sleep(0.3 * SLOW)
+    check(d.running(), f"daemon alive after 2000 SIGUSR1 (exit {d.proc.poll()})")
+    eq(get(d, "/r").status, 201, "still answering")
 
 
 @atest
