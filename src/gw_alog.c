@@ -48,14 +48,14 @@ static tbuf_t *tbufs; /* under reg_mu */
 static pthread_mutex_t ctl_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t ctl_cond = PTHREAD_COND_INITIALIZER;
 static bool ctl_stop, ctl_kick, ctl_reopen;
-static char *want_path[S_N];  /* NULL: stderr (error) / off or stderr (access, see want_access) */
-static bool want_access;      /* the access log is on */
+static char *want_path[S_N]; /* NULL: stderr (error) / off or stderr (access, see want_access) */
+static bool want_access;     /* the access log is on */
 
 static pthread_t writer;
-static bool running;          /* main thread only */
-static int err_to_file;       /* atomic: error lines go to the writer */
-static int fds[S_N] = { -1, 2 }; /* writer thread only once running */
-static char *cur_path[S_N];   /* writer only: what fds[] are open on; NULL: stderr or off */
+static bool running;           /* main thread only */
+static int err_to_file;        /* atomic: error lines go to the writer */
+static int fds[S_N] = {-1, 2}; /* writer thread only once running */
+static char *cur_path[S_N];    /* writer only: what fds[] are open on; NULL: stderr or off */
 
 void
 gw_alog_rec_reset(gw_alog_rec_t *r)
@@ -71,8 +71,8 @@ gw_alog_rec_fail(gw_alog_rec_t *r, const char *call, const char *code)
     size_t need = strlen(call) + strlen(code) + 2;
     if (r->fail_len + need >= sizeof(r->fail))
         return; /* a long list is cut, never overrun */
-    int n = snprintf(r->fail + r->fail_len, sizeof(r->fail) - r->fail_len, "%s%s:%s", r->fail_len ? "," : "", call,
-                     code);
+    int n =
+        snprintf(r->fail + r->fail_len, sizeof(r->fail) - r->fail_len, "%s%s:%s", r->fail_len ? "," : "", call, code);
     if (n > 0)
         r->fail_len += (size_t)n;
 }
@@ -147,8 +147,7 @@ out_str(out_t *o, const char *s)
     out_mem(o, s, strlen(s));
 }
 
-static void __attribute__((format(printf, 2, 3)))
-out_fmt(out_t *o, const char *fmt, ...)
+static void __attribute__((format(printf, 2, 3))) out_fmt(out_t *o, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -159,14 +158,18 @@ out_fmt(out_t *o, const char *fmt, ...)
         o->p += (size_t)n < avail ? (size_t)n : avail ? avail - 1 : 0;
 }
 
-/* Client-supplied bytes: '"', '\' and bytes outside printable ASCII become
- * \xHH (text, as nginx escapes) or \u00HH (JSON), so a line can never be
- * split or forged by a header value. */
+/* Client-supplied bytes: '"', '\\' and bytes outside printable ASCII become
+ * \\xHH (text, as nginx escapes) or \\u00HH (JSON), so a line can never be
+ * split or forged by a header value. A field is cut at FIELD_MAX bytes of
+ * output, so that every field fits in the line and a JSON line stays whole. */
+#define FIELD_MAX 1024
+
 static void
 out_esc(out_t *o, const char *s, size_t n, bool json)
 {
     static const char hex[] = "0123456789abcdef";
-    for (size_t i = 0; i < n && o->end - o->p > 6; i++) {
+    char *limit = o->end - o->p > FIELD_MAX ? o->p + FIELD_MAX : o->end;
+    for (size_t i = 0; i < n && limit - o->p > 6; i++) {
         unsigned char ch = (unsigned char)s[i];
         if (ch == '"' || ch == '\\' || ch < 0x20 || ch >= 0x7f) {
             if (json && (ch == '"' || ch == '\\')) {
@@ -193,7 +196,7 @@ out_ms(out_t *o, uint64_t us)
 static const char *
 log_time(bool json)
 {
-    static __thread time_t last[2] = { -1, -1 };
+    static __thread time_t last[2] = {-1, -1};
     static __thread char text[2][40];
     time_t now = time(NULL);
     if (now != last[json]) {
@@ -216,8 +219,8 @@ gw_alog_request(const gw_config_t *cfg, const gw_req_t *req, const char *client,
     if (!cfg->log.access_on)
         return;
     bool json = cfg->log.access_format == GW_ALOG_JSON;
-    char line[4096];
-    out_t o = { line, line + sizeof(line) - 1 }; /* room for the newline */
+    char line[8192]; /* 4 fields of FIELD_MAX, short ones, the fixed text */
+    out_t o = {line, line + sizeof(line) - 1}; /* room for the newline */
     size_t ref_len = 0, ua_len = 0;
     const char *ref = r->no_head ? NULL : gw_req_header(req, "Referer", &ref_len);
     const char *ua = r->no_head ? NULL : gw_req_header(req, "User-Agent", &ua_len);
@@ -368,7 +371,9 @@ writer_reopen(void)
         cur_path[s] = paths[s];
     }
     gw_log(GW_LOG_NOTICE, "log files reopened: access log %s, error log %s",
-           cur_path[S_ACCESS] ? cur_path[S_ACCESS] : fds[S_ACCESS] < 0 ? "off" : "stderr",
+           cur_path[S_ACCESS]  ? cur_path[S_ACCESS]
+           : fds[S_ACCESS] < 0 ? "off"
+                               : "stderr",
            cur_path[S_ERROR] ? cur_path[S_ERROR] : "stderr");
 }
 
@@ -390,7 +395,7 @@ write_all(int fd, const char *p, size_t n)
 static void
 writer_flush(char *spare[S_N])
 {
-    uint64_t dropped[S_N] = { 0, 0 };
+    uint64_t dropped[S_N] = {0, 0};
     pthread_mutex_lock(&reg_mu);
     tbuf_t *list = tbufs;
     pthread_mutex_unlock(&reg_mu); /* entries are only ever added at the head */
@@ -464,8 +469,8 @@ set_wanted(const gw_config_t *cfg)
 int
 gw_alog_start(const gw_config_t *cfg, char *err, size_t errlen)
 {
-    int fd[S_N] = { cfg->log.access_on ? 2 : -1, 2 };
-    const char *paths[S_N] = { cfg->log.access_path, cfg->log.error_path };
+    int fd[S_N] = {cfg->log.access_on ? 2 : -1, 2};
+    const char *paths[S_N] = {cfg->log.access_path, cfg->log.error_path};
     for (int s = 0; s < S_N; s++) {
         if (paths[s] && (fd[s] = open_log(paths[s], err, errlen)) < 0) {
             if (s == S_ERROR && fd[S_ACCESS] > 2)

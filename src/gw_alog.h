@@ -33,7 +33,7 @@ typedef struct gw_alog_rec_s {
     bool no_head;         /* the request head was not complete (400, 408, 431...) */
     const char *route;    /* the route's pattern (borrowed from the conn's configuration); NULL: none */
     size_t fail_len;
-    char fail[240];       /* "call:code,call:code" */
+    char fail[240]; /* "call:code,call:code" */
 } gw_alog_rec_t;
 
 /* Empties r for the next request. */

@@ -150,6 +150,12 @@ def json_format_parses():
     eq(g["request_id"], r.header("X-Request-Id"), "request id")
     check(isinstance(g["upstream_ms"], float) and isinstance(g["total_ms"], float), "times are numbers")
     check(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", g["time"]), f"time {g['time']}")
+    long = "/r?" + "x%22" * 2000  # 8000 bytes, cut in the log, the line still JSON
+    eq(get(d, long, headers={"User-Agent": "\xff" * 3000}).status, 201, "long target")
+    lines = wait_lines(path, 3)
+    doc = json.loads(lines[2])
+    check(long.startswith(doc["target"]) and 900 < len(doc["target"]) <= 1024, f"target cut: {len(doc['target'])}")
+    check(len(lines[2]) < 8192, "line bounded")
     rr = [x for x in docs if x["target"] == "/r"][0]
     eq((rr["status"], rr["upstream_ms"], rr["failed"]), (201, None, []), "respond fields")
 
