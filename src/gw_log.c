@@ -27,13 +27,13 @@ static const char *const level_names[] = { "debug", "info", "notice", "warn", "e
 void
 gw_log_set_level(gw_log_level_t level)
 {
-    log_level = level;
+    __atomic_store_n(&log_level, level, __ATOMIC_RELAXED); /* a reload sets it while workers log */
 }
 
 gw_log_level_t
 gw_log_get_level(void)
 {
-    return log_level;
+    return __atomic_load_n(&log_level, __ATOMIC_RELAXED);
 }
 
 void
@@ -45,7 +45,7 @@ gw_log_set_thread(const char *tag)
 void
 gw_log(gw_log_level_t level, const char *fmt, ...)
 {
-    if (level < log_level)
+    if (level < gw_log_get_level())
         return;
     int saved_errno = errno;
     char line[2048];

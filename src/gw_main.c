@@ -139,10 +139,10 @@ write_pid(const char *path)
     return GW_OK;
 }
 
-/* SIGHUP: a new configuration for new requests, or a log line saying why not. */
 /* -l LEVEL was given: it wins over "log.level". */
 static bool level_from_cmdline;
 
+/* SIGHUP: a new configuration for new requests, or a log line saying why not. */
 static void
 reload(gw_server_t *srv, gw_config_t **cfg, const char *file)
 {
