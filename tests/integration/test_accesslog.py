@@ -220,6 +220,37 @@ def many_usr1_never_kill_the_daemon():
 
 
 @atest
+def reload_turns_the_access_log_on_and_moves_it():
+    stub = Stub()
+    t = tmpdir()
+    path = os.path.join(t, "access.log")
+    d = log_daemon(t, stub, {})
+    get(d, "/r?before")
+
+    def reload_with(log):
+        cfg = tp.config({"s": tp.backend(stub.url)}, routes=routes(), listen=[f"127.0.0.1:{d.port}"])
+        cfg["log"] = log
+        n = d.log().count("reloaded")
+        with open(d.conf_path + ".tmp", "w") as f:
+            json.dump(cfg, f)
+        os.rename(d.conf_path + ".tmp", d.conf_path)
+        d.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5 * SLOW
+        while d.log().count("reloaded") <= n:
+            check(time.monotonic() < deadline, f"no reload: {d.log()[-500:]}")
+            time.sleep(0.02)
+        time.sleep(0.2 * SLOW)  # the writer moves to the new file in the pass that wrote "reloaded"
+    reload_with({"access_log": path})
+    get(d, "/r?after")
+    lines = wait_lines(path, 1)
+    eq([parse(l)["target"] for l in lines], ["/r?after"], "lines after the reload only")
+    reload_with({"access_log": path + ".2", "access_format": "json"})
+    get(d, "/r?moved")
+    eq([json.loads(l)["target"] for l in wait_lines(path + ".2", 1)], ["/r?moved"], "moved, in JSON")
+    eq(len(read_lines(path)), 1, "nothing more in the first file")
+
+
+@atest
 def error_log_to_file():
     stub = Stub()
     t = tmpdir()
