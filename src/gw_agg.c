@@ -26,6 +26,7 @@
  * uses.
  */
 #include "gw_agg.h"
+#include "gw_alog.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
@@ -751,6 +752,26 @@ call_us(const call_rt_t *rt)
     return rt->start_us && rt->end_us > rt->start_us ? rt->end_us - rt->start_us : 0;
 }
 
+/* The access log gets the failed calls with their codes and the upstream
+ * time (first call started to last call done); gw_alog formats them. */
+static void
+note_access_log(agg_t *a)
+{
+    gw_alog_rec_t *rec = gw_conn_alog(a->c);
+    uint64_t first = 0, last = 0;
+    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
+        const call_rt_t *rt = &a->calls[i];
+        if (rt->state == CALL_FAILED)
+            gw_alog_rec_fail(rec, call_of(a, i)->name, rt->code);
+        if (rt->start_us && (first == 0 || rt->start_us < first))
+            first = rt->start_us;
+        if (rt->end_us > last)
+            last = rt->end_us;
+    }
+    if (first)
+        rec->up_us = (int64_t)((last > first ? last : gw_now_us()) - first);
+}
+
 /* "Server-Timing: ...\r\n" into a->hdrs (replacing its content): each
  * call's duration (with its failure code as desc), then the total. */
 static void
@@ -766,6 +787,7 @@ server_timing(agg_t *a)
     }
     timing_add(h, false, "total", gw_now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
+    note_access_log(a);
 }
 
 static void

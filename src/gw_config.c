@@ -16,6 +16,7 @@
 #include "gw_breaker.h"
 #include "gw_http.h"
 #include "gw_jpath.h"
+#include "gw_log.h"
 #include "gw_ratelimit.h"
 #include "gw_realip.h"
 #include "gw_retry.h"
@@ -1925,6 +1926,74 @@ out:
     return rc;
 }
 
+/* --- "log" (gw_log.h, gw_alog.h) ---------------------------------------------- */
+
+/* A log destination: "stderr", "off" (when allowed) or an absolute or
+ * relative file name. *path: NULL for stderr, else a copy. */
+static int
+log_dest(ctx_t *c, json_t *v, const char *key, bool can_off, bool *on, char **path)
+{
+    json_t *d = json_object_get(v, key);
+    if (d == NULL)
+        return GW_OK;
+    const char *s = json_is_string(d) ? json_string_value(d) : "";
+    if (s[0] == '\0' || strlen(s) != json_string_length(d) || (!can_off && strcmp(s, "off") == 0))
+        return fail_in(c, key, can_off ? "must be \"off\", \"stderr\" or a file name like \"/var/log/gatherd/access.log\""
+                                      : "must be \"stderr\" or a file name like \"/var/log/gatherd/error.log\"");
+    free(*path);
+    *path = NULL;
+    *on = strcmp(s, "off") != 0;
+    if (*on && strcmp(s, "stderr") != 0)
+        *path = gw_strdup(s);
+    return GW_OK;
+}
+
+/* "log": {"level", "error_log", "access_log", "access_format"}. */
+static int
+parse_log(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "level", "error_log", "access_log", "access_format", NULL };
+    static const char *const levels[] = { "debug", "info", "notice", "warn", "error" };
+    gw_log_conf_t *l = &c->cfg->log;
+    push_key(c, "log");
+    int rc = GW_ERR;
+    bool err_on = true;
+    json_t *d;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"access_log\": \"/var/log/gatherd/access.log\"}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"log\"") || log_dest(c, v, "error_log", false, &err_on, &l->error_path) ||
+        log_dest(c, v, "access_log", true, &l->access_on, &l->access_path))
+        goto out;
+    if ((d = json_object_get(v, "level")) != NULL) {
+        const char *s = json_is_string(d) ? json_string_value(d) : "";
+        l->level = -1;
+        for (size_t i = 0; i < GW_NELEM(levels); i++)
+            if (strcmp(s, levels[i]) == 0)
+                l->level = (int)i;
+        if (l->level < 0) {
+            fail_in(c, "level", "must be \"debug\", \"info\", \"notice\", \"warn\" or \"error\"");
+            goto out;
+        }
+    }
+    if ((d = json_object_get(v, "access_format")) != NULL) {
+        const char *s = json_is_string(d) ? json_string_value(d) : "";
+        if (strcmp(s, "combined") == 0)
+            l->access_format = GW_ALOG_COMBINED;
+        else if (strcmp(s, "json") == 0)
+            l->access_format = GW_ALOG_JSON;
+        else {
+            fail_in(c, "access_format", "must be \"combined\" or \"json\"");
+            goto out;
+        }
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
 /* --- trusted proxies, rate limits, max_inflight (gw_realip.h, gw_ratelimit.h) --- */
 
 static int
@@ -2276,6 +2345,7 @@ set_defaults(gw_config_t *cfg)
     cfg->resolver.max_ttl_ms = 300000;
     cfg->resolver.hosts_file = gw_strdup("/etc/hosts");
     cfg->router = gw_router_new();
+    cfg->log.level = GW_LOG_NOTICE;
 }
 
 gw_config_t *
@@ -2284,7 +2354,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
-                                        "real_ip_header", "max_inflight", NULL };
+                                        "real_ip_header", "max_inflight", "log", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2327,6 +2397,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         cfg->pid_file = gw_strdup(json_string_value(v));
     }
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
         goto fail;
     if ((v = json_object_get(root, "resolver")) != NULL && parse_resolver(&c, v))
         goto fail;
@@ -2400,6 +2472,8 @@ gw_config_unref(gw_config_t *cfg)
     free(cfg->resolver.hosts_file);
     free(cfg->trusted_proxies);
     free(cfg->pid_file);
+    free(cfg->log.error_path);
+    free(cfg->log.access_path);
     free(cfg->file);
     free(cfg);
 }

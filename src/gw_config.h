@@ -193,6 +193,16 @@ struct gw_route_s {
     gw_ratelimit_t *ratelimit; /* "rate_limit": one reference, shared across reloads; NULL: none */
 };
 
+/* "log": the error log and the access log (gw_log.h, gw_alog.h). */
+typedef enum { GW_ALOG_COMBINED = 0, GW_ALOG_JSON } gw_alog_format_t;
+typedef struct {
+    int level;                     /* gw_log_level_t; default notice */
+    char *error_path;              /* "error_log" file; NULL: stderr */
+    bool access_on;                /* "access_log" is not "off" */
+    char *access_path;             /* its file; NULL: stderr (when on) */
+    gw_alog_format_t access_format;
+} gw_log_conf_t;
+
 struct gw_config_s {
     int refcnt; /* atomic */
     char *file;
@@ -215,6 +225,7 @@ struct gw_config_s {
     size_t ntrusted;
     gw_realip_header_t real_ip_header;
     unsigned max_inflight;          /* requests being handled, whole process; 0: no limit */
+    gw_log_conf_t log;              /* "log" */
 };
 
 /*

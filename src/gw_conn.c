@@ -23,6 +23,7 @@
  */
 #include "gw_conn.h"
 #include "gw_agg.h"
+#include "gw_alog.h"
 #include "gw_config.h"
 #include "gw_http.h"
 #include "gw_inflight.h"
@@ -93,10 +94,17 @@ struct gw_conn_s {
     bool inflight;     /* the request holds a gw_inflight unit */
     size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
     char rl_hdr[GW_RATELIMIT_HDR_MAX];
+    gw_alog_rec_t alog; /* the access log line of the current request */
 };
 
 static void conn_run(gw_conn_t *c);
 static void reject(gw_conn_t *c, int status, const char *reason);
+
+gw_alog_rec_t *
+gw_conn_alog(gw_conn_t *c)
+{
+    return &c->alog;
+}
 
 gw_conn_t *
 gw_conn_next(gw_conn_t *c)
@@ -104,10 +112,24 @@ gw_conn_next(gw_conn_t *c)
     return c->next;
 }
 
+/* The access log line of the current request (when the log is on). A
+ * request refused before its head was complete has no method, target or
+ * trustworthy headers yet: the line says "-" and names the peer. */
+static void
+log_request(gw_conn_t *c)
+{
+    if (!c->cfg->log.access_on)
+        return;
+    c->alog.no_head = !c->parser.headers_done;
+    gw_alog_request(c->cfg, &c->req, c->alog.no_head ? c->peer_ip : gw_conn_client_ip(c), &c->alog);
+}
+
 static void
 conn_free(gw_conn_t *c)
 {
     gw_worker_t *w = c->w;
+    if (c->state == C_HANDLING) /* died mid-request: still one line */
+        log_request(c);
     if (c->async) {
         const gw_conn_async_t *ops = c->async;
         c->async = NULL;
@@ -224,6 +246,7 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
         gw_http_new_request_id(genid);
         id = genid;
     }
+    c->alog.status = status;
     const char *text = gw_http_status_text(status);
     size_t idlen = strlen(id), textlen = strlen(text); /* id: at most 63 bytes, see gw_http.c */
     /* fixed text of the head, two numbers, the id and the status text */
@@ -274,6 +297,8 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
 static void
 request_done(gw_conn_t *c)
 {
+    log_request(c);
+    gw_alog_rec_reset(&c->alog);
     c->requests++;
     if (c->inflight) {
         c->inflight = false;
@@ -318,6 +343,7 @@ respond(gw_conn_t *c, int status, const char *headers, size_t headers_len, const
     bool send_body = body_len && c->req.method != HTTP_HEAD && status != 204 && status != 304;
     c->chunked_out = false;
     write_response(c, status, headers, headers_len, body, (int64_t)body_len, send_body);
+    c->alog.bytes = send_body ? body_len : 0;
     request_done(c);
 }
 
@@ -451,6 +477,7 @@ dispatch(gw_conn_t *c)
         return;
     }
     const gw_route_t *route = m.route;
+    c->alog.route = route->pattern;
     if (!admit(c, route, false))
         return;
     switch (route->kind) {
@@ -459,6 +486,7 @@ dispatch(gw_conn_t *c)
                 route->respond.body_len);
         return;
     case GW_ROUTE_PROXY:
+        c->alog.up_start_us = gw_now_us();
         gw_proxy_start(c, route);
         return;
     case GW_ROUTE_AGGREGATE:
@@ -481,6 +509,8 @@ head_received(gw_conn_t *c)
     const gw_route_t *route = NULL;
     if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND && m.route->kind == GW_ROUTE_PROXY)
         route = m.route;
+    if (route)
+        c->alog.route = route->pattern;
     if (route && !admit(c, route, true))
         return;
     if (route)
@@ -499,6 +529,7 @@ head_received(gw_conn_t *c)
     c->state = C_HANDLING;
     c->body_stream = true;
     c->body_paused = false;
+    c->alog.up_start_us = gw_now_us();
     gw_proxy_start(c, route);
 }
 
@@ -584,6 +615,8 @@ conn_process(gw_conn_t *c)
         }
         if (c->timer_kind == GW_T_KEEPALIVE || c->timer_kind == GW_T_DRAIN)
             timer_set(c, GW_T_HEADER);
+        if (c->alog.start_us == 0)
+            c->alog.start_us = gw_now_us(); /* the first bytes of this request */
         gw_parse_result_t pr;
         if (!parse_input(c, &pr))
             break;
@@ -826,6 +859,7 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     w->conns = c;
     w->nconns++;
     c->state = C_READING;
+    gw_alog_rec_reset(&c->alog);
     read_enable(c, true);
     timer_set(c, GW_T_HEADER);
 }
@@ -927,6 +961,8 @@ gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len
             c->close_after = true; /* HTTP/1.0: the end of the body is the end of the connection */
     }
     write_response(c, status, headers, len, NULL, content_length, false);
+    if (c->alog.up_start_us && c->alog.up_us < 0) /* proxy: time to the backend's response head */
+        c->alog.up_us = (int64_t)(gw_now_us() - c->alog.up_start_us);
 }
 
 void
@@ -934,6 +970,7 @@ gw_conn_body(gw_conn_t *c, const char *data, size_t len)
 {
     if (c->no_body || len == 0)
         return;
+    c->alog.bytes += len;
     if (c->chunked_out) {
         char size[24];
         int n = snprintf(size, sizeof(size), "%zx\r\n", len);

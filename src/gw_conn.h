@@ -37,6 +37,10 @@ void gw_conn_close(gw_conn_t *c);
  * callback or the worker's stop), where nothing up the stack uses c. */
 void gw_conn_release(gw_conn_t *c);
 
+/* The access log record of the current request (gw_alog.h), for route
+ * handlers to add the upstream time and failed calls; borrowed. */
+struct gw_alog_rec_s *gw_conn_alog(gw_conn_t *c);
+
 /* The next connection in the worker's list. */
 gw_conn_t *gw_conn_next(gw_conn_t *c);
 

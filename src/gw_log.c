@@ -1,11 +1,15 @@
 /*
  * gw_log.c - the error log (see gw_log.h). Lines go to stderr, which the
- * service manager (systemd, a container runtime) collects. A line is
+ * service manager (systemd, a container runtime) collects; once the log
+ * writer runs (gw_alog.h) they are queued for it instead, and it writes
+ * them to "log.error_log" (a file or stderr) without blocking the caller.
+ * Before that (start-up, -t) they go straight to stderr. A line is
  * formatted into a stack buffer and written with one write(2); stderr is
  * left blocking on purpose: a log line is rare and small, and losing the
  * reason for an outage is worse than a rare short stall.
  */
 #include "gw_log.h"
+#include "gw_alog.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -23,13 +27,13 @@ static const char *const level_names[] = { "debug", "info", "notice", "warn", "e
 void
 gw_log_set_level(gw_log_level_t level)
 {
-    log_level = level;
+    __atomic_store_n(&log_level, level, __ATOMIC_RELAXED); /* a reload sets it while workers log */
 }
 
 gw_log_level_t
 gw_log_get_level(void)
 {
-    return log_level;
+    return __atomic_load_n(&log_level, __ATOMIC_RELAXED);
 }
 
 void
@@ -41,7 +45,7 @@ gw_log_set_thread(const char *tag)
 void
 gw_log(gw_log_level_t level, const char *fmt, ...)
 {
-    if (level < log_level)
+    if (level < gw_log_get_level())
         return;
     int saved_errno = errno;
     char line[2048];
@@ -63,7 +67,7 @@ gw_log(gw_log_level_t level, const char *fmt, ...)
     if (n > sizeof(line) - 2)
         n = sizeof(line) - 2;
     line[n++] = '\n';
-    if (write(STDERR_FILENO, line, n) < 0) {
+    if (!gw_alog_error_line(line, n) && write(STDERR_FILENO, line, n) < 0) {
         /* stderr is gone; nowhere left to report it */
     }
     errno = saved_errno;

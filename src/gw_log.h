@@ -10,7 +10,7 @@
 
 typedef enum { GW_LOG_DEBUG, GW_LOG_INFO, GW_LOG_NOTICE, GW_LOG_WARN, GW_LOG_ERR, GW_LOG_EMERG } gw_log_level_t;
 
-/* Lines below this level are dropped. Set once at start-up. */
+/* Lines below this level are dropped. Set at start-up and by a reload ("log.level"). */
 void gw_log_set_level(gw_log_level_t level);
 gw_log_level_t gw_log_get_level(void);
 /* Tag of the calling thread ("main", "w0", ...), copied; shown on each line. */

@@ -11,6 +11,7 @@
  * "gatherd -s reload|stop|quit" signals the running daemon whose pid is in
  * the pid file (--pid, else the configuration's "pid_file"), like nginx -s.
  */
+#include "gw_alog.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_log.h"
@@ -52,7 +53,7 @@ usage(FILE *f)
             "  -V        print the version and exit\n"
             "  -h        print this help and exit\n"
             "Signals: TERM/INT stop gracefully (a second one stops at once), QUIT stops at once,\n"
-            "HUP reloads the configuration (an invalid one is logged and ignored).\n",
+            "HUP reloads the configuration (an invalid one is logged and ignored), USR1 reopens the log files.\n",
             GW_SOURCE_CONF, GW_DEFAULT_CONF);
 }
 
@@ -139,6 +140,9 @@ write_pid(const char *path)
     return GW_OK;
 }
 
+/* -l LEVEL was given: it wins over "log.level". */
+static bool level_from_cmdline;
+
 /* SIGHUP: a new configuration for new requests, or a log line saying why not. */
 static void
 reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed)
@@ -162,6 +166,9 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
         if (next->backends[i]->tls && !next->backends[i]->tls_verify)
             gw_log(GW_LOG_WARN, "backend %s: TLS certificate verification is OFF (tls.verify: false)",
                    next->backends[i]->name);
+    if (!level_from_cmdline)
+        gw_log_set_level((gw_log_level_t)next->log.level);
+    gw_alog_apply(next);
     gw_log(GW_LOG_NOTICE, "configuration %s reloaded: %zu routes, %zu backends, %zu listen addresses", file,
            next->nroutes, next->nbackends, next->nlisten);
     if (!workers_fixed && next->workers_conf != srv->nworkers)
@@ -212,6 +219,7 @@ main(int argc, char **argv)
                 return 1;
             }
             gw_log_set_level(level);
+            level_from_cmdline = true;
             break;
         }
         case 'V':
@@ -261,6 +269,13 @@ main(int argc, char **argv)
         return 1;
     }
 
+    if (!level_from_cmdline)
+        gw_log_set_level((gw_log_level_t)cfg->log.level);
+    if (gw_alog_start(cfg, err, sizeof(err)) != GW_OK) {
+        gw_log(GW_LOG_EMERG, "%s", err);
+        gw_config_unref(cfg);
+        return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     sigset_t sigs;
     sigemptyset(&sigs);
@@ -268,6 +283,7 @@ main(int argc, char **argv)
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGHUP);
     sigaddset(&sigs, SIGQUIT);
+    sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by every worker */
 
     gw_server_t srv;
@@ -276,6 +292,7 @@ main(int argc, char **argv)
         gw_server_stop(&srv, true);
         gw_server_free(&srv);
         gw_config_unref(cfg);
+        gw_alog_stop(); /* the reason reaches the error log */
         return 1;
     }
     const char *pid_path = pid_opt ? pid_opt : cfg->pid_file;
@@ -285,6 +302,7 @@ main(int argc, char **argv)
         gw_server_free(&srv);
         gw_config_unref(cfg);
         free(pid_file);
+        gw_alog_stop();
         return 1;
     }
     for (size_t i = 0; i < cfg->nlisten; i++)
@@ -318,6 +336,9 @@ main(int argc, char **argv)
                 reload(&srv, &cfg, file, workers > 0);
                 gw_notify_reloaded(); /* applied or refused: running either way */
             }
+        } else if (sig == SIGUSR1) {
+            gw_log(GW_LOG_NOTICE, "SIGUSR1: reopening the log files");
+            gw_alog_reopen();
         } else if (sig < 0 && errno != EAGAIN && errno != EINTR) {
             gw_log(GW_LOG_ERR, "sigtimedwait: %s", strerror(errno));
         }
@@ -332,6 +353,7 @@ main(int argc, char **argv)
         free(pid_file);
     }
     gw_log(GW_LOG_NOTICE, "stopped");
+    gw_alog_stop();
     libevent_global_shutdown();
     return 0;
 }

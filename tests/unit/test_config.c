@@ -3,6 +3,7 @@
 #include "gw_config.h"
 #include "gw_breaker.h"
 #include "gw_jpath.h"
+#include "gw_log.h"
 #include "gw_ratelimit.h"
 #include "gw_retry.h"
 #include "gw_router.h"
@@ -1117,10 +1118,43 @@ test_backend_resilience(void)
 #undef CB
 }
 
+/* "log": defaults, every key, and the errors. */
+static void
+test_log(void)
+{
+    gw_config_t *cfg = parse("{\"listen\": \"127.0.0.1:1\"}");
+    CHECK(cfg && cfg->log.level == GW_LOG_NOTICE && cfg->log.error_path == NULL && !cfg->log.access_on &&
+          cfg->log.access_path == NULL && cfg->log.access_format == GW_ALOG_COMBINED);
+    gw_config_unref(cfg);
+    cfg = parse("{\"listen\": \"127.0.0.1:1\", \"log\": {\"level\": \"debug\", \"error_log\": \"/var/log/e.log\",\n"
+                " \"access_log\": \"/var/log/a.log\", \"access_format\": \"json\"}}");
+    CHECK(cfg != NULL);
+    if (cfg) {
+        CHECK(cfg->log.level == GW_LOG_DEBUG && cfg->log.access_on && cfg->log.access_format == GW_ALOG_JSON);
+        CHECK_STR(cfg->log.error_path, "/var/log/e.log");
+        CHECK_STR(cfg->log.access_path, "/var/log/a.log");
+    }
+    gw_config_unref(cfg);
+    cfg = parse("{\"listen\": \"127.0.0.1:1\", \"log\": {\"error_log\": \"stderr\", \"access_log\": \"stderr\"}}");
+    CHECK(cfg && cfg->log.error_path == NULL && cfg->log.access_on && cfg->log.access_path == NULL);
+    gw_config_unref(cfg);
+    cfg = parse("{\"listen\": \"127.0.0.1:1\", \"log\": {\"access_log\": \"off\"}}");
+    CHECK(cfg && !cfg->log.access_on && cfg->log.access_path == NULL);
+    gw_config_unref(cfg);
+    check_error("{\"listen\": \"127.0.0.1:1\",\n \"log\": {\"acces_log\": \"x\"}}",
+                "t.json:2: log.acces_log: unknown key \"acces_log\" in \"log\"");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": {\"level\": \"loud\"}}", "log.level: must be");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": {\"access_format\": \"xml\"}}", "log.access_format: must be");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": {\"error_log\": \"off\"}}", "log.error_log: must be");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": {\"access_log\": 1}}", "log.access_log: must be");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": {\"access_log\": \"\"}}", "log.access_log: must be");
+    check_error("{\"listen\": \"127.0.0.1:1\", \"log\": \"on\"}", "log: must be an object");
+}
+
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
           T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
-          T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience))
+          T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log))
