@@ -207,6 +207,7 @@ def breaker_state_is_shared_by_workers():
     d = cb_daemon(s, {"consecutive_failures": 8, "failure_ratio": 0, "open_ms": 5000}, workers=4, log_level="info")
     trip(d, 8)  # new connections: spread over the workers by SO_REUSEPORT
     check(d.wait_log("8 consecutive failures"), "the breaker opened")
+    time.sleep(0.2)  # the log writer flushes every 100 ms: the failure lines of every worker are in
     workers = set(re.findall(r"\] (w\d+): aggregate /req/fail: call c failed", d.log()))
     check(len(workers) >= 2, f"failures all on one worker ({workers}); SO_REUSEPORT should spread 8 connections")
     before = s.stats()["requests"]
@@ -306,7 +307,7 @@ def queue_serializes_then_fills():
     expect_error(r, 503, "queue_full", "a fourth call")
     eq(retry_after(r, "queue_full"), 1, "Retry-After of queue_full")
     check(dt < 0.25 * SLOW, f"queue_full answered after {dt:.3f}s")
-    contains(d.log(), "queue full (max_pending 2)", "log line")
+    check(d.wait_log("queue full (max_pending 2)"), "log line")  # the log writer flushes every 100 ms
     for k, c in enumerate(cs):
         r = c.read_response()
         eq(r.status, 200, f"queued call {k + 1} ({r.raw[:300]!r})")

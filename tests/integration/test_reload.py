@@ -114,13 +114,13 @@ def reload_invalid_configuration_keeps_the_running_one():
     stub = Stub()
     d = start(stub, "A")
     reload(d, '{"listen": ["127.0.0.1:%d"], "routes": [ {"path": "/v", }' % d.port, expect="reload failed")
-    contains(d.log(), "still running the previous configuration", "log")
+    check(d.wait_log("still running the previous configuration"), "log")
     check(re.search(r"gatherd\.json:1", d.log()), "the error names the file and line")
     eq(get(d, "/v").json(), {"v": "A"}, "after a syntax error")
     bad = config(d.port, "B", stub)
     bad["routes"][1]["calls"][0]["backend"] = "nope"
     reload(d, bad, expect="reload failed")
-    contains(d.log(), 'unknown backend "nope"', "log")
+    check(d.wait_log('unknown backend "nope"'), "log")
     eq(get(d, "/agg").json(), {"a": {"v": "A"}, "b": {"v": "A"}}, "after an invalid backend")
     reload(d, config(d.port, "C", stub))
     eq(get(d, "/v").json(), {"v": "C"}, "a valid one after the invalid ones")
@@ -197,7 +197,7 @@ def reload_with_an_address_in_use_is_rejected():
     try:
         p2 = busy.getsockname()[1]
         reload(d, config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]), expect="reload failed")
-        contains(d.log(), f"127.0.0.1:{p2}", "the error names the address")
+        check(d.wait_log(f"127.0.0.1:{p2}"), "the error names the address")
         eq(get(d, "/v").json(), {"v": "A"}, "the running configuration stays")
     finally:
         busy.close()

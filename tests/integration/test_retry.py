@@ -227,7 +227,7 @@ def retry_budget_caps_retries_when_everything_fails():
     print(f"# budget: {count} backend requests for {n} requests with attempts 3")
     check(n < count <= n + 2 * n * 20 // 100, f"backend requests {count}: expected {n} + at most {2 * n // 5} retries")
     check(count < 2 * n, f"backend requests {count}: the budget did not cap the retries")
-    check("retry budget is spent" in d.log(), "denied retries are logged")
+    check(d.wait_log("retry budget is spent"), "denied retries are logged")
 
 
 @rtest
@@ -287,7 +287,7 @@ def retry_budget_survives_a_reload_with_the_same_settings():
            "the new request's retry " + ("denied: the slot is still held" if i == 0 else "sent: a fresh budget"))
         t.join(10 * SLOW)
         eq(out, [200], "the slow call succeeded on its retry")
-    check("the retry budget is spent" in d.log(), "the denied retry is logged")
+    check(d.wait_log("the retry budget is spent"), "the denied retry is logged")
 
 
 # --- aggregate calls: hedging ------------------------------------------------------------
@@ -375,7 +375,7 @@ def proxy_retries_connect_failure_to_another_address():
         for i in range(3):
             r, _ = get(d, f"/px/x?tag=pc")
             eq(r.status, 200, f"request {i}: status ({r.raw[:300]!r})")
-        check("upstream_connect_failed" in d.log() and "retry 1 of 2" in d.log(),
+        check(d.wait_log("upstream_connect_failed") and d.wait_log("retry 1 of 2"),
               "a connect failure was retried (log)")
         d.stop()
         d = daemon(s, proxy_route("two"), backends={"two": tp.backend(url)}, resolver=res)
