@@ -243,6 +243,17 @@ gw_server_gen_unref(gw_worker_t *w, gw_gen_t *g)
     free(g);
 }
 
+/* Closes and frees fds: the sockets of the listen addresses a reload adds
+ * (cfg->nlisten entries, -1 for kept addresses), when they are not used. */
+static void
+fds_discard(const gw_config_t *cfg, evutil_socket_t *fds)
+{
+    for (size_t k = 0; k < cfg->nlisten; k++)
+        if (fds[k] >= 0)
+            close(fds[k]);
+    free(fds);
+}
+
 /* Takes the configuration in w's mailbox, if any: new requests start on it,
  * listeners follow its addresses. */
 static void
@@ -257,10 +268,7 @@ take_mail(gw_worker_t *w)
     if (cfg == NULL)
         return;
     if (w->stopping) {
-        for (size_t k = 0; k < cfg->nlisten; k++)
-            if (fds[k] >= 0)
-                close(fds[k]);
-        free(fds);
+        fds_discard(cfg, fds);
         gw_config_unref(cfg);
         return;
     }
@@ -271,10 +279,7 @@ take_mail(gw_worker_t *w)
         w->dns = gw_dns_new(w->base, cfg, w->id, err, sizeof(err));
         if (w->dns == NULL) {
             gw_log(GW_LOG_ERR, "reload: %s; this worker keeps the previous configuration", err);
-            for (size_t k = 0; k < cfg->nlisten; k++)
-                if (fds[k] >= 0)
-                    close(fds[k]);
-            free(fds);
+            fds_discard(cfg, fds);
             gw_config_unref(cfg);
             return;
         }
@@ -378,10 +383,7 @@ worker_cleanup(gw_worker_t *w)
     gw_agg_worker_free(w);
     pthread_mutex_lock(&w->mail_mtx);
     if (w->mail_cfg) {
-        for (size_t k = 0; k < w->mail_cfg->nlisten; k++)
-            if (w->mail_fds[k] >= 0)
-                close(w->mail_fds[k]);
-        free(w->mail_fds);
+        fds_discard(w->mail_cfg, w->mail_fds);
         gw_config_unref(w->mail_cfg);
         w->mail_cfg = NULL;
         w->mail_fds = NULL;
@@ -535,12 +537,8 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     }
     free(added);
     if (rc != GW_OK) {
-        for (int i = 0; i < s->nworkers; i++) {
-            for (size_t k = 0; k < cfg->nlisten; k++)
-                if (fds[i][k] >= 0)
-                    close(fds[i][k]);
-            free(fds[i]);
-        }
+        for (int i = 0; i < s->nworkers; i++)
+            fds_discard(cfg, fds[i]);
         free(fds);
         return GW_ERR;
     }

@@ -785,13 +785,13 @@ gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg)
         cfg->backends[i]->pools[w->id] = NULL;
         if (--pool->refs > 0)
             continue;
+        pool->holds++; /* not freed by the close of its last idle connection while the list empties */
         while (pool->idle) {
             gw_upstream_t *u = pool->idle;
             idle_unlink(u);
-            pool->nopen++; /* held while the list empties */
             upstream_close(u);
-            pool->nopen--;
         }
+        pool->holds--;
         pool_check_unused(pool);
     }
 }

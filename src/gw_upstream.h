@@ -96,7 +96,7 @@ struct gw_pool_s {
     gw_upstream_wait_t *qhead, *qtail;
     unsigned nqueued;
     bool serving;           /* wake_cb is handing slots to waiters */
-    unsigned holds;         /* the queue's callbacks are running: not freed meanwhile */
+    unsigned holds;         /* code that may close its last connection is running (queue callbacks, detach): not freed meanwhile */
     struct event *wake_ev;  /* made active when a slot frees while calls wait */
     struct event *qtimer;   /* the head's queue_timeout_ms */
 };
