@@ -452,6 +452,26 @@ class Daemon:
             time.sleep(0.02)
         return False
 
+    def write_config(self, cfg):
+        """Replaces the configuration file atomically (the daemon never reads
+        half a file). cfg: a dict (written as JSON) or text."""
+        tmp = self.conf_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
+        os.rename(tmp, self.conf_path)
+
+    def reload(self, cfg, expect="reloaded", timeout=5.0):
+        """Writes cfg, sends SIGHUP and waits until the log has one more line
+        containing expect ("reloaded", or "reload failed" for a rejected one)."""
+        n = self.log().count(expect)
+        self.write_config(cfg)
+        self.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout * SLOW
+        while self.log().count(expect) <= n:
+            if time.monotonic() > deadline:
+                raise TestFailure(f"no new {expect!r} in the log after SIGHUP:\n{self.log()[-2000:]}")
+            time.sleep(0.01)
+
     def connect(self, host=None, timeout=5.0):
         return Conn(host or self.host, self.port, timeout)
 

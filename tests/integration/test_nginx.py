@@ -98,13 +98,6 @@ def notify_daemon(stub, env):
             os.environ["NOTIFY_SOCKET"] = old
 
 
-def write_config(d, cfg):
-    tmp = d.conf_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
-    os.rename(tmp, d.conf_path)
-
-
 def check_notify_cycle(abstract):
     ns = NotifySocket(abstract=abstract)
     d = notify_daemon(None, ns.env)
@@ -124,12 +117,12 @@ def check_notify_cycle(abstract):
     check(d.wait_log("reloaded"), "the reload was applied")
     # a reload that fails: READY all the same (the old configuration runs on)
     good = open(d.conf_path).read()
-    write_config(d, '{"listen": ["127.0.0.1:%d"], "nonsense": 1}' % d.port)
+    d.write_config('{"listen": ["127.0.0.1:%d"], "nonsense": 1}' % d.port)
     d.send_signal(signal.SIGHUP)
     check(ns.recv().startswith("RELOADING=1\n"), "RELOADING=1 for a failing reload")
     eq(ns.recv(), "READY=1", "after a failed reload")
     check(d.wait_log("reload failed"), "the failed reload is logged")  # the log writer flushes every 100 ms
-    write_config(d, good)
+    d.write_config(good)
     eq(ns.nothing(), None, "nothing else while running")
     d.send_signal(signal.SIGTERM)
     eq(ns.recv(), "STOPPING=1", "at SIGTERM")

@@ -59,26 +59,6 @@ def config(port, version, stub, extra_listen=(), backend_opts=None, delay_ms=0):
     }
 
 
-def write_config(d, cfg):
-    """Replaces d's configuration file atomically (the daemon never reads half a file)."""
-    tmp = d.conf_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
-    os.rename(tmp, d.conf_path)
-
-
-def reload(d, cfg, expect="reloaded", timeout=5.0):
-    """Writes cfg, sends SIGHUP and waits for the log line saying what came of it."""
-    n = d.log().count(expect)
-    write_config(d, cfg)
-    d.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + timeout * SLOW
-    while d.log().count(expect) <= n:
-        if time.monotonic() > deadline:
-            raise TestFailure(f"no new {expect!r} in the log after SIGHUP:\n{d.log()[-2000:]}")
-        time.sleep(0.01)
-
-
 def get(d, path, port=None):
     with Conn("127.0.0.1", port or d.port) as c:
         return c.request(req("GET", path))
@@ -87,9 +67,7 @@ def get(d, path, port=None):
 def start(stub, version="A", workers=2, **kw):
     d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=workers, start=False)
     d.start()
-    write_config(d, config(d.port, version, stub, **kw))
-    d.send_signal(signal.SIGHUP)
-    d.wait_log("reloaded")
+    d.reload(config(d.port, version, stub, **kw))
     return d
 
 
@@ -102,7 +80,7 @@ def reload_applies_to_new_requests_and_idle_connections():
     eq(get(d, "/v").json(), {"v": "A"}, "before")
     with Conn("127.0.0.1", d.port) as idle:
         eq(idle.request(req("GET", "/v")).json(), {"v": "A"}, "keep-alive, before")
-        reload(d, config(d.port, "B", stub))
+        d.reload(config(d.port, "B", stub))
         eq(get(d, "/v").json(), {"v": "B"}, "new connection, after")
         r = idle.request(req("GET", "/agg"))
         eq(r.status, 200, "keep-alive connection, after")
@@ -113,16 +91,16 @@ def reload_applies_to_new_requests_and_idle_connections():
 def reload_invalid_configuration_keeps_the_running_one():
     stub = Stub()
     d = start(stub, "A")
-    reload(d, '{"listen": ["127.0.0.1:%d"], "routes": [ {"path": "/v", }' % d.port, expect="reload failed")
+    d.reload('{"listen": ["127.0.0.1:%d"], "routes": [ {"path": "/v", }' % d.port, expect="reload failed")
     check(d.wait_log("still running the previous configuration"), "log")
     check(re.search(r"gatherd\.json:1", d.log()), "the error names the file and line")
     eq(get(d, "/v").json(), {"v": "A"}, "after a syntax error")
     bad = config(d.port, "B", stub)
     bad["routes"][1]["calls"][0]["backend"] = "nope"
-    reload(d, bad, expect="reload failed")
+    d.reload(bad, expect="reload failed")
     check(d.wait_log('unknown backend "nope"'), "log")
     eq(get(d, "/agg").json(), {"a": {"v": "A"}, "b": {"v": "A"}}, "after an invalid backend")
-    reload(d, config(d.port, "C", stub))
+    d.reload(config(d.port, "C", stub))
     eq(get(d, "/v").json(), {"v": "C"}, "a valid one after the invalid ones")
 
 
@@ -133,7 +111,7 @@ def reload_lets_requests_in_flight_finish_on_their_configuration():
     with Conn("127.0.0.1", d.port, timeout=10) as c:
         c.send(req("GET", "/agg"))
         time.sleep(0.15 * SLOW)
-        reload(d, config(d.port, "B", stub, delay_ms=ms(600)))
+        d.reload(config(d.port, "B", stub, delay_ms=ms(600)))
         t0 = time.monotonic()
         eq(get(d, "/v").json(), {"v": "B"}, "a new request meanwhile")
         check(time.monotonic() - t0 < 0.4 * SLOW, "a new request does not wait for the old one")
@@ -150,13 +128,13 @@ def reload_keeps_the_pools_of_unchanged_backends():
     d = start(stub, "A", workers=1)
     eq(get(d, "/agg").status, 200, "warm-up")
     s0 = stub.stats()
-    reload(d, config(d.port, "B", stub))
+    d.reload(config(d.port, "B", stub))
     eq(get(d, "/agg").json(), {"a": {"v": "B"}, "b": {"v": "B"}}, "after reload")
     s1 = stub.stats()
     # + 1: the /stats request's own connection
     eq(s1["connections"], s0["connections"] + 1, "connections opened to an unchanged backend (pooled ones reused)")
     # A changed connection setting: a new pool; the old one's idle connections close.
-    reload(d, config(d.port, "C", stub, backend_opts={"connect_timeout_ms": ms(1500)}))
+    d.reload(config(d.port, "C", stub, backend_opts={"connect_timeout_ms": ms(1500)}))
     eq(get(d, "/agg").json(), {"a": {"v": "C"}, "b": {"v": "C"}}, "after the backend changed")
     s2 = stub.stats()
     check(s2["connections"] > s1["connections"], f"a changed backend gets new connections ({s1} -> {s2})")
@@ -169,11 +147,11 @@ def reload_opens_and_closes_listen_addresses():
     stub = Stub()
     d = start(stub, "A")
     p2 = gwtest.free_port()
-    reload(d, config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]))
+    d.reload(config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]))
     eq(get(d, "/v", port=p2).json(), {"v": "B"}, "added address")
     eq(get(d, "/v").json(), {"v": "B"}, "kept address")
     cfg = config(p2, "C", stub)
-    reload(d, cfg)
+    d.reload(cfg)
     eq(get(d, "/v", port=p2).json(), {"v": "C"}, "kept address")
     deadline = time.monotonic() + 3 * SLOW
     while True:
@@ -196,7 +174,7 @@ def reload_with_an_address_in_use_is_rejected():
     busy.listen(1)
     try:
         p2 = busy.getsockname()[1]
-        reload(d, config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]), expect="reload failed")
+        d.reload(config(d.port, "B", stub, extra_listen=[f"127.0.0.1:{p2}"]), expect="reload failed")
         check(d.wait_log(f"127.0.0.1:{p2}"), "the error names the address")
         eq(get(d, "/v").json(), {"v": "A"}, "the running configuration stays")
     finally:
@@ -213,15 +191,15 @@ def signal_option_and_pid_file():
         d.start()
         with open(pid_path) as f:
             eq(f.read().strip(), str(d.pid), "pid file")
-        write_config(d, config(d.port, "B", stub))
+        d.write_config(config(d.port, "B", stub))
         r = subprocess.run([GATHERD, "-s", "reload", "--pid", pid_path], capture_output=True, text=True, timeout=10)
         eq(r.returncode, 0, f"-s reload ({r.stderr})")
-        d.wait_log("reloaded")
+        check(d.wait_log("reloaded"), "-s reload was applied")
         eq(get(d, "/v").json(), {"v": "B"}, "after -s reload")
         # pid_file from the configuration, found with -c
         cfg = config(d.port, "C", stub)
         cfg["pid_file"] = pid_path
-        write_config(d, cfg)
+        d.write_config(cfg)
         r = subprocess.run([GATHERD, "-s", "reload", "-c", d.conf_path], capture_output=True, text=True, timeout=10)
         eq(r.returncode, 0, f"-s reload -c ({r.stderr})")
         deadline = time.monotonic() + 5 * SLOW
@@ -371,7 +349,7 @@ def reload_every_second_under_wrk_load_loses_nothing():
     def during(elapsed):
         if elapsed >= state["next"] and elapsed < 19.5:
             state["n"] += 1
-            write_config(d, config(d.port, "B" if state["n"] % 2 else "A", stub))
+            d.write_config(config(d.port, "B" if state["n"] % 2 else "A", stub))
             d.send_signal(signal.SIGHUP)
             state["next"] += 1.0
 
@@ -399,9 +377,7 @@ def graceful_stop_under_wrk_load():
     d.start()
     cfg = config(d.port, "A", stub, delay_ms=ms(20))
     cfg["shutdown_timeout_ms"] = ms(3000)
-    write_config(d, cfg)
-    d.send_signal(signal.SIGHUP)
-    d.wait_log("reloaded")
+    d.reload(cfg)
     state = {"sent": None, "exited": None, "before": None}
 
     def during(elapsed):
@@ -432,9 +408,7 @@ def graceful_stop_answers_with_connection_close():
     stub = Stub()
     d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=1, start=False)
     d.start()
-    write_config(d, config(d.port, "A", stub, delay_ms=ms(500)))
-    d.send_signal(signal.SIGHUP)
-    d.wait_log("reloaded")
+    d.reload(config(d.port, "A", stub, delay_ms=ms(500)))
     with Conn("127.0.0.1", d.port, timeout=10) as busy, Conn("127.0.0.1", d.port, timeout=10) as idle:
         eq(idle.request(req("GET", "/v")).status, 200, "idle connection's first request")
         busy.send(req("GET", "/agg"))

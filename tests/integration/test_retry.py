@@ -246,19 +246,7 @@ def retry_tries_are_seen_by_the_circuit_breaker():
 
 def reload_with(d, cfg):
     """Writes cfg (a dict) as d's configuration on d's port and waits for SIGHUP's reload."""
-    import json
-    import signal
-    cfg = dict(cfg, listen=[f"127.0.0.1:{d.port}"])
-    n = d.log().count("reloaded")
-    tmp = d.conf_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg, f)
-    os.rename(tmp, d.conf_path)
-    d.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5 * SLOW
-    while d.log().count("reloaded") <= n:
-        check(time.monotonic() < deadline, f"no reload in the log:\n{d.log()[-1500:]}")
-        time.sleep(0.01)
+    d.reload(dict(cfg, listen=[f"127.0.0.1:{d.port}"]))
 
 
 @rtest
