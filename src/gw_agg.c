@@ -117,6 +117,10 @@ struct xchg_s {
     bool waiting_twin;    /* its own try failed while its hedge runs: the hedge decides */
     xchg_t *twin;         /* its hedge, while one runs */
     xchg_t *owner;        /* a hedge: the exchange it copies */
+    /* metrics: one backend call per exchange, its retries included */
+    uint64_t start_us;    /* its request was built and it was started; 0 for a hedge */
+    bool ended;           /* end_code says how it ended; else it was cancelled */
+    const char *end_code; /* NULL: success */
 };
 
 struct gw_agg_s {
@@ -236,6 +240,9 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
+    if (x->start_us)
+        gw_m_call(a->w->m, call_of(a, x->call)->backend->mid, x->ended ? x->end_code : "cancelled",
+                  gw_now_us() - x->start_us);
     retry_leg_free(x);
     gw_upstream_wait_cancel(&x->wait);
     if (x->admitted) /* cancelled: deadline, fail fast, client gone */
@@ -302,6 +309,8 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
     xchg_breaker_outcome(x, code);
+    x->ended = true;
+    x->end_code = code;
     xchg_free(x, reusable);
     if (!call->foreach) {
         rt->answer = value;
@@ -428,8 +437,11 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
 static void
 cancel_all(agg_t *a, const char *code)
 {
-    while (a->running)
+    while (a->running) {
+        a->running->ended = true; /* its code: why it is cut short */
+        a->running->end_code = code;
         xchg_free(a->running, false);
+    }
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         call_rt_t *rt = &a->calls[i];
         if (rt->state == CALL_OK || rt->state == CALL_FAILED)
@@ -610,6 +622,8 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     xchg_t *x = xchg_new(a, i, item);
     x->limit = call->backend->max_response_bytes;
     const char *code = build_request(x, item_value);
+    if (code == NULL)
+        x->start_us = gw_now_us();
     if (code == NULL && gw_breaker_admit(call->backend, NULL) != GW_OK)
         code = "circuit_open";
     else if (code == NULL)
@@ -1416,6 +1430,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
            call->name, code, x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
            gw_conn_req(a->c)->request_id);
     x->slot = true;
+    gw_m_add(&a->w->m->backends[call->backend->mid].retries, 1);
     if (x->u) {
         gw_upstream_release(x->u, reusable);
         x->u = NULL;
@@ -1512,6 +1527,7 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
         xchg_free(h, false); /* the owner's try goes on alone */
         return;
     }
+    gw_m_add(&a->w->m->backends[call->backend->mid].hedges, 1);
     gw_log(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
            call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
     retry_arm_try(h);

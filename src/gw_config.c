@@ -378,20 +378,20 @@ parse_addr(const char *s, gw_listen_t *l)
     return GW_OK;
 }
 
+/* A list of addresses (a single string is a list of one) into *out, *n.
+ * Empty only when may_be_empty. */
 static int
-parse_listen(ctx_t *c, json_t *v)
+parse_addrs(ctx_t *c, json_t *v, bool may_be_empty, gw_listen_t **out, size_t *nout)
 {
-    gw_config_t *cfg = c->cfg;
-    push_key(c, "listen");
     if (json_is_string(v)) {
         /* a single address is accepted as a shorthand for a list of one */
-    } else if (!json_is_array(v) || json_array_size(v) == 0) {
-        int rc = fail(c, "must be a non-empty array of addresses like \"127.0.0.1:8080\" or \"[::1]:8080\"");
-        pop(c);
-        return rc;
+    } else if (!json_is_array(v) || (json_array_size(v) == 0 && !may_be_empty)) {
+        return fail(c, "must be a %sarray of addresses like \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                    may_be_empty ? "" : "non-empty ");
     }
     size_t n = json_is_string(v) ? 1 : json_array_size(v);
-    cfg->listen = gw_calloc(n, sizeof(gw_listen_t));
+    *out = gw_calloc(n ? n : 1, sizeof(gw_listen_t));
+    gw_listen_t *l = *out;
     for (size_t i = 0; i < n; i++) {
         json_t *a = json_is_string(v) ? v : json_array_get(v, i);
         if (!json_is_string(v))
@@ -399,26 +399,70 @@ parse_listen(ctx_t *c, json_t *v)
         int rc = GW_OK;
         if (!json_is_string(a))
             rc = fail(c, "must be a string, not %s", type_name(a));
-        else if (parse_addr(json_string_value(a), &cfg->listen[i]) != GW_OK)
+        else if (parse_addr(json_string_value(a), &l[i]) != GW_OK)
             rc = fail(c, "bad address \"%s\" (expected IPv4:PORT, [IPv6]:PORT, *:PORT or PORT)",
                       json_string_value(a));
         if (rc == GW_OK) {
-            cfg->listen[i].text = gw_strdup(json_string_value(a));
-            cfg->nlisten = i + 1;
+            l[i].text = gw_strdup(json_string_value(a));
+            *nout = i + 1;
             for (size_t k = 0; k < i; k++)
-                if (cfg->listen[k].addrlen == cfg->listen[i].addrlen &&
-                    memcmp(&cfg->listen[k].addr, &cfg->listen[i].addr, cfg->listen[i].addrlen) == 0)
-                    rc = fail(c, "address \"%s\" is listed twice", cfg->listen[i].text);
+                if (l[k].addrlen == l[i].addrlen && memcmp(&l[k].addr, &l[i].addr, l[i].addrlen) == 0)
+                    rc = fail(c, "address \"%s\" is listed twice", l[i].text);
         }
         if (!json_is_string(v))
             pop(c);
-        if (rc != GW_OK) {
-            pop(c);
+        if (rc != GW_OK)
             return rc;
-        }
     }
-    pop(c);
     return GW_OK;
+}
+
+static int
+parse_listen(ctx_t *c, json_t *v)
+{
+    push_key(c, "listen");
+    int rc = parse_addrs(c, v, false, &c->cfg->listen, &c->cfg->nlisten);
+    pop(c);
+    return rc;
+}
+
+/* "admin": {"listen": ...}: the admin listener (gw_admin.h); an empty list
+ * turns it off. It may not share an address with "listen". */
+static int
+parse_admin(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "listen", NULL };
+    gw_config_t *cfg = c->cfg;
+    push_key(c, "admin");
+    int rc = GW_ERR;
+    json_t *l;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"listen\": \"127.0.0.1:9180\"}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"admin\""))
+        goto out;
+    if ((l = json_object_get(v, "listen")) != NULL) {
+        for (size_t i = 0; i < cfg->nadmin; i++)
+            free(cfg->admin_listen[i].text);
+        free(cfg->admin_listen);
+        cfg->admin_listen = NULL;
+        cfg->nadmin = 0;
+        push_key(c, "listen");
+        rc = parse_addrs(c, l, true, &cfg->admin_listen, &cfg->nadmin);
+        for (size_t i = 0; rc == GW_OK && i < cfg->nadmin; i++)
+            for (size_t k = 0; k < cfg->nlisten; k++)
+                if (cfg->listen[k].addrlen == cfg->admin_listen[i].addrlen &&
+                    memcmp(&cfg->listen[k].addr, &cfg->admin_listen[i].addr, cfg->listen[k].addrlen) == 0)
+                    rc = fail(c, "address \"%s\" is also in \"listen\"", cfg->admin_listen[i].text);
+        pop(c);
+        if (rc != GW_OK)
+            goto out;
+    }
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
 }
 
 static int
@@ -2346,6 +2390,11 @@ set_defaults(gw_config_t *cfg)
     cfg->resolver.hosts_file = gw_strdup("/etc/hosts");
     cfg->router = gw_router_new();
     cfg->log.level = GW_LOG_NOTICE;
+    cfg->admin_listen = gw_calloc(1, sizeof(gw_listen_t));
+    if (parse_addr(GW_ADMIN_DEFAULT_LISTEN, &cfg->admin_listen[0]) == GW_OK) {
+        cfg->admin_listen[0].text = gw_strdup(GW_ADMIN_DEFAULT_LISTEN);
+        cfg->nadmin = 1;
+    }
 }
 
 gw_config_t *
@@ -2354,7 +2403,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
-                                        "real_ip_header", "max_inflight", "log", NULL };
+                                        "real_ip_header", "max_inflight", "log", "admin", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2399,6 +2448,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "admin")) != NULL && parse_admin(&c, v))
         goto fail;
     if ((v = json_object_get(root, "resolver")) != NULL && parse_resolver(&c, v))
         goto fail;
@@ -2466,6 +2517,9 @@ gw_config_unref(gw_config_t *cfg)
     for (size_t i = 0; i < cfg->nlisten; i++)
         free(cfg->listen[i].text);
     free(cfg->listen);
+    for (size_t i = 0; i < cfg->nadmin; i++)
+        free(cfg->admin_listen[i].text);
+    free(cfg->admin_listen);
     for (size_t i = 0; i < cfg->resolver.nnameservers; i++)
         free(cfg->resolver.nameservers[i].text);
     free(cfg->resolver.nameservers);

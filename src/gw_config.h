@@ -16,6 +16,9 @@
 #include <sys/socket.h>
 
 #define GW_CONF_MAX_WORKERS 256
+/* The admin listener's address unless "admin": {"listen"} says otherwise:
+ * loopback only, since /status and /metrics describe the backends. */
+#define GW_ADMIN_DEFAULT_LISTEN "127.0.0.1:9180"
 
 typedef struct {
     struct sockaddr_storage addr;
@@ -110,6 +113,7 @@ struct gw_backend_s {
     gw_breaker_conf_t breaker_conf; /* "circuit_breaker", when breaker is set */
     gw_breaker_t *breaker;         /* its shared mutable state (one reference); NULL: no breaker */
     struct gw_retry_conf_s *retry; /* "retry" (gw_retry.h); never NULL: attempts 1 when absent */
+    unsigned mid;                  /* its metrics slot (gw_metrics_bind) */
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;
@@ -191,6 +195,7 @@ struct gw_route_s {
         size_t nparams;
     } agg;
     gw_ratelimit_t *ratelimit; /* "rate_limit": one reference, shared across reloads; NULL: none */
+    unsigned mid;              /* its metrics slot (gw_metrics_bind) */
 };
 
 /* "log": the error log and the access log (gw_log.h, gw_alog.h). */
@@ -226,6 +231,8 @@ struct gw_config_s {
     gw_realip_header_t real_ip_header;
     unsigned max_inflight;          /* requests being handled, whole process; 0: no limit */
     gw_log_conf_t log;              /* "log" */
+    gw_listen_t *admin_listen;      /* "admin": {"listen"}: the admin listener (gw_admin.h) */
+    size_t nadmin;                  /* 0: none */
 };
 
 /*

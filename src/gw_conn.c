@@ -95,6 +95,7 @@ struct gw_conn_s {
     size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
     char rl_hdr[GW_RATELIMIT_HDR_MAX];
     gw_alog_rec_t alog; /* the access log line of the current request */
+    unsigned mroute;    /* the current request's route slot in the metrics (gw_metrics.h) */
 };
 
 static void conn_run(gw_conn_t *c);
@@ -112,12 +113,17 @@ gw_conn_next(gw_conn_t *c)
     return c->next;
 }
 
-/* The access log line of the current request (when the log is on). A
- * request refused before its head was complete has no method, target or
+/* The current request ended: its metrics, and its access log line (when
+ * the log is on). A request refused before its head was complete has no method, target or
  * trustworthy headers yet: the line says "-" and names the peer. */
 static void
-log_request(gw_conn_t *c)
+note_request(gw_conn_t *c)
 {
+    if (c->alog.start_us) {
+        gw_m_request(c->w->m, c->mroute, c->alog.status, gw_now_us() - c->alog.start_us);
+        gw_m_gauge(&c->w->m->inflight, -1);
+    }
+    c->mroute = GW_M_ROUTE_UNMATCHED;
     if (!c->cfg->log.access_on)
         return;
     c->alog.no_head = !c->parser.headers_done;
@@ -129,7 +135,9 @@ conn_free(gw_conn_t *c)
 {
     gw_worker_t *w = c->w;
     if (c->state == C_HANDLING) /* died mid-request: still one line */
-        log_request(c);
+        note_request(c);
+    else if (c->alog.start_us) /* a request not read whole: not counted, but no longer in flight */
+        gw_m_gauge(&w->m->inflight, -1);
     if (c->async) {
         const gw_conn_async_t *ops = c->async;
         c->async = NULL;
@@ -297,7 +305,7 @@ write_response(gw_conn_t *c, int status, const char *extra, size_t extra_len, co
 static void
 request_done(gw_conn_t *c)
 {
-    log_request(c);
+    note_request(c);
     gw_alog_rec_reset(&c->alog);
     c->requests++;
     if (c->inflight) {
@@ -438,6 +446,7 @@ admit(gw_conn_t *c, const gw_route_t *route, bool body_unread)
     char hdr[48];
     if (c->cfg->max_inflight && !c->inflight) {
         if (!gw_inflight_acquire(c->cfg->max_inflight)) {
+            gw_m_add(&c->w->m->shed, 1);
             c->close_after = c->close_after || body_unread;
             respond_error(c, 503, "overloaded", "too many requests in flight", "Retry-After: 1\r\n");
             return false;
@@ -448,6 +457,7 @@ admit(gw_conn_t *c, const gw_route_t *route, bool body_unread)
         unsigned retry = gw_ratelimit_admit(route->ratelimit, c->cfg, &c->req, c->peer_ip, c->rl_hdr, sizeof(c->rl_hdr),
                                             &c->rl_hdr_len);
         if (retry) {
+            gw_m_add(&c->w->m->routes[route->mid].rate_limited, 1);
             snprintf(hdr, sizeof(hdr), "Retry-After: %u\r\n", retry);
             c->close_after = c->close_after || body_unread;
             respond_error(c, 429, "rate_limited", "rate limit exceeded", hdr);
@@ -478,6 +488,7 @@ dispatch(gw_conn_t *c)
     }
     const gw_route_t *route = m.route;
     c->alog.route = route->pattern;
+    c->mroute = route->mid;
     if (!admit(c, route, false))
         return;
     switch (route->kind) {
@@ -509,8 +520,10 @@ head_received(gw_conn_t *c)
     const gw_route_t *route = NULL;
     if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND && m.route->kind == GW_ROUTE_PROXY)
         route = m.route;
-    if (route)
+    if (route) {
         c->alog.route = route->pattern;
+        c->mroute = route->mid;
+    }
     if (route && !admit(c, route, true))
         return;
     if (route)
@@ -615,8 +628,10 @@ conn_process(gw_conn_t *c)
         }
         if (c->timer_kind == GW_T_KEEPALIVE || c->timer_kind == GW_T_DRAIN)
             timer_set(c, GW_T_HEADER);
-        if (c->alog.start_us == 0)
+        if (c->alog.start_us == 0) {
             c->alog.start_us = gw_now_us(); /* the first bytes of this request */
+            gw_m_gauge(&c->w->m->inflight, 1);
+        }
         gw_parse_result_t pr;
         if (!parse_input(c, &pr))
             break;

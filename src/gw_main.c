@@ -11,10 +11,12 @@
  * "gatherd -s reload|stop|quit" signals the running daemon whose pid is in
  * the pid file (--pid, else the configuration's "pid_file"), like nginx -s.
  */
+#include "gw_admin.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_metrics.h"
 #include "gw_notify.h"
 #include "gw_ratelimit.h"
 #include "gw_retry.h"
@@ -143,6 +145,18 @@ write_pid(const char *path)
 /* -l LEVEL was given: it wins over "log.level". */
 static bool level_from_cmdline;
 
+/* Whether two address lists are the same, in the same order. */
+static bool
+same_listen(const gw_listen_t *a, size_t na, const gw_listen_t *b, size_t nb)
+{
+    if (na != nb)
+        return false;
+    for (size_t i = 0; i < na; i++)
+        if (a[i].addrlen != b[i].addrlen || memcmp(&a[i].addr, &b[i].addr, a[i].addrlen) != 0)
+            return false;
+    return true;
+}
+
 /* SIGHUP: a new configuration for new requests, or a log line saying why not. */
 static void
 reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed)
@@ -152,6 +166,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     gw_config_t *next = gw_config_load(file, srv->nworkers, err, sizeof(err));
     if (next == NULL) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
+        gw_metrics_reloaded(false);
         return;
     }
     gw_breaker_inherit(next, *cfg); /* unchanged breakers keep their state */
@@ -160,6 +175,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         gw_config_unref(next);
+        gw_metrics_reloaded(false);
         return;
     }
     for (size_t i = 0; i < next->nbackends; i++)
@@ -174,6 +190,11 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     if (!workers_fixed && next->workers_conf != srv->nworkers)
         gw_log(GW_LOG_WARN, "reload: \"workers\" asks for %d threads; %d keep running until a restart",
                next->workers_conf, srv->nworkers);
+    if (!same_listen(next->admin_listen, next->nadmin, (*cfg)->admin_listen, (*cfg)->nadmin))
+        gw_log(GW_LOG_WARN, "reload: \"admin\" \"listen\" changed; the admin listener keeps its addresses until a "
+                            "restart");
+    gw_admin_publish(next);
+    gw_metrics_reloaded(true);
     gw_config_unref(*cfg);
     *cfg = next;
 }
@@ -295,9 +316,20 @@ main(int argc, char **argv)
         gw_alog_stop(); /* the reason reaches the error log */
         return 1;
     }
+    gw_admin_publish(cfg);
+    if (gw_admin_start(cfg, &srv, err, sizeof(err)) != GW_OK) {
+        gw_log(GW_LOG_EMERG, "%s", err);
+        gw_server_stop(&srv, true);
+        gw_server_free(&srv);
+        gw_admin_stop();
+        gw_config_unref(cfg);
+        gw_alog_stop();
+        return 1;
+    }
     const char *pid_path = pid_opt ? pid_opt : cfg->pid_file;
     char *pid_file = pid_path ? gw_strdup(pid_path) : NULL; /* a reload does not move it */
     if (pid_file && write_pid(pid_file) != GW_OK) {
+        gw_admin_stop();
         gw_server_stop(&srv, true);
         gw_server_free(&srv);
         gw_config_unref(cfg);
@@ -324,8 +356,10 @@ main(int argc, char **argv)
             bool force = stopping || sig == SIGQUIT;
             gw_log(GW_LOG_NOTICE, "signal %d (%s): %s", sig, strsignal(sig),
                    force ? "stopping now" : "stopping gracefully");
-            if (!stopping)
+            if (!stopping) {
                 gw_notify_stopping();
+                gw_admin_drain();
+            }
             gw_server_stop(&srv, force);
             stopping = true;
         } else if (sig == SIGHUP) {
@@ -345,6 +379,7 @@ main(int argc, char **argv)
         if (gw_server_done(&srv))
             break;
     }
+    gw_admin_stop();
     gw_server_free(&srv);
     gw_config_unref(cfg);
     gw_notify_close();

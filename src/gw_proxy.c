@@ -92,6 +92,10 @@ struct gw_proxy_s {
     bool admitted;        /* the breaker let it through: its outcome is reported once, by proxy_free() */
     int outcome;          /* for the breaker: 1 ok, -1 failed, 0 unknown (cancelled: abandoned) */
     gw_upstream_wait_t wait; /* queued for a connection of a full pool */
+    /* metrics: one backend call per proxied request, its retries included */
+    uint64_t start_us;    /* 0: it never got as far as the backend's admission */
+    bool ended;           /* end_code says how it ended; else it was cancelled (client gone) */
+    const char *end_code; /* NULL: an answer below 500 */
 };
 
 static llhttp_settings_t resp_settings;
@@ -341,6 +345,8 @@ static void
 proxy_free(gw_proxy_t *p, bool reusable)
 {
     gw_worker_t *w = gw_conn_worker(p->c);
+    if (p->start_us)
+        gw_m_call(w->m, p->b->mid, p->ended ? p->end_code : "cancelled", gw_now_us() - p->start_us);
     proxy_retry_free(p);
     gw_upstream_wait_cancel(&p->wait);
     if (p->admitted && p->outcome)
@@ -470,11 +476,20 @@ proxy_body(void *ctx)
 
 static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained, proxy_body };
 
+/* How p ended, for the metrics; proxy_free() counts it. */
+static void
+proxy_ended(gw_proxy_t *p, const char *code)
+{
+    p->ended = true;
+    p->end_code = code;
+}
+
 /* Ends the request with an error; called from upstream callbacks only. */
 static void
 proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int err)
 {
     gw_conn_t *c = p->c;
+    proxy_ended(p, code);
     gw_req_t *r = gw_conn_req(c);
     gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
            code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
@@ -700,6 +715,7 @@ proxy_finish(gw_proxy_t *p)
     bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
                     evbuffer_get_length(gw_upstream_input(p->u)) == 0;
     p->outcome = p->status >= 500 ? -1 : 1;
+    proxy_ended(p, p->status >= 500 ? "bad_status" : NULL);
     proxy_free(p, reusable);
     gw_conn_end_response(c);
 }
@@ -792,6 +808,7 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
             if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
                 p->done = true;
                 p->outcome = p->status >= 500 ? -1 : 1;
+                proxy_ended(p, p->status >= 500 ? "bad_status" : NULL);
                 proxy_free(p, false);
                 gw_conn_end_response(c);
             } else {
@@ -839,6 +856,7 @@ proxy_refuse(gw_proxy_t *p, const char *code, int retry_s, const char *why)
            gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
     snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
+    proxy_ended(p, code);
     proxy_free(p, false);
     gw_conn_error_headers(c, 503, code, extra, hdr);
 }
@@ -1018,6 +1036,7 @@ proxy_retry(gw_proxy_t *p, const char *code, int err)
     p->status = 0;
     p->hlen = p->nhdrs = 0;
     p->in_field = p->in_value = false;
+    gw_m_add(&gw_conn_worker(p->c)->m->backends[p->b->mid].retries, 1);
     if (p->rtimer == NULL)
         p->rtimer = evtimer_new(gw_conn_worker(p->c)->base, proxy_retry_cb, p);
     struct timeval tv = { p->retry_ms / 1000, (p->retry_ms % 1000) * 1000 };
@@ -1046,6 +1065,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     if (p->has_body)
         p->replay = evbuffer_new();
     build_request(p);
+    p->start_us = gw_now_us();
     if (gw_breaker_admit(p->b, NULL) != GW_OK) {
         proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker is open");
         return;
@@ -1068,6 +1088,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
+        proxy_ended(p, rc == GW_AGAIN ? "unavailable" : "connect_failed");
         proxy_free(p, false);
         gw_conn_error(c, rc == GW_AGAIN ? 503 : 502, rc == GW_AGAIN ? "upstream_unavailable" : "upstream_connect_failed",
                       extra);

@@ -36,8 +36,8 @@
 #define ACCEPT_BACKOFF_MS 100
 #define LISTEN_BACKLOG 511
 
-static evutil_socket_t
-open_listener(const gw_listen_t *l, bool reuseport, char *err, size_t errlen)
+evutil_socket_t
+gw_server_open_socket(const gw_listen_t *l, bool reuseport, bool listening, char *err, size_t errlen)
 {
     int fd = socket(l->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
@@ -58,7 +58,7 @@ open_listener(const gw_listen_t *l, bool reuseport, char *err, size_t errlen)
         close(fd);
         return -1;
     }
-    if (reuseport && listen(fd, LISTEN_BACKLOG) != 0) {
+    if (listening && listen(fd, LISTEN_BACKLOG) != 0) {
         snprintf(err, errlen, "listen() on %s failed: %s", l->text, strerror(errno));
         close(fd);
         return -1;
@@ -71,6 +71,7 @@ accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, i
 {
     gw_worker_t *w = arg;
     GW_UNUSED(lev);
+    gw_m_add(&w->m->accepted, 1);
     unsigned n = __atomic_add_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
     if (n > w->cfg->max_connections) {
         __atomic_sub_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
@@ -414,13 +415,15 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     memset(s, 0, sizeof(*s));
     s->cfg = gw_config_ref(cfg);
     for (size_t i = 0; i < cfg->nlisten; i++) {
-        evutil_socket_t probe = open_listener(&cfg->listen[i], false, err, errlen);
+        evutil_socket_t probe = gw_server_open_socket(&cfg->listen[i], false, false, err, errlen);
         if (probe < 0)
             return GW_ERR;
         close(probe);
     }
     s->nworkers = cfg->workers;
     s->workers = gw_calloc((size_t)s->nworkers, sizeof(gw_worker_t));
+    gw_metrics_init(s->nworkers);
+    gw_metrics_bind(cfg);
     for (int i = 0; i < s->nworkers; i++) {
         s->workers[i].wake_fd = -1;
         pthread_mutex_init(&s->workers[i].mail_mtx, NULL);
@@ -429,6 +432,7 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         gw_worker_t *w = &s->workers[i];
         w->srv = s;
         w->id = i;
+        w->m = gw_metrics_worker(i);
         /* No locks: only this worker's thread touches its base; the main
          * thread talks to it through wake_fd and the mailbox. */
         struct event_config *ec = event_config_new();
@@ -455,7 +459,7 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         w->force_timer = evtimer_new(w->base, force_cb, w);
         w->listeners = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
         for (size_t k = 0; k < cfg->nlisten; k++) {
-            evutil_socket_t fd = open_listener(&cfg->listen[k], true, err, errlen);
+            evutil_socket_t fd = gw_server_open_socket(&cfg->listen[k], true, true, err, errlen);
             if (fd < 0)
                 return GW_ERR;
             if (listener_add(w, &w->listeners[k], &cfg->listen[k], fd) != GW_OK) {
@@ -491,6 +495,7 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "the configuration has %d workers, the daemon runs %d", cfg->workers, s->nworkers);
         return GW_ERR;
     }
+    gw_metrics_bind(cfg); /* before any worker sees it */
     /* The previous reload must be taken first: its added sockets are
      * counted as open below. */
     for (int tries = 0;; tries++) {
@@ -517,7 +522,7 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
                           cfg->listen[k].addrlen))
                 added[k] = false;
         if (added[k]) {
-            evutil_socket_t probe = open_listener(&cfg->listen[k], false, err, errlen);
+            evutil_socket_t probe = gw_server_open_socket(&cfg->listen[k], false, false, err, errlen);
             if (probe < 0) {
                 free(added);
                 return GW_ERR;
@@ -532,7 +537,7 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         for (size_t k = 0; k < cfg->nlisten; k++)
             fds[i][k] = -1;
         for (size_t k = 0; k < cfg->nlisten && rc == GW_OK; k++)
-            if (added[k] && (fds[i][k] = open_listener(&cfg->listen[k], true, err, errlen)) < 0)
+            if (added[k] && (fds[i][k] = gw_server_open_socket(&cfg->listen[k], true, true, err, errlen)) < 0)
                 rc = GW_ERR;
     }
     free(added);
@@ -604,5 +609,6 @@ gw_server_free(gw_server_t *s)
         free(s->workers);
     }
     gw_config_unref(s->cfg);
+    gw_metrics_free();
     memset(s, 0, sizeof(*s));
 }

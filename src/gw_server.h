@@ -19,7 +19,9 @@
 #ifndef GW_SERVER_H
 #define GW_SERVER_H
 
+#include "gw_config.h"
 #include "gw_core.h"
+#include "gw_metrics.h"
 
 #include <event2/event.h>
 #include <event2/util.h>
@@ -82,6 +84,7 @@ struct gw_worker_s {
     gw_dns_t *dns;                  /* resolver for backend host names; NULL when none has one */
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
+    gw_mworker_t *m;                /* its counters (gw_metrics.h): written by this thread only */
 };
 
 struct gw_server_s {
@@ -106,6 +109,11 @@ int gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
  * workers to take the previous reload first.
  */
 int gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
+
+/* A socket bound to l (SO_REUSEADDR; SO_REUSEPORT when reuseport; listen()
+ * when listening), non-blocking and close-on-exec; -1 with the reason in
+ * err. */
+evutil_socket_t gw_server_open_socket(const gw_listen_t *l, bool reuseport, bool listening, char *err, size_t errlen);
 
 /* Takes a reference on w's current generation (a connection starting a request). */
 gw_gen_t *gw_server_gen_ref(gw_worker_t *w);

@@ -72,6 +72,24 @@ waiter_add(gw_upstream_t *u)
 
 static void queue_notify(gw_pool_t *pool);
 
+/* Gauge and counter updates for the metrics (gw_metrics.h): a connection
+ * opened or closed (it is active, not idle, at both moments), one moving
+ * between use and the idle list, a call joining or leaving the queue. */
+static void
+count_open(gw_pool_t *pool, int d)
+{
+    gw_m_gauge(&pool->m->active, d);
+    if (d > 0)
+        gw_m_add(&pool->m->opened, 1);
+}
+
+static void
+count_idle(gw_pool_t *pool, int d)
+{
+    gw_m_gauge(&pool->m->idle, d);
+    gw_m_gauge(&pool->m->active, -d);
+}
+
 /* Closes u and frees it. A connect that failed (the caller marked u broken
  * before it was connected) makes the pool avoid that address for a while. */
 static void pool_check_unused(gw_pool_t *pool);
@@ -85,6 +103,7 @@ upstream_close(gw_upstream_t *u)
         gw_dns_name_mark_down(u->pool->name, u->addr_gen, u->addr_idx);
     gw_pool_t *pool = u->pool;
     pool->nopen--;
+    count_open(pool, -1);
     if (u->bev) {
         SSL *ssl = bufferevent_openssl_get_ssl(u->bev);
         if (ssl && u->connected && !u->broken) {
@@ -119,6 +138,7 @@ idle_unlink(gw_upstream_t *u)
         if (*pp == u) {
             *pp = u->next;
             pool->nidle--;
+            count_idle(pool, -1);
             break;
         }
     u->next = NULL;
@@ -503,6 +523,7 @@ pool_resolved(gw_dns_name_t *n, void *arg)
         }
         *pp = u->next;
         pool->nidle--;
+        count_idle(pool, -1);
         u->next = NULL;
         u->idle = false;
         upstream_close(u);
@@ -585,6 +606,7 @@ queue_unlink(gw_upstream_wait_t *wt)
     wt->next = wt->prev = NULL;
     wt->pool = NULL;
     pool->nqueued--;
+    gw_m_gauge(&pool->m->queued, -1);
 }
 
 /* Arms the queue timer for the head's expiry. The timer is not moved when
@@ -655,8 +677,11 @@ int
 gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
 {
     gw_pool_t *pool = gw_upstream_pool(w, b);
-    if (pool->nqueued >= b->max_pending)
+    if (pool->nqueued >= b->max_pending) {
+        if (b->max_pending > 0)
+            gw_m_add(&pool->m->queue_rejected, 1);
         return GW_AGAIN;
+    }
     wt->pool = pool;
     wt->cb = cb;
     wt->arg = arg;
@@ -669,6 +694,7 @@ gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, 
         pool->qhead = wt;
     pool->qtail = wt;
     pool->nqueued++;
+    gw_m_gauge(&pool->m->queued, 1);
     if (pool->qhead == wt)
         qtimer_arm(pool);
     if (pool_has_room(pool))
@@ -705,6 +731,7 @@ pool_new(gw_worker_t *w, const gw_backend_t *b, gw_config_t *cfg)
 {
     gw_pool_t *pool = gw_calloc(1, sizeof(gw_pool_t));
     pool->w = w;
+    pool->m = &w->m->backends[b->mid];
     pool->refs = 1;
     pool->wake_ev = event_new(w->base, -1, 0, wake_cb, pool);
     pool->qtimer = evtimer_new(w->base, qtimer_cb, pool);
@@ -825,6 +852,7 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
     u->fd = -1;
     u->timer = evtimer_new(w->base, timer_cb, u);
     pool->nopen++;
+    count_open(pool, 1);
     if (b->tls) {
         if (tls_new(u, w, pool, b) != GW_OK) {
             upstream_close(u);
@@ -952,5 +980,6 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     u->next = pool->idle;
     pool->idle = u;
     pool->nidle++;
+    count_idle(pool, 1);
     queue_notify(pool);
 }

@@ -39,6 +39,7 @@
 #define GW_UPSTREAM_H
 
 #include "gw_core.h"
+#include "gw_metrics.h"
 
 #include <event2/util.h>
 #include <openssl/ssl.h>
@@ -99,6 +100,7 @@ struct gw_pool_s {
     unsigned holds;         /* code that may close its last connection is running (queue callbacks, detach): not freed meanwhile */
     struct event *wake_ev;  /* made active when a slot frees while calls wait */
     struct event *qtimer;   /* the head's queue_timeout_ms */
+    gw_mbackend_t *m;       /* the worker's counters of the backend's name (gw_metrics.h) */
 };
 
 struct gw_upstream_s {

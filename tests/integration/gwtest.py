@@ -266,6 +266,7 @@ class Daemon:
         self.proc = None
         self.pid = None
         self.port = None
+        self.admin_port = None
         self.host = "127.0.0.1"
         self.exit_code = None
         self.sent_signal = None
@@ -282,10 +283,24 @@ class Daemon:
             self.start()
 
     # config ------------------------------------------------------------
+    def _with_admin(self, cfg):
+        """Without an "admin" section, the admin listener gets a free port
+        of its own (its default, 127.0.0.1:9180, would be shared by every
+        daemon of the suite); "APORT" in an admin address is that port."""
+        cfg = copy.deepcopy(cfg)
+        admin = cfg.setdefault("admin", {"listen": "127.0.0.1:APORT"})
+        if isinstance(admin, dict) and "listen" in admin:
+            ls = admin["listen"]
+            if isinstance(ls, str):
+                admin["listen"] = ls.replace("APORT", str(self.admin_port))
+            elif isinstance(ls, list):
+                admin["listen"] = [a.replace("APORT", str(self.admin_port)) if isinstance(a, str) else a for a in ls]
+        return cfg
+
     def _render(self, port):
         if isinstance(self.config, str):
-            return self.config.replace("@PORT@", str(port))
-        cfg = copy.deepcopy(self.config)
+            return self.config.replace("@PORT@", str(port)).replace("@APORT@", str(self.admin_port))
+        cfg = self._with_admin(self.config)
         listen = cfg.get("listen", ["127.0.0.1:PORT"])
         if isinstance(listen, str):
             listen = [listen]
@@ -312,6 +327,7 @@ class Daemon:
                 v6_only = all(a.startswith("[") for a in ls)
             port = free_port("::1" if v6_only else "127.0.0.1")
             self.port = port
+            self.admin_port = free_port()
             text = self._render(port)
             with open(self.conf_path, "w") as f:
                 f.write(text)
@@ -351,7 +367,7 @@ class Daemon:
                 self._kill()
                 raise TestFailure(f"gatherd did not accept connections within {timeout}s; stderr:\n{last_log}")
             self._check_sanitizer()
-            if "cannot listen" in last_log and attempt < 4:
+            if ("cannot listen" in last_log or "Address already in use" in last_log) and attempt < 4:
                 continue  # lost a race for the port: try another one
             raise TestFailure(f"gatherd exited with {self.exit_code} at start-up; stderr:\n{last_log}")
         raise TestFailure("could not start gatherd: " + last_log)
@@ -457,7 +473,7 @@ class Daemon:
         half a file). cfg: a dict (written as JSON) or text."""
         tmp = self.conf_path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2))
+            f.write(cfg if isinstance(cfg, str) else json.dumps(self._with_admin(cfg), indent=2))
         os.rename(tmp, self.conf_path)
 
     def reload(self, cfg, expect="reloaded", timeout=5.0):

@@ -234,6 +234,7 @@ def reload_warns_when_workers_change():
         path = os.path.join(tmp, "gatherd.json")
         cfg = config(port, "A", stub)
         cfg["workers"] = 1
+        cfg["admin"] = {"listen": []}  # not the default port, which another test may hold
         with open(path, "w") as f:
             json.dump(cfg, f)
         log = open(os.path.join(tmp, "stderr.log"), "wb")
@@ -249,6 +250,7 @@ def reload_warns_when_workers_change():
                 time.sleep(0.02)
         cfg = config(port, "B", stub)
         cfg["workers"] = 2
+        cfg["admin"] = {"listen": []}
         with open(path + ".tmp", "w") as f:
             json.dump(cfg, f)
         os.rename(path + ".tmp", path)
