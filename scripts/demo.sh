@@ -39,6 +39,10 @@ gatherd is starting on http://127.0.0.1:8080 (demo backend on http://127.0.0.1:9
   curl -i -X POST http://127.0.0.1:8080/health      # 405 with Allow
   curl -i http://127.0.0.1:8080/nowhere              # 404 JSON error
   curl -i http://127.0.0.1:9101/users/42             # the demo backend itself
+Admin listener (127.0.0.1:9180):
+  open http://127.0.0.1:9180/status in a browser     # live page: routes, backends, breakers, latency
+  curl -s http://127.0.0.1:9180/metrics | grep gatherd_requests_total
+  curl -i http://127.0.0.1:9180/readyz               # 503 while a graceful stop drains
 Ctrl-C stops gracefully.
 
 MSG
