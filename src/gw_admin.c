@@ -91,6 +91,16 @@ gw_admin_drain(void)
     __atomic_store_n(&adm.draining, true, __ATOMIC_RELAXED);
 }
 
+/* Requests in flight: the sum of the workers' deltas. */
+static int64_t
+inflight_now(void)
+{
+    int64_t n = 0;
+    for (int w = 0; w < adm.srv->nworkers; w++)
+        n += __atomic_load_n(&gw_metrics_worker(w)->inflight, __ATOMIC_RELAXED);
+    return n;
+}
+
 /* --- snapshots ------------------------------------------------------------ */
 
 static uint64_t
@@ -290,9 +300,7 @@ status_json(void)
     json_object_set_new(o, "workers", json_integer(adm.srv->nworkers));
     json_object_set_new(o, "connections", json_integer(__atomic_load_n(&adm.srv->conns, __ATOMIC_RELAXED)));
     json_object_set_new(o, "connections_accepted", json_integer((json_int_t)p.accepted));
-    int64_t inflight = 0;
-    for (int w = 0; w < adm.srv->nworkers; w++)
-        inflight += __atomic_load_n(&gw_metrics_worker(w)->inflight, __ATOMIC_RELAXED);
+    int64_t inflight = inflight_now();
     json_object_set_new(o, "requests_in_flight", json_integer((json_int_t)inflight));
     json_object_set_new(o, "requests_shed", json_integer((json_int_t)p.shed));
     json_object_set_new(o, "reloads", json_pack("{s:I, s:I, s:o, s:o}", "ok", (json_int_t)p.reloads_ok, "failed",
@@ -328,9 +336,7 @@ metrics_text(struct evbuffer *out)
                         "# HELP gatherd_start_time_seconds When the process started (unix time).\n"
                         "# TYPE gatherd_start_time_seconds gauge\ngatherd_start_time_seconds %lld\n",
                         (long long)adm.started);
-    int64_t inflight = 0;
-    for (int w = 0; w < adm.srv->nworkers; w++)
-        inflight += __atomic_load_n(&gw_metrics_worker(w)->inflight, __ATOMIC_RELAXED);
+    int64_t inflight = inflight_now();
     evbuffer_add_printf(out,
                         "# HELP gatherd_requests_in_flight Requests being read or handled.\n"
                         "# TYPE gatherd_requests_in_flight gauge\ngatherd_requests_in_flight %lld\n"

@@ -234,7 +234,10 @@ def metrics_count_exactly_what_was_sent():
     deadline = time.monotonic() + 3 * SLOW
     while time.monotonic() < deadline:
         s = scrape(d)
-        if metric(s, "gatherd_requests_in_flight") == 1:
+        # the request counts as in flight once parsed; its upstream connection
+        # turns active a moment later, once checked out of the pool
+        if (metric(s, "gatherd_requests_in_flight") == 1
+                and metric(s, "gatherd_upstream_connections", backend="api", state="active") == 1):
             break
         time.sleep(0.05)
     eq(metric(s, "gatherd_requests_in_flight"), 1, "in flight while held")
