@@ -203,8 +203,11 @@ utf8_seq(scan_t *s)
     return true;
 }
 
+/* key: an object key, where jansson refuses "\u0000" even with
+ * JSON_ALLOW_NUL (its keys are C strings); a body gatherd forwards unparsed
+ * must be one it could also parse. */
 static bool
-scan_string(scan_t *s)
+scan_string(scan_t *s, bool key)
 {
     s->p++; /* the opening quote */
     while (s->p < s->end) {
@@ -239,6 +242,8 @@ scan_string(scan_t *s)
         if (v < 0)
             return false;
         s->p += 6;
+        if (v == 0 && key)
+            return false;
         if (v >= 0xDC00 && v <= 0xDFFF)
             return false; /* a low surrogate alone */
         if (v >= 0xD800 && v <= 0xDBFF) {
@@ -332,7 +337,7 @@ scan_value(scan_t *s, int depth)
         return false;
     switch (*s->p) {
     case '"':
-        return scan_string(s);
+        return scan_string(s, false);
     case 't':
         return scan_literal(s, "true", 4);
     case 'f':
@@ -353,7 +358,7 @@ scan_value(scan_t *s, int depth)
         }
         for (;;) {
             if (obj) {
-                if (s->p >= s->end || *s->p != '"' || !scan_string(s))
+                if (s->p >= s->end || *s->p != '"' || !scan_string(s, true))
                     return false;
                 skip_ws(s);
                 if (s->p >= s->end || *s->p != ':')
