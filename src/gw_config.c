@@ -28,11 +28,13 @@
 #include <errno.h>
 #include <event2/util.h>
 #include <glob.h>
+#include <grp.h>
 #include <jansson.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <llhttp.h>
 #include <netinet/in.h>
+#include <pwd.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -463,6 +465,70 @@ parse_admin(ctx_t *c, json_t *v)
 out:
     pop(c);
     return rc;
+}
+
+/* A non-empty string without NUL bytes at key; NULL with a message otherwise. */
+static const char *
+get_name(ctx_t *c, json_t *v, const char *key, const char *example)
+{
+    if (!json_is_string(v) || json_string_length(v) == 0 || strlen(json_string_value(v)) != json_string_length(v)) {
+        fail_in(c, key, "must be a name like \"%s\" or a number", example);
+        return NULL;
+    }
+    return json_string_value(v);
+}
+
+/* A decimal id ("65534"); false for anything else. */
+static bool
+numeric_id(const char *s, unsigned long *id)
+{
+    char *end;
+    errno = 0;
+    *id = strtoul(s, &end, 10);
+    return s[0] >= '0' && s[0] <= '9' && *end == '\0' && errno == 0 && *id < 0xffffffffUL;
+}
+
+/* "user" and "group": resolved now, so "-t" names an account that does not
+ * exist; the switch itself happens after binding (gw_daemon.h). A numeric
+ * user needs no passwd entry (containers run as bare uids); its group is
+ * then the same number unless "group" says otherwise. */
+static int
+parse_user(ctx_t *c, json_t *root)
+{
+    gw_config_t *cfg = c->cfg;
+    json_t *uv = json_object_get(root, "user"), *gv = json_object_get(root, "group");
+    const char *user = NULL, *group = NULL;
+    if (uv && (user = get_name(c, uv, "user", "gatherd")) == NULL)
+        return GW_ERR;
+    if (gv && (group = get_name(c, gv, "group", "gatherd")) == NULL)
+        return GW_ERR;
+    if (user == NULL) {
+        if (group)
+            return fail_in(c, "group", "needs \"user\" as well");
+        return GW_OK;
+    }
+    unsigned long id;
+    struct passwd *pw = getpwnam(user);
+    if (pw) {
+        cfg->uid = pw->pw_uid;
+        cfg->gid = pw->pw_gid;
+    } else if (numeric_id(user, &id)) {
+        cfg->uid = (uid_t)id;
+        cfg->gid = (gid_t)id;
+    } else
+        return fail_in(c, "user", "no such user \"%s\"", user);
+    if (group) {
+        struct group *gr = getgrnam(group);
+        if (gr)
+            cfg->gid = gr->gr_gid;
+        else if (numeric_id(group, &id))
+            cfg->gid = (gid_t)id;
+        else
+            return fail_in(c, "group", "no such group \"%s\"", group);
+    }
+    cfg->user = gw_strdup(user);
+    cfg->group = group ? gw_strdup(group) : NULL;
+    return GW_OK;
 }
 
 static int
@@ -2403,7 +2469,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
 {
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
-                                        "real_ip_header", "max_inflight", "log", "admin", NULL };
+                                        "real_ip_header", "max_inflight", "log", "admin", "user", "group",
+                                        NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2445,6 +2512,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         pop(&c);
         cfg->pid_file = gw_strdup(json_string_value(v));
     }
+    if (parse_user(&c, root))
+        goto fail;
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
@@ -2526,6 +2595,8 @@ gw_config_unref(gw_config_t *cfg)
     free(cfg->resolver.hosts_file);
     free(cfg->trusted_proxies);
     free(cfg->pid_file);
+    free(cfg->user);
+    free(cfg->group);
     free(cfg->log.error_path);
     free(cfg->log.access_path);
     free(cfg->file);

@@ -14,6 +14,7 @@
 
 #include <jansson.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 
 #define GW_CONF_MAX_WORKERS 256
 /* The admin listener's address unless "admin": {"listen"} says otherwise:
@@ -233,6 +234,10 @@ struct gw_config_s {
     gw_log_conf_t log;              /* "log" */
     gw_listen_t *admin_listen;      /* "admin": {"listen"}: the admin listener (gw_admin.h) */
     size_t nadmin;                  /* 0: none */
+    char *user;                     /* "user": run as this account after binding (gw_daemon.h); NULL: stay */
+    char *group;                    /* "group": its group; NULL: the user's primary group */
+    uid_t uid;                      /* resolved when the file is read: "-t" reports an unknown name */
+    gid_t gid;
 };
 
 /*

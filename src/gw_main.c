@@ -15,6 +15,7 @@
 #include "gw_alog.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
+#include "gw_daemon.h"
 #include "gw_log.h"
 #include "gw_metrics.h"
 #include "gw_notify.h"
@@ -44,9 +45,10 @@ static void
 usage(FILE *f)
 {
     fprintf(f,
-            "Usage: gatherd [-t] [-c FILE] [-w N] [-l LEVEL] [--pid FILE] [-s SIGNAL]\n"
+            "Usage: gatherd [-t] [-d] [-c FILE] [-w N] [-l LEVEL] [--pid FILE] [-s SIGNAL]\n"
             "  -c FILE   configuration file (default: %s when it exists, else %s)\n"
             "  -t        check the configuration and exit (0: valid, 1: invalid)\n"
+            "  -d        run in the background; exits 0 once the daemon is ready, 1 when it failed to start\n"
             "  --pid FILE  write the process id to FILE (overrides \"pid_file\")\n"
             "  -s SIGNAL send SIGNAL to the running daemon named by the pid file and exit:\n"
             "            reload (HUP: re-read the configuration), stop (TERM: graceful), quit (QUIT: at once)\n"
@@ -193,6 +195,9 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     if (!same_listen(next->admin_listen, next->nadmin, (*cfg)->admin_listen, (*cfg)->nadmin))
         gw_log(GW_LOG_WARN, "reload: \"admin\" \"listen\" changed; the admin listener keeps its addresses until a "
                             "restart");
+    if ((next->user == NULL) != ((*cfg)->user == NULL) ||
+        (next->user && (next->uid != (*cfg)->uid || next->gid != (*cfg)->gid)))
+        gw_log(GW_LOG_WARN, "reload: \"user\"/\"group\" changed; the process keeps its account until a restart");
     gw_admin_publish(next);
     gw_metrics_reloaded(true);
     gw_config_unref(*cfg);
@@ -206,10 +211,11 @@ main(int argc, char **argv)
     const char *pid_opt = NULL;
     const char *signal_name = NULL;
     bool test_only = false;
+    bool detach = false;
     int workers = 0;
     int opt;
     static const struct option longopts[] = { { "pid", required_argument, NULL, 'p' }, { NULL, 0, NULL, 0 } };
-    while ((opt = getopt_long(argc, argv, "c:tw:l:s:Vh", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:tw:l:s:Vhd", longopts, NULL)) != -1) {
         switch (opt) {
         case 'p':
             pid_opt = optarg;
@@ -222,6 +228,9 @@ main(int argc, char **argv)
             break;
         case 't':
             test_only = true;
+            break;
+        case 'd':
+            detach = true;
             break;
         case 'w': {
             char *end;
@@ -290,6 +299,11 @@ main(int argc, char **argv)
         return 1;
     }
 
+    if (detach && gw_daemon_detach(cfg->log.error_path, err, sizeof(err)) != GW_OK) { /* before any thread */
+        gw_log(GW_LOG_EMERG, "%s", err);
+        gw_config_unref(cfg);
+        return 1;
+    }
     if (!level_from_cmdline)
         gw_log_set_level((gw_log_level_t)cfg->log.level);
     if (gw_alog_start(cfg, err, sizeof(err)) != GW_OK) {
@@ -307,6 +321,7 @@ main(int argc, char **argv)
     sigaddset(&sigs, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL); /* inherited by every worker */
 
+    gw_daemon_raise_nofile(cfg);
     gw_server_t srv;
     if (gw_server_start(&srv, cfg, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_EMERG, "%s", err);
@@ -337,6 +352,18 @@ main(int argc, char **argv)
         gw_alog_stop();
         return 1;
     }
+    if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK) { /* every socket is bound */
+        gw_log(GW_LOG_EMERG, "%s", err);
+        gw_admin_stop();
+        gw_server_stop(&srv, true);
+        gw_server_free(&srv);
+        gw_config_unref(cfg);
+        if (pid_file)
+            unlink(pid_file);
+        free(pid_file);
+        gw_alog_stop();
+        return 1;
+    }
     for (size_t i = 0; i < cfg->nlisten; i++)
         gw_log(GW_LOG_NOTICE, "listening on %s", cfg->listen[i].text);
     for (size_t i = 0; i < cfg->nbackends; i++)
@@ -347,6 +374,7 @@ main(int argc, char **argv)
            cfg->workers, cfg->nroutes, file);
     if (gw_notify_init() == GW_OK)
         gw_notify_ready(); /* listeners bound, workers running */
+    gw_daemon_ready(cfg->log.error_path == NULL); /* -d: the parent exits 0 */
 
     bool stopping = false;
     struct timespec tick = { 0, 100 * 1000 * 1000 };
@@ -384,7 +412,8 @@ main(int argc, char **argv)
     gw_config_unref(cfg);
     gw_notify_close();
     if (pid_file) {
-        unlink(pid_file);
+        if (unlink(pid_file) != 0 && errno != ENOENT) /* e.g. "user" cannot write its directory */
+            gw_log(GW_LOG_WARN, "cannot remove the pid file %s: %s", pid_file, strerror(errno));
         free(pid_file);
     }
     gw_log(GW_LOG_NOTICE, "stopped");

@@ -1,0 +1,10 @@
+#!/bin/bash
+# Integration tests of the daemon behaviour (-d, the pid file, "user"/"group",
+# RLIMIT_NOFILE) (an automake TESTS entry), against the real daemon.
+# Environment: GATHERD (default: next to this script in the build tree).
+# Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+export GATHERD PYTHONDONTWRITEBYTECODE=1
+# Shared lock: no load test here.
+exec flock -s "${TMPDIR:-/tmp}/gatherd-integration-$(id -u).lock" python3 "$here/test_daemon.py" "$@"
