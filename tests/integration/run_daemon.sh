@@ -1,7 +1,7 @@
 #!/bin/bash
-# Integration tests of the daemon behaviour (-d, the pid file, "user"/"group",
+# Integration tests of the daemon behaviour (-d, the pid file, "user"/"group", logrotate,
 # RLIMIT_NOFILE) (an automake TESTS entry), against the real daemon.
-# Environment: GATHERD (default: next to this script in the build tree).
+# Environment: GATHERD (default: next to this script in the build tree), GW_SRCDIR.
 # Extra arguments select tests by name substring.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 : "${GATHERD:=$here/../../src/gatherd}"

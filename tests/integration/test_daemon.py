@@ -14,14 +14,17 @@ The last line of the output is "N passed, N failed".
 
 import atexit
 import ctypes
+import gzip
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -418,6 +421,97 @@ def test_nofile_hard_limit_warns():
         check(int(m.group(1)) >= 2200, "the need it names")
         contains(d.log(), "LimitNOFILE=", "the remedy")
         eq(d.get("/hello").status, 200, "the daemon runs on")
+
+
+# --- logrotate -------------------------------------------------------------------------
+
+SRCDIR = os.environ.get("GW_SRCDIR") or os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+LOGROTATE = shutil.which("logrotate") or ("/usr/sbin/logrotate" if os.access("/usr/sbin/logrotate", os.X_OK) else None)
+
+
+def access_ids(text):
+    return [int(m) for m in re.findall(r"GET /hello\?n=(\d+) ", text)]
+
+
+@test
+def test_logrotate_deploy_config_loses_no_line():
+    """deploy/logrotate/gatherd, run by the real logrotate (paths moved to a
+    temp dir) while a client sends numbered requests: every request is in
+    exactly one file, the rotated file holds the earlier ones, and the second
+    rotation compresses the first."""
+    if LOGROTATE is None:
+        raise Skip("logrotate is not installed (scripts/install-deps.sh installs it)")
+    conf = open(os.path.join(SRCDIR, "deploy", "logrotate", "gatherd")).read()
+    contains(conf, "/var/log/gatherd/*.log {")
+    contains(conf, "/run/gatherd/gatherd.pid")
+
+    def prepare(path):
+        os.makedirs(os.path.join(path, "logs"))
+
+    cfg = {"pid_file": "gatherd.pid", "log": {"error_log": "logs/error.log", "access_log": "logs/access.log"}}
+    with Detached(cfg, prepare=prepare, args=["-w", "1"]) as d:  # one worker: lines in request order
+        eq(d.rc, 0, "gatherd -d:\n" + d.log())
+        logs = d.path("logs")
+        rot = conf.replace("/var/log/gatherd", logs).replace("/run/gatherd/gatherd.pid", d.path("gatherd.pid"))
+        rot_path = d.path("logrotate.conf")
+        with open(rot_path, "w") as f:
+            f.write(rot)
+        os.chmod(rot_path, 0o644)
+        sent = []
+        stop = threading.Event()
+        errors = []
+
+        def client():
+            n = 0
+            try:
+                with Conn("127.0.0.1", d.port) as c:
+                    while not stop.is_set() and n < 20000:
+                        r = c.request(req("GET", f"/hello?n={n}"))
+                        if r.status != 200:
+                            errors.append(r.status)
+                        sent.append(n)
+                        n += 1
+            except Exception as e:  # the check below reports it
+                errors.append(repr(e))
+
+        def rotate():
+            r = subprocess.run([LOGROTATE, "-f", "-s", d.path("logrotate.state"), rot_path],
+                               capture_output=True, text=True, timeout=30)
+            eq(r.returncode, 0, "logrotate: " + r.stdout + r.stderr)
+
+        t = threading.Thread(target=client)
+        t.start()
+        try:
+            wait_for(lambda: len(sent) > 200 and access_ids(d.read("logs/access.log")),
+                     "requests before the first rotation, on disk")
+            rotate()
+            wait_for(lambda: "log files reopened" in d.read("logs/error.log"), "the reopen after logrotate")
+            first_rot = len(sent)
+            wait_for(lambda: len(sent) > first_rot + 200, "requests after the first rotation")
+        finally:
+            stop.set()
+            t.join(30)
+        eq(errors, [], "client errors")
+        old, new = access_ids(d.read("logs/access.log.1")), access_ids(d.read("logs/access.log"))
+        wait_for(lambda: len(access_ids(d.read("logs/access.log.1"))) + len(access_ids(d.read("logs/access.log")))
+                 >= len(sent), "every access line on disk")
+        old, new = access_ids(d.read("logs/access.log.1")), access_ids(d.read("logs/access.log"))
+        check(old and new, f"lines on both sides of the rotation ({len(old)} old, {len(new)} new)")
+        eq(sorted(old + new), list(range(len(sent))), "every request exactly once across the two files")
+        check(max(old) < min(new), f"the rotated file holds the earlier requests (old up to {max(old)}, "
+                                   f"new from {min(new)})")
+        print(f"# logrotate: {len(old)} lines in access.log.1, {len(new)} in access.log, none lost or doubled")
+        # the second rotation compresses the first (delaycompress) and starts access.log.1 anew
+        rotate()
+        wait_for(lambda: "log files reopened" in d.read("logs/error.log"), "the second reopen")  # a new file again
+        with gzip.open(d.path("logs/access.log.2.gz"), "rt") as f:
+            eq(access_ids(f.read()), old, "access.log.2.gz holds the first rotated file")
+        eq(d.get("/hello?n=last").status, 200)
+        wait_for(lambda: "n=last" in d.read("logs/access.log"), "a line in the newest access.log")
+        eq(d.stop(), 0)
+        # stopped: logrotate's postrotate must not fail on a missing pid file
+        eq(os.path.exists(d.path("gatherd.pid")), False, "pid file removed")
+        rotate()
 
 
 if __name__ == "__main__":
