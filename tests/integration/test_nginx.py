@@ -254,10 +254,10 @@ class Nginx:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def gatherd_config(name, stub, extra_routes=()):
+def gatherd_config(name, stub, extra_routes=(), log=None):
     """Instance `name`: /agg aggregates two calls that name it; /echo shows
-    what a call sent to the backend."""
-    return {
+    what a call sent to the backend. log: its "log" section."""
+    cfg = {
         "trusted_proxies": ["127.0.0.1/32"],
         "shutdown_timeout_ms": ms(3000),
         "backends": {"s": tp.backend(stub.url)},
@@ -269,10 +269,17 @@ def gatherd_config(name, stub, extra_routes=()):
              "calls": [{"name": "e", "backend": "s", "path": "/e?echo=1", "forward_headers": ["X-Real-IP"]}]},
         ] + list(extra_routes),
     }
+    if log:
+        cfg["log"] = log
+    return cfg
 
 
-def setup(stub, extra_routes=()):
-    ds = [Daemon(gatherd_config(n, stub, extra_routes), workers=2) for n in ("A", "B")]
+def setup(stub, extra_routes=(), logdir=None):
+    """Two gatherd (A, B) behind nginx; with logdir, each writes its access
+    log to logdir/access-A.log, logdir/access-B.log."""
+    ds = [Daemon(gatherd_config(n, stub, extra_routes,
+                                {"access_log": os.path.join(logdir, f"access-{n}.log")} if logdir else None),
+                 workers=2) for n in ("A", "B")]
     return ds, Nginx([ds[0].port, ds[1].port])
 
 
@@ -311,9 +318,15 @@ def nginx_requests_get_aggregated_answers_from_both_instances():
 
 @ntest
 def nginx_passes_the_real_client_address():
-    """The client connects from 127.0.0.2; nginx (127.0.0.1, trusted) says so."""
+    """The client connects from 127.0.0.2; nginx (127.0.0.1, trusted) says so,
+    to the backends and in gatherd's access log."""
+    with gwtest.TempDir() as t:
+        check_real_client(t.path)
+
+
+def check_real_client(logdir):
     stub = Stub()
-    ds, ngx = setup(stub)
+    ds, ngx = setup(stub, logdir=logdir)
     for _ in range(2):  # one per instance
         r = get(ngx.port, "/echo", src="127.0.0.2", headers={"X-Request-Id": "client-id-1"})
         eq(r.status, 200, f"status ({r.body[:300]!r})")
@@ -332,6 +345,22 @@ def nginx_passes_the_real_client_address():
     h = r.json()["e"]["headers"]
     eq(h.get("x-forwarded-for"), "6.6.6.6, 127.0.0.2, 127.0.0.1", "X-Forwarded-For with a client's spoof")
     eq(h.get("x-real-ip"), "127.0.0.2", "X-Real-IP is nginx's, not the client's")
+    # gatherd's access log names the real client, never nginx nor the spoof
+    lines = []
+    deadline = time.monotonic() + 5 * SLOW
+    while time.monotonic() < deadline:
+        lines = []
+        for n in ("A", "B"):
+            try:
+                lines += [l for l in open(os.path.join(logdir, f"access-{n}.log")) if "GET /echo" in l]
+            except OSError:
+                pass
+        if len(lines) >= 4:
+            break
+        time.sleep(0.05)
+    eq(len(lines), 4, "access lines of the /echo requests")
+    for line in lines:
+        eq(line.split(" ", 1)[0], "127.0.0.2", f"client address in gatherd's access log ({line.strip()})")
 
 
 @ntest
