@@ -1,0 +1,11 @@
+#!/bin/bash
+# Tests of the Dockerfile, the container configuration and the Kubernetes
+# manifests (an automake TESTS entry), with the real daemon and the stub
+# backend. Environment: GATHERD, GW_STUB (defaults: next to this script in the
+# build tree), GW_SRCDIR. Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+: "${GW_STUB:=$here/../../tests/stub/gw_stub}"
+export GATHERD GW_STUB PYTHONDONTWRITEBYTECODE=1
+# Shared lock: no load test here.
+exec flock -s "${TMPDIR:-/tmp}/gatherd-integration-$(id -u).lock" python3 "$here/test_deploy.py" "$@"

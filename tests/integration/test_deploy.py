@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""Tests of the container and Kubernetes files (README "Deployment"):
+Dockerfile, .dockerignore, deploy/docker/gatherd.json and deploy/k8s/.
+
+There is no container engine on the test machines, so the image itself is
+not built here. What is checked instead, against the real files and the
+real daemon:
+  - the Dockerfile's structure (stages, non-root numeric USER, EXPOSE,
+    STOPSIGNAL, COPY sources that exist);
+  - the runtime stage installs exactly the Debian packages that hold the
+    libraries `ldd gatherd` names (plus what debian:12-slim already has);
+  - the build stage's recipe (configure, make, make install DESTDIR) run on
+    the build context the .dockerignore leaves, and the runtime stage's
+    `gatherd -t` on what it installed (normal build only, from a git tree);
+  - the container configuration passes `-t` and a real gatherd runs it;
+  - the manifests agree with each other, the Dockerfile and the
+    configuration (labels, ports, probes, grace period, security context,
+    mount path), `kubectl kustomize` renders them when kubectl is present;
+  - the ConfigMap's configuration drains as Kubernetes expects: /readyz turns
+    503 on SIGTERM while a slow request still completes, then exit 0.
+
+Run: GATHERD=... GW_STUB=... GW_SRCDIR=... python3 tests/integration/test_deploy.py [NAME-SUBSTRING ...]
+The last line of the output is "N passed, N failed".
+"""
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gwtest  # noqa: E402
+from gwtest import (GATHERD, SLOW, Conn, Daemon, Skip, TestFailure, check, contains, eq, main, req,  # noqa: E402
+                    run_cli)
+
+_saved_tests = list(gwtest._TESTS)
+import test_proxy as tp  # noqa: E402
+gwtest._TESTS[:] = _saved_tests
+
+dtest = tp.ptest
+Stub = tp.Stub
+
+SRCDIR = os.environ.get("GW_SRCDIR") or os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+K8S = os.path.join(SRCDIR, "deploy", "k8s")
+SANITIZED = gwtest._is_sanitized(GATHERD)
+# Packages every debian:12-slim image has (Essential: yes, or needed by apt itself),
+# so the runtime stage need not install them: libc6 (libc, libm, libpthread, ld.so),
+# libgcc-s1 and libstdc++6 (apt depends on them), zlib1g, libzstd1, liblzma5.
+SLIM_BASE = {"libc6", "libgcc-s1", "libstdc++6", "zlib1g", "libzstd1", "liblzma5"}
+
+try:
+    import yaml
+except ImportError:  # scripts/install-deps.sh installs python3-yaml
+    yaml = None
+
+
+# --- the Dockerfile -----------------------------------------------------------------------
+
+def dockerfile():
+    """[(stage name, base image, [(instruction, argument text)])], joining
+    continuation lines and dropping comments."""
+    text = open(os.path.join(SRCDIR, "Dockerfile")).read()
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
+    stages = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        instr, _, arg = line.strip().partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            m = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", arg.strip(), re.I)
+            check(m is not None, f"FROM line: {arg}")
+            stages.append((m.group(2), m.group(1), []))
+        else:
+            check(stages, f"{instr} before FROM")
+            stages[-1][2].append((instr, " ".join(arg.split())))
+    return stages
+
+
+def instrs(stage, name):
+    return [a for i, a in stage[2] if i == name]
+
+
+def apt_packages(stage):
+    """The packages of the stage's apt-get install lines."""
+    pkgs = []
+    for run in instrs(stage, "RUN"):
+        for part in run.split("&&"):
+            words = part.split()
+            if "apt-get" in words and "install" in words:
+                pkgs += [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+    return pkgs
+
+
+def json_array(arg):
+    v = json.loads(arg)
+    check(isinstance(v, list) and all(isinstance(x, str) for x in v), f"exec form expected: {arg}")
+    return v
+
+
+@dtest
+def dockerfile_stages_user_ports_signal():
+    stages = dockerfile()
+    print("# no container engine here: the image is not built; its parts are checked one by one")
+    eq([(n, img) for n, img, _ in stages], [("build", "debian:12"), ("runtime", "debian:12-slim")],
+       "stages (name, base image)")
+    rt = stages[-1]
+    users = instrs(rt, "USER")
+    eq(len(users), 1, "one USER in the runtime stage")
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", users[0])
+    check(m is not None, f"USER is numeric (runAsNonRoot can verify it): {users[0]}")
+    check(int(m.group(1)) != 0 and (m.group(2) is None or int(m.group(2)) != 0), "USER is not root")
+    exposed = {p.split("/")[0] for e in instrs(rt, "EXPOSE") for p in e.split()}
+    eq(exposed, {"8080", "9180"}, "EXPOSE")
+    eq(instrs(rt, "STOPSIGNAL"), ["SIGTERM"], "STOPSIGNAL (gatherd's graceful stop)")
+    entry = json_array(instrs(rt, "ENTRYPOINT")[0]) + json_array(instrs(rt, "CMD")[0])
+    eq(entry[:2], ["/usr/sbin/gatherd", "-c"], "ENTRYPOINT + CMD")
+    conf_in_image = entry[2]
+    copies = {}
+    for n, _, body in stages:
+        for i, a in body:
+            if i != "COPY":
+                continue
+            words = a.split()
+            if any(w.startswith("--from=") for w in words):
+                continue
+            *srcs, dest = [w for w in words if not w.startswith("--")]
+            for s in srcs:
+                if s != ".":
+                    check(os.path.exists(os.path.join(SRCDIR, s)), f"COPY source {s} exists in the repository")
+                copies[dest] = s
+    eq(copies.get(conf_in_image), "deploy/docker/gatherd.json", f"what is copied to {conf_in_image}")
+    check(any(r.startswith('["/usr/sbin/gatherd", "-t"') for r in instrs(rt, "RUN")),
+          "the runtime stage checks its configuration with gatherd -t")
+    check(any("--from=build" in a and "/usr/sbin/gatherd" in a for a in instrs(rt, "COPY")),
+          "the binary comes from the build stage")
+
+
+@dtest
+def dockerfile_runtime_packages_are_the_libraries_of_gatherd():
+    """Every library ldd names comes from a package the runtime stage installs
+    or debian:12-slim has; every package installed is needed."""
+    if SANITIZED:  # it links more (no --as-needed effect): the image holds the normal build
+        raise Skip("the image holds the normal build; its libraries are checked in that run")
+    if shutil.which("ldd") is None or shutil.which("dpkg") is None:
+        raise Skip("needs ldd and dpkg (Debian)")
+    stages = dockerfile()
+    runtime = set(apt_packages(stages[-1]))
+    check("ca-certificates" in runtime, "ca-certificates (https:// backends) in the runtime stage")
+    out = subprocess.run(["ldd", GATHERD], capture_output=True, text=True, check=True).stdout
+    needed = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+) => (\S+)", line)
+        if not m:
+            continue  # linux-vdso, the dynamic loader (libc6)
+        path = os.path.realpath(m.group(2))
+        r = subprocess.run(["dpkg", "-S", path], capture_output=True, text=True)
+        if r.returncode != 0:  # usrmerge: dpkg knows the /lib path, ldd may print /usr/lib
+            alt = path.replace("/usr/lib/", "/lib/", 1) if path.startswith("/usr/lib/") else "/usr" + path
+            r = subprocess.run(["dpkg", "-S", alt], capture_output=True, text=True)
+        eq(r.returncode, 0, f"dpkg -S {path} ({r.stderr.strip()})")
+        pkg = r.stdout.split(":")[0]
+        needed[m.group(1)] = pkg
+    print("# libraries -> packages: " + ", ".join(f"{k} {v}" for k, v in sorted(needed.items())))
+    missing = {lib: p for lib, p in needed.items() if p not in runtime and p not in SLIM_BASE}
+    eq(missing, {}, "libraries whose package the runtime stage does not install")
+    unused = runtime - set(needed.values()) - {"ca-certificates"}
+    eq(unused, set(), "runtime packages no library of gatherd comes from")
+    for p in runtime:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", p], capture_output=True, text=True)
+        eq(r.returncode, 0, f"{p} is a Debian 12 package (installed here)")
+
+
+def dockerignored(rel, patterns):
+    """Whether the .dockerignore patterns exclude rel (a file path)."""
+    parts = rel.split("/")
+    excluded = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        p = pat[1:] if neg else pat
+        p = p.strip("/")
+        for i in range(1, len(parts) + 1):  # a pattern matching a parent directory excludes the file
+            prefix = "/".join(parts[:i])
+            if fnmatch.fnmatchcase(prefix, p) or (p.startswith("**/") and
+                                                  (fnmatch.fnmatchcase(prefix, p[3:]) or
+                                                   fnmatch.fnmatchcase(parts[i - 1], p[3:]))):
+                excluded = not neg
+                break
+    return excluded
+
+
+@dtest
+def dockerfile_build_recipe_runs_on_the_build_context():
+    """The build stage's commands, on the files that reach the build context
+    (tracked by git, not excluded by .dockerignore), then the runtime
+    stage's gatherd -t on what make install put in DESTDIR."""
+    if SANITIZED:
+        raise Skip("run once, in the normal build")
+    if not os.path.isdir(os.path.join(SRCDIR, ".git")) or shutil.which("git") is None:
+        raise Skip("needs a git checkout (the build context is what git tracks)")
+    stages = dockerfile()
+    build = stages[0]
+    eq(instrs(build, "WORKDIR"), ["/src"], "WORKDIR of the build stage")
+    patterns = [l.strip() for l in open(os.path.join(SRCDIR, ".dockerignore")) if l.strip() and
+                not l.startswith("#")]
+    files = subprocess.run(["git", "-C", SRCDIR, "ls-files", "-z"], capture_output=True, check=True).stdout
+    files = [f for f in files.decode().split("\0") if f]
+    ctx = [f for f in files if not dockerignored(f, patterns)]
+    check("configure.ac" in ctx and "Makefile.am" in ctx and "src/gw_main.c" in ctx, "sources in the context")
+    check(not any(f.startswith(".git/") for f in ctx), ".git is not in the context")
+    with gwtest.TempDir() as t:
+        src, out = os.path.join(t.path, "src"), os.path.join(t.path, "out")
+        for f in ctx:
+            os.makedirs(os.path.dirname(os.path.join(src, f)), exist_ok=True)
+            shutil.copy2(os.path.join(SRCDIR, f), os.path.join(src, f))
+        runs = [r for r in instrs(build, "RUN") if "apt-get" not in r]
+        eq(len(runs), 1, "one build RUN besides apt-get")
+        script = runs[0].replace("DESTDIR=/out", "DESTDIR=" + shlex.quote(out)).replace(
+            "/out/usr/sbin/gatherd", shlex.quote(out) + "/usr/sbin/gatherd")
+        t0 = time.monotonic()
+        r = subprocess.run(["bash", "-ec", script], cwd=src, capture_output=True, text=True, timeout=900)
+        eq(r.returncode, 0, f"the build stage's RUN failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        print(f"# build stage recipe: {time.monotonic() - t0:.0f} s; {r.stdout.strip().splitlines()[-2]}")
+        binary = os.path.join(out, "usr", "sbin", "gatherd")
+        check(os.access(binary, os.X_OK), "make install put gatherd in DESTDIR/usr/sbin (the COPY --from=build path)")
+        r = subprocess.run([binary, "-t", "-c", os.path.join(SRCDIR, "deploy", "docker", "gatherd.json")],
+                           capture_output=True, text=True, timeout=30)
+        eq(r.returncode, 0, "the runtime stage's gatherd -t: " + r.stderr)
+
+
+# --- the container configuration ---------------------------------------------------------------
+
+def for_test(cfg, stub=None):
+    """cfg with the listeners on free loopback ports (gwtest.Daemon fills in
+    PORT and APORT) and, with a stub, every backend pointed at it with a
+    timeout that lets a deliberately slow request finish."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["listen"] = ["127.0.0.1:PORT"]
+    cfg["admin"] = {"listen": "127.0.0.1:APORT"}
+    if stub:
+        for b in cfg["backends"].values():
+            b["url"] = stub.url
+            b["timeout_ms"] = 10000
+    return cfg
+
+
+def admin_get(d, path):
+    with Conn("127.0.0.1", d.admin_port) as c:
+        return c.request(req("GET", path, host="admin"))
+
+
+@dtest
+def container_config_checks_and_runs():
+    path = os.path.join(SRCDIR, "deploy", "docker", "gatherd.json")
+    rc, _, err = run_cli(["-t", "-c", path])
+    eq(rc, 0, "gatherd -t deploy/docker/gatherd.json: " + err)
+    cfg = json.load(open(path))
+    eq(cfg["listen"], ["0.0.0.0:8080"], "listen (all interfaces of the container)")
+    eq(cfg["admin"]["listen"], "0.0.0.0:9180", "admin listen (reachable by probes)")
+    check(cfg.get("log", {}).get("error_log", "stderr") == "stderr", "error log on stderr (the container's log)")
+    check("pid_file" not in cfg and "user" not in cfg, "no pid file, no user switch (read-only root, non-root)")
+    d = Daemon(for_test(cfg))  # its backends' names do not resolve here; nothing calls them
+    eq(admin_get(d, "/healthz").status, 200, "/healthz")
+    eq(admin_get(d, "/readyz").status, 200, "/readyz")
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+def manifests():
+    if yaml is None:
+        raise Skip("python3-yaml is not installed (scripts/install-deps.sh installs it)")
+    docs = {}
+    for name in sorted(os.listdir(K8S)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(K8S, name)) as f:
+                for doc in yaml.safe_load_all(f):
+                    if doc:
+                        docs[doc["kind"]] = doc
+    return docs
+
+
+def configmap_config(docs):
+    cm = docs["ConfigMap"]
+    eq(list(cm["data"]), ["gatherd.json"], "ConfigMap keys")
+    return json.loads(cm["data"]["gatherd.json"])
+
+
+@dtest
+def k8s_manifests_agree():
+    docs = manifests()
+    eq(sorted(docs), ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Kustomization", "Service"], "kinds")
+    api = {k: v["apiVersion"] for k, v in docs.items()}
+    eq(api, {"ConfigMap": "v1", "Deployment": "apps/v1", "HorizontalPodAutoscaler": "autoscaling/v2",
+             "Kustomization": "kustomize.config.k8s.io/v1beta1", "Service": "v1"}, "apiVersions")
+    eq(sorted(docs["Kustomization"]["resources"]), sorted(n for n in os.listdir(K8S)
+                                                          if n.endswith(".yaml") and n != "kustomization.yaml"),
+       "kustomization resources = the manifests")
+    cfg = configmap_config(docs)
+    dep = docs["Deployment"]
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    sel = dep["spec"]["selector"]["matchLabels"]
+    check(sel.items() <= labels.items(), f"Deployment selector {sel} matches the pod labels {labels}")
+    svc = docs["Service"]
+    check(svc["spec"]["selector"].items() <= labels.items(), "Service selector matches the pod labels")
+    (c,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    listen_port = int(cfg["listen"][0].rsplit(":", 1)[1])
+    admin_port = int(cfg["admin"]["listen"].rsplit(":", 1)[1])
+    eq(ports, {"http": listen_port, "admin": admin_port}, "container ports = the ConfigMap's listen and admin")
+    expose = {int(p) for e in instrs(dockerfile()[-1], "EXPOSE") for p in e.split()}
+    eq(set(ports.values()), expose, "container ports = the Dockerfile's EXPOSE")
+    for p in svc["spec"]["ports"]:
+        check(p["targetPort"] in ports or p["targetPort"] in ports.values(), f"Service targetPort {p['targetPort']}")
+    eq(svc["metadata"]["annotations"].get("prometheus.io/port"), str(admin_port), "Prometheus scrape port")
+    eq(svc["metadata"]["annotations"].get("prometheus.io/path"), "/metrics", "Prometheus path")
+    live, ready = c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]
+    eq((live["path"], ports.get(live["port"], live["port"])), ("/healthz", admin_port), "liveness probe")
+    eq((ready["path"], ports.get(ready["port"], ready["port"])), ("/readyz", admin_port), "readiness probe")
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    eq(pre[0], "/bin/sleep", "preStop")
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    need = float(pre[1]) + cfg.get("shutdown_timeout_ms", 10000) / 1000
+    check(grace >= need + 5, f"terminationGracePeriodSeconds {grace} >= preStop {pre[1]} s + "
+                             f"shutdown_timeout_ms + 5 s margin ({need + 5})")
+    psc, csc = pod["spec"]["securityContext"], c["securityContext"]
+    check(psc["runAsNonRoot"] is True, "runAsNonRoot")
+    user = instrs(dockerfile()[-1], "USER")[0].split(":")[0]
+    eq(str(psc["runAsUser"]), user, "runAsUser = the Dockerfile's USER")
+    eq((csc["readOnlyRootFilesystem"], csc["allowPrivilegeEscalation"], csc["capabilities"]["drop"]),
+       (True, False, ["ALL"]), "container securityContext")
+    check("pid_file" not in cfg and all(v == "stderr" for k, v in cfg.get("log", {}).items()
+                                        if k in ("error_log", "access_log")),
+          "nothing written to the read-only root: no pid file, logs on stderr")
+    args = c.get("args", [])
+    conf_path = args[args.index("-c") + 1] if "-c" in args else "/etc/gatherd/gatherd.json"
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    eq(os.path.join(mount["mountPath"], "gatherd.json"), conf_path, "the ConfigMap is mounted where -c reads")
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "config"]
+    eq(vol["configMap"]["name"], docs["ConfigMap"]["metadata"]["name"], "the volume's ConfigMap")
+    workers = cfg.get("workers")
+    check(isinstance(workers, int), "\"workers\" is fixed in the ConfigMap (auto would count the node's CPUs)")
+    eq(str(c["resources"]["requests"]["cpu"]), str(workers), "CPU request = workers")
+    hpa = docs["HorizontalPodAutoscaler"]
+    eq((hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"]),
+       ("Deployment", dep["metadata"]["name"]), "HPA target")
+    check(hpa["spec"]["minReplicas"] <= dep["spec"]["replicas"] <= hpa["spec"]["maxReplicas"], "replicas in HPA range")
+    eq(dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0, "rollouts keep every pod until its successor is ready")
+
+
+@dtest
+def k8s_kustomize_renders():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise Skip("kubectl is not installed (not a Debian package); the manifests were checked with python3-yaml")
+    r = subprocess.run([kubectl, "kustomize", K8S], capture_output=True, text=True, timeout=60)
+    eq(r.returncode, 0, "kubectl kustomize: " + r.stderr)
+    kinds = sorted(re.findall(r"^kind: (\S+)$", r.stdout, re.M))
+    eq(kinds, ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"], "rendered objects")
+
+
+@dtest
+def k8s_configmap_config_drains_like_a_pod():
+    """The ConfigMap's configuration on a real gatherd: /readyz 200, then on
+    SIGTERM (what the kubelet sends after preStop) /readyz 503 while a slow
+    request still completes with 200, and exit 0."""
+    docs = manifests()
+    cfg = configmap_config(docs)
+    with gwtest.TempDir() as t:
+        rc, _, err = run_cli(["-t", "-c", t.write("gatherd.json", cfg)])
+        eq(rc, 0, "gatherd -t on the ConfigMap's gatherd.json: " + err)
+    stub = Stub()
+    d = Daemon(for_test(cfg, stub), workers=cfg["workers"])
+    eq(admin_get(d, "/readyz").status, 200, "/readyz before the stop")
+    result = {}
+
+    def slow():
+        try:
+            with Conn("127.0.0.1", d.port, timeout=10) as c:
+                result["r"] = c.request(req("GET", "/users/7?delay=%d" % int(1500 * SLOW)))
+        except Exception as e:
+            result["e"] = e
+
+    th = threading.Thread(target=slow)
+    th.start()
+    time.sleep(0.3 * SLOW)  # the request is at the stub
+    d.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 1.0 * SLOW
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = admin_get(d, "/readyz").status
+        except OSError:
+            status = None
+        if status == 503:
+            break
+        time.sleep(0.02)
+    eq(status, 503, "/readyz soon after SIGTERM, while a request is in flight")
+    check(th.is_alive(), "the slow request is still in flight when /readyz says 503")
+    th.join(10 * SLOW)
+    check("e" not in result, f"the slow request failed: {result.get('e')!r}")
+    eq(result["r"].status, 200, "the request in flight completes")
+    eq(d.wait(15 * SLOW), 0, "exit status after the drain")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
