@@ -536,6 +536,14 @@ gw_admin_start(const gw_config_t *cfg, gw_server_t *srv, char *err, size_t errle
     event_add(adm.stop_ev, NULL);
     event_add(adm.tick, &second);
     tick_cb(-1, 0, NULL);
+    return GW_OK;
+}
+
+int
+gw_admin_run(const gw_config_t *cfg, char *err, size_t errlen)
+{
+    if (adm.base == NULL)
+        return GW_OK; /* no admin listener */
     int rc = pthread_create(&adm.thread, NULL, admin_main, NULL);
     if (rc != 0) {
         snprintf(err, errlen, "admin listener: cannot start its thread: %s", strerror(rc));

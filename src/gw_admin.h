@@ -18,11 +18,14 @@
 
 #include "gw_core.h"
 
-/* Binds cfg's admin addresses and starts the admin thread (nothing when
- * cfg has none). srv: the running server (borrowed until gw_admin_stop).
- * GW_ERR with the reason in err (nothing started). Main thread, once, after
- * the workers started. */
+/* Binds cfg's admin addresses and prepares the admin loop (nothing when
+ * cfg has none); gw_admin_run starts its thread, after privileges are
+ * dropped. srv: the server (borrowed until gw_admin_stop). GW_ERR with the
+ * reason in err (nothing left). Main thread, once. */
 int gw_admin_start(const gw_config_t *cfg, gw_server_t *srv, char *err, size_t errlen);
+/* Starts the admin thread; GW_OK when there is no admin listener. GW_ERR
+ * with the reason in err (gw_admin_stop frees the rest). Main thread, once. */
+int gw_admin_run(const gw_config_t *cfg, char *err, size_t errlen);
 
 /* The configuration /status and /metrics describe from now on (a
  * reference is taken; the previous one is dropped). Main thread. */

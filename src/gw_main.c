@@ -352,10 +352,23 @@ main(int argc, char **argv)
         gw_alog_stop();
         return 1;
     }
-    if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK) { /* every socket is bound */
+    /* every socket is bound and no thread has read a request yet */
+    if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_EMERG, "%s", err);
         gw_admin_stop();
         gw_server_stop(&srv, true);
+        gw_server_free(&srv);
+        gw_config_unref(cfg);
+        if (pid_file)
+            unlink(pid_file);
+        free(pid_file);
+        gw_alog_stop();
+        return 1;
+    }
+    if (gw_server_run(&srv, err, sizeof(err)) != GW_OK || gw_admin_run(cfg, err, sizeof(err)) != GW_OK) {
+        gw_log(GW_LOG_EMERG, "%s", err);
+        gw_server_stop(&srv, true);
+        gw_admin_stop();
         gw_server_free(&srv);
         gw_config_unref(cfg);
         if (pid_file)

@@ -469,6 +469,12 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             w->nlisteners = k + 1;
         }
     }
+    return GW_OK;
+}
+
+int
+gw_server_run(gw_server_t *s, char *err, size_t errlen)
+{
     for (int i = 0; i < s->nworkers; i++) {
         int rc = pthread_create(&s->workers[i].thread, NULL, worker_main, &s->workers[i]);
         if (rc != 0) {

@@ -96,10 +96,16 @@ struct gw_server_s {
 };
 
 /*
- * Binds every listen address once per worker (failures are reported here,
- * before any thread runs) and starts the workers. cfg: a reference is taken.
+ * Binds every listen address once per worker and prepares the workers'
+ * loops; no worker runs yet (connections wait in the listen backlog), so
+ * privileges can be dropped before the first request is read.
+ * cfg: a reference is taken. GW_ERR with the reason in err.
  */
 int gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
+
+/* Starts the worker threads prepared by gw_server_start. GW_ERR with the
+ * reason in err (those started run on; gw_server_stop stops them). */
+int gw_server_run(gw_server_t *s, char *err, size_t errlen);
 
 /*
  * Publishes cfg (main thread; a reference is taken): opens the sockets of
