@@ -274,9 +274,11 @@ def test_detach_with_error_log_file_closes_stderr():
 
 # --- user / group ----------------------------------------------------------------
 
-def privileged_port():
+def privileged_port(exclude=None):
     """A free 127.0.0.1 port below 1024 (binding it needs root)."""
     for p in list(range(1000, 1024)) + list(range(900, 1000)):
+        if p == exclude:
+            continue
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", p))
@@ -328,6 +330,14 @@ def test_user_group_drop_after_binding():
         wait_for(lambda: "/hello?after" in d.read("logs/access.log"), "the line in the new access.log")
         check("/hello?after" not in d.read("logs/access.log.1"), "the moved file got no new line")
         check("cannot open" not in d.read("logs/error.log"), "reopen errors: " + d.read("logs/error.log"))
+        # a reload cannot bind a new port below 1024 any more: refused, the old configuration runs on
+        other = privileged_port(exclude=port)
+        cfg2 = dict(d.cfg, listen=[f"127.0.0.1:{port}", f"127.0.0.1:{other}"])
+        d.tmp.write("gatherd.json", cfg2)
+        os.kill(d.pid, signal.SIGHUP)
+        wait_for(lambda: "reload failed" in d.read("logs/error.log"), "the refused reload")
+        contains(d.read("logs/error.log"), f"cannot listen on 127.0.0.1:{other}: Permission denied")
+        eq(d.get("/hello").status, 200, "still serving after the refused reload")
         eq(d.stop(), 0, "exit status")
         check(not os.path.exists(d.path("run/gatherd.pid")),
               "the pid file is removed by the unprivileged daemon (its directory belongs to it)")
