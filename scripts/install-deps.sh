@@ -4,7 +4,7 @@
 # missing. Run as root (or with sudo available).
 set -euo pipefail
 PKGS="build-essential autoconf automake pkg-config libevent-dev libjansson-dev libssl-dev node-llhttp
-      python3 python3-yaml curl ca-certificates openssl clang wrk nginx-light chromium logrotate"
+      python3 python3-yaml curl ca-certificates openssl clang wrk nginx-light chromium logrotate mmdebstrap"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -237,6 +237,108 @@ def dockerfile_build_recipe_runs_on_the_build_context():
         eq(r.returncode, 0, "the runtime stage's gatherd -t: " + r.stderr)
 
 
+PROBE = r"""
+import socket, sys, time
+def get(port, path):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path).encode())
+    d = b""
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        d += c
+    return d.split(b"\r\n")[0].decode()
+pid = int(sys.argv[1])
+for _ in range(400):
+    try:
+        print("healthz", get(9180, "/healthz"))
+        print("readyz", get(9180, "/readyz"))
+        print("http", get(8080, "/no-such-route"))
+        break
+    except OSError:
+        time.sleep(0.05)
+for line in open("/proc/%d/status" % pid):
+    if line.startswith(("Uid:", "Gid:")):
+        print(line.strip())
+"""
+
+RUN_IN_NS = """
+set -e
+ip link set lo up
+mount --bind "$ROOT" "$ROOT"
+mount -o remount,ro,bind "$ROOT"
+chroot --userspec="$USERSPEC" "$ROOT" "$@" &
+pid=$!
+"$PY" "$PROBE" "$pid"
+if touch "$ROOT/written" 2>/dev/null; then echo "root writable"; fi
+kill -TERM "$pid"
+rc=0; wait "$pid" || rc=$?
+echo "exit $rc"
+"""
+
+
+@dtest
+def dockerfile_runtime_stage_in_a_debian_rootfs():
+    """The runtime stage without a container engine: a fresh Debian 12 root
+    file system (mmdebstrap, variant apt: essential packages + apt, what
+    debian:12-slim holds) with exactly the stage's apt-get packages, the
+    binary and the configuration where its COPY lines put them, its RUN
+    gatherd -t, then ENTRYPOINT + CMD as its USER on a read-only root in a
+    network namespace of its own, probed on the EXPOSEd ports."""
+    if SANITIZED:
+        raise Skip("run once, in the normal build (the image holds a normal build)")
+    if not os.path.isdir(os.path.join(SRCDIR, ".git")):
+        raise Skip("run from a git checkout only (not again under distcheck)")
+    if os.geteuid() != 0:
+        raise Skip("needs root (chroot, mount and network namespaces)")
+    for tool in ("mmdebstrap", "unshare", "chroot", "ip"):
+        if shutil.which(tool) is None:
+            raise Skip(f"{tool} is not installed (scripts/install-deps.sh installs mmdebstrap)")
+    rt = dockerfile()[-1]
+    pkgs = apt_packages(rt)
+    copies = [a.split() for a in instrs(rt, "COPY")]
+    (bin_copy,) = [c for c in copies if c[0] == "--from=build"]
+    (conf_copy,) = [c for c in copies if not c[0].startswith("--")]
+    entry = json_array(instrs(rt, "ENTRYPOINT")[0]) + json_array(instrs(rt, "CMD")[0])
+    user = instrs(rt, "USER")[0]
+    with gwtest.TempDir() as t:
+        root = os.path.join(t.path, "rootfs")
+        t0 = time.monotonic()
+        r = subprocess.run(["mmdebstrap", "--variant=apt", "--mode=root", "--include=" + ",".join(pkgs),
+                            "bookworm", root], capture_output=True, text=True, timeout=900)
+        if r.returncode != 0 and re.search(r"Failed to fetch|Could not resolve|Temporary failure|"
+                                           r"Could not connect", r.stderr):
+            raise Skip("the Debian mirror is unreachable: " + r.stderr.strip().splitlines()[-1])
+        eq(r.returncode, 0, "mmdebstrap: " + r.stderr[-3000:])
+        print(f"# Debian 12 rootfs with {' '.join(pkgs)}: {time.monotonic() - t0:.0f} s")
+        for src, dest in ((GATHERD, bin_copy[-1]), (os.path.join(SRCDIR, conf_copy[0]), conf_copy[1])):
+            path = root + dest
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copy(src, path)
+        for run in instrs(rt, "RUN"):
+            if run.startswith("["):
+                r = subprocess.run(["chroot", root] + json_array(run), capture_output=True, text=True, timeout=60)
+                eq(r.returncode, 0, f"RUN {run} in the rootfs: {r.stderr}")
+        probe = t.write("probe.py", PROBE)
+        script = t.write("run.sh", RUN_IN_NS)
+        env = dict(os.environ, ROOT=root, USERSPEC=user, PY=sys.executable, PROBE=probe)
+        r = subprocess.run(["unshare", "--net", "--mount", "bash", script] + entry, capture_output=True,
+                           text=True, timeout=60, env=env)
+        out = r.stdout
+        print("# " + out.strip().replace("\n", "\n# "))
+        eq(r.returncode, 0, f"the container run: {r.stdout}\n{r.stderr[-3000:]}")
+        contains(out, "healthz HTTP/1.1 200 OK", "admin /healthz on the EXPOSEd 9180")
+        contains(out, "readyz HTTP/1.1 200 OK", "admin /readyz")
+        contains(out, "http HTTP/1.1 404 Not Found", "the gateway on the EXPOSEd 8080")
+        uid, _, gid = user.partition(":")
+        check(re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", out, re.M), f"runs as uid {uid}: {out}")
+        check(re.search(rf"^Gid:\s+{gid or uid}\s", out, re.M), f"runs as gid {gid}: {out}")
+        check("root writable" not in out, "the root file system is read-only")
+        contains(out, "exit 0", "exit status after SIGTERM")
+        check("[emerg]" not in r.stderr and "[error]" not in r.stderr, "errors in the log: " + r.stderr)
+
+
 # --- the container configuration ---------------------------------------------------------------
 
 def for_test(cfg, stub=None):
