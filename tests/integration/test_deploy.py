@@ -10,8 +10,11 @@ real daemon:
   - the runtime stage installs exactly the Debian packages that hold the
     libraries `ldd gatherd` names (plus what debian:12-slim already has);
   - the build stage's recipe (configure, make, make install DESTDIR) run on
-    the build context the .dockerignore leaves, and the runtime stage's
-    `gatherd -t` on what it installed (normal build only, from a git tree);
+    the build context the .dockerignore leaves, and `gatherd -t` on what it
+    installed (normal build only, from a git tree);
+  - the runtime stage emulated in a fresh Debian 12 root file system made by
+    mmdebstrap: its packages, COPY destinations, RUN, USER, ENTRYPOINT and
+    CMD, EXPOSEd ports, on a read-only root (as root, normal build only);
   - the container configuration passes `-t` and a real gatherd runs it;
   - the manifests agree with each other, the Dockerfile and the
     configuration (labels, ports, probes, grace period, security context,
