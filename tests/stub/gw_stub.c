@@ -438,11 +438,16 @@ static void ms_to_tv(long long ms, struct timeval *tv)
     tv->tv_usec = (suseconds_t)((ms % 1000) * 1000);
 }
 
-/* Arms the connection's one timer (delay, pacing or linger). */
+/* Arms the connection's one timer (delay, pacing or linger). The loop's
+ * cached time is refreshed first: libevent counts a timeout from the time
+ * the current loop iteration began, which under load is several ms before
+ * received_ms, and delay=150 must not answer 147 ms after received_ms
+ * (the bases use precise timers for the same reason). */
 static bool arm_timer(struct conn *c, long long ms)
 {
     struct timeval tv;
 
+    event_base_update_cache_time(event_get_base(c->timer));
     ms_to_tv(ms, &tv);
     return evtimer_add(c->timer, &tv) == 0;
 }
@@ -2504,7 +2509,14 @@ int main(int argc, char **argv)
     for (i = 0; i < nthreads; i++) {
         struct worker *w = &workers[i];
         w->idx = i;
-        w->base = event_base_new();
+        /* Precise timers: libevent's default clock on Linux is
+         * CLOCK_MONOTONIC_COARSE (a tick, up to 4 ms, behind received_ms). */
+        struct event_config *ec = event_config_new();
+        if (ec)
+            event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
+        w->base = ec ? event_base_new_with_config(ec) : NULL;
+        if (ec)
+            event_config_free(ec);
         if (!w->base || pipe2(w->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
             fprintf(stderr, "gw_stub: cannot set up worker %d\n", i);
             goto out;
