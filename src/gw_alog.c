@@ -348,6 +348,7 @@ writer_reopen(void)
         paths[s] = want_path[s] ? gw_strdup(want_path[s]) : NULL;
     access_on = want_access;
     pthread_mutex_unlock(&ctl_mu);
+    int failed = 0;
     for (int s = 0; s < S_N; s++) {
         int fd = s == S_ACCESS && !access_on ? -1 : 2;
         if (paths[s]) {
@@ -361,6 +362,7 @@ writer_reopen(void)
                     /* nowhere left to report it */
                 }
                 free(paths[s]);
+                failed++;
                 continue;
             }
         }
@@ -370,7 +372,9 @@ writer_reopen(void)
         free(cur_path[s]);
         cur_path[s] = paths[s];
     }
-    gw_log(GW_LOG_NOTICE, "log files reopened: access log %s, error log %s",
+    gw_log(failed ? GW_LOG_WARN : GW_LOG_NOTICE, "log files %s: access log %s, error log %s",
+           failed ? "NOT all reopened (see the line above; a file that could not be opened keeps its previous one)"
+                  : "reopened",
            cur_path[S_ACCESS]  ? cur_path[S_ACCESS]
            : fds[S_ACCESS] < 0 ? "off"
                                : "stderr",

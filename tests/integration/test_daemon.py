@@ -330,6 +330,14 @@ def test_user_group_drop_after_binding():
         wait_for(lambda: "/hello?after" in d.read("logs/access.log"), "the line in the new access.log")
         check("/hello?after" not in d.read("logs/access.log.1"), "the moved file got no new line")
         check("cannot open" not in d.read("logs/error.log"), "reopen errors: " + d.read("logs/error.log"))
+        # moved without a new file: the user cannot create one in root's directory; the old one is kept
+        os.rename(acc, acc + ".2")
+        os.kill(d.pid, signal.SIGUSR1)
+        wait_for(lambda: "log files NOT all reopened" in d.read("logs/error.log"), "the partial reopen warning")
+        contains(d.read("logs/error.log"), "cannot open log file logs/access.log: Permission denied; "
+                                           "still writing to the previous one")
+        eq(d.get("/hello?kept").status, 200)
+        wait_for(lambda: "/hello?kept" in d.read("logs/access.log.2"), "the line in the file still open")
         # a reload cannot bind a new port below 1024 any more: refused, the old configuration runs on
         other = privileged_port(exclude=port)
         cfg2 = dict(d.cfg, listen=[f"127.0.0.1:{port}", f"127.0.0.1:{other}"])
