@@ -17,6 +17,7 @@
 #include "gw_retry.h"
 #include "gw_server.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -30,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -323,6 +325,65 @@ status_json(void)
 
 /* --- /metrics ------------------------------------------------------------- */
 
+/* Descriptors open now (/proc/self/fd, without the one reading it); -1 when unreadable. */
+static long
+open_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return -1;
+    long n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n - 1;
+}
+
+/* The Prometheus client libraries' standard process_* metrics, so the usual
+ * dashboards and alerts (open_fds / max_fds above 0.8, say) work as they are. */
+static void
+process_metrics(struct evbuffer *out)
+{
+    struct rusage ru;
+    double cpu = 0;
+    if (getrusage(RUSAGE_SELF, &ru) == 0)
+        cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+              (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+    evbuffer_add_printf(out,
+                        "# HELP process_cpu_seconds_total User and system CPU time spent, in seconds.\n"
+                        "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total %.3f\n"
+                        "# HELP process_start_time_seconds Start time of the process since the epoch, in seconds.\n"
+                        "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds %lld\n",
+                        cpu, (long long)adm.started);
+    long fds = open_fds();
+    if (fds >= 0)
+        evbuffer_add_printf(out,
+                            "# HELP process_open_fds Number of open file descriptors.\n"
+                            "# TYPE process_open_fds gauge\nprocess_open_fds %ld\n",
+                            fds);
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        evbuffer_add_printf(out,
+                            "# HELP process_max_fds Maximum number of open file descriptors (soft RLIMIT_NOFILE).\n"
+                            "# TYPE process_max_fds gauge\nprocess_max_fds %llu\n",
+                            (unsigned long long)rl.rlim_cur);
+    unsigned long long vm_pages, rss_pages;
+    FILE *f = fopen("/proc/self/statm", "re");
+    if (f) {
+        if (fscanf(f, "%llu %llu", &vm_pages, &rss_pages) == 2) {
+            unsigned long long page = (unsigned long long)sysconf(_SC_PAGESIZE);
+            evbuffer_add_printf(out,
+                                "# HELP process_virtual_memory_bytes Virtual memory size in bytes.\n"
+                                "# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes %llu\n"
+                                "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
+                                "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %llu\n",
+                                vm_pages * page, rss_pages * page);
+        }
+        fclose(f);
+    }
+}
+
 static void
 metrics_text(struct evbuffer *out)
 {
@@ -347,6 +408,7 @@ metrics_text(struct evbuffer *out)
                         "# TYPE gatherd_ready gauge\ngatherd_ready %d\n",
                         (long long)inflight, __atomic_load_n(&adm.srv->conns, __ATOMIC_RELAXED), adm.srv->nworkers,
                         !__atomic_load_n(&adm.draining, __ATOMIC_RELAXED));
+    process_metrics(out);
     gw_config_t *cfg = cfg_get();
     if (cfg == NULL)
         return;

@@ -226,6 +226,20 @@ def metrics_count_exactly_what_was_sent():
     eq(metric(s, "gatherd_workers"), 2, "workers")
     eq(metric(s, "gatherd_ready"), 1, "ready")
     check(any(n == "gatherd_build_info" for n, _ in s), "build info")
+    # the Prometheus clients' standard process_* metrics, against /proc
+    with open(f"/proc/{d.pid}/limits") as f:
+        soft = next(int(l.split()[3]) for l in f if l.startswith("Max open files"))
+    eq(metric(s, "process_max_fds"), soft, "process_max_fds = the soft RLIMIT_NOFILE")
+    fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+    check(abs(metric(s, "process_open_fds") - fds) <= 3, f"process_open_fds {metric(s, 'process_open_fds')} "
+                                                          f"vs {fds} in /proc (the scrape's own socket aside)")
+    with open(f"/proc/{d.pid}/status") as f:
+        rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+    check(rss / 2 <= metric(s, "process_resident_memory_bytes") <= rss * 2,
+          f"process_resident_memory_bytes {metric(s, 'process_resident_memory_bytes')} vs VmRSS {rss}")
+    check(metric(s, "process_virtual_memory_bytes") >= metric(s, "process_resident_memory_bytes"), "virtual >= rss")
+    check(0 < metric(s, "process_cpu_seconds_total") < 600, "process_cpu_seconds_total")
+    check(time.time() - 600 < metric(s, "process_start_time_seconds") <= time.time(), "process_start_time_seconds")
 
     # a request held by a slow backend is in flight, and its connection is active
     done = {}
