@@ -204,6 +204,26 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     *cfg = next;
 }
 
+/* A start that failed after gw_server_start: logs why (unless NULL), stops
+ * and frees what runs, removes pid_file (ours: written by this process)
+ * and frees it. The exit status. */
+static int
+abort_start(gw_server_t *srv, gw_config_t *cfg, char *pid_file, const char *why)
+{
+    if (why)
+        gw_log(GW_LOG_EMERG, "%s", why);
+    gw_admin_stop(); /* first: its thread reads srv */
+    gw_server_stop(srv, true);
+    gw_server_free(srv);
+    gw_config_unref(cfg);
+    if (pid_file) {
+        unlink(pid_file);
+        free(pid_file);
+    }
+    gw_alog_stop(); /* the reason reaches the error log */
+    return 1;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -323,60 +343,21 @@ main(int argc, char **argv)
 
     gw_daemon_raise_nofile(cfg);
     gw_server_t srv;
-    if (gw_server_start(&srv, cfg, err, sizeof(err)) != GW_OK) {
-        gw_log(GW_LOG_EMERG, "%s", err);
-        gw_server_stop(&srv, true);
-        gw_server_free(&srv);
-        gw_config_unref(cfg);
-        gw_alog_stop(); /* the reason reaches the error log */
-        return 1;
-    }
+    if (gw_server_start(&srv, cfg, err, sizeof(err)) != GW_OK)
+        return abort_start(&srv, cfg, NULL, err);
     gw_admin_publish(cfg);
-    if (gw_admin_start(cfg, &srv, err, sizeof(err)) != GW_OK) {
-        gw_log(GW_LOG_EMERG, "%s", err);
-        gw_server_stop(&srv, true);
-        gw_server_free(&srv);
-        gw_admin_stop();
-        gw_config_unref(cfg);
-        gw_alog_stop();
-        return 1;
-    }
+    if (gw_admin_start(cfg, &srv, err, sizeof(err)) != GW_OK)
+        return abort_start(&srv, cfg, NULL, err);
     const char *pid_path = pid_opt ? pid_opt : cfg->pid_file;
     char *pid_file = pid_path ? gw_strdup(pid_path) : NULL; /* a reload does not move it */
-    if (pid_file && write_pid(pid_file) != GW_OK) {
-        gw_admin_stop();
-        gw_server_stop(&srv, true);
-        gw_server_free(&srv);
-        gw_config_unref(cfg);
+    if (pid_file && write_pid(pid_file) != GW_OK) { /* it logged why; the path may be another gatherd's */
         free(pid_file);
-        gw_alog_stop();
-        return 1;
+        return abort_start(&srv, cfg, NULL, NULL);
     }
     /* every socket is bound and no thread has read a request yet */
-    if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK) {
-        gw_log(GW_LOG_EMERG, "%s", err);
-        gw_admin_stop();
-        gw_server_stop(&srv, true);
-        gw_server_free(&srv);
-        gw_config_unref(cfg);
-        if (pid_file)
-            unlink(pid_file);
-        free(pid_file);
-        gw_alog_stop();
-        return 1;
-    }
-    if (gw_server_run(&srv, err, sizeof(err)) != GW_OK || gw_admin_run(cfg, err, sizeof(err)) != GW_OK) {
-        gw_log(GW_LOG_EMERG, "%s", err);
-        gw_server_stop(&srv, true);
-        gw_admin_stop();
-        gw_server_free(&srv);
-        gw_config_unref(cfg);
-        if (pid_file)
-            unlink(pid_file);
-        free(pid_file);
-        gw_alog_stop();
-        return 1;
-    }
+    if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK ||
+        gw_server_run(&srv, err, sizeof(err)) != GW_OK || gw_admin_run(cfg, err, sizeof(err)) != GW_OK)
+        return abort_start(&srv, cfg, pid_file, err);
     for (size_t i = 0; i < cfg->nlisten; i++)
         gw_log(GW_LOG_NOTICE, "listening on %s", cfg->listen[i].text);
     for (size_t i = 0; i < cfg->nbackends; i++)
