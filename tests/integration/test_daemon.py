@@ -365,6 +365,12 @@ def test_user_numeric_id():
         eq(st["Groups"].split(), ["54321"], "groups")
         eq(d.get("/hello").status, 200)
         contains(d.log(), "running as user 54321")
+        # a reload cannot switch accounts: applied otherwise, with a warning
+        d.tmp.write("gatherd.json", dict(d.cfg, user="54322"))
+        os.kill(d.pid, signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.log(), "the reload")
+        contains(d.log(), '"user"/"group" changed; the process keeps its account until a restart')
+        eq(proc_status(d.pid)["Uid"].split()[1], "54321", "euid after the reload")
         eq(d.stop(), 0)
         # the pid file's directory is root's: the daemon says it could not remove it
         contains(d.log(), "cannot remove the pid file gatherd.pid: Permission denied")
