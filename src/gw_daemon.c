@@ -101,8 +101,10 @@ gw_daemon_ready(bool keep_stderr)
     ready_fd = -1;
 }
 
-unsigned long
-gw_daemon_nofile_need(const gw_config_t *cfg)
+/* File descriptors cfg can use at once: clients, backend pools, listeners
+ * and a margin for log files, resolver and admin sockets. */
+static rlim_t
+nofile_need(const gw_config_t *cfg)
 {
     unsigned long w = (unsigned long)cfg->workers;
     unsigned long need = cfg->max_connections;      /* clients, all workers together */
@@ -129,7 +131,7 @@ nr_open(void)
 void
 gw_daemon_raise_nofile(const gw_config_t *cfg)
 {
-    rlim_t need = (rlim_t)gw_daemon_nofile_need(cfg);
+    rlim_t need = nofile_need(cfg);
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
         gw_log(GW_LOG_WARN, "getrlimit(RLIMIT_NOFILE): %s", strerror(errno));
@@ -138,21 +140,19 @@ gw_daemon_raise_nofile(const gw_config_t *cfg)
     if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= need)
         return;
     rlim_t before = rl.rlim_cur;
-    struct rlimit want = rl;
     if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need && geteuid() == 0) {
+        /* root may raise the ceiling, up to fs.nr_open, with CAP_SYS_RESOURCE */
         rlim_t cap = nr_open();
-        want.rlim_max = need < cap ? need : cap; /* root may raise the ceiling */
+        struct rlimit up = { .rlim_cur = rl.rlim_max, .rlim_max = need < cap ? need : cap };
+        if (setrlimit(RLIMIT_NOFILE, &up) == 0)
+            rl = up;
     }
-    want.rlim_cur = want.rlim_max == RLIM_INFINITY || want.rlim_max >= need ? need : want.rlim_max;
-    if (setrlimit(RLIMIT_NOFILE, &want) != 0) {
-        want.rlim_max = rl.rlim_max; /* raising the hard limit was refused: the soft one alone */
-        want.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need ? need : rl.rlim_max;
-        if (setrlimit(RLIMIT_NOFILE, &want) != 0)
-            want.rlim_cur = before;
-    }
-    if (want.rlim_cur >= need) {
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= need ? need : rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 && getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        rl.rlim_cur = before;
+    if (rl.rlim_cur >= need) {
         gw_log(GW_LOG_INFO, "open files limit raised from %lu to %lu", (unsigned long)before,
-               (unsigned long)want.rlim_cur);
+               (unsigned long)rl.rlim_cur);
         return;
     }
     gw_log(GW_LOG_WARN,
@@ -160,7 +160,7 @@ gw_daemon_raise_nofile(const gw_config_t *cfg)
            "(max_connections %u + backend pools x %d workers + listeners); beyond the limit new "
            "connections fail with EMFILE. Raise it: LimitNOFILE= in the systemd unit, \"ulimit -Hn\" "
            "in the starting shell, or docker run --ulimit nofile=%lu:%lu",
-           (unsigned long)want.rlim_cur, (unsigned long)rl.rlim_max, (unsigned long)need, cfg->max_connections,
+           (unsigned long)rl.rlim_cur, (unsigned long)rl.rlim_max, (unsigned long)need, cfg->max_connections,
            cfg->workers, (unsigned long)need, (unsigned long)need);
 }
 

@@ -33,12 +33,9 @@ int gw_daemon_detach(const char *error_log, char *err, size_t errlen);
  */
 void gw_daemon_ready(bool keep_stderr);
 
-/* File descriptors cfg can use at once: clients, backend pools, listeners
- * and a margin for log files, resolver and admin sockets. */
-unsigned long gw_daemon_nofile_need(const gw_config_t *cfg);
-
 /*
- * Raises the soft RLIMIT_NOFILE to gw_daemon_nofile_need(cfg), within the
+ * Raises the soft RLIMIT_NOFILE to the descriptors cfg can use at once
+ * (clients, backend pools per worker, listeners, a margin), within the
  * hard limit (as root the hard limit is raised too, up to fs.nr_open).
  * Logs a warning with the numbers and the remedy when the limit stays
  * below the need; never fails the start.
