@@ -145,9 +145,8 @@ class Detached:
         with Conn("127.0.0.1", port or self.port) as c:
             return c.request(req("GET", path))
 
-    def stop(self, timeout=15):
-        """SIGTERM, then the exit status (the daemon is our child now)."""
-        os.kill(self.pid, signal.SIGTERM)
+    def wait_exit(self, why, timeout=15):
+        """Reaps the daemon (our child now) once it exits; its exit status."""
         deadline = time.monotonic() + timeout * SLOW
         while time.monotonic() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -156,7 +155,12 @@ class Detached:
                 _detached.remove(self.pid)
                 return os.waitstatus_to_exitcode(status)
             time.sleep(0.02)
-        raise TestFailure(f"gatherd -d (pid {self.pid}) did not exit within {timeout}s of SIGTERM")
+        raise TestFailure(f"gatherd -d (pid {self.pid}) did not exit within {timeout}s of {why}")
+
+    def stop(self, timeout=15):
+        """SIGTERM, then the exit status."""
+        os.kill(self.pid, signal.SIGTERM)
+        return self.wait_exit("SIGTERM", timeout)
 
     def close(self):
         try:
@@ -223,15 +227,7 @@ def test_detach_signals_via_pid_file():
         wait_for(lambda: "reloaded" in d.log(), "\"reloaded\" in the log after -s reload")
         rc, _, err = run_cli(["-c", d.conf, "-s", "stop"], cwd=d.dir)
         eq(rc, 0, "gatherd -s stop: " + err)
-        deadline = time.monotonic() + 15 * SLOW
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(d.pid, os.WNOHANG)
-            if pid:
-                eq(os.waitstatus_to_exitcode(status), 0, "exit status after -s stop")
-                _detached.remove(d.pid)
-                return
-            time.sleep(0.02)
-        raise TestFailure("-s stop did not stop the daemon")
+        eq(d.wait_exit("-s stop"), 0, "exit status after -s stop")
 
 
 @test
