@@ -589,6 +589,27 @@ out:
     return rc;
 }
 
+/* "memory": the process-wide budgets of buffered bytes (gw_budget.h). */
+static int
+parse_memory(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "request_body_bytes", "response_body_bytes", NULL };
+    push_key(c, "memory");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"memory\"") ||
+        get_size(c, v, "request_body_bytes", 0, 1LL << 40, &c->cfg->memory.request_body_bytes) ||
+        get_size(c, v, "response_body_bytes", 0, 1LL << 40, &c->cfg->memory.response_body_bytes))
+        goto out;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
 static const char *const method_names[] = { "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", NULL };
 
 int
@@ -2449,6 +2470,8 @@ set_defaults(gw_config_t *cfg)
     cfg->http.max_url_bytes = 8192;
     cfg->http.max_body_bytes = 1 << 20;
     cfg->http.max_keepalive_requests = 10000;
+    cfg->memory.request_body_bytes = (size_t)256 << 20;
+    cfg->memory.response_body_bytes = (size_t)512 << 20;
     cfg->resolver.timeout_ms = 2000;
     cfg->resolver.attempts = 2;
     cfg->resolver.min_ttl_ms = 1000;
@@ -2470,7 +2493,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
                                         "real_ip_header", "max_inflight", "log", "admin", "user", "group",
-                                        NULL };
+                                        "memory", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2515,6 +2538,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if (parse_user(&c, root))
         goto fail;
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "memory")) != NULL && parse_memory(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
         goto fail;

@@ -220,6 +220,10 @@ struct gw_config_s {
     int shutdown_timeout_ms;
     char *pid_file;                 /* "pid_file": written at start, removed at exit; NULL: none */
     gw_http_limits_t http;
+    struct {
+        size_t request_body_bytes;  /* "memory.request_body_bytes": gw_budget_bodies */
+        size_t response_body_bytes; /* "memory.response_body_bytes": gw_budget_responses */
+    } memory;
     gw_route_t **routes;
     size_t nroutes;
     gw_backend_t **backends;

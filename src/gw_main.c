@@ -14,6 +14,7 @@
 #include "gw_admin.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
+#include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_daemon.h"
 #include "gw_log.h"
@@ -147,6 +148,14 @@ write_pid(const char *path)
 /* -l LEVEL was given: it wins over "log.level". */
 static bool level_from_cmdline;
 
+/* The process-wide memory budgets ("memory") of cfg. */
+static void
+apply_budgets(const gw_config_t *cfg)
+{
+    gw_budget_set_limit(&gw_budget_bodies, cfg->memory.request_body_bytes);
+    gw_budget_set_limit(&gw_budget_responses, cfg->memory.response_body_bytes);
+}
+
 /* Whether two address lists are the same, in the same order. */
 static bool
 same_listen(const gw_listen_t *a, size_t na, const gw_listen_t *b, size_t nb)
@@ -186,6 +195,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
                    next->backends[i]->name);
     if (!level_from_cmdline)
         gw_log_set_level((gw_log_level_t)next->log.level);
+    apply_budgets(next);
     gw_alog_apply(next);
     gw_log(GW_LOG_NOTICE, "configuration %s reloaded: %zu routes, %zu backends, %zu listen addresses", file,
            next->nroutes, next->nbackends, next->nlisten);
@@ -326,6 +336,7 @@ main(int argc, char **argv)
     }
     if (!level_from_cmdline)
         gw_log_set_level((gw_log_level_t)cfg->log.level);
+    apply_budgets(cfg);
     if (gw_alog_start(cfg, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_EMERG, "%s", err);
         gw_config_unref(cfg);
