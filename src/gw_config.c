@@ -2388,6 +2388,16 @@ read_file(const char *file, char *err, size_t errlen)
     return buf;
 }
 
+/* A folder of an include pattern that does not exist matches nothing (as
+ * nginx's include does): a fresh install with no conf.d/ is valid. Any
+ * other error (a folder that cannot be read) stops the load. */
+static int
+glob_error(const char *path, int err)
+{
+    GW_UNUSED(path);
+    return err != ENOENT && err != ENOTDIR;
+}
+
 static int
 parse_included(ctx_t *parent, const char *file)
 {
@@ -2433,7 +2443,7 @@ parse_include(ctx_t *c, json_t *v)
         else
             snprintf(full, sizeof(full), "%s/%s", c->basedir, p);
         glob_t g;
-        int grc = glob(full, GLOB_ERR, NULL, &g);
+        int grc = glob(full, 0, glob_error, &g);
         if (grc == GLOB_NOMATCH && strpbrk(p, "*?[") == NULL) {
             rc = fail(c, "included file \"%s\" does not exist", full);
         } else if (grc != 0 && grc != GLOB_NOMATCH) {

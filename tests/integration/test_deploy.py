@@ -238,6 +238,13 @@ def dockerfile_build_recipe_runs_on_the_build_context():
         r = subprocess.run([binary, "-t", "-c", os.path.join(SRCDIR, "deploy", "docker", "gatherd.json")],
                            capture_output=True, text=True, timeout=30)
         eq(r.returncode, 0, "the runtime stage's gatherd -t: " + r.stderr)
+        # what make install put in sysconfdir is valid as installed (its include names conf.d/)
+        installed = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f == "gatherd.json"]
+        eq(len(installed), 1, "make install installs one gatherd.json")
+        check(os.path.isfile(os.path.join(os.path.dirname(installed[0]), "conf.d", "demo.json")),
+              "make install installs the conf.d/ that gatherd.json includes")
+        r = subprocess.run([binary, "-t", "-c", installed[0]], capture_output=True, text=True, timeout=30)
+        eq(r.returncode, 0, "gatherd -t on the installed gatherd.json: " + r.stderr)
 
 
 PROBE = r"""

@@ -751,6 +751,17 @@ test_include(void)
     CHECK_CONTAINS(err, "include[0]: included file");
     CHECK_CONTAINS(err, "does not exist");
 
+    /* a pattern in a folder that does not exist matches nothing (a fresh
+     * install without conf.d/), a literal file there is still an error */
+    write_file(path, "{\"listen\": [\"1\"], \"include\": [\"nodir/*.json\"]}");
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg != NULL && cfg->nroutes == 0);
+    gw_config_unref(cfg);
+    write_file(path, "{\"listen\": [\"1\"], \"include\": [\"nodir/a.json\"]}");
+    cfg = gw_config_load(path, 0, err, sizeof(err));
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(err, "does not exist");
+
     char cmd[700];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
     CHECK(system(cmd) == 0);
