@@ -173,16 +173,25 @@ recent(bool route, unsigned mid)
     json_object_set_new(o, "error_ratio", n ? json_real((double)errors / (double)n) : json_null());
     json_object_set_new(o, "mean_ms", n ? json_real((double)d.sum_us / (double)n / 1000.0) : json_null());
     if (n) {
-        /* the 95th percentile's bucket, reported as its upper bound */
+        /* the 95th percentile, interpolated linearly inside its bucket as
+         * Prometheus' histogram_quantile() does (the bucket's upper bound
+         * alone read 100 ms next to a mean of 12 ms); past the last bound,
+         * that bound */
         uint64_t want = (n * 95 + 99) / 100, cum = 0;
         unsigned k = 0;
         for (; k < GW_M_NBOUNDS; k++) {
-            cum += d.n[k];
-            if (cum >= want)
+            if (cum + d.n[k] >= want)
                 break;
+            cum += d.n[k];
         }
-        json_object_set_new(o, "p95_ms", k < GW_M_NBOUNDS ? json_real((double)gw_m_bounds_us[k] / 1000.0)
-                                                          : json_string("+Inf"));
+        double p95_us;
+        if (k == GW_M_NBOUNDS) {
+            p95_us = (double)gw_m_bounds_us[GW_M_NBOUNDS - 1];
+        } else {
+            double lo = k ? (double)gw_m_bounds_us[k - 1] : 0.0, hi = (double)gw_m_bounds_us[k];
+            p95_us = lo + (hi - lo) * (double)(want - cum) / (double)d.n[k];
+        }
+        json_object_set_new(o, "p95_ms", json_real(p95_us / 1000.0));
     } else {
         json_object_set_new(o, "p95_ms", json_null());
     }

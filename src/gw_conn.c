@@ -479,6 +479,10 @@ dispatch(gw_conn_t *c)
         char allow[256], hdr[300];
         gw_router_format_methods(m.allow, allow, sizeof(allow));
         snprintf(hdr, sizeof(hdr), "Allow: %s\r\n", allow);
+        if (m.path_route) {
+            c->alog.route = m.path_route->pattern;
+            c->mroute = m.path_route->mid;
+        }
         respond_error(c, 405, "method_not_allowed", "method not allowed for this path", hdr);
         return;
     }

@@ -218,6 +218,8 @@ find_end(const node_t *n, int method, gw_match_t *m)
     }
     for (size_t i = 0; i < n->nends; i++)
         m->allow |= n->ends[i].methods;
+    if (m->path_route == NULL && n->nends)
+        m->path_route = n->ends[0].route;
     return NULL;
 }
 

@@ -45,6 +45,7 @@ struct gw_match_s {
     size_t wildcard_seg; /* first segment matched by "*" (== nseg when empty) */
     bool has_wildcard;
     uint64_t allow; /* methods allowed on this path, for 405 */
+    gw_route_t *path_route; /* 405: the first route of the path (metrics and the access log name it) */
 };
 
 gw_router_t *gw_router_new(void);

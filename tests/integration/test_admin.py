@@ -45,10 +45,10 @@ def admin_get(d, path, method="GET", headers=None):
         return c.request(req(method, path, headers=headers, host="admin"), method=method)
 
 
-def get(d, path):
+def get(d, path, method="GET"):
     """One request on a connection of its own (so connections are countable)."""
     with Conn(d.host, d.port) as c:
-        return c.request(req("GET", path))
+        return c.request(req(method, path), method=method)
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (-?[0-9.e+]+|\+Inf|NaN)$')
@@ -141,6 +141,7 @@ def mix_config(stub):
             {"path": "/down", "calls": [{"name": "d", "backend": "dead", "path": "/x", "fallback": None}]},
             {"path": "/limited", "respond": {"body": {}}, "rate_limit": {"rate": 1, "period_ms": 600000, "burst": 2}},
             {"path": "/hold", "calls": [{"name": "u", "backend": "api", "path": "/users/7?delay=1500"}]},
+            {"path": "/getonly", "methods": ["GET"], "respond": {"body": {}}},
         ],
     }
 
@@ -177,17 +178,20 @@ def metrics_count_exactly_what_was_sent():
         for _ in range(n):
             r = get(d, path)
             statuses.setdefault(path, []).append(r.status)
+    for _ in range(2):  # a 405 belongs to the route of its path, not to "(unmatched)"
+        eq(get(d, "/getonly", method="DELETE").status, 405, "DELETE /getonly")
     eq(statuses["/limited"], [200, 200, 429, 429, 429], "rate limited answers")
     eq(set(statuses["/degraded"]), {200}, "degraded answers")
     eq(set(statuses["/p/users/2?status=503"]), {503}, "proxied 503")
     s = scrape(d)
-    total_requests = sum(sent.values())
+    total_requests = sum(sent.values()) + 2
 
     def req_count(route, code):
         return metric(s, "gatherd_requests_total", route=route, code=code)
 
     eq(req_count("/r", "2xx"), 7, "/r 2xx")
     eq(req_count("(unmatched)", "4xx"), 3, "unmatched 4xx")
+    eq(req_count("/getonly", "4xx"), 2, "405s of /getonly")
     eq(req_count("/agg", "2xx"), 4, "/agg 2xx")
     eq(req_count("/degraded", "2xx"), 2, "/degraded 2xx")
     eq(req_count("/p/*", "2xx"), 5, "/p/* 2xx")
@@ -271,6 +275,36 @@ def metrics_count_exactly_what_was_sent():
     eq(metric(s, "gatherd_last_reload_successful"), 0, "last reload failed")
     # a reload keeps the counters of what it keeps
     eq(metric(s, "gatherd_requests_total", route="/r", code="2xx"), 7, "/r after reloads")
+
+
+@atest
+def status_p95_is_interpolated_in_its_bucket():
+    """/status's recent p95 is interpolated inside its histogram bucket, as
+    Prometheus' histogram_quantile() does, not the bucket's upper bound
+    (which read 100 ms next to a mean of 12 ms). The model computes it from
+    the route's histogram in /metrics: every request of this daemon is in
+    the last ten seconds."""
+    stub = Stub()
+    d = Daemon(mix_config(stub), workers=2)
+    for _ in range(40):
+        get(d, "/agg")
+    time.sleep(1.2 * SLOW)  # one more snapshot for the recent figures
+    agg = admin_get(d, "/status").json()["routes"][1]
+    eq(agg["path"], "/agg", "route")
+    samples = scrape(d)
+    cum = sorted((float("inf") if dict(l)["le"] == "+Inf" else float(dict(l)["le"]), v)
+                 for (n, l), v in samples.items()
+                 if n == "gatherd_request_duration_seconds_bucket" and dict(l).get("route") == "/agg")
+    total = cum[-1][1]
+    eq(total, 40, "/agg requests")
+    want = (int(total) * 95 + 99) // 100
+    lo, below = 0.0, 0.0
+    for le, c in cum:
+        if c >= want:
+            p95 = (lo if le == float("inf") else lo + (le - lo) * (want - below) / (c - below)) * 1000
+            break
+        lo, below = le, c
+    check(abs(agg["recent"]["p95_ms"] - p95) < 1e-6, f"/agg p95 {agg['recent']['p95_ms']} ms, model {p95} ms")
 
 
 @atest
