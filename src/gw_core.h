@@ -76,6 +76,9 @@ void *gw_calloc(size_t count, size_t n);
 void *gw_realloc(void *p, size_t n);
 char *gw_strdup(const char *s);
 char *gw_strndup(const char *s, size_t n);
+/* Makes libevent, jansson and OpenSSL allocate through the wrappers above
+ * (abort on out-of-memory). First thing in main(), before any of them runs. */
+void gw_alloc_init(void);
 /* Grows *arr (of elements of size elem) so it can hold need elements. */
 void gw_grow(void **arr, size_t *cap, size_t need, size_t elem);
 

@@ -245,6 +245,7 @@ main(int argc, char **argv)
     int workers = 0;
     int opt;
     static const struct option longopts[] = { { "pid", required_argument, NULL, 'p' }, { NULL, 0, NULL, 0 } };
+    gw_alloc_init();
     while ((opt = getopt_long(argc, argv, "c:tw:l:s:Vhd", longopts, NULL)) != -1) {
         switch (opt) {
         case 'p':

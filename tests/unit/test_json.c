@@ -4,6 +4,9 @@
 #include "gw_json.h"
 #include "gw_test.h"
 
+#include <jansson.h>
+#include <openssl/crypto.h>
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -127,4 +130,31 @@ test_valid_random_mutations(void)
     CHECK(mismatches == 0);
 }
 
-TEST_MAIN(T(test_dump), T(test_valid_matches_jansson), T(test_valid_random_mutations))
+/* One allocation policy: after gw_alloc_init(), jansson and OpenSSL
+ * allocate through gw_malloc & co, which abort on out-of-memory (libevent
+ * has no getter; gw_main calls the same function for it). */
+static void
+test_alloc_policy(void)
+{
+    gw_alloc_init();
+    json_malloc_t m = NULL;
+    json_free_t f = NULL;
+    json_get_alloc_funcs(&m, &f);
+    CHECK(m == gw_malloc);
+    CHECK(f == free);
+    json_t *o = json_object();
+    CHECK(o != NULL && json_object_set_new(o, "k", json_string("v")) == 0);
+    json_decref(o);
+    CRYPTO_malloc_fn sm = NULL;
+    CRYPTO_realloc_fn sr = NULL;
+    CRYPTO_free_fn sf = NULL;
+    CRYPTO_get_mem_functions(&sm, &sr, &sf);
+    void *p = sm(16, __FILE__, __LINE__);
+    CHECK(p != NULL);
+    p = sr(p, 64, __FILE__, __LINE__);
+    CHECK(p != NULL);
+    sf(p, __FILE__, __LINE__);
+    CHECK(sm != CRYPTO_malloc && sm != NULL);
+}
+
+TEST_MAIN(T(test_alloc_policy), T(test_dump), T(test_valid_matches_jansson), T(test_valid_random_mutations))
