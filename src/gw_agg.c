@@ -416,8 +416,9 @@ call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
             code = rt->code;
             status = rt->status;
         }
-    } else if (code != GW_FAIL_NONE || rt->raw) {
-        /* (a successful answer was shaped by xchg_end) */
+    } else if (code != GW_FAIL_NONE) {
+        /* a successful answer was shaped by xchg_end(), or is kept unparsed
+         * (rt->raw): the fallback is for failures only */
         rt->value = call->fallback ? json_incref(call->fallback) : NULL;
     }
     rt->code = code;
