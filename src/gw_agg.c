@@ -30,6 +30,7 @@
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_json.h"
 #include "gw_jpath.h"
@@ -66,7 +67,7 @@ typedef struct xchg_s xchg_t;
 /* The state of one call of one request. */
 typedef struct {
     call_state_t state;
-    const char *code;  /* failure code (static); for foreach, the first element's */
+    gw_fail_t code;    /* GW_FAIL_NONE, or how it failed; for foreach, the first failed element's */
     int status;        /* the backend's status when it answered, else 0 */
     json_t *answer;    /* parsed answer, templates read it (foreach: array of answers, null where failed) */
     json_t *value;     /* shaped, for the aggregate (foreach: array) */
@@ -120,7 +121,7 @@ struct xchg_s {
     /* metrics: one backend call per exchange, its retries included */
     uint64_t start_us;    /* its request was built and it was started; 0 for a hedge */
     bool ended;           /* end_code says how it ended; else it was cancelled */
-    const char *end_code; /* NULL: success */
+    gw_fail_t end_code;   /* GW_FAIL_NONE: success */
 };
 
 struct gw_agg_s {
@@ -165,10 +166,10 @@ static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static void xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg);
 static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
-static void call_complete(agg_t *a, size_t i, const char *code, int status);
+static void call_complete(agg_t *a, size_t i, gw_fail_t code, int status);
 static void foreach_fill(agg_t *a, size_t i);
 static json_t *shape(const gw_call_t *call, json_t *answer);
-static bool retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code);
+static bool retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code);
 static void retry_leg_free(xchg_t *x);
 static void retry_begin(xchg_t *x);
 
@@ -241,7 +242,7 @@ xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
     if (x->start_us)
-        gw_m_call(a->w->m, call_of(a, x->call)->backend->mid, x->ended ? x->end_code : "cancelled",
+        gw_m_call(a->w->m, call_of(a, x->call)->backend->mid, x->ended ? x->end_code : GW_FAIL_CANCELLED,
                   gw_now_us() - x->start_us);
     retry_leg_free(x);
     gw_upstream_wait_cancel(&x->wait);
@@ -282,24 +283,23 @@ xchg_free(xchg_t *x, bool reusable)
 
 /* The exchange of element x->item of a foreach call, or of a plain call,
  * ended: with value (stolen; NULL on failure) or with code. */
-/* The breaker hears the outcome of x's try (once): code NULL is a success. */
+/* The breaker hears the outcome of x's try (once): code GW_FAIL_NONE is a success. */
 static void
-xchg_breaker_outcome(xchg_t *x, const char *code)
+xchg_breaker_outcome(xchg_t *x, gw_fail_t code)
 {
     if (!x->admitted)
         return;
     const gw_backend_t *b = call_of(x->a, x->call)->backend;
-    /* a backend's health: 4xx and oversized answers are not its failures */
-    bool ok = code == NULL || (strcmp(code, "bad_status") == 0 && x->status < 500) || strcmp(code, "too_large") == 0;
+    /* a backend's health: 4xx and oversized answers are not its failures (gw_fail.c) */
     if (x->sent)
-        gw_breaker_done(b, ok);
+        gw_breaker_done(b, gw_fail_backend_ok(code, x->status));
     else
         gw_breaker_abandon(b);
     x->admitted = false;
 }
 
 static void
-xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
+xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
 {
     if (retry_end(&x, reusable, value, code))
         return; /* retried, or a hedge still runs */
@@ -309,11 +309,20 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
     xchg_breaker_outcome(x, code);
+    /* shaped before the exchange is counted: an answer without its target
+     * is a failed call for the metrics too (not for the breaker) */
+    json_t *shaped = NULL;
+    if (value) {
+        shaped = shape(call, value);
+        if (shaped == NULL)
+            code = GW_FAIL_MISSING_TARGET;
+    }
     x->ended = true;
     x->end_code = code;
     xchg_free(x, reusable);
     if (!call->foreach) {
         rt->answer = value;
+        rt->value = shaped;
         call_complete(a, i, code, status);
         return;
     }
@@ -322,16 +331,12 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, const char *code)
     rt->running--;
     rt->done_items++;
     rt->elem_done[item] = 1;
-    if (value) {
-        json_t *shaped = shape(call, value);
+    if (value)
         json_array_set_new(rt->answer, item, value);
-        if (shaped)
-            json_array_set_new(rt->value, item, shaped);
-        else
-            code = "missing_target";
-    }
-    if (code) {
-        if (rt->code == NULL) {
+    if (shaped)
+        json_array_set_new(rt->value, item, shaped);
+    if (code != GW_FAIL_NONE) {
+        if (rt->code == GW_FAIL_NONE) {
             rt->code = code;
             rt->status = status;
         }
@@ -391,11 +396,11 @@ shape(const gw_call_t *call, json_t *answer)
 
 /* --- calls --------------------------------------------------------------- */
 
-/* Call i finished: OK when code is NULL. A foreach call is finished when
+/* Call i finished: OK when code is GW_FAIL_NONE. A foreach call is finished when
  * its last element is (its code is then the first failed element's), or
  * when it could not run at all. */
 static void
-call_complete(agg_t *a, size_t i, const char *code, int status)
+call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
 {
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
@@ -407,27 +412,25 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
     if (call->foreach) {
         /* rt->value holds the elements' values (partial after a deadline);
          * a call that never started has none and is left out */
-        if (code == NULL) {
+        if (code == GW_FAIL_NONE) {
             code = rt->code;
             status = rt->status;
         }
-    } else if (code == NULL && !rt->raw) {
-        rt->value = shape(call, rt->answer);
-        if (rt->value == NULL)
-            code = "missing_target";
-    } else {
+    } else if (code != GW_FAIL_NONE) {
+        /* a successful answer was shaped by xchg_end(), or is kept unparsed
+         * (rt->raw): the fallback is for failures only */
         rt->value = call->fallback ? json_incref(call->fallback) : NULL;
     }
     rt->code = code;
     rt->status = status;
-    if (code == NULL) {
+    if (code == GW_FAIL_NONE) {
         rt->state = CALL_OK;
         a->answers[i] = rt->answer;
         return;
     }
     rt->state = CALL_FAILED;
-    gw_log(GW_LOG_INFO, "aggregate %s: call %s failed: %s, request %s", a->route->pattern, call->name, code,
-           gw_conn_req(a->c)->request_id);
+    gw_log(GW_LOG_INFO, "aggregate %s: call %s failed: %s, request %s", a->route->pattern, call->name,
+           gw_fail_name(code), gw_conn_req(a->c)->request_id);
     if (call->required && a->fatal == 0)
         a->fatal = (int)i + 1;
 }
@@ -435,7 +438,7 @@ call_complete(agg_t *a, size_t i, const char *code, int status)
 /* Fails every call still running (the deadline passed): their exchanges are
  * closed, never pooled half-read. */
 static void
-cancel_all(agg_t *a, const char *code)
+cancel_all(agg_t *a, gw_fail_t code)
 {
     while (a->running) {
         a->running->ended = true; /* its code: why it is cut short */
@@ -472,9 +475,9 @@ tpl_ctx(agg_t *a, const json_t *item, gw_tpl_ctx_t *ctx)
     return ctx;
 }
 
-/* Builds x's request: head in x->req, a JSON body in x->out_body. NULL,
- * or the failure code with the reason logged. */
-static const char *
+/* Builds x's request: head in x->req, a JSON body in x->out_body.
+ * GW_FAIL_NONE, or the failure code with the reason logged. */
+static gw_fail_t
 build_request(xchg_t *x, const json_t *item)
 {
     agg_t *a = x->a;
@@ -556,20 +559,20 @@ build_request(xchg_t *x, const json_t *item)
     }
     gw_tpl_buf_add(b, "\r\n", 2);
     if (b->len > HEAD_MAX) {
-        err.code = GW_TPL_INVALID_VALUE;
+        err.code = GW_FAIL_INVALID_VALUE;
         snprintf(err.detail, sizeof(err.detail), "the request head is over %d bytes", HEAD_MAX);
         goto fail;
     }
-    return NULL;
+    return GW_FAIL_NONE;
 fail:
-    gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: %s in %s: %s, request %s", a->route->pattern, call->name, err.code,
-           what, err.detail, r->request_id);
+    gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: %s in %s: %s, request %s", a->route->pattern, call->name,
+           gw_fail_name(err.code), what, err.detail, r->request_id);
     return err.code;
 }
 
-/* Hands x's request to a connection (fresh: never a pooled one). NULL, or
- * the failure code. */
-static const char *
+/* Hands x's request to a connection (fresh: never a pooled one).
+ * GW_FAIL_NONE, or the failure code. */
+static gw_fail_t
 xchg_send(xchg_t *x, bool fresh)
 {
     agg_t *a = x->a;
@@ -579,11 +582,11 @@ xchg_send(xchg_t *x, bool fresh)
     if (rc == GW_AGAIN && !fresh && call->backend->max_pending > 0) {
         /* max_connections in use: wait for one (xchg_wait_cb) */
         if (gw_upstream_wait(a->w, call->backend, &x->wait, xchg_wait_cb, x) == GW_OK)
-            return NULL;
+            return GW_FAIL_NONE;
         gw_log(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
                call->backend->name, call->backend->max_pending, call->name, gw_conn_peer_ip(a->c),
                gw_conn_req(a->c)->request_id);
-        return "queue_full";
+        return GW_FAIL_QUEUE_FULL;
     }
     if (rc != GW_OK) {
         int err = errno;
@@ -592,7 +595,7 @@ xchg_send(xchg_t *x, bool fresh)
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), call->name, gw_conn_peer_ip(a->c),
                gw_conn_req(a->c)->request_id);
-        return rc == GW_AGAIN ? "unavailable" : "connect_failed";
+        return rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
     }
     x->u = u;
     x->sent = true;
@@ -610,7 +613,7 @@ xchg_send(xchg_t *x, bool fresh)
     else if (call->forward_body && x->out_len)
         evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
     gw_upstream_send(u);
-    return NULL;
+    return GW_FAIL_NONE;
 }
 
 /* Starts one exchange of call i (element item of a foreach call). Its
@@ -621,16 +624,16 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     const gw_call_t *call = call_of(a, i);
     xchg_t *x = xchg_new(a, i, item);
     x->limit = call->backend->max_response_bytes;
-    const char *code = build_request(x, item_value);
-    if (code == NULL)
+    gw_fail_t code = build_request(x, item_value);
+    if (code == GW_FAIL_NONE)
         x->start_us = gw_now_us();
-    if (code == NULL && gw_breaker_admit(call->backend, NULL) != GW_OK)
-        code = "circuit_open";
-    else if (code == NULL)
+    if (code == GW_FAIL_NONE && gw_breaker_admit(call->backend, NULL) != GW_OK)
+        code = GW_FAIL_CIRCUIT_OPEN;
+    else if (code == GW_FAIL_NONE)
         x->admitted = call->backend->breaker != NULL;
-    if (code == NULL)
+    if (code == GW_FAIL_NONE)
         code = xchg_send(x, false);
-    if (code) {
+    if (code != GW_FAIL_NONE) {
         xchg_end(x, false, NULL, code);
         return;
     }
@@ -663,7 +666,7 @@ foreach_fill(agg_t *a, size_t i)
     }
     rt->filling = false;
     if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
-        call_complete(a, i, NULL, 0);
+        call_complete(a, i, GW_FAIL_NONE, 0);
 }
 
 /* Starts call i, whose dependencies all succeeded. */
@@ -679,18 +682,19 @@ call_start(agg_t *a, size_t i)
         return;
     }
     json_t *items = gw_jpath_get(call->foreach_path, a->calls[call->foreach_call].answer);
-    const char *code = NULL, *why = NULL;
+    gw_fail_t code = GW_FAIL_NONE;
+    const char *why = NULL;
     if (items == NULL || json_is_null(items)) {
-        code = GW_TPL_MISSING_VALUE;
+        code = GW_FAIL_MISSING_VALUE;
         why = "absent";
     } else if (!json_is_array(items)) {
-        code = GW_TPL_INVALID_VALUE;
+        code = GW_FAIL_INVALID_VALUE;
         why = "not an array";
     } else if (json_array_size(items) > call->foreach_max) {
-        code = "too_many_items";
+        code = GW_FAIL_TOO_MANY_ITEMS;
         why = "longer than foreach_max";
     }
-    if (code) {
+    if (code != GW_FAIL_NONE) {
         gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: foreach \"%s.%s\" is %s, request %s", a->route->pattern,
                call->name, call_of(a, call->foreach_call)->name, gw_jpath_text(call->foreach_path), why,
                gw_conn_req(a->c)->request_id);
@@ -731,7 +735,7 @@ schedule(agg_t *a)
                     ready = false;
             }
             if (failed)
-                call_complete(a, i, "dependency_failed", 0);
+                call_complete(a, i, GW_FAIL_DEPENDENCY_FAILED, 0);
             else if (ready)
                 call_start(a, i);
             else
@@ -797,7 +801,7 @@ server_timing(agg_t *a)
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         const call_rt_t *rt = &a->calls[i];
         timing_add(h, i == 0, call_of(a, i)->name, call_us(rt),
-                   rt->state == CALL_FAILED ? rt->code : rt->hedge_won ? "hedge" : NULL);
+                   rt->state == CALL_FAILED ? gw_fail_name(rt->code) : rt->hedge_won ? "hedge" : NULL);
     }
     timing_add(h, false, "total", gw_now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
@@ -810,18 +814,10 @@ respond_error(agg_t *a)
     size_t i = (size_t)a->fatal - 1;
     const call_rt_t *rt = &a->calls[i];
     const gw_call_t *call = call_of(a, i);
-    int status = 502;
-    if (strcmp(rt->code, "timeout") == 0)
-        status = 504;
-    else if (strcmp(rt->code, "unavailable") == 0)
-        status = 503;
-    int retry_s = 0; /* Retry-After */
-    if (strcmp(rt->code, "circuit_open") == 0)
+    int status = gw_fail_status(rt->code);
+    int retry_s = gw_fail_retry_after(rt->code); /* Retry-After */
+    if (retry_s < 0)
         retry_s = gw_breaker_retry_after_s(call->backend);
-    else if (strcmp(rt->code, "queue_full") == 0 || strcmp(rt->code, "queue_timeout") == 0)
-        retry_s = 1;
-    if (retry_s)
-        status = 503;
     char extra[256];
     int n = snprintf(extra, sizeof(extra), ",\"call\":\"%s\"", call->name);
     if (rt->status)
@@ -832,7 +828,7 @@ respond_error(agg_t *a)
         int k = snprintf(ra, sizeof(ra), "Retry-After: %d\r\n", retry_s);
         gw_tpl_buf_add(&a->hdrs, ra, (size_t)k);
     }
-    gw_conn_error_headers(a->c, status, rt->code, extra, a->hdrs.data);
+    gw_conn_error_headers(a->c, status, gw_fail_name(rt->code), extra, a->hdrs.data);
 }
 
 static void
@@ -855,7 +851,8 @@ respond_ok(agg_t *a)
             if (route->agg.errors) {
                 if (errors == NULL)
                     errors = json_object();
-                json_t *e = json_pack("{s:s,s:f}", "code", rt->code, "ms", (double)(call_us(rt) / 100) / 10.0);
+                json_t *e =
+                    json_pack("{s:s,s:f}", "code", gw_fail_name(rt->code), "ms", (double)(call_us(rt) / 100) / 10.0);
                 if (rt->status)
                     json_object_set_new(e, "status", json_integer(rt->status));
                 if (rt->failed)
@@ -983,7 +980,7 @@ agg_deadline_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(what);
     gw_log(GW_LOG_INFO, "aggregate %s: deadline of %d ms passed with %zu calls unfinished, request %s",
            a->route->pattern, a->route->agg.deadline_ms, a->pending, gw_conn_req(c)->request_id);
-    cancel_all(a, "timeout");
+    cancel_all(a, GW_FAIL_TIMEOUT);
     agg_progress(a);
     gw_conn_release(c);
 }
@@ -1050,7 +1047,7 @@ xchg_finish(xchg_t *x, bool reusable)
     if (x->status < 200 || x->status > 299) {
         gw_log(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->status,
                call->name, gw_conn_req(a->c)->request_id);
-        xchg_end(x, reusable, NULL, "bad_status");
+        xchg_end(x, reusable, NULL, GW_FAIL_BAD_STATUS);
         return;
     }
     json_t *v;
@@ -1065,7 +1062,7 @@ xchg_finish(xchg_t *x, bool reusable)
         if (!gw_json_valid(x->body ? x->body : "", x->blen, &st, &vl)) {
             gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s, request %s", call->backend->name, call->name,
                    gw_conn_req(a->c)->request_id);
-            xchg_end(x, reusable, NULL, "bad_json");
+            xchg_end(x, reusable, NULL, GW_FAIL_BAD_JSON);
             return;
         }
         call_rt_t *rt = &a->calls[x->call];
@@ -1073,7 +1070,7 @@ xchg_finish(xchg_t *x, bool reusable)
         rt->raw_off = a->raws.len;
         rt->raw_len = vl;
         gw_tpl_buf_add(&a->raws, x->body + st, vl);
-        xchg_end(x, reusable, NULL, NULL);
+        xchg_end(x, reusable, NULL, GW_FAIL_NONE);
         return;
     } else {
         json_error_t jerr;
@@ -1081,17 +1078,17 @@ xchg_finish(xchg_t *x, bool reusable)
         if (v == NULL) {
             gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
                    call->backend->name, call->name, jerr.text, jerr.position, gw_conn_req(a->c)->request_id);
-            xchg_end(x, reusable, NULL, "bad_json");
+            xchg_end(x, reusable, NULL, GW_FAIL_BAD_JSON);
             return;
         }
     }
-    xchg_end(x, reusable, v, NULL);
+    xchg_end(x, reusable, v, GW_FAIL_NONE);
 }
 
 /* The connection failed: retry once on a fresh one when a reused
  * connection died before any response byte, else end with code. */
 static void
-xchg_broke(xchg_t *x, const char *code, const char *doing, int err)
+xchg_broke(xchg_t *x, gw_fail_t code, const char *doing, int err)
 {
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
@@ -1101,14 +1098,14 @@ xchg_broke(xchg_t *x, const char *code, const char *doing, int err)
         x->retried = true;
         gw_upstream_release(x->u, false);
         x->u = NULL;
-        const char *rc = xchg_send(x, true);
-        if (rc == NULL)
+        gw_fail_t rc = xchg_send(x, true);
+        if (rc == GW_FAIL_NONE)
             return;
         xchg_end(x, false, NULL, rc);
         return;
     }
     gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s", call->backend->name,
-           call->backend->host_header, code, err ? ": " : "", err ? strerror(err) : "", doing, call->name,
+           call->backend->host_header, gw_fail_name(code), err ? ": " : "", err ? strerror(err) : "", doing, call->name,
            gw_conn_peer_ip(a->c), gw_conn_req(a->c)->request_id);
     if (x->u)
         x->u->broken = true;
@@ -1138,12 +1135,12 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
                        call_of(a, x->call)->backend->name, x->limit, call_of(a, x->call)->name,
                        gw_conn_req(c)->request_id);
                 x->u->broken = true;
-                xchg_end(x, false, NULL, "too_large");
+                xchg_end(x, false, NULL, GW_FAIL_TOO_LARGE);
             } else {
                 gw_log(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
                        call_of(a, x->call)->name, llhttp_get_error_reason(&x->parser));
                 x->u->broken = true;
-                xchg_end(x, false, NULL, "bad_response");
+                xchg_end(x, false, NULL, GW_FAIL_BAD_RESPONSE);
             }
             agg_progress(a);
             gw_conn_release(c);
@@ -1169,16 +1166,16 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
         char doing[320];
         snprintf(doing, sizeof(doing), "resolving \"%s\": %s", call_of(a, x->call)->backend->host_name,
                  gw_upstream_resolve_error(u));
-        xchg_broke(x, "connect_failed", doing, 0);
+        xchg_broke(x, GW_FAIL_CONNECT_FAILED, doing, 0);
     } else if (what & GW_UP_TIMEOUT) {
-        xchg_broke(x, "timeout", "connecting to upstream", 0);
+        xchg_broke(x, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
         gw_log(GW_LOG_ERR, "backend %s: TLS handshake failed: %s", call_of(a, x->call)->backend->name,
                gw_upstream_tls_error(u, why, sizeof(why)));
-        xchg_broke(x, "connect_failed", "handshaking with upstream", 0);
+        xchg_broke(x, GW_FAIL_CONNECT_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
-        xchg_broke(x, "connect_failed", "connecting to upstream", err);
+        xchg_broke(x, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
     } else if ((what & GW_UP_EOF) && x->status >= 200 && llhttp_message_needs_eof(&x->parser) &&
                (llhttp_finish(&x->parser) == HPE_OK || x->done)) {
         /* a close-delimited body ends here (on_message_complete pauses the
@@ -1186,7 +1183,7 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
         x->done = true;
         xchg_finish(x, false);
     } else {
-        xchg_broke(x, "truncated", x->got_bytes ? "reading response from upstream" : "waiting for the response",
+        xchg_broke(x, GW_FAIL_TRUNCATED, x->got_bytes ? "reading response from upstream" : "waiting for the response",
                    (what & GW_UP_EOF) ? 0 : err);
     }
     agg_progress(a);
@@ -1213,7 +1210,7 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     if (x->u)
         x->u->broken = true;
     x->final = true;
-    xchg_end(x, false, NULL, "timeout");
+    xchg_end(x, false, NULL, GW_FAIL_TIMEOUT);
     agg_progress(a);
     gw_conn_release(c);
 }
@@ -1228,15 +1225,15 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     gw_conn_t *c = a->c;
     GW_UNUSED(wt);
     const gw_call_t *call = call_of(a, x->call);
-    const char *code;
+    gw_fail_t code;
     if (status == GW_OK) {
         code = xchg_send(x, false);
     } else {
         gw_log(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
                call->backend->name, call->backend->queue_timeout_ms, call->name, gw_conn_req(c)->request_id);
-        code = "queue_timeout";
+        code = GW_FAIL_QUEUE_TIMEOUT;
     }
-    if (code)
+    if (code != GW_FAIL_NONE)
         xchg_end(x, false, NULL, code);
     agg_progress(a);
     gw_conn_release(c);
@@ -1334,11 +1331,11 @@ retry_leg_free(xchg_t *x)
 
 /* Whether a failed try may be tried again, as far as its failure goes. */
 static bool
-retry_code(const gw_retry_conf_t *rc, const char *code, int status)
+retry_code(const gw_retry_conf_t *rc, gw_fail_t code, int status)
 {
-    if (strcmp(code, "bad_status") == 0)
+    if (code == GW_FAIL_BAD_STATUS)
         return gw_retry_status(rc, status);
-    return strcmp(code, "connect_failed") == 0 || strcmp(code, "truncated") == 0 || strcmp(code, "timeout") == 0;
+    return gw_fail_retried(code);
 }
 
 /*
@@ -1348,7 +1345,7 @@ retry_code(const gw_retry_conf_t *rc, const char *code, int status)
  * exchange to end (a winning hedge hands over to its owner).
  */
 static bool
-retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
+retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
 {
     xchg_t *x = *xp;
     agg_t *a = x->a;
@@ -1366,7 +1363,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
         evtimer_del(x->rtimer);
     if (x->owner) {
         xchg_t *p = x->owner;
-        if (code == NULL) {
+        if (code == GW_FAIL_NONE) {
             /* the hedge won: the owner's own try is closed, the answer is the hedge's */
             gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
                    call->name, gw_conn_req(a->c)->request_id);
@@ -1385,7 +1382,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
             return false;
         }
         gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
-               code, gw_conn_req(a->c)->request_id);
+               gw_fail_name(code), gw_conn_req(a->c)->request_id);
         bool owner_failed = p->waiting_twin;
         int status = x->status;
         xchg_free(x, reusable);
@@ -1396,11 +1393,11 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
         x = *xp = p;
         reusable = false;
     } else if (x->twin) {
-        if (code == NULL || x->final) {
+        if (code == GW_FAIL_NONE || x->final) {
             xchg_free(x->twin, false); /* the hedge lost, or the call is over */
         } else {
             gw_log(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
-                   call->name, code, gw_conn_req(a->c)->request_id);
+                   call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
             if (x->u) {
                 gw_upstream_release(x->u, reusable);
                 x->u = NULL;
@@ -1409,25 +1406,26 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code)
             return true;
         }
     }
-    if (code == NULL || x->final || x->attempt == 0 || !rc->enabled)
+    if (code == GW_FAIL_NONE || x->final || x->attempt == 0 || !rc->enabled)
         return false;
     if (x->attempt >= rc->attempts || !retry_code(rc, code, x->status) || !gw_retry_method_ok(rc, call->method))
         return false;
     int ms = gw_retry_backoff_ms(rc, x->attempt);
     uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->call_end_us || wake >= a->deadline_us) {
-        gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
-               call->backend->name, call->name, code, ms, wake >= x->call_end_us ? "timeout_ms" : "route's deadline",
-               gw_conn_req(a->c)->request_id);
+        gw_log(GW_LOG_INFO,
+               "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
+               call->backend->name, call->name, gw_fail_name(code), ms,
+               wake >= x->call_end_us ? "timeout_ms" : "route's deadline", gw_conn_req(a->c)->request_id);
         return false;
     }
     if (!gw_retry_acquire(rc)) {
         gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: the retry budget is spent, request %s",
-               call->backend->name, call->name, code, gw_conn_req(a->c)->request_id);
+               call->backend->name, call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
         return false;
     }
     gw_log(GW_LOG_INFO, "backend %s: call %s: %s%s; retry %u of %u in %d ms, request %s", call->backend->name,
-           call->name, code, x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
+           call->name, gw_fail_name(code), x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
            gw_conn_req(a->c)->request_id);
     x->slot = true;
     gw_m_add(&a->w->m->backends[call->backend->mid].retries, 1);
@@ -1455,17 +1453,17 @@ retry_timer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(what);
     if (x->backoff) {
         const gw_backend_t *b = call_of(a, x->call)->backend;
-        const char *code = NULL;
+        gw_fail_t code = GW_FAIL_NONE;
         x->backoff = false;
         x->attempt++;
         x->sent = false;
         if (gw_breaker_admit(b, NULL) != GW_OK)
-            code = "circuit_open";
+            code = GW_FAIL_CIRCUIT_OPEN;
         else
             x->admitted = b->breaker != NULL;
-        if (code == NULL)
+        if (code == GW_FAIL_NONE)
             code = xchg_send(x, false);
-        if (code)
+        if (code != GW_FAIL_NONE)
             xchg_end(x, false, NULL, code);
         else
             retry_arm_try(x);
@@ -1480,7 +1478,7 @@ retry_timer_cb(evutil_socket_t fd, short what, void *arg)
                gw_conn_req(c)->request_id);
         if (x->u)
             x->u->broken = true;
-        xchg_end(x, false, NULL, "timeout");
+        xchg_end(x, false, NULL, GW_FAIL_TIMEOUT);
     }
     agg_progress(a);
     gw_conn_release(c);
@@ -1522,8 +1520,8 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
     h->attempt = 1;
     h->call_end_us = x->call_end_us;
     h->admitted = call->backend->breaker != NULL;
-    const char *code = xchg_send(h, true);
-    if (code) {
+    gw_fail_t code = xchg_send(h, true);
+    if (code != GW_FAIL_NONE) {
         xchg_free(h, false); /* the owner's try goes on alone */
         return;
     }

@@ -66,8 +66,9 @@ gw_alog_rec_reset(gw_alog_rec_t *r)
 }
 
 void
-gw_alog_rec_fail(gw_alog_rec_t *r, const char *call, const char *code)
+gw_alog_rec_fail(gw_alog_rec_t *r, const char *call, gw_fail_t f)
 {
+    const char *code = gw_fail_name(f);
     size_t need = strlen(call) + strlen(code) + 2;
     if (r->fail_len + need >= sizeof(r->fail))
         return; /* a long list is cut, never overrun */

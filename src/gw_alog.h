@@ -19,6 +19,7 @@
 
 #include "gw_config.h"
 #include "gw_core.h"
+#include "gw_fail.h"
 
 /* Bytes of one thread's buffer for one log; lines beyond it are dropped. */
 #define GW_ALOG_BUF_BYTES (256 * 1024)
@@ -38,8 +39,8 @@ typedef struct gw_alog_rec_s {
 
 /* Empties r for the next request. */
 void gw_alog_rec_reset(gw_alog_rec_t *r);
-/* Adds a failed call and its code (both borrowed, copied) to r. */
-void gw_alog_rec_fail(gw_alog_rec_t *r, const char *call, const char *code);
+/* Adds a failed call (its name borrowed, copied) and its code to r. */
+void gw_alog_rec_fail(gw_alog_rec_t *r, const char *call, gw_fail_t code);
 
 /* Queues the access line of request req (borrowed) from client (text) as
  * cfg->log says; a no-op when the access log is off. Never blocks. */

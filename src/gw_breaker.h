@@ -7,7 +7,7 @@
  * closed (calls pass) until consecutive_failures calls in a row failed, or
  * until, over the last window_ms with at least min_requests calls, the
  * share of failures exceeds failure_ratio. It is then open: calls fail at
- * once with "circuit_open" for open_ms, doubled with each trip in a row up
+ * once with GW_FAIL_CIRCUIT_OPEN for open_ms, doubled with each trip in a row up
  * to max_open_ms. Then half-open: probe_requests calls pass; when all of
  * them succeed it closes (and the open time is back to open_ms), when one
  * fails it opens again for longer.
@@ -49,7 +49,7 @@ void gw_breaker_unref(gw_breaker_t *br);
  * without a breaker), and the caller reports its outcome with
  * gw_breaker_done() or gw_breaker_abandon(); GW_AGAIN: the circuit is open
  * (or half-open and its probes are taken): fail the call with code
- * "circuit_open"; *retry_after_ms (may be NULL) says when it may close. */
+ * GW_FAIL_CIRCUIT_OPEN; *retry_after_ms (may be NULL) says when it may close. */
 int gw_breaker_admit(const gw_backend_t *b, int *retry_after_ms);
 /* The outcome of an admitted call: ok false for connect failure, reset,
  * timeout, truncated or bad response, and statuses >= 500. */

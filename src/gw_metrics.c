@@ -130,44 +130,11 @@ gw_m_request(gw_mworker_t *m, unsigned mid, int status, uint64_t us)
     gw_m_observe(&r->latency, us);
 }
 
-gw_outcome_t
-gw_m_outcome(const char *code)
-{
-    static const struct {
-        const char *code;
-        gw_outcome_t out;
-    } map[] = {
-        { "bad_status", GW_OUT_BAD_STATUS },
-        { "timeout", GW_OUT_TIMEOUT },
-        { "connect_failed", GW_OUT_CONNECT },
-        { "resolve_failed", GW_OUT_CONNECT },
-        { "tls_failed", GW_OUT_CONNECT },
-        { "reset", GW_OUT_RESET },
-        { "truncated", GW_OUT_RESET },
-        { "bad_response", GW_OUT_RESET },
-        { "invalid_json", GW_OUT_INVALID },
-        { "too_large", GW_OUT_INVALID },
-        { "missing_target", GW_OUT_INVALID },
-        { "circuit_open", GW_OUT_CIRCUIT_OPEN },
-        { "queue_full", GW_OUT_QUEUE_FULL },
-        { "queue_timeout", GW_OUT_QUEUE_TIMEOUT },
-        { "unavailable", GW_OUT_UNAVAILABLE },
-    };
-    if (code == NULL)
-        return GW_OUT_OK;
-    if (strncmp(code, "upstream_", 9) == 0) /* a proxy route's codes */
-        code += 9;
-    for (size_t i = 0; i < GW_NELEM(map); i++)
-        if (strcmp(code, map[i].code) == 0)
-            return map[i].out;
-    return GW_OUT_CANCELLED;
-}
-
 void
-gw_m_call(gw_mworker_t *m, unsigned mid, const char *code, uint64_t us)
+gw_m_call(gw_mworker_t *m, unsigned mid, gw_fail_t code, uint64_t us)
 {
     gw_mbackend_t *b = &m->backends[mid];
-    gw_outcome_t o = gw_m_outcome(code);
+    gw_outcome_t o = gw_fail_outcome(code);
     gw_m_add(&b->outcome[o], 1);
     if (o != GW_OUT_CANCELLED && o != GW_OUT_CIRCUIT_OPEN && o != GW_OUT_QUEUE_FULL)
         gw_m_observe(&b->latency, us); /* calls that reached the backend, or waited for it */

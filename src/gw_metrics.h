@@ -21,6 +21,7 @@
 #define GW_METRICS_H
 
 #include "gw_core.h"
+#include "gw_fail.h"
 
 struct evbuffer;
 
@@ -41,21 +42,6 @@ typedef struct {
     uint64_t sum_us;
 } gw_hist_t;
 
-/* How a backend call (an aggregate call's exchange, or a proxied request) ended. */
-typedef enum {
-    GW_OUT_OK = 0,      /* an answer: 2xx for an aggregate call, below 500 for a proxied request */
-    GW_OUT_BAD_STATUS,  /* any other status */
-    GW_OUT_TIMEOUT,
-    GW_OUT_CONNECT,     /* connect, TLS or name resolution failed */
-    GW_OUT_RESET,       /* reset, truncated, or an unparsable response */
-    GW_OUT_INVALID,     /* an answer that is not the JSON the call needs, or too large */
-    GW_OUT_CIRCUIT_OPEN,
-    GW_OUT_QUEUE_FULL,
-    GW_OUT_QUEUE_TIMEOUT,
-    GW_OUT_UNAVAILABLE, /* max_connections reached with no queue */
-    GW_OUT_CANCELLED,   /* the request ended (deadline, client gone, required call failed) first */
-    GW_OUT_MAX
-} gw_outcome_t;
 
 extern const char *const gw_outcome_names[GW_OUT_MAX];
 
@@ -114,10 +100,8 @@ void gw_m_observe(gw_hist_t *h, uint64_t us);
 
 /* A request answered with status after us microseconds (route slot mid). */
 void gw_m_request(gw_mworker_t *m, unsigned mid, int status, uint64_t us);
-/* A backend call ended: code is the failure code (NULL: success). */
-void gw_m_call(gw_mworker_t *m, unsigned mid, const char *code, uint64_t us);
-/* The outcome a failure code counts as (NULL: ok). */
-gw_outcome_t gw_m_outcome(const char *code);
+/* A backend call ended with code (GW_FAIL_NONE: success) after us microseconds. */
+void gw_m_call(gw_mworker_t *m, unsigned mid, gw_fail_t code, uint64_t us);
 
 /* A sum over every worker, for the admin thread. */
 typedef struct {

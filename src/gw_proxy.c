@@ -30,6 +30,7 @@
 #include "gw_breaker.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_retry.h"
@@ -95,12 +96,12 @@ struct gw_proxy_s {
     /* metrics: one backend call per proxied request, its retries included */
     uint64_t start_us;    /* 0: it never got as far as the backend's admission */
     bool ended;           /* end_code says how it ended; else it was cancelled (client gone) */
-    const char *end_code; /* NULL: an answer below 500 */
+    gw_fail_t end_code;   /* GW_FAIL_NONE: an answer below 500 */
 };
 
 static llhttp_settings_t resp_settings;
 static void proxy_read_cb(gw_upstream_t *u, void *arg);
-static bool proxy_retry(gw_proxy_t *p, const char *code, int err);
+static bool proxy_retry(gw_proxy_t *p, gw_fail_t code, int err);
 static bool proxy_retry_head(gw_proxy_t *p);
 static void proxy_retry_free(gw_proxy_t *p);
 static void proxy_event_cb(gw_upstream_t *u, int what, void *arg);
@@ -346,7 +347,7 @@ proxy_free(gw_proxy_t *p, bool reusable)
 {
     gw_worker_t *w = gw_conn_worker(p->c);
     if (p->start_us)
-        gw_m_call(w->m, p->b->mid, p->ended ? p->end_code : "cancelled", gw_now_us() - p->start_us);
+        gw_m_call(w->m, p->b->mid, p->ended ? p->end_code : GW_FAIL_CANCELLED, gw_now_us() - p->start_us);
     proxy_retry_free(p);
     gw_upstream_wait_cancel(&p->wait);
     if (p->admitted && p->outcome)
@@ -478,21 +479,23 @@ static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained, proxy_bo
 
 /* How p ended, for the metrics; proxy_free() counts it. */
 static void
-proxy_ended(gw_proxy_t *p, const char *code)
+proxy_ended(gw_proxy_t *p, gw_fail_t code)
 {
     p->ended = true;
     p->end_code = code;
 }
 
-/* Ends the request with an error; called from upstream callbacks only. */
+/* Ends the request with an error (its status: gw_fail_status); called from
+ * upstream callbacks only. */
 static void
-proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int err)
+proxy_fail(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
 {
     gw_conn_t *c = p->c;
     proxy_ended(p, code);
     gw_req_t *r = gw_conn_req(c);
     gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
-           code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
+           gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
+           r->request_id);
     if (p->u) {
         p->u->broken = true;
         p->outcome = -1; /* it reached the backend (a queue or local failure says nothing about it) */
@@ -504,7 +507,7 @@ proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int e
         char extra[256];
         snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
         proxy_free(p, false);
-        gw_conn_error(c, status, code, extra);
+        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
     }
 }
 
@@ -548,18 +551,18 @@ upstream_broke(gw_proxy_t *p, int err)
         if (rc == GW_OK)
             return;
         if (rc == GW_AGAIN) {
-            proxy_fail(p, 503, "upstream_unavailable", "retrying (max_connections reached)", 0);
+            proxy_fail(p, GW_FAIL_UNAVAILABLE, "retrying (max_connections reached)", 0);
             return;
         }
-        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
         return;
     }
-    if (proxy_retry(p, p->got_bytes ? "upstream_bad_response" : "upstream_reset", err))
+    if (proxy_retry(p, p->got_bytes ? GW_FAIL_BAD_RESPONSE : GW_FAIL_RESET, err))
         return;
     if (p->got_bytes)
-        proxy_fail(p, 502, "upstream_bad_response", "reading response header from upstream", err);
+        proxy_fail(p, GW_FAIL_BAD_RESPONSE, "reading response header from upstream", err);
     else
-        proxy_fail(p, 502, "upstream_reset", "reading response header from upstream", err);
+        proxy_fail(p, GW_FAIL_RESET, "reading response header from upstream", err);
 }
 
 /* --- the response -------------------------------------------------------- */
@@ -715,7 +718,7 @@ proxy_finish(gw_proxy_t *p)
     bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
                     evbuffer_get_length(gw_upstream_input(p->u)) == 0;
     p->outcome = p->status >= 500 ? -1 : 1;
-    proxy_ended(p, p->status >= 500 ? "bad_status" : NULL);
+    proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
     proxy_free(p, reusable);
     gw_conn_end_response(c);
 }
@@ -737,12 +740,12 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
         } else if (err == HPE_PAUSED && p->done) {
             evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&p->parser) - (const char *)v.iov_base));
         } else if (p->retry_status) {
-            proxy_retry(p, NULL, 0); /* decided in on_resp_headers_complete */
+            proxy_retry(p, GW_FAIL_NONE, 0); /* decided in on_resp_headers_complete */
             gw_conn_release(c);
             return;
         } else {
             gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
-            proxy_fail(p, 502, "upstream_bad_response", "reading response from upstream", 0);
+            proxy_fail(p, GW_FAIL_BAD_RESPONSE, "reading response from upstream", 0);
             gw_conn_release(c);
             return;
         }
@@ -790,38 +793,38 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
     if (u->resolve_failed) {
         char doing[320];
         snprintf(doing, sizeof(doing), "resolving \"%s\": %s", p->b->host_name, gw_upstream_resolve_error(u));
-        proxy_fail(p, 502, "upstream_resolve_failed", doing, 0);
+        proxy_fail(p, GW_FAIL_RESOLVE_FAILED, doing, 0);
     } else if (what & GW_UP_TIMEOUT) {
-        if (!proxy_retry(p, "upstream_connect_timeout", 0))
-            proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
+        if (!proxy_retry(p, GW_FAIL_TIMEOUT, 0))
+            proxy_fail(p, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
         gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
                gw_upstream_tls_error(u, why, sizeof(why)));
-        proxy_fail(p, 502, "upstream_tls_failed", "handshaking with upstream", 0);
+        proxy_fail(p, GW_FAIL_TLS_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
-        if (!proxy_retry(p, "upstream_connect_failed", err))
-            proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", err);
+        if (!proxy_retry(p, GW_FAIL_CONNECT_FAILED, err))
+            proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
     } else if (what & GW_UP_EOF) {
         if (p->head_sent && llhttp_message_needs_eof(&p->parser)) {
             /* a close-delimited body ends here */
             if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
                 p->done = true;
                 p->outcome = p->status >= 500 ? -1 : 1;
-                proxy_ended(p, p->status >= 500 ? "bad_status" : NULL);
+                proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
                 proxy_free(p, false);
                 gw_conn_end_response(c);
             } else {
-                proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", 0);
+                proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", 0);
             }
         } else if (p->head_sent) {
-            proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", 0);
+            proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", 0);
         } else {
             upstream_broke(p, 0);
         }
     } else {
         if (p->head_sent)
-            proxy_fail(p, 502, "upstream_truncated", "reading response body from upstream", err);
+            proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", err);
         else
             upstream_broke(p, err);
     }
@@ -840,25 +843,29 @@ proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
                         : p->u->waiting               ? "resolving the backend's name"
                         : p->u && !p->u->connected    ? "connecting to upstream"
                                                       : "waiting for the response from upstream";
-    proxy_fail(p, 504, "upstream_timeout", doing, 0);
+    proxy_fail(p, GW_FAIL_TIMEOUT, doing, 0);
     gw_conn_release(c);
 }
 
-/* Answers 503 code with Retry-After: retry_s, before anything was sent (from
+/* Answers 503 code with its Retry-After, before anything was sent (from
  * gw_proxy_start() or a queue callback). */
 static void
-proxy_refuse(gw_proxy_t *p, const char *code, int retry_s, const char *why)
+proxy_refuse(gw_proxy_t *p, gw_fail_t code, const char *why)
 {
     gw_conn_t *c = p->c;
     char extra[256], hdr[40];
+    int retry_s = gw_fail_retry_after(code);
+    if (retry_s < 0)
+        retry_s = gw_breaker_retry_after_s(p->b);
     /* an open circuit was logged once when it opened */
-    gw_log(strcmp(code, "circuit_open") == 0 ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
-           gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
+    gw_log(code == GW_FAIL_CIRCUIT_OPEN ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s",
+           p->b->name, p->b->host_header, gw_fail_proxy_name(code), why, gw_conn_peer_ip(c),
+           gw_conn_req(c)->request_id);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
     snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
     proxy_ended(p, code);
     proxy_free(p, false);
-    gw_conn_error_headers(c, 503, code, extra, hdr);
+    gw_conn_error_headers(c, gw_fail_status(code), gw_fail_proxy_name(code), extra, hdr);
 }
 
 /* p waited in its backend's queue: a connection may be free now, or
@@ -870,7 +877,7 @@ proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     gw_conn_t *c = p->c;
     GW_UNUSED(wt);
     if (status != GW_OK) {
-        proxy_refuse(p, "queue_timeout", 1, "no connection within queue_timeout_ms");
+        proxy_refuse(p, GW_FAIL_QUEUE_TIMEOUT, "no connection within queue_timeout_ms");
         gw_conn_release(c);
         return;
     }
@@ -880,9 +887,9 @@ proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
         return;
     }
     if (rc == GW_AGAIN) {
-        proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+        proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
     } else if (rc != GW_OK) {
-        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
     } else if (!p->body_paused) {
         gw_conn_body_pause(c, false); /* the body goes upstream now (unless the upstream output is full already) */
     }
@@ -991,7 +998,7 @@ proxy_retry_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(what);
     p->attempt++;
     if (gw_breaker_admit(p->b, NULL) != GW_OK) {
-        proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker opened before a retry");
+        proxy_refuse(p, GW_FAIL_CIRCUIT_OPEN, "its circuit breaker opened before a retry");
         gw_conn_release(c);
         return;
     }
@@ -1002,33 +1009,33 @@ proxy_retry_cb(evutil_socket_t fd, short what, void *arg)
         if (gw_upstream_wait(gw_conn_worker(c), p->b, &p->wait, proxy_wait_cb, p) == GW_OK)
             gw_conn_body_pause(c, true);
         else
-            proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+            proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
     } else if (rc == GW_AGAIN) {
-        proxy_fail(p, 503, "upstream_unavailable", "retrying (max_connections reached)", 0);
+        proxy_fail(p, GW_FAIL_UNAVAILABLE, "retrying (max_connections reached)", 0);
     } else if (rc != GW_OK) {
-        proxy_fail(p, 502, "upstream_connect_failed", "connecting to upstream", errno);
+        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
     }
     gw_conn_release(c);
 }
 
 /*
- * The try in flight failed with code (NULL: a retried status that
+ * The try in flight failed with code (GW_FAIL_NONE: a retried status that
  * on_resp_headers_complete already decided on): when another try may
  * follow, its connection is closed and the sleep starts; true then.
  */
 static bool
-proxy_retry(gw_proxy_t *p, const char *code, int err)
+proxy_retry(gw_proxy_t *p, gw_fail_t code, int err)
 {
-    if (code != NULL && !proxy_retry_decide(p, code))
+    if (code != GW_FAIL_NONE && !proxy_retry_decide(p, gw_fail_proxy_name(code)))
         return false;
     gw_log(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
-           code ? code : "status", err ? ": " : "", err ? strerror(err) : "", p->attempt, p->b->retry->attempts - 1,
-           p->retry_ms, gw_conn_req(p->c)->request_id);
-    if (code == NULL && p->status)
+           code != GW_FAIL_NONE ? gw_fail_proxy_name(code) : "status", err ? ": " : "", err ? strerror(err) : "",
+           p->attempt, p->b->retry->attempts - 1, p->retry_ms, gw_conn_req(p->c)->request_id);
+    if (code == GW_FAIL_NONE && p->status)
         gw_log(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
                gw_conn_req(p->c)->request_id);
     if (p->u) {
-        p->u->broken = code != NULL;
+        p->u->broken = code != GW_FAIL_NONE;
         gw_upstream_release(p->u, false);
         p->u = NULL;
     }
@@ -1067,7 +1074,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     build_request(p);
     p->start_us = gw_now_us();
     if (gw_breaker_admit(p->b, NULL) != GW_OK) {
-        proxy_refuse(p, "circuit_open", gw_breaker_retry_after_s(p->b), "its circuit breaker is open");
+        proxy_refuse(p, GW_FAIL_CIRCUIT_OPEN, "its circuit breaker is open");
         return;
     }
     p->admitted = p->b->breaker != NULL;
@@ -1075,7 +1082,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     if (rc == GW_AGAIN && p->b->max_pending > 0) {
         /* max_connections in use: wait for one (proxy_wait_cb); the body waits in the client's socket */
         if (gw_upstream_wait(w, p->b, &p->wait, proxy_wait_cb, p) != GW_OK) {
-            proxy_refuse(p, "queue_full", 1, "its queue is full (max_pending)");
+            proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
             return;
         }
         gw_conn_body_pause(c, true);
@@ -1088,10 +1095,10 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
-        proxy_ended(p, rc == GW_AGAIN ? "unavailable" : "connect_failed");
+        gw_fail_t code = rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
+        proxy_ended(p, code);
         proxy_free(p, false);
-        gw_conn_error(c, rc == GW_AGAIN ? 503 : 502, rc == GW_AGAIN ? "upstream_unavailable" : "upstream_connect_failed",
-                      extra);
+        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
         return;
     }
     evtimer_add(p->timer, gw_upstream_pool(w, p->b)->call_timeout);

@@ -133,7 +133,7 @@ utf8_valid(const unsigned char *s, size_t n)
     return true;
 }
 
-static void __attribute__((format(printf, 3, 4))) set_err(gw_tpl_err_t *e, const char *code, const char *fmt, ...)
+static void __attribute__((format(printf, 3, 4))) set_err(gw_tpl_err_t *e, gw_fail_t code, const char *fmt, ...)
 {
     e->code = code;
     va_list ap;
@@ -509,7 +509,7 @@ lookup_query(const ph_t *ph, const gw_req_t *r, val_t *v, gw_tpl_err_t *e)
             for (size_t k = vstart; k < end;) {
                 int b = query_byte(q, end, &k);
                 if (b < 0) {
-                    set_err(e, GW_TPL_INVALID_VALUE, "%s: bad percent-escape in the query parameter", ph->text);
+                    set_err(e, GW_FAIL_INVALID_VALUE, "%s: bad percent-escape in the query parameter", ph->text);
                     return GW_ERR;
                 }
                 v->owned[w++] = (char)b;
@@ -521,7 +521,7 @@ lookup_query(const ph_t *ph, const gw_req_t *r, val_t *v, gw_tpl_err_t *e)
         }
         i = end + 1;
     }
-    set_err(e, GW_TPL_MISSING_VALUE, "%s: no query parameter \"%s\" in the request", ph->text, ph->name);
+    set_err(e, GW_FAIL_MISSING_VALUE, "%s: no query parameter \"%s\" in the request", ph->text, ph->name);
     return GW_ERR;
 }
 
@@ -539,37 +539,37 @@ lookup(const ph_t *ph, const gw_tpl_ctx_t *ctx, val_t *v, gw_tpl_err_t *e)
                 return GW_OK;
             }
         }
-        set_err(e, GW_TPL_MISSING_VALUE, "%s: no path parameter \"%s\" in this match", ph->text, ph->name);
+        set_err(e, GW_FAIL_MISSING_VALUE, "%s: no path parameter \"%s\" in this match", ph->text, ph->name);
         return GW_ERR;
     case SRC_QUERY: return lookup_query(ph, ctx->req, v, e);
     case SRC_HEADER:
         v->s = ctx->req != NULL ? gw_req_header(ctx->req, ph->name, &v->len) : NULL;
         if (v->s == NULL) {
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: no header \"%s\" in the request", ph->text, ph->name);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: no header \"%s\" in the request", ph->text, ph->name);
             return GW_ERR;
         }
         return GW_OK;
     case SRC_CALL: {
         const json_t *root = ph->call < ctx->nresults && ctx->results != NULL ? ctx->results[ph->call] : NULL;
         if (root == NULL) {
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: call %s has no answer", ph->text, ph->name);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: call %s has no answer", ph->text, ph->name);
             return GW_ERR;
         }
         v->json = ph->path != NULL ? gw_jpath_get(ph->path, root) : root;
         if (v->json == NULL) {
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: missing in the answer of call %s", ph->text, ph->name);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: missing in the answer of call %s", ph->text, ph->name);
             return GW_ERR;
         }
         return GW_OK;
     }
     case SRC_ITEM:
         if (ctx->item == NULL) {
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: no foreach item", ph->text);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: no foreach item", ph->text);
             return GW_ERR;
         }
         v->json = ph->path != NULL ? gw_jpath_get(ph->path, ctx->item) : ctx->item;
         if (v->json == NULL) {
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: missing in the foreach item", ph->text);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: missing in the foreach item", ph->text);
             return GW_ERR;
         }
         return GW_OK;
@@ -607,13 +607,13 @@ json_text(const ph_t *ph, val_t *v, gw_tpl_err_t *e)
         return GW_OK;
     case JSON_NULL:
         if (ph->src == SRC_CALL)
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: null in the answer of call %s", ph->text, ph->name);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: null in the answer of call %s", ph->text, ph->name);
         else
-            set_err(e, GW_TPL_MISSING_VALUE, "%s: null in the foreach item", ph->text);
+            set_err(e, GW_FAIL_MISSING_VALUE, "%s: null in the foreach item", ph->text);
         return GW_ERR;
     case JSON_OBJECT:
     case JSON_ARRAY:
-        set_err(e, GW_TPL_INVALID_VALUE, "%s: an %s cannot be used as text", ph->text,
+        set_err(e, GW_FAIL_INVALID_VALUE, "%s: an %s cannot be used as text", ph->text,
                 json_is_object(j) ? "object" : "array");
         return GW_ERR;
     }
@@ -633,7 +633,7 @@ value_text(const ph_t *ph, const gw_tpl_ctx_t *ctx, val_t *v, gw_tpl_err_t *e)
 static int
 too_long(const ph_t *ph, const gw_tpl_buf_t *out, gw_tpl_err_t *e)
 {
-    set_err(e, GW_TPL_INVALID_VALUE, "%s: the result would be longer than %zu bytes",
+    set_err(e, GW_FAIL_INVALID_VALUE, "%s: the result would be longer than %zu bytes",
             ph != NULL ? ph->text : "template", out->limit ? out->limit : (size_t)GW_TPL_MAX_LEN);
     return GW_ERR;
 }
@@ -648,16 +648,16 @@ target_value(gw_tpl_buf_t *out, const ph_t *ph, const val_t *v, gw_tpl_err_t *e)
 {
     static const char hex[] = "0123456789ABCDEF";
     if (v->len > 0 && memchr(v->s, '\0', v->len) != NULL) {
-        set_err(e, GW_TPL_INVALID_VALUE, "%s: the value holds a NUL byte", ph->text);
+        set_err(e, GW_FAIL_INVALID_VALUE, "%s: the value holds a NUL byte", ph->text);
         return GW_ERR;
     }
     if (!ph->in_query) {
         if (v->len == 0) {
-            set_err(e, GW_TPL_INVALID_VALUE, "%s: empty value in the path", ph->text);
+            set_err(e, GW_FAIL_INVALID_VALUE, "%s: empty value in the path", ph->text);
             return GW_ERR;
         }
         if (v->s[0] == '.' && (v->len == 1 || (v->len == 2 && v->s[1] == '.'))) {
-            set_err(e, GW_TPL_INVALID_VALUE, "%s: the value \"%.*s\" would change the path", ph->text, (int)v->len,
+            set_err(e, GW_FAIL_INVALID_VALUE, "%s: the value \"%.*s\" would change the path", ph->text, (int)v->len,
                     v->s);
             return GW_ERR;
         }
@@ -691,12 +691,12 @@ plain_value(gw_tpl_buf_t *out, tpl_mode_t mode, const ph_t *ph, const val_t *v, 
     if (mode == MODE_HEADER) {
         for (size_t k = 0; k < v->len; k++) {
             if (is_ctl((unsigned char)v->s[k])) {
-                set_err(e, GW_TPL_INVALID_VALUE, "%s: control character in a header value", ph->text);
+                set_err(e, GW_FAIL_INVALID_VALUE, "%s: control character in a header value", ph->text);
                 return GW_ERR;
             }
         }
     } else if (!utf8_valid((const unsigned char *)v->s, v->len)) {
-        set_err(e, GW_TPL_INVALID_VALUE, "%s: the value is not valid UTF-8", ph->text);
+        set_err(e, GW_FAIL_INVALID_VALUE, "%s: the value is not valid UTF-8", ph->text);
         return GW_ERR;
     }
     if (!buf_room(out, v->len))
@@ -930,7 +930,7 @@ whole_value(const ph_t *ph, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
     json_t *s = utf8_valid((const unsigned char *)v.s, v.len) ? json_stringn(v.s, v.len) : NULL;
     free(v.owned);
     if (s == NULL)
-        set_err(e, GW_TPL_INVALID_VALUE, "%s: the value is not valid UTF-8", ph->text);
+        set_err(e, GW_FAIL_INVALID_VALUE, "%s: the value is not valid UTF-8", ph->text);
     return s;
 }
 
@@ -948,7 +948,7 @@ jnode_render(const jnode_t *n, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
         if (gw_tpl_render(n->tpl, ctx, &b, e) == GW_OK) {
             s = json_stringn(b.data, b.len);
             if (s == NULL)
-                set_err(e, GW_TPL_INVALID_VALUE, "\"%s\": the result is not valid UTF-8", n->tpl->src);
+                set_err(e, GW_FAIL_INVALID_VALUE, "\"%s\": the result is not valid UTF-8", n->tpl->src);
         }
         gw_tpl_buf_free(&b);
         return s;
@@ -976,9 +976,9 @@ jnode_render(const jnode_t *n, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *e)
 json_t *
 gw_tpl_json_render(const gw_tpl_json_t *t, const gw_tpl_ctx_t *ctx, gw_tpl_err_t *err)
 {
-    err->code = NULL;
+    err->code = GW_FAIL_NONE;
     json_t *out = jnode_render(&t->root, ctx, err);
-    if (out == NULL && err->code == NULL) /* jansson's own allocation failed */
-        set_err(err, GW_TPL_INVALID_VALUE, "out of memory while building the body");
+    if (out == NULL && err->code == GW_FAIL_NONE) /* jansson's own allocation failed */
+        set_err(err, GW_FAIL_INVALID_VALUE, "out of memory while building the body");
     return out;
 }

@@ -57,6 +57,7 @@
 #define GW_TEMPLATE_H
 
 #include "gw_core.h"
+#include "gw_fail.h"
 
 #include <jansson.h>
 
@@ -85,16 +86,13 @@ typedef struct {
     const json_t *item; /* the foreach element, or NULL */
 } gw_tpl_ctx_t;
 
-/* A render failure. code is static: "missing_value" or "invalid_value";
+/* A render failure. code is GW_FAIL_MISSING_VALUE or GW_FAIL_INVALID_VALUE;
  * detail names the placeholder, never the value (it may be a secret or
  * hold control characters): "{user.id}: missing in the answer of call user". */
 typedef struct {
-    const char *code;
+    gw_fail_t code;
     char detail[256];
 } gw_tpl_err_t;
-
-#define GW_TPL_MISSING_VALUE "missing_value"
-#define GW_TPL_INVALID_VALUE "invalid_value"
 
 /*
  * A growable output buffer owned by the caller, reusable across renders

@@ -153,7 +153,7 @@ fuzz_text(gw_tpl_kind_t kind, const char *src)
             check_target(src, out.data, out.len);
         else
             check_header(out.data, out.len);
-    } else if (out.len != 0 || e.code == NULL) {
+    } else if (out.len != 0 || e.code == GW_FAIL_NONE) {
         abort();
     }
     gw_tpl_buf_free(&out);
@@ -179,7 +179,7 @@ fuzz_json(const char *src)
             abort();
         free(text);
         json_decref(out);
-    } else if (e.code == NULL) {
+    } else if (e.code == GW_FAIL_NONE) {
         abort();
     }
     gw_tpl_json_free(t);

@@ -277,6 +277,50 @@ def metrics_count_exactly_what_was_sent():
     eq(metric(s, "gatherd_requests_total", route="/r", code="2xx"), 7, "/r after reloads")
 
 
+# Each failure an aggregate call can meet at the backend, the code the answer
+# reports (README "Answers") and the outcome /metrics counts it as (README
+# "Admin listener"): backend name -> (code, backend options, call options,
+# stub query, outcome).
+FAILURE_OUTCOMES = {
+    "bad_json": ("bad_json", {}, {}, "bad_json=1", "invalid"),                 # checked unparsed
+    "bad_json_parsed": ("bad_json", {}, {"allow": ["a"]}, "bad_json=1", "invalid"),  # parsed, shaped
+    "too_large": ("too_large", {"max_response_bytes": 20}, {}, "size=100", "invalid"),
+    "missing_target": ("missing_target", {}, {"target": "nope"}, "", "invalid"),
+    "bad_status": ("bad_status", {}, {}, "status=503", "bad_status"),
+    "bad_status_4xx": ("bad_status", {}, {}, "status=404", "bad_status"),
+    "truncated": ("truncated", {}, {}, "size=100&truncate=10", "reset"),
+    "bad_response": ("bad_response", {}, {}, "garbage=1", "reset"),
+    "timeout": ("timeout", {"timeout_ms": ms(150)}, {}, "delay=%d" % ms(1500), "timeout"),
+    "dead": ("connect_failed", {"url": "http://127.0.0.1:1"}, {}, "", "connect_failed"),
+}
+OUTCOMES = ("ok", "bad_status", "timeout", "connect_failed", "reset", "invalid", "circuit_open", "queue_full",
+            "queue_timeout", "unavailable", "cancelled")
+
+
+@atest
+def metrics_count_each_failure_code_as_its_outcome():
+    """Every call that reached its backend and failed is counted under the
+    outcome its code belongs to, with one latency observation."""
+    stub = Stub()
+    backends, routes = {}, []
+    for name, (_, bopts, copts, query, _) in FAILURE_OUTCOMES.items():
+        backends[name] = tp.backend(stub.url)
+        backends[name].update(bopts)
+        call = {"name": "c", "backend": name, "path": "/x?" + query, "fallback": None}
+        call.update(copts)
+        routes.append({"path": "/" + name, "errors": True, "calls": [call]})
+    d = Daemon({"backends": backends, "routes": routes})
+    for name, (code, *_) in FAILURE_OUTCOMES.items():
+        r = get(d, "/" + name)
+        eq(r.status, 200, f"/{name}")
+        eq(r.json()["_errors"]["c"]["code"], code, f"/{name}: the call's code")
+    s = scrape(d)
+    for name, (*_, outcome) in FAILURE_OUTCOMES.items():
+        got = {o: metric(s, "gatherd_backend_calls_total", backend=name, outcome=o) for o in OUTCOMES}
+        eq({o: v for o, v in got.items() if v}, {outcome: 1}, f"backend {name}: outcomes")
+        eq(metric(s, "gatherd_backend_call_duration_seconds_count", backend=name), 1, f"backend {name}: latency count")
+
+
 @atest
 def status_p95_is_interpolated_in_its_bucket():
     """/status's recent p95 is interpolated inside its histogram bucket, as

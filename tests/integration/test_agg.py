@@ -487,6 +487,31 @@ def agg_fallback_values_and_errors_report():
     eq(j["c"], [1, 2], "a 201 answer")
 
 
+@atest
+def agg_fallback_never_replaces_an_answer():
+    """A call with a fallback that succeeds gives its answer, whichever way
+    the answer is handled: copied unparsed (nothing reads or shapes it, the
+    README's "recs"), parsed because a template reads it, or shaped."""
+    s = Stub()
+    text = '{"items": [1, 2.50, 3], "user": 7}'
+    answer = json.loads(text)
+    q = "/r?body=" + pq(text)
+    fb = {"items": []}
+    d = agg_daemon([route("/raw", [call("recs", q, fallback=fb)]),
+                    route("/read", [call("recs", q, fallback=fb), call("next", "/users/{recs.user}")]),
+                    route("/shaped", [call("recs", q, fallback=fb, deny=["user"])]),
+                    route("/merged", [call("recs", q, fallback=fb)], merge="merge")], s)
+    for path, want in (("/raw", {"recs": {"items": [1, 2.5, 3], "user": 7}}),
+                       ("/read", {"recs": answer, "next": {"id": 7, "name": "User 7", "email": "user7@example.com",
+                                                           "tier": "gold"}}),
+                       ("/shaped", {"recs": {"items": [1, 2.5, 3]}}),
+                       ("/merged", answer)):
+        r, _ = get(d, path)
+        eq(ok_json(r, completed=True, what=path), want, f"{path}: the answer, not the fallback")
+    r, _ = get(d, "/raw")
+    contains(r.body.decode(), "2.50", "an unparsed answer keeps its number text")
+
+
 # --- deadline and cancellation ------------------------------------------------------------------
 
 def fd_count(pid):
