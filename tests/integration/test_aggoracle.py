@@ -5,7 +5,8 @@ model of the README (aggmodel.py), over a generated matrix of routes.
 Every cell of the matrix is one route of one daemon configuration: a call
 under test "c" between two plain calls "a" and "z" (whose keys collide with
 c's in "merge" mode), optionally read by a later call "r" through a
-template (so c's answer is parsed, not copied), with every combination of
+template (so c's answer is parsed, not copied) or made to wait for it with
+"after" (c's answer is still copied unparsed), with every combination of
 required/optional, fallback (none, an object, null), shaping (target,
 allow, deny, rename, a target the answer lacks), merge mode, errors on/off,
 and what the backend does (answers, 204, 4xx/5xx, invalid JSON, too large,
@@ -132,8 +133,9 @@ def plain_cells():
             shapings = ["none"]
         else:
             shapings = ["none", "allow"]  # unparsed or parsed; the rest of shaping never sees a failure
-        # how a later call reads c: not at all, a text value, an object (invalid_value)
-        reads = (None, "f", "internal") if outcome in ("ok", "ok204") else (None, "f")
+        # how a later call r depends on c: not at all, reading a text value or an object
+        # (invalid_value), or waiting for it with "after" (c is not read: copied unparsed)
+        reads = (None, "f", "internal", "after") if outcome in ("ok", "ok204") else (None, "f", "after")
         for shaping, required, fb, merge, read, errors in itertools.product(
                 shapings, (False, True), FALLBACKS, ("group", "merge"), reads, (False, True)):
             if required and fb == "fbnull":
@@ -149,7 +151,10 @@ def plain_cells():
             calls = [{"name": "a", "backend": "s", "path": fixed(A_TEXT)}, c,
                      {"name": "z", "backend": "s", "path": fixed(Z_TEXT)}]
             behaviours = {"a": M.answer(200, A_TEXT), "c": beh, "z": M.answer(200, Z_TEXT)}
-            if read:
+            if read == "after":
+                calls.append({"name": "r", "backend": "s", "path": fixed(R_TEXT), "after": ["c"]})
+                behaviours["r"] = M.answer(200, R_TEXT)
+            elif read:
                 calls.append({"name": "r", "backend": "s", "path": "/r?v={c.%s}&body=%s" % (read, pq(R_TEXT))})
                 behaviours["r"] = M.answer(200, R_TEXT)
             route = {"calls": calls, "merge": merge}
@@ -160,6 +165,28 @@ def plain_cells():
             desc = (f"{outcome} {shaping} {'required' if required else 'optional'} {fb} {merge} "
                     f"{'read:' + read if read else 'unread'} {'errors' if errors else 'noerrors'}")
             out.append(Cell(desc, route, behaviours))
+    # retries change nothing in the answer: the last try's failure is the call's
+    for outcome, required, fb, merge, read, errors in itertools.product(
+            ("ok", "bad_status_503", "bad_json", "truncated_head", "connect_failed"), (False, True),
+            ("nofb", "fbobj"), ("group", "merge"), (None, "f"), (False, True)):
+        beh, backend, query = OUTCOMES[outcome]
+        c = {"name": "c", "backend": "retry_dead" if backend == "dead" else "retry", "path": "/c?" + query,
+             "group": "cv"}
+        if required:
+            c["required"] = True
+        if FALLBACKS[fb] is not NO_FALLBACK:
+            c["fallback"] = FALLBACKS[fb]
+        calls = [{"name": "a", "backend": "s", "path": fixed(A_TEXT)}, c]
+        behaviours = {"a": M.answer(200, A_TEXT), "c": beh}
+        if read:
+            calls.append({"name": "r", "backend": "s", "path": "/r?v={c.f}&body=" + pq(R_TEXT)})
+            behaviours["r"] = M.answer(200, R_TEXT)
+        route = {"calls": calls, "merge": merge}
+        if errors:
+            route["errors"] = True
+        desc = (f"retried:{outcome} none {'required' if required else 'optional'} {fb} {merge} "
+                f"{'read:f' if read else 'unread'} {'errors' if errors else 'noerrors'}")
+        out.append(Cell(desc, route, behaviours))
     return out
 
 
@@ -227,8 +254,12 @@ def foreach_cells():
 # --- running and comparing -----------------------------------------------------------------------
 
 def backends(stub):
+    retry = {"attempts": 2, "backoff_base_ms": 1, "backoff_cap_ms": 5, "statuses": [503],
+             "budget_percent": 100, "min_retries": 100000}
     return {
         "s": tp.backend(stub.url),
+        "retry": tp.backend(stub.url, retry=retry),
+        "retry_dead": tp.backend(f"http://127.0.0.1:{tp.closed_port()}", retry=retry),
         "small": tp.backend(stub.url, max_response_bytes=100),
         "dead": tp.backend(f"http://127.0.0.1:{tp.closed_port()}"),
         # opened by the first call (warm-up) for the rest of the run
