@@ -216,6 +216,11 @@ FOREACH_SCENARIOS = {
     "too_many": ([element(0), element(1), element(2)], 200, "src.list", {"foreach_max": 2}),
     "at_max": ([element(0), element(1)], 200, "src.list", {"foreach_max": 2, "foreach_concurrency": 1}),
     "source_failed": ([element(0)], 503, "src.list", {}),
+    "root": ([element(0), element(1)], 200, "src", {}),  # the answer itself is the array
+    # the route's deadline: a running element fails, one not started yet too
+    "deadline": ([element(0), element(1, delay=SLOW_MS), element(2)], 200, "src.list", {}),
+    "deadline_serial": ([element(0), element(1, delay=SLOW_MS), element(2)], 200, "src.list",
+                        {"foreach_concurrency": 1}),
     "absent": ([element(0)], 200, "src.nolist", {}),
     "not_array": ([element(0)], 200, "src.notlist", {}),
 }
@@ -225,9 +230,10 @@ FOREACH_SHAPINGS = {"none": {}, "target": {"target": "data.user"}, "deny": {"den
 def foreach_cells():
     out = []
     for scen, (items, src_status, fpath, opts) in FOREACH_SCENARIOS.items():
-        src_text = json.dumps({"list": items, "notlist": 5})
+        src_text = json.dumps(items if fpath == "src" else {"list": items, "notlist": 5})
+        shapings = ["none"] if scen.startswith("deadline") else list(FOREACH_SHAPINGS)
         for shaping, required, fb, merge, errors in itertools.product(
-                FOREACH_SHAPINGS, (False, True), ("nofb", "fbobj"), ("group", "merge"), (False, True)):
+                shapings, (False, True), ("nofb", "fbobj"), ("group", "merge"), (False, True)):
             c = {"name": "c", "backend": "s", "path": "/e?status={item.st}&delay={item.d}&body={item.b}",
                  "foreach": fpath, "group": "cv"}
             c.update(FOREACH_SHAPINGS[shaping])
@@ -245,6 +251,8 @@ def foreach_cells():
             route = {"calls": calls, "merge": merge}
             if errors:
                 route["errors"] = True
+            if scen.startswith("deadline"):
+                route["deadline_ms"] = DEADLINE_MS
             desc = (f"foreach:{scen} {shaping} {'required' if required else 'optional'} {fb} {merge} "
                     f"{'errors' if errors else 'noerrors'}")
             out.append(Cell(desc, route, behaviours))
