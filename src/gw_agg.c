@@ -343,8 +343,10 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
         if (rt->failed == NULL)
             rt->failed = json_array();
         json_array_append_new(rt->failed, json_integer((json_int_t)item));
-        if (call->required && a->fatal == 0)
-            a->fatal = (int)i + 1;
+        /* a required call fails the request with its first failed element:
+         * it is over, so Server-Timing and the access log name its code */
+        if (call->required)
+            call_complete(a, i, code, status);
     }
     if (!rt->filling)
         foreach_fill(a, i);

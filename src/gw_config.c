@@ -1893,6 +1893,7 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
     }
     if (parse_call_group(c, v, route, call) != GW_OK)
         return GW_ERR;
+    call->reads = call->deps; /* templates and foreach so far; "after" only waits */
     if ((x = json_object_get(v, "after")) != NULL && parse_call_after(c, x, route, call) != GW_OK)
         return GW_ERR;
 
@@ -2049,7 +2050,7 @@ parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
         goto out;
     }
     for (size_t i = 0; i < route->agg.ncalls; i++)
-        route->agg.read |= route->agg.calls[i]->deps;
+        route->agg.read |= route->agg.calls[i]->reads;
     rc = GW_OK;
 out:
     free(names);

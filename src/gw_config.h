@@ -151,6 +151,7 @@ struct gw_call_s {
     char *group;                 /* its key in the aggregate; the name unless set */
     uint64_t deps;               /* calls that must finish first: from its templates, "after"
                                     and the foreach source; bit i = calls[i] */
+    uint64_t reads;              /* the calls of deps whose answers it reads (not "after") */
     /* "foreach": "orders.items": one request per element of that array */
     bool foreach;
     size_t foreach_call;         /* index of the call whose answer holds the array */
@@ -191,7 +192,7 @@ struct gw_route_s {
         int deadline_ms;             /* the whole request (default 5000) */
         gw_merge_t merge;            /* "merge": "group" (default) or "merge" */
         bool errors;                 /* "errors": true adds "_errors" to degraded answers */
-        uint64_t read;               /* calls whose answers other calls need (any call's deps) */
+        uint64_t read;               /* calls whose answers other calls read (templates, foreach) */
         char **params;               /* the pattern's parameter names, in order */
         size_t nparams;
     } agg;

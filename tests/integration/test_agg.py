@@ -512,6 +512,21 @@ def agg_fallback_never_replaces_an_answer():
     contains(r.body.decode(), "2.50", "an unparsed answer keeps its number text")
 
 
+@atest
+def agg_fallback_for_an_answer_without_its_target():
+    """missing_target is a failure like the others: the fallback takes the
+    call's place (it was left out)."""
+    s = Stub()
+    d = agg_daemon([route("/t", [call("u", "/users/1", target="nope", fallback={"none": True}),
+                                 call("v", "/users/2", target="nope", fallback=None),
+                                 call("w", "/users/3", target="nope")], errors=True)], s)
+    r, _ = get(d, "/t")
+    j = ok_json(r, completed=False)
+    eq(j, {"u": {"none": True}, "v": None,
+           "_errors": {k: {"code": "missing_target", "status": 200, "ms": j["_errors"][k]["ms"]} for k in "uvw"}},
+       "fallbacks in place of answers without their target")
+
+
 # --- deadline and cancellation ------------------------------------------------------------------
 
 def fd_count(pid):

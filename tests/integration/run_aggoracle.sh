@@ -1,0 +1,12 @@
+#!/bin/bash
+# The aggregate oracle (an automake TESTS entry): gatherd's aggregate answers
+# against the README's model (aggmodel.py) over a generated matrix of routes,
+# with the real daemon and the stub backend. Environment: GATHERD, GW_STUB
+# (defaults: next to this script in the build tree), GW_SRCDIR; GW_ORACLE_CELLS
+# selects cells by description. Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+: "${GW_STUB:=$here/../../tests/stub/gw_stub}"
+export GATHERD GW_STUB PYTHONDONTWRITEBYTECODE=1
+# Shared with the other integration tests; run_reload.sh's load tests take it alone.
+exec flock -s "${TMPDIR:-/tmp}/gatherd-integration-$(id -u).lock" python3 "$here/test_aggoracle.py" "$@"
