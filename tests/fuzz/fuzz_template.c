@@ -147,7 +147,7 @@ fuzz_text(gw_tpl_kind_t kind, const char *src)
     if (t == NULL)
         return;
     gw_tpl_buf_t out = { .limit = 8192 };
-    gw_tpl_err_t e;
+    gw_tpl_err_t e = { 0 };
     if (gw_tpl_render(t, &ctx, &out, &e) == GW_OK) {
         if (kind == GW_TPL_TARGET)
             check_target(src, out.data, out.len);
@@ -171,7 +171,7 @@ fuzz_json(const char *src)
     json_decref(body);
     if (t == NULL)
         return;
-    gw_tpl_err_t e;
+    gw_tpl_err_t e = { 0 };
     json_t *out = gw_tpl_json_render(t, &ctx, &e);
     if (out != NULL) {
         char *text = json_dumps(out, JSON_ENCODE_ANY);
