@@ -1126,6 +1126,7 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
             } else {
                 gw_log(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
                        call_of(a, x->call)->name, x->rd.why);
+                x->status = 0; /* an invalid answer has no status worth reporting */
                 x->u->broken = true;
                 xchg_end(x, false, NULL, "bad_response");
             }
