@@ -150,8 +150,8 @@ on_field(llhttp_t *ll, const char *at, size_t len)
             return bad(r, "invalid character in a field name");
     if (count_head(r, len) != 0)
         return -1;
-    size_t keep = r->name_len < sizeof(r->name) ? GW_MIN(len, sizeof(r->name) - r->name_len) : 0;
-    memcpy(r->name + r->name_len, at, keep);
+    if (r->name_len < sizeof(r->name)) /* the start of the name is enough to see Transfer-Encoding */
+        memcpy(r->name + r->name_len, at, GW_MIN(len, sizeof(r->name) - r->name_len));
     r->name_len += (uint32_t)len; /* at most GW_RESP_HEAD_MAX: counted above */
     if (r->ops->field && !r->trailers && r->ops->field(r, at, len) != GW_OK)
         return fail(r, GW_RESP_STOPPED, NULL);
@@ -389,6 +389,12 @@ gw_resp_execute(gw_resp_t *r, const char *data, size_t len, size_t *used)
         /* paused where a section starts: after an interim response (a
          * head), or after the last chunk (the trailers) */
         llhttp_resume(&r->ll);
+        if (!r->head_done) {
+            /* after an interim response that is not keep-alive (HTTP/1.0,
+             * "Connection: close") llhttp would swallow the rest unread:
+             * the final response decides what becomes of the connection */
+            llhttp_reset(&r->ll);
+        }
         scan_start(r, r->head_done);
     }
 }

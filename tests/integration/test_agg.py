@@ -486,17 +486,19 @@ def agg_sizes_over_the_limit_fail_before_the_body():
 @atest
 def agg_no_content_answers_ignore_their_framing():
     """A 204 is null whatever its head says; its stray bytes never become an
-    answer."""
+    answer; interim heads are skipped whatever they say."""
     s = Stub()
     d = agg_daemon([route("/nc", [
         call("cl", raw("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n{\"a\":1}")),
         call("chunked", raw("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n0\r\n\r\n")),
         call("interim", raw("HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n"
                             "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"b\":2}")),
+        # an interim response that is not keep-alive used to swallow the final one
+        call("interim10", raw("HTTP/1.0 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n{\"c\":3}")),
     ], errors=True)], s)
     r, _ = get(d, "/nc")
     j = ok_json(r)
-    eq(j, {"cl": None, "chunked": None, "interim": {"b": 2}}, "answers")
+    eq(j, {"cl": None, "chunked": None, "interim": {"b": 2}, "interim10": {"c": 3}}, "answers")
 
 
 @atest

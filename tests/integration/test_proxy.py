@@ -1414,6 +1414,10 @@ UNUSUAL = [
      200, b"hello"),
     ("102 and 103 first", "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
      + CL_HEAD + "hello", 200, b"hello"),
+    # an interim response that is not keep-alive used to swallow the final one (found by test_backend_fuzz)
+    ("HTTP/1.0 interim response", "HTTP/1.0 103 Early Hints\r\n\r\n" + CL_HEAD + "hello", 200, b"hello"),
+    ("interim with Connection: close", "HTTP/1.1 102 P\r\nConnection: close\r\n\r\n" + CL_HEAD + "hello", 200,
+     b"hello"),
     ("32 interim responses", "HTTP/1.1 102 Processing\r\n\r\n" * 32 + CL_HEAD + "hello", 200, b"hello"),
     ("status 599", "HTTP/1.1 599 Odd\r\nContent-Length: 5\r\n\r\nhello", 599, b"hello"),
     ("status 299", "HTTP/1.1 299 Odd\r\nContent-Length: 5\r\n\r\nhello", 299, b"hello"),
