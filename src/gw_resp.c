@@ -10,8 +10,9 @@
  * count a backend controls. Head and trailer sections are told apart by
  * pausing llhttp at their starts: after an interim response, and at the
  * last chunk. llhttp (built without LLHTTP_STRICT_MODE) also skips the two
- * bytes after a chunk's data without looking at them: they are checked
- * here to be CRLF.
+ * bytes after a chunk's data and the byte after the CR of a chunk size
+ * line without looking at them: a small scanner that runs just ahead of
+ * llhttp over those places checks them to be CRLF.
  */
 #include "gw_resp.h"
 
@@ -100,6 +101,7 @@ prescan(gw_resp_t *r, const char *data, size_t len)
                 return bad(r, "empty line before the status line");
             } else {
                 r->scanning = false;
+                r->body_start = data + i + 1; /* for check_framing(), in this gw_resp_execute() */
             }
         } else if (prev == '\r') {
             return bad(r, "CR not followed by LF in a response head");
@@ -111,6 +113,39 @@ prescan(gw_resp_t *r, const char *data, size_t len)
         prev = b;
     }
     r->scan_prev = prev;
+    return 0;
+}
+
+/* Where check_framing() is in the chunked framing. */
+enum { FC_NONE, FC_CR, FC_LF, FC_LINE, FC_LINE_LF };
+
+/* Checks, from p to the end of the bytes at hand, the CRLF after a chunk's
+ * data and the line end of the chunk size line after it; what is not there
+ * yet is checked at the next gw_resp_execute(). */
+static int
+check_framing(gw_resp_t *r, const char *p, const char *end)
+{
+    for (; p < end && r->frame_check != FC_NONE; p++) {
+        char b = *p;
+        switch (r->frame_check) {
+        case FC_CR:
+        case FC_LF:
+            if (b != (r->frame_check == FC_CR ? '\r' : '\n'))
+                return bad(r, "chunk data not followed by CRLF");
+            r->frame_check = r->frame_check == FC_CR ? FC_LF : FC_LINE;
+            break;
+        case FC_LINE:
+            if (b == '\n')
+                return bad(r, "bare LF in a chunk size line");
+            if (b == '\r')
+                r->frame_check = FC_LINE_LF;
+            break;
+        default:
+            if (b != '\n')
+                return bad(r, "CR not followed by LF in a chunk size line");
+            r->frame_check = FC_NONE;
+        }
+    }
     return 0;
 }
 
@@ -234,6 +269,11 @@ on_headers_complete(llhttp_t *ll)
     r->head_bytes = r->nfields = 0;
     if (r->ops->head(r) != GW_OK)
         return fail(r, GW_RESP_STOPPED, NULL);
+    if (r->chunked && !no_body) {
+        r->frame_check = FC_LINE; /* the first chunk size line starts where the head ended */
+        if (check_framing(r, r->body_start, r->exec_end) != 0)
+            return -1;
+    }
     return no_body ? 1 : 0;
 }
 
@@ -275,17 +315,6 @@ on_chunk_header(llhttp_t *ll)
     return 0;
 }
 
-/* Checks the CRLF after a chunk's data, from p to the end of the bytes at
- * hand; what is not there yet is checked at the next gw_resp_execute(). */
-static int
-check_crlf(gw_resp_t *r, const char *p, const char *end)
-{
-    for (; r->crlf_need > 0 && p < end; p++, r->crlf_need--)
-        if (*p != (r->crlf_need == 2 ? '\r' : '\n'))
-            return bad(r, "chunk data not followed by CRLF");
-    return 0;
-}
-
 static int
 on_body(llhttp_t *ll, const char *at, size_t len)
 {
@@ -295,8 +324,8 @@ on_body(llhttp_t *ll, const char *at, size_t len)
     if (r->chunked) {
         r->chunk_left -= len; /* llhttp hands over at most the chunk's size */
         if (r->chunk_left == 0) {
-            r->crlf_need = 2;
-            if (check_crlf(r, at + len, r->exec_end) != 0)
+            r->frame_check = FC_CR;
+            if (check_framing(r, at + len, r->exec_end) != 0)
                 return -1;
         }
     }
@@ -363,7 +392,7 @@ gw_resp_execute(gw_resp_t *r, const char *data, size_t len, size_t *used)
     if (r->done)
         return GW_RESP_DONE;
     r->exec_end = data + len;
-    if (r->crlf_need > 0 && check_crlf(r, data, data + len) != 0)
+    if (check_framing(r, data, data + len) != 0)
         return GW_RESP_ERROR;
     for (;;) {
         if (r->scanning && prescan(r, data + off, len - off) != 0)

@@ -89,8 +89,9 @@ struct gw_resp_s {
     /* per head or trailer section */
     uint32_t head_bytes, nfields, interim, ext_bytes;
     uint64_t chunk_left;  /* data bytes of the current chunk still to come */
-    unsigned crlf_need;   /* bytes of the CRLF after a chunk's data still to check */
+    int frame_check;      /* what the chunk framing check waits for (gw_resp.c) */
     const char *exec_end; /* the end of the bytes gw_resp_execute() was given */
+    const char *body_start; /* where the head the pre-scan just finished ends */
     bool trailers;
     bool in_field;     /* a field name is being read */
     bool is_te;        /* the current field is Transfer-Encoding */

@@ -434,6 +434,7 @@ RESP_FAILURES = [
     ("badchunk", raw(CH + "zz\r\n{}\r\n0\r\n\r\n"), "s", {}, "bad_response", None, []),
     ("chunkext", raw(CH + "2;x=" + "e" * 5000 + "\r\n{}\r\n0\r\n\r\n"), "s", {}, "bad_response", None, []),
     ("chunk_crlf", raw(CH + "2\r\n{}XX0\r\n\r\n"), "s", {}, "bad_response", None, []),
+    ("chunk_line_cr", raw(CH + "2\r\n{}\r\n0\rX-T: 1\r\n\r\n"), "s", {}, "bad_response", None, []),
     ("te_gzip", raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}"), "s", {}, "bad_response", None, []),
     ("te_list", raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"), "s", {},
      "bad_response", None, []),

@@ -1320,6 +1320,8 @@ MALFORMED = [
     ("chunk extensions over 4 KiB", CHUNKED_HEAD + "5;x=" + "a" * 5000 + "\r\nhello\r\n0\r\n\r\n"),
     ("many chunk extensions over 4 KiB", CHUNKED_HEAD + "5" + ";ab" * 1400 + "\r\nhello\r\n0\r\n\r\n"),
     ("chunk data not followed by CRLF", CHUNKED_HEAD + "5\r\nhelloXX0\r\n\r\n"),
+    ("CR without LF in a chunk size line", CHUNKED_HEAD + "5\rXhello\r\n0\r\n\r\n"),
+    ("CR without LF in the last chunk line", CHUNKED_HEAD + "5\r\nhello\r\n0\rX-Trailer: 1\r\n\r\n"),
     ("bad status line", "HTTP/1.1 2x0 OK\r\nContent-Length: 5\r\n\r\nhello"),
     ("not HTTP", "SSH-2.0-OpenSSH_9.0\r\n\r\n"),
     ("status 000", "HTTP/1.1 000 Zero\r\nContent-Length: 5\r\n\r\nhello"),

@@ -127,6 +127,12 @@ test_invalid(void)
         "HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\n",
         CH "zz\r\n",
         CH "5\r\nhelloXX0\r\n\r\n",
+        /* llhttp takes any byte after the CR of a chunk size line for its LF
+         * (found by test_backend_fuzz: "0\rX-Trailer" read as a trailer) */
+        CH "5\rXhello\r\n0\r\n\r\n",
+        CH "5;a=\"b\"\rXhello\r\n0\r\n\r\n",
+        CH "5\r\nhello\r\n0\rX-Trailer: 1\r\n\r\n",
+        CH "5\nhello\r\n0\r\n\r\n",
         CH "5\r\nhello\r\n0\r\nX-T: 1\n\r\n",
         CH "5\r\nhello\r\n0\r\nX-T: 1\r\n 2\r\n\r\n",
     };
