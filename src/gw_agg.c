@@ -36,6 +36,7 @@
 #include "gw_jpath.h"
 #include "gw_log.h"
 #include "gw_proxy.h"
+#include "gw_resp.h"
 #include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_server.h"
@@ -92,7 +93,7 @@ struct xchg_s {
     size_t item;          /* element index of a foreach call */
     gw_upstream_t *u;
     struct event *timer;  /* the call's timeout_ms */
-    llhttp_t parser;
+    gw_resp_t rd;         /* the response being read (gw_resp.h) */
     gw_tpl_buf_t req;     /* the request head, kept for a retry */
     gw_tpl_buf_t obody;   /* the request body rendered from a JSON template */
     bool has_obody;
@@ -160,7 +161,7 @@ typedef struct {
     unsigned ndeadlines;
 } agg_cache_t;
 
-static llhttp_settings_t resp_settings;
+static const gw_resp_ops_t resp_ops;
 static void xchg_read_cb(gw_upstream_t *u, void *arg);
 static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
@@ -605,8 +606,7 @@ xchg_send(xchg_t *x, bool fresh)
     x->status = 0;
     x->blen = 0;
     x->done = x->too_large = false;
-    llhttp_init(&x->parser, HTTP_RESPONSE, &resp_settings);
-    x->parser.data = x;
+    gw_resp_init(&x->rd, &resp_ops, x, x->limit, call->method == HTTP_HEAD);
     gw_upstream_setcb(u, xchg_read_cb, NULL, xchg_event_cb, x, 0);
     struct evbuffer *out = gw_upstream_output(u);
     evbuffer_add(out, x->req.data, x->req.len);
@@ -989,56 +989,31 @@ agg_deadline_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- the response of an exchange ----------------------------------------- */
 
-#define XCHG(ll) ((xchg_t *)(ll)->data)
+#define XCHG(r) ((xchg_t *)(r)->arg)
 
+/* The final head (gw_resp skipped interim ones and checked the framing; a
+ * Content-Length over max_response_bytes never gets here). */
 static int
-on_headers_complete(llhttp_t *ll)
+on_headers_complete(gw_resp_t *r)
 {
-    xchg_t *x = XCHG(ll);
-    x->status = ll->status_code;
-    if (x->status < 200)
-        return 0; /* 1xx: the final response follows */
-    if (x->status <= 299 && (ll->flags & F_CONTENT_LENGTH) && ll->content_length > x->limit) {
-        x->too_large = true;
-        return -1;
-    }
-    return 0;
+    XCHG(r)->status = r->status;
+    return GW_OK;
 }
 
+/* Body bytes, within max_response_bytes (gw_resp counts them). */
 static int
-on_body(llhttp_t *ll, const char *at, size_t len)
+on_body(gw_resp_t *r, const char *at, size_t len)
 {
-    xchg_t *x = XCHG(ll);
-    if (x->status < 200 || x->status > 299)
-        return 0; /* not kept: only its status matters */
-    if (x->blen + len > x->limit) {
-        x->too_large = true;
-        return -1;
-    }
+    xchg_t *x = XCHG(r);
+    if (x->status > 299)
+        return GW_OK; /* not kept: only its status matters */
     gw_grow((void **)&x->body, &x->bcap, x->blen + len, 1);
     memcpy(x->body + x->blen, at, len);
     x->blen += len;
-    return 0;
+    return GW_OK;
 }
 
-static int
-on_message_complete(llhttp_t *ll)
-{
-    xchg_t *x = XCHG(ll);
-    if (x->status < 200)
-        return 0;
-    x->done = true;
-    return HPE_PAUSED;
-}
-
-static void
-settings_build(void)
-{
-    llhttp_settings_init(&resp_settings);
-    resp_settings.on_headers_complete = on_headers_complete;
-    resp_settings.on_body = on_body;
-    resp_settings.on_message_complete = on_message_complete;
-}
+static const gw_resp_ops_t resp_ops = { .head = on_headers_complete, .body = on_body };
 
 /* The whole response is in: judge it, parse it, end the exchange. */
 static void
@@ -1126,13 +1101,22 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
         struct evbuffer_iovec v;
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
             break;
-        llhttp_errno_t err = llhttp_execute(&x->parser, v.iov_base, v.iov_len);
-        if (err == HPE_OK) {
-            evbuffer_drain(in, v.iov_len);
-        } else if (err == HPE_PAUSED && x->done) {
-            evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&x->parser) - (const char *)v.iov_base));
+        size_t used;
+        gw_resp_result_t rc = gw_resp_execute(&x->rd, v.iov_base, v.iov_len, &used);
+        if (rc != GW_RESP_ERROR) {
+            evbuffer_drain(in, used);
+            x->done = rc == GW_RESP_DONE;
         } else {
-            if (x->too_large) {
+            x->status = x->rd.status; /* 0 when the head itself was refused */
+            if (x->rd.error == GW_RESP_TOO_LARGE && x->status > 299) {
+                /* the body of an error is never used: its status is the answer */
+                gw_log(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
+                       "request %s", call_of(a, x->call)->backend->name, x->status, call_of(a, x->call)->name,
+                       gw_conn_req(c)->request_id);
+                x->u->broken = true;
+                xchg_end(x, false, NULL, GW_FAIL_BAD_STATUS);
+            } else if (x->rd.error == GW_RESP_TOO_LARGE) {
+                x->too_large = true;
                 gw_log(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
                        call_of(a, x->call)->backend->name, x->limit, call_of(a, x->call)->name,
                        gw_conn_req(c)->request_id);
@@ -1140,7 +1124,8 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
                 xchg_end(x, false, NULL, GW_FAIL_TOO_LARGE);
             } else {
                 gw_log(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
-                       call_of(a, x->call)->name, llhttp_get_error_reason(&x->parser));
+                       call_of(a, x->call)->name, x->rd.why);
+                x->status = 0; /* an invalid answer has no status worth reporting */
                 x->u->broken = true;
                 xchg_end(x, false, NULL, GW_FAIL_BAD_RESPONSE);
             }
@@ -1150,7 +1135,7 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
         }
     }
     if (x->done)
-        xchg_finish(x, llhttp_should_keep_alive(&x->parser) && evbuffer_get_length(in) == 0);
+        xchg_finish(x, gw_resp_keep_alive(&x->rd) && evbuffer_get_length(in) == 0);
     agg_progress(a);
     gw_conn_release(c);
 }
@@ -1178,10 +1163,8 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
         xchg_broke(x, GW_FAIL_CONNECT_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
         xchg_broke(x, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
-    } else if ((what & GW_UP_EOF) && x->status >= 200 && llhttp_message_needs_eof(&x->parser) &&
-               (llhttp_finish(&x->parser) == HPE_OK || x->done)) {
-        /* a close-delimited body ends here (on_message_complete pauses the
-         * parser, so llhttp_finish() reports HPE_PAUSED: done says it ended) */
+    } else if ((what & GW_UP_EOF) && gw_resp_eof(&x->rd) == GW_RESP_DONE) {
+        /* a close-delimited body ends here */
         x->done = true;
         xchg_finish(x, false);
     } else {
@@ -1563,8 +1546,6 @@ deadline_add(agg_t *a, agg_cache_t *cache, int ms)
 void
 gw_agg_start(gw_conn_t *c, const gw_match_t *m)
 {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, settings_build);
     gw_worker_t *w = gw_conn_worker(c);
     agg_cache_t *cache = cache_of(w);
     agg_t *a = cache->aggs;

@@ -85,6 +85,8 @@ struct gw_conn_s {
     bool chunked_out;  /* the response body is sent chunked */
     bool no_body;      /* HEAD, 204, 304: body bytes are dropped */
     bool resp_started; /* the response head was queued */
+    uint64_t out_sent; /* bytes written to the socket so far */
+    uint64_t resp_at;  /* out_sent + queued bytes when the response head was queued: where it starts */
     bool body_stream;  /* the request body is being read and handed to the async handler */
     bool body_paused;  /* ... but the handler asked to wait */
     const gw_conn_async_t *async; /* set while an async handler owns the request */
@@ -679,8 +681,10 @@ conn_flush(gw_conn_t *c)
 {
     while (evbuffer_get_length(c->out) > 0) {
         int n = evbuffer_write(c->out, c->fd);
-        if (n >= 0)
+        if (n >= 0) {
+            c->out_sent += (uint64_t)n;
             continue;
+        }
         int err = errno;
         if (err == EINTR)
             continue;
@@ -971,6 +975,7 @@ gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len
 {
     decide_close(c);
     c->resp_started = true;
+    c->resp_at = c->out_sent + evbuffer_get_length(c->out);
     c->no_body = c->req.method == HTTP_HEAD || status == 204 || status == 304 || (status >= 100 && status < 200);
     c->chunked_out = false;
     if (content_length < 0 && !c->no_body) {
@@ -1041,6 +1046,28 @@ gw_conn_body_pause(gw_conn_t *c, bool pause)
     timer_set(c, GW_T_BODY);
     if (!c->processing)
         conn_run(c); /* the input may hold body bytes already */
+}
+
+bool
+gw_conn_take_back(gw_conn_t *c)
+{
+    if (!c->resp_started || c->out_sent > c->resp_at)
+        return false;
+    /* keep what earlier responses still have queued, drop this one's bytes */
+    size_t keep = (size_t)(c->resp_at - c->out_sent);
+    if (keep == 0) {
+        evbuffer_drain(c->out, evbuffer_get_length(c->out));
+    } else {
+        struct evbuffer *earlier = evbuffer_new();
+        evbuffer_remove_buffer(c->out, earlier, keep);
+        evbuffer_drain(c->out, evbuffer_get_length(c->out));
+        evbuffer_add_buffer(c->out, earlier);
+        evbuffer_free(earlier);
+    }
+    c->resp_started = false;
+    c->chunked_out = c->no_body = false;
+    c->alog.bytes = 0;
+    return true;
 }
 
 void

@@ -105,6 +105,11 @@ void gw_conn_body(gw_conn_t *c, const char *data, size_t len);
 bool gw_conn_send(gw_conn_t *c);
 /* The body is complete: ends the async part; the next request may follow. */
 void gw_conn_end_response(gw_conn_t *c);
+/* Takes back a started response of which no byte reached the client yet
+ * (its head and body are still queued): true when done, and the handler
+ * may then answer otherwise (gw_conn_error()); false when some of it was
+ * written, so only gw_conn_abort() is left. */
+bool gw_conn_take_back(gw_conn_t *c);
 /* Gives up mid-response: the connection is closed so the client never
  * mistakes a cut body for a whole one. Ends the async part. */
 void gw_conn_abort(gw_conn_t *c);

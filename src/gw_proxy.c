@@ -33,6 +33,7 @@
 #include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_log.h"
+#include "gw_resp.h"
 #include "gw_retry.h"
 #include "gw_server.h"
 #include "gw_upstream.h"
@@ -70,7 +71,7 @@ struct gw_proxy_s {
     bool has_body;        /* the client's request has a body */
     bool body_sent;       /* all of it went upstream (the chunked end included) */
     bool body_paused;     /* the client's body waits for the upstream output to drain */
-    llhttp_t parser;
+    gw_resp_t rd;         /* the response being read (gw_resp.h) */
     bool retried;
     bool got_bytes;       /* a response byte arrived on this attempt */
     bool head_sent;       /* the response head went to the client */
@@ -99,7 +100,7 @@ struct gw_proxy_s {
     gw_fail_t end_code;   /* GW_FAIL_NONE: an answer below 500 */
 };
 
-static llhttp_settings_t resp_settings;
+static const gw_resp_ops_t resp_ops;
 static void proxy_read_cb(gw_upstream_t *u, void *arg);
 static bool proxy_retry(gw_proxy_t *p, gw_fail_t code, int err);
 static bool proxy_retry_head(gw_proxy_t *p);
@@ -500,7 +501,8 @@ proxy_fail(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
         p->u->broken = true;
         p->outcome = -1; /* it reached the backend (a queue or local failure says nothing about it) */
     }
-    if (p->head_sent) {
+    if (p->head_sent && !gw_conn_take_back(c)) {
+        /* part of the response reached the client: only closing is left */
         proxy_free(p, false);
         gw_conn_abort(c);
     } else {
@@ -523,8 +525,7 @@ send_attempt(gw_proxy_t *p, bool fresh)
         return rc;
     p->u = u;
     p->got_bytes = false;
-    llhttp_init(&p->parser, HTTP_RESPONSE, &resp_settings);
-    p->parser.data = p;
+    gw_resp_init(&p->rd, &resp_ops, p, INT64_MAX, gw_conn_req(p->c)->method == HTTP_HEAD);
     gw_upstream_setcb(u, proxy_read_cb, proxy_write_cb, proxy_event_cb, p, UP_LOW);
     struct evbuffer *out = gw_upstream_output(u);
     evbuffer_add(out, p->head, p->head_len);
@@ -567,26 +568,23 @@ upstream_broke(gw_proxy_t *p, int err)
 
 /* --- the response -------------------------------------------------------- */
 
-#define PROXY(ll) ((gw_proxy_t *)(ll)->data)
+#define PROXY(r) ((gw_proxy_t *)(r)->arg)
 
-static int
+/* Limits of the collected head: gw_resp counts names and values and
+ * fields (GW_RESP_HEAD_MAX, GW_RESP_FIELDS_MAX) before they get here. */
+static void
 hbuf_add(gw_proxy_t *p, const char *at, size_t len)
 {
-    if (p->hlen + len > 65536)
-        return -1; /* a response head over 64 KiB is not worth passing on */
     gw_grow((void **)&p->hbuf, &p->hcap, p->hlen + len, 1);
     memcpy(p->hbuf + p->hlen, at, len);
     p->hlen += len;
-    return 0;
 }
 
 static int
-on_resp_field(llhttp_t *ll, const char *at, size_t len)
+on_resp_field(gw_resp_t *r, const char *at, size_t len)
 {
-    gw_proxy_t *p = PROXY(ll);
+    gw_proxy_t *p = PROXY(r);
     if (!p->in_field) {
-        if (p->nhdrs >= 200)
-            return -1;
         gw_grow((void **)&p->hdrs, &p->hdrs_cap, p->nhdrs + 1, sizeof(gw_header_t));
         gw_header_t *h = &p->hdrs[p->nhdrs];
         memset(h, 0, sizeof(*h));
@@ -595,117 +593,102 @@ on_resp_field(llhttp_t *ll, const char *at, size_t len)
         p->in_value = false;
     }
     p->hdrs[p->nhdrs].name_len += (uint32_t)len;
-    return hbuf_add(p, at, len);
+    hbuf_add(p, at, len);
+    return GW_OK;
 }
 
 static int
-on_resp_value(llhttp_t *ll, const char *at, size_t len)
+on_resp_value(gw_resp_t *r, const char *at, size_t len)
 {
-    gw_proxy_t *p = PROXY(ll);
+    gw_proxy_t *p = PROXY(r);
     gw_header_t *h = &p->hdrs[p->nhdrs];
     if (!p->in_value) {
         h->value_off = (uint32_t)p->hlen;
         p->in_value = true;
     }
     h->value_len += (uint32_t)len;
-    return hbuf_add(p, at, len);
+    hbuf_add(p, at, len);
+    return GW_OK;
 }
 
 static int
-on_resp_value_complete(llhttp_t *ll)
+on_resp_value_complete(gw_resp_t *r)
 {
-    gw_proxy_t *p = PROXY(ll);
+    gw_proxy_t *p = PROXY(r);
     gw_header_t *h = &p->hdrs[p->nhdrs];
     if (!p->in_value)
         h->value_off = (uint32_t)p->hlen;
-    const unsigned char *v = (const unsigned char *)p->hbuf + h->value_off;
-    for (uint32_t i = 0; i < h->value_len; i++)
-        if ((v[i] < 0x20 && v[i] != '\t') || v[i] == 0x7f)
-            return -1; /* never pass a CR or LF on to the client */
+    /* gw_resp refused control characters (a CR or LF never reaches the client) */
+    const char *v = p->hbuf + h->value_off;
     while (h->value_len && (v[h->value_len - 1] == ' ' || v[h->value_len - 1] == '\t'))
         h->value_len--;
     p->nhdrs++;
     p->in_field = p->in_value = false;
-    return 0;
+    return GW_OK;
+}
+
+/* An interim (1xx) head was skipped: its fields go. */
+static void
+on_resp_interim(gw_resp_t *r)
+{
+    gw_proxy_t *p = PROXY(r);
+    p->hlen = p->nhdrs = 0;
+    p->in_field = p->in_value = false;
+}
+
+void
+gw_proxy_response_head(const char *base, const gw_header_t *hdrs, size_t n, char **out, size_t *len, size_t *cap)
+{
+    for (size_t i = 0; i < n; i++) {
+        const gw_header_t *h = &hdrs[i];
+        if (dropped(base, hdrs, n, i, set_downstream))
+            continue;
+        buf_add(out, len, cap, base + h->name_off, h->name_len);
+        buf_add(out, len, cap, ": ", 2);
+        buf_add(out, len, cap, base + h->value_off, h->value_len);
+        buf_add(out, len, cap, "\r\n", 2);
+    }
 }
 
 static int
-on_resp_headers_complete(llhttp_t *ll)
+on_resp_headers_complete(gw_resp_t *r)
 {
-    gw_proxy_t *p = PROXY(ll);
-    p->status = ll->status_code;
-    if (p->status < 200) {
-        /* 1xx: skipped; the final response follows */
-        p->hlen = p->nhdrs = 0;
-        return 0;
-    }
+    gw_proxy_t *p = PROXY(r);
+    p->status = r->status;
     if (proxy_retry_head(p)) {
         p->retry_status = true; /* nothing was sent to the client: proxy_read_cb retries */
-        return -1;
+        return GW_ERR;
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
      * those gatherd writes itself (Date, Server, ...). */
     char *out = p->hout;
     size_t len = 0, cap = p->hout_cap;
-    for (size_t i = 0; i < p->nhdrs; i++) {
-        const gw_header_t *h = &p->hdrs[i];
-        const char *name = p->hbuf + h->name_off;
-        if (dropped(p->hbuf, p->hdrs, p->nhdrs, i, set_downstream))
-            continue;
-        buf_add(&out, &len, &cap, name, h->name_len);
-        buf_add(&out, &len, &cap, ": ", 2);
-        buf_add(&out, &len, &cap, p->hbuf + h->value_off, h->value_len);
-        buf_add(&out, &len, &cap, "\r\n", 2);
-    }
-    int64_t clen = -1;
-    bool head_req = gw_conn_req(p->c)->method == HTTP_HEAD;
-    if ((ll->flags & F_CONTENT_LENGTH) && !(ll->flags & F_CHUNKED))
-        clen = (int64_t)ll->content_length;
-    else if (head_req || p->status == 204 || p->status == 304)
-        clen = 0;
-    gw_conn_start_response(p->c, p->status, out ? out : "", len, p->status == 204 ? -1 : clen);
+    gw_proxy_response_head(p->hbuf, p->hdrs, p->nhdrs, &out, &len, &cap);
+    /* The backend's Content-Length (at most 2^63-1: gw_resp), which for
+     * HEAD and 304 is the representation's, passed as it is; none when it
+     * sent none (never an invented 0). A 204 has none. */
+    gw_conn_start_response(p->c, p->status, out ? out : "", len, p->status == 204 ? -1 : r->content_length);
     p->hout = out; /* kept for the next response */
     p->hout_cap = cap;
     p->head_sent = true;
-    /* HEAD: the backend sends no body whatever its headers say */
-    return head_req ? 1 : 0;
+    return GW_OK;
 }
 
 static int
-on_resp_body(llhttp_t *ll, const char *at, size_t len)
+on_resp_body(gw_resp_t *r, const char *at, size_t len)
 {
-    gw_conn_body(PROXY(ll)->c, at, len);
-    return 0;
+    gw_conn_body(PROXY(r)->c, at, len);
+    return GW_OK;
 }
 
-static int
-on_resp_message_complete(llhttp_t *ll)
-{
-    gw_proxy_t *p = PROXY(ll);
-    if (p->status < 200)
-        return 0;
-    p->done = true;
-    return HPE_PAUSED;
-}
-
-static void
-settings_build(void)
-{
-    llhttp_settings_init(&resp_settings);
-    resp_settings.on_header_field = on_resp_field;
-    resp_settings.on_header_value = on_resp_value;
-    resp_settings.on_header_value_complete = on_resp_value_complete;
-    resp_settings.on_headers_complete = on_resp_headers_complete;
-    resp_settings.on_body = on_resp_body;
-    resp_settings.on_message_complete = on_resp_message_complete;
-}
-
-static void
-settings_init(void)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, settings_build);
-}
+static const gw_resp_ops_t resp_ops = {
+    .head = on_resp_headers_complete,
+    .body = on_resp_body,
+    .field = on_resp_field,
+    .value = on_resp_value,
+    .value_done = on_resp_value_complete,
+    .reset = on_resp_interim,
+};
 
 /* The response is complete: pool the connection when it can serve another
  * request, and end the client's response. */
@@ -715,7 +698,7 @@ proxy_finish(gw_proxy_t *p)
     gw_conn_t *c = p->c;
     /* A response that came before the whole request body was sent leaves
      * the connection mid-request: never reused. */
-    bool reusable = llhttp_should_keep_alive(&p->parser) && (p->body_sent || !p->has_body) &&
+    bool reusable = gw_resp_keep_alive(&p->rd) && (p->body_sent || !p->has_body) &&
                     evbuffer_get_length(gw_upstream_input(p->u)) == 0;
     p->outcome = p->status >= 500 ? -1 : 1;
     proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
@@ -734,18 +717,20 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
         struct evbuffer_iovec v;
         if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
             break;
-        llhttp_errno_t err = llhttp_execute(&p->parser, v.iov_base, v.iov_len);
-        if (err == HPE_OK) {
-            evbuffer_drain(in, v.iov_len);
-        } else if (err == HPE_PAUSED && p->done) {
-            evbuffer_drain(in, (size_t)(llhttp_get_error_pos(&p->parser) - (const char *)v.iov_base));
+        size_t used;
+        gw_resp_result_t rc = gw_resp_execute(&p->rd, v.iov_base, v.iov_len, &used);
+        if (rc != GW_RESP_ERROR) {
+            evbuffer_drain(in, used);
+            p->done = rc == GW_RESP_DONE;
         } else if (p->retry_status) {
             proxy_retry(p, GW_FAIL_NONE, 0); /* decided in on_resp_headers_complete */
             gw_conn_release(c);
             return;
         } else {
-            gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
-            proxy_fail(p, GW_FAIL_BAD_RESPONSE, "reading response from upstream", 0);
+            gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, p->rd.why);
+            proxy_fail(p, GW_FAIL_BAD_RESPONSE,
+                       p->head_sent ? "reading response body from upstream" : "reading response header from upstream",
+                       0);
             gw_conn_release(c);
             return;
         }
@@ -806,17 +791,13 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
         if (!proxy_retry(p, GW_FAIL_CONNECT_FAILED, err))
             proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
     } else if (what & GW_UP_EOF) {
-        if (p->head_sent && llhttp_message_needs_eof(&p->parser)) {
+        if (p->head_sent && gw_resp_eof(&p->rd) == GW_RESP_DONE) {
             /* a close-delimited body ends here */
-            if (llhttp_finish(&p->parser) == HPE_OK || p->done) {
-                p->done = true;
-                p->outcome = p->status >= 500 ? -1 : 1;
-                proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
-                proxy_free(p, false);
-                gw_conn_end_response(c);
-            } else {
-                proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", 0);
-            }
+            p->done = true;
+            p->outcome = p->status >= 500 ? -1 : 1;
+            proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
+            proxy_free(p, false);
+            gw_conn_end_response(c);
         } else if (p->head_sent) {
             proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", 0);
         } else {
@@ -1054,7 +1035,6 @@ proxy_retry(gw_proxy_t *p, gw_fail_t code, int err)
 void
 gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
 {
-    settings_init();
     gw_worker_t *w = gw_conn_worker(c);
     gw_proxy_t *p = w->proxy_cache;
     if (p) {

@@ -6,6 +6,7 @@
 #define GW_PROXY_H
 
 #include "gw_core.h"
+#include "gw_http.h"
 
 /*
  * Starts proxying the request of c (complete, body buffered) for route.
@@ -32,6 +33,17 @@ size_t gw_proxy_target(const gw_req_t *req, size_t strip, char *out, size_t cap)
  * (gw_grow rules; kept NUL-terminated). Aggregate calls use it too.
  */
 void gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *len, size_t *cap);
+
+/*
+ * Appends the response head lines passed to the client for the n backend
+ * header fields hdrs (offsets into base, values checked by gw_resp): every
+ * field but the hop-by-hop ones, those a Connection field names, and those
+ * gatherd writes itself (Date, Server, Content-Length, X-Request-Id), as
+ * "Name: value\r\n", to the growable buffer *out (gw_grow rules; kept
+ * NUL-terminated).
+ */
+void gw_proxy_response_head(const char *base, const gw_header_t *hdrs, size_t n, char **out, size_t *len,
+                            size_t *cap);
 
 /* Frees the proxy contexts worker w keeps for reuse (worker stop). */
 void gw_proxy_worker_free(gw_worker_t *w);

@@ -43,5 +43,7 @@ run fuzz_config "$SRC/src/gw_config.c" "$SRC/src/gw_breaker.c" "$SRC/src/gw_rate
     "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 run fuzz_template "$SRC/src/gw_template.c" "$SRC/src/gw_json.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
 run fuzz_json "$SRC/src/gw_json.c" "$SRC/src/gw_template.c" "$SRC/src/gw_jpath.c" "$SRC/src/gw_http.c" $COMMON
+# the response reader with the proxy's head filter: every daemon source but main()
+run fuzz_response $(ls "$SRC"/src/gw_*.c | grep -v -e gw_main.c -e gw_alloc.c -e gw_log.c -e gw_alog.c -e gw_router.c) $COMMON
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -370,9 +370,17 @@ def agg_failure_codes_optional_and_required():
     call gets 200 with X-Gateway-Completed: false, the key left out and
     _errors naming the code; a required one gets the table's status and the
     error body."""
+    check_failure_cases(FAILURES)
+
+
+def check_failure_cases(cases):
+    """Each case (name, call path, backend, call keys, code, backend status,
+    calls before) as an optional call (200, X-Gateway-Completed: false, the
+    key left out, _errors naming the code) and as a required one (the
+    table's status and the error body)."""
     s = Stub()
     routes = []
-    for case, path, backend, extra, code, bstatus, pre in FAILURES:
+    for case, path, backend, extra, code, bstatus, pre in cases:
         for mode in ("opt", "req"):
             f = call("f", path, backend=backend, **extra)
             if mode == "req":
@@ -381,7 +389,7 @@ def agg_failure_codes_optional_and_required():
                                 errors=True, deadline_ms=ms(3000)))
     d = agg_daemon(routes, s)
     problems = []
-    for case, path, backend, extra, code, bstatus, pre in FAILURES:
+    for case, path, backend, extra, code, bstatus, pre in cases:
         try:
             r, dt = get(d, f"/f/{case}/opt")
             j = ok_json(r, completed=False, what=case)
@@ -401,7 +409,97 @@ def agg_failure_codes_optional_and_required():
             error_json(r, CODE_STATUS[code], code, "f", backend_status=bstatus, what=f"{case} required")
         except TestFailure as ex:
             problems.append(str(ex))
-    check(not problems, f"{len(problems)} of {len(FAILURES)} cases failed:\n  " + "\n  ".join(problems))
+    check(not problems, f"{len(problems)} of {len(cases)} cases failed:\n  " + "\n  ".join(problems))
+
+
+def raw(data, **more):
+    """A call path whose stub answer is data, byte for byte, then a FIN."""
+    return tp.raw_path(data, prefix="/raw", **more)
+
+
+CH = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+# Malformed answers (gw_resp): bad_response, with no status reported; sizes
+# over max_response_bytes: too_large (2xx) or bad_status (the status is the
+# answer); a 304 never waits for a body.
+RESP_FAILURES = [
+    ("status600", raw("HTTP/1.1 600 High\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("status999", raw("HTTP/1.1 999 High\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("status000", raw("HTTP/1.1 000 Zero\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("status099", raw("HTTP/1.1 099 Low\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"), "s", {},
+     "bad_response", None, []),
+    ("status101", raw("HTTP/1.1 101 Switching\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"), "s", {},
+     "bad_response", None, []),
+    ("http2", raw("HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("badchunk", raw(CH + "zz\r\n{}\r\n0\r\n\r\n"), "s", {}, "bad_response", None, []),
+    ("chunkext", raw(CH + "2;x=" + "e" * 5000 + "\r\n{}\r\n0\r\n\r\n"), "s", {}, "bad_response", None, []),
+    ("chunk_crlf", raw(CH + "2\r\n{}XX0\r\n\r\n"), "s", {}, "bad_response", None, []),
+    ("chunk_line_cr", raw(CH + "2\r\n{}\r\n0\rX-T: 1\r\n\r\n"), "s", {}, "bad_response", None, []),
+    ("te_gzip", raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("te_list", raw("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"), "s", {},
+     "bad_response", None, []),
+    ("cl_te", raw("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"),
+     "s", {}, "bad_response", None, []),
+    ("dup_cl", raw("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response",
+     None, []),
+    ("lf_only", raw("HTTP/1.1 200 OK\nContent-Length: 2\n\n{}"), "s", {}, "bad_response", None, []),
+    ("cr_alone", raw("HTTP/1.1 200 OK\rContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None, []),
+    ("ctl_value", raw("HTTP/1.1 200 OK\r\nX-A: \x01\r\nContent-Length: 2\r\n\r\n{}"), "s", {}, "bad_response", None,
+     []),
+    ("trunc_head", raw("HTTP/1.1 200 OK\r\nContent-Len"), "s", {}, "truncated", None, []),
+    ("chunk_max", raw(CH + "ffffffffffffffff\r\n{}"), "s", {}, "too_large", None, []),
+    ("chunk_over", raw(CH + "65\r\n" + "x" * 101 + "\r\n0\r\n\r\n"), "small", {}, "too_large", None, []),
+    ("cl_max", raw("HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n{}"), "s", {}, "bad_response",
+     None, []),
+    ("err_cl_over", raw("HTTP/1.1 404 Not Found\r\nContent-Length: 1000\r\n\r\n"), "small", {}, "bad_status", 404, []),
+    ("err_chunk_over", raw("HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n"), "small", {},
+     "bad_status", 503, []),
+    ("not_modified", raw("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"), "s", {}, "bad_status", 304, []),
+]
+
+
+@atest
+def agg_malformed_and_oversized_backend_answers():
+    check_failure_cases(RESP_FAILURES)
+
+
+@atest
+def agg_sizes_over_the_limit_fail_before_the_body():
+    """A Content-Length or chunk size over max_response_bytes ends the call
+    when it is read, whatever the status, without waiting for the body the
+    backend holds back."""
+    s = Stub()
+    hold = ms(5000)
+    heads = [("cl", "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", "too_large"),
+             ("chunk", CH + "3e8\r\n", "too_large"),
+             ("chunk_max", CH + "ffffffffffffffff\r\n", "too_large"),
+             ("err_cl", "HTTP/1.1 500 Oops\r\nContent-Length: 1000\r\n\r\n", "bad_status"),
+             ("err_chunk", "HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n", "bad_status")]
+    calls = [call(n, raw(h + "x" * 1000, chunk=len(h), chunk_delay=hold), backend="small") for n, h, _ in heads]
+    d = agg_daemon([route("/over", calls, errors=True, deadline_ms=ms(10000))], s)
+    r, dt = get(d, "/over")
+    j = ok_json(r, completed=False)
+    for n, _, code in heads:
+        eq(j["_errors"].get(n, {}).get("code"), code, f"{n}: code ({j['_errors']})")
+    check(dt < hold / 2000.0, f"answered after {dt:.2f}s: a call waited for the body")
+
+
+@atest
+def agg_no_content_answers_ignore_their_framing():
+    """A 204 is null whatever its head says; its stray bytes never become an
+    answer; interim heads are skipped whatever they say."""
+    s = Stub()
+    d = agg_daemon([route("/nc", [
+        call("cl", raw("HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n{\"a\":1}")),
+        call("chunked", raw("HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n0\r\n\r\n")),
+        call("interim", raw("HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n"
+                            "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"b\":2}")),
+        # an interim response that is not keep-alive used to swallow the final one
+        call("interim10", raw("HTTP/1.0 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n{\"c\":3}")),
+    ], errors=True)], s)
+    r, _ = get(d, "/nc")
+    j = ok_json(r)
+    eq(j, {"cl": None, "chunked": None, "interim": {"b": 2}, "interim10": {"c": 3}}, "answers")
 
 
 @atest

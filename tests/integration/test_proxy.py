@@ -1296,6 +1296,218 @@ def proxy_error_max_connections():
         r, j = echo(b, "/legacy/third")  # the connection is free again
 
 
+# --- malformed backend responses (gw_resp) ---------------------------------------------
+
+def raw_path(data, prefix="/legacy/raw", **more):
+    """A path whose stub answer is data, byte for byte, then a FIN (raw=)."""
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    extra = "".join(f"&{k}={v}" for k, v in more.items())
+    return f"{prefix}?raw={urllib.parse.quote_from_bytes(data, safe='')}{extra}"
+
+
+CHUNKED_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+CL_HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+
+# Responses no backend may send: each arrives in one piece, before anything
+# could reach the client, so each must become a 502 JSON error.
+MALFORMED = [
+    ("bad chunk size in the first chunk", CHUNKED_HEAD + "zz\r\nhello\r\n0\r\n\r\n"),
+    ("chunk size with a space", CHUNKED_HEAD + "5 \r\nhello\r\n0\r\n\r\n"),
+    ("chunk size overflowing 64 bits", CHUNKED_HEAD + "10000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("chunk size 2^64-1", CHUNKED_HEAD + "ffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+    ("chunk size 2^63", CHUNKED_HEAD + "8000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("chunk extensions over 4 KiB", CHUNKED_HEAD + "5;x=" + "a" * 5000 + "\r\nhello\r\n0\r\n\r\n"),
+    ("many chunk extensions over 4 KiB", CHUNKED_HEAD + "5" + ";ab" * 1400 + "\r\nhello\r\n0\r\n\r\n"),
+    ("chunk data not followed by CRLF", CHUNKED_HEAD + "5\r\nhelloXX0\r\n\r\n"),
+    ("CR without LF in a chunk size line", CHUNKED_HEAD + "5\rXhello\r\n0\r\n\r\n"),
+    ("CR without LF in the last chunk line", CHUNKED_HEAD + "5\r\nhello\r\n0\rX-Trailer: 1\r\n\r\n"),
+    ("bad status line", "HTTP/1.1 2x0 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("not HTTP", "SSH-2.0-OpenSSH_9.0\r\n\r\n"),
+    ("status 000", "HTTP/1.1 000 Zero\r\nContent-Length: 5\r\n\r\nhello"),
+    ("status 099", "HTTP/1.1 099 Low\r\nContent-Length: 5\r\n\r\nhello"),
+    ("status 600", "HTTP/1.1 600 High\r\nContent-Length: 5\r\n\r\nhello"),
+    ("status 999", "HTTP/1.1 999 High\r\nContent-Length: 5\r\n\r\nhello"),
+    ("status -1", "HTTP/1.1 -1 Neg\r\nContent-Length: 5\r\n\r\nhello"),
+    ("two spaces before the status", "HTTP/1.1  200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("101 without an upgrade asked", "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                     "Connection: Upgrade\r\n\r\nhello"),
+    ("bare 101", "HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("HTTP/2.0", "HTTP/2.0 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("HTTP/0.9", "HTTP/0.9 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("control character in the reason", "HTTP/1.1 200 O\x00K\r\nContent-Length: 5\r\n\r\nhello"),
+    ("space in a header name", "HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 5\r\n\r\nhello"),
+    ("space before the colon", "HTTP/1.1 200 OK\r\nX-A : x\r\nContent-Length: 5\r\n\r\nhello"),
+    ("empty header name", "HTTP/1.1 200 OK\r\n: x\r\nContent-Length: 5\r\n\r\nhello"),
+    ("control character in a value", "HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 5\r\n\r\nhello"),
+    ("bad Content-Length", "HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\nhello"),
+    ("negative Content-Length", "HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello"),
+    ("Content-Length list", "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"),
+    ("duplicate Content-Length", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+    ("Content-Length 2^64-1", "HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\nhello"),
+    ("Content-Length 2^63", "HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\nhello"),
+    ("Content-Length over 64 bits", "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nhello"),
+    ("Content-Length and chunked", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                   "5\r\nhello\r\n0\r\n\r\n"),
+    ("chunked and Content-Length", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+                                   "5\r\nhello\r\n0\r\n\r\n"),
+    ("Transfer-Encoding gzip", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello"),
+    ("Transfer-Encoding gzip, chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                                        "5\r\nhello\r\n0\r\n\r\n"),
+    ("Transfer-Encoding twice", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
+                                "\r\n5\r\nhello\r\n0\r\n\r\n"),
+    ("empty Transfer-Encoding", "HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\nContent-Length: 5\r\n\r\nhello"),
+    ("Transfer-Encoding chunked;q=1", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked;q=1\r\n\r\nhello"),
+    ("bare LF line ends", "HTTP/1.1 200 OK\nContent-Length: 5\n\nhello"),
+    ("bare LF after the status line", "HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\nhello"),
+    ("bare LF ending the head", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\nhello"),
+    ("CR without LF hiding a field", "HTTP/1.1 200 OK\rContent-Length: 5\r\n\r\nhello"),
+    ("obsolete line folding", "HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello"),
+    ("empty line before the status line", "\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("bare LF in the trailers", CHUNKED_HEAD + "5\r\nhello\r\n0\r\nX-T: 1\n\r\n"),
+    ("folded trailer", CHUNKED_HEAD + "5\r\nhello\r\n0\r\nX-T: 1\r\n 2\r\n\r\n"),
+    ("bad trailer name", CHUNKED_HEAD + "5\r\nhello\r\n0\r\nX T: 1\r\n\r\n"),
+    ("33 interim responses", "HTTP/1.1 102 Processing\r\n\r\n" * 33 + CL_HEAD + "hello"),
+    ("201 header fields", "HTTP/1.1 200 OK\r\n" + "".join(f"X-F{i}: v\r\n" for i in range(201)) + CL_HEAD[17:]
+                          + "hello"),
+    ("truncated head", "HTTP/1.1 200 OK\r\nContent-Len"),
+    ("truncated status line", "HTTP/1.1 20"),
+]
+
+
+@ptest
+def proxy_malformed_backend_response_is_a_502():
+    """Every way a backend response can be malformed before its head could
+    reach the client gives 502 upstream_bad_response as JSON (never an empty
+    reply, never a passed-on head), and the client connection keeps serving."""
+    s = Stub()
+    d = proxy_daemon(s)
+    problems = []
+    with Client(d) as c:
+        for name, data in MALFORMED:
+            try:
+                r = c.request(get(raw_path(data)))
+                expect_upstream_error(r, 502, "upstream_bad_response")
+                if (r.header("Connection") or "").lower() == "close":
+                    c.close()
+                    c = Client(d)
+            except (TestFailure, ConnectionClosed, OSError) as e:
+                problems.append(f"{name}: {e}")
+                c.close()
+                c = Client(d)
+        r, j = echo(c, "/legacy/after")
+    check(not problems, f"{len(problems)} of {len(MALFORMED)} malformed responses not answered 502:\n  "
+          + "\n  ".join(problems))
+
+
+# Unusual but valid responses: passed on with their status and exact body.
+UNUSUAL = [
+    # (llhttp 8 refuses a token value followed by a further extension: "5;a=b;c")
+    ("small chunk extensions", CHUNKED_HEAD + "5;a;b=\"x;y\";c=d\r\nhello\r\n0;last\r\n\r\n", 200, b"hello"),
+    ("chunk size with leading zeros", CHUNKED_HEAD + "0005\r\nhello\r\n0\r\n\r\n", 200, b"hello"),
+    ("trailers", CHUNKED_HEAD + "5\r\nhello\r\n0\r\nX-T: 1\r\nX-U: 2\r\n\r\n", 200, b"hello"),
+    ("no reason phrase", "HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    ("reason with obs-text and a tab", "HTTP/1.1 200 \xe9t\xe9\tok\r\nContent-Length: 5\r\n\r\nhello", 200, b"hello"),
+    ("HTTP/1.0 close-delimited", "HTTP/1.0 200 OK\r\n\r\nhello", 200, b"hello"),
+    ("HTTP/1.1 close-delimited", "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello", 200, b"hello"),
+    ("Transfer-Encoding Chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     200, b"hello"),
+    ("100 with a Content-Length", "HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n" + CL_HEAD + "hello",
+     200, b"hello"),
+    ("102 and 103 first", "HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+     + CL_HEAD + "hello", 200, b"hello"),
+    # an interim response that is not keep-alive used to swallow the final one (found by test_backend_fuzz)
+    ("HTTP/1.0 interim response", "HTTP/1.0 103 Early Hints\r\n\r\n" + CL_HEAD + "hello", 200, b"hello"),
+    ("interim with Connection: close", "HTTP/1.1 102 P\r\nConnection: close\r\n\r\n" + CL_HEAD + "hello", 200,
+     b"hello"),
+    ("32 interim responses", "HTTP/1.1 102 Processing\r\n\r\n" * 32 + CL_HEAD + "hello", 200, b"hello"),
+    ("status 599", "HTTP/1.1 599 Odd\r\nContent-Length: 5\r\n\r\nhello", 599, b"hello"),
+    ("status 299", "HTTP/1.1 299 Odd\r\nContent-Length: 5\r\n\r\nhello", 299, b"hello"),
+    ("4 KiB of chunk extensions", CHUNKED_HEAD + "5;x=" + "a" * 4091 + "\r\nhello\r\n0\r\n\r\n", 200, b"hello"),
+    ("binary body", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n\x00\r\n\xff\x01", 200, b"\x00\r\n\xff\x01"),
+]
+
+
+@ptest
+def proxy_unusual_valid_backend_responses_pass():
+    s = Stub()
+    d = proxy_daemon(s)
+    problems = []
+    for name, data, status, body in UNUSUAL:
+        try:
+            with Client(d) as c:
+                r = c.request(get(raw_path(data)))
+                eq(r.status, status, f"{name}: status ({r.raw[:300]!r})")
+                eq(r.body, body, f"{name}: body")
+        except (TestFailure, ConnectionClosed, OSError) as e:
+            problems.append(f"{name}: {e}")
+    check(not problems, f"{len(problems)} of {len(UNUSUAL)} valid responses not passed on:\n  " + "\n  ".join(problems))
+
+
+@ptest
+def proxy_bodyless_statuses_ignore_their_framing():
+    """204, 304 and interim responses have no body whatever their head says
+    (a 304 carries the Content-Length of the representation): answered at
+    once, and the backend connection stays in sync for the next request."""
+    s = Stub()
+    d = proxy_daemon(s, timeout_ms=ms(3000))
+    cases = [
+        ("304 with a Content-Length", "HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: \"x\"\r\n", 304),
+        ("304 chunked", "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n", 304),
+        ("204 with a Content-Length", "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n", 204),
+        ("204 chunked", "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n", 204),
+    ]
+    # the stub closes after its raw answer: "Connection: close" keeps gatherd from pooling it
+    cases = [(name, head + "Connection: close\r\n\r\n", status) for name, head, status in cases]
+    with Client(d) as c:
+        for name, head, status in cases:
+            # the stub's FIN comes only after a long pause: no close may end the body
+            r, dt = timed_request(c, get(raw_path(head + "X" * 8, chunk=len(head), chunk_delay=ms(4000))))
+            eq(r.status, status, f"{name}: status ({r.raw[:300]!r})")
+            eq(r.body, b"", f"{name}: body")
+            check(dt < 2 * SLOW, f"{name}: answered after {dt:.2f}s")
+            if status == 304:  # the representation's length when the backend gave it, else none
+                eq(r.header("Content-Length"), "1234" if "1234" in head else None, f"{name}: Content-Length")
+            eq((r.header("Connection") or "").lower(), "", f"{name}: the client connection is kept")
+        r, j = echo(c, "/legacy/after")
+
+
+@ptest
+def proxy_malformed_after_the_head_was_sent_closes():
+    """When the head already reached the client, a malformed rest closes the
+    connection: a chunked body never gets its last chunk, a Content-Length
+    body stays short."""
+    s = Stub()
+    d = proxy_daemon(s, http={"max_url_bytes": 65536, "max_header_bytes": 65536})
+    good = "5\r\nhello\r\n"
+    cases = [
+        ("bad chunk size", CHUNKED_HEAD, good + "zz\r\nworld\r\n0\r\n\r\n"),
+        ("chunk size 2^64-1", CHUNKED_HEAD, good + "ffffffffffffffff\r\nworld"),
+        ("chunk extensions over 4 KiB", CHUNKED_HEAD, good + "5;" + "e" * 4100 + "\r\nworld\r\n0\r\n\r\n"),
+        ("bad trailer", CHUNKED_HEAD, good + "0\r\nX T: 1\r\n\r\n"),
+        ("no last chunk", CHUNKED_HEAD, good),
+        ("short Content-Length body", "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "hello"),
+    ]
+    for name, head, rest in cases:
+        with Client(d) as c:
+            # two pieces 300 ms apart: the head (padded to the length of the rest), then the rest
+            pad = max(0, len(rest) - len(head))
+            head = head[:-2] + "X-Pad: " + "p" * pad + "\r\n\r\n"
+            c.send(get(raw_path(head + rest, chunk=len(head), chunk_delay=ms(300))))
+            r = c.read_head()
+            eq(r.status, 200, f"{name}: status")
+            tail = c.read_raw_until_close(5)
+            if r.header("Content-Length") is not None:
+                eq(r.header("Content-Length"), "10", f"{name}: Content-Length")
+                check(len(tail) < 10, f"{name}: a complete-looking body {tail!r}")
+            else:
+                eq((r.header("Transfer-Encoding") or "").lower(), "chunked", f"{name}: framing")
+                body, complete = dechunk(tail)
+                check(not complete, f"{name}: the cut body ended with a last chunk: {tail[:200]!r}")
+    with Client(d) as c:
+        r, j = echo(c, "/legacy/ok")
+
+
 # --- a backend failing in the middle of a body -----------------------------------------
 
 @ptest

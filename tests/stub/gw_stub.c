@@ -139,6 +139,9 @@ struct ctl {
     int fail_status;       /* ... with this status (default 503) */
     enum fail_mode { FAIL_STATUS = 0, FAIL_RESET, FAIL_CLOSE } fail_mode;
     long long delay_first_ms; /* with tag=: the tag's first request waits this long */
+    const char *raw;       /* raw=: bytes sent instead of a response */
+    size_t raw_len;
+    bool has_raw;
     bool log_reset;        /* GET /log?reset=1 */
     struct kv extra[MAX_EXTRA];
     int nextra;
@@ -948,6 +951,7 @@ enum ctl_id {
     C_FAIL_STATUS,
     C_FAIL_MODE,
     C_DELAY_FIRST,
+    C_RAW,
     C_COUNT
 };
 
@@ -956,7 +960,7 @@ static const char *const ctl_names[C_COUNT] = {
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
-    "tag", "fail_first", "fail_status", "fail_mode", "delay_first",
+    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1082,6 +1086,11 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
             ok = false;
         break;
     case C_DELAY_FIRST: ok = parse_ll(v, n, 0, CTL_MS_MAX, &k->delay_first_ms); break;
+    case C_RAW:
+        k->raw = v;
+        k->raw_len = n;
+        k->has_raw = true;
+        break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1616,6 +1625,21 @@ static void send_response(struct conn *c)
     if (k->garbage) {
         put_str(c, out, "THIS IS NOT HTTP\r\n\r\n");
         begin_close(c, c->oom ? END_RST : END_FIN);
+        return;
+    }
+    if (k->has_raw) {
+        /* raw=: these bytes in place of a response, streamed as a body is
+         * (chunk= pieces chunk_delay= apart), then FIN */
+        evbuffer_drain(c->prefix, evbuffer_get_length(c->prefix));
+        put(c, c->prefix, k->raw, k->raw_len);
+        c->pad_left = 0;
+        c->suffix_len = 0;
+        c->total = c->limit = k->raw_len;
+        c->no_body = c->frame_chunked = c->cut = false;
+        c->after_body = c->oom ? END_RST : END_FIN;
+        c->sent = 0;
+        c->state = S_STREAM;
+        stream_body(c);
         return;
     }
 

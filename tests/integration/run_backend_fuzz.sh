@@ -1,0 +1,10 @@
+#!/bin/bash
+# End-to-end fuzzing of backend answers through the real daemon (an
+# automake TESTS entry). Environment: GATHERD (default: next to this script
+# in the build tree), GW_FUZZ_SEED to replay a run, GW_FUZZ_CASES,
+# GW_FUZZ_ONLY. Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+export GATHERD PYTHONDONTWRITEBYTECODE=1
+# Shared with the other integration tests; run_reload.sh's load tests take it alone.
+exec flock -s "${TMPDIR:-/tmp}/gatherd-integration-$(id -u).lock" python3 "$here/test_backend_fuzz.py" "$@"
