@@ -39,6 +39,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <inttypes.h>
 #include <llhttp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -252,7 +253,7 @@ gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *blen, size_t *bcap)
     char *head = *buf;
     size_t len = *blen, cap = *bcap;
     size_t host_len = 0;
-    const char *host = gw_req_header(r, "host", &host_len);
+    const char *host = gw_req_host(r, &host_len); /* checked host[:port] (gw_http.c) */
     ADD("X-Forwarded-For: ", 17);
     if (gw_conn_peer_trusted(c)) /* else the client's list is not believed: replaced */
         add_list(r, "x-forwarded-for", &head, &len, &cap);
@@ -287,7 +288,7 @@ build_request(gw_proxy_t *p)
     ADD(target, tlen);
     ADD(" HTTP/1.1\r\n", 11);
     size_t host_len = 0;
-    const char *host = gw_req_header(r, "host", &host_len);
+    const char *host = gw_req_host(r, &host_len);
     ADD("Host: ", 6);
     if (p->route->proxy.preserve_host && host)
         ADD(host, host_len);
@@ -308,8 +309,12 @@ build_request(gw_proxy_t *p)
     if (r->chunked) {
         ADD_STR("Transfer-Encoding: chunked\r\n");
     } else if (r->has_body || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {
+        /* The length gatherd's parser reads the body by (0 to INT64_MAX,
+         * gw_http.h), written by us: forward_body() sends exactly that many
+         * bytes or the upstream connection is closed. */
         char cl[48];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %lld\r\n", (long long)r->content_length);
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %" PRIu64 "\r\n",
+                         r->has_body ? (uint64_t)r->content_length : 0);
         ADD(cl, (size_t)n);
     }
     ADD("\r\n", 2);
@@ -656,6 +661,8 @@ on_resp_headers_complete(llhttp_t *ll)
     }
     int64_t clen = -1;
     bool head_req = gw_conn_req(p->c)->method == HTTP_HEAD;
+    if ((ll->flags & F_CONTENT_LENGTH) && !(ll->flags & F_CHUNKED) && ll->content_length > (uint64_t)INT64_MAX)
+        return -1; /* a length that would turn negative below: an invalid response */
     if ((ll->flags & F_CONTENT_LENGTH) && !(ll->flags & F_CHUNKED))
         clen = (int64_t)ll->content_length;
     else if (head_req || p->status == 204 || p->status == 304)
