@@ -330,7 +330,8 @@ on_headers_complete(llhttp_t *ll)
     if (te != NULL && (!r->chunked || r->http_minor == 0)) {
         /* llhttp lets an empty Transfer-Encoding frame nothing, and HTTP/1.0
          * has no transfer codings: the framing is faulty (RFC 9112 6.1) */
-        set_error(p, 400, r->chunked ? "Transfer-Encoding in an HTTP/1.0 request" : "Transfer-Encoding without chunked");
+        set_error(p, 400,
+                  r->chunked ? "Transfer-Encoding in an HTTP/1.0 request" : "Transfer-Encoding without chunked");
         return -1;
     }
     if (te != NULL && (te_len != 7 || strncasecmp(te, "chunked", 7) != 0)) {
@@ -575,13 +576,28 @@ prescan(gw_parser_t *p, const char *data, size_t len)
 #define CK_DIGITS_MAX 32
 
 /* States of check_chunked(); 0 is the start of a chunk-size line. */
-enum { CK_SIZE_FIRST, CK_SIZE, CK_EXT, CK_SIZE_LF, CK_DATA, CK_DATA_CR, CK_DATA_LF, CK_TRAILER_START, CK_TRAILER,
-       CK_TRAILER_LF, CK_END_LF, CK_DONE };
+enum {
+    CK_SIZE_FIRST,
+    CK_SIZE,
+    CK_EXT,
+    CK_SIZE_LF,
+    CK_DATA,
+    CK_DATA_CR,
+    CK_DATA_LF,
+    CK_TRAILER_START,
+    CK_TRAILER,
+    CK_TRAILER_LF,
+    CK_END_LF,
+    CK_DONE
+};
 
 static int
 hexval(unsigned char c)
 {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
 }
 
 /*
@@ -677,8 +693,7 @@ check_chunked(gw_parser_t *p, const unsigned char *data, size_t len, size_t *end
             p->ck_state = CK_DONE;
             *end = i + 1;
             return 0;
-        default:
-            return set_error(p, 400, "bytes after the chunked body");
+        default: return set_error(p, 400, "bytes after the chunked body");
         }
     }
     return 0;
