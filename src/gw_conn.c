@@ -823,7 +823,18 @@ peer_eof_in_flight(gw_conn_t *c)
     if (c->body_stream && !c->body_paused && evbuffer_get_length(c->in) == 0) {
         gw_log(GW_LOG_INFO, "client %s: closed the connection before the end of the body of request %s", c->peer,
                c->req.request_id);
-        gw_conn_close(c);
+        const gw_conn_async_t *ops = c->async;
+        c->async = NULL;
+        ops->cancel(c->async_ctx);
+        c->body_stream = false;
+        if (c->resp_started) {
+            gw_conn_close(c); /* a cut response must not look whole */
+        } else {
+            /* the answers to earlier requests still go out, as for an
+             * incomplete request that is still being read */
+            c->state = C_FLUSHING;
+            timer_set(c, GW_T_NONE);
+        }
     } else if (!c->body_stream && !c->watching) {
         watch_gone(c);
     }

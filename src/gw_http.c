@@ -419,6 +419,7 @@ scan_reset(gw_parser_t *p)
     p->scan_line_start = true;
     p->scan_first_line = true;
     p->scan_prev = '\0';
+    p->scan_spaces = 0;
 }
 
 void
@@ -553,6 +554,8 @@ prescan(gw_parser_t *p, const char *data, size_t len)
             if (prev != '\r')
                 return set_error(p, 400, "bare LF in request head");
             if (!p->scan_line_start) {
+                if (p->scan_first_line && p->scan_spaces != 2)
+                    return set_error(p, 400, "request line not made of three parts with one space between");
                 p->scan_line_start = true;
                 p->scan_first_line = false;
             } else if (!p->scan_first_line) {
@@ -563,6 +566,11 @@ prescan(gw_parser_t *p, const char *data, size_t len)
         } else if (b != '\r') {
             if (p->scan_line_start && !p->scan_first_line && (b == ' ' || b == '\t'))
                 return set_error(p, 400, "obsolete line folding in request head");
+            /* the request line: exactly "method SP target SP version", as
+             * llhttp would also take several spaces or a tab */
+            if (p->scan_first_line && (b == '\t' || (b == ' ' && (p->scan_line_start || prev == ' ' ||
+                                                                   ++p->scan_spaces > 2))))
+                return set_error(p, 400, "request line not made of three parts with one space between");
             p->scan_line_start = false;
         }
         prev = b;
@@ -586,6 +594,7 @@ enum {
     CK_DATA_LF,
     CK_TRAILER_START,
     CK_TRAILER,
+    CK_TRAILER_VALUE,
     CK_TRAILER_LF,
     CK_END_LF,
     CK_DONE
@@ -674,13 +683,27 @@ check_chunked(gw_parser_t *p, const unsigned char *data, size_t len, size_t *end
         case CK_TRAILER_START:
             if (b == ' ' || b == '\t')
                 return set_error(p, 400, "obsolete line folding in request trailers");
-            p->ck_state = b == '\r' ? CK_END_LF : CK_TRAILER;
-            /* fall through */
+            if (b == '\r') {
+                p->ck_state = CK_END_LF;
+                break;
+            }
+            if (!is_tchar(b))
+                return set_error(p, 400, "invalid character in a request trailer name");
+            p->ck_state = CK_TRAILER;
+            break;
         case CK_TRAILER:
-            if (b == '\n')
-                return set_error(p, 400, "bare LF in request trailers");
-            if (b == '\r' && p->ck_state == CK_TRAILER)
+            /* a field name: a token up to the colon (llhttp does not check
+             * the names of trailer fields) */
+            if (b == ':')
+                p->ck_state = CK_TRAILER_VALUE;
+            else if (!is_tchar(b))
+                return set_error(p, 400, "invalid character in a request trailer name");
+            break;
+        case CK_TRAILER_VALUE:
+            if (b == '\r')
                 p->ck_state = CK_TRAILER_LF;
+            else if ((b < 0x20 && b != '\t') || b == 0x7f)
+                return set_error(p, 400, "invalid character in a request trailer value");
             break;
         case CK_TRAILER_LF:
         case CK_END_LF:

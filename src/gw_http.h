@@ -104,6 +104,7 @@ struct gw_parser_s {
     bool scan_line_start;
     bool scan_first_line;
     char scan_prev;
+    unsigned char scan_spaces; /* in the request line */
 };
 
 /* Binds parser to req (both caller-owned) and limits (borrowed). */

@@ -28,6 +28,7 @@ connection that ends inside a request leaves an incomplete Record.
 
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -294,6 +295,8 @@ class StrictBackend:
         self.violations = []  # (time, conn, reason, raw bytes of the connection)
         self.nconns = 0
         self.open_conns = 0
+        self.last_io = time.monotonic()  # the last accept, read or EOF
+        self.busy = 0  # connections handling what they read
         self.closed = False
         self._socks = set()
         self._threads = []
@@ -307,6 +310,7 @@ class StrictBackend:
                 s, _ = self.sock.accept()
             except OSError:
                 return
+            self.last_io = time.monotonic()
             with self.lock:
                 self.nconns += 1
                 self.open_conns += 1
@@ -327,6 +331,7 @@ class StrictBackend:
         t_head = None
         head_msg = None
         raw_all = b""
+        busy = False
         s.settimeout(60)
         try:
             while True:
@@ -334,6 +339,10 @@ class StrictBackend:
                     data = s.recv(65536)
                 except (OSError, socket.timeout):
                     data = b""
+                with self.lock:
+                    self.busy += 1
+                    busy = True
+                self.last_io = time.monotonic()
                 if not data:
                     if pos < len(buf):
                         self._record(cid, t_head or time.monotonic(), head_msg, False, buf[pos:])
@@ -364,10 +373,15 @@ class StrictBackend:
                 if pos > 1 << 20:
                     buf = buf[pos:]
                     pos = 0
+                with self.lock:
+                    self.busy -= 1
+                    busy = False
         finally:
             with self.lock:
                 self.open_conns -= 1
                 self._socks.discard(s)
+                if busy:
+                    self.busy -= 1
             try:
                 s.close()
             except OSError:
@@ -391,6 +405,24 @@ class StrictBackend:
     def snapshot(self):
         with self.lock:
             return list(self.records), list(self.violations)
+
+    def settle(self, timeout=5.0):
+        """Waits until every byte (and EOF) that reached the backend's
+        sockets was read and recorded. True when it was within timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                socks = list(self._socks)
+                busy = self.busy
+            try:
+                ready = select.select(socks, [], [], 0)[0] if socks else []
+            except (OSError, ValueError):
+                ready = socks  # one was closed meanwhile: look again
+            if not ready and busy == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
 
     def wait_records(self, n, timeout):
         deadline = time.monotonic() + timeout
