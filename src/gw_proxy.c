@@ -28,6 +28,7 @@
  */
 #include "gw_proxy.h"
 #include "gw_breaker.h"
+#include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_http.h"
@@ -67,6 +68,7 @@ struct gw_proxy_s {
     size_t hout_cap;
     gw_proxy_t *next_free; /* in the worker's cache */
     struct evbuffer *replay; /* the framed body sent so far, while it fits REPLAY_MAX */
+    size_t replay_held;   /* its bytes, taken from gw_budget_bodies */
     bool has_body;        /* the client's request has a body */
     bool body_sent;       /* all of it went upstream (the chunked end included) */
     bool body_paused;     /* the client's body waits for the upstream output to drain */
@@ -345,6 +347,20 @@ proxy_destroy(gw_proxy_t *p)
     free(p);
 }
 
+/* Frees the copy of the body kept for a retry, and gives its budget back. */
+static void
+replay_drop(gw_proxy_t *p)
+{
+    if (p->replay) {
+        evbuffer_free(p->replay);
+        p->replay = NULL;
+    }
+    if (p->replay_held) {
+        gw_budget_give(&gw_budget_bodies, p->replay_held);
+        p->replay_held = 0;
+    }
+}
+
 /* Ends p: its upstream connection is pooled when reusable, else closed. */
 static void
 proxy_free(gw_proxy_t *p, bool reusable)
@@ -361,8 +377,7 @@ proxy_free(gw_proxy_t *p, bool reusable)
     if (p->u)
         gw_upstream_release(p->u, reusable);
     evtimer_del(p->timer);
-    if (p->replay)
-        evbuffer_free(p->replay);
+    replay_drop(p);
     if (w->nproxy_cache >= CACHE_MAX || w->stopping) {
         proxy_destroy(p);
         return;
@@ -413,18 +428,19 @@ proxy_drained(void *ctx)
         gw_upstream_read(p->u, true);
 }
 
-/* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX;
- * past that, a retry is no longer possible. */
+/* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX
+ * and the memory budget of request bodies (memory.request_body_bytes);
+ * past either, a retry is no longer possible. */
 static void
 replay_add(gw_proxy_t *p, const void *data, size_t n)
 {
     if (p->replay == NULL)
         return;
-    if (evbuffer_get_length(p->replay) + n > REPLAY_MAX) {
-        evbuffer_free(p->replay);
-        p->replay = NULL;
+    if (evbuffer_get_length(p->replay) + n > REPLAY_MAX || !gw_budget_take(&gw_budget_bodies, n)) {
+        replay_drop(p);
         return;
     }
+    p->replay_held += n;
     evbuffer_add(p->replay, data, n);
 }
 
@@ -453,9 +469,8 @@ forward_body(gw_proxy_t *p)
         }
         if (p->replay && evbuffer_get_length(p->replay) + n <= REPLAY_MAX) {
             replay_add(p, evbuffer_pullup(r->body, -1), n);
-        } else if (p->replay) {
-            evbuffer_free(p->replay); /* too much to keep: no retry from here on */
-            p->replay = NULL;
+        } else {
+            replay_drop(p); /* too much to keep: no retry from here on */
         }
         evbuffer_add_buffer(out, r->body);
         if (r->chunked)

@@ -461,5 +461,26 @@ def body_budget_bounds_memory_and_returns_to_zero():
     check(any(r.msg.body == b'{"after":1}' for r in recs if r.complete), "the last body reached the backend")
 
 
+@rtest
+def proxy_retry_copy_counts_in_the_budget():
+    """A proxy route keeps up to 64 KiB of a streamed body for a retry on a
+    fresh connection: that copy is request body held in memory, taken from
+    memory.request_body_bytes and given back when the request ends; without
+    room in the budget the request goes on, only without the copy."""
+    b = backend()
+    slow = int(1500 * SLOW)
+    for lim, held in ((MIB, 10000), (1000, 0)):
+        d = Daemon(config(b, ROUTES, memory={"request_body_bytes": lim}))
+        with d.connect() as c:
+            c.send(req("POST", f"/p/x?delay={slow}", body=b"r" * 10000))
+            check(b.wait_records(len(b.snapshot()[0]) + 1, 5 * SLOW), "the request reached the backend")
+            eq(budget(d)[0], held, f"budget in use while the request is in flight (limit {lim})")
+            r = c.read_response()
+            eq(r.status, 200, "status")
+        wait_budget_used(d, 0)
+        no_budget_errors(d)
+        d.stop()
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -490,6 +490,21 @@ test_framing_odds(void)
     expect_status("POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\nx", 400);
     expect_status("GET /a\tb HTTP/1.1\r\nHost: h\r\n\r\n", 400);
     expect_status("GET /a?\x7f HTTP/1.1\r\nHost: h\r\n\r\n", 400);
+    /* the request line is three parts with one space between (llhttp takes more) */
+    expect_status("GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400);
+    expect_status("GET /  HTTP/1.1\r\nHost: h\r\n\r\n", 400);
+    expect_status("GET / HTTP/1.1 \r\nHost: h\r\n\r\n", 400);
+    expect_status(" GET / HTTP/1.1\r\nHost: h\r\n\r\n", 400);
+    expect_status("GET\t/ HTTP/1.1\r\nHost: h\r\n\r\n", 400);
+    expect_ok("\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    /* trailer names are tokens too */
+    expect_status("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX Y: 1\r\n\r\n", 400);
+    expect_status("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n: 1\r\n\r\n", 400);
+    expect_status("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\x01\r\n\r\n", 400);
+    expect_ok("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: a b\r\n\r\n");
+    /* gatherd decodes chunked only: other codings are 501 */
+    expect_status("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501);
+    expect_ok("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n");
 }
 
 /* Kept bodies are taken from gw_budget_bodies and given back once;
