@@ -8,6 +8,7 @@
  * the last ten seconds and not the whole uptime.
  */
 #include "gw_admin.h"
+#include "gw_budget.h"
 
 #include "gw_breaker.h"
 #include "gw_config.h"
@@ -393,6 +394,29 @@ process_metrics(struct evbuffer *out)
     }
 }
 
+/* The process-wide memory budgets (gw_budget.h). */
+static void
+budget_metrics(struct evbuffer *out)
+{
+    static const struct {
+        const char *name;
+        const gw_budget_t *b;
+    } budgets[] = { { "request_bodies", &gw_budget_bodies } };
+    evbuffer_add_printf(out, "# HELP gatherd_memory_budget_bytes Bytes a memory budget allows and holds now.\n"
+                             "# TYPE gatherd_memory_budget_bytes gauge\n");
+    for (size_t i = 0; i < GW_NELEM(budgets); i++)
+        evbuffer_add_printf(out,
+                            "gatherd_memory_budget_bytes{budget=\"%s\",kind=\"used\"} %zu\n"
+                            "gatherd_memory_budget_bytes{budget=\"%s\",kind=\"limit\"} %zu\n",
+                            budgets[i].name, gw_budget_used(budgets[i].b), budgets[i].name,
+                            gw_budget_limit(budgets[i].b));
+    evbuffer_add_printf(out, "# HELP gatherd_memory_budget_refused_total Takes a memory budget refused (503).\n"
+                             "# TYPE gatherd_memory_budget_refused_total counter\n");
+    for (size_t i = 0; i < GW_NELEM(budgets); i++)
+        evbuffer_add_printf(out, "gatherd_memory_budget_refused_total{budget=\"%s\"} %llu\n", budgets[i].name,
+                            (unsigned long long)gw_budget_refused(budgets[i].b));
+}
+
 static void
 metrics_text(struct evbuffer *out)
 {
@@ -418,6 +442,7 @@ metrics_text(struct evbuffer *out)
                         (long long)inflight, __atomic_load_n(&adm.srv->conns, __ATOMIC_RELAXED), adm.srv->nworkers,
                         !__atomic_load_n(&adm.draining, __ATOMIC_RELAXED));
     process_metrics(out);
+    budget_metrics(out);
     gw_config_t *cfg = cfg_get();
     if (cfg == NULL)
         return;

@@ -2049,8 +2049,10 @@ parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
         fail(c, "dependency cycle: %s (each call waits for the next one)", cycle);
         goto out;
     }
-    for (size_t i = 0; i < route->agg.ncalls; i++)
+    for (size_t i = 0; i < route->agg.ncalls; i++) {
         route->agg.read |= route->agg.calls[i]->reads;
+        route->agg.uses_body |= route->agg.calls[i]->forward_body;
+    }
     rc = GW_OK;
 out:
     free(names);

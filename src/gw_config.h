@@ -193,6 +193,8 @@ struct gw_route_s {
         gw_merge_t merge;            /* "merge": "group" (default) or "merge" */
         bool errors;                 /* "errors": true adds "_errors" to degraded answers */
         uint64_t read;               /* calls whose answers other calls read (templates, foreach) */
+        bool uses_body;              /* a call forwards the client's body ("body": "forward"); else
+                                        the body is read and dropped (templates cannot see it) */
         char **params;               /* the pattern's parameter names, in order */
         size_t nparams;
     } agg;

@@ -14,6 +14,17 @@
  * the end of every entry point (event callbacks, the worker's stop) frees it
  * once nothing up the stack uses it.
  *
+ * Idle connections (READING, no request begun, nothing to send) are also
+ * on their worker's idle list, oldest first, so that at max_connections
+ * the oldest can be closed for a new client (gw_conn_drain_idle).
+ *
+ * A client that shuts down its write side after a complete request is
+ * answered, then the connection closes. EOF alone cannot tell that client
+ * from one that closed its socket and went away, whose request should be
+ * cancelled: gatherd sends an HTTP/1.1 client an interim "100 Continue"
+ * (which RFC 9110 15.2 requires clients to accept at any time) and watches
+ * the socket; a closed socket answers the bytes with a reset.
+ *
  * I/O is done the way nginx does it, not with bufferevents: the read event
  * stays registered (EV_PERSIST) while reading is wanted; responses are
  * written to the socket right after the input at hand is handled (so
@@ -94,6 +105,10 @@ struct gw_conn_s {
     char peer[64];
     char peer_ip[64];
     bool inflight;     /* the request holds a gw_inflight unit */
+    bool idle;         /* on the worker's idle list */
+    bool probed;       /* the half-close probe (100 Continue) was sent */
+    bool watching;     /* the request in flight watches for the client's reset */
+    gw_conn_t *idle_prev, *idle_next;
     size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
     char rl_hdr[GW_RATELIMIT_HDR_MAX];
     gw_alog_rec_t alog; /* the access log line of the current request */
@@ -113,6 +128,62 @@ gw_conn_t *
 gw_conn_next(gw_conn_t *c)
 {
     return c->next;
+}
+
+static void
+idle_unlink(gw_conn_t *c)
+{
+    gw_worker_t *w = c->w;
+    if (!c->idle)
+        return;
+    if (c->idle_prev)
+        c->idle_prev->idle_next = c->idle_next;
+    else
+        w->idle_first = c->idle_next;
+    if (c->idle_next)
+        c->idle_next->idle_prev = c->idle_prev;
+    else
+        w->idle_last = c->idle_prev;
+    c->idle_prev = c->idle_next = NULL;
+    c->idle = false;
+    __atomic_store_n(&w->nidle, w->nidle - 1, __ATOMIC_RELAXED);
+}
+
+/* Puts c on its worker's idle list (at the end: the newest) when it is
+ * idle, takes it off when it is not. */
+static void
+idle_update(gw_conn_t *c)
+{
+    gw_worker_t *w = c->w;
+    bool idle = !c->dead && c->state == C_READING && !c->parser.started && evbuffer_get_length(c->in) == 0 &&
+                evbuffer_get_length(c->out) == 0;
+    if (idle == c->idle)
+        return;
+    if (!idle) {
+        idle_unlink(c);
+        return;
+    }
+    c->idle = true;
+    c->idle_prev = w->idle_last;
+    c->idle_next = NULL;
+    if (w->idle_last)
+        w->idle_last->idle_next = c;
+    else
+        w->idle_first = c;
+    w->idle_last = c;
+    __atomic_store_n(&w->nidle, w->nidle + 1, __ATOMIC_RELAXED);
+}
+
+bool
+gw_conn_drain_idle(gw_worker_t *w)
+{
+    gw_conn_t *c = w->idle_first;
+    if (c == NULL)
+        return false;
+    gw_log(GW_LOG_DEBUG, "client %s: idle connection closed for a new one (max_connections)", c->peer);
+    gw_conn_close(c);
+    gw_conn_release(c);
+    return true;
 }
 
 /* The current request ended: its metrics, and its access log line (when
@@ -147,6 +218,7 @@ conn_free(gw_conn_t *c)
     }
     if (c->inflight)
         gw_inflight_release();
+    idle_unlink(c);
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -181,6 +253,7 @@ void
 gw_conn_close(gw_conn_t *c)
 {
     c->dead = true;
+    idle_unlink(c);
     read_enable(c, false);
     event_del(c->wev);
     event_del(c->timer);
@@ -309,6 +382,8 @@ request_done(gw_conn_t *c)
 {
     note_request(c);
     gw_alog_rec_reset(&c->alog);
+    gw_parser_body_release(&c->parser); /* the memory and its budget go back now, not at the close */
+    c->watching = false;
     c->requests++;
     if (c->inflight) {
         c->inflight = false;
@@ -336,9 +411,11 @@ request_done(gw_conn_t *c)
 static void
 decide_close(gw_conn_t *c)
 {
+    /* peer_eof: requests the client sent before its EOF are still
+     * answered; body_stream: the rest of the body is unread */
     if (c->requests + 1 >= c->cfg->http.max_keepalive_requests || c->w->stopping || !c->req.keep_alive ||
-        c->peer_eof || c->body_stream)
-        c->close_after = true; /* body_stream: the rest of the body is unread */
+        (c->peer_eof && evbuffer_get_length(c->in) == 0) || c->body_stream)
+        c->close_after = true;
 }
 
 /*
@@ -422,7 +499,8 @@ reject(gw_conn_t *c, int status, const char *reason)
         const char *code;
     } codes[] = { { 400, "bad_request" },       { 405, "method_not_allowed" }, { 408, "request_timeout" },
                   { 413, "body_too_large" },    { 414, "uri_too_long" },       { 417, "expectation_failed" },
-                  { 431, "headers_too_large" }, { 505, "version_not_supported" } };
+                  { 431, "headers_too_large" }, { 501, "not_implemented" }, { 503, "body_budget_exhausted" },
+                  { 505, "version_not_supported" } };
     const char *code = "bad_request";
     for (size_t i = 0; i < GW_NELEM(codes); i++)
         if (codes[i].status == status)
@@ -432,7 +510,8 @@ reject(gw_conn_t *c, int status, const char *reason)
     c->close_after = true;
     c->req.keep_alive = false;
     c->state = C_HANDLING;
-    respond_error(c, status, code, reason, NULL);
+    /* 503: the memory budget of request bodies is spent, for now */
+    respond_error(c, status, code, reason, status == 503 ? "Retry-After: 1\r\n" : NULL);
 }
 
 /*
@@ -516,16 +595,25 @@ dispatch(gw_conn_t *c)
 /*
  * The head of a request with a body was read. A proxy route gets the
  * request now and the body streams to it (with the route's body limit);
- * every other route gets it whole, once the body is in (http.max_body_bytes).
+ * every other route gets it once the body is in (http.max_body_bytes):
+ * kept in memory, against memory.request_body_bytes, only for an
+ * aggregate route with a call that forwards it; read and dropped for the
+ * others (fixed answers, aggregates that do not use it, 404, 405).
  */
 static void
 head_received(gw_conn_t *c)
 {
     gw_req_t *r = &c->req;
     gw_match_t m;
-    const gw_route_t *route = NULL;
-    if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND && m.route->kind == GW_ROUTE_PROXY)
-        route = m.route;
+    const gw_route_t *route = NULL, *found = NULL;
+    if (gw_router_match(c->cfg->router, r->method, &r->path, &m) == GW_ROUTE_FOUND)
+        found = m.route;
+    if (found && found->kind == GW_ROUTE_PROXY)
+        route = found;
+    gw_parser_set_body_mode(&c->parser, route ? GW_BODY_STREAM
+                                        : found && found->kind == GW_ROUTE_AGGREGATE && found->agg.uses_body
+                                            ? GW_BODY_KEEP
+                                            : GW_BODY_DISCARD);
     if (route) {
         c->alog.route = route->pattern;
         c->mroute = route->mid;
@@ -707,13 +795,68 @@ conn_flush(gw_conn_t *c)
     return GW_OK;
 }
 
+/* The client sent EOF while its request is in flight (see the top of the
+ * file). Whether it is gone is looked at every GW_GONE_POLL_MS. */
+static void
+watch_gone(gw_conn_t *c)
+{
+    c->watching = true;
+    if (!c->probed && !c->resp_started && c->req.http_minor >= 1) {
+        evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+        c->probed = true;
+    }
+    if (c->probed)
+        timer_set(c, GW_T_GONE);
+}
+
+/* Whether the client's socket was reset (by a probe sent after its EOF). */
+static bool
+peer_reset(gw_conn_t *c)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    int err = 0;
+    socklen_t elen = sizeof(err);
+    if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 && ti.tcpi_state == TCP_CLOSE)
+        return true;
+    return getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &elen) == 0 && err != 0;
+}
+
+/* The client sent EOF and a request is in flight: a body that can no
+ * longer arrive whole means the client is gone; a request read whole is
+ * answered (watch_gone tells a client that went away). */
+static void
+peer_eof_in_flight(gw_conn_t *c)
+{
+    if (c->body_stream && !c->body_paused && evbuffer_get_length(c->in) == 0) {
+        gw_log(GW_LOG_INFO, "client %s: closed the connection before the end of the body of request %s", c->peer,
+               c->req.request_id);
+        const gw_conn_async_t *ops = c->async;
+        c->async = NULL;
+        ops->cancel(c->async_ctx);
+        c->body_stream = false;
+        if (c->resp_started) {
+            gw_conn_close(c); /* a cut response must not look whole */
+        } else {
+            /* the answers to earlier requests still go out, as for an
+             * incomplete request that is still being read */
+            c->state = C_FLUSHING;
+            timer_set(c, GW_T_NONE);
+        }
+    } else if (!c->body_stream && !c->watching) {
+        watch_gone(c);
+    }
+}
+
 /* Handles what can be handled, sends what can be sent, and moves on to
  * closing once the last response is out. */
 static void
-conn_run(gw_conn_t *c)
+conn_run_rounds(gw_conn_t *c)
 {
     for (int rounds = 0; rounds < 64 && !c->dead; rounds++) {
         conn_process(c);
+        if (!c->dead && c->peer_eof && c->state == C_HANDLING && c->async)
+            peer_eof_in_flight(c);
         if (c->dead || conn_flush(c) != GW_OK)
             return;
         if (c->state == C_HANDLING && c->async && c->want_drained) {
@@ -734,6 +877,14 @@ conn_run(gw_conn_t *c)
             return;
         c->wait_write = false; /* the output drained: take more requests */
     }
+}
+
+/* conn_run_rounds(), then files the connection as idle or not. */
+static void
+conn_run(gw_conn_t *c)
+{
+    conn_run_rounds(c);
+    idle_update(c);
 }
 
 static void
@@ -757,21 +908,14 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
     }
     ssize_t n = recv(fd, v.iov_base, v.iov_len, 0);
     if (n > 0) {
+        idle_unlink(c); /* busy; conn_run files it again, as the newest, once idle */
         v.iov_len = (size_t)n;
         evbuffer_commit_space(c->in, &v, 1);
         if (evbuffer_get_length(c->in) >= IN_HIGH)
             read_enable(c, false); /* conn_process enables it again once drained */
     } else if (n == 0) {
-        c->peer_eof = true;
+        c->peer_eof = true; /* conn_run tells a half-close from a client gone */
         read_enable(c, false);
-        if (c->state == C_HANDLING && c->async) {
-            /* The client is gone: cancel its calls (nginx: 499). */
-            gw_log(GW_LOG_INFO, "client %s: closed the connection while request %s was in flight", c->peer,
-                   c->req.request_id);
-            gw_conn_close(c);
-            gw_conn_release(c);
-            return;
-        }
     } else {
         int err = errno;
         if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
@@ -822,6 +966,18 @@ conn_timer_cb(evutil_socket_t fd, short what, void *arg)
             body_failed(c, 408, "client sent no request body bytes in time");
         else
             reject(c, 408, "client sent no request body bytes in time");
+        break;
+    case GW_T_GONE:
+        if (!c->watching) {
+            break;
+        } else if (peer_reset(c)) {
+            /* The client is gone: cancel its calls (nginx: 499). */
+            gw_log(GW_LOG_INFO, "client %s: closed the connection while request %s was in flight", c->peer,
+                   c->req.request_id);
+            gw_conn_close(c);
+        } else {
+            timer_set(c, GW_T_GONE);
+        }
         break;
     default:
         gw_conn_close(c);
@@ -885,6 +1041,7 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     gw_alog_rec_reset(&c->alog);
     read_enable(c, true);
     timer_set(c, GW_T_HEADER);
+    idle_update(c);
 }
 
 void

@@ -44,6 +44,12 @@ struct gw_alog_rec_s *gw_conn_alog(gw_conn_t *c);
 /* The next connection in the worker's list. */
 gw_conn_t *gw_conn_next(gw_conn_t *c);
 
+/* Closes w's oldest idle connection (one that has begun no request and
+ * has nothing left to send: a keep-alive one between requests, or a new
+ * one that sent nothing yet), as nginx does at its connection limit.
+ * False when w has none. From the top of a callback of w only. */
+bool gw_conn_drain_idle(gw_worker_t *w);
+
 /*
  * For route handlers that answer later (gw_proxy). The handler calls
  * gw_conn_begin_async() from its start function; from then on the

@@ -7,8 +7,18 @@
  * duplicate Content-Length, bad chunk sizes (llhttp), bare LF and obsolete
  * line folding (our pre-scan of the header block), invalid characters in
  * header names and values, HTTP versions other than 1.0 and 1.1, a missing
- * or repeated Host in HTTP/1.1 (ours). These checks do not depend on how
- * llhttp was compiled, so a system llhttp behaves the same.
+ * or repeated Host in HTTP/1.1, a Host that is not host[:port] (ours), a
+ * Content-Length gatherd cannot represent (above 2^63-1; ours). A chunked
+ * body is checked a second time by our own framing checker (strict CRLF,
+ * no obs-fold in trailers, bounded extensions, a chunk size over the body
+ * limit refused before its data is read), and llhttp must end the body
+ * exactly where it does. These checks do not depend on how llhttp was
+ * compiled, so a system llhttp behaves the same.
+ *
+ * Request bodies: the caller says per request whether the body is kept in
+ * req->body (counted against gw_budget_bodies), streamed through req->body
+ * to a handler that drains it, or read and discarded (counted, limited,
+ * never stored).
  */
 #ifndef GW_HTTP_H
 #define GW_HTTP_H
@@ -32,13 +42,16 @@ struct gw_req_s {
     bool expect_continue;
     bool has_body;
     bool chunked;               /* the body came chunked */
-    int64_t content_length;     /* declared; -1 when chunked, 0 without a body */
+    int64_t content_length;     /* -1 when chunked, else the exact number of body bytes read
+                                   (0 without a body; never above INT64_MAX: bigger is a 400) */
     char *hbuf;                 /* target and header bytes, back to back */
     size_t hlen, hcap;
     size_t url_off, url_len;
     size_t path_len;            /* raw path: hbuf + url_off (after a scheme://authority) */
     size_t path_off;
     size_t query_off, query_len; /* without "?"; query_len 0 when none */
+    size_t host_off, host_len;  /* the request's host[:port] (absolute-form authority, else the
+                                   Host value; checked): hbuf + host_off; host_len 0 when none */
     gw_header_t *headers;
     size_t nheaders, headers_cap;
     struct evbuffer *body;      /* owned; emptied between requests */
@@ -48,6 +61,13 @@ struct gw_req_s {
     char client_ip[48];         /* gw_realip_get() cache; "" until computed */
     signed char peer_trust;     /* gw_realip_peer_trusted() cache; 0 until computed */
 };
+
+/* What happens to the body of the current request (gw_parser_set_body_mode). */
+typedef enum {
+    GW_BODY_KEEP,    /* appended to req->body, taken from gw_budget_bodies (503 past it) */
+    GW_BODY_STREAM,  /* appended to req->body for a handler that drains it as it goes */
+    GW_BODY_DISCARD  /* read, counted against the limit, and dropped */
+} gw_body_mode_t;
 
 /* Result of gw_parser_execute(). */
 typedef enum {
@@ -61,7 +81,7 @@ struct gw_parser_s {
     llhttp_t ll;
     gw_req_t *req;
     const gw_http_limits_t *limits;
-    int status;          /* error status: 400, 413, 414, 431, 505, ... */
+    int status;          /* error status: 400, 413, 414, 431, 503, 505, ... */
     const char *reason;  /* static text */
     bool started;        /* some bytes of a request were seen */
     bool headers_done;
@@ -71,16 +91,26 @@ struct gw_parser_s {
     int nhost;
     size_t trailer_len;  /* trailer bytes seen (dropped, but limited) */
     size_t body_limit;   /* 413 above it; limits->max_body_bytes unless the route says otherwise */
+    gw_body_mode_t body_mode;
+    size_t body_held;    /* bytes of this request's body taken from gw_budget_bodies */
+    /* chunked framing, checked beside llhttp (check_chunked in gw_http.c) */
+    unsigned char ck_state;
+    uint64_t ck_size;    /* the size of the chunk being declared, then its bytes still to come */
+    uint64_t ck_total;   /* sizes declared so far */
+    size_t ck_ext;       /* chunk extension bytes so far */
+    unsigned ck_digits;  /* hex digits of the size being read */
     /* header-block pre-scan */
     bool scan_done;
     bool scan_line_start;
     bool scan_first_line;
     char scan_prev;
+    unsigned char scan_spaces; /* in the request line */
 };
 
 /* Binds parser to req (both caller-owned) and limits (borrowed). */
 void gw_parser_init(gw_parser_t *p, gw_req_t *req, const gw_http_limits_t *limits);
-/* Frees what the parser and req hold (not the structs themselves). */
+/* Frees what the parser and req hold (not the structs themselves), the
+ * body's budget included. */
 void gw_parser_free(gw_parser_t *p);
 
 /*
@@ -96,13 +126,30 @@ gw_parse_result_t gw_parser_execute(gw_parser_t *p, const char *data, size_t len
 /* Body limit for the current request (reset to limits->max_body_bytes by
  * gw_parser_next()); SIZE_MAX for none. */
 void gw_parser_set_body_limit(gw_parser_t *p, size_t limit);
-/* Continues after GW_PARSE_HEADERS. GW_ERR (status 413 set) when the
- * declared Content-Length exceeds the body limit. */
+/* What happens to the current request's body (reset to GW_BODY_KEEP by
+ * gw_parser_next()); before gw_parser_resume(). */
+void gw_parser_set_body_mode(gw_parser_t *p, gw_body_mode_t mode);
+/* Continues after GW_PARSE_HEADERS. GW_ERR when the declared
+ * Content-Length exceeds the body limit (status 413), or when a body to
+ * keep does not fit gw_budget_bodies (status 503; a declared length is
+ * taken from it at once, a chunked body as it arrives). */
 int gw_parser_resume(gw_parser_t *p);
+/* Empties req->body and gives its budget back; at the end of every
+ * request (gw_parser_next() and gw_parser_free() do it too). Idempotent. */
+void gw_parser_body_release(gw_parser_t *p);
 void gw_parser_next(gw_parser_t *p);
 
 /* Finds a request header (case-insensitive); *len set; NULL when absent. */
 const char *gw_req_header(const gw_req_t *r, const char *name, size_t *len);
+
+/* The request's host[:port] (see gw_req_t.host_off); *len set; NULL when
+ * the request named none (HTTP/1.0 without Host). */
+const char *gw_req_host(const gw_req_t *r, size_t *len);
+
+/* Whether s[0..len) is host[:port] as RFC 3986 allows it in Host: a
+ * reg-name (unreserved, sub-delims, %XX; not empty), an IPv4 address or an
+ * [IPv6] literal, then optionally ":" and a port of 1-5 digits up to 65535. */
+bool gw_http_host_valid(const char *s, size_t len);
 
 /* Whether a request with method (llhttp number) may be sent again after a
  * connection broke before any response byte (RFC 9110 9.2.2): GET, HEAD,

@@ -28,6 +28,7 @@
  */
 #include "gw_proxy.h"
 #include "gw_breaker.h"
+#include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_fail.h"
@@ -41,6 +42,7 @@
 #include <errno.h>
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <inttypes.h>
 #include <llhttp.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -68,6 +70,7 @@ struct gw_proxy_s {
     size_t hout_cap;
     gw_proxy_t *next_free; /* in the worker's cache */
     struct evbuffer *replay; /* the framed body sent so far, while it fits REPLAY_MAX */
+    size_t replay_held;   /* its bytes, taken from gw_budget_bodies */
     bool has_body;        /* the client's request has a body */
     bool body_sent;       /* all of it went upstream (the chunked end included) */
     bool body_paused;     /* the client's body waits for the upstream output to drain */
@@ -254,7 +257,7 @@ gw_proxy_add_forwarding(gw_conn_t *c, char **buf, size_t *blen, size_t *bcap)
     char *head = *buf;
     size_t len = *blen, cap = *bcap;
     size_t host_len = 0;
-    const char *host = gw_req_header(r, "host", &host_len);
+    const char *host = gw_req_host(r, &host_len); /* checked host[:port] (gw_http.c) */
     ADD("X-Forwarded-For: ", 17);
     if (gw_conn_peer_trusted(c)) /* else the client's list is not believed: replaced */
         add_list(r, "x-forwarded-for", &head, &len, &cap);
@@ -289,7 +292,7 @@ build_request(gw_proxy_t *p)
     ADD(target, tlen);
     ADD(" HTTP/1.1\r\n", 11);
     size_t host_len = 0;
-    const char *host = gw_req_header(r, "host", &host_len);
+    const char *host = gw_req_host(r, &host_len);
     ADD("Host: ", 6);
     if (p->route->proxy.preserve_host && host)
         ADD(host, host_len);
@@ -310,8 +313,12 @@ build_request(gw_proxy_t *p)
     if (r->chunked) {
         ADD_STR("Transfer-Encoding: chunked\r\n");
     } else if (r->has_body || r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH) {
+        /* The length gatherd's parser reads the body by (0 to INT64_MAX,
+         * gw_http.h), written by us: forward_body() sends exactly that many
+         * bytes or the upstream connection is closed. */
         char cl[48];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %lld\r\n", (long long)r->content_length);
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %" PRIu64 "\r\n",
+                         r->has_body ? (uint64_t)r->content_length : 0);
         ADD(cl, (size_t)n);
     }
     ADD("\r\n", 2);
@@ -342,6 +349,20 @@ proxy_destroy(gw_proxy_t *p)
     free(p);
 }
 
+/* Frees the copy of the body kept for a retry, and gives its budget back. */
+static void
+replay_drop(gw_proxy_t *p)
+{
+    if (p->replay) {
+        evbuffer_free(p->replay);
+        p->replay = NULL;
+    }
+    if (p->replay_held) {
+        gw_budget_give(&gw_budget_bodies, p->replay_held);
+        p->replay_held = 0;
+    }
+}
+
 /* Ends p: its upstream connection is pooled when reusable, else closed. */
 static void
 proxy_free(gw_proxy_t *p, bool reusable)
@@ -358,8 +379,7 @@ proxy_free(gw_proxy_t *p, bool reusable)
     if (p->u)
         gw_upstream_release(p->u, reusable);
     evtimer_del(p->timer);
-    if (p->replay)
-        evbuffer_free(p->replay);
+    replay_drop(p);
     if (w->nproxy_cache >= CACHE_MAX || w->stopping) {
         proxy_destroy(p);
         return;
@@ -410,18 +430,19 @@ proxy_drained(void *ctx)
         gw_upstream_read(p->u, true);
 }
 
-/* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX;
- * past that, a retry is no longer possible. */
+/* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX
+ * and the memory budget of request bodies (memory.request_body_bytes);
+ * past either, a retry is no longer possible. */
 static void
 replay_add(gw_proxy_t *p, const void *data, size_t n)
 {
     if (p->replay == NULL)
         return;
-    if (evbuffer_get_length(p->replay) + n > REPLAY_MAX) {
-        evbuffer_free(p->replay);
-        p->replay = NULL;
+    if (evbuffer_get_length(p->replay) + n > REPLAY_MAX || !gw_budget_take(&gw_budget_bodies, n)) {
+        replay_drop(p);
         return;
     }
+    p->replay_held += n;
     evbuffer_add(p->replay, data, n);
 }
 
@@ -450,9 +471,8 @@ forward_body(gw_proxy_t *p)
         }
         if (p->replay && evbuffer_get_length(p->replay) + n <= REPLAY_MAX) {
             replay_add(p, evbuffer_pullup(r->body, -1), n);
-        } else if (p->replay) {
-            evbuffer_free(p->replay); /* too much to keep: no retry from here on */
-            p->replay = NULL;
+        } else {
+            replay_drop(p); /* too much to keep: no retry from here on */
         }
         evbuffer_add_buffer(out, r->body);
         if (r->chunked)

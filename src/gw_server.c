@@ -67,45 +67,132 @@ gw_server_open_socket(const gw_listen_t *l, bool reuseport, bool listening, char
 }
 
 static void
+wake(gw_worker_t *w)
+{
+    uint64_t one = 1;
+    if (write(w->wake_fd, &one, sizeof(one)) < 0)
+        gw_log(GW_LOG_ERR, "cannot wake worker %d: %s", w->id, strerror(errno));
+}
+
+/* Answers a connection refused at max_connections, without reading its
+ * request (one best-effort send), closes it and gives its slot back. */
+static void
+refuse(gw_worker_t *w, evutil_socket_t fd)
+{
+    __atomic_sub_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
+    /* Once a second per worker: a connection storm must not flood the log. */
+    time_t now = time(NULL);
+    w->refused++;
+    if (now != w->refused_logged_at) {
+        gw_log(GW_LOG_WARN, "max_connections (%u) reached with no idle connection to close; refused %u "
+               "connection(s) since the last report", w->cfg->max_connections, w->refused);
+        w->refused_logged_at = now;
+        w->refused = 0;
+    }
+    char id[33], msg[512];
+    gw_http_new_request_id(id);
+    static const char body_fmt[] = "{\"error\":{\"code\":\"too_many_connections\",\"message\":"
+                                   "\"the gateway is at max_connections\",\"request_id\":\"%s\"}}";
+    int blen = (int)sizeof(body_fmt) - 3 + 32;
+    int len = snprintf(msg, sizeof(msg),
+                       "HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nServer: gatherd\r\nX-Request-Id: %s\r\n"
+                       "Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
+                       "Retry-After: 1\r\n\r\n",
+                       gw_http_date(), id, blen);
+    len += snprintf(msg + len, sizeof(msg) - (size_t)len, body_fmt, id);
+    if (send(fd, msg, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+        /* the client is refused either way */
+    }
+    shutdown(fd, SHUT_WR);
+    close(fd);
+}
+
+/* At max_connections: closes this worker's oldest idle connection to make
+ * room for fd (nginx's ngx_drain_connections). True when one was closed. */
+static bool
+drain_one(gw_worker_t *w)
+{
+    if (!gw_conn_drain_idle(w))
+        return false;
+    time_t now = time(NULL);
+    w->drained++;
+    if (now != w->drained_logged_at) {
+        gw_log(GW_LOG_INFO, "max_connections (%u) reached; closed %u idle connection(s) for new ones since the "
+               "last report", w->cfg->max_connections, w->drained);
+        w->drained_logged_at = now;
+        w->drained = 0;
+    }
+    return true;
+}
+
+/* Passes fd, accepted past max_connections by w, which has no idle
+ * connection, to the worker with the most idle ones: it closes its oldest
+ * for fd (or refuses fd when none is left by then). The slot fd holds in
+ * the count goes with it, so the count never passes the limit. */
+static bool
+hand_off(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, int salen)
+{
+    gw_server_t *s = w->srv;
+    gw_worker_t *best = NULL;
+    unsigned most = 0;
+    for (int i = 0; i < s->nworkers; i++) {
+        unsigned n = __atomic_load_n(&s->workers[i].nidle, __ATOMIC_RELAXED);
+        if (&s->workers[i] != w && n > most && !__atomic_load_n(&s->workers[i].stop, __ATOMIC_ACQUIRE)) {
+            best = &s->workers[i];
+            most = n;
+        }
+    }
+    if (best == NULL || salen < 0 || (size_t)salen > sizeof(struct sockaddr_storage))
+        return false;
+    bool queued = false;
+    pthread_mutex_lock(&best->mail_mtx);
+    if (best->nhandoff < GW_HANDOFF_MAX) {
+        gw_handoff_t *h = &best->handoff[best->nhandoff++];
+        h->fd = fd;
+        memcpy(&h->addr, sa, (size_t)salen);
+        h->addrlen = salen;
+        queued = true;
+    }
+    pthread_mutex_unlock(&best->mail_mtx);
+    if (queued)
+        wake(best);
+    return queued;
+}
+
+/* Takes the connections other workers handed to w (its thread). */
+static void
+take_handoffs(gw_worker_t *w)
+{
+    gw_handoff_t got[GW_HANDOFF_MAX];
+    pthread_mutex_lock(&w->mail_mtx);
+    unsigned n = w->nhandoff;
+    memcpy(got, w->handoff, n * sizeof(gw_handoff_t));
+    w->nhandoff = 0;
+    pthread_mutex_unlock(&w->mail_mtx);
+    for (unsigned i = 0; i < n; i++) {
+        if (!w->stopping && drain_one(w))
+            gw_conn_accept(w, got[i].fd, (const struct sockaddr *)&got[i].addr, got[i].addrlen);
+        else
+            refuse(w, got[i].fd);
+    }
+}
+
+static void
 accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, int salen, void *arg)
 {
     gw_worker_t *w = arg;
     GW_UNUSED(lev);
     gw_m_add(&w->m->accepted, 1);
     unsigned n = __atomic_add_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
-    if (n > w->cfg->max_connections) {
-        __atomic_sub_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
-        /* Once a second per worker: a connection storm must not flood the log. */
-        time_t now = time(NULL);
-        w->refused++;
-        if (now != w->refused_logged_at) {
-            gw_log(GW_LOG_WARN, "max_connections (%u) reached; refused %u connection(s) since the last report",
-                   w->cfg->max_connections, w->refused);
-            w->refused_logged_at = now;
-            w->refused = 0;
-        }
-        /* Answered without reading the request: one best-effort send. */
-        char id[33], msg[512];
-        gw_http_new_request_id(id);
-        static const char body_fmt[] = "{\"error\":{\"code\":\"too_many_connections\",\"message\":"
-                                       "\"the gateway is at max_connections\",\"request_id\":\"%s\"}}";
-        int blen = (int)sizeof(body_fmt) - 3 + 32;
-        int len = snprintf(msg, sizeof(msg),
-                         "HTTP/1.1 503 Service Unavailable\r\nDate: %s\r\nServer: gatherd\r\nX-Request-Id: %s\r\n"
-                         "Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n"
-                         "Retry-After: 1\r\n\r\n",
-                         gw_http_date(), id, blen);
-        len += snprintf(msg + len, sizeof(msg) - (size_t)len, body_fmt, id);
-        if (send(fd, msg, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
-            /* the client is refused either way */
-        }
-        shutdown(fd, SHUT_WR);
-        close(fd);
+    /* Past the limit, an idle keep-alive connection goes before a new
+     * client is refused: this worker's oldest, else another worker's. */
+    if (n > w->cfg->max_connections && !drain_one(w)) {
+        if (!hand_off(w, fd, sa, salen))
+            refuse(w, fd);
         return;
     }
     gw_conn_accept(w, fd, sa, salen);
 }
-
 
 static void
 accept_resume_cb(evutil_socket_t fd, short what, void *arg)
@@ -199,7 +286,8 @@ set_timeouts(gw_worker_t *w, const gw_config_t *cfg)
                                [GW_T_KEEPALIVE] = cfg->http.keepalive_timeout_ms,
                                [GW_T_LINGER] = cfg->http.lingering_timeout_ms,
                                [GW_T_SEND] = cfg->http.send_timeout_ms,
-                               [GW_T_DRAIN] = GW_MIN(GW_DRAIN_IDLE_MS, cfg->shutdown_timeout_ms) };
+                               [GW_T_DRAIN] = GW_MIN(GW_DRAIN_IDLE_MS, cfg->shutdown_timeout_ms),
+                               [GW_T_GONE] = GW_GONE_POLL_MS };
     for (int t = 1; t < GW_T_MAX; t++) {
         struct timeval tv = { ms[t] / 1000, (ms[t] % 1000) * 1000 };
         w->timeout_tv[t] = tv;
@@ -325,6 +413,7 @@ wake_cb(evutil_socket_t fd, short what, void *arg)
         /* EAGAIN: a second wake-up for the same request */
     }
     take_mail(w);
+    take_handoffs(w);
     bool force = __atomic_load_n(&w->force, __ATOMIC_ACQUIRE);
     bool stop = __atomic_load_n(&w->stop, __ATOMIC_ACQUIRE);
     if (!stop || (w->stopping && !force))
@@ -380,6 +469,8 @@ worker_cleanup(gw_worker_t *w)
 {
     close_listeners(w);
     close_all(w);
+    w->stopping = true;
+    take_handoffs(w); /* refused: this worker serves nothing more */
     gw_proxy_worker_free(w);
     gw_agg_worker_free(w);
     pthread_mutex_lock(&w->mail_mtx);
@@ -486,14 +577,6 @@ gw_server_run(gw_server_t *s, char *err, size_t errlen)
     return GW_OK;
 }
 
-static void
-wake(gw_worker_t *w)
-{
-    uint64_t one = 1;
-    if (write(w->wake_fd, &one, sizeof(one)) < 0)
-        gw_log(GW_LOG_ERR, "cannot wake worker %d: %s", w->id, strerror(errno));
-}
-
 int
 gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
 {
@@ -595,6 +678,9 @@ gw_server_free(gw_server_t *s)
 {
     for (int i = 0; i < s->started; i++)
         pthread_join(s->workers[i].thread, NULL);
+    for (int i = 0; s->workers && i < s->nworkers; i++) /* handed over as a worker stopped */
+        for (unsigned k = 0; k < s->workers[i].nhandoff; k++)
+            close(s->workers[i].handoff[k].fd);
     if (s->workers) {
         for (int i = 0; i < s->nworkers; i++) {
             gw_worker_t *w = &s->workers[i];

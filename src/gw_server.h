@@ -33,13 +33,29 @@ struct evconnlistener;
 
 /* The per-connection timers; their durations are the worker's common
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
-typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_MAX } gw_timer_t;
+typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_GONE,
+               GW_T_MAX } gw_timer_t;
 
 /* At a graceful stop, an idle keep-alive connection may send one more
  * request (answered with Connection: close) for this long, at most
  * shutdown_timeout_ms: closing it at once would race with a request already
  * on its way, which the client would see as a reset. */
 #define GW_DRAIN_IDLE_MS 1000
+
+/* A client that half-closed while its request is in flight: how often
+ * gatherd looks whether the socket was reset (the client is gone, not
+ * just done sending; see gw_conn.c). */
+#define GW_GONE_POLL_MS 100
+
+/* Connections accepted past max_connections by a worker without idle ones,
+ * waiting for a worker that has some (gw_server.c). */
+#define GW_HANDOFF_MAX 64
+
+typedef struct {
+    evutil_socket_t fd;
+    struct sockaddr_storage addr;
+    int addrlen;
+} gw_handoff_t;
 
 /* A configuration as one worker uses it. Worker thread only. */
 struct gw_gen_s {
@@ -77,6 +93,14 @@ struct gw_worker_s {
     bool force;                     /* atomic: stop at once */
     bool stop;                      /* atomic: stop gracefully */
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
+    gw_conn_t *idle_first, *idle_last; /* idle connections (no request begun, nothing to send), oldest
+                                       first; closed first at max_connections (gw_conn.c) */
+    unsigned nidle;                 /* atomic (read by other workers): how many */
+    gw_handoff_t handoff[GW_HANDOFF_MAX]; /* under mail_mtx: connections another worker accepted past
+                                            max_connections for this one to take in place of an idle one */
+    unsigned nhandoff;              /* under mail_mtx */
+    unsigned drained;               /* idle connections closed for new ones since the last log line */
+    time_t drained_logged_at;
     gw_pool_t *pools;               /* one per backend of cfg, see gw_upstream.h */
     gw_proxy_t *proxy_cache;        /* proxy contexts kept for reuse, see gw_proxy.c */
     unsigned nproxy_cache;

@@ -11,7 +11,7 @@ LLINC="${LLHTTP_INCDIR:-/usr/share/include/llhttp}"
 CFLAGS="-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I$SRC/src -I$LLINC
         $(pkg-config --cflags libevent_core libevent_extra libevent_openssl jansson openssl) -D_GNU_SOURCE -DPACKAGE_VERSION=\"fuzz\""
 LIBS="$(pkg-config --libs libevent_core libevent_extra libevent_openssl jansson openssl) -pthread"
-COMMON="$SRC/src/gw_alloc.c $SRC/src/gw_log.c $SRC/src/gw_alog.c $SRC/src/gw_router.c"
+COMMON="$SRC/src/gw_alloc.c $SRC/src/gw_log.c $SRC/src/gw_alog.c $SRC/src/gw_router.c $SRC/src/gw_budget.c"
 passed=0 failed=0
 build_ll() {
     for f in llhttp api http; do

@@ -957,6 +957,47 @@ def body_too_large_413_content_length():
 
 
 @test
+def content_length_whole_range():
+    """Every Content-Length from 0 to past 2^64: up to the limit accepted,
+    above it 413 before the body is read, past 2^63-1 400 (it cannot be
+    held as a signed count), past 2^64-1 400 (llhttp)."""
+    d = Daemon(config(http={"max_body_bytes": 100}))
+    with d.connect() as c:
+        for n in (0, 1, 99, 100):
+            expect_ok(c.request(req("POST", "/echo", headers={"Content-Length": str(n)}, body=b"x" * n)),
+                      status=201)
+    for cl, status, code in [("101", 413, "body_too_large"), (str(2**31), 413, "body_too_large"),
+                             (str(2**32 + 1), 413, "body_too_large"), (str(2**63 - 1), 413, "body_too_large"),
+                             (str(2**63), 400, "bad_request"), (str(2**63 + 1), 400, "bad_request"),
+                             (str(2**64 - 1), 400, "bad_request"), (str(2**64), 400, "bad_request"),
+                             ("9" * 30, 400, "bad_request")]:
+        r = expect_reject(d, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: " + cl.encode() + b"\r\n\r\n"
+                             b"GET /admin HTTP/1.1\r\nHost: t\r\n\r\n", status, code)
+        check(b"admin" not in r.body, f"Content-Length {cl}: {r.body!r}")
+
+
+@test
+def host_header_rules():
+    """Valid Host values are served; every other one is 400, and the
+    connection is closed."""
+    d = Daemon(config())
+    good = ["t", "example.com", "example.com.", "EXAMPLE.com:8080", "127.0.0.1", "127.0.0.1:1", "[::1]",
+            "[::1]:65535", "a-b_c~d", "%41", "x:0"]
+    with d.connect() as c:
+        for h in good:
+            r = c.request(get("/a", host=h))
+            eq(r.status, 200, f"Host: {h}")
+    bad = ["a b", "evil.com/../x", "a/b", "a\\b", "u@h", "h:", "h:65536", "h:1x", "[::1", "[x]", "::1", "a?b",
+           "a#b", "%zz", "a\"b", "a<b>", "h:80:80"]
+    for h in bad:
+        expect_reject(d, b"GET /a HTTP/1.1\r\nHost: " + h.encode() + b"\r\n\r\n", 400, "bad_request")
+    # absolute-form: its authority is checked the same way
+    with d.connect() as c:
+        expect_ok(c.request(get("http://[::1]:8080/a")), b'{"r":"a"}')
+    expect_reject(d, get("http://h:99999/a"), 400, "bad_request")
+
+
+@test
 def body_too_large_413_chunked():
     d = Daemon(config(http={"max_body_bytes": 100}))
     with d.connect() as c:
@@ -1019,10 +1060,16 @@ def chunked_body_accepted():
 
 
 @test
-def transfer_encoding_ending_in_chunked_accepted():
+def transfer_codings_other_than_chunked_501():
+    """gatherd decodes only chunked; "gzip, chunked" would reach a backend
+    still gzipped but without its Transfer-Encoding (hop-by-hop): 501, as
+    nginx answers. Names are case-insensitive."""
     d = Daemon(config())
+    for te in ("gzip, chunked", "identity, chunked", "deflate,chunked", "x-custom, chunked"):
+        expect_reject(d, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: " + te.encode() + b"\r\n\r\n"
+                         b"3\r\nabc\r\n0\r\n\r\n" + get("/a"), 501, "not_implemented")
     with d.connect() as c:
-        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        c.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: Chunked\r\n\r\n"
                b"3\r\nabc\r\n0\r\n\r\n" + get("/a"))
         expect_ok(c.read_response(), b'{"created":true}', status=201)
         expect_ok(c.read_response(), b'{"r":"a"}')
@@ -1147,6 +1194,42 @@ SMUGGLING = {
     "target_relative": b"GET a HTTP/1.1\r\nHost: t\r\n\r\n",
     "target_authority_like": b"GET example.com/a HTTP/1.1\r\nHost: t\r\n\r\n",
     "target_dotdot_above_root": b"GET /.. HTTP/1.1\r\nHost: t\r\n\r\n",
+    # Content-Length past 2^63-1 used to turn negative and skip the body limit
+    "content_length_2_63": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 9223372036854775808\r\n\r\n"
+                           b"GET /admin HTTP/1.1\r\nHost: t\r\n\r\n",
+    "content_length_2_64_minus_1": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 18446744073709551615\r\n\r\n"
+                                   b"GET /admin HTTP/1.1\r\nHost: t\r\n\r\n",
+    "content_length_2_64": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 18446744073709551616\r\n\r\n",
+    "content_length_plus": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc",
+    "content_length_hex": b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 0x3\r\n\r\nabc",
+    # chunk lines llhttp alone accepts (any byte after the CR; a bare LF at the end)
+    "chunk_size_cr_without_lf": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"3\rXabc\r\n0\r\n\r\n",
+    "chunk_ext_cr_without_lf": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"3;x\rXabc\r\n0\r\n\r\n",
+    "chunk_data_cr_without_lf": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                b"3\r\nabc\rX0\r\n\r\n",
+    "chunk_last_line_bare_lf": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"3\r\nabc\r\n0\r\n\nGET /admin HTTP/1.1\r\nHost: t\r\n\r\n",
+    "chunk_trailer_folded": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"3\r\nabc\r\n0\r\nX-T: a\r\n b\r\n\r\n",
+    "chunk_size_too_many_zeros": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + b"0" * 40 + b"3\r\nabc\r\n0\r\n\r\n",
+    "chunk_size_2_64": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"10000000000000000\r\nabc\r\n0\r\n\r\n",
+    "transfer_encoding_empty": b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n",
+    "transfer_encoding_http10": b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "tab_in_target": b"GET /a\tb HTTP/1.1\r\nHost: t\r\n\r\n",
+    # Host is host[:port] (RFC 3986), else 400 as nginx answers
+    "host_with_space": b"GET /a HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host_with_path": b"GET /a HTTP/1.1\r\nHost: evil.com/../x\r\n\r\n",
+    "host_empty": b"GET /a HTTP/1.1\r\nHost:\r\n\r\n",
+    "host_with_userinfo": b"GET /a HTTP/1.1\r\nHost: user@h\r\n\r\n",
+    "host_bad_port": b"GET /a HTTP/1.1\r\nHost: h:65536\r\n\r\n",
+    "host_http10_invalid": b"GET /a HTTP/1.0\r\nHost: a,b c\r\n\r\n",
+    "absolute_form_bad_authority": b"GET http://a b/a HTTP/1.1\r\nHost: t\r\n\r\n",
+    "absolute_form_userinfo": b"GET http://u@h/a HTTP/1.1\r\nHost: h\r\n\r\n",
+    "absolute_form_empty_authority": b"GET http:///a HTTP/1.1\r\nHost: t\r\n\r\n",
 }
 
 
@@ -1314,12 +1397,21 @@ def _open_counted(d, attempts=100):
     raise TestFailure("could not open a counted connection")
 
 
+def _busy(c):
+    """Makes c busy (not idle): a request head begun, not finished."""
+    c.send(b"GET /a HTTP/1.1\r\nHost: t\r\n")
+
+
 @test
 def max_connections_503():
+    """At max_connections with no idle connection, a new client gets 503."""
     d = Daemon(config(max_connections=2))
     c1 = _open_counted(d)
     c2 = _open_counted(d)
     try:
+        _busy(c1)
+        _busy(c2)
+        time.sleep(0.1 * SLOW)  # the heads are read: neither is idle
         with d.connect() as c3:
             r = c3.read_response()
             eq(r.status, 503, f"status ({r.raw[:300]!r})")
@@ -1328,10 +1420,13 @@ def max_connections_503():
             eq((r.header("Connection") or "").lower(), "close", "Connection header")
             eq(c3.read_all_until_close(3), b"", "bytes after the 503")
         # the two counted connections still work
-        expect_ok(c1.request(get("/b")), b'{"r":"b"}')
-        expect_ok(c2.request(get("/c")), b'{"r":"c"}')
+        c1.send(b"\r\n")
+        c2.send(b"\r\n")
+        expect_ok(c1.read_response(), b'{"r":"a"}')
+        expect_ok(c2.read_response(), b'{"r":"a"}')
         # a freed slot is reusable
         c1.close()
+        _busy(c2)
         deadline = time.monotonic() + 3 * SLOW
         while True:
             c4 = d.connect()
@@ -1353,6 +1448,8 @@ def max_connections_503_follows_response_contract():
     d = Daemon(config(max_connections=1))
     c1 = _open_counted(d)
     try:
+        _busy(c1)
+        time.sleep(0.1 * SLOW)
         with d.connect() as c2:
             r = c2.read_response()
             eq(r.status, 503, "status")
@@ -1371,6 +1468,62 @@ def max_connections_503_follows_response_contract():
             check(not problems, f"{', '.join(problems)} in {r.raw!r}")
     finally:
         c1.close()
+
+
+def _metric(d, name):
+    """The value of an unlabelled metric on the admin listener."""
+    with Conn("127.0.0.1", d.admin_port) as a:
+        r = a.request(req("GET", "/metrics", headers={"Connection": "close"}))
+    for line in r.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise TestFailure(f"{name} not in /metrics")
+
+
+def _served(c, path="/a"):
+    """True when c still gets an answer; False when the server closed it."""
+    try:
+        r = c.request(get(path))
+    except (ConnectionClosed, OSError):
+        return False
+    return r.status == 200
+
+
+@test
+def max_connections_closes_idle_keepalive_first():
+    """At max_connections a new client does not wait 75 s for an idle
+    keep-alive connection to time out: the oldest idle connection is closed
+    for it (nginx's ngx_drain_connections), across workers; busy ones are
+    never closed, and the count never passes the limit."""
+    for workers in (1, 2):
+        d = Daemon(config(max_connections=3), workers=workers)
+        busy = _open_counted(d)
+        _busy(busy)
+        idle = [_open_counted(d), _open_counted(d)]  # idle[0] is the oldest
+        time.sleep(0.1 * SLOW)
+        with d.connect() as n1:
+            expect_ok(n1.request(get("/b")), b'{"r":"b"}', 200)
+            check(not _served(idle[0]), f"workers={workers}: the oldest idle connection was not the one closed")
+            check(_served(idle[1]), f"workers={workers}: a newer idle connection was closed")
+            eq(_metric(d, "gatherd_connections"), 3, f"workers={workers}: open connections")
+            # now idle[1] (used just above) is newer than n1: n1 goes next
+            with d.connect() as n2:
+                expect_ok(n2.request(get("/c")), b'{"r":"c"}', 200)
+                check(not _served(n1), f"workers={workers}: the oldest idle connection was not closed")
+                check(_served(idle[1]), f"workers={workers}: a newer idle connection was closed")
+                eq(_metric(d, "gatherd_connections"), 3, f"workers={workers}: open connections")
+                # every connection busy: refused
+                _busy(idle[1])
+                _busy(n2)
+                time.sleep(0.1 * SLOW)
+                with d.connect() as n3:
+                    r = n3.read_response()
+                    eq(r.status, 503, f"workers={workers}: status when nothing is idle")
+                busy.send(b"\r\n")
+                expect_ok(busy.read_response(), b'{"r":"a"}')
+        busy.close()
+        idle[1].close()
+        d.stop()
 
 
 # --- graceful stop ------------------------------------------------------------------------
