@@ -5,8 +5,9 @@
  * read. The upstream request head is built once (kept for one retry), a
  * pooled or new upstream connection gets it, then the request body as it
  * arrives from the client (with its Content-Length, or re-chunked when the
- * client sent it chunked). llhttp parses the response; its head is filtered
- * and written to the client, its body is streamed as it arrives.
+ * client sent it chunked). gw_resp reads the response under its rules; its
+ * head is filtered and written to the client, its body is streamed as it
+ * arrives.
  *
  * Backpressure both ways: when the client falls behind, reading from the
  * backend pauses until the client's output drains; when the backend falls
@@ -14,9 +15,10 @@
  * upstream output drains. Memory per request stays a few hundred KiB
  * whatever the body sizes.
  *
- * Failures before the response head was sent become JSON errors (502, 503,
- * 504); after it, the client connection is closed so a cut body never looks
- * whole. A request sent on a reused connection that the backend had closed
+ * Failures before any of the response reached the client become JSON
+ * errors (502, 503, 504), also when its head was already queued
+ * (gw_conn_take_back); after that, the client connection is closed so a cut
+ * body never looks whole. A request sent on a reused connection that the backend had closed
  * (EOF or reset before any response byte) is sent once more on a fresh
  * connection when the method is idempotent and the body bytes sent so far
  * are still at hand (a body is kept for that up to REPLAY_MAX bytes).

@@ -79,6 +79,21 @@ scan_start(gw_resp_t *r, bool trailers)
     r->scan_line_start = true;
     r->scan_first_line = !trailers; /* a trailer section may end at once */
     r->scan_prev = '\0';
+    r->scan_col = 0;
+}
+
+/* Whether b may be at column col of a status line: "HTTP/" DIGIT "."
+ * DIGIT SP 3DIGIT, then SP or the line end (llhttp takes a status of
+ * any number of digits up to 999: "0100" would be a 100). */
+static bool
+status_line_byte(unsigned col, char b)
+{
+    static const char shape[] = "HTTP/9.9 999";
+    if (col >= sizeof(shape) - 1)
+        return col > sizeof(shape) - 1 || b == ' ' || b == '\r';
+    if (shape[col] == '9')
+        return b >= '0' && b <= '9';
+    return b == shape[col];
 }
 
 /* Checks the section from its start to its empty line, across calls: every
@@ -109,6 +124,11 @@ prescan(gw_resp_t *r, const char *data, size_t len)
             if (r->scan_line_start && !r->scan_first_line && (b == ' ' || b == '\t'))
                 return bad(r, "obsolete line folding in a response head");
             r->scan_line_start = false;
+        }
+        if (r->scan_first_line && b != '\n' && r->scan_col <= 12) {
+            if (!status_line_byte(r->scan_col, b))
+                return bad(r, "malformed status line");
+            r->scan_col++;
         }
         prev = b;
     }

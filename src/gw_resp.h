@@ -102,6 +102,7 @@ struct gw_resp_s {
     /* the pre-scan of a head or trailer section (CRLF discipline) */
     bool scanning, scan_line_start, scan_first_line;
     char scan_prev;
+    unsigned scan_col; /* of the status line, up to its 13th byte */
 };
 
 /* Prepares r for one response; max_body: the largest body accepted (at

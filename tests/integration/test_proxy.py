@@ -1329,6 +1329,8 @@ MALFORMED = [
     ("status 600", "HTTP/1.1 600 High\r\nContent-Length: 5\r\n\r\nhello"),
     ("status 999", "HTTP/1.1 999 High\r\nContent-Length: 5\r\n\r\nhello"),
     ("status -1", "HTTP/1.1 -1 Neg\r\nContent-Length: 5\r\n\r\nhello"),
+    ("four-digit status", "HTTP/1.1 0200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    ("four-digit interim status", "HTTP/1.1 0100 Continue\r\n\r\n" + CL_HEAD + "hello"),
     ("two spaces before the status", "HTTP/1.1  200 OK\r\nContent-Length: 5\r\n\r\nhello"),
     ("101 without an upgrade asked", "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                      "Connection: Upgrade\r\n\r\nhello"),

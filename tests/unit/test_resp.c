@@ -111,6 +111,12 @@ test_invalid(void)
         "HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
         "HTTP/1.1 101 Switching\r\n\r\n",
         "HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        /* llhttp takes a status of any number of digits up to 999 (found by
+         * test_backend_fuzz: "0100" was an interim 100) */
+        "HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 0100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1 200OK\r\nContent-Length: 0\r\n\r\n",
+        "HTTP/1.1  200 OK\r\nContent-Length: 0\r\n\r\n",
         "HTTP/1.1 200 OK\nContent-Length: 0\r\n\r\n",
         "HTTP/1.1 200 OK\rContent-Length: 0\r\n\r\n",
         "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\n",
