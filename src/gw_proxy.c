@@ -286,12 +286,20 @@ build_request(gw_proxy_t *p)
     gw_req_t *r = gw_conn_req(p->c);
     char *head = p->head;
     size_t len = 0, cap = p->head_cap;
-    char target[9000];
-    size_t tlen = gw_proxy_target(r, p->route->proxy.strip_segments, target, sizeof(target));
+    /* The re-encoded target: every byte of the normalized path at most
+     * three ("%XX") plus its "/", then "?" and the query as received. Sized
+     * from the request (http.max_url_bytes allows up to 1 MiB), never cut:
+     * a fixed 9000 bytes once turned a long target into an empty one. */
+    char stack[4096];
+    size_t need = 3 * (r->path_len + r->path.nseg) + r->query_len + 8;
+    char *target = need <= sizeof(stack) ? stack : gw_malloc(need);
+    size_t tlen = gw_proxy_target(r, p->route->proxy.strip_segments, target, need);
     const char *method = llhttp_method_name((llhttp_method_t)r->method);
     ADD_STR(method);
     ADD(" ", 1);
     ADD(target, tlen);
+    if (target != stack)
+        free(target);
     ADD(" HTTP/1.1\r\n", 11);
     size_t host_len = 0;
     const char *host = gw_req_host(r, &host_len);

@@ -516,6 +516,21 @@ def config_proxy_errors():
 # --- the request: method, target, body ---------------------------------------------------
 
 @ptest
+def proxy_long_target_reaches_the_backend_whole():
+    """A target near http.max_url_bytes whose bytes are all re-encoded (each
+    "%C3%A9" is decoded by normalization and encoded again) reaches the
+    backend whole; a fixed 9000-byte buffer once made it empty."""
+    s = Stub()
+    d = proxy_daemon(s, http={"max_url_bytes": 65536})
+    seg = "%C3%A9" * 2000  # 12 000 bytes, 4 000 decoded, 12 000 again
+    path = "/legacy/" + "/".join([seg] * 4) + "/"
+    with Client(d) as c:
+        r, j = echo(c, path + "?q=" + "x" * 5000)
+        eq(j["path"], "/" + "/".join([seg] * 4) + "/", "the whole path at the backend")
+        eq(j["query"], "q=" + "x" * 5000 + "&echo=1", "the whole query at the backend")
+
+
+@ptest
 def proxy_get_basic_with_strip_prefix():
     s = Stub()
     d = proxy_daemon(s)
