@@ -107,6 +107,7 @@ struct gw_conn_s {
     bool probed;       /* the half-close probe (100 Continue) was sent */
     bool watching;     /* the request in flight watches for the client's reset */
     gw_conn_t *idle_prev, *idle_next;
+    uint64_t idle_since_us; /* when its last request ended (or it was accepted): its place on the idle list */
     size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
     char rl_hdr[GW_RATELIMIT_HDR_MAX];
     gw_alog_rec_t alog; /* the access log line of the current request */
@@ -144,11 +145,11 @@ idle_unlink(gw_conn_t *c)
         w->idle_last = c->idle_prev;
     c->idle_prev = c->idle_next = NULL;
     c->idle = false;
-    __atomic_store_n(&w->nidle, w->nidle - 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->idle_oldest_us, w->idle_first ? w->idle_first->idle_since_us : 0, __ATOMIC_RELAXED);
 }
 
-/* Puts c on its worker's idle list (at the end: the newest) when it is
- * idle, takes it off when it is not. */
+/* Puts c on its worker's idle list when it is idle, in the order of
+ * idle_since_us (almost always at the end), takes it off when it is not. */
 static void
 idle_update(gw_conn_t *c)
 {
@@ -162,14 +163,20 @@ idle_update(gw_conn_t *c)
         return;
     }
     c->idle = true;
-    c->idle_prev = w->idle_last;
-    c->idle_next = NULL;
-    if (w->idle_last)
-        w->idle_last->idle_next = c;
+    gw_conn_t *after = w->idle_last;
+    while (after && after->idle_since_us > c->idle_since_us)
+        after = after->idle_prev;
+    c->idle_prev = after;
+    c->idle_next = after ? after->idle_next : w->idle_first;
+    if (c->idle_next)
+        c->idle_next->idle_prev = c;
+    else
+        w->idle_last = c;
+    if (after)
+        after->idle_next = c;
     else
         w->idle_first = c;
-    w->idle_last = c;
-    __atomic_store_n(&w->nidle, w->nidle + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->idle_oldest_us, w->idle_first->idle_since_us, __ATOMIC_RELAXED);
 }
 
 bool
@@ -382,6 +389,7 @@ request_done(gw_conn_t *c)
     gw_alog_rec_reset(&c->alog);
     gw_parser_body_release(&c->parser); /* the memory and its budget go back now, not at the close */
     c->watching = false;
+    c->idle_since_us = gw_now_us(); /* before the answer leaves: the client cannot act on it earlier */
     c->requests++;
     if (c->inflight) {
         c->inflight = false;
@@ -1033,6 +1041,7 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     gw_alog_rec_reset(&c->alog);
     read_enable(c, true);
     timer_set(c, GW_T_HEADER);
+    c->idle_since_us = gw_now_us();
     idle_update(c);
 }
 
