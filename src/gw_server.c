@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <event2/listener.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -519,6 +520,14 @@ int
 gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
 {
     memset(s, 0, sizeof(*s));
+#ifdef M_MMAP_THRESHOLD
+    /* Buffers of 128 KiB and more (request bodies held whole) get mappings
+     * of their own, given back to the system when freed. A fixed threshold
+     * also stops glibc from raising it after the first such free, which
+     * would put later big bodies in the heap, kept by the process after
+     * the requests end. */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
     s->cfg = gw_config_ref(cfg);
     for (size_t i = 0; i < cfg->nlisten; i++) {
         evutil_socket_t probe = gw_server_open_socket(&cfg->listen[i], false, false, err, errlen);
