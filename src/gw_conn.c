@@ -839,7 +839,10 @@ peer_eof_in_flight(gw_conn_t *c)
             gw_conn_close(c); /* a cut response must not look whole */
         } else {
             /* the answers to earlier requests still go out, as for an
-             * incomplete request that is still being read */
+             * incomplete request that is still being read; this one is
+             * logged as the client's (499) */
+            note_request(c);
+            gw_alog_rec_reset(&c->alog);
             c->state = C_FLUSHING;
             timer_set(c, GW_T_NONE);
         }
@@ -908,7 +911,7 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
     }
     ssize_t n = recv(fd, v.iov_base, v.iov_len, 0);
     if (n > 0) {
-        idle_unlink(c); /* busy; conn_run files it again, as the newest, once idle */
+        idle_unlink(c); /* busy; conn_run files it again once idle */
         v.iov_len = (size_t)n;
         evbuffer_commit_space(c->in, &v, 1);
         if (evbuffer_get_length(c->in) >= IN_HIGH)
