@@ -612,7 +612,12 @@ xchg_send(xchg_t *x, bool fresh)
     evbuffer_add(out, x->req.data, x->req.len);
     if (x->has_obody)
         evbuffer_add(out, x->obody.data, x->out_len);
-    else if (call->forward_body && x->out_len)
+    else if (call->forward_body && x->out_len &&
+             evbuffer_add_buffer_reference(out, gw_conn_req(a->c)->body) != 0)
+        /* By reference above, not a copy per call: the memory counted in
+         * memory.request_body_bytes is the only copy (libevent keeps the
+         * shared chains alive until both buffers let them go). A copy only
+         * if libevent refuses. */
         evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
     gw_upstream_send(u);
     return GW_FAIL_NONE;

@@ -109,6 +109,7 @@ struct gw_conn_s {
     bool probed;       /* the half-close probe (100 Continue) was sent */
     bool watching;     /* the request in flight watches for the client's reset */
     gw_conn_t *idle_prev, *idle_next;
+    uint64_t idle_since_us; /* when its last request ended (or it was accepted): its place on the idle list */
     size_t rl_hdr_len; /* RateLimit-* lines for the response of this request */
     char rl_hdr[GW_RATELIMIT_HDR_MAX];
     gw_alog_rec_t alog; /* the access log line of the current request */
@@ -146,11 +147,11 @@ idle_unlink(gw_conn_t *c)
         w->idle_last = c->idle_prev;
     c->idle_prev = c->idle_next = NULL;
     c->idle = false;
-    __atomic_store_n(&w->nidle, w->nidle - 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->idle_oldest_us, w->idle_first ? w->idle_first->idle_since_us : 0, __ATOMIC_RELAXED);
 }
 
-/* Puts c on its worker's idle list (at the end: the newest) when it is
- * idle, takes it off when it is not. */
+/* Puts c on its worker's idle list when it is idle, in the order of
+ * idle_since_us (almost always at the end), takes it off when it is not. */
 static void
 idle_update(gw_conn_t *c)
 {
@@ -164,14 +165,20 @@ idle_update(gw_conn_t *c)
         return;
     }
     c->idle = true;
-    c->idle_prev = w->idle_last;
-    c->idle_next = NULL;
-    if (w->idle_last)
-        w->idle_last->idle_next = c;
+    gw_conn_t *after = w->idle_last;
+    while (after && after->idle_since_us > c->idle_since_us)
+        after = after->idle_prev;
+    c->idle_prev = after;
+    c->idle_next = after ? after->idle_next : w->idle_first;
+    if (c->idle_next)
+        c->idle_next->idle_prev = c;
+    else
+        w->idle_last = c;
+    if (after)
+        after->idle_next = c;
     else
         w->idle_first = c;
-    w->idle_last = c;
-    __atomic_store_n(&w->nidle, w->nidle + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->idle_oldest_us, w->idle_first->idle_since_us, __ATOMIC_RELAXED);
 }
 
 bool
@@ -384,6 +391,7 @@ request_done(gw_conn_t *c)
     gw_alog_rec_reset(&c->alog);
     gw_parser_body_release(&c->parser); /* the memory and its budget go back now, not at the close */
     c->watching = false;
+    c->idle_since_us = gw_now_us(); /* before the answer leaves: the client cannot act on it earlier */
     c->requests++;
     if (c->inflight) {
         c->inflight = false;
@@ -839,7 +847,10 @@ peer_eof_in_flight(gw_conn_t *c)
             gw_conn_close(c); /* a cut response must not look whole */
         } else {
             /* the answers to earlier requests still go out, as for an
-             * incomplete request that is still being read */
+             * incomplete request that is still being read; this one is
+             * logged as the client's (499) */
+            note_request(c);
+            gw_alog_rec_reset(&c->alog);
             c->state = C_FLUSHING;
             timer_set(c, GW_T_NONE);
         }
@@ -908,7 +919,7 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
     }
     ssize_t n = recv(fd, v.iov_base, v.iov_len, 0);
     if (n > 0) {
-        idle_unlink(c); /* busy; conn_run files it again, as the newest, once idle */
+        idle_unlink(c); /* busy; conn_run files it again once idle */
         v.iov_len = (size_t)n;
         evbuffer_commit_space(c->in, &v, 1);
         if (evbuffer_get_length(c->in) >= IN_HIGH)
@@ -1041,6 +1052,7 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     gw_alog_rec_reset(&c->alog);
     read_enable(c, true);
     timer_set(c, GW_T_HEADER);
+    c->idle_since_us = gw_now_us();
     idle_update(c);
 }
 

@@ -479,6 +479,9 @@ gw_parser_resume(gw_parser_t *p)
             return GW_ERR;
         }
         p->body_held = (size_t)r->content_length;
+        /* one chain for the whole body: a big one is mapped on its own and
+         * unmapped when the request ends (see gw_server_start) */
+        evbuffer_expand(r->body, (size_t)r->content_length);
     }
     llhttp_resume(&p->ll);
     return GW_OK;

@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <event2/listener.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,37 +126,47 @@ drain_one(gw_worker_t *w)
     return true;
 }
 
-/* Passes fd, accepted past max_connections by w, which has no idle
- * connection, to the worker with the most idle ones: it closes its oldest
- * for fd (or refuses fd when none is left by then). The slot fd holds in
- * the count goes with it, so the count never passes the limit. */
-static bool
-hand_off(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, int salen)
+/* The worker whose oldest idle connection has been idle longest (NULL:
+ * none has one). Read without locks: a worker's idle list may change
+ * meanwhile, which the worker settles when it takes a handed-over
+ * connection (drain_one() there, or a refusal). */
+static gw_worker_t *
+oldest_idle_worker(gw_server_t *s)
 {
-    gw_server_t *s = w->srv;
     gw_worker_t *best = NULL;
-    unsigned most = 0;
+    uint64_t oldest = UINT64_MAX;
     for (int i = 0; i < s->nworkers; i++) {
-        unsigned n = __atomic_load_n(&s->workers[i].nidle, __ATOMIC_RELAXED);
-        if (&s->workers[i] != w && n > most && !__atomic_load_n(&s->workers[i].stop, __ATOMIC_ACQUIRE)) {
-            best = &s->workers[i];
-            most = n;
+        gw_worker_t *w = &s->workers[i];
+        uint64_t t = __atomic_load_n(&w->idle_oldest_us, __ATOMIC_RELAXED);
+        if (t != 0 && t < oldest && !__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+            best = w;
+            oldest = t;
         }
     }
-    if (best == NULL || salen < 0 || (size_t)salen > sizeof(struct sockaddr_storage))
+    return best;
+}
+
+/* Passes fd, accepted past max_connections, to worker t, which closes its
+ * oldest idle connection for it (or refuses fd when none is left by then).
+ * The slot fd holds in the count goes with it, so the count never passes
+ * the limit. False when t's queue is full. */
+static bool
+hand_off(gw_worker_t *t, evutil_socket_t fd, const struct sockaddr *sa, int salen)
+{
+    if (salen < 0 || (size_t)salen > sizeof(struct sockaddr_storage))
         return false;
     bool queued = false;
-    pthread_mutex_lock(&best->mail_mtx);
-    if (best->nhandoff < GW_HANDOFF_MAX) {
-        gw_handoff_t *h = &best->handoff[best->nhandoff++];
+    pthread_mutex_lock(&t->mail_mtx);
+    if (t->nhandoff < GW_HANDOFF_MAX) {
+        gw_handoff_t *h = &t->handoff[t->nhandoff++];
         h->fd = fd;
         memcpy(&h->addr, sa, (size_t)salen);
         h->addrlen = salen;
         queued = true;
     }
-    pthread_mutex_unlock(&best->mail_mtx);
+    pthread_mutex_unlock(&t->mail_mtx);
     if (queued)
-        wake(best);
+        wake(t);
     return queued;
 }
 
@@ -170,10 +181,12 @@ take_handoffs(gw_worker_t *w)
     w->nhandoff = 0;
     pthread_mutex_unlock(&w->mail_mtx);
     for (unsigned i = 0; i < n; i++) {
-        if (!w->stopping && drain_one(w))
+        if (!w->stopping && drain_one(w)) {
+            gw_log(GW_LOG_DEBUG, "took a connection another worker accepted at max_connections");
             gw_conn_accept(w, got[i].fd, (const struct sockaddr *)&got[i].addr, got[i].addrlen);
-        else
+        } else {
             refuse(w, got[i].fd);
+        }
     }
 }
 
@@ -184,10 +197,13 @@ accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, i
     GW_UNUSED(lev);
     gw_m_add(&w->m->accepted, 1);
     unsigned n = __atomic_add_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
-    /* Past the limit, an idle keep-alive connection goes before a new
-     * client is refused: this worker's oldest, else another worker's. */
-    if (n > w->cfg->max_connections && !drain_one(w)) {
-        if (!hand_off(w, fd, sa, salen))
+    if (n > w->cfg->max_connections) {
+        /* Past the limit, the connection idle longest (in any worker) goes
+         * before a new client is refused. */
+        gw_worker_t *t = oldest_idle_worker(w->srv);
+        if (t == w && drain_one(w))
+            gw_conn_accept(w, fd, sa, salen);
+        else if (t == NULL || t == w || !hand_off(t, fd, sa, salen))
             refuse(w, fd);
         return;
     }
@@ -504,6 +520,14 @@ int
 gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
 {
     memset(s, 0, sizeof(*s));
+#ifdef M_MMAP_THRESHOLD
+    /* Buffers of 128 KiB and more (request bodies held whole) get mappings
+     * of their own, given back to the system when freed. A fixed threshold
+     * also stops glibc from raising it after the first such free, which
+     * would put later big bodies in the heap, kept by the process after
+     * the requests end. */
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
     s->cfg = gw_config_ref(cfg);
     for (size_t i = 0; i < cfg->nlisten; i++) {
         evutil_socket_t probe = gw_server_open_socket(&cfg->listen[i], false, false, err, errlen);

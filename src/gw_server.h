@@ -95,7 +95,7 @@ struct gw_worker_s {
     gw_conn_t *conns;               /* doubly linked through gw_conn_t */
     gw_conn_t *idle_first, *idle_last; /* idle connections (no request begun, nothing to send), oldest
                                        first; closed first at max_connections (gw_conn.c) */
-    unsigned nidle;                 /* atomic (read by other workers): how many */
+    uint64_t idle_oldest_us;        /* atomic (read by other workers): since when the oldest is idle; 0: none */
     gw_handoff_t handoff[GW_HANDOFF_MAX]; /* under mail_mtx: connections another worker accepted past
                                             max_connections for this one to take in place of an idle one */
     unsigned nhandoff;              /* under mail_mtx */

@@ -1524,6 +1524,22 @@ def max_connections_closes_idle_keepalive_first():
         busy.close()
         idle[1].close()
         d.stop()
+    # with 4 workers, connection after connection: always the one idle longest
+    # goes, wherever it is (another worker takes the new connection for it)
+    d = Daemon(config(max_connections=4), workers=4, log_level="debug")
+    conns = [_open_counted(d) for _ in range(4)]  # oldest first
+    try:
+        for k in range(16):
+            n = d.connect()
+            expect_ok(n.request(get("/a")), b'{"r":"a"}')
+            check(not _served(conns[0]), f"round {k}: the connection idle longest was not the one closed")
+            conns[0].close()
+            conns = conns[1:] + [n]
+        eq(_metric(d, "gatherd_connections"), 4, "open connections")
+        check("took a connection another worker accepted" in d.log(), "no connection went to another worker")
+    finally:
+        for c in conns:
+            c.close()
 
 
 # --- graceful stop ------------------------------------------------------------------------
