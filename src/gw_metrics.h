@@ -80,6 +80,8 @@ typedef struct {
     int64_t inflight;      /* delta: requests begun (a first byte read) and not ended */
     gw_mroute_t routes[GW_M_ROUTES];
     gw_mbackend_t backends[GW_M_BACKENDS];
+    gw_hist_t loop_stall;        /* how late the worker's probe timer fired (gw_server.c) */
+    uint64_t loop_stall_max_us;  /* the latest it ever fired */
 } gw_mworker_t;
 
 /* Allocates the counters of nworkers workers (zeroed). Main thread, once,

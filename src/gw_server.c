@@ -380,6 +380,9 @@ worker_cleanup(gw_worker_t *w)
 {
     close_listeners(w);
     close_all(w);
+    /* the jobs of the requests just cancelled come back and free what they held */
+    gw_tport_free(w->tport);
+    w->tport = NULL;
     gw_proxy_worker_free(w);
     gw_agg_worker_free(w);
     pthread_mutex_lock(&w->mail_mtx);
@@ -396,6 +399,25 @@ worker_cleanup(gw_worker_t *w)
     w->dns = NULL;
 }
 
+/* The loop-stall probe: a timer that should fire every GW_PROBE_MS; how late
+ * it fires is how long the loop was busy with something else (a callback
+ * that ran long). Its resolution is libevent's clock, a few milliseconds. */
+static void
+probe_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker_t *w = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    uint64_t now = gw_now_us();
+    uint64_t late = now > w->probe_due_us ? now - w->probe_due_us : 0;
+    gw_m_observe(&w->m->loop_stall, late);
+    if (late > __atomic_load_n(&w->m->loop_stall_max_us, __ATOMIC_RELAXED))
+        __atomic_store_n(&w->m->loop_stall_max_us, late, __ATOMIC_RELAXED);
+    w->probe_due_us = now + GW_PROBE_MS * 1000u;
+    struct timeval tv = { 0, GW_PROBE_MS * 1000 };
+    evtimer_add(w->probe_ev, &tv);
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -403,6 +425,9 @@ worker_main(void *arg)
     char tag[16];
     snprintf(tag, sizeof(tag), "w%d", w->id);
     gw_log_set_thread(tag);
+    w->probe_due_us = gw_now_us() + GW_PROBE_MS * 1000u;
+    struct timeval tv = { 0, GW_PROBE_MS * 1000 };
+    evtimer_add(w->probe_ev, &tv);
     event_base_dispatch(w->base);
     worker_cleanup(w);
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
@@ -424,6 +449,8 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     s->workers = gw_calloc((size_t)s->nworkers, sizeof(gw_worker_t));
     gw_metrics_init(s->nworkers);
     gw_metrics_bind(cfg);
+    if (gw_tpool_start(cfg->thread_pool.threads, cfg->thread_pool.max_queue, err, errlen) != GW_OK)
+        return GW_ERR;
     for (int i = 0; i < s->nworkers; i++) {
         s->workers[i].wake_fd = -1;
         pthread_mutex_init(&s->workers[i].mail_mtx, NULL);
@@ -455,6 +482,12 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         gen_switch(w, cfg);
         w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, wake_cb, w);
         event_add(w->wake_ev, NULL);
+        w->tport = gw_tport_new(w->base);
+        if (w->tport == NULL) {
+            snprintf(err, errlen, "eventfd: %s", strerror(errno));
+            return GW_ERR;
+        }
+        w->probe_ev = evtimer_new(w->base, probe_cb, w);
         w->accept_timer = evtimer_new(w->base, accept_resume_cb, w);
         w->force_timer = evtimer_new(w->base, force_cb, w);
         w->listeners = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
@@ -608,12 +641,15 @@ gw_server_free(gw_server_t *s)
                 event_free(w->accept_timer);
             if (w->force_timer)
                 event_free(w->force_timer);
+            if (w->probe_ev)
+                event_free(w->probe_ev);
             if (w->base)
                 event_base_free(w->base);
             pthread_mutex_destroy(&w->mail_mtx);
         }
         free(s->workers);
     }
+    gw_tpool_stop(); /* after the workers: their jobs are all back */
     gw_config_unref(s->cfg);
     gw_metrics_free();
     memset(s, 0, sizeof(*s));

@@ -22,6 +22,7 @@
 #include "gw_config.h"
 #include "gw_core.h"
 #include "gw_metrics.h"
+#include "gw_tpool.h"
 
 #include <event2/event.h>
 #include <event2/util.h>
@@ -34,6 +35,10 @@ struct evconnlistener;
 /* The per-connection timers; their durations are the worker's common
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
 typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_MAX } gw_timer_t;
+
+/* The loop-stall probe's period: a timer that records how late it fires
+ * (gw_metrics.h, loop_stall). */
+#define GW_PROBE_MS 10
 
 /* At a graceful stop, an idle keep-alive connection may send one more
  * request (answered with Connection: close) for this long, at most
@@ -85,6 +90,9 @@ struct gw_worker_s {
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
     gw_mworker_t *m;                /* its counters (gw_metrics.h): written by this thread only */
+    gw_tport_t *tport;              /* where its thread pool jobs come back (gw_tpool.h) */
+    struct event *probe_ev;         /* the loop-stall probe, every GW_PROBE_MS */
+    uint64_t probe_due_us;          /* when it should fire next (gw_now_us) */
 };
 
 struct gw_server_s {
