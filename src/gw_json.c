@@ -429,6 +429,8 @@ meter_malloc(size_t n)
     gw_json_meter_t *m = meter;
     if (m == NULL)
         return malloc(n);
+    if (m->refused || m->cancelled)
+        return NULL; /* jansson unwinds: nothing more is asked of the budget */
     if (m->cancel && __atomic_load_n(m->cancel, __ATOMIC_RELAXED)) {
         m->cancelled = true;
         return NULL;

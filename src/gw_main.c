@@ -32,6 +32,7 @@
 #include <getopt.h>
 #include <jansson.h>
 #include <llhttp.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -311,6 +312,12 @@ main(int argc, char **argv)
 
     char err[2048];
     gw_json_alloc_init(); /* before jansson allocates anything, and before any thread */
+    /* No fastbins: glibc otherwise keeps freed small chunks (a freed tree of
+     * a million nodes) unmerged until some later free of 64 KiB or more
+     * merges them all at once, on whichever thread does that free: 480 ms
+     * on a worker after an 8 MB answer was freed on the thread pool. The
+     * per-thread caches (tcache) still serve small allocations. */
+    mallopt(M_MXFAST, 0);
     gw_config_t *cfg = gw_config_load(file, workers, err, sizeof(err));
     if (signal_name) {
         const char *pid_path = pid_opt ? pid_opt : cfg ? cfg->pid_file : NULL;

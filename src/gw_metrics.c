@@ -149,6 +149,7 @@ gw_m_outcome(const char *code)
         { "bad_response", GW_OUT_RESET },
         { "invalid_json", GW_OUT_INVALID },
         { "too_large", GW_OUT_INVALID },
+        { "memory_budget", GW_OUT_INVALID },
         { "missing_target", GW_OUT_INVALID },
         { "circuit_open", GW_OUT_CIRCUIT_OPEN },
         { "queue_full", GW_OUT_QUEUE_FULL },
@@ -309,7 +310,8 @@ static void
 render_runtime(struct evbuffer *out)
 {
     family(out, "gatherd_worker_loop_stall_seconds", "histogram",
-           "How late each worker's 10 ms probe timer fired: time its loop spent in one stretch of work.");
+           "Loop stalls: how late each worker's 10 ms probe timer fired, counting only the time the worker ran "
+           "meanwhile (one stretch of work on its loop).");
     gw_hist_t h;
     memset(&h, 0, sizeof(h));
     for (int w = 0; w < nworkers; w++)
@@ -319,6 +321,11 @@ render_runtime(struct evbuffer *out)
     for (int w = 0; w < nworkers; w++)
         evbuffer_add_printf(out, "gatherd_worker_loop_stall_max_seconds{worker=\"%d\"} %.6f\n", w,
                             (double)ld(&workers[w].loop_stall_max_us) / 1e6);
+    family(out, "gatherd_worker_loop_lag_max_seconds", "gauge",
+           "The latest each worker's probe timer fired since start, time spent waiting for a CPU included.");
+    for (int w = 0; w < nworkers; w++)
+        evbuffer_add_printf(out, "gatherd_worker_loop_lag_max_seconds{worker=\"%d\"} %.6f\n", w,
+                            (double)ld(&workers[w].loop_lag_max_us) / 1e6);
 
     gw_tpool_stats_t tp;
     gw_tpool_stats(&tp);

@@ -93,6 +93,8 @@ struct gw_worker_s {
     gw_tport_t *tport;              /* where its thread pool jobs come back (gw_tpool.h) */
     struct event *probe_ev;         /* the loop-stall probe, every GW_PROBE_MS */
     uint64_t probe_due_us;          /* when it should fire next (gw_now_us) */
+    uint64_t probe_run_us, probe_wait_us; /* the thread's time on a CPU and waiting for one, when armed */
+    int probe_fd;                   /* /proc/thread-self/schedstat of the worker's thread, or -1 */
 };
 
 struct gw_server_s {

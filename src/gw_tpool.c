@@ -180,15 +180,36 @@ gw_tpool_stats(gw_tpool_stats_t *out)
 
 /* --- ports ------------------------------------------------------------------ */
 
-/* Runs the done callbacks of the jobs back on p (its worker's thread). */
+/* How long one turn of a worker's loop runs done callbacks; what is left
+ * waits for the next turn, so twenty answers back at once never hold up
+ * the other connections for the time of twenty. */
+#define DRAIN_SLICE_US 1000
+
+/* Runs the done callbacks of the jobs back on p (its worker's thread): all
+ * of them when all, else for about DRAIN_SLICE_US (the rest next turn). */
 static void
-port_drain(gw_tport_t *p)
+port_drain(gw_tport_t *p, bool all)
 {
     pthread_mutex_lock(&p->mtx);
     gw_tjob_t *job = p->head;
     p->head = p->tail = NULL;
     pthread_mutex_unlock(&p->mtx);
+    uint64_t start = gw_now_us();
     while (job) {
+        if (!all && gw_now_us() - start >= DRAIN_SLICE_US) {
+            /* put the rest back in front, and come back after the other events */
+            pthread_mutex_lock(&p->mtx);
+            gw_tjob_t *last = job;
+            while (last->next)
+                last = last->next;
+            last->next = p->head;
+            if (p->head == NULL)
+                p->tail = last;
+            p->head = job;
+            pthread_mutex_unlock(&p->mtx);
+            event_active(p->ev, EV_READ, 0);
+            return;
+        }
         gw_tjob_t *next = job->next;
         p->pending--;
         job->done(job); /* may free job, or post it again */
@@ -202,9 +223,9 @@ port_cb(evutil_socket_t fd, short what, void *arg)
     uint64_t v;
     GW_UNUSED(what);
     if (read(fd, &v, sizeof(v)) < 0) {
-        /* EAGAIN: the list was taken by an earlier wake-up */
+        /* EAGAIN: the list was taken by an earlier wake-up, or this is a next turn */
     }
-    port_drain(arg);
+    port_drain(arg, false);
 }
 
 gw_tport_t *
@@ -241,7 +262,7 @@ gw_tport_free(gw_tport_t *p)
         while (p->head == NULL)
             pthread_cond_wait(&p->cv, &p->mtx);
         pthread_mutex_unlock(&p->mtx);
-        port_drain(p);
+        port_drain(p, true);
     }
     event_free(p->ev);
     close(p->efd);
