@@ -57,12 +57,14 @@ port_return(gw_tjob_t *job)
         p->head = job;
     p->tail = job;
     pthread_cond_signal(&p->cv);
-    pthread_mutex_unlock(&p->mtx);
+    /* under the lock: once it is released the worker may take this job,
+     * find nothing more pending and free the port */
     if (was_empty) {
         uint64_t one = 1;
         if (write(p->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
             gw_log(GW_LOG_ERR, "thread pool: cannot wake a worker: %s", strerror(errno));
     }
+    pthread_mutex_unlock(&p->mtx);
 }
 
 static void *
