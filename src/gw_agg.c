@@ -78,6 +78,9 @@
 /* Body buffers kept with cached exchanges: 1024 per worker at most, so
  * 16 MiB; bigger ones are freed. */
 #define BODY_CACHE_MAX (16 * 1024)
+/* foreach elements started in one turn of the loop: starting one (render,
+ * connect) takes up to 50 us, so 1024 at once held the loop 50 ms. */
+#define FILL_BATCH 64
 
 typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED } call_state_t;
 
@@ -156,6 +159,7 @@ struct gw_agg_s {
     const gw_route_t *route;
     gw_match_t match;
     struct event *deadline;
+    struct event *fill;   /* foreach elements left to start next turn (FILL_BATCH); made on first use */
     uint64_t start_us;
     uint64_t deadline_us; /* when the deadline fires */
     size_t pending;       /* calls not finished */
@@ -234,6 +238,7 @@ static json_t *shape(const gw_call_t *call, json_t *answer);
 static bool retry_end(xchg_t **xp, bool reusable, json_t *value, const char *code);
 static void retry_leg_free(xchg_t *x);
 static void retry_begin(xchg_t *x);
+static void agg_progress(agg_t *a);
 
 /* --- small helpers ------------------------------------------------------- */
 
@@ -741,17 +746,27 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     evtimer_add(x->timer, t);
 }
 
-/* Starts elements of foreach call i up to its concurrency. */
+static void fill_cb(evutil_socket_t fd, short what, void *arg);
+
+/* Starts elements of foreach call i up to its concurrency, at most
+ * FILL_BATCH now: the rest next turn (fill_cb). */
 static void
 foreach_fill(agg_t *a, size_t i)
 {
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
+    unsigned started = 0;
     /* an element that fails to start ends inside xchg_start(): filling
      * keeps it from calling back in here, so the stack stays flat */
     rt->filling = true;
     while (rt->state == CALL_RUNNING && rt->next_item < rt->nitems && rt->running < call->foreach_concurrency &&
            !a->fatal) {
+        if (started++ == FILL_BATCH) {
+            if (a->fill == NULL)
+                a->fill = event_new(a->w->base, -1, 0, fill_cb, a);
+            event_active(a->fill, EV_TIMEOUT, 0);
+            break;
+        }
         size_t k = rt->next_item++;
         rt->running++;
         xchg_start(a, i, k, json_array_get(rt->items, k));
@@ -759,6 +774,21 @@ foreach_fill(agg_t *a, size_t i)
     rt->filling = false;
     if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
         call_complete(a, i, NULL, 0);
+}
+
+/* The next turn after a foreach_fill() that stopped at FILL_BATCH. */
+static void
+fill_cb(evutil_socket_t fd, short what, void *arg)
+{
+    agg_t *a = arg;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    for (size_t i = 0; i < a->route->agg.ncalls && !a->fatal; i++)
+        if (call_of(a, i)->foreach && a->calls[i].state == CALL_RUNNING)
+            foreach_fill(a, i);
+    agg_progress(a);
+    gw_conn_release(c);
 }
 
 /* Starts call i, whose dependencies all succeeded. */
@@ -1020,6 +1050,8 @@ static void
 agg_destroy(agg_t *a)
 {
     event_free(a->deadline);
+    if (a->fill)
+        event_free(a->fill);
     gw_tpl_buf_free(&a->out);
     gw_tpl_buf_free(&a->hdrs);
     gw_tpl_buf_free(&a->raws);
@@ -1097,6 +1129,8 @@ agg_free(agg_t *a)
     while (a->running)
         xchg_free(a->running, false);
     evtimer_del(a->deadline);
+    if (a->fill)
+        event_del(a->fill); /* a fill_cb still due for this request */
     answers_free(a);
     a->parsed = a->passed = 0;
     for (size_t i = 0; i < a->route->agg.ncalls; i++)
