@@ -70,14 +70,14 @@ def big_text():
     return _big_text
 
 
-def stall_daemon(stub, routes, workers=1, budget=2 << 30, pool=None, log_level=None):
+def stall_daemon(stub, routes, workers=1, budget=2 << 30, pool=None, log_level=None, **top):
     """gatherd with backend s (the stub; answers up to 16 MiB, calls of up
     to two minutes: parsing waits its turn on the pool) and the given
     response budget and thread pool. ASan gets a small quarantine, so its
     recycling does not pass for the daemon's own work."""
     cfg = tp.config({"s": tp.backend(stub.url, timeout_ms=120000, max_response_bytes=16 << 20)},
                     routes=routes, memory={"response_body_bytes": budget},
-                    thread_pool=pool or {"threads": 2})
+                    thread_pool=pool or {"threads": 2}, **top)
     old = os.environ.get("ASAN_OPTIONS")
     if SANITIZED:
         os.environ["ASAN_OPTIONS"] = ((old + ":") if old else "") + \
@@ -452,7 +452,7 @@ def stall_stop_and_reload_while_parsing():
     last = f"k{KEYS - 1}"
     routes = [route("/p", [call("a", BIG, allow=[last])]), FIXED]
     for how in ("reload", "term", "quit"):
-        d = stall_daemon(stub, routes)
+        d = stall_daemon(stub, routes, shutdown_timeout_ms=600000)  # the stop waits for the answers
         box = {}
         t = threading.Thread(target=lambda: box.update(res=fire(d, ["/p"] * 4)))
         t.start()
