@@ -100,7 +100,7 @@ typedef struct {
     unsigned char *elem_done; /* per element: its exchange ended */
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
-    bool raw;          /* the answer is kept as checked bytes in a->raws, not parsed */
+    bool raw;          /* the answer is kept as checked bytes (in a->raws, or rbuf), not parsed */
     bool hedge_won;    /* a hedge gave the answer (of an element, for foreach): Server-Timing says so */
     size_t raw_off, raw_len;
     char *rbuf;        /* a pass-through answer checked on the thread pool: its body, raw_off/raw_len in it */

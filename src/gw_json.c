@@ -412,9 +412,9 @@ gw_json_valid(const char *text, size_t len, size_t *start, size_t *vlen)
 static __thread gw_json_meter_t *meter;
 
 /* Budget steps: at least this much, and an eighth of what is held, so a
- * tree of many megabytes costs a few dozen atomic operations, not one per
- * node. */
-#define METER_STEP (64u * 1024u)
+ * tree of many megabytes costs about a hundred atomic operations, not one
+ * per node, and a small one holds little more than it needs. */
+#define METER_STEP (4u * 1024u)
 
 /* What an allocation of p costs: its usable size and glibc's chunk header. */
 static size_t
