@@ -8,7 +8,10 @@
  * nothing changes; a foreach call keeps up to foreach_concurrency element
  * exchanges in flight. Each exchange renders its request, takes a pooled
  * or new upstream connection, and reads the response with llhttp into a
- * bounded buffer (the backend's max_response_bytes) that jansson parses.
+ * bounded buffer (the backend's max_response_bytes, its bytes taken from
+ * the response memory budget) that jansson parses: on the loop when it is
+ * small, else on the thread pool (ajob_t), which also builds and frees
+ * large aggregates (build_run, fjob_t), so the loop never stalls long.
  *
  * The request is decided by the first of: a required call failed (answered
  * at once with its error; the rest is cancelled), every call finished (the
@@ -23,7 +26,9 @@
  * agg_progress(), which may free the context, then gw_conn_release(c);
  * nothing is touched after that. Exchange and call endings never answer
  * the client themselves, so no callback chain frees what its caller still
- * uses.
+ * uses. A thread pool job owns what it works on until it is back on the
+ * worker: an exchange that ends first only marks its job cancelled, and a
+ * context whose aggregate is being built is freed when that job is back.
  */
 #include "gw_agg.h"
 #include "gw_alog.h"

@@ -5,8 +5,10 @@
  * Shared nothing: each worker thread owns one event_base, its own
  * SO_REUSEPORT listener on every "listen" address (the kernel spreads
  * connections across them), and the connections it accepted. The only state
- * shared between threads is the immutable configuration and the atomic
- * connection counter that enforces max_connections.
+ * shared between threads is the immutable configuration, the atomic
+ * connection counter that enforces max_connections, the memory budgets
+ * (gw_budget.h) and the thread pool's queue (gw_tpool.h), where workers
+ * hand large answers to parse and get them back through their own port.
  *
  * Reload: the main thread loads and checks a new configuration, opens the
  * sockets of listen addresses it adds, and posts it to every worker's
