@@ -70,13 +70,14 @@ def big_text():
     return _big_text
 
 
-def stall_daemon(stub, routes, workers=1, budget=2 << 30, pool=None, log_level=None, **top):
+def stall_daemon(stub, routes, workers=1, budget=2 << 30, pool=None, log_level=None, backends=None, **top):
     """gatherd with backend s (the stub; answers up to 16 MiB, calls of up
     to two minutes: parsing waits its turn on the pool) and the given
     response budget and thread pool. ASan gets a small quarantine, so its
     recycling does not pass for the daemon's own work."""
-    cfg = tp.config({"s": tp.backend(stub.url, timeout_ms=120000, max_response_bytes=16 << 20)},
-                    routes=routes, memory={"response_body_bytes": budget},
+    bs = {"s": tp.backend(stub.url, timeout_ms=120000, max_response_bytes=16 << 20)}
+    bs.update(backends or {})
+    cfg = tp.config(bs, routes=routes, memory={"response_body_bytes": budget},
                     thread_pool=pool or {"threads": 2}, **top)
     old = os.environ.get("ASAN_OPTIONS")
     if SANITIZED:
@@ -91,8 +92,8 @@ def stall_daemon(stub, routes, workers=1, budget=2 << 30, pool=None, log_level=N
             os.environ["ASAN_OPTIONS"] = old
 
 
-def call(name, path, **kw):
-    c = {"name": name, "backend": "s", "path": path}
+def call(name, path, backend="s", **kw):
+    c = {"name": name, "backend": backend, "path": path}
     c.update(kw)
     return c
 
@@ -379,6 +380,49 @@ def stall_budget_refuses_at_the_first_byte_and_on_the_loop():
     eq(r.status, 200, f"/small ({r.body[:300]!r})")
     eq(r.json()["a"]["id"], 7, "/small answer")
     wait_budget_free(d)
+
+
+@atest
+def stall_budget_back_to_zero_on_every_path():
+    """Answers that end every way while their body is buffered or parsed
+    (truncated and retried, reset, timed out mid-body, too large, invalid
+    on the pool, a hedge winning, chunked and parsed on the pool, served
+    twice over a kept connection): each gives back exactly what it took,
+    so the budget holds 0 after, with nothing refused."""
+    stub = Stub()
+    bad = urllib.parse.quote("[1," * 7000)  # 21 KB, unterminated: parsed (and refused) on the pool
+    cfg_routes = [
+        route("/trunc", [call("a", "/t?size=200000&truncate=100000", backend="r", allow=["data"])]),
+        route("/reset", [call("a", "/r?size=200000&reset=mid_body", allow=["data"])]),
+        route("/slow", [call("a", "/s?size=200000&chunk=10000&chunk_delay=100", allow=["data"], timeout_ms=250)]),
+        route("/big", [call("a", "/b?size=300000", backend="small", allow=["data"])]),
+        route("/bad", [call("a", "/j?body=" + bad, target="[0]")]),
+        route("/hedge", [call("a", "/h?tag=hedge&delay_first=400&size=100000", allow=["data"],
+                              hedge_after_ms=50)]),
+        route("/chunked", [call("a", "/c?size=300000&chunked=1&chunk=7000", allow=["data"])]),
+        route("/small", [call("a", "/k?size=5000", allow=["data"]), call("b", "/k?size=5000", allow=["data"])]),
+        FIXED]
+    for r in cfg_routes:
+        if "calls" in r:
+            r["errors"] = True
+    d = stall_daemon(stub, cfg_routes,
+                     backends={"r": tp.backend(stub.url, retry={"attempts": 3, "backoff_base_ms": 1,
+                                                                "backoff_cap_ms": 5}),
+                               "small": tp.backend(stub.url, max_response_bytes=250000)})
+    want = {"/trunc": "truncated", "/reset": "truncated", "/slow": "timeout", "/big": "too_large", "/bad": "bad_json",
+            "/hedge": None, "/chunked": None, "/small": None}
+    for _ in range(2):
+        for path, r in fire(d, list(want)):
+            check(not isinstance(r, Exception), f"{path}: {r!r}")
+            eq(r.status, 200, f"{path} status ({r.body[:200]!r})")
+            j = r.json()
+            code = want[path]
+            if code is None:
+                check("_errors" not in j and len(j["a"]["data"]) > 4000, f"{path}: {r.body[:200]!r}")
+            else:
+                eq(j.get("_errors", {}).get("a", {}).get("code"), code, f"{path} failure code ({r.body[:200]!r})")
+    s = wait_budget_free(d)
+    eq(gauge(s, "gatherd_memory_budget_refused_total", budget="responses"), 0, "budget refusals")
 
 
 @atest
