@@ -8,7 +8,10 @@
  * nothing changes; a foreach call keeps up to foreach_concurrency element
  * exchanges in flight. Each exchange renders its request, takes a pooled
  * or new upstream connection, and reads the response with llhttp into a
- * bounded buffer (the backend's max_response_bytes) that jansson parses.
+ * bounded buffer (the backend's max_response_bytes, its bytes taken from
+ * the response memory budget) that jansson parses: on the loop when it is
+ * small, else on the thread pool (ajob_t), which also builds and frees
+ * large aggregates (build_run, fjob_t), so the loop never stalls long.
  *
  * The request is decided by the first of: a required call failed (answered
  * at once with its error; the rest is cancelled), every call finished (the
@@ -23,11 +26,14 @@
  * agg_progress(), which may free the context, then gw_conn_release(c);
  * nothing is touched after that. Exchange and call endings never answer
  * the client themselves, so no callback chain frees what its caller still
- * uses.
+ * uses. A thread pool job owns what it works on until it is back on the
+ * worker: an exchange that ends first only marks its job cancelled, and a
+ * context whose aggregate is being built is freed when that job is back.
  */
 #include "gw_agg.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
+#include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_fail.h"
@@ -41,6 +47,7 @@
 #include "gw_router.h"
 #include "gw_server.h"
 #include "gw_template.h"
+#include "gw_tpool.h"
 #include "gw_upstream.h"
 
 #include <errno.h>
@@ -61,6 +68,27 @@
 /* The head of a call's request (target and headers) is at most this long. */
 #define HEAD_MAX (64 * 1024)
 
+/*
+ * What runs on the worker's loop and what goes to the thread pool
+ * (gw_tpool.h), so that no answer stalls the loop for more than a few
+ * milliseconds. Measured with jansson 2.14 at -O2 (README "Large answers"):
+ * json_loadb parses 4 MB/s at worst ([{},{},...]: a hash table per 3
+ * bytes), 15 MB/s for an object of many keys, 20-45 MB/s otherwise;
+ * gw_json_valid checks 190 MB/s at worst; dumping, copying (deny) and
+ * freeing a tree run at 25-55 MB/s of its text at worst.
+ */
+#define PARSE_INLINE_MAX (16 * 1024)    /* answers parsed on the loop: under 4 ms at worst */
+#define VALID_INLINE_MAX (256 * 1024)   /* pass-through answers checked on the loop: under 2 ms */
+#define BUILD_INLINE_PARSED (64 * 1024) /* parsed answer bytes of a request whose aggregate is built and
+                                         * freed on the loop: under 3 ms each */
+#define BUILD_INLINE_RAW (4u << 20)     /* pass-through bytes copied into an aggregate on the loop */
+/* Body buffers kept with cached exchanges: 1024 per worker at most, so
+ * 16 MiB; bigger ones are freed. */
+#define BODY_CACHE_MAX (16 * 1024)
+/* foreach elements started in one turn of the loop: starting one (render,
+ * connect) takes up to 50 us, so 1024 at once held the loop 50 ms. */
+#define FILL_BATCH 64
+
 typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED } call_state_t;
 
 typedef struct xchg_s xchg_t;
@@ -79,12 +107,15 @@ typedef struct {
     unsigned char *elem_done; /* per element: its exchange ended */
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
-    bool raw;          /* the answer is kept as checked bytes in a->raws, not parsed */
+    bool raw;          /* the answer is kept as checked bytes (in a->raws, or rbuf), not parsed */
     bool hedge_won;    /* a hedge gave the answer (of an element, for foreach): Server-Timing says so */
     size_t raw_off, raw_len;
+    char *rbuf;        /* a pass-through answer checked on the thread pool: its body, raw_off/raw_len in it */
+    size_t held;       /* gw_budget_responses bytes its answers hold (trees, rbuf), given back with them */
 } call_rt_t;
 
 typedef struct gw_agg_s agg_t;
+typedef struct ajob_s ajob_t;
 
 /* One HTTP exchange with a backend: a call, or one element of a foreach call. */
 struct xchg_s {
@@ -103,6 +134,10 @@ struct xchg_s {
     size_t limit;         /* the backend's max_response_bytes */
     int status;
     bool got_bytes, retried, done, too_large;
+    bool over_budget;     /* the response budget refused room for the body */
+    size_t bheld;         /* bytes of body's capacity taken from gw_budget_responses */
+    ajob_t *job;          /* its answer, being parsed on the thread pool */
+    json_t *shaped;       /* what the pool shaped the answer into, for xchg_end() */
     bool admitted;        /* the breaker let it through: its outcome is reported once */
     bool sent;            /* it got a connection (else its end says nothing about the backend) */
     gw_upstream_wait_t wait; /* queued for a connection of a full pool */
@@ -131,6 +166,7 @@ struct gw_agg_s {
     const gw_route_t *route;
     gw_match_t match;
     struct event *deadline;
+    struct event *fill;   /* foreach elements left to start next turn (FILL_BATCH); made on first use */
     uint64_t start_us;
     uint64_t deadline_us; /* when the deadline fires */
     size_t pending;       /* calls not finished */
@@ -142,6 +178,12 @@ struct gw_agg_s {
     gw_tpl_buf_t out;     /* the serialized aggregate, reused */
     gw_tpl_buf_t hdrs;    /* response headers, reused */
     agg_t *next_free;
+    size_t parsed, passed; /* answer bytes parsed into trees, and passed through */
+    bool complete;        /* the aggregate built has every call (X-Gateway-Completed) */
+    bool building;        /* the thread pool builds the aggregate (bjob) */
+    bool zombie;          /* the request ended meanwhile: freed when bjob is back */
+    gw_config_t *cfg;     /* a reference while bjob runs: the route lives in it */
+    gw_tjob_t bjob;
 };
 
 /* Per-worker caches, hanging off the worker's opaque pointers. */
@@ -159,9 +201,39 @@ typedef struct {
         const struct timeval *tv;
     } deadlines[DEADLINES_MAX];
     unsigned ndeadlines;
+    /* refusals logged at most once a second each, with their count */
+    uint64_t budget_logged_s, queue_logged_s;
+    unsigned budget_refused, queue_refused;
 } agg_cache_t;
 
 static const gw_resp_ops_t resp_ops;
+/*
+ * An answer too large to parse or check on the loop (PARSE_INLINE_MAX,
+ * VALID_INLINE_MAX) goes to the thread pool with its body. The exchange
+ * waits for it (its connection back in the pool, its call timer running);
+ * x->job and job->x link the two until one ends: xchg_free() cancels the
+ * job (job->x = NULL), and a job that comes back uncancelled ends its
+ * exchange with the result (ajob_done). The job owns the body and what it
+ * builds, with their budget bytes; what a cancelled job built is freed on
+ * the pool too (a second trip), never on the loop.
+ */
+struct ajob_s {
+    gw_tjob_t job;
+    xchg_t *x;             /* worker thread only; NULL once cancelled */
+    gw_config_t *cfg;      /* a reference: call lives in it */
+    const gw_call_t *call;
+    bool raw;              /* check it (gw_json_valid), else parse and shape it */
+    char *body;            /* owned */
+    size_t len, held;      /* held: the body's gw_budget_responses bytes */
+    /* the result */
+    gw_fail_t code;        /* GW_FAIL_NONE, _BAD_JSON or _MEMORY_BUDGET */
+    json_t *answer, *shaped; /* new references */
+    size_t tree;           /* gw_budget_responses bytes the two hold */
+    size_t st, vl;         /* raw: the value's place in body */
+    char why[200];         /* bad_json: jansson's reason */
+    uint64_t us;           /* how long the work took */
+};
+
 static void xchg_read_cb(gw_upstream_t *u, void *arg);
 static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
@@ -173,6 +245,7 @@ static json_t *shape(const gw_call_t *call, json_t *answer);
 static bool retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code);
 static void retry_leg_free(xchg_t *x);
 static void retry_begin(xchg_t *x);
+static void agg_progress(agg_t *a);
 
 /* --- small helpers ------------------------------------------------------- */
 
@@ -232,8 +305,25 @@ xchg_destroy(xchg_t *x)
         event_free(x->htimer);
     gw_tpl_buf_free(&x->req);
     gw_tpl_buf_free(&x->obody);
-    free(x->body);
+    free(x->body); /* xchg_free() gave its budget bytes back */
     free(x);
+}
+
+/* x is done with its body buffer: the budget gets back what the buffer
+ * held, and the buffer stays with x for the next exchange only when small
+ * (BODY_CACHE_MAX; the next exchange that fills it takes its bytes again). */
+static void
+body_release(xchg_t *x)
+{
+    if (x->bheld)
+        gw_budget_give(&gw_budget_responses, x->bheld);
+    x->bheld = 0;
+    x->blen = 0;
+    if (x->bcap > BODY_CACHE_MAX) {
+        free(x->body);
+        x->body = NULL;
+        x->bcap = 0;
+    }
 }
 
 /* Ends x: its upstream connection is pooled when reusable, else closed;
@@ -251,6 +341,14 @@ xchg_free(xchg_t *x, bool reusable)
         gw_breaker_abandon(call_of(a, x->call)->backend);
     if (x->u)
         gw_upstream_release(x->u, reusable);
+    if (x->job) { /* abandoned: it frees what it holds when it is back */
+        x->job->x = NULL;
+        gw_tpool_cancel(&x->job->job);
+        x->job = NULL;
+    }
+    json_decref(x->shaped);
+    x->shaped = NULL;
+    body_release(x);
     evtimer_del(x->timer);
     if (x->prev)
         x->prev->next = x->next;
@@ -259,7 +357,7 @@ xchg_free(xchg_t *x, bool reusable)
     if (x->next)
         x->next->prev = x->prev;
     agg_cache_t *cache = cache_of(a->w);
-    if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->bcap > (1u << 20) || x->obody.cap > (1u << 20)) {
+    if (cache->nxchgs >= XCHG_CACHE_MAX || a->w->stopping || x->obody.cap > (1u << 20)) {
         xchg_destroy(x);
         return;
     }
@@ -302,8 +400,12 @@ xchg_breaker_outcome(xchg_t *x, gw_fail_t code)
 static void
 xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
 {
-    if (retry_end(&x, reusable, value, code))
+    json_t *pre = x->shaped; /* value as the thread pool shaped it, if it did */
+    x->shaped = NULL;
+    if (retry_end(&x, reusable, value, code)) {
+        json_decref(pre); /* NULL: only a success is shaped, and a success is never retried */
         return; /* retried, or a hedge still runs */
+    }
     agg_t *a = x->a;
     size_t i = x->call, item = x->item;
     int status = x->status;
@@ -314,7 +416,7 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
      * is a failed call for the metrics too (not for the breaker) */
     json_t *shaped = NULL;
     if (value) {
-        shaped = shape(call, value);
+        shaped = pre ? pre : shape(call, value); /* NULL from the pool too: shaped here, cheaply, to NULL again */
         if (shaped == NULL)
             code = GW_FAIL_MISSING_TARGET;
     }
@@ -605,7 +707,7 @@ xchg_send(xchg_t *x, bool fresh)
     x->got_bytes = false;
     x->status = 0;
     x->blen = 0;
-    x->done = x->too_large = false;
+    x->done = x->too_large = x->over_budget = false;
     gw_resp_init(&x->rd, &resp_ops, x, x->limit, call->method == HTTP_HEAD);
     gw_upstream_setcb(u, xchg_read_cb, NULL, xchg_event_cb, x, 0);
     struct evbuffer *out = gw_upstream_output(u);
@@ -656,17 +758,27 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     evtimer_add(x->timer, t);
 }
 
-/* Starts elements of foreach call i up to its concurrency. */
+static void fill_cb(evutil_socket_t fd, short what, void *arg);
+
+/* Starts elements of foreach call i up to its concurrency, at most
+ * FILL_BATCH now: the rest next turn (fill_cb). */
 static void
 foreach_fill(agg_t *a, size_t i)
 {
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
+    unsigned started = 0;
     /* an element that fails to start ends inside xchg_start(): filling
      * keeps it from calling back in here, so the stack stays flat */
     rt->filling = true;
     while (rt->state == CALL_RUNNING && rt->next_item < rt->nitems && rt->running < call->foreach_concurrency &&
            !a->fatal) {
+        if (started++ == FILL_BATCH) {
+            if (a->fill == NULL)
+                a->fill = event_new(a->w->base, -1, 0, fill_cb, a);
+            event_active(a->fill, EV_TIMEOUT, 0);
+            break;
+        }
         size_t k = rt->next_item++;
         rt->running++;
         xchg_start(a, i, k, json_array_get(rt->items, k));
@@ -674,6 +786,21 @@ foreach_fill(agg_t *a, size_t i)
     rt->filling = false;
     if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
         call_complete(a, i, GW_FAIL_NONE, 0);
+}
+
+/* The next turn after a foreach_fill() that stopped at FILL_BATCH. */
+static void
+fill_cb(evutil_socket_t fd, short what, void *arg)
+{
+    agg_t *a = arg;
+    gw_conn_t *c = a->c;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    for (size_t i = 0; i < a->route->agg.ncalls && !a->fatal; i++)
+        if (call_of(a, i)->foreach && a->calls[i].state == CALL_RUNNING)
+            foreach_fill(a, i);
+    agg_progress(a);
+    gw_conn_release(c);
 }
 
 /* Starts call i, whose dependencies all succeeded. */
@@ -838,8 +965,11 @@ respond_error(agg_t *a)
     gw_conn_error_headers(a->c, status, gw_fail_name(rt->code), extra, a->hdrs.data);
 }
 
+/* Builds the aggregate of a finished request into a->out (and
+ * a->complete), on the loop or on the thread pool (build_run): it reads
+ * the route and the calls' results, which nothing changes meanwhile. */
 static void
-respond_ok(agg_t *a)
+respond_build(agg_t *a)
 {
     const gw_route_t *route = a->route;
     bool group = route->agg.merge == GW_MERGE_GROUP;
@@ -877,7 +1007,7 @@ respond_ok(agg_t *a)
             if (rt->value)
                 gw_json_dump(rt->value, &a->out);
             else
-                gw_tpl_buf_add(&a->out, a->raws.data + rt->raw_off, rt->raw_len);
+                gw_tpl_buf_add(&a->out, (rt->rbuf ? rt->rbuf : a->raws.data) + rt->raw_off, rt->raw_len);
         } else if (json_is_object(rt->value)) {
             json_object_update(doc, rt->value);
         } else {
@@ -898,11 +1028,24 @@ respond_ok(agg_t *a)
         gw_tpl_buf_add(&a->out, "}", 1);
     }
     json_decref(errors);
+    a->complete = complete;
+}
+
+/* Sends the aggregate respond_build() made. */
+static void
+respond_send(agg_t *a)
+{
     server_timing(a);
-    buf_str(&a->hdrs, complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
-                               : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
+    buf_str(&a->hdrs, a->complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
+                                  : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
     gw_conn_start_response(a->c, 200, a->hdrs.data, a->hdrs.len, (int64_t)a->out.len);
-    gw_conn_body(a->c, a->out.data, a->out.len);
+    if (a->out.len >= BODY_CACHE_MAX) { /* handed over, not copied (8 MB: a few ms of page faults) */
+        gw_conn_body_take(a->c, a->out.data, a->out.len);
+        a->out.data = NULL;
+        a->out.len = a->out.cap = 0;
+    } else {
+        gw_conn_body(a->c, a->out.data, a->out.len);
+    }
     gw_conn_end_response(a->c);
 }
 
@@ -912,10 +1055,75 @@ static void
 agg_destroy(agg_t *a)
 {
     event_free(a->deadline);
+    if (a->fill)
+        event_free(a->fill);
     gw_tpl_buf_free(&a->out);
     gw_tpl_buf_free(&a->hdrs);
     gw_tpl_buf_free(&a->raws);
     free(a);
+}
+
+/* What a request's answers hold, freed on the thread pool. */
+typedef struct {
+    gw_tjob_t job;
+    json_t *refs[3 * GW_TPL_MAX_CALLS];
+    char *bufs[GW_TPL_MAX_CALLS];
+    size_t nrefs, nbufs, held; /* held: their gw_budget_responses bytes */
+} fjob_t;
+
+static void
+fjob_run(gw_tjob_t *j)
+{
+    fjob_t *f = (fjob_t *)j;
+    for (size_t k = 0; k < f->nrefs; k++)
+        json_decref(f->refs[k]);
+    for (size_t k = 0; k < f->nbufs; k++)
+        free(f->bufs[k]);
+    gw_budget_give(&gw_budget_responses, f->held);
+}
+
+static void
+fjob_done(gw_tjob_t *j)
+{
+    free(j);
+}
+
+/* Drops the calls' answers: on the loop when they are small, else on the
+ * thread pool (freeing a tree of a million nodes takes as long as building
+ * it). Their budget bytes are given back once they are freed. */
+static void
+answers_free(agg_t *a)
+{
+    size_t n = a->route->agg.ncalls, held = 0;
+    fjob_t *f = NULL;
+    if (a->parsed >= BUILD_INLINE_PARSED)
+        f = gw_calloc(1, sizeof(*f));
+    for (size_t i = 0; i < n; i++) {
+        call_rt_t *rt = &a->calls[i];
+        json_t *refs[3] = { rt->answer, rt->value, rt->failed };
+        for (size_t k = 0; k < 3; k++) {
+            if (refs[k] == NULL)
+                continue;
+            if (f)
+                f->refs[f->nrefs++] = refs[k];
+            else
+                json_decref(refs[k]);
+        }
+        if (rt->rbuf && f)
+            f->bufs[f->nbufs++] = rt->rbuf;
+        else
+            free(rt->rbuf);
+        held += rt->held;
+    }
+    if (f == NULL) {
+        if (held)
+            gw_budget_give(&gw_budget_responses, held);
+        return;
+    }
+    f->held = held;
+    f->job.run = fjob_run;
+    f->job.done = fjob_done;
+    gw_tpool_post(a->w->tport, &f->job, true);
 }
 
 /* Ends a: running exchanges are closed, answers dropped, the context goes
@@ -926,12 +1134,12 @@ agg_free(agg_t *a)
     while (a->running)
         xchg_free(a->running, false);
     evtimer_del(a->deadline);
-    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
-        json_decref(a->calls[i].answer);
-        json_decref(a->calls[i].value);
-        json_decref(a->calls[i].failed);
+    if (a->fill)
+        event_del(a->fill); /* a fill_cb still due for this request */
+    answers_free(a);
+    a->parsed = a->passed = 0;
+    for (size_t i = 0; i < a->route->agg.ncalls; i++)
         free(a->calls[i].elem_done);
-    }
     /* zeroed here for the next request, only as far as this route used them */
     memset(a->calls, 0, a->route->agg.ncalls * sizeof(a->calls[0]));
     memset(a->answers, 0, a->route->agg.ncalls * sizeof(a->answers[0]));
@@ -945,11 +1153,41 @@ agg_free(agg_t *a)
     cache->naggs++;
 }
 
+/* The thread pool built a's aggregate: send it, unless the request ended
+ * meanwhile. */
+static void
+build_run(gw_tjob_t *j)
+{
+    agg_t *a = (agg_t *)((char *)j - offsetof(agg_t, bjob));
+    if (!gw_tpool_cancelled(j))
+        respond_build(a);
+}
+
+static void
+build_done(gw_tjob_t *j)
+{
+    agg_t *a = (agg_t *)((char *)j - offsetof(agg_t, bjob));
+    gw_config_t *cfg = a->cfg; /* after agg_free(), which reads the route */
+    gw_conn_t *c = a->c;
+    bool zombie = a->zombie;
+    a->building = a->zombie = false;
+    a->cfg = NULL;
+    if (!zombie)
+        respond_send(a);
+    agg_free(a);
+    gw_config_unref(cfg);
+    if (!zombie)
+        gw_conn_release(c);
+}
+
 /* After any event: start what became ready, and answer once the request is
- * decided (a is freed then). */
+ * decided (a is freed then, or handed to the thread pool to build a large
+ * aggregate). */
 static void
 agg_progress(agg_t *a)
 {
+    if (a->building)
+        return;
     if (!a->fatal)
         schedule(a);
     if (a->fatal) {
@@ -959,7 +1197,18 @@ agg_progress(agg_t *a)
         respond_error(a);
         agg_free(a);
     } else if (a->pending == 0) {
-        respond_ok(a);
+        if (a->parsed >= BUILD_INLINE_PARSED || a->passed >= BUILD_INLINE_RAW) {
+            /* every call is over: nothing but a cancel touches a until build_done() */
+            evtimer_del(a->deadline);
+            a->building = true;
+            a->cfg = gw_config_ref(gw_conn_config(a->c));
+            a->bjob.run = build_run;
+            a->bjob.done = build_done;
+            gw_tpool_post(a->w->tport, &a->bjob, true);
+            return;
+        }
+        respond_build(a);
+        respond_send(a);
         agg_free(a);
     }
 }
@@ -967,7 +1216,13 @@ agg_progress(agg_t *a)
 static void
 agg_cancel(void *ctx)
 {
-    agg_free(ctx);
+    agg_t *a = ctx;
+    if (a->building) {
+        a->zombie = true; /* freed by build_done() */
+        gw_tpool_cancel(&a->bjob);
+        return;
+    }
+    agg_free(a);
 }
 
 static void
@@ -1005,6 +1260,66 @@ on_headers_complete(gw_resp_t *r)
     return GW_OK;
 }
 
+/* Logs a refusal of the response budget or the thread pool's queue at most
+ * once a second per worker, with the number refused since the last line. */
+static void
+refusal_log(agg_t *a, const gw_call_t *call, bool budget)
+{
+    agg_cache_t *cache = cache_of(a->w);
+    uint64_t *at = budget ? &cache->budget_logged_s : &cache->queue_logged_s;
+    unsigned *n = budget ? &cache->budget_refused : &cache->queue_refused;
+    uint64_t now = gw_now_ms() / 1000;
+    ++*n;
+    if (now == *at)
+        return;
+    if (budget)
+        gw_log(GW_LOG_WARN,
+               "memory budget: the answer of backend %s for call %s does not fit in memory.response_body_bytes "
+               "(%zu bytes, %zu in use); %u answers refused since the last report, request %s",
+               call->backend->name, call->name, gw_budget_limit(&gw_budget_responses),
+               gw_budget_used(&gw_budget_responses), *n, gw_conn_req(a->c)->request_id);
+    else {
+        gw_tpool_stats_t st;
+        gw_tpool_stats(&st);
+        gw_log(GW_LOG_WARN,
+               "thread pool: thread_pool.max_queue (%u) answers wait to be parsed; the answer of backend %s for "
+               "call %s is refused (queue_full); %u refused since the last report, request %s",
+               st.max_queue, call->backend->name, call->name, *n, gw_conn_req(a->c)->request_id);
+    }
+    *at = now;
+    *n = 0;
+}
+
+/* Makes room in x->body for len more bytes, taking what it grows by from
+ * the response budget: the whole Content-Length at once when it is known,
+ * else doubling (at most max_response_bytes). A buffer kept from an
+ * earlier exchange is taken again first. False when the budget refuses. */
+static bool
+body_room(xchg_t *x, const gw_resp_t *r, size_t len)
+{
+    size_t need = x->blen + len; /* <= x->limit */
+    size_t cap = x->bcap;
+    if (need > cap) {
+        if (r->content_length >= 0 && (uint64_t)r->content_length >= need)
+            cap = (size_t)r->content_length; /* the whole declared body, at most max_response_bytes (gw_resp) */
+        else
+            cap = GW_MIN(GW_MAX(GW_MAX(need, cap * 2), 4096), GW_MAX(x->limit, need));
+    }
+    if (cap > x->bheld) {
+        if (!gw_budget_take(&gw_budget_responses, cap - x->bheld)) {
+            x->over_budget = true;
+            return false;
+        }
+        x->bheld = cap;
+    }
+    if (cap > x->bcap) {
+        x->body = gw_realloc(x->body, cap);
+        x->bcap = cap;
+    }
+    return true;
+}
+
+
 /* Body bytes, within max_response_bytes (gw_resp counts them). */
 static int
 on_body(gw_resp_t *r, const char *at, size_t len)
@@ -1012,13 +1327,190 @@ on_body(gw_resp_t *r, const char *at, size_t len)
     xchg_t *x = XCHG(r);
     if (x->status > 299)
         return GW_OK; /* not kept: only its status matters */
-    gw_grow((void **)&x->body, &x->bcap, x->blen + len, 1);
+    if (!body_room(x, r, len))
+        return GW_ERR; /* gw_resp stops: GW_RESP_STOPPED, x->over_budget says why */
     memcpy(x->body + x->blen, at, len);
     x->blen += len;
     return GW_OK;
 }
 
 static const gw_resp_ops_t resp_ops = { .head = on_headers_complete, .body = on_body };
+
+static void
+ajob_run(gw_tjob_t *j)
+{
+    ajob_t *p = (ajob_t *)j;
+    uint64_t t0 = gw_now_us();
+    if (gw_tpool_cancelled(j))
+        return;
+    if (p->raw) {
+        if (!gw_json_valid(p->body, p->len, &p->st, &p->vl))
+            p->code = GW_FAIL_BAD_JSON;
+        p->us = gw_now_us() - t0;
+        return;
+    }
+    gw_json_meter_t m;
+    json_error_t jerr;
+    gw_json_meter_begin(&m, &gw_budget_responses, &j->cancelled);
+    p->answer = json_loadb(p->body, p->len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+    if (p->answer)
+        p->shaped = shape(p->call, p->answer); /* NULL: nothing at target, the loop says so */
+    gw_json_meter_end(&m);
+    p->tree = m.used;
+    if (m.refused || m.cancelled) { /* a tree cut short, or none */
+        json_decref(p->shaped);
+        json_decref(p->answer);
+        p->shaped = p->answer = NULL;
+        p->code = m.refused ? GW_FAIL_MEMORY_BUDGET : GW_FAIL_NONE;
+    } else if (p->answer == NULL) {
+        p->code = GW_FAIL_BAD_JSON;
+        snprintf(p->why, sizeof(p->why), "%s at byte %d", jerr.text, jerr.position);
+    }
+    if (p->answer == NULL) {
+        gw_budget_give(&gw_budget_responses, p->tree);
+        p->tree = 0;
+    }
+    /* the text is not needed any more */
+    free(p->body);
+    p->body = NULL;
+    gw_budget_give(&gw_budget_responses, p->held);
+    p->held = 0;
+    p->us = gw_now_us() - t0;
+}
+
+/* Frees p and what it still holds (worker thread: small things only). */
+static void
+ajob_free(ajob_t *p)
+{
+    json_decref(p->answer);
+    json_decref(p->shaped);
+    if (p->tree)
+        gw_budget_give(&gw_budget_responses, p->tree);
+    free(p->body);
+    if (p->held)
+        gw_budget_give(&gw_budget_responses, p->held);
+    gw_config_unref(p->cfg);
+    free(p);
+}
+
+/* A cancelled job's second trip: its trees and body are freed on the pool. */
+static void
+ajob_drop_run(gw_tjob_t *j)
+{
+    ajob_t *p = (ajob_t *)j;
+    json_decref(p->answer);
+    json_decref(p->shaped);
+    p->answer = p->shaped = NULL;
+    gw_budget_give(&gw_budget_responses, p->tree + p->held);
+    p->tree = p->held = 0;
+    free(p->body);
+    p->body = NULL;
+}
+
+static void
+ajob_drop_done(gw_tjob_t *j)
+{
+    ajob_free((ajob_t *)j);
+}
+
+/* An answer job is back: it ends its exchange, unless that ended first. */
+static void
+ajob_done(gw_tjob_t *j)
+{
+    ajob_t *p = (ajob_t *)j;
+    xchg_t *x = p->x;
+    if (x == NULL) {
+        if (p->answer || p->shaped || p->body) {
+            j->run = ajob_drop_run;
+            j->done = ajob_drop_done;
+            gw_tpool_post(j->port, j, true);
+        } else {
+            ajob_free(p);
+        }
+        return;
+    }
+    x->job = NULL;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    call_rt_t *rt = &a->calls[x->call];
+    gw_log_debug("backend %s: call %s: %zu bytes %s on the thread pool in %llu us, request %s",
+                 p->call->backend->name, p->call->name, p->len, p->raw ? "checked" : "parsed",
+                 (unsigned long long)p->us, gw_conn_req(c)->request_id);
+    if (p->code == GW_FAIL_NONE && p->raw) {
+        rt->raw = true;
+        rt->rbuf = p->body;
+        rt->raw_off = p->st;
+        rt->raw_len = p->vl;
+        rt->held += p->held;
+        a->passed += p->len;
+        p->body = NULL;
+        p->held = 0;
+        xchg_end(x, false, NULL, GW_FAIL_NONE);
+    } else if (p->code == GW_FAIL_NONE) {
+        json_t *v = p->answer;
+        rt->held += p->tree;
+        a->parsed += p->len;
+        x->shaped = p->shaped;
+        p->answer = p->shaped = NULL;
+        p->tree = 0;
+        xchg_end(x, false, v, GW_FAIL_NONE);
+    } else {
+        if (p->code == GW_FAIL_MEMORY_BUDGET)
+            refusal_log(a, p->call, true);
+        else
+            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s%s%s, request %s", p->call->backend->name,
+                   p->call->name, p->raw ? "" : ": ", p->why, gw_conn_req(c)->request_id);
+        xchg_end(x, false, NULL, p->code);
+    }
+    ajob_free(p);
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* Hands x's answer to the thread pool (raw: to check it for pass-through,
+ * else to parse and shape it); its connection goes back to the pool now.
+ * When the pool's queue is full the exchange ends with queue_full. */
+static void
+xchg_offload(xchg_t *x, bool reusable, bool raw)
+{
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    ajob_t *p = gw_calloc(1, sizeof(*p));
+    p->job.run = ajob_run;
+    p->job.done = ajob_done;
+    p->x = x;
+    p->call = call;
+    p->raw = raw;
+    p->cfg = gw_config_ref(gw_conn_config(a->c));
+    p->body = x->body; /* the job's now, with its budget bytes */
+    p->len = x->blen;
+    p->held = x->bheld;
+    char *body = x->body;
+    size_t bcap = x->bcap;
+    x->body = NULL;
+    x->blen = x->bcap = x->bheld = 0;
+    if (gw_tpool_post(a->w->tport, &p->job, false) != GW_OK) {
+        x->body = body;
+        x->blen = p->len;
+        x->bcap = bcap;
+        x->bheld = p->held;
+        gw_config_unref(p->cfg);
+        free(p);
+        refusal_log(a, call, false);
+        xchg_end(x, reusable, NULL, GW_FAIL_POOL_FULL);
+        return;
+    }
+    x->job = p;
+    if (x->u) {
+        gw_upstream_release(x->u, reusable);
+        x->u = NULL;
+    }
+    /* this try has its answer: no per-try timeout, no hedge; the call's timeout still runs */
+    if (x->rtimer)
+        evtimer_del(x->rtimer);
+    if (x->htimer)
+        evtimer_del(x->htimer);
+}
 
 /* The whole response is in: judge it, parse it, end the exchange. */
 static void
@@ -1040,6 +1532,10 @@ xchg_finish(xchg_t *x, bool reusable)
         /* Nothing reads or reshapes this answer: check it without building
          * a tree and copy its bytes into the aggregate (parsing three small
          * answers was a tenth of the CPU of a fan-out). */
+        if (x->blen >= VALID_INLINE_MAX) {
+            xchg_offload(x, reusable, true);
+            return;
+        }
         size_t st, vl;
         if (!gw_json_valid(x->body ? x->body : "", x->blen, &st, &vl)) {
             gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s, request %s", call->backend->name, call->name,
@@ -1052,11 +1548,27 @@ xchg_finish(xchg_t *x, bool reusable)
         rt->raw_off = a->raws.len;
         rt->raw_len = vl;
         gw_tpl_buf_add(&a->raws, x->body + st, vl);
+        a->passed += x->blen;
         xchg_end(x, reusable, NULL, GW_FAIL_NONE);
         return;
     } else {
+        if (x->blen >= PARSE_INLINE_MAX) {
+            xchg_offload(x, reusable, false);
+            return;
+        }
         json_error_t jerr;
+        gw_json_meter_t m;
+        gw_json_meter_begin(&m, &gw_budget_responses, NULL);
         v = json_loadb(x->body ? x->body : "", x->blen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+        gw_json_meter_end(&m);
+        if (v == NULL && m.refused) {
+            gw_budget_give(&gw_budget_responses, m.used);
+            refusal_log(a, call, true);
+            xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
+            return;
+        }
+        a->calls[x->call].held += m.used; /* given back with the answer (answers_free) */
+        a->parsed += x->blen;
         if (v == NULL) {
             gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
                    call->backend->name, call->name, jerr.text, jerr.position, gw_conn_req(a->c)->request_id);
@@ -1113,7 +1625,11 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
             x->done = rc == GW_RESP_DONE;
         } else {
             x->status = x->rd.status; /* 0 when the head itself was refused */
-            if (x->rd.error == GW_RESP_TOO_LARGE && x->status > 299) {
+            if (x->over_budget) {
+                refusal_log(a, call_of(a, x->call), true);
+                x->u->broken = true;
+                xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
+            } else if (x->rd.error == GW_RESP_TOO_LARGE && x->status > 299) {
                 /* the body of an error is never used: its status is the answer */
                 gw_log(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
                        "request %s", call_of(a, x->call)->backend->name, x->status, call_of(a, x->call)->name,
@@ -1191,7 +1707,8 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     const gw_call_t *call = call_of(a, x->call);
     gw_log(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
            call->name, call->timeout_ms,
-           x->u == NULL            ? "waiting in the backend's queue for a connection"
+           x->job                  ? "parsing the response on the thread pool"
+           : x->u == NULL          ? "waiting in the backend's queue for a connection"
            : x->u->waiting         ? "resolving the backend's name"
            : x->u && !x->u->connected ? "connecting to upstream"
            : x->got_bytes          ? "reading the response from upstream"

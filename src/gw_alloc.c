@@ -7,7 +7,9 @@
  * or an event_new() never returns NULL for lack of memory either (a NULL
  * replay buffer once silently turned retries off). What those libraries
  * still return NULL or -1 for is a real error of their input, and is
- * checked where it can happen.
+ * checked where it can happen. gw_main then puts jansson on the metering
+ * allocator of gw_json.c (memory budgets), which allocates with gw_malloc
+ * too: its only NULL is a budget's refusal, which fails the parse.
  */
 #include "gw_core.h"
 

@@ -610,6 +610,29 @@ out:
     return rc;
 }
 
+/* "thread_pool": the threads that parse large answers off the workers (gw_tpool.h). */
+static int
+parse_thread_pool(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "threads", "max_queue", NULL };
+    long long threads = c->cfg->thread_pool.threads, max_queue = c->cfg->thread_pool.max_queue;
+    push_key(c, "thread_pool");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"thread_pool\"") || get_int(c, v, "threads", 1, 64, &threads) ||
+        get_int(c, v, "max_queue", 1, 1000000, &max_queue))
+        goto out;
+    c->cfg->thread_pool.threads = (unsigned)threads;
+    c->cfg->thread_pool.max_queue = (unsigned)max_queue;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
 static const char *const method_names[] = { "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", NULL };
 
 int
@@ -2485,6 +2508,8 @@ set_defaults(gw_config_t *cfg)
     cfg->http.max_keepalive_requests = 10000;
     cfg->memory.request_body_bytes = (size_t)256 << 20;
     cfg->memory.response_body_bytes = (size_t)512 << 20;
+    cfg->thread_pool.threads = (unsigned)GW_MIN(cpu_count(), 4);
+    cfg->thread_pool.max_queue = 1024;
     cfg->resolver.timeout_ms = 2000;
     cfg->resolver.attempts = 2;
     cfg->resolver.min_ttl_ms = 1000;
@@ -2506,7 +2531,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
                                         "real_ip_header", "max_inflight", "log", "admin", "user", "group",
-                                        "memory", NULL };
+                                        "memory", "thread_pool", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2553,6 +2578,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if ((v = json_object_get(root, "http")) != NULL && parse_http(&c, v))
         goto fail;
     if ((v = json_object_get(root, "memory")) != NULL && parse_memory(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "thread_pool")) != NULL && parse_thread_pool(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
         goto fail;

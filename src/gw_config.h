@@ -227,6 +227,10 @@ struct gw_config_s {
         size_t request_body_bytes;  /* "memory.request_body_bytes": gw_budget_bodies */
         size_t response_body_bytes; /* "memory.response_body_bytes": gw_budget_responses */
     } memory;
+    struct {
+        unsigned threads;           /* "thread_pool.threads": gw_tpool.h; fixed at start */
+        unsigned max_queue;         /* "thread_pool.max_queue" */
+    } thread_pool;
     gw_route_t **routes;
     size_t nroutes;
     gw_backend_t **backends;

@@ -59,6 +59,10 @@
 
 /* Stop taking pipelined requests while this much output is unsent. */
 #define OUT_HIGH (256 * 1024)
+/* Bytes written to one client per turn of the loop: a large answer leaves
+ * in several turns instead of stalling the others (copying megabytes into
+ * a loopback socket takes milliseconds). */
+#define FLUSH_MAX (128 * 1024)
 /* Stop reading from the client while this much input is unparsed. */
 #define IN_HIGH (64 * 1024)
 /* Bytes asked of one recv(). */
@@ -770,18 +774,24 @@ conn_process(gw_conn_t *c)
     c->processing = false;
 }
 
-/* Writes what the output holds. GW_OK: all sent; GW_AGAIN: the socket is
- * full and the write event is armed; GW_ERR: the connection is closed. */
+/* Writes what the output holds, at most FLUSH_MAX bytes. GW_OK: all sent;
+ * GW_AGAIN: the socket is full, or FLUSH_MAX went out, and the write event
+ * is armed; GW_ERR: the connection is closed. */
 static int
 conn_flush(gw_conn_t *c)
 {
+    size_t sent = 0;
     while (evbuffer_get_length(c->out) > 0) {
-        int n = evbuffer_write(c->out, c->fd);
+        int n = -1, err = EAGAIN; /* past FLUSH_MAX: the rest when writable again, after the other events */
+        if (sent < FLUSH_MAX) {
+            n = evbuffer_write(c->out, c->fd);
+            err = errno;
+        }
         if (n >= 0) {
+            sent += (size_t)n;
             c->out_sent += (uint64_t)n;
             continue;
         }
-        int err = errno;
         if (err == EINTR)
             continue;
         if (err == EAGAIN || err == EWOULDBLOCK) {
@@ -1107,6 +1117,12 @@ gw_conn_worker(gw_conn_t *c)
     return c->w;
 }
 
+gw_config_t *
+gw_conn_config(gw_conn_t *c)
+{
+    return c->cfg;
+}
+
 const char *
 gw_conn_client_ip(gw_conn_t *c)
 {
@@ -1172,6 +1188,29 @@ gw_conn_body(gw_conn_t *c, const char *data, size_t len)
         evbuffer_add(c->out, "\r\n", 2);
     } else {
         evbuffer_add(c->out, data, len);
+    }
+}
+
+static void
+body_take_free(const void *data, size_t len, void *arg)
+{
+    GW_UNUSED(len);
+    GW_UNUSED(arg);
+    free((void *)data);
+}
+
+void
+gw_conn_body_take(gw_conn_t *c, char *data, size_t len)
+{
+    if (c->no_body || len == 0 || c->chunked_out) {
+        gw_conn_body(c, data, len);
+        free(data);
+        return;
+    }
+    c->alog.bytes += len;
+    if (evbuffer_add_reference(c->out, data, len, body_take_free, NULL) != 0) {
+        gw_log(GW_LOG_ERR, "client %s: out of memory while queueing a response", c->peer);
+        abort(); /* our allocation policy: out of memory is fatal */
     }
 }
 

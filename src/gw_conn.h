@@ -86,6 +86,9 @@ bool gw_conn_body_done(gw_conn_t *c);
 void gw_conn_body_pause(gw_conn_t *c, bool pause);
 gw_req_t *gw_conn_req(gw_conn_t *c);
 gw_worker_t *gw_conn_worker(gw_conn_t *c);
+/* The configuration the current request runs on: borrowed, alive while the
+ * request is (a thread pool job that outlives it takes a reference). */
+gw_config_t *gw_conn_config(gw_conn_t *c);
 /* The real client address of the current request (gw_realip_get():
  * the peer, or what a trusted proxy says), and whether the peer is a
  * trusted proxy. Cached per request. */
@@ -106,6 +109,9 @@ void gw_conn_error_headers(gw_conn_t *c, int status, const char *code, const cha
 void gw_conn_start_response(gw_conn_t *c, int status, const char *headers, size_t len, int64_t content_length);
 /* Appends body bytes (framed as needed; dropped for HEAD). */
 void gw_conn_body(gw_conn_t *c, const char *data, size_t len);
+/* The same for data of gw_malloc(), which the connection takes over and
+ * frees once sent: a large body is queued without being copied. */
+void gw_conn_body_take(gw_conn_t *c, char *data, size_t len);
 /* Sends what is queued. False when the client is behind: stop producing
  * until the drained callback. */
 bool gw_conn_send(gw_conn_t *c);

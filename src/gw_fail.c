@@ -33,6 +33,9 @@ static const fail_info_t table[GW_FAIL_MAX] = {
     [GW_FAIL_BAD_JSON] = { "bad_json", NULL, 502, 0, false, GW_HEALTH_FAULT, GW_OUT_INVALID },
     /* an oversized answer is a limit of ours, not a fault of the backend */
     [GW_FAIL_TOO_LARGE] = { "too_large", NULL, 502, 0, false, GW_HEALTH_CLEAN, GW_OUT_INVALID },
+    /* limits of ours, not faults of the backend: its answer was fine */
+    [GW_FAIL_MEMORY_BUDGET] = { "memory_budget", NULL, 503, 1, false, GW_HEALTH_CLEAN, GW_OUT_INVALID },
+    [GW_FAIL_POOL_FULL] = { "queue_full", NULL, 503, 1, false, GW_HEALTH_CLEAN, GW_OUT_QUEUE_FULL },
     [GW_FAIL_TRUNCATED] = { "truncated", "upstream_truncated", 502, 0, true, GW_HEALTH_FAULT, GW_OUT_RESET },
     [GW_FAIL_BAD_RESPONSE] = { "bad_response", "upstream_bad_response", 502, 0, false, GW_HEALTH_FAULT,
                                GW_OUT_RESET },

@@ -27,6 +27,8 @@ typedef enum {
     GW_FAIL_BAD_STATUS,        /* aggregate calls: not 2xx; proxy routes: 5xx (passed on, not an error answer) */
     GW_FAIL_BAD_JSON,          /* a 2xx body that is not JSON */
     GW_FAIL_TOO_LARGE,         /* the body is over max_response_bytes */
+    GW_FAIL_MEMORY_BUDGET,     /* the body, or its parsed tree, does not fit in memory.response_body_bytes */
+    GW_FAIL_POOL_FULL,         /* thread_pool.max_queue answers wait to be parsed ("queue_full" on the wire) */
     GW_FAIL_TRUNCATED,         /* closed or reset before the whole response */
     GW_FAIL_BAD_RESPONSE,      /* not valid HTTP */
     GW_FAIL_MISSING_TARGET,    /* the answer has nothing at target */

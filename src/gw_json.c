@@ -4,6 +4,7 @@
 #include "gw_json.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -403,4 +404,86 @@ gw_json_valid(const char *text, size_t len, size_t *start, size_t *vlen)
     *start = (size_t)(v - (const unsigned char *)text);
     *vlen = n;
     return true;
+}
+
+/* --- metering jansson's allocations ---------------------------------------- */
+
+/* The meter of the calling thread, if any. */
+static __thread gw_json_meter_t *meter;
+
+/* Budget steps: at least this much, and an eighth of what is held, so a
+ * tree of many megabytes costs about a hundred atomic operations, not one
+ * per node, and a small one holds little more than it needs. */
+#define METER_STEP (4u * 1024u)
+
+/* What an allocation of p costs: its usable size and glibc's chunk header. */
+static size_t
+cost(void *p)
+{
+    return malloc_usable_size(p) + sizeof(size_t);
+}
+
+static void *
+meter_malloc(size_t n)
+{
+    /* out of memory aborts, as everywhere (gw_alloc.c); a NULL here is only
+     * the budget's refusal or a cancel, which jansson unwinds from */
+    gw_json_meter_t *m = meter;
+    if (m == NULL)
+        return gw_malloc(n);
+    if (m->refused || m->cancelled)
+        return NULL; /* jansson unwinds: nothing more is asked of the budget */
+    if (m->cancel && __atomic_load_n(m->cancel, __ATOMIC_RELAXED)) {
+        m->cancelled = true;
+        return NULL;
+    }
+    void *p = gw_malloc(n);
+    size_t c = cost(p);
+    if (m->used + c > m->held) {
+        size_t step = GW_MAX(GW_MAX(c, METER_STEP), m->held / 8);
+        if (!gw_budget_take(m->budget, step)) {
+            free(p);
+            m->refused = true;
+            return NULL;
+        }
+        m->held += step;
+    }
+    m->used += c;
+    return p;
+}
+
+static void
+meter_free(void *p)
+{
+    gw_json_meter_t *m = meter;
+    if (m && p) {
+        /* what was allocated before the meter began is not in used: never below 0 */
+        size_t c = cost(p);
+        m->used = m->used > c ? m->used - c : 0;
+    }
+    free(p);
+}
+
+void
+gw_json_alloc_init(void)
+{
+    json_set_alloc_funcs(meter_malloc, meter_free);
+}
+
+void
+gw_json_meter_begin(gw_json_meter_t *m, gw_budget_t *budget, const bool *cancel)
+{
+    memset(m, 0, sizeof(*m));
+    m->budget = budget;
+    m->cancel = cancel;
+    meter = m;
+}
+
+void
+gw_json_meter_end(gw_json_meter_t *m)
+{
+    meter = NULL;
+    if (m->held > m->used)
+        gw_budget_give(m->budget, m->held - m->used);
+    m->held = m->used;
 }

@@ -11,6 +11,7 @@
 #ifndef GW_JSON_H
 #define GW_JSON_H
 
+#include "gw_budget.h"
 #include "gw_core.h"
 #include "gw_template.h"
 
@@ -38,5 +39,38 @@ void gw_json_dump_string(const char *s, size_t len, gw_tpl_buf_t *out);
  * *vlen get the value without the white space around it.
  */
 bool gw_json_valid(const char *s, size_t len, size_t *start, size_t *vlen);
+
+/*
+ * Metering the memory jansson allocates on the calling thread, against a
+ * memory budget: a parsed answer can hold ten to a hundred times its text
+ * (`[{},{},...]` takes about 300 bytes per 3 characters), so the budget
+ * must see the tree, not only the body. While a meter is on, every
+ * allocation is counted (its usable size plus the allocator's header) and
+ * taken from the budget in steps; when the budget refuses, or *cancel
+ * becomes true, the allocation fails and jansson gives up (json_loadb
+ * returns NULL). Allocations of other threads, and of this one outside a
+ * meter, cost one thread-local test.
+ *
+ * gw_json_alloc_init() installs the counting allocator (jansson's
+ * json_set_alloc_funcs); gw_main calls it before any thread starts. Without
+ * it (unit tests, fuzz drivers) a meter counts nothing.
+ */
+typedef struct {
+    gw_budget_t *budget;
+    const bool *cancel; /* atomic flag; NULL: never cancelled */
+    size_t used;        /* bytes allocated while metering and not freed since */
+    size_t held;        /* taken from budget; >= used */
+    bool refused;       /* an allocation failed because of the budget */
+    bool cancelled;     /* an allocation failed because of *cancel */
+} gw_json_meter_t;
+
+void gw_json_alloc_init(void);
+/* Starts metering this thread's jansson allocations into m (one meter per
+ * thread at a time). */
+void gw_json_meter_begin(gw_json_meter_t *m, gw_budget_t *budget, const bool *cancel);
+/* Stops it and gives back what was taken beyond m->used: the caller then
+ * owes gw_budget_give(budget, m->used) (m->held == m->used) once the
+ * values built meanwhile are freed. */
+void gw_json_meter_end(gw_json_meter_t *m);
 
 #endif

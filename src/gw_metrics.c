@@ -5,8 +5,10 @@
  */
 #include "gw_metrics.h"
 
+#include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_tpool.h"
 
 #include <event2/buffer.h>
 #include <string.h>
@@ -252,16 +254,66 @@ void
 gw_metrics_render_hist(struct evbuffer *out, const char *name, const char *labels, const gw_hist_t *h)
 {
     uint64_t cum = 0;
+    const char *comma = *labels ? "," : ""; /* "" labels: none */
     for (unsigned b = 0; b <= GW_M_NBOUNDS; b++) {
         cum += h->n[b];
         if (b < GW_M_NBOUNDS)
-            evbuffer_add_printf(out, "%s_bucket{%s,le=\"%g\"} %llu\n", name, labels, (double)gw_m_bounds_us[b] / 1e6,
-                                (unsigned long long)cum);
+            evbuffer_add_printf(out, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, comma,
+                                (double)gw_m_bounds_us[b] / 1e6, (unsigned long long)cum);
         else
-            evbuffer_add_printf(out, "%s_bucket{%s,le=\"+Inf\"} %llu\n", name, labels, (unsigned long long)cum);
+            evbuffer_add_printf(out, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, comma, (unsigned long long)cum);
     }
-    evbuffer_add_printf(out, "%s_sum{%s} %.6f\n%s_count{%s} %llu\n", name, labels, (double)h->sum_us / 1e6, name,
-                        labels, (unsigned long long)cum);
+    if (*labels)
+        evbuffer_add_printf(out, "%s_sum{%s} %.6f\n%s_count{%s} %llu\n", name, labels, (double)h->sum_us / 1e6, name,
+                            labels, (unsigned long long)cum);
+    else
+        evbuffer_add_printf(out, "%s_sum %.6f\n%s_count %llu\n", name, (double)h->sum_us / 1e6, name,
+                            (unsigned long long)cum);
+}
+
+/* The workers' loop stalls, the thread pool and the response memory budget. */
+static void
+render_runtime(struct evbuffer *out)
+{
+    family(out, "gatherd_worker_loop_stall_seconds", "histogram",
+           "Loop stalls: how late each worker's 10 ms probe timer fired, counting only the time the worker ran "
+           "meanwhile (one stretch of work on its loop).");
+    gw_hist_t h;
+    memset(&h, 0, sizeof(h));
+    for (int w = 0; w < nworkers; w++)
+        hist_sum(&h, &workers[w].loop_stall);
+    gw_metrics_render_hist(out, "gatherd_worker_loop_stall_seconds", "", &h);
+    family(out, "gatherd_worker_loop_stall_max_seconds", "gauge", "The longest loop stall of each worker since start.");
+    for (int w = 0; w < nworkers; w++)
+        evbuffer_add_printf(out, "gatherd_worker_loop_stall_max_seconds{worker=\"%d\"} %.6f\n", w,
+                            (double)ld(&workers[w].loop_stall_max_us) / 1e6);
+    family(out, "gatherd_worker_loop_lag_max_seconds", "gauge",
+           "The latest each worker's probe timer fired since start, time spent waiting for a CPU included.");
+    for (int w = 0; w < nworkers; w++)
+        evbuffer_add_printf(out, "gatherd_worker_loop_lag_max_seconds{worker=\"%d\"} %.6f\n", w,
+                            (double)ld(&workers[w].loop_lag_max_us) / 1e6);
+
+    gw_tpool_stats_t tp;
+    gw_tpool_stats(&tp);
+    family(out, "gatherd_thread_pool_threads", "gauge", "Threads of the pool that parses large answers.");
+    evbuffer_add_printf(out, "gatherd_thread_pool_threads %u\n", tp.threads);
+    family(out, "gatherd_thread_pool_queue_depth", "gauge", "Jobs waiting for a pool thread.");
+    evbuffer_add_printf(out, "gatherd_thread_pool_queue_depth %u\n", tp.queued);
+    family(out, "gatherd_thread_pool_busy", "gauge", "Pool threads running a job.");
+    evbuffer_add_printf(out, "gatherd_thread_pool_busy %u\n", tp.running);
+    family(out, "gatherd_thread_pool_jobs_total", "counter", "Jobs the pool ran.");
+    evbuffer_add_printf(out, "gatherd_thread_pool_jobs_total %llu\n", (unsigned long long)tp.jobs);
+    family(out, "gatherd_thread_pool_rejected_total", "counter",
+           "Answers not parsed because thread_pool.max_queue jobs were waiting (queue_full).");
+    evbuffer_add_printf(out, "gatherd_thread_pool_rejected_total %llu\n", (unsigned long long)tp.rejected);
+
+    family(out, "gatherd_memory_budget_bytes", "gauge", "Process-wide memory budgets: bytes held and the limit.");
+    evbuffer_add_printf(out, "gatherd_memory_budget_bytes{budget=\"responses\",kind=\"used\"} %zu\n"
+                             "gatherd_memory_budget_bytes{budget=\"responses\",kind=\"limit\"} %zu\n",
+                        gw_budget_used(&gw_budget_responses), gw_budget_limit(&gw_budget_responses));
+    family(out, "gatherd_memory_budget_refused_total", "counter", "Takes a memory budget refused.");
+    evbuffer_add_printf(out, "gatherd_memory_budget_refused_total{budget=\"responses\"} %llu\n",
+                        (unsigned long long)gw_budget_refused(&gw_budget_responses));
 }
 
 /* "route=\"NAME\"" or "backend=\"NAME\"" in buf. */
@@ -374,6 +426,7 @@ gw_metrics_render(struct evbuffer *out)
                         (unsigned long long)p.reloads_ok, (unsigned long long)p.reloads_failed);
     family(out, "gatherd_last_reload_successful", "gauge", "1 when the last reload was applied (or none was tried).");
     evbuffer_add_printf(out, "gatherd_last_reload_successful %d\n", p.last_reload == 0 || p.last_reload_ok);
+    render_runtime(out);
     free(rs);
     free(bs);
     free(rl);

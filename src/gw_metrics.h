@@ -66,6 +66,10 @@ typedef struct {
     int64_t inflight;      /* delta: requests begun (a first byte read) and not ended */
     gw_mroute_t routes[GW_M_ROUTES];
     gw_mbackend_t backends[GW_M_BACKENDS];
+    gw_hist_t loop_stall;        /* how late the worker's probe timer fired, as far as the
+                                  * thread ran meanwhile (gw_server.c) */
+    uint64_t loop_stall_max_us;  /* the longest of those */
+    uint64_t loop_lag_max_us;    /* the latest the probe fired, waits for a CPU included */
 } gw_mworker_t;
 
 /* Allocates the counters of nworkers workers (zeroed). Main thread, once,

@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <event2/listener.h>
 #include <malloc.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -487,6 +488,9 @@ worker_cleanup(gw_worker_t *w)
     close_all(w);
     w->stopping = true;
     take_handoffs(w); /* refused: this worker serves nothing more */
+    /* the jobs of the requests just cancelled come back and free what they held */
+    gw_tport_free(w->tport);
+    w->tport = NULL;
     gw_proxy_worker_free(w);
     gw_agg_worker_free(w);
     pthread_mutex_lock(&w->mail_mtx);
@@ -503,6 +507,67 @@ worker_cleanup(gw_worker_t *w)
     w->dns = NULL;
 }
 
+/* The calling thread's time on a CPU and waiting for one, in microseconds
+ * (the kernel's schedstat of the thread, read through w->probe_fd); with
+ * no schedstat, the thread's CPU time and no wait. */
+static void
+thread_times(gw_worker_t *w, uint64_t *run_us, uint64_t *wait_us)
+{
+    char buf[96];
+    ssize_t n = w->probe_fd >= 0 ? pread(w->probe_fd, buf, sizeof(buf) - 1, 0) : -1;
+    unsigned long long run = 0, wait = 0;
+    if (n > 0) {
+        buf[n] = '\0';
+        if (sscanf(buf, "%llu %llu", &run, &wait) == 2) {
+            *run_us = run / 1000u;
+            *wait_us = wait / 1000u;
+            return;
+        }
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    *run_us = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    *wait_us = 0;
+}
+
+static void probe_cb(evutil_socket_t fd, short what, void *arg);
+
+static void
+probe_arm(gw_worker_t *w)
+{
+    w->probe_due_us = gw_now_us() + GW_PROBE_MS * 1000u;
+    thread_times(w, &w->probe_run_us, &w->probe_wait_us);
+    struct timeval tv = { 0, GW_PROBE_MS * 1000 };
+    evtimer_add(w->probe_ev, &tv);
+}
+
+/*
+ * The loop-stall probe: a timer that should fire every GW_PROBE_MS. How
+ * late it fires is the loop's lag: time the loop spent on work of its own
+ * (a callback that ran long, a crowded turn) or waiting for a CPU. The
+ * stall is the lag without the thread's waits for a CPU meanwhile, and no
+ * more than the time it ran, so a busy machine does not pass for a slow
+ * loop. Resolution: libevent's clock, a few milliseconds.
+ */
+static void
+probe_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker_t *w = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    uint64_t now = gw_now_us(), run, wait;
+    thread_times(w, &run, &wait);
+    uint64_t late = now > w->probe_due_us ? now - w->probe_due_us : 0;
+    uint64_t waited = wait - w->probe_wait_us, ran = run - w->probe_run_us;
+    uint64_t stall = GW_MIN(late > waited ? late - waited : 0, ran);
+    gw_m_observe(&w->m->loop_stall, stall);
+    if (stall > __atomic_load_n(&w->m->loop_stall_max_us, __ATOMIC_RELAXED))
+        __atomic_store_n(&w->m->loop_stall_max_us, stall, __ATOMIC_RELAXED);
+    if (late > __atomic_load_n(&w->m->loop_lag_max_us, __ATOMIC_RELAXED))
+        __atomic_store_n(&w->m->loop_lag_max_us, late, __ATOMIC_RELAXED);
+    probe_arm(w);
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -510,6 +575,8 @@ worker_main(void *arg)
     char tag[16];
     snprintf(tag, sizeof(tag), "w%d", w->id);
     gw_log_set_thread(tag);
+    w->probe_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC); /* -1: CPU time only */
+    probe_arm(w);
     event_base_dispatch(w->base);
     worker_cleanup(w);
     __atomic_store_n(&w->exited, 1, __ATOMIC_RELEASE);
@@ -539,8 +606,11 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
     s->workers = gw_calloc((size_t)s->nworkers, sizeof(gw_worker_t));
     gw_metrics_init(s->nworkers);
     gw_metrics_bind(cfg);
+    if (gw_tpool_start(cfg->thread_pool.threads, cfg->thread_pool.max_queue, err, errlen) != GW_OK)
+        return GW_ERR;
     for (int i = 0; i < s->nworkers; i++) {
         s->workers[i].wake_fd = -1;
+        s->workers[i].probe_fd = -1;
         pthread_mutex_init(&s->workers[i].mail_mtx, NULL);
     }
     for (int i = 0; i < s->nworkers; i++) {
@@ -570,6 +640,12 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         gen_switch(w, cfg);
         w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, wake_cb, w);
         event_add(w->wake_ev, NULL);
+        w->tport = gw_tport_new(w->base);
+        if (w->tport == NULL) {
+            snprintf(err, errlen, "eventfd: %s", strerror(errno));
+            return GW_ERR;
+        }
+        w->probe_ev = evtimer_new(w->base, probe_cb, w);
         w->accept_timer = evtimer_new(w->base, accept_resume_cb, w);
         w->force_timer = evtimer_new(w->base, force_cb, w);
         w->listeners = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
@@ -718,12 +794,17 @@ gw_server_free(gw_server_t *s)
                 event_free(w->accept_timer);
             if (w->force_timer)
                 event_free(w->force_timer);
+            if (w->probe_ev)
+                event_free(w->probe_ev);
+            if (w->probe_fd >= 0)
+                close(w->probe_fd);
             if (w->base)
                 event_base_free(w->base);
             pthread_mutex_destroy(&w->mail_mtx);
         }
         free(s->workers);
     }
+    gw_tpool_stop(); /* after the workers: their jobs are all back */
     gw_config_unref(s->cfg);
     gw_metrics_free();
     memset(s, 0, sizeof(*s));

@@ -5,8 +5,10 @@
  * Shared nothing: each worker thread owns one event_base, its own
  * SO_REUSEPORT listener on every "listen" address (the kernel spreads
  * connections across them), and the connections it accepted. The only state
- * shared between threads is the immutable configuration and the atomic
- * connection counter that enforces max_connections.
+ * shared between threads is the immutable configuration, the atomic
+ * connection counter that enforces max_connections, the memory budgets
+ * (gw_budget.h) and the thread pool's queue (gw_tpool.h), where workers
+ * hand large answers to parse and get them back through their own port.
  *
  * Reload: the main thread loads and checks a new configuration, opens the
  * sockets of listen addresses it adds, and posts it to every worker's
@@ -22,6 +24,7 @@
 #include "gw_config.h"
 #include "gw_core.h"
 #include "gw_metrics.h"
+#include "gw_tpool.h"
 
 #include <event2/event.h>
 #include <event2/util.h>
@@ -35,6 +38,10 @@ struct evconnlistener;
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
 typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, GW_T_SEND, GW_T_DRAIN, GW_T_GONE,
                GW_T_MAX } gw_timer_t;
+
+/* The loop-stall probe's period: a timer that records how late it fires
+ * (gw_metrics.h, loop_stall). */
+#define GW_PROBE_MS 10
 
 /* At a graceful stop, an idle keep-alive connection may send one more
  * request (answered with Connection: close) for this long, at most
@@ -109,6 +116,11 @@ struct gw_worker_s {
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */
     gw_mworker_t *m;                /* its counters (gw_metrics.h): written by this thread only */
+    gw_tport_t *tport;              /* where its thread pool jobs come back (gw_tpool.h) */
+    struct event *probe_ev;         /* the loop-stall probe, every GW_PROBE_MS */
+    uint64_t probe_due_us;          /* when it should fire next (gw_now_us) */
+    uint64_t probe_run_us, probe_wait_us; /* the thread's time on a CPU and waiting for one, when armed */
+    int probe_fd;                   /* /proc/thread-self/schedstat of the worker's thread, or -1 */
 };
 
 struct gw_server_s {

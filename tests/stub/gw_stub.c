@@ -142,6 +142,7 @@ struct ctl {
     const char *raw;       /* raw=: bytes sent instead of a response */
     size_t raw_len;
     bool has_raw;
+    long long keys;        /* keys=N: a generated object of N keys; -1: not given */
     bool log_reset;        /* GET /log?reset=1 */
     struct kv extra[MAX_EXTRA];
     int nextra;
@@ -279,6 +280,19 @@ static pthread_mutex_t g_tag_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct tag_log g_tags[TAGS_MAX];
 static int g_ntags;
 static char g_pad[PAD_SIZE];
+
+/* keys=N bodies: generated once per N, shared read-only by every thread
+ * (added to responses by reference) and freed at exit. */
+#define KEYS_MAX 4000000
+#define KEYS_BODIES 8
+struct keys_body {
+    long long n;
+    char *text;
+    size_t len;
+};
+static pthread_mutex_t g_keys_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct keys_body g_keys[KEYS_BODIES];
+static int g_nkeys;
 
 /* ---------------------------------------------------------------- small helpers */
 
@@ -952,6 +966,7 @@ enum ctl_id {
     C_FAIL_MODE,
     C_DELAY_FIRST,
     C_RAW,
+    C_KEYS,
     C_COUNT
 };
 
@@ -960,7 +975,7 @@ static const char *const ctl_names[C_COUNT] = {
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
-    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw",
+    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1091,6 +1106,7 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
         k->raw_len = n;
         k->has_raw = true;
         break;
+    case C_KEYS: ok = parse_ll(v, n, 0, KEYS_MAX, &k->keys); break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1176,6 +1192,7 @@ static int parse_controls(struct conn *c)
     memset(k, 0, sizeof *k);
     k->status = 200;
     k->size = -1;
+    k->keys = -1;
     k->chunk = 4096;
     k->truncate = -1;
     k->keepalive = true;
@@ -1473,10 +1490,38 @@ static void build_echo(struct conn *c, struct evbuffer *b)
          c->body_len, c->nreq, c->id, c->received_ms);
 }
 
+/* The keys=n body {"k0":0,"k1":1,...} (built on first use; lives until
+ * exit), or NULL when KEYS_BODIES other sizes were asked for already. */
+static const struct keys_body *keys_body(long long n)
+{
+    const struct keys_body *found = NULL;
+
+    pthread_mutex_lock(&g_keys_lock);
+    for (int i = 0; i < g_nkeys && !found; i++)
+        if (g_keys[i].n == n)
+            found = &g_keys[i];
+    if (!found && g_nkeys < KEYS_BODIES) {
+        size_t cap = 2 + (size_t)n * 24, len = 0;
+        char *t = malloc(cap);
+        if (t) {
+            t[len++] = '{';
+            for (long long i = 0; i < n; i++)
+                len += (size_t)snprintf(t + len, cap - len, "%s\"k%lld\":%lld", i ? "," : "", i, i);
+            t[len++] = '}';
+            g_keys[g_nkeys].n = n;
+            g_keys[g_nkeys].text = t;
+            g_keys[g_nkeys].len = len;
+            found = &g_keys[g_nkeys++];
+        }
+    }
+    pthread_mutex_unlock(&g_keys_lock);
+    return found;
+}
+
 /* Builds the response body: the whole of it goes into c->prefix, except
  * for size= where only {"data":" does and the rest is generated while
  * sending (pad_left bytes of 'x', then the suffix "}). Precedence:
- * echo > bad_json > body > size > built-in path > default. */
+ * echo > bad_json > body > keys > size > built-in path > default. */
 static void build_body(struct conn *c)
 {
     struct evbuffer *b = c->prefix;
@@ -1493,6 +1538,10 @@ static void build_body(struct conn *c)
         put_str(c, b, "{\"broken\": ");
     } else if (k->has_body) {
         put(c, b, k->body, k->body_len);
+    } else if (k->keys >= 0) {
+        const struct keys_body *kb = keys_body(k->keys);
+        if (kb == NULL || evbuffer_add_reference(b, kb->text, kb->len, NULL, NULL) != 0)
+            c->oom = true;
     } else if (k->size >= 0) {
         if (k->size >= 11) {
             put_str(c, b, "{\"data\":\"");
@@ -2599,5 +2648,7 @@ out:
     for (i = 0; i < nthreads; i++)
         worker_destroy(&workers[i]);
     free(workers);
+    for (i = 0; i < g_nkeys; i++)
+        free(g_keys[i].text);
     return rc;
 }

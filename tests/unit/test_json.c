@@ -1,12 +1,13 @@
 /* Unit tests for src/gw_json.c: the serializer's output, real number text,
- * and gw_json_valid() agreeing with jansson (JSON_DECODE_ANY |
- * JSON_ALLOW_NUL) on hand-written cases and on seeded random mutations. */
+ * gw_json_valid() agreeing with jansson (JSON_DECODE_ANY | JSON_ALLOW_NUL)
+ * on hand-written cases and on seeded random mutations, and the allocation
+ * meter (budget taken and given back exactly, refusal, cancel). */
 #include "gw_json.h"
 #include "gw_test.h"
 
 #include <jansson.h>
 #include <openssl/crypto.h>
-
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -157,4 +158,92 @@ test_alloc_policy(void)
     CHECK(sm != CRYPTO_malloc && sm != NULL);
 }
 
-TEST_MAIN(T(test_alloc_policy), T(test_dump), T(test_valid_matches_jansson), T(test_valid_random_mutations))
+/* "[0,1,...,n-1]" or "[{},{},...]" (n elements), malloc'd. */
+static char *
+array_text(size_t n, bool empties, size_t *len)
+{
+    char *t = malloc(n * 12 + 3);
+    size_t k = 0;
+    t[k++] = '[';
+    for (size_t i = 0; i < n; i++)
+        k += (size_t)sprintf(t + k, empties ? "%s{}" : "%s%zu", i ? "," : "", i);
+    t[k++] = ']';
+    t[k] = '\0';
+    *len = k;
+    return t;
+}
+
+static void
+test_meter_counts_and_gives_back(void)
+{
+    gw_json_alloc_init();
+    gw_budget_t b = { 0, (size_t)1 << 30, 0 };
+    size_t len;
+    char *t = array_text(1000, false, &len);
+    gw_json_meter_t m;
+    gw_json_meter_begin(&m, &b, NULL);
+    json_t *v = json_loadb(t, len, 0, NULL);
+    gw_json_meter_end(&m);
+    CHECK(v != NULL && json_array_size(v) == 1000);
+    CHECK(m.held == m.used);
+    CHECK(gw_budget_used(&b) == m.used);
+    /* an oracle: each integer is a json_t and an int64 at least, plus the array's slots */
+    CHECK(m.used >= 1000 * (sizeof(json_t) + sizeof(json_int_t) + sizeof(json_t *)));
+    json_t *outside = json_array(); /* no meter: not counted */
+    json_array_append_new(outside, json_integer(1));
+    CHECK(gw_budget_used(&b) == m.used);
+    json_decref(outside);
+    json_decref(v);
+    gw_budget_give(&b, m.used);
+    CHECK(gw_budget_used(&b) == 0);
+    CHECK(gw_budget_refused(&b) == 0);
+    free(t);
+}
+
+static void
+test_meter_refuses_past_the_budget(void)
+{
+    gw_json_alloc_init();
+    gw_budget_t b = { 0, 64 * 1024, 0 };
+    size_t len;
+    char *t = array_text(3000, true, &len); /* 9 KB of text, far more as a tree */
+    gw_json_meter_t m;
+    gw_json_meter_begin(&m, &b, NULL);
+    json_error_t e;
+    json_t *v = json_loadb(t, len, 0, &e);
+    gw_json_meter_end(&m);
+    CHECK(v == NULL);
+    CHECK(m.refused && !m.cancelled);
+    CHECK(gw_budget_refused(&b) == 1); /* one refusal: the rest fail without asking */
+    CHECK(m.used == 0);                /* jansson freed what it had built */
+    CHECK(gw_budget_used(&b) == 0);
+    /* with room, the same text loads */
+    gw_budget_set_limit(&b, (size_t)1 << 30);
+    gw_json_meter_begin(&m, &b, NULL);
+    v = json_loadb(t, len, 0, &e);
+    gw_json_meter_end(&m);
+    CHECK(v != NULL);
+    CHECK(m.used > 64 * 1024);
+    json_decref(v);
+    gw_budget_give(&b, m.used);
+    CHECK(gw_budget_used(&b) == 0);
+    free(t);
+}
+
+static void
+test_meter_cancel(void)
+{
+    gw_json_alloc_init();
+    gw_budget_t b = { 0, (size_t)1 << 30, 0 };
+    bool cancel = true;
+    gw_json_meter_t m;
+    gw_json_meter_begin(&m, &b, &cancel);
+    json_t *v = json_loads("[1,2,3]", 0, NULL);
+    gw_json_meter_end(&m);
+    CHECK(v == NULL);
+    CHECK(m.cancelled && !m.refused);
+    CHECK(gw_budget_used(&b) == 0);
+}
+
+TEST_MAIN(T(test_alloc_policy), T(test_dump), T(test_valid_matches_jansson), T(test_valid_random_mutations), T(test_meter_counts_and_gives_back),
+          T(test_meter_refuses_past_the_budget), T(test_meter_cancel))
