@@ -401,7 +401,7 @@ budget_metrics(struct evbuffer *out)
     static const struct {
         const char *name;
         const gw_budget_t *b;
-    } budgets[] = { { "request_bodies", &gw_budget_bodies } };
+    } budgets[] = { { "request_bodies", &gw_budget_bodies }, { "responses", &gw_budget_responses } };
     evbuffer_add_printf(out, "# HELP gatherd_memory_budget_bytes Bytes a memory budget allows and holds now.\n"
                              "# TYPE gatherd_memory_budget_bytes gauge\n");
     for (size_t i = 0; i < GW_NELEM(budgets); i++)

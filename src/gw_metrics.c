@@ -271,7 +271,7 @@ gw_metrics_render_hist(struct evbuffer *out, const char *name, const char *label
                             (unsigned long long)cum);
 }
 
-/* The workers' loop stalls, the thread pool and the response memory budget. */
+/* The workers' loop stalls and the thread pool (the memory budgets: gw_admin.c). */
 static void
 render_runtime(struct evbuffer *out)
 {
@@ -307,13 +307,6 @@ render_runtime(struct evbuffer *out)
            "Answers not parsed because thread_pool.max_queue jobs were waiting (queue_full).");
     evbuffer_add_printf(out, "gatherd_thread_pool_rejected_total %llu\n", (unsigned long long)tp.rejected);
 
-    family(out, "gatherd_memory_budget_bytes", "gauge", "Process-wide memory budgets: bytes held and the limit.");
-    evbuffer_add_printf(out, "gatherd_memory_budget_bytes{budget=\"responses\",kind=\"used\"} %zu\n"
-                             "gatherd_memory_budget_bytes{budget=\"responses\",kind=\"limit\"} %zu\n",
-                        gw_budget_used(&gw_budget_responses), gw_budget_limit(&gw_budget_responses));
-    family(out, "gatherd_memory_budget_refused_total", "counter", "Takes a memory budget refused.");
-    evbuffer_add_printf(out, "gatherd_memory_budget_refused_total{budget=\"responses\"} %llu\n",
-                        (unsigned long long)gw_budget_refused(&gw_budget_responses));
 }
 
 /* "route=\"NAME\"" or "backend=\"NAME\"" in buf. */
