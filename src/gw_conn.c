@@ -111,6 +111,7 @@ struct gw_conn_s {
     bool inflight;     /* the request holds a gw_inflight unit */
     bool idle;         /* on the worker's idle list */
     bool probed;       /* the half-close probe (100 Continue) was sent */
+    uint8_t gone_polls; /* looks at the socket since the probe (gone_timer) */
     bool watching;     /* the request in flight watches for the client's reset */
     gw_conn_t *idle_prev, *idle_next;
     uint64_t idle_since_us; /* when its last request ended (or it was accepted): its place on the idle list */
@@ -813,8 +814,22 @@ conn_flush(gw_conn_t *c)
     return GW_OK;
 }
 
+/* Arms the next look at a probed socket: 1, 2, 4, ... ms after the probe,
+ * then every GW_GONE_POLL_MS. A closed socket answers the probe within a
+ * round trip, so a client that went away is seen about then (its queued
+ * call leaves the wait queue at once), not a whole poll period later. */
+static void
+gone_timer(gw_conn_t *c)
+{
+    unsigned ms = c->gone_polls < 7 ? 1u << c->gone_polls : GW_GONE_POLL_MS;
+    c->gone_polls++;
+    c->timer_kind = GW_T_GONE;
+    struct timeval tv = { 0, (suseconds_t)GW_MIN(ms, GW_GONE_POLL_MS) * 1000 };
+    event_add(c->timer, &tv);
+}
+
 /* The client sent EOF while its request is in flight (see the top of the
- * file). Whether it is gone is looked at every GW_GONE_POLL_MS. */
+ * file). Whether it is gone is looked at by gone_timer(). */
 static void
 watch_gone(gw_conn_t *c)
 {
@@ -822,9 +837,10 @@ watch_gone(gw_conn_t *c)
     if (!c->probed && !c->resp_started && c->req.http_minor >= 1) {
         evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
         c->probed = true;
+        c->gone_polls = 0;
     }
     if (c->probed)
-        timer_set(c, GW_T_GONE);
+        gone_timer(c);
 }
 
 /* Whether the client's socket was reset (by a probe sent after its EOF). */
@@ -997,7 +1013,7 @@ conn_timer_cb(evutil_socket_t fd, short what, void *arg)
                    c->req.request_id);
             gw_conn_close(c);
         } else {
-            timer_set(c, GW_T_GONE);
+            gone_timer(c);
         }
         break;
     default:
