@@ -6,15 +6,40 @@
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer build: make check again
 #   4. the fuzz drivers of tests/fuzz, a short bounded run each
 #   5. make distcheck (the release tarball builds and passes its tests)
-# Every test program ends with "N passed, N failed"; the last line of this
-# script is the sum over all of them. Exit status is non-zero on any failure.
+# Every test program ends with "N passed, N failed" (", N skipped" appended
+# when it skipped tests); the last line of this script is the sum over all
+# of them, in the same form. Exit status is non-zero on any failure.
 set -uo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${GW_BUILD_DIR:-$SRC/build}"
 JOBS="$(nproc 2>/dev/null || echo 2)"
 passed=0
 failed=0
+skipped=0
 log() { echo "== $*"; }
+
+# Adds a summary line "N passed, N failed[, N skipped]" to the totals;
+# false when $1 is not one.
+add_summary() {
+    [[ "$1" =~ ^([0-9]+)\ passed,\ ([0-9]+)\ failed(,\ ([0-9]+)\ skipped)?$ ]] || return 1
+    passed=$((passed + BASH_REMATCH[1]))
+    failed=$((failed + BASH_REMATCH[2]))
+    skipped=$((skipped + ${BASH_REMATCH[4]:-0}))
+}
+
+# The last summary line of file $1 (empty when there is none).
+summary_of() {
+    grep -E '^[0-9]+ passed, [0-9]+ failed(, [0-9]+ skipped)?$' "$1" | tail -n1
+}
+
+# The final line: "N passed, N failed", plus ", N skipped" when any were.
+total_line() {
+    if [ "$skipped" -gt 0 ]; then
+        echo "$passed passed, $failed failed, $skipped skipped"
+    else
+        echo "$passed passed, $failed failed"
+    fi
+}
 
 bash "$SRC/scripts/install-deps.sh" || { echo "install-deps failed"; echo "0 passed, 1 failed"; exit 1; }
 
@@ -27,18 +52,14 @@ fi
 # Adds the counts of every test log under $1; a log without a summary line
 # (a crash, a timeout) counts as one failure.
 count_logs() {
-    local dir="$1" f line p q
+    local dir="$1" f line
     for f in $(find "$dir/tests" -name '*.log' ! -name 'test-suite.log' | sort); do
-        line="$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$f" | tail -n1)"
-        if [ -z "$line" ]; then
+        line="$(summary_of "$f")"
+        if [ -z "$line" ] || ! add_summary "$line"; then
             echo "   $f: no summary line (crashed?)"
             failed=$((failed + 1))
             continue
         fi
-        p="${line%% passed*}"
-        q="${line#*, }"; q="${q%% failed*}"
-        passed=$((passed + p))
-        failed=$((failed + q))
         echo "   ${f#$dir/}: $line"
     done
 }
@@ -78,12 +99,12 @@ log "fuzz drivers (${FUZZ_SECONDS:-20} s each)"
 FUZZ_OUT="$BUILD/fuzz" && rm -rf "$FUZZ_OUT" && mkdir -p "$FUZZ_OUT"
 FUZZ_OUT="$FUZZ_OUT" GW_SRCDIR="$SRC" bash "$SRC/tests/fuzz/run.sh" >"$BUILD/fuzz.out" 2>&1
 grep -E '^(ok|FAIL) - ' "$BUILD/fuzz.out" | sed 's/^/   /'
-line="$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$BUILD/fuzz.out" | tail -n1)"
-if [ -z "$line" ]; then
+line="$(summary_of "$BUILD/fuzz.out")"
+before=$failed
+if [ -z "$line" ] || ! add_summary "$line"; then
     tail -n 20 "$BUILD/fuzz.out"; failed=$((failed + 1))
-else
-    passed=$((passed + ${line%% passed*})); q="${line#*, }"; failed=$((failed + ${q%% failed*}))
-    [ "${q%% failed*}" -ne 0 ] && grep -v '^ok' "$BUILD/fuzz.out" | tail -n 40
+elif [ "$failed" -ne "$before" ]; then
+    grep -v '^ok' "$BUILD/fuzz.out" | tail -n 40
 fi
 
 if [ "${GW_SKIP_DISTCHECK:-0}" != 1 ]; then
@@ -95,5 +116,5 @@ if [ "${GW_SKIP_DISTCHECK:-0}" != 1 ]; then
     fi
 fi
 
-echo "$passed passed, $failed failed"
+total_line
 [ "$failed" -eq 0 ]

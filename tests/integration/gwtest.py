@@ -7,8 +7,9 @@ Pieces:
                response (Content-Length, chunked, or until close), detect EOF.
   run_cli      runs gatherd with arguments (for -t, -V, -h ...).
   test/main    a registry of test functions and a runner that prints
-               "ok - name" / "FAIL - name: reason" and, as the very last
-               line, "N passed, N failed".
+               "ok - name" / "FAIL - name: reason" / "ok - name # skip why"
+               and, as the very last line, "N passed, N failed" (with
+               ", N skipped" appended when a test was skipped).
 
 Every Daemon started during a test is registered with the runner: when the
 test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
@@ -56,7 +57,7 @@ class TestFailure(AssertionError):
 
 
 class Skip(Exception):
-    """Raised by a test that cannot run here; counted as passed with a note."""
+    """Raised by a test that cannot run here; counted as skipped, never as passed."""
 
 
 def kill_and_reap(proc, timeout):
@@ -140,7 +141,7 @@ def main(argv=None):
         print("0 passed, 1 failed")
         return 1
     print("# gatherd: %s" % GATHERD)
-    passed = failed = 0
+    passed = failed = skipped = 0
     failures = []
     t_all = time.monotonic()
     for fn in selected:
@@ -169,10 +170,11 @@ def main(argv=None):
             reason = f"{reason}; {extra}" if reason else extra
         dt = time.monotonic() - t0
         if reason is None:
-            passed += 1
             if skip is not None:
+                skipped += 1
                 print(f"ok - {name} # skip {skip}")
             else:
+                passed += 1
                 print(f"ok - {name} ({dt:.2f}s)")
         else:
             failed += 1
@@ -182,9 +184,17 @@ def main(argv=None):
     if failures:
         print("# failed: " + ", ".join(failures))
     print("# total time %.1fs" % (time.monotonic() - t_all))
-    print(f"{passed} passed, {failed} failed")
+    print(summary_line(passed, failed, skipped))
     sys.stdout.flush()
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return 77 if skipped and not passed else 0  # 77: automake's SKIP, for a file that ran nothing
+
+
+def summary_line(passed, failed, skipped):
+    """The runner's last line, which tests/run-suite.sh sums."""
+    line = f"{passed} passed, {failed} failed"
+    return line + f", {skipped} skipped" if skipped else line
 
 
 # --- assertions -------------------------------------------------------------
