@@ -55,7 +55,7 @@ static void
 note_flush(const gw_breaker_t *br, const note_t *n)
 {
     if (n->level)
-        gw_log((gw_log_level_t)n->level, "backend %s: circuit breaker %s", br->name, n->msg);
+        gw_log_rl((gw_log_level_t)n->level, "backend %s: circuit breaker %s", br->name, n->msg);
 }
 
 gw_breaker_t *

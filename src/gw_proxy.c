@@ -491,7 +491,7 @@ proxy_fail(gw_proxy_t *p, int status, const char *code, const char *doing, int e
     gw_conn_t *c = p->c;
     proxy_ended(p, code);
     gw_req_t *r = gw_conn_req(c);
-    gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
+    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
            code, err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c), r->request_id);
     if (p->u) {
         p->u->broken = true;
@@ -539,7 +539,7 @@ upstream_broke(gw_proxy_t *p, int err)
     gw_conn_t *c = p->c;
     bool replayable = !p->has_body || p->replay != NULL;
     if (p->u->reused && !p->retried && !p->got_bytes && replayable && gw_http_idempotent(gw_conn_req(c)->method)) {
-        gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
+        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                p->b->name, err ? strerror(err) : "EOF");
         p->retried = true;
         gw_upstream_release(p->u, false);
@@ -741,7 +741,7 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
             gw_conn_release(c);
             return;
         } else {
-            gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
+            gw_log_rl(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, llhttp_get_error_reason(&p->parser));
             proxy_fail(p, 502, "upstream_bad_response", "reading response from upstream", 0);
             gw_conn_release(c);
             return;
@@ -796,7 +796,7 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
             proxy_fail(p, 504, "upstream_timeout", "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
-        gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
                gw_upstream_tls_error(u, why, sizeof(why)));
         proxy_fail(p, 502, "upstream_tls_failed", "handshaking with upstream", 0);
     } else if (!u->connected) {
@@ -852,7 +852,7 @@ proxy_refuse(gw_proxy_t *p, const char *code, int retry_s, const char *why)
     gw_conn_t *c = p->c;
     char extra[256], hdr[40];
     /* an open circuit was logged once when it opened */
-    gw_log(strcmp(code, "circuit_open") == 0 ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
+    gw_log_rl(strcmp(code, "circuit_open") == 0 ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s", p->b->name, p->b->host_header, code, why,
            gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
     snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
@@ -946,12 +946,12 @@ proxy_retry_decide(gw_proxy_t *p, const char *why)
         return false;
     int ms = gw_retry_backoff_ms(rc, p->attempt);
     if (gw_now_ms() + (uint64_t)ms >= p->end_ms) {
-        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
                p->b->name, why, ms, r->request_id);
         return false;
     }
     if (!gw_retry_acquire(rc)) {
-        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
                r->request_id);
         return false;
     }
@@ -1021,11 +1021,11 @@ proxy_retry(gw_proxy_t *p, const char *code, int err)
 {
     if (code != NULL && !proxy_retry_decide(p, code))
         return false;
-    gw_log(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
            code ? code : "status", err ? ": " : "", err ? strerror(err) : "", p->attempt, p->b->retry->attempts - 1,
            p->retry_ms, gw_conn_req(p->c)->request_id);
     if (code == NULL && p->status)
-        gw_log(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
                gw_conn_req(p->c)->request_id);
     if (p->u) {
         p->u->broken = code != NULL;
@@ -1085,7 +1085,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         int err = errno;
         char extra[256];
         snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
         proxy_ended(p, rc == GW_AGAIN ? "unavailable" : "connect_failed");
