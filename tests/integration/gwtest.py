@@ -14,11 +14,22 @@ Pieces:
 Every Daemon started during a test is registered with the runner: when the
 test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
 code from a graceful stop, or a sanitizer report in stderr, fails the test.
+
+Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE (and every
+test of the files in SMOKE_FILES); unset or "full", every test.
+
+Runners on one machine coordinate through two lock files in $TMPDIR (make
+check -jN runs several test files at once, and the suite runs tiers side by
+side): every test holds a shared lock while it runs, a test marked
+@exclusive (a load test: wrk at full speed) an exclusive one, so it runs
+alone and never starves a timing-sensitive test. A waiting exclusive test
+holds a gate that stops new tests from starting, so it is not starved either.
 """
 
 import atexit
 import copy
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -117,6 +128,51 @@ def test(fn):
     return fn
 
 
+def exclusive(fn):
+    """Decorator (above or below the registering one): fn runs alone among the
+    integration tests of every runner on this machine (see the module doc)."""
+    fn.gw_exclusive = True
+    return fn
+
+
+# The smoke tier (GW_CHECK_TIER=smoke: the normal build and distcheck, where
+# the ASan build runs everything): a few tests per file that show the build
+# works end to end. Test names are unique across the files.
+SMOKE = {
+    "cli_version", "config_test_valid", "shipped_configs_are_valid", "get_basic_headers_and_body",
+    "keepalive_http11_reuses_connection", "pipelining_in_order", "graceful_stop_finishes_request_in_flight_body",
+    "proxy_get_basic_with_strip_prefix", "proxy_post_chunked_body_streams_chunked",
+    "agg_independent_calls_run_concurrently", "agg_failure_codes_optional_and_required",
+    "reload_applies_to_new_requests_and_idle_connections", "test_detach_runs_in_background",
+    "metrics_count_exactly_what_was_sent", "combined_lines_for_respond_proxy_and_aggregate",
+    "workers_never_wait_on_stderr", "dns_proxy_to_a_host_name", "breaker_opens_after_consecutive_failures_and_fails_fast",
+    "retry_succeeds_on_the_third_try", "rate_429_headers",
+}
+# Files run whole in the smoke tier: the deploy tests need the normal build
+# (the image holds it) and skip themselves under sanitizers.
+SMOKE_FILES = {"test_deploy.py"}
+
+
+class _TestLock:
+    """The shared/exclusive lock of one test, with the gate (module doc)."""
+
+    def __init__(self):
+        base = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"gatherd-tests-{os.getuid()}")
+        self.gate = open(base + ".gate", "a")
+        self.main = open(base + ".lock", "a")
+
+    def acquire(self, excl):
+        fcntl.flock(self.gate, fcntl.LOCK_EX)
+        fcntl.flock(self.main, fcntl.LOCK_EX if excl else fcntl.LOCK_SH)
+        if not excl:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+    def release(self, excl):
+        fcntl.flock(self.main, fcntl.LOCK_UN)
+        if excl:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+
 def _note_problem(msg):
     _current_problems.append(msg)
 
@@ -141,12 +197,26 @@ def main(argv=None):
         print("0 passed, 1 failed")
         return 1
     print("# gatherd: %s" % GATHERD)
+    tier = os.environ.get("GW_CHECK_TIER") or "full"
+    if tier == "smoke" and os.path.basename(sys.argv[0]) not in SMOKE_FILES:
+        selected = [t for t in selected if t.__name__ in SMOKE]
+        print(f"# tier smoke: {len(selected)} of {len(_TESTS)} tests")
+        if not selected:
+            print("0 passed, 0 failed")
+            return 77  # automake's SKIP: nothing of this file is in the tier
+    elif tier not in ("smoke", "full"):
+        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke or full")
+        print("0 passed, 1 failed")
+        return 1
+    lock = _TestLock()
     passed = failed = skipped = 0
     failures = []
     t_all = time.monotonic()
     for fn in selected:
         name = fn.__name__
         del _current_problems[:]
+        excl = getattr(fn, "gw_exclusive", False)
+        lock.acquire(excl)
         t0 = time.monotonic()
         reason = None
         skip = None
@@ -169,6 +239,7 @@ def main(argv=None):
             extra = "; ".join(_current_problems)
             reason = f"{reason}; {extra}" if reason else extra
         dt = time.monotonic() - t0
+        lock.release(excl)
         if reason is None:
             if skip is not None:
                 skipped += 1
@@ -369,6 +440,11 @@ class Daemon:
                 try:
                     s = socket.create_connection((self.host, port), timeout=0.5)
                     s.close()
+                    # The listen backlog takes connections before the
+                    # workers run; the admin listener is bound after it.
+                    if f"127.0.0.1:{self.admin_port}" in text:
+                        s = socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.5)
+                        s.close()
                     return self
                 except OSError:
                     time.sleep(0.02)

@@ -103,6 +103,7 @@ def site_lines(log, marker, fmt_marker):
 
 
 @ltest
+@gwtest.exclusive  # four clients at full speed: alone, as the wrk tests
 def repeated_lines_are_rate_limited_and_summarised():
     s = Stub()
     items = 100

@@ -249,6 +249,7 @@ def rate_429_headers():
 
 
 @rtest
+@gwtest.exclusive  # six clients at full speed, and a count a starved worker would skew: alone
 def rate_exact_over_a_window():
     """rate 20 per 1000 ms, burst 5, 2 workers, 6 client connections sending
     as fast as they can for about 2 s: the number admitted is burst +

@@ -437,22 +437,24 @@ def run_wrk(port, path, seconds, conns, during=None):
 
 
 @rtest
+@gwtest.exclusive
 def reload_every_second_under_wrk_load_loses_nothing():
-    """200 connections for 20 s, a reload every second between two
+    """200 connections for 8 s, a reload every half second between two
     configurations: no failed request, no non-2xx answer, and no answer mixing
     the two configurations."""
     stub = Stub(threads=2)
     d = start(stub, "A", workers=2)
-    state = {"next": 1.0, "n": 0}
+    seconds = 8
+    state = {"next": 0.5, "n": 0}
 
     def during(elapsed):
-        if elapsed >= state["next"] and elapsed < 19.5:
+        if elapsed >= state["next"] and elapsed < seconds - 0.5:
             state["n"] += 1
             d.write_config(config(d.port, "B" if state["n"] % 2 else "A", stub))
             d.send_signal(signal.SIGHUP)
-            state["next"] += 1.0
+            state["next"] += 0.5
 
-    res = run_wrk(d.port, "/agg", 20, 200, during)
+    res = run_wrk(d.port, "/agg", seconds, 200, during)
     eq(res["mixed"], 0, "answers mixing two configurations")
     eq(res["bad"], 0, "answers without the two calls")
     for k in ("connect", "read", "write", "status", "timeout"):
@@ -465,6 +467,7 @@ def reload_every_second_under_wrk_load_loses_nothing():
 
 
 @rtest
+@gwtest.exclusive
 def graceful_stop_under_wrk_load():
     """SIGTERM while wrk runs: every accepted request is answered in full (no
     read error, timeout or non-2xx in wrk: a connection closed or reset with a
@@ -480,13 +483,13 @@ def graceful_stop_under_wrk_load():
     state = {"sent": None, "exited": None, "before": None}
 
     def during(elapsed):
-        if elapsed >= 2.0 and state["sent"] is None:
+        if elapsed >= 1.0 and state["sent"] is None:
             state["sent"] = time.monotonic()
             d.send_signal(signal.SIGTERM)
         if state["sent"] and state["exited"] is None and d.proc.poll() is not None:
             state["exited"] = time.monotonic()
 
-    res = run_wrk(d.port, "/agg", 5, 200, during)
+    res = run_wrk(d.port, "/agg", 3, 200, during)
     d.wait(10)
     eq(d.exit_code, 0, "exit status")
     contains(d.log(), "stopped", "log")
