@@ -10,9 +10,10 @@
 #   fuzz       the libFuzzer drivers of tests/fuzz, FUZZ_SECONDS (5) each
 #   distcheck  the release tarball builds with -Werror and passes unit + smoke
 # They run side by side, in three lanes: asan; tsan; normal, then fuzz, then
-# distcheck. The builds are short and take the CPU; the integration tests
-# mostly wait on timers and sockets, so the lanes fill both cores. Load tests
-# run alone across all lanes (gwtest.py's locks).
+# distcheck. The builds take the CPU, one at a time (ASan first: its tests
+# are the longest), each while the tests of the lanes before it run; the
+# integration tests mostly wait on timers and sockets, so the lanes fill both
+# cores. Load tests run alone across all lanes (gwtest.py's locks).
 # Every test program ends with "N passed, N failed" (", N skipped" appended
 # when it skipped tests); the last line of this script is the sum over all
 # of them, in the same form. Exit status is non-zero on any failure.
@@ -88,6 +89,11 @@ check() {
 # Seconds since the start, into $BUILD/LANE.times as "what seconds".
 mark() { echo "$2 $(($(date +%s) - T0))" >>"$BUILD/$1.times"; }
 
+# Waits until the build NAME has ended (ok or not): one build at a time.
+after_build() {
+    while [ ! -s "$BUILD/$1.build" ]; do sleep 0.5; done
+}
+
 lane_asan() {
     mark asan start
     build asan --enable-werror --enable-sanitizers CFLAGS="-O1 -g" && mark asan built &&
@@ -96,6 +102,7 @@ lane_asan() {
 }
 
 lane_tsan() {
+    after_build asan
     mark tsan start
     build tsan --enable-werror --enable-tsan CFLAGS="-O1 -g" && mark tsan built &&
         check tsan check-tsan -j"$TSAN_JOBS"
@@ -103,6 +110,7 @@ lane_tsan() {
 }
 
 lane_normal() {
+    after_build tsan
     mark normal start
     if build normal --enable-werror; then
         mark normal built
@@ -125,7 +133,6 @@ lane_normal() {
 
 log "tiers asan, tsan, normal + fuzz + distcheck, side by side (outputs in $BUILD)"
 lane_asan &
-sleep 1 # the ASan build, the longest lane's start, gets the CPU first
 lane_tsan &
 lane_normal &
 wait
