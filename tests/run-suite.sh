@@ -9,11 +9,12 @@
 #              integration tests (GW_CHECK_TIER=smoke) and the deploy tests
 #   fuzz       the libFuzzer drivers of tests/fuzz, FUZZ_SECONDS (5) each
 #   distcheck  the release tarball builds with -Werror and passes unit + smoke
-# They run side by side, in three lanes: asan; tsan; normal, then fuzz, then
-# distcheck. The builds take the CPU, one at a time (ASan first: its tests
-# are the longest), each while the tests of the lanes before it run; the
-# integration tests mostly wait on timers and sockets, so the lanes fill both
-# cores. Load tests run alone across all lanes (gwtest.py's locks).
+# They run side by side, in three lanes: asan; tsan; normal (its tests
+# beside fuzz, then distcheck). The builds take the CPU, one at a time (ASan
+# first: its tests are the longest), each while the tests of the lanes before
+# it run; the integration tests mostly wait on timers and sockets, so the
+# lanes fill both cores, and the big files of the ASan tier run in shards
+# (GW_TEST_JOBS). Load tests run alone across all lanes (gwtest.py's locks).
 # Every test program ends with "N passed, N failed" (", N skipped" appended
 # when it skipped tests); the last line of this script is the sum over all
 # of them, in the same form. Exit status is non-zero on any failure.
@@ -21,7 +22,8 @@ set -uo pipefail
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${GW_BUILD_DIR:-$SRC/build}"
 JOBS="$(nproc 2>/dev/null || echo 2)"
-ASAN_JOBS="${GW_ASAN_JOBS:-4}" # test files at once: they mostly wait
+ASAN_JOBS="${GW_ASAN_JOBS:-3}"      # test files at once: they mostly wait
+ASAN_SHARDS="${GW_ASAN_SHARDS:-3}"  # processes per big test file (gwtest.py's GW_TEST_JOBS)
 TSAN_JOBS="${GW_TSAN_JOBS:-3}"
 passed=0
 failed=0
@@ -97,7 +99,7 @@ after_build() {
 lane_asan() {
     mark asan start
     build asan --enable-werror --enable-sanitizers CFLAGS="-O1 -g" && mark asan built &&
-        check asan check -j"$ASAN_JOBS"
+        GW_TEST_JOBS="$ASAN_SHARDS" check asan check -j"$ASAN_JOBS"
     mark asan end
 }
 
@@ -112,11 +114,15 @@ lane_tsan() {
 lane_normal() {
     after_build tsan
     mark normal start
+    local smoke=
     if build normal --enable-werror; then
         mark normal built
-        GW_CHECK_TIER=smoke check normal check -j"$JOBS"
+        # beside fuzz and distcheck: the deploy tests mostly wait on the network
+        { GW_CHECK_TIER=smoke check normal check -j"$JOBS"; mark normal end; } &
+        smoke=$!
+    else
+        mark normal end
     fi
-    mark normal end
     mark fuzz start
     FUZZ_OUT="$BUILD/fuzz" && mkdir -p "$FUZZ_OUT"
     FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_OUT="$FUZZ_OUT" GW_SRCDIR="$SRC" bash "$SRC/tests/fuzz/run.sh" \
@@ -129,6 +135,7 @@ lane_normal() {
         echo $? >"$BUILD/distcheck.rc"
         mark distcheck end
     fi
+    [ -z "$smoke" ] || wait "$smoke"
 }
 
 log "tiers asan, tsan, normal + fuzz + distcheck, side by side (outputs in $BUILD)"

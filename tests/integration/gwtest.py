@@ -18,6 +18,10 @@ code from a graceful stop, or a sanitizer report in stderr, fails the test.
 Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE (and every
 test of the files in SMOKE_FILES); unset or "full", every test.
 
+Shards: GW_TEST_JOBS=N runs a file's selected tests in up to N processes at
+once (every Nth test each, at least SHARD_MIN tests per process), and adds
+up their results; the tests of one file are independent of each other.
+
 Runners on one machine coordinate through two lock files in $TMPDIR (make
 check -jN runs several test files at once, and the suite runs tiers side by
 side): every test holds a shared lock while it runs, a test marked
@@ -208,6 +212,15 @@ def main(argv=None):
         print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke or full")
         print("0 passed, 1 failed")
         return 1
+    shard = os.environ.get("GW_SHARD")
+    if shard:
+        k, n = (int(x) for x in shard.split("/"))
+        selected = selected[k::n]
+    else:
+        jobs = int(os.environ.get("GW_TEST_JOBS") or 1)
+        n = min(jobs, len(selected) // SHARD_MIN)
+        if n > 1:
+            return _run_shards(n)
     lock = _TestLock()
     passed = failed = skipped = 0
     failures = []
@@ -260,6 +273,37 @@ def main(argv=None):
     if failed:
         return 1
     return 77 if skipped and not passed else 0  # 77: automake's SKIP, for a file that ran nothing
+
+
+SHARD_MIN = 6
+
+
+def _run_shards(n):
+    """Runs this file in n processes (GW_SHARD=k/n), prints their output one
+    after the other and the sum of their summary lines."""
+    procs = [subprocess.Popen([sys.executable] + sys.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, GW_SHARD=f"{k}/{n}"), preexec_fn=_die_with_parent)
+             for k in range(n)]
+    total = [0, 0, 0]
+    rc = 0
+    for k, p in enumerate(procs):
+        out = p.communicate()[0]
+        lines = out.splitlines()
+        m = re.match(r"^(\d+) passed, (\d+) failed(?:, (\d+) skipped)?$", lines[-1]) if lines else None
+        print(f"# shard {k + 1} of {n}")
+        print("\n".join(lines[:-1] if m else lines))
+        if m is None:
+            print(f"FAIL - shard {k + 1} of {n}: no summary line (exit status {p.returncode})")
+            total[1] += 1
+        else:
+            total = [t + int(v or 0) for t, v in zip(total, m.groups())]
+        if p.returncode not in (0, 77):
+            rc = 1
+    print(summary_line(*total))
+    sys.stdout.flush()
+    if rc or total[1]:
+        return 1
+    return 77 if total[2] and not total[0] else 0
 
 
 def summary_line(passed, failed, skipped):

@@ -189,6 +189,12 @@ def signal_option_and_pid_file():
         pid_path = os.path.join(tmp, "gatherd.pid")
         d = Daemon({"listen": ["127.0.0.1:PORT"]}, workers=1, args=["--pid", pid_path], start=False)
         d.start()
+        # The listeners take connections (d.start() returns) before the pid
+        # file is written: wait for it (slow under ThreadSanitizer).
+        deadline = time.monotonic() + 5 * SLOW
+        while not os.path.exists(pid_path):
+            check(time.monotonic() < deadline and d.running(), f"no pid file; log:\n{d.log()[-1500:]}")
+            time.sleep(0.01)
         with open(pid_path) as f:
             eq(f.read().strip(), str(d.pid), "pid file")
         d.write_config(config(d.port, "B", stub))
