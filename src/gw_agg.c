@@ -534,7 +534,7 @@ call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
         return;
     }
     rt->state = CALL_FAILED;
-    gw_log(GW_LOG_INFO, "aggregate %s: call %s failed: %s, request %s", a->route->pattern, call->name,
+    gw_log_rl(GW_LOG_INFO, "aggregate %s: call %s failed: %s, request %s", a->route->pattern, call->name,
            gw_fail_name(code), gw_conn_req(a->c)->request_id);
     if (call->required && a->fatal == 0)
         a->fatal = (int)i + 1;
@@ -670,7 +670,7 @@ build_request(xchg_t *x, const json_t *item)
     }
     return GW_FAIL_NONE;
 fail:
-    gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: %s in %s: %s, request %s", a->route->pattern, call->name,
+    gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s in %s: %s, request %s", a->route->pattern, call->name,
            gw_fail_name(err.code), what, err.detail, r->request_id);
     return err.code;
 }
@@ -688,14 +688,14 @@ xchg_send(xchg_t *x, bool fresh)
         /* max_connections in use: wait for one (xchg_wait_cb) */
         if (gw_upstream_wait(a->w, call->backend, &x->wait, xchg_wait_cb, x) == GW_OK)
             return GW_FAIL_NONE;
-        gw_log(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
+        gw_log_rl(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
                call->backend->name, call->backend->max_pending, call->name, gw_conn_peer_ip(a->c),
                gw_conn_req(a->c)->request_id);
         return GW_FAIL_QUEUE_FULL;
     }
     if (rc != GW_OK) {
         int err = errno;
-        gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
                call->backend->name, call->backend->host_header,
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), call->name, gw_conn_peer_ip(a->c),
@@ -829,7 +829,7 @@ call_start(agg_t *a, size_t i)
         why = "longer than foreach_max";
     }
     if (code != GW_FAIL_NONE) {
-        gw_log(GW_LOG_NOTICE, "aggregate %s: call %s: foreach \"%s.%s\" is %s, request %s", a->route->pattern,
+        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: foreach \"%s.%s\" is %s, request %s", a->route->pattern,
                call->name, call_of(a, call->foreach_call)->name, gw_jpath_text(call->foreach_path), why,
                gw_conn_req(a->c)->request_id);
         call_complete(a, i, code, 0);
@@ -1240,7 +1240,7 @@ agg_deadline_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_t *c = a->c;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    gw_log(GW_LOG_INFO, "aggregate %s: deadline of %d ms passed with %zu calls unfinished, request %s",
+    gw_log_rl(GW_LOG_INFO, "aggregate %s: deadline of %d ms passed with %zu calls unfinished, request %s",
            a->route->pattern, a->route->agg.deadline_ms, a->pending, gw_conn_req(c)->request_id);
     cancel_all(a, GW_FAIL_TIMEOUT);
     agg_progress(a);
@@ -1458,7 +1458,7 @@ ajob_done(gw_tjob_t *j)
         if (p->code == GW_FAIL_MEMORY_BUDGET)
             refusal_log(a, p->call, true);
         else
-            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s%s%s, request %s", p->call->backend->name,
+            gw_log_rl(GW_LOG_INFO, "backend %s: invalid JSON for call %s%s%s, request %s", p->call->backend->name,
                    p->call->name, p->raw ? "" : ": ", p->why, gw_conn_req(c)->request_id);
         xchg_end(x, false, NULL, p->code);
     }
@@ -1519,7 +1519,7 @@ xchg_finish(xchg_t *x, bool reusable)
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
     if (x->status < 200 || x->status > 299) {
-        gw_log(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->status,
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->status,
                call->name, gw_conn_req(a->c)->request_id);
         xchg_end(x, reusable, NULL, GW_FAIL_BAD_STATUS);
         return;
@@ -1538,7 +1538,7 @@ xchg_finish(xchg_t *x, bool reusable)
         }
         size_t st, vl;
         if (!gw_json_valid(x->body ? x->body : "", x->blen, &st, &vl)) {
-            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s, request %s", call->backend->name, call->name,
+            gw_log_rl(GW_LOG_INFO, "backend %s: invalid JSON for call %s, request %s", call->backend->name, call->name,
                    gw_conn_req(a->c)->request_id);
             xchg_end(x, reusable, NULL, GW_FAIL_BAD_JSON);
             return;
@@ -1570,7 +1570,7 @@ xchg_finish(xchg_t *x, bool reusable)
         a->calls[x->call].held += m.used; /* given back with the answer (answers_free) */
         a->parsed += x->blen;
         if (v == NULL) {
-            gw_log(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
+            gw_log_rl(GW_LOG_INFO, "backend %s: invalid JSON for call %s: %s at byte %d, request %s",
                    call->backend->name, call->name, jerr.text, jerr.position, gw_conn_req(a->c)->request_id);
             xchg_end(x, reusable, NULL, GW_FAIL_BAD_JSON);
             return;
@@ -1587,7 +1587,7 @@ xchg_broke(xchg_t *x, gw_fail_t code, const char *doing, int err)
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
     if (x->u && x->u->reused && !x->retried && !x->got_bytes && gw_http_idempotent(call->method)) {
-        gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
+        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                call->backend->name, err ? strerror(err) : "EOF");
         x->retried = true;
         gw_upstream_release(x->u, false);
@@ -1598,7 +1598,7 @@ xchg_broke(xchg_t *x, gw_fail_t code, const char *doing, int err)
         xchg_end(x, false, NULL, rc);
         return;
     }
-    gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s", call->backend->name,
+    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s", call->backend->name,
            call->backend->host_header, gw_fail_name(code), err ? ": " : "", err ? strerror(err) : "", doing, call->name,
            gw_conn_peer_ip(a->c), gw_conn_req(a->c)->request_id);
     if (x->u)
@@ -1631,20 +1631,20 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
                 xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
             } else if (x->rd.error == GW_RESP_TOO_LARGE && x->status > 299) {
                 /* the body of an error is never used: its status is the answer */
-                gw_log(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
+                gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
                        "request %s", call_of(a, x->call)->backend->name, x->status, call_of(a, x->call)->name,
                        gw_conn_req(c)->request_id);
                 x->u->broken = true;
                 xchg_end(x, false, NULL, GW_FAIL_BAD_STATUS);
             } else if (x->rd.error == GW_RESP_TOO_LARGE) {
                 x->too_large = true;
-                gw_log(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
+                gw_log_rl(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
                        call_of(a, x->call)->backend->name, x->limit, call_of(a, x->call)->name,
                        gw_conn_req(c)->request_id);
                 x->u->broken = true;
                 xchg_end(x, false, NULL, GW_FAIL_TOO_LARGE);
             } else {
-                gw_log(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
+                gw_log_rl(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
                        call_of(a, x->call)->name, x->rd.why);
                 x->status = 0; /* an invalid answer has no status worth reporting */
                 x->u->broken = true;
@@ -1679,7 +1679,7 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
         xchg_broke(x, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
-        gw_log(GW_LOG_ERR, "backend %s: TLS handshake failed: %s", call_of(a, x->call)->backend->name,
+        gw_log_rl(GW_LOG_ERR, "backend %s: TLS handshake failed: %s", call_of(a, x->call)->backend->name,
                gw_upstream_tls_error(u, why, sizeof(why)));
         xchg_broke(x, GW_FAIL_CONNECT_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
@@ -1705,7 +1705,7 @@ xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     const gw_call_t *call = call_of(a, x->call);
-    gw_log(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+    gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
            call->name, call->timeout_ms,
            x->job                  ? "parsing the response on the thread pool"
            : x->u == NULL          ? "waiting in the backend's queue for a connection"
@@ -1736,7 +1736,7 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     if (status == GW_OK) {
         code = xchg_send(x, false);
     } else {
-        gw_log(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
+        gw_log_rl(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
                call->backend->name, call->backend->queue_timeout_ms, call->name, gw_conn_req(c)->request_id);
         code = GW_FAIL_QUEUE_TIMEOUT;
     }
@@ -1872,7 +1872,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
         xchg_t *p = x->owner;
         if (code == GW_FAIL_NONE) {
             /* the hedge won: the owner's own try is closed, the answer is the hedge's */
-            gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
+            gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
                    call->name, gw_conn_req(a->c)->request_id);
             if (p->admitted) {
                 gw_breaker_abandon(call->backend); /* cancelled, not failed */
@@ -1888,7 +1888,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
             *xp = p;
             return false;
         }
-        gw_log(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
+        gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
                gw_fail_name(code), gw_conn_req(a->c)->request_id);
         bool owner_failed = p->waiting_twin;
         int status = x->status;
@@ -1903,7 +1903,7 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
         if (code == GW_FAIL_NONE || x->final) {
             xchg_free(x->twin, false); /* the hedge lost, or the call is over */
         } else {
-            gw_log(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
+            gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
                    call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
             if (x->u) {
                 gw_upstream_release(x->u, reusable);
@@ -1920,18 +1920,18 @@ retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
     int ms = gw_retry_backoff_ms(rc, x->attempt);
     uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->call_end_us || wake >= a->deadline_us) {
-        gw_log(GW_LOG_INFO,
+        gw_log_rl(GW_LOG_INFO,
                "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
                call->backend->name, call->name, gw_fail_name(code), ms,
                wake >= x->call_end_us ? "timeout_ms" : "route's deadline", gw_conn_req(a->c)->request_id);
         return false;
     }
     if (!gw_retry_acquire(rc)) {
-        gw_log(GW_LOG_INFO, "backend %s: call %s: %s; no retry: the retry budget is spent, request %s",
+        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s; no retry: the retry budget is spent, request %s",
                call->backend->name, call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
         return false;
     }
-    gw_log(GW_LOG_INFO, "backend %s: call %s: %s%s; retry %u of %u in %d ms, request %s", call->backend->name,
+    gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s%s; retry %u of %u in %d ms, request %s", call->backend->name,
            call->name, gw_fail_name(code), x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
            gw_conn_req(a->c)->request_id);
     x->slot = true;
@@ -1976,7 +1976,7 @@ retry_timer_cb(evutil_socket_t fd, short what, void *arg)
             retry_arm_try(x);
     } else {
         const gw_call_t *call = call_of(a, x->call);
-        gw_log(GW_LOG_INFO, "backend %s: call %s: try %u passed per_try_timeout_ms (%d) while %s, request %s",
+        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: try %u passed per_try_timeout_ms (%d) while %s, request %s",
                call->backend->name, call->name, x->attempt, call->backend->retry->per_try_timeout_ms,
                x->u == NULL             ? "waiting in the backend's queue for a connection"
                : !x->u->connected       ? "connecting to upstream"
@@ -2010,7 +2010,7 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
     if (!gw_retry_acquire(rc)) {
         if (call->backend->breaker)
             gw_breaker_abandon(call->backend);
-        gw_log(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
+        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
                call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
         return;
     }
@@ -2033,7 +2033,7 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     gw_m_add(&a->w->m->backends[call->backend->mid].hedges, 1);
-    gw_log(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
+    gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
            call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
     retry_arm_try(h);
 }

@@ -48,12 +48,14 @@ static tbuf_t *tbufs; /* under reg_mu */
 static pthread_mutex_t ctl_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t ctl_cond = PTHREAD_COND_INITIALIZER;
 static bool ctl_stop, ctl_kick, ctl_reopen;
+static pthread_cond_t synced_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t sync_asked, sync_done; /* gw_alog_sync(): flushes asked for, and done */
 static char *want_path[S_N]; /* NULL: stderr (error) / off or stderr (access, see want_access) */
 static bool want_access;     /* the access log is on */
 
 static pthread_t writer;
 static bool running;           /* main thread only */
-static int err_to_file;        /* atomic: error lines go to the writer */
+static int err_to_file;        /* atomic: error lines go to the writer (while it runs) */
 static int fds[S_N] = {-1, 2}; /* writer thread only once running */
 static char *cur_path[S_N];    /* writer only: what fds[] are open on; NULL: stderr or off */
 
@@ -444,11 +446,19 @@ writer_main(void *arg)
             pthread_cond_timedwait(&ctl_cond, &ctl_mu, &until);
         }
         bool stop = ctl_stop, reopen = ctl_reopen;
+        uint64_t asked = sync_asked; /* its lines were queued before it asked: this flush takes them */
         ctl_kick = ctl_reopen = false;
         pthread_mutex_unlock(&ctl_mu);
+        gw_log_rl_flush(stop); /* summaries of rate-limited lines whose second is over (all at the end) */
         writer_flush(spare); /* lines queued before a reopen go to the old file */
         if (reopen)
             writer_reopen();
+        if (asked != sync_done) {
+            pthread_mutex_lock(&ctl_mu);
+            sync_done = asked;
+            pthread_cond_broadcast(&synced_cond);
+            pthread_mutex_unlock(&ctl_mu);
+        }
         if (stop) {
             writer_flush(spare); /* the writer's own last lines */
             break;
@@ -505,7 +515,11 @@ gw_alog_start(const gw_config_t *cfg, char *err, size_t errlen)
         return GW_ERR;
     }
     running = true;
-    __atomic_store_n(&err_to_file, cfg->log.error_path != NULL, __ATOMIC_RELEASE);
+    /* Every error line goes through the writer from now on, also when the
+     * error log is stderr: a worker never blocks on a pipe or terminal that
+     * nobody reads (the writer does, alone; the workers' lines wait in their
+     * buffers and beyond them are dropped and counted). */
+    __atomic_store_n(&err_to_file, 1, __ATOMIC_RELEASE);
     return GW_OK;
 }
 
@@ -515,10 +529,29 @@ gw_alog_apply(const gw_config_t *cfg)
     if (!running)
         return;
     set_wanted(cfg);
-    /* From now on error lines are queued even if the writer still has
-     * stderr open: they come out there, in order, until it moves. */
-    __atomic_store_n(&err_to_file, 1, __ATOMIC_RELEASE);
     gw_alog_reopen();
+}
+
+void
+gw_alog_sync(int timeout_ms)
+{
+    if (!running)
+        return;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&ctl_mu);
+    uint64_t mine = ++sync_asked;
+    ctl_kick = true;
+    pthread_cond_signal(&ctl_cond);
+    while (sync_done < mine && pthread_cond_timedwait(&synced_cond, &ctl_mu, &until) == 0)
+        ;
+    pthread_mutex_unlock(&ctl_mu);
 }
 
 void

@@ -55,15 +55,19 @@ int gw_alog_start(const gw_config_t *cfg, char *err, size_t errlen);
 /* After a reload: the writer moves to cfg's files (opened by the writer;
  * a failure is logged and the previous file kept). */
 void gw_alog_apply(const gw_config_t *cfg);
+/* Main thread: waits until the writer has written every line queued
+ * before the call (start-up lines before the daemon says it is ready), at
+ * most timeout_ms (the writer may be stuck on a pipe nobody reads). */
+void gw_alog_sync(int timeout_ms);
 /* SIGUSR1: the writer reopens both files at their paths. */
 void gw_alog_reopen(void);
 /* Flushes everything, stops the writer and closes the files; the error log
  * goes back to stderr. After the workers stopped. */
 void gw_alog_stop(void);
 
-/* For gw_log: queues an error line (n bytes, newline included) when the
- * error log is a file handled by the writer; false when the caller must
- * write it to stderr itself. */
+/* For gw_log: queues an error line (n bytes, newline included) while the
+ * writer runs (whether the error log is a file or stderr); false before it
+ * started and after it stopped, when the caller writes it to stderr itself. */
 bool gw_alog_error_line(const char *line, size_t n);
 
 #endif

@@ -5,7 +5,7 @@
  * for a handful of instructions. A closed breaker is checked without it
  * (an atomic load of the state): the common path of admit() costs no lock.
  * done() takes it to count the outcome. Log lines about state changes are
- * formatted after the lock is released (gw_log writes to a file).
+ * formatted after the lock is released (gw_log formats and copies a line).
  *
  * The sliding window is a ring of WINDOW_BUCKETS buckets of window_ms /
  * WINDOW_BUCKETS each; a bucket carries the number of its time slice, so a
@@ -55,7 +55,7 @@ static void
 note_flush(const gw_breaker_t *br, const note_t *n)
 {
     if (n->level)
-        gw_log((gw_log_level_t)n->level, "backend %s: circuit breaker %s", br->name, n->msg);
+        gw_log_rl((gw_log_level_t)n->level, "backend %s: circuit breaker %s", br->name, n->msg);
 }
 
 gw_breaker_t *
@@ -205,7 +205,8 @@ gw_breaker_admit(const gw_backend_t *b, int *retry_after_ms)
     note_t n = {0, ""};
     pthread_mutex_lock(&br->mu);
     if (br->state == GW_BREAKER_OPEN && now >= br->open_until_ms) {
-        br->state = GW_BREAKER_HALF_OPEN;
+        /* every store of state is atomic: other workers load it without mu */
+        __atomic_store_n(&br->state, GW_BREAKER_HALF_OPEN, __ATOMIC_RELEASE);
         br->probes_taken = br->probes_out = br->probes_ok = 0;
         n.level = GW_LOG_INFO;
         snprintf(n.msg, sizeof(n.msg), "half-open: letting %u probe%s through", br->conf.probe_requests,

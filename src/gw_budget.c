@@ -34,7 +34,7 @@ gw_budget_give(gw_budget_t *b, size_t n)
     if (before < n) {
         /* a give without its take: a bug; never wrap the counter around */
         __atomic_store_n(&b->used, 0, __ATOMIC_RELAXED);
-        gw_log(GW_LOG_ERR, "memory budget: %zu bytes given back but only %zu held", n, before);
+        gw_log_rl(GW_LOG_ERR, "memory budget: %zu bytes given back but only %zu held", n, before);
     }
 }
 

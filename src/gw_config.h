@@ -60,7 +60,7 @@ typedef struct gw_ratelimit_s gw_ratelimit_t;
 
 /* The "resolver" section: how host names in backend URLs are resolved
  * (per worker, with evdns; see gw_dns.h). */
-typedef struct {
+typedef struct gw_resolver_conf_s {
     gw_listen_t *nameservers;      /* none: the system's /etc/resolv.conf */
     size_t nnameservers;
     int timeout_ms;                /* per attempt */

@@ -518,7 +518,7 @@ reject(gw_conn_t *c, int status, const char *reason)
     for (size_t i = 0; i < GW_NELEM(codes); i++)
         if (codes[i].status == status)
             code = codes[i].code;
-    gw_log(status == 408 ? GW_LOG_INFO : GW_LOG_NOTICE, "client %s: %d %s while reading request%s%s", c->peer,
+    gw_log_rl(status == 408 ? GW_LOG_INFO : GW_LOG_NOTICE, "client %s: %d %s while reading request%s%s", c->peer,
            status, reason, c->req.request_id[0] ? ", request " : "", c->req.request_id);
     c->close_after = true;
     c->req.keep_alive = false;
@@ -667,7 +667,7 @@ body_failed(gw_conn_t *c, int status, const char *reason)
     c->body_stream = false;
     timer_set(c, GW_T_NONE);
     if (c->resp_started) {
-        gw_log(GW_LOG_INFO, "client %s: %d %s while streaming the request body, request %s; closing", c->peer,
+        gw_log_rl(GW_LOG_INFO, "client %s: %d %s while streaming the request body, request %s; closing", c->peer,
                status, reason, c->req.request_id);
         gw_conn_close(c);
         return;
@@ -803,7 +803,7 @@ conn_flush(gw_conn_t *c)
             return GW_AGAIN;
         }
         if (err != ECONNRESET && err != EPIPE)
-            gw_log(GW_LOG_INFO, "client %s: %s while sending response", c->peer, strerror(err));
+            gw_log_rl(GW_LOG_INFO, "client %s: %s while sending response", c->peer, strerror(err));
         gw_conn_close(c);
         return GW_ERR;
     }
@@ -863,7 +863,7 @@ static void
 peer_eof_in_flight(gw_conn_t *c)
 {
     if (c->body_stream && !c->body_paused && evbuffer_get_length(c->in) == 0) {
-        gw_log(GW_LOG_INFO, "client %s: closed the connection before the end of the body of request %s", c->peer,
+        gw_log_rl(GW_LOG_INFO, "client %s: closed the connection before the end of the body of request %s", c->peer,
                c->req.request_id);
         const gw_conn_async_t *ops = c->async;
         c->async = NULL;
@@ -958,7 +958,7 @@ conn_read_cb(evutil_socket_t fd, short what, void *arg)
         if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
             return;
         if (err != ECONNRESET)
-            gw_log(GW_LOG_INFO, "client %s: %s while reading request", c->peer, strerror(err));
+            gw_log_rl(GW_LOG_INFO, "client %s: %s while reading request", c->peer, strerror(err));
         gw_conn_close(c);
         gw_conn_release(c);
         return;
@@ -974,7 +974,7 @@ conn_write_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_t *c = arg;
     GW_UNUSED(fd);
     if (what & EV_TIMEOUT) {
-        gw_log(GW_LOG_INFO, "client %s: timed out after %d ms while sending response", c->peer,
+        gw_log_rl(GW_LOG_INFO, "client %s: timed out after %d ms while sending response", c->peer,
                c->cfg->http.send_timeout_ms);
         gw_conn_close(c);
     } else {
@@ -1009,7 +1009,7 @@ conn_timer_cb(evutil_socket_t fd, short what, void *arg)
             break;
         } else if (peer_reset(c)) {
             /* The client is gone: cancel its calls (nginx: 499). */
-            gw_log(GW_LOG_INFO, "client %s: closed the connection while request %s was in flight", c->peer,
+            gw_log_rl(GW_LOG_INFO, "client %s: closed the connection while request %s was in flight", c->peer,
                    c->req.request_id);
             gw_conn_close(c);
         } else {
@@ -1065,7 +1065,7 @@ gw_conn_accept(gw_worker_t *w, evutil_socket_t fd, const struct sockaddr *sa, in
     c->in = evbuffer_new();
     c->out = evbuffer_new();
     if (c->rev == NULL || c->wev == NULL || c->timer == NULL || c->in == NULL || c->out == NULL) {
-        gw_log(GW_LOG_ERR, "client %s: out of memory while accepting", c->peer);
+        gw_log_rl(GW_LOG_ERR, "client %s: out of memory while accepting", c->peer);
         abort(); /* our allocation policy: out of memory is fatal */
     }
     gw_parser_init(&c->parser, &c->req, &c->cfg->http);

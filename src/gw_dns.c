@@ -5,8 +5,16 @@
  * Why evdns_base_resolve_ipv4/ipv6 and not evdns_getaddrinfo: only the
  * former report the answer's TTL, which decides when to ask again. They do
  * not read the hosts file (evdns_getaddrinfo does, but gives no TTL), so
- * gatherd reads it itself, once per worker at start-up, and answers names
- * found there ("localhost") without DNS, valid for max_ttl_ms.
+ * gatherd reads it itself and answers names found there ("localhost")
+ * without DNS, valid for max_ttl_ms.
+ *
+ * Why gatherd parses resolv.conf itself instead of evdns_base_resolv_conf_parse():
+ * that reads the file on the thread that sets up the resolver, once per
+ * worker. gw_dns_sys_load reads both files once, on the main thread, and
+ * every worker's resolver is set up from the parsed result: nothing on a
+ * worker's loop touches the file system, and all workers see the same
+ * files. The parser follows evdns's (and the C library's) reading of the
+ * file: "nameserver", "domain", "search", "options".
  *
  * evdns calls every callback later, from the loop, even for a cancelled
  * request (with DNS_ERR_CANCEL). So the callback argument is a query object
@@ -30,24 +38,20 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 /* The hosts file is read up to this many entries; a larger one is cut with
  * a warning (a hosts file that size is a mistake, not a configuration). */
 #define HOSTS_MAX_ENTRIES 100000
 
-typedef struct {
-    char *name;
-    struct sockaddr_storage sa;    /* port 0 */
-    socklen_t len;
-} hosts_entry_t;
+#define RESOLV_CONF "/etc/resolv.conf"
 
 struct gw_dns_s {
     struct event_base *base;
     struct evdns_base *evdns;
     gw_resolver_conf_t conf;       /* a copy without the pointers: it outlives a reloaded configuration */
     int worker_id;
-    hosts_entry_t *hosts;
-    size_t nhosts;
+    gw_dns_sys_t *sys;             /* one reference: the hosts entries */
     gw_dns_query_t *queries;       /* every query not yet reaped, doubly linked */
 };
 
@@ -100,17 +104,42 @@ next_word(char **p)
     return s;
 }
 
-/* Reads path ("ADDRESS NAME [ALIAS...]" lines, '#' comments) into dns.
- * A missing file is not an error: there are simply no entries. */
-static void
-hosts_load(gw_dns_t *dns, const char *path)
+/* An IPv4 or IPv6 address (no scope, no port) with port; false when text is none. */
+static bool
+parse_ip(const char *text, uint16_t port, struct sockaddr_storage *sa, socklen_t *len)
+{
+    memset(sa, 0, sizeof(*sa));
+    struct sockaddr_in *in4 = (struct sockaddr_in *)sa;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)sa;
+    if (inet_pton(AF_INET, text, &in4->sin_addr) == 1) {
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons(port);
+        *len = sizeof(*in4);
+        return true;
+    }
+    if (inet_pton(AF_INET6, text, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons(port);
+        *len = sizeof(*in6);
+        return true;
+    }
+    return false;
+}
+
+/* Reads path ("ADDRESS NAME [ALIAS...]" lines, '#' comments) into sys.
+ * A missing file is not an error (a warning: there are simply no
+ * entries); any other failure to read it is: GW_ERR with the reason. */
+static int
+hosts_load(gw_dns_sys_t *sys, const char *path, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
+    if (f == NULL && errno == ENOENT) {
+        gw_log(GW_LOG_WARN, "resolver: no hosts file %s; names are resolved by DNS only", path);
+        return GW_OK;
+    }
     if (f == NULL) {
-        if (dns->worker_id == 0) /* once, not once per worker */
-            gw_log(GW_LOG_WARN, "resolver: cannot read the hosts file %s: %s; names are resolved by DNS only", path,
-                   strerror(errno));
-        return;
+        snprintf(err, errlen, "resolver: cannot read the hosts file %s: %s", path, strerror(errno));
+        return GW_ERR;
     }
     size_t cap = 0;
     char line[1024];
@@ -124,34 +153,148 @@ hosts_load(gw_dns_t *dns, const char *path)
             continue;
         struct sockaddr_storage sa;
         socklen_t len;
-        memset(&sa, 0, sizeof(sa));
-        struct sockaddr_in *in4 = (struct sockaddr_in *)&sa;
-        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&sa;
-        if (inet_pton(AF_INET, addr, &in4->sin_addr) == 1) {
-            in4->sin_family = AF_INET;
-            len = sizeof(*in4);
-        } else if (inet_pton(AF_INET6, addr, &in6->sin6_addr) == 1) {
-            in6->sin6_family = AF_INET6;
-            len = sizeof(*in6);
-        } else {
+        if (!parse_ip(addr, 0, &sa, &len))
             continue; /* a scoped address ("fe80::1%eth0") or garbage: not usable */
-        }
         for (char *name = next_word(&cur); name; name = next_word(&cur)) {
-            if (dns->nhosts >= HOSTS_MAX_ENTRIES) {
-                if (dns->worker_id == 0)
-                    gw_log(GW_LOG_WARN, "resolver: hosts file %s has more than %d entries; the rest is ignored",
-                           path, HOSTS_MAX_ENTRIES);
+            if (sys->nhosts >= HOSTS_MAX_ENTRIES) {
+                gw_log(GW_LOG_WARN, "resolver: hosts file %s has more than %d entries; the rest is ignored", path,
+                       HOSTS_MAX_ENTRIES);
                 fclose(f);
-                return;
+                return GW_OK;
             }
-            gw_grow((void **)&dns->hosts, &cap, dns->nhosts + 1, sizeof(hosts_entry_t));
-            hosts_entry_t *e = &dns->hosts[dns->nhosts++];
+            gw_grow((void **)&sys->hosts, &cap, sys->nhosts + 1, sizeof(gw_dns_host_t));
+            gw_dns_host_t *e = &sys->hosts[sys->nhosts++];
             e->name = gw_strdup(name);
             e->sa = sa;
             e->len = len;
         }
     }
+    /* fgets() ends on a read error as on the end of the file ("Is a directory") */
+    int rc = GW_OK;
+    if (ferror(f)) {
+        snprintf(err, errlen, "resolver: cannot read the hosts file %s: %s", path, strerror(errno));
+        rc = GW_ERR;
+    }
     fclose(f);
+    return rc;
+}
+
+/* --- resolv.conf -------------------------------------------------------- */
+
+static void
+add_word(char **list, size_t *n, size_t cap, const char *w)
+{
+    if (*n < cap)
+        list[(*n)++] = gw_strdup(w);
+}
+
+/* The nameservers, search list and options of path into sys, as evdns
+ * would read them; a file that cannot be read, or names no nameserver,
+ * means 127.0.0.1 (with a warning). Without "search"/"domain", the domain
+ * of the host name is the search list. */
+static void
+resolv_load(gw_dns_sys_t *sys, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        gw_log(GW_LOG_WARN, "resolver: cannot read %s: %s; asking 127.0.0.1", path, strerror(errno));
+    } else {
+        char line[1024];
+        while (fgets(line, sizeof(line), f) != NULL) {
+            line[strcspn(line, "#;")] = '\0';
+            char *cur = line;
+            char *key = next_word(&cur);
+            if (key == NULL)
+                continue;
+            if (strcmp(key, "nameserver") == 0) {
+                char *addr = next_word(&cur);
+                if (addr == NULL || sys->nns == GW_NELEM(sys->ns))
+                    continue;
+                if (parse_ip(addr, 53, &sys->ns[sys->nns], &sys->nslen[sys->nns]))
+                    sys->nns++;
+                else
+                    gw_log(GW_LOG_WARN, "resolver: %s: nameserver \"%s\" is not an IP address; ignored", path, addr);
+            } else if (strcmp(key, "domain") == 0 || strcmp(key, "search") == 0) {
+                for (size_t i = 0; i < sys->nsearch; i++) /* the last such line wins */
+                    free(sys->search[i]);
+                sys->nsearch = 0;
+                for (char *w = next_word(&cur); w; w = next_word(&cur)) {
+                    add_word(sys->search, &sys->nsearch, GW_NELEM(sys->search), w);
+                    if (key[0] == 'd')
+                        break; /* "domain" has one */
+                }
+            } else if (strcmp(key, "options") == 0) {
+                for (char *w = next_word(&cur); w; w = next_word(&cur))
+                    if (strchr(w, ':') != NULL) /* "ndots:2"; words without a value mean nothing to evdns */
+                        add_word(sys->options, &sys->noptions, GW_NELEM(sys->options), w);
+            }
+        }
+        if (ferror(f))
+            gw_log(GW_LOG_WARN, "resolver: error reading %s: %s; using what was read", path, strerror(errno));
+        fclose(f);
+        if (sys->nns == 0)
+            gw_log(GW_LOG_WARN, "resolver: %s names no nameserver; asking 127.0.0.1", path);
+    }
+    if (sys->nns == 0) {
+        parse_ip("127.0.0.1", 53, &sys->ns[0], &sys->nslen[0]);
+        sys->nns = 1;
+    }
+    char host[256];
+    const char *dot;
+    if (sys->nsearch == 0 && gethostname(host, sizeof(host)) == 0 && (host[sizeof(host) - 1] = '\0', 1) &&
+        (dot = strchr(host, '.')) != NULL && dot[1] != '\0')
+        add_word(sys->search, &sys->nsearch, GW_NELEM(sys->search), dot + 1);
+}
+
+bool
+gw_dns_conf_same(const gw_resolver_conf_t *a, const gw_resolver_conf_t *b)
+{
+    if (a->nnameservers != b->nnameservers || a->timeout_ms != b->timeout_ms || a->attempts != b->attempts ||
+        a->min_ttl_ms != b->min_ttl_ms || a->max_ttl_ms != b->max_ttl_ms ||
+        (a->hosts_file == NULL) != (b->hosts_file == NULL) ||
+        (a->hosts_file && strcmp(a->hosts_file, b->hosts_file) != 0))
+        return false;
+    for (size_t i = 0; i < a->nnameservers; i++)
+        if (a->nameservers[i].addrlen != b->nameservers[i].addrlen ||
+            memcmp(&a->nameservers[i].addr, &b->nameservers[i].addr, a->nameservers[i].addrlen) != 0)
+            return false;
+    return true;
+}
+
+gw_dns_sys_t *
+gw_dns_sys_load(const gw_config_t *cfg, const char *resolv_conf, char *err, size_t errlen)
+{
+    gw_dns_sys_t *sys = gw_calloc(1, sizeof(gw_dns_sys_t));
+    sys->refs = 1;
+    if (cfg->resolver.nnameservers == 0)
+        resolv_load(sys, resolv_conf ? resolv_conf : RESOLV_CONF);
+    if (cfg->resolver.hosts_file != NULL && hosts_load(sys, cfg->resolver.hosts_file, err, errlen) != GW_OK) {
+        gw_dns_sys_unref(sys);
+        return NULL;
+    }
+    return sys;
+}
+
+gw_dns_sys_t *
+gw_dns_sys_ref(gw_dns_sys_t *sys)
+{
+    __atomic_add_fetch(&sys->refs, 1, __ATOMIC_RELAXED);
+    return sys;
+}
+
+void
+gw_dns_sys_unref(gw_dns_sys_t *sys)
+{
+    if (sys == NULL || __atomic_sub_fetch(&sys->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    for (size_t i = 0; i < sys->nsearch; i++)
+        free(sys->search[i]);
+    for (size_t i = 0; i < sys->noptions; i++)
+        free(sys->options[i]);
+    for (size_t i = 0; i < sys->nhosts; i++)
+        free(sys->hosts[i].name);
+    free(sys->hosts);
+    free(sys);
 }
 
 /* Sets the port of an IPv4 or IPv6 address. */
@@ -201,13 +344,13 @@ set_addrs(gw_dns_name_t *n, gw_dns_addr_t *addrs, size_t count)
 static bool
 from_hosts(gw_dns_name_t *n, uint64_t now)
 {
-    gw_dns_t *dns = n->dns;
+    const gw_dns_sys_t *sys = n->dns->sys;
     size_t count = 0;
     gw_dns_addr_t *addrs = NULL;
     /* IPv4 entries first, as with DNS answers */
     for (int pass = 0; pass < 2; pass++)
-        for (size_t i = 0; i < dns->nhosts; i++) {
-            hosts_entry_t *e = &dns->hosts[i];
+        for (size_t i = 0; i < sys->nhosts; i++) {
+            const gw_dns_host_t *e = &sys->hosts[i];
             if ((e->sa.ss_family == AF_INET) != (pass == 0) || !name_eq(e->name, n->host))
                 continue;
             bool dup = false;
@@ -385,7 +528,7 @@ resolve(gw_dns_name_t *n, uint64_t now)
         n->err = DNS_ERR_UNKNOWN;
         snprintf(n->errtext, sizeof(n->errtext), "cannot start a DNS query");
     }
-    gw_log(GW_LOG_ERR, "resolver: cannot start a DNS query for %s", n->host);
+    gw_log_rl(GW_LOG_ERR, "resolver: cannot start a DNS query for %s", n->host);
     n->expires = now + (uint64_t)dns->conf.min_ttl_ms;
 }
 
@@ -401,7 +544,7 @@ libevent_log_cb(int severity, const char *msg)
                            : severity == EVENT_LOG_MSG ? GW_LOG_INFO
                            : severity == EVENT_LOG_WARN ? GW_LOG_WARN : GW_LOG_ERR;
     if (level >= gw_log_get_level())
-        gw_log(level, "libevent: %s", msg);
+        gw_log_rl(level, "libevent: %s", msg);
 }
 
 static void
@@ -411,7 +554,8 @@ libevent_log_init(void)
 }
 
 gw_dns_t *
-gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char *err, size_t errlen)
+gw_dns_new(struct event_base *base, const gw_config_t *cfg, gw_dns_sys_t *sys, int worker_id, char *err,
+           size_t errlen)
 {
     static pthread_once_t log_once = PTHREAD_ONCE_INIT;
     pthread_once(&log_once, libevent_log_init);
@@ -426,23 +570,43 @@ gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char 
         free(dns);
         return NULL;
     }
-    if (conf->nnameservers > 0) {
-        for (size_t i = 0; i < conf->nnameservers; i++)
-            if (evdns_base_nameserver_sockaddr_add(dns->evdns, (const struct sockaddr *)&conf->nameservers[i].addr,
-                                                   conf->nameservers[i].addrlen, 0) != 0) {
-                snprintf(err, errlen, "resolver: cannot use nameserver %s", conf->nameservers[i].text);
-                evdns_base_free(dns->evdns, 0);
-                free(dns);
-                return NULL;
-            }
-    } else {
-        /* The system's nameservers, search list and options, as getaddrinfo
-         * would use them. Without a usable file evdns falls back to
-         * 127.0.0.1, as the C library does. */
-        int rc = evdns_base_resolv_conf_parse(dns->evdns, DNS_OPTION_NAMESERVERS | DNS_OPTION_SEARCH | DNS_OPTION_MISC,
-                                              "/etc/resolv.conf");
-        if (rc != 0 && worker_id == 0)
-            gw_log(GW_LOG_WARN, "resolver: /etc/resolv.conf unusable (evdns error %d); asking 127.0.0.1", rc);
+    /* The configured nameservers, else the system's with its search list
+     * and options, as getaddrinfo would use them (parsed by gw_dns_sys_load). */
+    size_t nns = conf->nnameservers > 0 ? conf->nnameservers : sys->nns;
+    for (size_t i = 0; i < nns; i++) {
+        const struct sockaddr *sa = conf->nnameservers > 0 ? (const struct sockaddr *)&conf->nameservers[i].addr
+                                                           : (const struct sockaddr *)&sys->ns[i];
+        socklen_t salen = conf->nnameservers > 0 ? conf->nameservers[i].addrlen : sys->nslen[i];
+        errno = 0;
+        int rc = evdns_base_nameserver_sockaddr_add(dns->evdns, sa, salen, 0);
+        if (rc != 0 && rc != 3) { /* 3: listed twice, which evdns refuses and the C library accepts */
+            /* evdns opens the nameserver's socket here: EMFILE, or a family the host lacks */
+            int e = errno;
+            char ip[INET6_ADDRSTRLEN] = "?";
+            inet_ntop(sa->sa_family,
+                      sa->sa_family == AF_INET ? (const void *)&((const struct sockaddr_in *)sa)->sin_addr
+                                               : (const void *)&((const struct sockaddr_in6 *)sa)->sin6_addr,
+                      ip, sizeof(ip));
+            snprintf(err, errlen, "resolver: cannot use nameserver %s: %s", ip,
+                     e ? strerror(e) : "evdns cannot set it up");
+            evdns_base_free(dns->evdns, 0);
+            free(dns);
+            return NULL;
+        }
+    }
+    if (conf->nnameservers == 0) {
+        for (size_t i = 0; i < sys->nsearch; i++)
+            evdns_base_search_add(dns->evdns, sys->search[i]);
+        for (size_t i = 0; i < sys->noptions; i++) {
+            char opt[64];
+            const char *colon = strchr(sys->options[i], ':');
+            size_t klen = (size_t)(colon - sys->options[i]) + 1;
+            if (klen >= sizeof(opt))
+                continue;
+            memcpy(opt, sys->options[i], klen);
+            opt[klen] = '\0';
+            evdns_base_set_option(dns->evdns, opt, colon + 1); /* unknown ones are ignored, as evdns does */
+        }
     }
     /* The configuration's timeout and attempts win over resolv.conf's. */
     char val[32];
@@ -450,8 +614,7 @@ gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char 
     evdns_base_set_option(dns->evdns, "timeout:", val);
     snprintf(val, sizeof(val), "%d", conf->attempts);
     evdns_base_set_option(dns->evdns, "attempts:", val);
-    if (conf->hosts_file != NULL)
-        hosts_load(dns, conf->hosts_file);
+    dns->sys = gw_dns_sys_ref(sys);
     dns->conf = *conf;
     dns->conf.nameservers = NULL;
     dns->conf.nnameservers = 0;
@@ -475,9 +638,7 @@ gw_dns_free(gw_dns_t *dns)
         query_unlink(q);
         free(q);
     }
-    for (size_t i = 0; i < dns->nhosts; i++)
-        free(dns->hosts[i].name);
-    free(dns->hosts);
+    gw_dns_sys_unref(dns->sys);
     free(dns);
 }
 

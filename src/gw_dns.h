@@ -2,10 +2,15 @@
  * gw_dns.h - host names in backend URLs, resolved by each worker with
  * libevent's evdns (never getaddrinfo(), which would block the worker).
  *
+ * gw_dns_sys_t is what the files say: /etc/resolv.conf (when the
+ * configuration names no nameservers) and the hosts file, read and parsed
+ * once, on the main thread (at start-up, or by the reload that sets up the
+ * first resolvers), and shared read-only by every worker's resolver.
+ *
  * gw_dns_t is a worker's resolver: an evdns_base on the worker's event_base
- * with the configured nameservers (or those of /etc/resolv.conf) and the
- * hosts file, read once when the worker is set up. It exists only when some
- * backend URL has a host name.
+ * with the configured nameservers (or those of resolv.conf) and the hosts
+ * file's entries. It exists only when some backend URL has a host name.
+ * Setting it up reads no file: it only opens the nameservers' sockets.
  *
  * gw_dns_name_t is what one worker knows about one name (one per
  * connection pool): every A and AAAA answer, used in turn, kept for the
@@ -15,7 +20,8 @@
  * for min_ttl_ms, so a dead name costs one query per worker per min_ttl_ms,
  * not one per request. A name found in the hosts file never reaches DNS.
  *
- * Everything here runs on the worker's thread; nothing is shared.
+ * Everything here but gw_dns_sys_load runs on the worker's thread; the
+ * only thing shared is the immutable gw_dns_sys_t.
  */
 #ifndef GW_DNS_H
 #define GW_DNS_H
@@ -60,17 +66,59 @@ struct gw_dns_name_s {
     void *arg;
 };
 
+/* Whether two "resolver" sections say the same (a, b borrowed). */
+struct gw_resolver_conf_s;
+bool gw_dns_conf_same(const struct gw_resolver_conf_s *a, const struct gw_resolver_conf_s *b);
+
 /* Monotonic milliseconds (coarse clock: cheap enough for every request). */
 uint64_t gw_dns_now_ms(void);
 
+/* One line of a hosts file: a name and one of its addresses (port 0). */
+typedef struct {
+    char *name;
+    struct sockaddr_storage sa;
+    socklen_t len;
+} gw_dns_host_t;
+
+/* The parsed files (immutable once loaded; reference counted). */
+typedef struct gw_dns_sys_s {
+    int refs;                      /* atomic */
+    /* resolv.conf, read only when the configuration names no nameservers
+     * (then nns >= 1: 127.0.0.1 when the file names none, as the C library does) */
+    struct sockaddr_storage ns[16]; /* port 53 unless given */
+    socklen_t nslen[16];
+    size_t nns;
+    char *search[16];              /* "search" / "domain"; else the host name's domain */
+    size_t nsearch;
+    char *options[16];             /* "options" words with a value ("ndots:2"), for evdns */
+    size_t noptions;
+    /* the hosts file ("hosts_file"), when one is used */
+    gw_dns_host_t *hosts;
+    size_t nhosts;
+} gw_dns_sys_t;
+
 /*
- * The resolver of one worker, on base (main thread, before the worker
- * runs; reads /etc/resolv.conf unless cfg names nameservers, and the hosts
- * file). cfg is borrowed and must outlive it. Returns NULL with a message
- * in err when evdns cannot be set up. worker_id spreads the workers'
- * round-robin starting points.
+ * Reads what cfg's "resolver" asks for: resolv_conf (NULL: /etc/resolv.conf)
+ * unless it names nameservers, and its hosts_file. Main thread. A missing
+ * file is logged and used as empty (resolv.conf: 127.0.0.1 then); a hosts
+ * file that exists but cannot be read (a directory, no permission, an I/O
+ * error) is an error: NULL with the reason in err. One reference.
  */
-gw_dns_t *gw_dns_new(struct event_base *base, const gw_config_t *cfg, int worker_id, char *err, size_t errlen);
+gw_dns_sys_t *gw_dns_sys_load(const gw_config_t *cfg, const char *resolv_conf, char *err, size_t errlen);
+gw_dns_sys_t *gw_dns_sys_ref(gw_dns_sys_t *sys);
+/* Drops a reference; NULL is ignored. */
+void gw_dns_sys_unref(gw_dns_sys_t *sys);
+
+/*
+ * The resolver of one worker, on base: the nameservers of cfg, else those
+ * of sys, and sys's hosts entries (sys: a reference is taken). Reads no
+ * file. Runs on the thread that owns base (or before that thread runs).
+ * cfg is borrowed and must outlive it. Returns NULL with a message in err
+ * when evdns cannot be set up (no memory, no socket for a nameserver).
+ * worker_id spreads the workers' round-robin starting points.
+ */
+gw_dns_t *gw_dns_new(struct event_base *base, const gw_config_t *cfg, gw_dns_sys_t *sys, int worker_id, char *err,
+                     size_t errlen);
 
 /* Frees the resolver after every name was freed: cancelled queries are
  * reaped (evdns calls them back even when cancelled), then evdns goes. */

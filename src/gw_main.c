@@ -209,6 +209,9 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     if (!workers_fixed && next->workers_conf != srv->nworkers)
         gw_log(GW_LOG_WARN, "reload: \"workers\" asks for %d threads; %d keep running until a restart",
                next->workers_conf, srv->nworkers);
+    if (gw_server_resolver_differs(srv, next))
+        gw_log(GW_LOG_WARN, "reload: \"resolver\" changed; the running resolvers keep their settings until a "
+                            "restart");
     if (!same_listen(next->admin_listen, next->nadmin, (*cfg)->admin_listen, (*cfg)->nadmin))
         gw_log(GW_LOG_WARN, "reload: \"admin\" \"listen\" changed; the admin listener keeps its addresses until a "
                             "restart");
@@ -392,6 +395,7 @@ main(int argc, char **argv)
                                 "anyone on the path can impersonate it", cfg->backends[i]->name);
     gw_log(GW_LOG_NOTICE, "gatherd %s started: %d workers, %zu routes, configuration %s", PACKAGE_VERSION,
            cfg->workers, cfg->nroutes, file);
+    gw_alog_sync(1000); /* the start-up lines are out when the daemon says it is ready */
     if (gw_notify_init() == GW_OK)
         gw_notify_ready(); /* listeners bound, workers running */
     gw_daemon_ready(cfg->log.error_path == NULL); /* -d: the parent exits 0 */

@@ -524,7 +524,7 @@ proxy_fail(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
     gw_conn_t *c = p->c;
     proxy_ended(p, code);
     gw_req_t *r = gw_conn_req(c);
-    gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
+    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
            gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
            r->request_id);
     if (p->u) {
@@ -573,7 +573,7 @@ upstream_broke(gw_proxy_t *p, int err)
     gw_conn_t *c = p->c;
     bool replayable = !p->has_body || p->replay != NULL;
     if (p->u->reused && !p->retried && !p->got_bytes && replayable && gw_http_idempotent(gw_conn_req(c)->method)) {
-        gw_log(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
+        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
                p->b->name, err ? strerror(err) : "EOF");
         p->retried = true;
         gw_upstream_release(p->u, false);
@@ -757,7 +757,7 @@ proxy_read_cb(gw_upstream_t *u, void *arg)
             gw_conn_release(c);
             return;
         } else {
-            gw_log(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, p->rd.why);
+            gw_log_rl(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, p->rd.why);
             proxy_fail(p, GW_FAIL_BAD_RESPONSE,
                        p->head_sent ? "reading response body from upstream" : "reading response header from upstream",
                        0);
@@ -814,7 +814,7 @@ proxy_event_cb(gw_upstream_t *u, int what, void *arg)
             proxy_fail(p, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
-        gw_log(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
                gw_upstream_tls_error(u, why, sizeof(why)));
         proxy_fail(p, GW_FAIL_TLS_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
@@ -869,7 +869,7 @@ proxy_refuse(gw_proxy_t *p, gw_fail_t code, const char *why)
     if (retry_s < 0)
         retry_s = gw_breaker_retry_after_s(p->b);
     /* an open circuit was logged once when it opened */
-    gw_log(code == GW_FAIL_CIRCUIT_OPEN ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s",
+    gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s",
            p->b->name, p->b->host_header, gw_fail_proxy_name(code), why, gw_conn_peer_ip(c),
            gw_conn_req(c)->request_id);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
@@ -964,12 +964,12 @@ proxy_retry_decide(gw_proxy_t *p, const char *why)
         return false;
     int ms = gw_retry_backoff_ms(rc, p->attempt);
     if (gw_now_ms() + (uint64_t)ms >= p->end_ms) {
-        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
                p->b->name, why, ms, r->request_id);
         return false;
     }
     if (!gw_retry_acquire(rc)) {
-        gw_log(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
                r->request_id);
         return false;
     }
@@ -1039,11 +1039,11 @@ proxy_retry(gw_proxy_t *p, gw_fail_t code, int err)
 {
     if (code != GW_FAIL_NONE && !proxy_retry_decide(p, gw_fail_proxy_name(code)))
         return false;
-    gw_log(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
            code != GW_FAIL_NONE ? gw_fail_proxy_name(code) : "status", err ? ": " : "", err ? strerror(err) : "",
            p->attempt, p->b->retry->attempts - 1, p->retry_ms, gw_conn_req(p->c)->request_id);
     if (code == GW_FAIL_NONE && p->status)
-        gw_log(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
                gw_conn_req(p->c)->request_id);
     if (p->u) {
         p->u->broken = code != GW_FAIL_NONE;
@@ -1102,7 +1102,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         int err = errno;
         char extra[256];
         snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        gw_log(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
                rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
                rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
         gw_fail_t code = rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;

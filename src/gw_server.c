@@ -229,19 +229,22 @@ accept_error_cb(struct evconnlistener *lev, void *arg)
     gw_worker_t *w = arg;
     int err = EVUTIL_SOCKET_ERROR();
     GW_UNUSED(lev);
-    gw_log(GW_LOG_ERR, "accept() failed: %s; pausing accepts for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
+    gw_log_rl(GW_LOG_ERR, "accept() failed: %s; pausing accepts for %d ms", strerror(err), ACCEPT_BACKOFF_MS);
     for (size_t i = 0; i < w->nlisteners; i++)
         evconnlistener_disable(w->listeners[i].lev);
     struct timeval tv = { 0, ACCEPT_BACKOFF_MS * 1000 };
     evtimer_add(w->accept_timer, &tv);
 }
 
-/* Watches fd (a listening socket of l) in w; the listener owns fd from here on, also on failure. */
+/* Watches fd (a listening socket of l) in w (not yet when disabled); the
+ * listener owns fd from here on, also on failure. */
 static int
-listener_add(gw_worker_t *w, gw_listener_t *out, const gw_listen_t *l, evutil_socket_t fd)
+listener_add(gw_worker_t *w, gw_listener_t *out, const gw_listen_t *l, evutil_socket_t fd, bool disabled)
 {
     memset(out, 0, sizeof(*out));
-    out->lev = evconnlistener_new(w->base, accept_cb, w, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, -1, fd);
+    out->lev = evconnlistener_new(w->base, accept_cb, w,
+                                  LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC | (disabled ? LEV_OPT_DISABLED : 0), -1,
+                                  fd);
     if (out->lev == NULL) {
         close(fd);
         return GW_ERR;
@@ -360,46 +363,80 @@ fds_discard(const gw_config_t *cfg, evutil_socket_t *fds)
     free(fds);
 }
 
-/* Takes the configuration in w's mailbox, if any: new requests start on it,
- * listeners follow its addresses. */
+/* Drops what PREPARE made ready (ABORT, or the worker stops first). */
 static void
-take_mail(gw_worker_t *w)
+prep_drop(gw_worker_t *w)
 {
-    pthread_mutex_lock(&w->mail_mtx);
-    gw_config_t *cfg = w->mail_cfg;
-    evutil_socket_t *fds = w->mail_fds;
-    w->mail_cfg = NULL;
-    w->mail_fds = NULL;
-    pthread_mutex_unlock(&w->mail_mtx);
-    if (cfg == NULL)
+    if (w->prep_cfg == NULL)
         return;
+    for (size_t k = 0; k < w->prep_cfg->nlisten; k++)
+        if (w->prep_ls[k].lev)
+            evconnlistener_free(w->prep_ls[k].lev);
+    free(w->prep_ls);
+    w->prep_ls = NULL;
+    gw_dns_free(w->prep_dns);
+    w->prep_dns = NULL;
+    gw_config_unref(w->prep_cfg);
+    w->prep_cfg = NULL;
+}
+
+/* PREPARE: makes ready what can fail on this worker, using none of it yet:
+ * the resolver (when sys is given and w has none) and the listeners of the
+ * added sockets fds (taken over, with cfg's reference). GW_ERR with the
+ * reason in err: nothing kept. Reads no file (sys is parsed already). */
+static int
+prepare(gw_worker_t *w, gw_config_t *cfg, evutil_socket_t *fds, gw_dns_sys_t *sys, char *err, size_t errlen)
+{
+    prep_drop(w);
+    w->prep_cfg = cfg;
+    w->prep_ls = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
+    int rc = GW_OK;
     if (w->stopping) {
-        fds_discard(cfg, fds);
-        gw_config_unref(cfg);
-        return;
+        snprintf(err, errlen, "the worker is stopping");
+        rc = GW_ERR;
+    } else if (sys != NULL && w->dns == NULL && (w->prep_dns = gw_dns_new(w->base, cfg, sys, w->id, err, errlen)) == NULL) {
+        rc = GW_ERR;
     }
-    if (cfg->nnamed > 0 && w->dns == NULL) {
-        /* The first backend with a host name: the resolver is set up here,
-         * on the worker (it reads resolv.conf and the hosts file once). */
-        char err[256];
-        w->dns = gw_dns_new(w->base, cfg, w->id, err, sizeof(err));
-        if (w->dns == NULL) {
-            gw_log(GW_LOG_ERR, "reload: %s; this worker keeps the previous configuration", err);
-            fds_discard(cfg, fds);
-            gw_config_unref(cfg);
-            return;
+    for (size_t k = 0; k < cfg->nlisten; k++) {
+        if (fds[k] < 0)
+            continue;
+        if (rc != GW_OK)
+            close(fds[k]);
+        else if (listener_add(w, &w->prep_ls[k], &cfg->listen[k], fds[k], true) != GW_OK) {
+            snprintf(err, errlen, "cannot watch the socket of %s", cfg->listen[k].text);
+            rc = GW_ERR;
         }
     }
-    /* Listeners in the order of cfg: kept ones move, added ones are new. */
+    free(fds);
+    if (rc != GW_OK)
+        prep_drop(w);
+    return rc;
+}
+
+/* COMMIT: the prepared configuration becomes w's: new requests start on
+ * it, listeners follow its addresses. Cannot fail. */
+static void
+commit(gw_worker_t *w)
+{
+    gw_config_t *cfg = w->prep_cfg;
+    if (cfg == NULL)
+        return;
+    if (w->stopping) { /* the stop came first: it keeps what it has */
+        prep_drop(w);
+        return;
+    }
+    if (w->prep_dns) {
+        w->dns = w->prep_dns; /* before gen_switch: new pools resolve with it */
+        w->prep_dns = NULL;
+    }
+    /* Listeners in the order of cfg: kept ones move, added ones start accepting. */
     gw_listener_t *ls = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
     size_t n = 0;
     for (size_t k = 0; k < cfg->nlisten; k++) {
         const gw_listen_t *l = &cfg->listen[k];
-        if (fds[k] >= 0) {
-            if (listener_add(w, &ls[n], l, fds[k]) == GW_OK)
-                n++;
-            else
-                gw_log(GW_LOG_ERR, "reload: cannot watch the socket of %s", l->text);
+        if (w->prep_ls[k].lev) {
+            ls[n] = w->prep_ls[k];
+            evconnlistener_enable(ls[n++].lev);
             continue;
         }
         for (size_t i = 0; i < w->nlisteners; i++)
@@ -409,7 +446,9 @@ take_mail(gw_worker_t *w)
                 break;
             }
     }
-    free(fds);
+    free(w->prep_ls);
+    w->prep_ls = NULL;
+    w->prep_cfg = NULL;
     close_listeners(w); /* those of removed addresses */
     w->listeners = ls;
     w->nlisteners = n;
@@ -418,6 +457,44 @@ take_mail(gw_worker_t *w)
     /* Idle connections move now, so the old generation ends with its last request. */
     for (gw_conn_t *c = w->conns; c; c = gw_conn_next(c))
         gw_conn_adopt_gen(c);
+}
+
+/* Answers w's mailbox (gw_server_reload's two phases). */
+static void
+take_mail(gw_worker_t *w)
+{
+    pthread_mutex_lock(&w->mail_mtx);
+    gw_mail_op_t op = w->mail_op;
+    gw_config_t *cfg = w->mail_cfg;
+    evutil_socket_t *fds = w->mail_fds;
+    gw_dns_sys_t *sys = w->mail_sys;
+    w->mail_cfg = NULL;
+    w->mail_fds = NULL;
+    w->mail_sys = NULL;
+    pthread_mutex_unlock(&w->mail_mtx);
+    if (cfg != NULL && op == GW_MAIL_PREPARE) {
+        char err[sizeof(w->mail_err)];
+        int rc = prepare(w, cfg, fds, sys, err, sizeof(err));
+        pthread_mutex_lock(&w->mail_mtx);
+        w->mail_status = rc;
+        if (rc != GW_OK)
+            memcpy(w->mail_err, err, sizeof(err));
+        pthread_mutex_unlock(&w->mail_mtx);
+    } else if (cfg != NULL) { /* aborted before this worker took it */
+        fds_discard(cfg, fds);
+        gw_config_unref(cfg);
+    }
+    gw_dns_sys_unref(sys);
+    if (op == GW_MAIL_COMMIT)
+        commit(w);
+    else if (op == GW_MAIL_ABORT)
+        prep_drop(w);
+    if (op == GW_MAIL_COMMIT || op == GW_MAIL_ABORT) {
+        pthread_mutex_lock(&w->mail_mtx);
+        if (w->mail_op == op)
+            w->mail_op = GW_MAIL_NONE; /* done: the main thread may go on */
+        pthread_mutex_unlock(&w->mail_mtx);
+    }
 }
 
 static void
@@ -500,7 +577,10 @@ worker_cleanup(gw_worker_t *w)
         w->mail_cfg = NULL;
         w->mail_fds = NULL;
     }
+    gw_dns_sys_unref(w->mail_sys);
+    w->mail_sys = NULL;
     pthread_mutex_unlock(&w->mail_mtx);
+    prep_drop(w);
     gw_server_gen_unref(w, w->gen); /* the last reference: connections are gone */
     w->gen = NULL;
     gw_dns_free(w->dns); /* after the pools: their queries are cancelled by then */
@@ -583,10 +663,10 @@ worker_main(void *arg)
     return NULL;
 }
 
-int
-gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
+/* The part of gw_server_start after the resolver's files were read (sys: NULL when no resolver is needed). */
+static int
+start_workers(gw_server_t *s, gw_config_t *cfg, gw_dns_sys_t *sys, char *err, size_t errlen)
 {
-    memset(s, 0, sizeof(*s));
 #ifdef M_MMAP_THRESHOLD
     /* Buffers of 128 KiB and more (request bodies held whole) get mappings
      * of their own, given back to the system when freed. A fixed threshold
@@ -595,7 +675,6 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
      * the requests end. */
     mallopt(M_MMAP_THRESHOLD, 128 * 1024);
 #endif
-    s->cfg = gw_config_ref(cfg);
     for (size_t i = 0; i < cfg->nlisten; i++) {
         evutil_socket_t probe = gw_server_open_socket(&cfg->listen[i], false, false, err, errlen);
         if (probe < 0)
@@ -633,9 +712,8 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             snprintf(err, errlen, "eventfd: %s", strerror(errno));
             return GW_ERR;
         }
-        /* The resolver reads resolv.conf and the hosts file here, on the
-         * main thread, before the worker runs: never on its loop. */
-        if (cfg->nnamed > 0 && (w->dns = gw_dns_new(w->base, cfg, i, err, errlen)) == NULL)
+        /* Set up here, on the main thread, before the worker runs: never on its loop. */
+        if (sys != NULL && (w->dns = gw_dns_new(w->base, cfg, sys, i, err, errlen)) == NULL)
             return GW_ERR;
         gen_switch(w, cfg);
         w->wake_ev = event_new(w->base, w->wake_fd, EV_READ | EV_PERSIST, wake_cb, w);
@@ -653,7 +731,7 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
             evutil_socket_t fd = gw_server_open_socket(&cfg->listen[k], true, true, err, errlen);
             if (fd < 0)
                 return GW_ERR;
-            if (listener_add(w, &w->listeners[k], &cfg->listen[k], fd) != GW_OK) {
+            if (listener_add(w, &w->listeners[k], &cfg->listen[k], fd, false) != GW_OK) {
                 snprintf(err, errlen, "cannot watch the socket of %s", cfg->listen[k].text);
                 return GW_ERR;
             }
@@ -661,6 +739,22 @@ gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         }
     }
     return GW_OK;
+}
+
+int
+gw_server_start(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
+{
+    memset(s, 0, sizeof(*s));
+    s->cfg = gw_config_ref(cfg);
+    gw_dns_sys_t *sys = NULL;
+    /* The resolver's files are read once, here, for every worker. */
+    if (cfg->nnamed > 0 && (sys = gw_dns_sys_load(cfg, NULL, err, errlen)) == NULL)
+        return GW_ERR;
+    int rc = start_workers(s, cfg, sys, err, errlen);
+    if (rc == GW_OK && sys != NULL)
+        s->dns_cfg = gw_config_ref(cfg);
+    gw_dns_sys_unref(sys);
+    return rc;
 }
 
 int
@@ -677,6 +771,61 @@ gw_server_run(gw_server_t *s, char *err, size_t errlen)
     return GW_OK;
 }
 
+/* How long the main thread waits for the workers in each phase of a reload. */
+#define RELOAD_WAIT_MS 5000
+
+/* Waits (polling every ms, at most RELOAD_WAIT_MS) until every worker's
+ * mailbox says done(w) under its lock; the id of the first that did not,
+ * or -1. */
+static int
+wait_workers(gw_server_t *s, bool (*done)(const gw_worker_t *w))
+{
+    for (int tries = 0;; tries++) {
+        int late = -1;
+        for (int i = 0; i < s->nworkers && late < 0; i++) {
+            pthread_mutex_lock(&s->workers[i].mail_mtx);
+            if (!done(&s->workers[i]))
+                late = i;
+            pthread_mutex_unlock(&s->workers[i].mail_mtx);
+        }
+        if (late < 0 || tries == RELOAD_WAIT_MS)
+            return late;
+        struct timespec ms = { 0, 1000 * 1000 };
+        nanosleep(&ms, NULL);
+    }
+}
+
+static bool
+mail_idle(const gw_worker_t *w)
+{
+    return w->mail_op == GW_MAIL_NONE;
+}
+
+static bool
+mail_answered(const gw_worker_t *w)
+{
+    return w->mail_status != GW_AGAIN;
+}
+
+/* Posts op to every worker's mailbox (PREPARE: with cfg, fds[i] and sys). */
+static void
+post(gw_server_t *s, gw_mail_op_t op, gw_config_t *cfg, evutil_socket_t **fds, gw_dns_sys_t *sys)
+{
+    for (int i = 0; i < s->nworkers; i++) {
+        gw_worker_t *w = &s->workers[i];
+        pthread_mutex_lock(&w->mail_mtx);
+        w->mail_op = op;
+        if (op == GW_MAIL_PREPARE) {
+            w->mail_cfg = gw_config_ref(cfg);
+            w->mail_fds = fds[i];
+            w->mail_sys = sys ? gw_dns_sys_ref(sys) : NULL;
+            w->mail_status = GW_AGAIN;
+        }
+        pthread_mutex_unlock(&w->mail_mtx);
+        wake(w);
+    }
+}
+
 int
 gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
 {
@@ -684,25 +833,13 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "the configuration has %d workers, the daemon runs %d", cfg->workers, s->nworkers);
         return GW_ERR;
     }
-    gw_metrics_bind(cfg); /* before any worker sees it */
-    /* The previous reload must be taken first: its added sockets are
-     * counted as open below. */
-    for (int tries = 0;; tries++) {
-        bool pending = false;
-        for (int i = 0; i < s->nworkers; i++) {
-            pthread_mutex_lock(&s->workers[i].mail_mtx);
-            pending |= s->workers[i].mail_cfg != NULL;
-            pthread_mutex_unlock(&s->workers[i].mail_mtx);
-        }
-        if (!pending)
-            break;
-        if (tries == 5000) {
-            snprintf(err, errlen, "the workers have not taken the previous reload after 5 s");
-            return GW_ERR;
-        }
-        struct timespec ms = { 0, 1000 * 1000 };
-        nanosleep(&ms, NULL);
+    /* The previous reload must be over (its COMMIT or ABORT taken). */
+    int late = wait_workers(s, mail_idle);
+    if (late >= 0) {
+        snprintf(err, errlen, "worker %d has not finished the previous reload after %d ms", late, RELOAD_WAIT_MS);
+        return GW_ERR;
     }
+    gw_metrics_bind(cfg); /* before any worker sees it */
     bool *added = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(bool));
     for (size_t k = 0; k < cfg->nlisten; k++) {
         added[k] = true;
@@ -730,24 +867,52 @@ gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen)
                 rc = GW_ERR;
     }
     free(added);
+    /* The first backend with a host name: the resolver's files are read
+     * here, once, for every worker (a running resolver is kept as it is). */
+    gw_dns_sys_t *sys = NULL;
+    if (rc == GW_OK && cfg->nnamed > 0 && s->dns_cfg == NULL && (sys = gw_dns_sys_load(cfg, NULL, err, errlen)) == NULL)
+        rc = GW_ERR;
     if (rc != GW_OK) {
         for (int i = 0; i < s->nworkers; i++)
             fds_discard(cfg, fds[i]);
         free(fds);
         return GW_ERR;
     }
-    for (int i = 0; i < s->nworkers; i++) {
-        gw_worker_t *w = &s->workers[i];
-        pthread_mutex_lock(&w->mail_mtx);
-        w->mail_cfg = gw_config_ref(cfg);
-        w->mail_fds = fds[i];
-        pthread_mutex_unlock(&w->mail_mtx);
-        wake(w);
-    }
+    post(s, GW_MAIL_PREPARE, cfg, fds, sys); /* the workers own fds[i] now */
     free(fds);
+    late = wait_workers(s, mail_answered);
+    int failed = late;
+    for (int i = 0; i < s->nworkers && failed < 0; i++) {
+        pthread_mutex_lock(&s->workers[i].mail_mtx);
+        if (s->workers[i].mail_status == GW_ERR) {
+            failed = i;
+            snprintf(err, errlen, "worker %d: %s", i, s->workers[i].mail_err);
+        }
+        pthread_mutex_unlock(&s->workers[i].mail_mtx);
+    }
+    if (failed >= 0) {
+        if (late >= 0)
+            snprintf(err, errlen, "worker %d did not answer within %d ms", late, RELOAD_WAIT_MS);
+        post(s, GW_MAIL_ABORT, NULL, NULL, NULL); /* every worker drops what it made ready */
+        gw_dns_sys_unref(sys);
+        return GW_ERR;
+    }
+    post(s, GW_MAIL_COMMIT, NULL, NULL, NULL);
+    late = wait_workers(s, mail_idle);
+    if (late >= 0) /* it switches when its loop runs again: it has everything ready */
+        gw_log(GW_LOG_WARN, "reload: worker %d has not switched after %d ms (a stalled loop?)", late, RELOAD_WAIT_MS);
+    if (sys != NULL)
+        s->dns_cfg = gw_config_ref(cfg);
+    gw_dns_sys_unref(sys);
     gw_config_unref(s->cfg);
     s->cfg = gw_config_ref(cfg);
     return GW_OK;
+}
+
+bool
+gw_server_resolver_differs(const gw_server_t *s, const gw_config_t *cfg)
+{
+    return s->dns_cfg != NULL && !gw_dns_conf_same(&s->dns_cfg->resolver, &cfg->resolver);
 }
 
 void
@@ -806,6 +971,7 @@ gw_server_free(gw_server_t *s)
     }
     gw_tpool_stop(); /* after the workers: their jobs are all back */
     gw_config_unref(s->cfg);
+    gw_config_unref(s->dns_cfg);
     gw_metrics_free();
     memset(s, 0, sizeof(*s));
 }

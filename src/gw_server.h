@@ -11,12 +11,17 @@
  * hand large answers to parse and get them back through their own port.
  *
  * Reload: the main thread loads and checks a new configuration, opens the
- * sockets of listen addresses it adds, and posts it to every worker's
- * mailbox. Each worker then switches at once, on its own loop: new requests
- * start on the new configuration (a "generation", gw_gen_t), requests in
- * flight finish on the one they started with, and a generation is freed by
- * its worker when its last request is done. Pools of backends whose
- * connection settings did not change are shared by both generations.
+ * sockets of listen addresses it adds, reads the resolver's files when the
+ * reload sets up the first resolvers, and then switches every worker or
+ * none, in two phases through each worker's mailbox: PREPARE (each worker
+ * makes ready, on its own loop, what can fail there: its resolver, the
+ * listeners of added addresses; nothing is used yet) and, when every worker
+ * said yes, COMMIT; else ABORT, and the reload fails with the reason. On
+ * COMMIT each worker switches at once: new requests start on the new
+ * configuration (a "generation", gw_gen_t), requests in flight finish on
+ * the one they started with, and a generation is freed by its worker when
+ * its last request is done. Pools of backends whose connection settings did
+ * not change are shared by both generations.
  */
 #ifndef GW_SERVER_H
 #define GW_SERVER_H
@@ -33,6 +38,10 @@
 #include <time.h>
 
 struct evconnlistener;
+struct gw_dns_sys_s;
+
+/* What the main thread asks of a worker's mailbox (gw_server_reload). */
+typedef enum { GW_MAIL_NONE, GW_MAIL_PREPARE, GW_MAIL_COMMIT, GW_MAIL_ABORT } gw_mail_op_t;
 
 /* The per-connection timers; their durations are the worker's common
  * timeouts (libevent keeps equal durations in O(1) queues, not the heap). */
@@ -87,9 +96,16 @@ struct gw_worker_s {
     size_t nlisteners;
     int wake_fd;                    /* eventfd the main thread writes to: stop, or look at the mailbox */
     struct event *wake_ev;
-    pthread_mutex_t mail_mtx;
-    gw_config_t *mail_cfg;          /* a reloaded configuration (a reference), until the worker takes it */
+    pthread_mutex_t mail_mtx;       /* guards the mail_ fields */
+    gw_mail_op_t mail_op;           /* back to NONE once the worker did COMMIT or ABORT */
+    gw_config_t *mail_cfg;          /* PREPARE: the reloaded configuration (a reference), until the worker takes it */
     evutil_socket_t *mail_fds;      /* [mail_cfg->nlisten]: sockets of added addresses, else -1 */
+    struct gw_dns_sys_s *mail_sys;  /* a reference: the resolver's files, when the reload sets up the resolvers */
+    int mail_status;                /* PREPARE's answer: GW_AGAIN (none yet), GW_OK, GW_ERR (mail_err says why) */
+    char mail_err[256];
+    gw_config_t *prep_cfg;          /* made ready by PREPARE until COMMIT or ABORT (worker thread only) */
+    gw_listener_t *prep_ls;         /* [prep_cfg->nlisten]: disabled listeners of added addresses, else lev NULL */
+    gw_dns_t *prep_dns;             /* the resolver PREPARE set up; NULL: none needed */
     const struct timeval *timeouts[GW_T_MAX];
     struct timeval timeout_tv[GW_T_MAX]; /* when the base has no common timeout left */
     struct event *accept_timer;     /* re-enables accepting after EMFILE */
@@ -129,6 +145,8 @@ struct gw_server_s {
     int nworkers;
     int started;                    /* threads running */
     unsigned conns;                 /* atomic: open client connections, all workers */
+    gw_config_t *dns_cfg;           /* main thread: the configuration the workers' resolvers were set up
+                                       with (a reference); NULL: no resolvers */
 };
 
 /*
@@ -145,12 +163,18 @@ int gw_server_run(gw_server_t *s, char *err, size_t errlen);
 
 /*
  * Publishes cfg (main thread; a reference is taken): opens the sockets of
- * the listen addresses it adds, then hands it to every worker, which
- * switches to it and closes the listeners of addresses it removed.
- * GW_ERR with a message in err: nothing changed. Waits (up to 5 s) for the
- * workers to take the previous reload first.
+ * the listen addresses it adds, reads the resolver's files when cfg has
+ * the first backend with a host name, then switches every worker to it
+ * (each closes the listeners of addresses it removed), or none: GW_ERR with
+ * the reason in err ("worker 1: resolver: cannot use nameserver ...") and
+ * nothing changed. Blocks the main thread while the workers answer (each
+ * phase at most 5 s).
  */
 int gw_server_reload(gw_server_t *s, gw_config_t *cfg, char *err, size_t errlen);
+
+/* Whether the running resolvers (if any) use "resolver" settings other
+ * than cfg's: a reload does not change them. Main thread. */
+bool gw_server_resolver_differs(const gw_server_t *s, const gw_config_t *cfg);
 
 /* A socket bound to l (SO_REUSEADDR; SO_REUSEPORT when reuseport; listen()
  * when listening), non-blocking and close-on-exec; -1 with the reason in

@@ -292,7 +292,7 @@ plain_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
     u->rev = event_new(base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
     u->wev = event_new(base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
     if (u->rev == NULL || u->wev == NULL) {
-        gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", u->pool->backend->name);
+        gw_log_rl(GW_LOG_ERR, "backend %s: out of memory while connecting", u->pool->backend->name);
         abort(); /* our allocation policy: out of memory is fatal */
     }
     if (u->reading)
@@ -508,11 +508,11 @@ pool_resolved(gw_dns_name_t *n, void *arg)
     const gw_backend_t *b = pool->backend;
     char list[256];
     if (n->naddrs == 0 || n->err != 0) {
-        gw_log(GW_LOG_WARN, "backend %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest", b->name,
+        gw_log_rl(GW_LOG_WARN, "backend %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest", b->name,
                n->host, n->errtext, n->naddrs ? "keeping the last addresses: " : "no addresses",
                n->naddrs ? gw_dns_name_list(n, list, sizeof(list)) : "", n->ttl_ms);
     } else {
-        gw_log(GW_LOG_INFO, "backend %s: %s is %s (for %d ms)", b->name, n->host,
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s is %s (for %d ms)", b->name, n->host,
                gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
     }
     for (gw_upstream_t **pp = &pool->idle; *pp;) {
@@ -863,7 +863,7 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
         u->in = evbuffer_new();
         u->out = evbuffer_new();
         if (u->in == NULL || u->out == NULL) {
-            gw_log(GW_LOG_ERR, "backend %s: out of memory while connecting", b->name);
+            gw_log_rl(GW_LOG_ERR, "backend %s: out of memory while connecting", b->name);
             abort(); /* our allocation policy: out of memory is fatal */
         }
     }

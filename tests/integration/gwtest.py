@@ -7,17 +7,33 @@ Pieces:
                response (Content-Length, chunked, or until close), detect EOF.
   run_cli      runs gatherd with arguments (for -t, -V, -h ...).
   test/main    a registry of test functions and a runner that prints
-               "ok - name" / "FAIL - name: reason" and, as the very last
-               line, "N passed, N failed".
+               "ok - name" / "FAIL - name: reason" / "ok - name # skip why"
+               and, as the very last line, "N passed, N failed" (with
+               ", N skipped" appended when a test was skipped).
 
 Every Daemon started during a test is registered with the runner: when the
 test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
 code from a graceful stop, or a sanitizer report in stderr, fails the test.
+
+Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE (and every
+test of the files in SMOKE_FILES); unset or "full", every test.
+
+Shards: GW_TEST_JOBS=N runs a file's selected tests in up to N processes at
+once (every Nth test each, at least SHARD_MIN tests per process), and adds
+up their results; the tests of one file are independent of each other.
+
+Runners on one machine coordinate through two lock files in $TMPDIR (make
+check -jN runs several test files at once, and the suite runs tiers side by
+side): every test holds a shared lock while it runs, a test marked
+@exclusive (a load test: wrk at full speed) an exclusive one, so it runs
+alone and never starves a timing-sensitive test. A waiting exclusive test
+holds a gate that stops new tests from starting, so it is not starved either.
 """
 
 import atexit
 import copy
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -56,7 +72,7 @@ class TestFailure(AssertionError):
 
 
 class Skip(Exception):
-    """Raised by a test that cannot run here; counted as passed with a note."""
+    """Raised by a test that cannot run here; counted as skipped, never as passed."""
 
 
 def kill_and_reap(proc, timeout):
@@ -116,6 +132,51 @@ def test(fn):
     return fn
 
 
+def exclusive(fn):
+    """Decorator (above or below the registering one): fn runs alone among the
+    integration tests of every runner on this machine (see the module doc)."""
+    fn.gw_exclusive = True
+    return fn
+
+
+# The smoke tier (GW_CHECK_TIER=smoke: the normal build and distcheck, where
+# the ASan build runs everything): a few tests per file that show the build
+# works end to end. Test names are unique across the files.
+SMOKE = {
+    "cli_version", "config_test_valid", "shipped_configs_are_valid", "get_basic_headers_and_body",
+    "keepalive_http11_reuses_connection", "pipelining_in_order", "graceful_stop_finishes_request_in_flight_body",
+    "proxy_get_basic_with_strip_prefix", "proxy_post_chunked_body_streams_chunked",
+    "agg_independent_calls_run_concurrently", "agg_failure_codes_optional_and_required",
+    "reload_applies_to_new_requests_and_idle_connections", "test_detach_runs_in_background",
+    "metrics_count_exactly_what_was_sent", "combined_lines_for_respond_proxy_and_aggregate",
+    "workers_never_wait_on_stderr", "dns_proxy_to_a_host_name", "breaker_opens_after_consecutive_failures_and_fails_fast",
+    "retry_succeeds_on_the_third_try", "rate_429_headers",
+}
+# Files run whole in the smoke tier: the deploy and README tests need the normal build
+# (the image holds it; the README builds its own) and skip themselves under sanitizers.
+SMOKE_FILES = {"test_deploy.py", "test_readme.py"}
+
+
+class _TestLock:
+    """The shared/exclusive lock of one test, with the gate (module doc)."""
+
+    def __init__(self):
+        base = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"gatherd-tests-{os.getuid()}")
+        self.gate = open(base + ".gate", "a")
+        self.main = open(base + ".lock", "a")
+
+    def acquire(self, excl):
+        fcntl.flock(self.gate, fcntl.LOCK_EX)
+        fcntl.flock(self.main, fcntl.LOCK_EX if excl else fcntl.LOCK_SH)
+        if not excl:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+    def release(self, excl):
+        fcntl.flock(self.main, fcntl.LOCK_UN)
+        if excl:
+            fcntl.flock(self.gate, fcntl.LOCK_UN)
+
+
 def _note_problem(msg):
     _current_problems.append(msg)
 
@@ -140,12 +201,35 @@ def main(argv=None):
         print("0 passed, 1 failed")
         return 1
     print("# gatherd: %s" % GATHERD)
-    passed = failed = 0
+    tier = os.environ.get("GW_CHECK_TIER") or "full"
+    if tier == "smoke" and os.path.basename(sys.argv[0]) not in SMOKE_FILES:
+        selected = [t for t in selected if t.__name__ in SMOKE]
+        print(f"# tier smoke: {len(selected)} of {len(_TESTS)} tests")
+        if not selected:
+            print("0 passed, 0 failed")
+            return 77  # automake's SKIP: nothing of this file is in the tier
+    elif tier not in ("smoke", "full"):
+        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke or full")
+        print("0 passed, 1 failed")
+        return 1
+    shard = os.environ.get("GW_SHARD")
+    if shard:
+        k, n = (int(x) for x in shard.split("/"))
+        selected = selected[k::n]
+    else:
+        jobs = int(os.environ.get("GW_TEST_JOBS") or 1)
+        n = min(jobs, len(selected) // SHARD_MIN)
+        if n > 1:
+            return _run_shards(n)
+    lock = _TestLock()
+    passed = failed = skipped = 0
     failures = []
     t_all = time.monotonic()
     for fn in selected:
         name = fn.__name__
         del _current_problems[:]
+        excl = getattr(fn, "gw_exclusive", False)
+        lock.acquire(excl)
         t0 = time.monotonic()
         reason = None
         skip = None
@@ -168,11 +252,13 @@ def main(argv=None):
             extra = "; ".join(_current_problems)
             reason = f"{reason}; {extra}" if reason else extra
         dt = time.monotonic() - t0
+        lock.release(excl)
         if reason is None:
-            passed += 1
             if skip is not None:
+                skipped += 1
                 print(f"ok - {name} # skip {skip}")
             else:
+                passed += 1
                 print(f"ok - {name} ({dt:.2f}s)")
         else:
             failed += 1
@@ -182,9 +268,48 @@ def main(argv=None):
     if failures:
         print("# failed: " + ", ".join(failures))
     print("# total time %.1fs" % (time.monotonic() - t_all))
-    print(f"{passed} passed, {failed} failed")
+    print(summary_line(passed, failed, skipped))
     sys.stdout.flush()
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return 77 if skipped and not passed else 0  # 77: automake's SKIP, for a file that ran nothing
+
+
+SHARD_MIN = 6
+
+
+def _run_shards(n):
+    """Runs this file in n processes (GW_SHARD=k/n), prints their output one
+    after the other and the sum of their summary lines."""
+    procs = [subprocess.Popen([sys.executable] + sys.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=dict(os.environ, GW_SHARD=f"{k}/{n}"), preexec_fn=_die_with_parent)
+             for k in range(n)]
+    total = [0, 0, 0]
+    rc = 0
+    for k, p in enumerate(procs):
+        out = p.communicate()[0]
+        lines = out.splitlines()
+        m = re.match(r"^(\d+) passed, (\d+) failed(?:, (\d+) skipped)?$", lines[-1]) if lines else None
+        print(f"# shard {k + 1} of {n}")
+        print("\n".join(lines[:-1] if m else lines))
+        if m is None:
+            print(f"FAIL - shard {k + 1} of {n}: no summary line (exit status {p.returncode})")
+            total[1] += 1
+        else:
+            total = [t + int(v or 0) for t, v in zip(total, m.groups())]
+        if p.returncode not in (0, 77):
+            rc = 1
+    print(summary_line(*total))
+    sys.stdout.flush()
+    if rc or total[1]:
+        return 1
+    return 77 if total[2] and not total[0] else 0
+
+
+def summary_line(passed, failed, skipped):
+    """The runner's last line, which tests/run-suite.sh sums."""
+    line = f"{passed} passed, {failed} failed"
+    return line + f", {skipped} skipped" if skipped else line
 
 
 # --- assertions -------------------------------------------------------------
@@ -351,14 +476,22 @@ class Daemon:
             self.pid = self.proc.pid
             self.exit_code = None
             deadline = time.monotonic() + timeout * SLOW
+            gateway_up = False  # one connection to it only: tests count them
             while time.monotonic() < deadline:
                 rc = self.proc.poll()
                 if rc is not None:
                     self.exit_code = rc
                     break
                 try:
-                    s = socket.create_connection((self.host, port), timeout=0.5)
-                    s.close()
+                    if not gateway_up:
+                        s = socket.create_connection((self.host, port), timeout=0.5)
+                        s.close()
+                        gateway_up = True
+                    # The listen backlog takes connections before the
+                    # workers run; the admin listener is bound after it.
+                    if f"127.0.0.1:{self.admin_port}" in text:
+                        s = socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.5)
+                        s.close()
                     return self
                 except OSError:
                     time.sleep(0.02)

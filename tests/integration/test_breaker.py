@@ -15,6 +15,7 @@ anything failed.
 import os
 import re
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +216,63 @@ def breaker_state_is_shared_by_workers():
         r, _ = get(d, "/req/ok")
         expect_error(r, 503, "circuit_open", f"call {k + 1} on a new connection (any worker)")
     eq(s.stats()["requests"], before, "requests that reached the backend while open")
+
+
+def metric(d, name):
+    """The value of one sample of the admin listener's /metrics (e.g. 'gatherd_breaker_trips_total{backend="cb"}')."""
+    with gwtest.Conn("127.0.0.1", d.admin_port) as c:
+        text = c.request(req("GET", "/metrics")).body.decode()
+    m = re.search(r"^" + re.escape(name) + r" ([0-9.e+]+)$", text, re.M)
+    check(m, f"no {name} in /metrics")
+    return float(m.group(1))
+
+
+@btest
+def breaker_cycles_under_concurrent_workers():
+    """Open -> half-open -> (the probe fails) -> open, hundreds of times a
+    second, while every worker asks the breaker at once: the state a worker
+    reads without the lock is the one another worker wrote under it (the
+    ThreadSanitizer build checks that), and the counts agree: every call
+    that reached the backend was admitted (502), every other one was
+    refused (503 circuit_open), and each trip was caused by one of them."""
+    s = Stub()
+    d = cb_daemon(s, {"consecutive_failures": 1, "failure_ratio": 0, "open_ms": 2, "max_open_ms": 2,
+                      "probe_requests": 1}, workers=4)
+    clients, seconds = 8, 1.5
+    counts = {}
+    problems = []
+    lock = threading.Lock()
+
+    def client():
+        try:
+            with Client(d, timeout=10) as c:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    r = c.request(req("GET", "/req/fail"))
+                    key = (r.status, error_code(r))
+                    with lock:
+                        counts[key] = counts.get(key, 0) + 1
+        except Exception as e:  # reported below, in the test's thread
+            problems.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60 * SLOW)
+    check(not problems, f"clients failed: {problems[:3]}")
+    admitted = sum(n for (st, code), n in counts.items() if st == 502)
+    refused = counts.get((503, "circuit_open"), 0)
+    eq(admitted + refused, sum(counts.values()), f"answers other than 502 and 503 circuit_open: {counts}")
+    requests = s.stats()["requests"]
+    eq(requests, admitted, "requests that reached the backend vs. 502 answers")
+    trips = metric(d, 'gatherd_breaker_trips_total{backend="cb"}')
+    print(f"# {counts}; {int(trips)} trips")
+    check(trips >= 3, f"only {trips} trips in {seconds} s with open_ms 2: the half-open state was barely reached")
+    # Each trip was caused by a failed call that reached the backend; at
+    # most the calls admitted together before the first trip (one per
+    # client) did not cause one of their own, since half-open admits one probe.
+    check(trips <= requests <= trips + clients, f"{requests} backend requests for {trips} trips")
 
 
 @btest

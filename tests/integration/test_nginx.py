@@ -410,8 +410,9 @@ end
 
 
 @ntest
+@gwtest.exclusive
 def nginx_sigterm_one_instance_under_wrk_load_loses_nothing():
-    """50 connections through nginx for 6 s; SIGTERM to instance A at 2 s.
+    """50 connections through nginx for 4 s; SIGTERM to instance A at 1.5 s.
     nginx retries what A refused or closed on B: wrk sees no error and no
     non-2xx; A exits 0 within its shutdown_timeout_ms and B serves on."""
     if WRK is None:
@@ -425,13 +426,13 @@ def nginx_sigterm_one_instance_under_wrk_load_loses_nothing():
         script = os.path.join(tmp, "check.lua")
         with open(script, "w") as f:
             f.write(WRK_SCRIPT)
-        cmd = [WRK, "-t2", "-c50", "-d6s", "--timeout", "5s", "-s", script, f"http://127.0.0.1:{ngx.port}/agg"]
+        cmd = [WRK, "-t2", "-c50", "-d4s", "--timeout", "5s", "-s", script, f"http://127.0.0.1:{ngx.port}/agg"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              preexec_fn=gwtest._die_with_parent)
         t0 = time.monotonic()
         try:
             while p.poll() is None:
-                if time.monotonic() - t0 >= 2.0 and state["sent"] is None:
+                if time.monotonic() - t0 >= 1.5 and state["sent"] is None:
                     state["sent"] = time.monotonic()
                     a.send_signal(signal.SIGTERM)
                 if time.monotonic() - t0 > 40:

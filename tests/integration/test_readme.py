@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gwtest import GATHERD, Skip, check, contains, eq, main, test, _is_sanitized  # noqa: E402
+from gwtest import GATHERD, Skip, check, contains, eq, exclusive, main, test, _is_sanitized  # noqa: E402
 
 SRCDIR = os.environ.get("GW_SRCDIR") or os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -123,6 +123,7 @@ def readme_block(marker):
     return text[start:text.index("```\n", start)]
 
 
+@exclusive
 @test
 def readme_nginx_and_wrk_recipe_runs_as_written():
     needs()

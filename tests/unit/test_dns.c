@@ -1,8 +1,9 @@
 /* Unit tests for src/gw_dns.c: the hosts file (format, case, final dot,
- * aliases, both families), round robin, addresses marked down, and a name
- * whose query is still out when it is freed (the cancelled callback is
- * reaped by gw_dns_free: the ASan build sees a leak otherwise). The DNS
- * side proper runs in tests/integration/test_dns.py against a DNS stub. */
+ * aliases, both families; one that cannot be read), resolv.conf as evdns
+ * reads it, round robin, addresses marked down, and a name whose query is
+ * still out when it is freed (the cancelled callback is reaped by
+ * gw_dns_free: the ASan build sees a leak otherwise). The DNS side proper
+ * runs in tests/integration/test_dns.py against a DNS stub. */
 #include "gw_config.h"
 #include "gw_dns.h"
 #include "gw_test.h"
@@ -11,6 +12,8 @@
 #include <event2/event.h>
 #include <netinet/in.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static char err[2048];
@@ -30,6 +33,19 @@ config(void)
     if (cfg == NULL)
         printf("    %s\n", err);
     return cfg;
+}
+
+/* The resolver of cfg for worker id, from freshly loaded files. */
+static gw_dns_t *
+dns_new(struct event_base *base, gw_config_t *cfg, int id)
+{
+    gw_dns_sys_t *sys = gw_dns_sys_load(cfg, NULL, err, sizeof(err));
+    CHECK(sys != NULL);
+    if (sys == NULL)
+        return NULL;
+    gw_dns_t *dns = gw_dns_new(base, cfg, sys, id, err, sizeof(err));
+    gw_dns_sys_unref(sys); /* the resolver holds its own reference */
+    return dns;
 }
 
 static void
@@ -64,7 +80,7 @@ test_hosts_file_and_round_robin(void)
     if (cfg == NULL)
         return;
     struct event_base *base = event_base_new();
-    gw_dns_t *dns = gw_dns_new(base, cfg, 0, err, sizeof(err));
+    gw_dns_t *dns = dns_new(base, cfg, 0);
     CHECK(dns != NULL);
     gw_dns_name_t n;
     /* any case, a final dot: the same name */
@@ -111,7 +127,7 @@ test_hosts_file_and_round_robin(void)
     gw_dns_name_free(&n);
 
     /* aliases resolve; another worker starts its turn elsewhere */
-    gw_dns_t *dns1 = gw_dns_new(base, cfg, 1, err, sizeof(err));
+    gw_dns_t *dns1 = dns_new(base, cfg, 1);
     gw_dns_name_init(&n, dns1, "alias.test", 80, noop_cb, NULL);
     CHECK(gw_dns_name_pick(&n, &a, &idx) == GW_OK && n.naddrs == 2 && idx == 1);
     gw_dns_name_free(&n);
@@ -133,7 +149,7 @@ test_refresh_does_nothing_while_valid(void)
     if (cfg == NULL)
         return;
     struct event_base *base = event_base_new();
-    gw_dns_t *dns = gw_dns_new(base, cfg, 0, err, sizeof(err));
+    gw_dns_t *dns = dns_new(base, cfg, 0);
     gw_dns_name_t n;
     gw_dns_name_init(&n, dns, "web.test", 8080, noop_cb, NULL);
     gw_dns_name_refresh(&n); /* never resolved: resolves (from the file) */
@@ -148,7 +164,140 @@ test_refresh_does_nothing_while_valid(void)
     gw_config_unref(cfg);
 }
 
-TEST_MAIN(T(test_hosts_file_and_round_robin), T(test_refresh_does_nothing_while_valid))
+/* A configuration without nameservers (resolv.conf is read) and with
+ * hosts (NULL: no hosts file). */
+static gw_config_t *
+config_system(const char *hosts)
+{
+    char text[1024];
+    snprintf(text, sizeof(text), "{\"listen\": [\"1\"], \"resolver\": {\"hosts_file\": %s%s%s}}",
+             hosts ? "\"" : "", hosts ? hosts : "false", hosts ? "\"" : "");
+    gw_config_t *cfg = gw_config_parse(text, "t.json", ".", 0, err, sizeof(err));
+    if (cfg == NULL)
+        printf("    %s\n", err);
+    return cfg;
+}
+
+/* resolv.conf with text, loaded for cfg; NULL text: no such file. */
+static gw_dns_sys_t *
+load_resolv(gw_config_t *cfg, const char *text)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/gw-test-resolv-XXXXXX");
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return NULL;
+    if (text && write(fd, text, strlen(text)) < 0)
+        perror("write");
+    close(fd);
+    if (text == NULL)
+        unlink(path);
+    gw_dns_sys_t *sys = gw_dns_sys_load(cfg, path, err, sizeof(err));
+    unlink(path);
+    return sys;
+}
+
+static const char *
+ns_text(const gw_dns_sys_t *sys, size_t i, char *buf, size_t len)
+{
+    const struct sockaddr_storage *sa = &sys->ns[i];
+    char ip[64];
+    if (sa->ss_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, ip, sizeof(ip));
+    else
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, ip, sizeof(ip));
+    snprintf(buf, len, "%s/%u", ip,
+             ntohs(sa->ss_family == AF_INET ? ((const struct sockaddr_in *)sa)->sin_port
+                                            : ((const struct sockaddr_in6 *)sa)->sin6_port));
+    return buf;
+}
+
+static void
+test_resolv_conf(void)
+{
+    gw_config_t *cfg = config_system(NULL);
+    CHECK(cfg != NULL);
+    if (cfg == NULL)
+        return;
+    char b[80];
+    gw_dns_sys_t *sys = load_resolv(cfg, "# comment\n"
+                                         "; another\n"
+                                         "domain first.example\n"
+                                         "nameserver 10.0.0.2\n"
+                                         "nameserver\t10.0.0.2   # the same again\n"
+                                         "nameserver fd00::53\n"
+                                         "nameserver not-an-ip\n"
+                                         "search a.example b.example\n"
+                                         "options ndots:3 rotate timeout:1\n"
+                                         "sortlist 10.0.0.0/8\n");
+    CHECK(sys != NULL);
+    if (sys != NULL) {
+        CHECK(sys->nns == 3);
+        CHECK_STR(ns_text(sys, 0, b, sizeof(b)), "10.0.0.2/53");
+        CHECK_STR(ns_text(sys, 1, b, sizeof(b)), "10.0.0.2/53");
+        CHECK_STR(ns_text(sys, 2, b, sizeof(b)), "fd00::53/53");
+        /* the last of "domain" and "search" wins, as in evdns and the C library */
+        CHECK(sys->nsearch == 2);
+        CHECK_STR(sys->nsearch > 1 ? sys->search[1] : NULL, "b.example");
+        CHECK(sys->noptions == 2);
+        CHECK_STR(sys->noptions > 1 ? sys->options[1] : NULL, "timeout:1");
+        CHECK(sys->nhosts == 0);
+        /* a nameserver listed twice is not an error; no file is read here */
+        struct event_base *base = event_base_new();
+        gw_dns_t *dns = gw_dns_new(base, cfg, sys, 0, err, sizeof(err));
+        CHECK(dns != NULL);
+        gw_dns_free(dns);
+        event_base_free(base);
+        gw_dns_sys_unref(sys);
+    }
+    /* no nameserver, or no file: 127.0.0.1, as the C library does */
+    sys = load_resolv(cfg, "search only.example\n");
+    CHECK(sys != NULL && sys->nns == 1 && sys->nsearch == 1);
+    if (sys)
+        CHECK_STR(ns_text(sys, 0, b, sizeof(b)), "127.0.0.1/53");
+    gw_dns_sys_unref(sys);
+    sys = load_resolv(cfg, NULL);
+    CHECK(sys != NULL && sys->nns == 1);
+    gw_dns_sys_unref(sys);
+    gw_config_unref(cfg);
+}
+
+static void
+test_hosts_file_unreadable(void)
+{
+    /* a directory passes the configuration's check and fails the read */
+    char dir[64];
+    snprintf(dir, sizeof(dir), "/tmp/gw-test-hostsdir-XXXXXX");
+    CHECK(mkdtemp(dir) != NULL);
+    gw_config_t *cfg = config_system(dir);
+    CHECK(cfg != NULL);
+    if (cfg != NULL) {
+        err[0] = '\0';
+        CHECK(load_resolv(cfg, "nameserver 10.0.0.2\n") == NULL);
+        CHECK_CONTAINS(err, "cannot read the hosts file");
+        CHECK_CONTAINS(err, "Is a directory");
+        gw_config_unref(cfg);
+    }
+    rmdir(dir);
+    /* one that went away since the configuration was checked: no entries, no error */
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/gw-test-hosts2-XXXXXX");
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    close(fd);
+    cfg = config_system(path);
+    unlink(path);
+    CHECK(cfg != NULL);
+    if (cfg != NULL) {
+        gw_dns_sys_t *sys = load_resolv(cfg, "nameserver 10.0.0.2\n");
+        CHECK(sys != NULL && sys->nhosts == 0);
+        gw_dns_sys_unref(sys);
+        gw_config_unref(cfg);
+    }
+}
+
+TEST_MAIN(T(test_hosts_file_and_round_robin), T(test_refresh_does_nothing_while_valid), T(test_resolv_conf),
+          T(test_hosts_file_unreadable))
 
 /* The hosts file exists for the whole run (made before main's tests). */
 __attribute__((constructor)) static void

@@ -1,0 +1,11 @@
+#!/bin/bash
+# Integration tests of the error log (an automake TESTS entry): the rate limit of repeated lines and the
+# log writer, against the real daemon and the stub backend. Environment: GATHERD, GW_STUB (defaults: next
+# to this script in the build tree), GW_SRCDIR. Extra arguments select tests by name substring.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+: "${GATHERD:=$here/../../src/gatherd}"
+: "${GW_STUB:=$here/../../tests/stub/gw_stub}"
+export GATHERD GW_STUB PYTHONDONTWRITEBYTECODE=1
+# Tests coordinate with those of other runners themselves (gwtest.py: a shared lock per
+# test, an exclusive one for load tests), so make check -jN is safe.
+exec python3 "$here/test_errorlog.py" "$@"
