@@ -117,6 +117,9 @@ lane_normal() {
     local smoke=
     if build normal --enable-werror; then
         mark normal built
+        # the binaries the README's commands use after this command (as after scripts/demo.sh)
+        mkdir -p "$SRC/build/bin" && ln -sfn "$BUILD/normal/src/gatherd" "$SRC/build/bin/gatherd" &&
+            ln -sfn "$BUILD/normal/tests/stub/gw_stub" "$SRC/build/bin/gw_stub"
         # beside fuzz and distcheck: the deploy tests mostly wait on the network
         { GW_CHECK_TIER=smoke check normal check -j"$JOBS"; mark normal end; } &
         smoke=$!
