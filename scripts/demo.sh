@@ -57,7 +57,7 @@ gatherd is starting on http://127.0.0.1:8080 (demo backend on http://127.0.0.1:9
       curl -s http://127.0.0.1:8080/api/dashboard/42 | grep -o '"_errors".*'
                          # after 5 timeouts the recs circuit opens: circuit_open at once for 2 s
   for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{http_code} ' http://127.0.0.1:8080/api/limited; done; echo
-                         # 5 a second per client, then 429 rate_limited
+                         # 5 a minute per client, then 429 rate_limited
   build/bin/gatherd -s reload --pid $PID    # reload conf/gatherd.json
   curl -i http://127.0.0.1:8080/
   curl -i http://127.0.0.1:8080/health

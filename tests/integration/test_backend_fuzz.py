@@ -153,7 +153,7 @@ def parse_fields(rd, trailers):
         if not name or any(b not in TCHAR for b in name):
             raise Invalid("bad field name")
         check_value(value)
-        v = value.lstrip(b" ")
+        v = value.lstrip(b" \t")  # OWS is spaces and tabs (RFC 9110 5.6.3)
         nbytes += len(name) + len(v)
         if len(fields) + 1 > FIELDS_MAX:
             raise Invalid("too many fields")

@@ -103,7 +103,7 @@ def demo_serves_what_it_prints():
     contains(slow, "X-Gateway-Completed: false", "slow recommendations degrade")
     contains(slow, '"code":"timeout"', "the reason in _errors")
     limited = answer("/api/limited")
-    check(re.search(r"(200 ){5}429", limited) is not None, f"5 a second, then 429: {limited!r}")
+    check(re.search(r"(200 ){5}429", limited) is not None, f"5 a minute, then 429: {limited!r}")
     contains(answer("curl -i -X POST http://127.0.0.1:8080/health"), "HTTP/1.1 405", "POST /health")
     contains(answer("curl -i http://127.0.0.1:8080/nowhere"), "HTTP/1.1 404", "/nowhere")
     contains(answer("curl -i http://127.0.0.1:9101/users/42"), "HTTP/1.1 200", "the demo backend")
