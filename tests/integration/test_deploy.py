@@ -43,7 +43,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gwtest  # noqa: E402
-from gwtest import (GATHERD, SLOW, Conn, Daemon, Skip, TestFailure, check, contains, eq, main, req,  # noqa: E402
+from gwtest import (GATHERD, SLOW, Conn, Daemon, NotInTier, Skip, TestFailure, check, contains, eq, main, req,  # noqa: E402
                     run_cli)
 
 _saved_tests = list(gwtest._TESTS)
@@ -154,7 +154,7 @@ def dockerfile_runtime_packages_are_the_libraries_of_gatherd():
     """Every library ldd names comes from a package the runtime stage installs
     or debian:12-slim has; every package installed is needed."""
     if SANITIZED:  # it links more (no --as-needed effect): the image holds the normal build
-        raise Skip("the image holds the normal build; its libraries are checked in that run")
+        raise NotInTier("the image holds the normal build; its libraries are checked in that run")
     if shutil.which("ldd") is None or shutil.which("dpkg") is None:
         raise Skip("needs ldd and dpkg (Debian)")
     stages = dockerfile()
@@ -208,9 +208,11 @@ def dockerfile_build_recipe_runs_on_the_build_context():
     (tracked by git, not excluded by .dockerignore), then the runtime
     stage's gatherd -t on what make install put in DESTDIR."""
     if SANITIZED:
-        raise Skip("run once, in the normal build")
-    if not os.path.exists(os.path.join(SRCDIR, ".git")) or shutil.which("git") is None:
-        raise Skip("needs a git checkout (the build context is what git tracks)")
+        raise NotInTier("run once, in the normal build")
+    if not os.path.exists(os.path.join(SRCDIR, ".git")):
+        raise NotInTier("run from a git checkout only (the build context is what git tracks), not again under distcheck")
+    if shutil.which("git") is None:
+        raise Skip("needs git (the build context is what git tracks)")
     stages = dockerfile()
     build = stages[0]
     eq(instrs(build, "WORKDIR"), ["/src"], "WORKDIR of the build stage")
@@ -331,9 +333,9 @@ def dockerfile_runtime_stage_in_a_debian_rootfs():
     gatherd -t, then ENTRYPOINT + CMD as its USER on a read-only root in a
     network namespace of its own, probed on the EXPOSEd ports."""
     if SANITIZED:
-        raise Skip("run once, in the normal build (the image holds a normal build)")
+        raise NotInTier("run once, in the normal build (the image holds a normal build)")
     if not os.path.exists(os.path.join(SRCDIR, ".git")):
-        raise Skip("run from a git checkout only (not again under distcheck)")
+        raise NotInTier("run from a git checkout only (not again under distcheck)")
     if os.geteuid() != 0:
         raise Skip("needs root (chroot, mount and network namespaces)")
     for tool in ("mmdebstrap", "unshare", "chroot", "ip"):

@@ -28,18 +28,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gwtest import GATHERD, Skip, check, contains, eq, exclusive, main, test, _is_sanitized  # noqa: E402
+from gwtest import GATHERD, NotInTier, Skip, check, contains, eq, exclusive, main, test, _is_sanitized  # noqa: E402
 
 SRCDIR = os.environ.get("GW_SRCDIR") or os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def needs():
     if _is_sanitized(GATHERD):
-        raise Skip("run once, in the build without sanitizers")
+        raise NotInTier("run once, in the build without sanitizers")
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
         raise Skip("needs root, unshare and ip (a network namespace of its own)")
     if not os.access(SRCDIR, os.W_OK) or not os.path.isfile(os.path.join(SRCDIR, "scripts", "demo.sh")):
-        raise Skip("needs a writable source tree (demo.sh builds in build/)")
+        raise NotInTier("needs the writable source tree (demo.sh builds in build/), not the release tarball's")
     for tool in ("curl", "nginx", "wrk"):
         if shutil.which(tool) is None:
             raise Skip(f"needs {tool}")
