@@ -159,6 +159,11 @@ SMOKE = {
     "metrics_count_exactly_what_was_sent", "combined_lines_for_respond_proxy_and_aggregate",
     "workers_never_wait_on_stderr", "dns_proxy_to_a_host_name", "breaker_opens_after_consecutive_failures_and_fails_fast",
     "retry_succeeds_on_the_third_try", "rate_429_headers",
+    # what is measured or drawn best without the sanitizers' weight (they run a share of it)
+    "stall_big_answers_keep_the_loop_free", "stall_large_aggregates_built_and_freed_off_the_loop",
+    "stall_foreach_of_many_elements", "status_page_renders_and_refreshes_in_chromium",
+    "aggoracle_plain_calls", "aggoracle_foreach_calls", "backend_answers_fuzzed_end_to_end",
+    "framing_matrix_and_fuzz", "agg_fallback_never_replaces_an_answer",
 }
 # Files run whole in the smoke tier: the deploy and README tests need the normal build
 # (the image holds it; the README builds its own) and skip themselves under sanitizers.

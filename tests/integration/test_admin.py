@@ -469,6 +469,9 @@ def admin_listener_settings():
 
 @atest
 def status_page_renders_and_refreshes_in_chromium():
+    # the page, not the daemon's memory, is under test: once, in the normal build
+    if gwtest._is_sanitized(gwtest.GATHERD):
+        raise gwtest.NotInTier("run once, in the normal build (a browser is heavy under a sanitized load)")
     if CHROMIUM is None:
         raise Skip("chromium is not installed (scripts/install-deps.sh installs it)")
     stub = Stub()
