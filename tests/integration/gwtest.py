@@ -15,8 +15,9 @@ Every Daemon started during a test is registered with the runner: when the
 test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
 code from a graceful stop, or a sanitizer report in stderr, fails the test.
 
-Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE (and every
-test of the files in SMOKE_FILES); unset or "full", every test.
+Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE, "normal" those
+in NORMAL (both: and every test of the files in SMOKE_FILES); unset or
+"full", every test.
 
 Shards: GW_TEST_JOBS=N runs a file's selected tests in up to N processes at
 once (every Nth test each, at least SHARD_MIN tests per process), and adds
@@ -147,7 +148,7 @@ def exclusive(fn):
     return fn
 
 
-# The smoke tier (GW_CHECK_TIER=smoke: the normal build and distcheck, where
+# The smoke tier (GW_CHECK_TIER=smoke: distcheck; part of the normal tier, where
 # the ASan build runs everything): a few tests per file that show the build
 # works end to end. Test names are unique across the files.
 SMOKE = {
@@ -158,12 +159,16 @@ SMOKE = {
     "reload_applies_to_new_requests_and_idle_connections", "test_detach_runs_in_background",
     "metrics_count_exactly_what_was_sent", "combined_lines_for_respond_proxy_and_aggregate",
     "workers_never_wait_on_stderr", "dns_proxy_to_a_host_name", "breaker_opens_after_consecutive_failures_and_fails_fast",
-    "retry_succeeds_on_the_third_try", "rate_429_headers",
-    # what is measured or drawn best without the sanitizers' weight (they run a share of it)
+    "retry_succeeds_on_the_third_try", "rate_429_headers", "agg_fallback_never_replaces_an_answer",
+}
+# The normal tier (GW_CHECK_TIER=normal: the normal build) adds what is
+# measured or drawn best without the sanitizers' weight (they run a share of
+# it); distcheck runs the smoke tier alone.
+NORMAL = SMOKE | {
     "stall_big_answers_keep_the_loop_free", "stall_large_aggregates_built_and_freed_off_the_loop",
     "stall_foreach_of_many_elements", "status_page_renders_and_refreshes_in_chromium",
     "aggoracle_plain_calls", "aggoracle_foreach_calls", "backend_answers_fuzzed_end_to_end",
-    "framing_matrix_and_fuzz", "agg_fallback_never_replaces_an_answer",
+    "framing_matrix_and_fuzz",
 }
 # Files run whole in the smoke tier: the deploy and README tests need the normal build
 # (the image holds it; the README builds its own) and skip themselves under sanitizers.
@@ -215,14 +220,15 @@ def main(argv=None):
         return 1
     print("# gatherd: %s" % GATHERD)
     tier = os.environ.get("GW_CHECK_TIER") or "full"
-    if tier == "smoke" and os.path.basename(sys.argv[0]) not in SMOKE_FILES:
-        selected = [t for t in selected if t.__name__ in SMOKE]
-        print(f"# tier smoke: {len(selected)} of {len(_TESTS)} tests")
+    if tier in ("smoke", "normal") and os.path.basename(sys.argv[0]) not in SMOKE_FILES:
+        names = SMOKE if tier == "smoke" else NORMAL
+        selected = [t for t in selected if t.__name__ in names]
+        print(f"# tier {tier}: {len(selected)} of {len(_TESTS)} tests")
         if not selected:
             print("0 passed, 0 failed")
             return 77  # automake's SKIP: nothing of this file is in the tier
-    elif tier not in ("smoke", "full"):
-        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke or full")
+    elif tier not in ("smoke", "normal", "full"):
+        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke, normal or full")
         print("0 passed, 1 failed")
         return 1
     shard = os.environ.get("GW_SHARD")
