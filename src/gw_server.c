@@ -26,6 +26,7 @@
 #include <event2/listener.h>
 #include <malloc.h>
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -497,6 +498,70 @@ take_mail(gw_worker_t *w)
     }
 }
 
+/* Accepts what the kernel completed on w's listeners and has not been
+ * accepted yet: closing a listener resets those connections. */
+static void
+accept_backlog(gw_worker_t *w)
+{
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[i].lev);
+        for (int n = 0; n < 4096; n++) {
+            struct sockaddr_storage ss;
+            socklen_t sl = sizeof(ss);
+            int cfd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (cfd < 0)
+                break;
+            accept_cb(w->listeners[i].lev, cfd, (struct sockaddr *)&ss, (int)sl, w);
+        }
+    }
+}
+
+/* The end of the stop's grace for handshakes in flight: what completed
+ * is accepted, the listeners close. */
+static void
+listen_close_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker_t *w = arg;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    accept_backlog(w);
+    close_listeners(w);
+    if (w->nconns == 0)
+        event_base_loopexit(w->base, NULL);
+}
+
+/* The graceful stop's first step. A listener closed while a client's
+ * handshake is in flight resets a connection the client already counts as
+ * open (its request then fails as a read error, not as a refusal it could
+ * retry elsewhere). So each listener first drops new SYNs (a socket filter:
+ * the client's retransmission a second later meets the closed port and is
+ * refused), keeps completing the handshakes already begun for
+ * GW_STOP_LISTEN_GRACE_MS while accepting, and only then closes. Without
+ * the filter (not Linux, or refused) the listeners close at the same time. */
+static void
+stop_listening(gw_worker_t *w)
+{
+    static struct sock_filter drop_syn[] = {
+        BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 13),           /* the TCP header's flags byte */
+        BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0x12),        /* SYN | ACK */
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0x02, 0, 1),  /* a SYN alone: a new handshake */
+        BPF_STMT(BPF_RET | BPF_K, 0),                     /* dropped */
+        BPF_STMT(BPF_RET | BPF_K, 0xffffffffu),           /* the rest passes */
+    };
+    static const struct sock_fprog prog = { sizeof(drop_syn) / sizeof(drop_syn[0]), drop_syn };
+    evtimer_del(w->accept_timer);
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[i].lev);
+        if (setsockopt(lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)) != 0)
+            gw_log(GW_LOG_DEBUG, "stop: no SYN filter on a listener (%s): it closes at once", strerror(errno));
+        evconnlistener_enable(w->listeners[i].lev); /* paused after EMFILE: accept what is left */
+    }
+    accept_backlog(w);
+    int grace = GW_MIN(GW_STOP_LISTEN_GRACE_MS, w->cfg->shutdown_timeout_ms);
+    struct timeval tv = { grace / 1000, (grace % 1000) * 1000 };
+    evtimer_add(w->listen_close_timer, &tv);
+}
+
 static void
 wake_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -517,30 +582,12 @@ wake_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     w->stopping = true;
-    /* Connections the kernel completed but we did not accept yet would be
-     * reset by the close: they are taken and served (with Connection: close). */
-    for (size_t i = 0; i < w->nlisteners; i++) {
-        evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[i].lev);
-        for (int n = 0; n < 4096; n++) {
-            struct sockaddr_storage ss;
-            socklen_t sl = sizeof(ss);
-            int cfd = accept4(lfd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
-            if (cfd < 0)
-                break;
-            accept_cb(w->listeners[i].lev, cfd, (struct sockaddr *)&ss, (int)sl, w);
-        }
-    }
-    close_listeners(w);
-    evtimer_del(w->accept_timer);
+    stop_listening(w);
     gw_conn_t *c = w->conns;
     while (c) {
         gw_conn_t *next = gw_conn_next(c);
         gw_conn_shutdown(c);
         c = next;
-    }
-    if (w->nconns == 0) {
-        event_base_loopexit(w->base, NULL);
-        return;
     }
     int ms = w->cfg->shutdown_timeout_ms;
     struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
@@ -552,7 +599,7 @@ gw_server_conn_closed(gw_worker_t *w)
 {
     w->nconns--;
     __atomic_sub_fetch(&w->srv->conns, 1, __ATOMIC_RELAXED);
-    if (w->stopping && w->nconns == 0)
+    if (w->stopping && w->nconns == 0 && w->nlisteners == 0)
         event_base_loopexit(w->base, NULL);
 }
 
@@ -726,6 +773,7 @@ start_workers(gw_server_t *s, gw_config_t *cfg, gw_dns_sys_t *sys, char *err, si
         w->probe_ev = evtimer_new(w->base, probe_cb, w);
         w->accept_timer = evtimer_new(w->base, accept_resume_cb, w);
         w->force_timer = evtimer_new(w->base, force_cb, w);
+        w->listen_close_timer = evtimer_new(w->base, listen_close_cb, w);
         w->listeners = gw_calloc(cfg->nlisten ? cfg->nlisten : 1, sizeof(gw_listener_t));
         for (size_t k = 0; k < cfg->nlisten; k++) {
             evutil_socket_t fd = gw_server_open_socket(&cfg->listen[k], true, true, err, errlen);
@@ -959,6 +1007,8 @@ gw_server_free(gw_server_t *s)
                 event_free(w->accept_timer);
             if (w->force_timer)
                 event_free(w->force_timer);
+            if (w->listen_close_timer)
+                event_free(w->listen_close_timer);
             if (w->probe_ev)
                 event_free(w->probe_ev);
             if (w->probe_fd >= 0)

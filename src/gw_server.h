@@ -57,6 +57,9 @@ typedef enum { GW_T_NONE, GW_T_HEADER, GW_T_BODY, GW_T_KEEPALIVE, GW_T_LINGER, G
  * shutdown_timeout_ms: closing it at once would race with a request already
  * on its way, which the client would see as a reset. */
 #define GW_DRAIN_IDLE_MS 1000
+/* After a graceful stop begins, how long listeners keep completing the
+ * handshakes already in flight (new ones are dropped) before they close. */
+#define GW_STOP_LISTEN_GRACE_MS 50
 
 /* A client that half-closed while its request is in flight: how often
  * gatherd looks whether the socket was reset (the client is gone, not
@@ -110,6 +113,7 @@ struct gw_worker_s {
     struct timeval timeout_tv[GW_T_MAX]; /* when the base has no common timeout left */
     struct event *accept_timer;     /* re-enables accepting after EMFILE */
     struct event *force_timer;      /* shutdown_timeout_ms after the stop */
+    struct event *listen_close_timer; /* GW_STOP_LISTEN_GRACE_MS after the stop: listeners close */
     bool stopping;
     unsigned refused;               /* connections refused since the last log line */
     time_t refused_logged_at;

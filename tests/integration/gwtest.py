@@ -16,8 +16,8 @@ test ends, a daemon still running is stopped with SIGTERM; a non-zero exit
 code from a graceful stop, or a sanitizer report in stderr, fails the test.
 
 Tiers: GW_CHECK_TIER=smoke runs only the tests named in SMOKE, "normal" those
-in NORMAL (both: and every test of the files in SMOKE_FILES); unset or
-"full", every test.
+in NORMAL (both: and every test of the files in SMOKE_FILES), "tsan" those in
+TSAN (make check-tsan); unset or "full", every test.
 
 Shards: GW_TEST_JOBS=N runs a file's selected tests in up to N processes at
 once (every Nth test each, at least SHARD_MIN tests per process), and adds
@@ -170,6 +170,36 @@ NORMAL = SMOKE | {
     "aggoracle_plain_calls", "aggoracle_foreach_calls", "backend_answers_fuzzed_end_to_end",
     "framing_matrix_and_fuzz",
 }
+# The ThreadSanitizer tier (GW_CHECK_TIER=tsan: make check-tsan): the tests
+# where state is shared between threads: workers (breakers, rate limits,
+# retry budgets, metrics, the connection count and hand-offs), the main
+# thread (reloads, stops, signals), the log writer and the thread pool. The
+# ASan build runs all of them too.
+TSAN = {
+    # breakers and retry budgets, shared by the workers
+    "breaker_state_is_shared_by_workers", "breaker_cycles_under_concurrent_workers",
+    "breaker_state_survives_a_reload", "breaker_half_open_lets_probes_through_then_closes",
+    "retry_budget_caps_retries_when_everything_fails", "retry_tries_are_seen_by_the_circuit_breaker",
+    "hedge_wins_and_the_slow_try_is_closed", "queue_serializes_then_fills", "queue_cancelled_waiter_leaves",
+    # rate limits, shared by the workers
+    "rate_exact_over_a_window", "rate_limit_survives_reload", "rate_max_keys",
+    # reloads, stops and signals: the main thread and the workers
+    "reload_every_second_under_wrk_load_loses_nothing", "reload_applies_to_new_requests_and_idle_connections",
+    "reload_lets_requests_in_flight_finish_on_their_configuration",
+    "reload_with_a_resolver_no_worker_can_set_up_fails_as_a_whole", "reload_opens_and_closes_listen_addresses",
+    "reload_keeps_the_pools_of_unchanged_backends", "graceful_stop_under_wrk_load",
+    "graceful_stop_never_resets_a_connection_it_completed", "graceful_stop_answers_with_connection_close",
+    # metrics and status gathered from every worker
+    "metrics_count_exactly_what_was_sent", "metrics_count_each_failure_code_as_its_outcome",
+    "status_json_describes_routes_and_backends", "readiness_turns_503_while_draining",
+    # the log writer thread
+    "workers_never_wait_on_stderr", "repeated_lines_are_rate_limited_and_summarised",
+    "no_line_lost_under_parallel_load", "sigusr1_reopens_files", "many_usr1_never_kill_the_daemon",
+    "reload_turns_the_access_log_on_and_moves_it",
+    # the thread pool
+    "stall_requests_end_while_their_answers_are_parsed", "stall_stop_and_reload_while_parsing",
+    "stall_parser_queue_full", "stall_budget_back_to_zero_on_every_path",
+}
 # Files run whole in the smoke tier: the deploy and README tests need the normal build
 # (the image holds it; the README builds its own) and skip themselves under sanitizers.
 SMOKE_FILES = {"test_deploy.py", "test_readme.py"}
@@ -220,15 +250,15 @@ def main(argv=None):
         return 1
     print("# gatherd: %s" % GATHERD)
     tier = os.environ.get("GW_CHECK_TIER") or "full"
-    if tier in ("smoke", "normal") and os.path.basename(sys.argv[0]) not in SMOKE_FILES:
-        names = SMOKE if tier == "smoke" else NORMAL
+    if tier == "tsan" or (tier in ("smoke", "normal") and os.path.basename(sys.argv[0]) not in SMOKE_FILES):
+        names = {"smoke": SMOKE, "normal": NORMAL, "tsan": TSAN}[tier]
         selected = [t for t in selected if t.__name__ in names]
         print(f"# tier {tier}: {len(selected)} of {len(_TESTS)} tests")
         if not selected:
             print("0 passed, 0 failed")
             return 77  # automake's SKIP: nothing of this file is in the tier
-    elif tier not in ("smoke", "normal", "full"):
-        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke, normal or full")
+    elif tier not in ("smoke", "normal", "tsan", "full"):
+        print(f"FAIL - setup: GW_CHECK_TIER={tier!r} is not smoke, normal, tsan or full")
         print("0 passed, 1 failed")
         return 1
     shard = os.environ.get("GW_SHARD")

@@ -508,6 +508,57 @@ def graceful_stop_under_wrk_load():
     check(res["requests"] > 200, f"wrk made requests ({res['requests']})")
 
 
+CLOSE_SCRIPT = r"""
+wrk.headers["Connection"] = "close"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT requests=%d connect=%d read=%d write=%d status=%d timeout=%d\n",
+                         summary.requests, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+@rtest
+@gwtest.exclusive
+def graceful_stop_never_resets_a_connection_it_completed():
+    """SIGTERM while wrk opens a new connection for every request (hundreds
+    of handshakes in flight at the stop): a connection the kernel completed
+    is served, never reset when the listener closes (a reset after the
+    client's connect succeeded is a wrk read error); new handshakes are
+    refused, which wrk counts as write errors. Three stops, two workers."""
+    if WRK is None:
+        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
+    for rnd in range(3):
+        d = Daemon({"listen": ["127.0.0.1:PORT"], "shutdown_timeout_ms": ms(3000),
+                    "routes": [{"path": "/v", "respond": {"body": {"v": rnd}}}]}, workers=2)
+        tmp = tempfile.mkdtemp(prefix="gwwrk-")
+        try:
+            script = os.path.join(tmp, "close.lua")
+            with open(script, "w") as f:
+                f.write(CLOSE_SCRIPT)
+            p = subprocess.Popen([WRK, "-t2", "-c200", "-d2s", "--timeout", "5s", "-s", script,
+                                  f"http://127.0.0.1:{d.port}/v"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, preexec_fn=gwtest._die_with_parent)
+            try:
+                time.sleep(0.6)
+                d.send_signal(signal.SIGTERM)
+                out = p.communicate(timeout=40)[0]
+            finally:
+                if p.poll() is None:
+                    gwtest.kill_and_reap(p, 5)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        d.wait(10)
+        eq(d.exit_code, 0, "exit status")
+        m = re.search(r"RESULT (.*)", out)
+        check(m is not None, f"wrk printed a result: {out}")
+        print(f"# stop {rnd + 1}: {m.group(1)}")
+        res = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+        check(res["requests"] > 50, f"wrk made requests before the stop ({res['requests']})")
+        for k in ("read", "status", "timeout"):
+            eq(res[k], 0, f"stop {rnd + 1}: wrk {k} errors")
+
+
 @rtest
 def graceful_stop_answers_with_connection_close():
     """A request in flight at SIGTERM gets its whole answer with Connection:
