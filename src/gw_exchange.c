@@ -26,6 +26,9 @@
 #include <stdio.h>
 #include <string.h>
 
+/* "call NAME: " before a log line's text when the exchange is a call's. */
+#define LABEL(x) (x)->label ? "call " : "", (x)->label ? (x)->label : "", (x)->label ? ": " : ""
+
 static void xchg_read_cb(gw_upstream_t *u, void *arg);
 static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
 static void xchg_write_cb(gw_upstream_t *u, void *arg);
@@ -43,7 +46,7 @@ gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_w
     x->w = w;
     x->b = b;
     x->rid = rid;
-    x->label = label ? label : "";
+    x->label = label;
     x->fail_name = fail_name;
 }
 
@@ -357,8 +360,8 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     if (!x->backoff) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %stry %u passed per_try_timeout_ms (%d) while %s, request %s", x->b->name,
-                  x->label, x->attempt, x->b->retry->per_try_timeout_ms, gw_xchg_doing(x), x->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s", x->b->name,
+                  LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, gw_xchg_doing(x), x->rid);
         if (x->u)
             x->u->broken = true;
         xchg_fail(x, GW_XCHG_TRY_TIMEOUT, GW_FAIL_TIMEOUT, gw_xchg_doing(x), 0);
@@ -412,13 +415,13 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
     int ms = gw_retry_backoff_ms(rc, x->attempt);
     uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->end_us || (x->deadline_us && wake >= x->deadline_us)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s; no retry: a %d ms backoff would end after %s, request %s",
-                  x->b->name, x->label, name, ms, wake >= x->end_us ? "timeout_ms" : "the route's deadline", x->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s; no retry: a %d ms backoff would end after %s, request %s",
+                  x->b->name, LABEL(x), name, ms, wake >= x->end_us ? "timeout_ms" : "the route's deadline", x->rid);
         return false;
     }
     if (!gw_retry_acquire(rc)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s; no retry: the retry budget is spent, request %s", x->b->name,
-                  x->label, name, x->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s; no retry: the retry budget is spent, request %s", x->b->name,
+                  LABEL(x), name, x->rid);
         return false;
     }
     x->slot = true;
@@ -427,7 +430,7 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
     char st[32] = "";
     if (code == GW_FAIL_BAD_STATUS)
         snprintf(st, sizeof(st), " (status %d)", x->status);
-    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s%s; retry %u of %u in %d ms, request %s", x->b->name, x->label, name,
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s%s%s%s; retry %u of %u in %d ms, request %s", x->b->name, LABEL(x), name,
               st, err ? ": " : "", err ? strerror(err) : "", x->attempt, rc->attempts - 1, ms, x->rid);
     /* the breaker hears how this try went; the next one asks it again */
     gw_xchg_outcome(x, code, x->status);
@@ -483,6 +486,18 @@ gw_xchg_detach(gw_xchg_t *x, bool reusable)
     if (x->u) {
         gw_upstream_release(x->u, reusable);
         x->u = NULL;
+    }
+    if (x->rtimer)
+        evtimer_del(x->rtimer);
+}
+
+void
+gw_xchg_try_over(gw_xchg_t *x)
+{
+    gw_upstream_wait_cancel(&x->wait);
+    if (x->slot) {
+        gw_retry_release(x->b->retry);
+        x->slot = false;
     }
     if (x->rtimer)
         evtimer_del(x->rtimer);

@@ -96,7 +96,7 @@ struct gw_xchg_s {
     gw_worker_t *w;
     const gw_backend_t *b;
     const char *rid;        /* the client request's id, for log lines (borrowed) */
-    const char *label;      /* "call NAME: " or "" before a log line's text (borrowed) */
+    const char *label;      /* the call's name for log lines, NULL for a proxied request (borrowed) */
     const char *(*fail_name)(gw_fail_t); /* gw_fail_name or gw_fail_proxy_name, in log lines */
     gw_upstream_t *u;       /* the try's connection, NULL while queued or between tries */
     gw_upstream_wait_t wait; /* queued for a connection of a full pool */
@@ -133,8 +133,8 @@ struct gw_xchg_s {
 
 /*
  * Prepares x (zeroed, or closed) for a request to backend b on worker w:
- * ops and their args, rid and label for log lines (borrowed, valid until
- * close), fail_name for the codes in log lines. The owner then sets
+ * ops and their args, rid and label (a call's name, or NULL) for log
+ * lines (borrowed, valid until close), fail_name for the codes in them. The owner then sets
  * head/head_len, method, max_body, timeout_ms, deadline_us, per_try and
  * low_water as it needs, and calls gw_xchg_start().
  */
@@ -196,6 +196,11 @@ gw_xchg_ended(gw_xchg_t *x, gw_fail_t code)
  * per-try timer stops and the wait queue is left; the call's timer runs
  * on until close (an answer parsed on the thread pool). */
 void gw_xchg_detach(gw_xchg_t *x, bool reusable);
+
+/* The try is over without an answer to retry (the other leg of a hedge
+ * goes on): the queue is left, the retry budget slot given back, the
+ * per-try timer stopped; the connection stays. */
+void gw_xchg_try_over(gw_xchg_t *x);
 
 /* Ends the exchange: the call counted for the metrics, budget slot and
  * count given back, queue left, an open admission abandoned, the
