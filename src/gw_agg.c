@@ -44,12 +44,10 @@
 #include "gw_log.h"
 #include "gw_proxy.h"
 #include "gw_resp.h"
-#include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_server.h"
 #include "gw_template.h"
 #include "gw_tpool.h"
-#include "gw_upstream.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -137,11 +135,6 @@ struct xchg_s {
     ajob_t *job;          /* its answer, being parsed on the thread pool */
     json_t *shaped;       /* what the pool shaped the answer into, for xchg_end() */
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
-    /* hedging (see "retries and hedging" below) */
-    struct event *htimer; /* hedge_after_ms; made on first use */
-    bool waiting_twin;    /* its own try failed while its hedge runs: the hedge decides */
-    xchg_t *twin;         /* its hedge, while one runs */
-    xchg_t *owner;        /* a hedge: the exchange it copies */
 };
 
 struct gw_agg_s {
@@ -223,9 +216,6 @@ static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, gw_fail_t code, int status);
 static void foreach_fill(agg_t *a, size_t i);
 static json_t *shape(const gw_call_t *call, json_t *answer);
-static bool retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code);
-static void hedge_unlink(xchg_t *x);
-static void hedge_arm(xchg_t *x);
 static void agg_progress(agg_t *a);
 
 /* --- small helpers ------------------------------------------------------- */
@@ -279,8 +269,6 @@ static void
 xchg_destroy(xchg_t *x)
 {
     gw_xchg_destroy(&x->ex);
-    if (x->htimer)
-        event_free(x->htimer);
     gw_tpl_buf_free(&x->req);
     gw_tpl_buf_free(&x->obody);
     free(x->body); /* xchg_free() gave its budget bytes back */
@@ -310,7 +298,6 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
-    hedge_unlink(x);
     gw_xchg_close(&x->ex, reusable); /* counts the call, gives back what the exchange holds */
     if (x->job) { /* abandoned: it frees what it holds when it is back */
         x->job->x = NULL;
@@ -331,14 +318,12 @@ xchg_free(xchg_t *x, bool reusable)
         xchg_destroy(x);
         return;
     }
-    struct event *timer = x->ex.timer, *rtimer = x->ex.rtimer, *htimer = x->htimer;
+    gw_xchg_timers_t timers = gw_xchg_timers(&x->ex);
     gw_tpl_buf_t req = x->req, obody = x->obody;
     char *body = x->body;
     size_t bcap = x->bcap;
     memset(x, 0, sizeof(*x));
-    x->ex.timer = timer;
-    x->ex.rtimer = rtimer;
-    x->htimer = htimer;
+    gw_xchg_timers_set(&x->ex, timers);
     x->req = req;
     x->req.len = 0;
     x->obody = obody;
@@ -357,11 +342,16 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
 {
     json_t *pre = x->shaped; /* value as the thread pool shaped it, if it did */
     x->shaped = NULL;
-    if (retry_end(&x, reusable, value, code)) {
+    /* retries and hedges (gw_exchange): a winning hedge hands over to its owner */
+    gw_xchg_t *e = gw_xchg_end_try(&x->ex, code, reusable);
+    if (e == NULL) {
         json_decref(pre); /* NULL: only a success is shaped, and a success is never retried */
         return; /* retried, or a hedge still runs */
     }
+    x = e->arg;
     agg_t *a = x->a;
+    if (e->hedge_won)
+        a->calls[x->call].hedge_won = true;
     size_t i = x->call, item = x->item;
     int status = x->ex.status;
     const gw_call_t *call = call_of(a, i);
@@ -667,14 +657,12 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
         ex->timeout_ms = call->timeout_ms;
         ex->deadline_us = a->deadline_us;
         ex->per_try = true;
+        ex->hedge_ms = call->hedge_after_ms;
         code = gw_xchg_start(ex);
         start_failed_log(a, call, code, errno);
     }
-    if (code != GW_FAIL_NONE) {
+    if (code != GW_FAIL_NONE)
         xchg_end(x, false, NULL, code);
-        return;
-    }
-    hedge_arm(x);
 }
 
 static void fill_cb(evutil_socket_t fd, short what, void *arg);
@@ -1422,8 +1410,6 @@ xchg_offload(xchg_t *x, bool reusable, bool raw)
     x->job = p;
     /* this try has its answer: no per-try timeout, no hedge; the call's timeout still runs */
     gw_xchg_detach(&x->ex, reusable);
-    if (x->htimer)
-        evtimer_del(x->htimer);
 }
 
 /* The whole response is in: judge it, parse it, end the exchange. */
@@ -1605,145 +1591,19 @@ agg_xchg_settle(void *sarg)
     gw_conn_release(c);
 }
 
-static const gw_xchg_ops_t xchg_ops = {
-    .resp = &resp_ops,
-    .begin = agg_xchg_begin,
-    .done = agg_xchg_done,
-    .fail = agg_xchg_fail,
-    .settle = agg_xchg_settle,
-};
-
-/* --- retries and hedging ------------------------------------------------- */
-
 /*
- * An exchange is one request of a call; each try of it is one send on one
- * connection with one outcome, reported through xchg_end(), where
- * retry_end() sees it first. A failed try is sent again when the backend's
- * "retry" allows it (gw_xchg_retry: connect failure, reset or EOF before a
- * whole response, a per-try timeout, a listed status; tries left, a sleep
- * that ends before the call's timeout and the route's deadline, the retry
- * budget); otherwise the exchange ends with that try's failure. The call's
- * timeout runs across tries.
- *
- * A hedge (the call's hedge_after_ms) is a second exchange, the twin, that
- * sends a copy of the request on a fresh connection (the pool's next
- * address) and reports into its owner: the first good answer of either
- * ends the exchange and the other try is closed, never pooled. A failed
- * try leaves the other one running; when both failed, the last failure
- * goes through the retry rules of the owner.
+ * Retries and hedges are gw_exchange's (gw_xchg_end_try(), which xchg_end()
+ * asks first). A hedge (the call's hedge_after_ms) is an exchange of its
+ * own, the twin, with a copy of the request, that reports into its owner:
+ * the first good answer of either ends the exchange (the hedge's own body
+ * buffer holds it), the other is closed, never pooled.
  */
-
-static void hedge_timer_cb(evutil_socket_t fd, short what, void *arg);
-
-/* The first try of x was sent: arm the call's hedge. */
-static void
-hedge_arm(xchg_t *x)
+static gw_xchg_t *
+agg_xchg_hedge(gw_xchg_t *ex)
 {
+    xchg_t *x = XC(ex);
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    if (call->hedge_after_ms > 0 && gw_now_us() + (uint64_t)call->hedge_after_ms * 1000u < a->deadline_us) {
-        if (x->htimer == NULL)
-            x->htimer = evtimer_new(a->w->base, hedge_timer_cb, x);
-        struct timeval tv = { call->hedge_after_ms / 1000, (call->hedge_after_ms % 1000) * 1000 };
-        evtimer_add(x->htimer, &tv);
-    }
-}
-
-/* x ends (xchg_free): its hedge timer stops, and it is unlinked from its
- * twin or owner. */
-static void
-hedge_unlink(xchg_t *x)
-{
-    if (x->htimer)
-        evtimer_del(x->htimer);
-    if (x->twin)
-        x->twin->owner = NULL;
-    if (x->owner)
-        x->owner->twin = NULL;
-    x->twin = x->owner = NULL;
-}
-
-/*
- * A try of *xp ended: with value (NULL on failure) or code. True when that
- * ending was taken care of here (a retry sleeps, or the other try of a
- * hedged exchange goes on); false when the exchange ends, then *xp is the
- * exchange to end (a winning hedge hands over to its owner).
- */
-static bool
-retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
-{
-    xchg_t *x = *xp;
-    agg_t *a = x->a;
-    const gw_call_t *call = call_of(a, x->call);
-    GW_UNUSED(value);
-    /* this try is over: the breaker hears how it went, a queued one leaves the queue */
-    gw_xchg_outcome(&x->ex, code, x->ex.status);
-    gw_xchg_try_over(&x->ex);
-    if (x->owner) {
-        xchg_t *p = x->owner;
-        if (code == GW_FAIL_NONE) {
-            /* the hedge won: the owner's own try is closed, the answer is the hedge's */
-            gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
-                   call->name, gw_conn_req(a->c)->request_id);
-            if (p->ex.admitted) {
-                gw_breaker_abandon(call->backend); /* cancelled, not failed */
-                p->ex.admitted = false;
-            }
-            gw_xchg_detach(&p->ex, false);
-            p->ex.status = x->ex.status;
-            a->calls[x->call].hedge_won = true;
-            xchg_free(x, reusable);
-            *xp = p;
-            return false;
-        }
-        gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
-               gw_fail_name(code), gw_conn_req(a->c)->request_id);
-        bool owner_failed = p->waiting_twin;
-        int status = x->ex.status;
-        xchg_free(x, reusable);
-        if (!owner_failed)
-            return true; /* the owner's try goes on */
-        p->waiting_twin = false;
-        p->ex.status = status;
-        x = *xp = p;
-        reusable = false;
-    } else if (x->twin) {
-        if (code == GW_FAIL_NONE || x->ex.final) {
-            xchg_free(x->twin, false); /* the hedge lost, or the call is over */
-        } else {
-            gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
-                   call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
-            gw_xchg_detach(&x->ex, reusable);
-            x->waiting_twin = true;
-            return true;
-        }
-    }
-    return gw_xchg_retry(&x->ex, code, 0, reusable, true);
-}
-
-/* x->htimer: no answer after hedge_after_ms: send a copy on a fresh
- * connection, when the budget has room (else keep waiting). */
-static void
-hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    const gw_call_t *call = call_of(a, x->call);
-    const gw_retry_conf_t *rc = call->backend->retry;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    if (x->twin || x->ex.u == NULL || x->ex.got_bytes || x->waiting_twin)
-        return; /* answering, queued, or between tries: nothing to hedge */
-    if (gw_breaker_admit(call->backend, NULL) != GW_OK)
-        return; /* its circuit opened meanwhile: no new try */
-    if (!gw_retry_acquire(rc)) {
-        if (call->backend->breaker)
-            gw_breaker_abandon(call->backend);
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
-               call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
-        return;
-    }
     xchg_t *h = xchg_new(a, x->call, x->item);
     h->limit = x->limit;
     gw_tpl_buf_add(&h->req, x->req.data, x->req.len);
@@ -1751,19 +1611,27 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
         gw_tpl_buf_add(&h->obody, x->obody.data, x->obody.len);
     h->has_obody = x->has_obody;
     h->out_len = x->out_len;
-    h->owner = x;
-    x->twin = h;
-    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, x->ex.rid, call->name, gw_fail_name);
+    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, ex->rid, call->name, gw_fail_name);
     h->ex.head = h->req.data;
     h->ex.head_len = h->req.len;
-    if (gw_xchg_start_copy(&h->ex, &x->ex, call->backend->breaker != NULL) != GW_FAIL_NONE) {
-        xchg_free(h, false); /* the owner's try goes on alone */
-        return;
-    }
-    gw_m_add(&a->w->m->backends[call->backend->mid].hedges, 1);
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
-           call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
+    return &h->ex;
 }
+
+static void
+agg_xchg_discard(gw_xchg_t *ex, bool reusable)
+{
+    xchg_free(XC(ex), reusable);
+}
+
+static const gw_xchg_ops_t xchg_ops = {
+    .resp = &resp_ops,
+    .begin = agg_xchg_begin,
+    .done = agg_xchg_done,
+    .fail = agg_xchg_fail,
+    .settle = agg_xchg_settle,
+    .hedge = agg_xchg_hedge,
+    .discard = agg_xchg_discard,
+};
 
 /* --- entry points -------------------------------------------------------- */
 

@@ -35,6 +35,8 @@ static void xchg_write_cb(gw_upstream_t *u, void *arg);
 static void xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg);
 static void xchg_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg);
+static void xchg_htimer_cb(evutil_socket_t fd, short what, void *arg);
+static void xchg_try_over(gw_xchg_t *x);
 
 void
 gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w, const gw_backend_t *b,
@@ -148,6 +150,12 @@ gw_xchg_start(gw_xchg_t *x)
         gw_retry_request_begin(rc);
     }
     xchg_arm_try(x);
+    if (x->hedge_ms > 0 && (!x->deadline_us || now + (uint64_t)x->hedge_ms * 1000u < x->deadline_us)) {
+        if (x->htimer == NULL)
+            x->htimer = evtimer_new(x->w->base, xchg_htimer_cb, x);
+        struct timeval tv = { x->hedge_ms / 1000, (x->hedge_ms % 1000) * 1000 };
+        evtimer_add(x->htimer, &tv);
+    }
     /* No timer when the route's deadline comes first: it ends the call
      * anyway, with the same code. */
     if (x->deadline_us && x->end_us >= x->deadline_us)
@@ -163,8 +171,12 @@ gw_xchg_start(gw_xchg_t *x)
     return GW_FAIL_NONE;
 }
 
-gw_fail_t
-gw_xchg_start_copy(gw_xchg_t *h, const gw_xchg_t *x, bool admitted)
+/* A copy of x's request on a new connection (a hedge): h is prepared with
+ * gw_xchg_init() and its head; it holds a retry budget slot taken for it,
+ * and the breaker admission got for it (admitted). Not counted for the
+ * metrics (the call is x's). GW_FAIL_NONE, else h sent nothing. */
+static gw_fail_t
+xchg_start_copy(gw_xchg_t *h, const gw_xchg_t *x, bool admitted)
 {
     h->method = x->method;
     h->max_body = x->max_body;
@@ -389,6 +401,45 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     ops->settle(sarg);
 }
 
+/* x->htimer: no answer byte after hedge_ms: a copy of the request goes out
+ * on a new connection, when the breaker and the retry budget let it (else
+ * x keeps waiting alone). Nothing of the call ends here: no settle. */
+static void
+xchg_htimer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_xchg_t *x = arg;
+    const gw_retry_conf_t *rc = x->b->retry;
+    GW_UNUSED(fd);
+    GW_UNUSED(what);
+    if (x->twin || x->u == NULL || x->got_bytes || x->waiting_twin)
+        return; /* answering, queued, or between tries: nothing to hedge */
+    if (gw_breaker_admit(x->b, NULL) != GW_OK)
+        return; /* its circuit opened meanwhile: no new try */
+    if (!gw_retry_acquire(rc)) {
+        if (x->b->breaker)
+            gw_breaker_abandon(x->b);
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%sno hedge after %d ms: the retry budget is spent, request %s",
+                  x->b->name, LABEL(x), x->hedge_ms, x->rid);
+        return;
+    }
+    gw_xchg_t *h = x->ops->hedge(x);
+    if (h == NULL) {
+        gw_retry_release(rc);
+        if (x->b->breaker)
+            gw_breaker_abandon(x->b);
+        return;
+    }
+    h->owner = x;
+    x->twin = h;
+    if (xchg_start_copy(h, x, x->b->breaker != NULL) != GW_FAIL_NONE) {
+        x->ops->discard(h, false); /* x's try goes on alone */
+        return;
+    }
+    gw_m_add(&x->w->m->backends[x->b->mid].hedges, 1);
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%sno answer after %d ms, hedged on a new connection, request %s",
+              x->b->name, LABEL(x), x->hedge_ms, x->rid);
+}
+
 /* --- retries --------------------------------------------------------------- */
 
 /* Whether a failed try may be tried again, as far as its failure goes. */
@@ -464,6 +515,53 @@ gw_xchg_retry(gw_xchg_t *x, gw_fail_t code, int err, bool reusable, bool replaya
     return true;
 }
 
+gw_xchg_t *
+gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable)
+{
+    /* this try is over: the breaker hears how it went, a queued one leaves the queue */
+    gw_xchg_outcome(x, code, x->status);
+    xchg_try_over(x);
+    if (x->owner) {
+        gw_xchg_t *p = x->owner;
+        if (code == GW_FAIL_NONE) {
+            /* the hedge won: the owner's own try is closed, the answer is the hedge's */
+            gw_log_rl(GW_LOG_INFO, "backend %s: the hedge%s%s answered first, request %s", x->b->name,
+                      x->label ? " of call " : "", x->label ? x->label : "", x->rid);
+            if (p->admitted) {
+                gw_breaker_abandon(p->b); /* cancelled, not failed */
+                p->admitted = false;
+            }
+            gw_xchg_detach(p, false);
+            p->status = x->status;
+            p->hedge_won = true;
+            x->ops->discard(x, reusable);
+            return p;
+        }
+        gw_log_rl(GW_LOG_INFO, "backend %s: the hedge%s%s failed: %s, request %s", x->b->name,
+                  x->label ? " of call " : "", x->label ? x->label : "", x->fail_name(code), x->rid);
+        bool owner_failed = p->waiting_twin;
+        int status = x->status;
+        x->ops->discard(x, reusable);
+        if (!owner_failed)
+            return NULL; /* the owner's try goes on */
+        p->waiting_twin = false;
+        p->status = status;
+        x = p;
+        reusable = false;
+    } else if (x->twin) {
+        if (code == GW_FAIL_NONE || x->final) {
+            x->ops->discard(x->twin, false); /* the hedge lost, or the call is over */
+        } else {
+            gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s; its hedge goes on, request %s", x->b->name, LABEL(x),
+                      x->fail_name(code), x->rid);
+            gw_xchg_detach(x, reusable);
+            x->waiting_twin = true;
+            return NULL;
+        }
+    }
+    return gw_xchg_retry(x, code, 0, reusable, true) ? NULL : x;
+}
+
 void
 gw_xchg_outcome(gw_xchg_t *x, gw_fail_t code, int status)
 {
@@ -489,10 +587,14 @@ gw_xchg_detach(gw_xchg_t *x, bool reusable)
     }
     if (x->rtimer)
         evtimer_del(x->rtimer);
+    if (x->htimer)
+        evtimer_del(x->htimer);
 }
 
-void
-gw_xchg_try_over(gw_xchg_t *x)
+/* The try is over: the queue is left, the retry budget slot given back,
+ * the per-try timer stopped; the connection stays. */
+static void
+xchg_try_over(gw_xchg_t *x)
 {
     gw_upstream_wait_cancel(&x->wait);
     if (x->slot) {
@@ -520,14 +622,19 @@ gw_xchg_close(gw_xchg_t *x, bool reusable)
         gw_breaker_abandon(x->b);
     if (x->u)
         gw_upstream_release(x->u, reusable);
-    if (x->timer)
-        evtimer_del(x->timer);
-    if (x->rtimer)
-        evtimer_del(x->rtimer);
-    struct event *timer = x->timer, *rtimer = x->rtimer;
+    if (x->twin)
+        x->twin->owner = NULL;
+    if (x->owner)
+        x->owner->twin = NULL;
+    gw_xchg_timers_t t = gw_xchg_timers(x);
+    if (t.timer)
+        evtimer_del(t.timer);
+    if (t.rtimer)
+        evtimer_del(t.rtimer);
+    if (t.htimer)
+        evtimer_del(t.htimer);
     memset(x, 0, sizeof(*x));
-    x->timer = timer;
-    x->rtimer = rtimer;
+    gw_xchg_timers_set(x, t);
 }
 
 void
@@ -537,7 +644,9 @@ gw_xchg_destroy(gw_xchg_t *x)
         event_free(x->timer);
     if (x->rtimer)
         event_free(x->rtimer);
-    x->timer = x->rtimer = NULL;
+    if (x->htimer)
+        event_free(x->htimer);
+    x->timer = x->rtimer = x->htimer = NULL;
 }
 
 /* --- I/O for the owner ----------------------------------------------------- */

@@ -8,8 +8,9 @@
  * reading the answer through gw_resp (pausing when the owner cannot take
  * more), sending once more on a new connection when a pooled one turns out
  * stale, the call's timeout, per-try timeouts, retries (backoff, retry
- * budget, which failures), the breaker's admission and outcomes, and the
- * backend's call metrics. The owner (gw_agg.c's call exchange, gw_proxy.c's
+ * budget, which failures), hedges (a copy of the request on a new
+ * connection when no answer came in time; the first good answer wins), the
+ * breaker's admission and outcomes, and the backend's call metrics. The owner (gw_agg.c's call exchange, gw_proxy.c's
  * request) keeps what is its own: rendering the request, what the answer
  * becomes (a parsed body, a stream to the client), the answer to its
  * client, and its log lines about failures.
@@ -18,8 +19,19 @@
  * back from inside it), then the loop calls back the owner's ops until the
  * owner ends the exchange with gw_xchg_close(). A try ends in exactly one of
  * ops->done (the whole answer was read) or ops->fail (it failed in a way
- * the exchange does not repair itself); the owner decides there whether to
- * try again (gw_xchg_retry()) or to end.
+ * the exchange does not repair itself); the owner then hands the outcome
+ * to gw_xchg_end_try() (retries and hedges decided here) or, when it has
+ * rules of its own (a proxy that already passed part of an answer on),
+ * asks gw_xchg_retry() itself.
+ *
+ * Hedges: an exchange with hedge_ms set gets a twin after that long
+ * without an answer byte: ops->hedge makes a new exchange (a copy of the
+ * request in a new owner context), sent on a new connection. Both run;
+ * gw_xchg_end_try() of either decides: the first good answer ends the
+ * call (a winning hedge hands its answer to the owner exchange), a failed
+ * leg leaves the other running, the last failure goes through the retry
+ * rules. The exchange that is not needed any more is given back with
+ * ops->discard (its owner context frees it with gw_xchg_close()).
  *
  * Ownership: the gw_xchg_t is embedded in the owner's context and owned by
  * it; the exchange owns its connection (released by gw_xchg_detach() or
@@ -32,6 +44,10 @@
  * ops->done, ops->fail and ops->drained may close the exchange, and even
  * free the owner's context, provided sarg stays valid until settle (the
  * exchange reads sarg before calling them). settle may free everything.
+ * The hedge timer is the exception: it calls ops->hedge and, when that
+ * hedge cannot be sent, ops->discard on the new exchange, and no settle
+ * (nothing of the call ended). ops->discard is only ever called from
+ * inside gw_xchg_end_try() or the hedge timer, for the other exchange.
  */
 #ifndef GW_EXCHANGE_H
 #define GW_EXCHANGE_H
@@ -87,6 +103,14 @@ typedef struct {
     bool (*replayable)(gw_xchg_t *x);
     /* The last call of every entry point from the loop. */
     void (*settle)(void *sarg);
+    /* Hedging only (else NULL): a new exchange, prepared with
+     * gw_xchg_init() and head set, in a new owner context that copies x's
+     * request; NULL when none can be made. */
+    gw_xchg_t *(*hedge)(gw_xchg_t *x);
+    /* Hedging only: x, a leg that is not needed any more (a hedge that
+     * lost, failed, or handed its answer over), is closed by its owner
+     * context (gw_xchg_close(x, reusable)) with that context. */
+    void (*discard)(gw_xchg_t *x, bool reusable);
 } gw_xchg_ops_t;
 
 struct gw_xchg_s {
@@ -129,6 +153,13 @@ struct gw_xchg_s {
     bool slot;              /* this try (or the sleep before it) holds a retry budget slot */
     bool backoff;           /* rtimer is the backoff sleep */
     bool final;             /* the call's timeout ended it: no retry */
+    /* hedging */
+    int hedge_ms;           /* hedge_after_ms, 0: none */
+    struct event *htimer;   /* made on first use, kept */
+    gw_xchg_t *twin;        /* its hedge, while one runs */
+    gw_xchg_t *owner;       /* a hedge: the exchange it copies */
+    bool waiting_twin;      /* its own try failed while its hedge runs: the hedge decides */
+    bool hedge_won;         /* the call's answer is its hedge's */
 };
 
 /*
@@ -153,12 +184,16 @@ void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg,
 gw_fail_t gw_xchg_start(gw_xchg_t *x);
 
 /*
- * A copy of x's request on a new connection (a hedge): h is prepared with
- * gw_xchg_init() and its head; it holds a retry budget slot the caller
- * took, and the breaker admission the caller got (admitted). Not counted
- * for the metrics (the call is x's). GW_FAIL_NONE, else h sent nothing.
+ * A try of x ended: with an answer the owner accepts (GW_FAIL_NONE), or
+ * failed with code (x->status: the answer's, when there was one);
+ * reusable: its connection may be pooled. NULL when that ending was taken
+ * care of here: a retry sleeps, or the other leg of a hedged call goes on
+ * (x may have been discarded then). Else the exchange whose call ends with
+ * this outcome: x, or, when x is a hedge, its owner (x was discarded after
+ * the caller took what it needs of it; owner->hedge_won says the answer is
+ * the hedge's, owner->status is the hedge's).
  */
-gw_fail_t gw_xchg_start_copy(gw_xchg_t *h, const gw_xchg_t *x, bool admitted);
+gw_xchg_t *gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable);
 
 /*
  * The try in flight failed with code (BAD_STATUS: x->status is the
@@ -193,20 +228,35 @@ gw_xchg_ended(gw_xchg_t *x, gw_fail_t code)
 }
 
 /* The answer is in: the connection goes (pooled when reusable), the
- * per-try timer stops and the wait queue is left; the call's timer runs
- * on until close (an answer parsed on the thread pool). */
+ * per-try and hedge timers stop and the wait queue is left; the call's
+ * timer runs on until close (an answer parsed on the thread pool). */
 void gw_xchg_detach(gw_xchg_t *x, bool reusable);
-
-/* The try is over without an answer to retry (the other leg of a hedge
- * goes on): the queue is left, the retry budget slot given back, the
- * per-try timer stopped; the connection stays. */
-void gw_xchg_try_over(gw_xchg_t *x);
 
 /* Ends the exchange: the call counted for the metrics, budget slot and
  * count given back, queue left, an open admission abandoned, the
- * connection pooled when reusable else closed, timers stopped; x is ready
- * for gw_xchg_init() again (timers kept). */
+ * connection pooled when reusable else closed, timers stopped, unlinked
+ * from its twin or owner; x is ready for gw_xchg_init() again (timers
+ * kept). */
 void gw_xchg_close(gw_xchg_t *x, bool reusable);
+
+/* x's timers, made on first use and kept with a closed exchange: an owner
+ * that clears its context for the next request keeps them this way. */
+typedef struct {
+    struct event *timer, *rtimer, *htimer;
+} gw_xchg_timers_t;
+static inline gw_xchg_timers_t
+gw_xchg_timers(const gw_xchg_t *x)
+{
+    gw_xchg_timers_t t = { x->timer, x->rtimer, x->htimer };
+    return t;
+}
+static inline void
+gw_xchg_timers_set(gw_xchg_t *x, gw_xchg_timers_t t)
+{
+    x->timer = t.timer;
+    x->rtimer = t.rtimer;
+    x->htimer = t.htimer;
+}
 
 /* Frees x's timers (x closed, or never started). */
 void gw_xchg_destroy(gw_xchg_t *x);

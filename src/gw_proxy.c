@@ -358,13 +358,12 @@ proxy_free(gw_proxy_t *p, bool reusable)
         return;
     }
     /* keep the allocations, reset the rest */
-    struct event *timer = p->ex.timer, *rtimer = p->ex.rtimer;
+    gw_xchg_timers_t timers = gw_xchg_timers(&p->ex);
     char *head = p->head, *hout = p->hout, *hbuf = p->hbuf;
     size_t head_cap = p->head_cap, hout_cap = p->hout_cap, hcap = p->hcap, hdrs_cap = p->hdrs_cap;
     gw_header_t *hdrs = p->hdrs;
     memset(p, 0, sizeof(*p));
-    p->ex.timer = timer;
-    p->ex.rtimer = rtimer;
+    gw_xchg_timers_set(&p->ex, timers);
     p->head = head;
     p->head_cap = head_cap;
     p->hout = hout;
