@@ -646,7 +646,7 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     const gw_call_t *call = call_of(a, i);
     xchg_t *x = xchg_new(a, i, item);
     gw_xchg_t *ex = &x->ex;
-    gw_xchg_init(ex, &xchg_ops, x, a, a->w, call->backend, gw_conn_req(a->c)->request_id, call->name, gw_fail_name);
+    gw_xchg_init(ex, &xchg_ops, x, a, a->w, call->backend, a->c, call->name);
     x->limit = call->backend->max_response_bytes;
     gw_fail_t code = build_request(x, item_value);
     if (code == GW_FAIL_NONE) {
@@ -1510,8 +1510,9 @@ agg_xchg_done(gw_xchg_t *ex, bool reusable)
     xchg_finish(XC(ex), reusable);
 }
 
-/* gw_resp refused the answer, or on_body() stopped it. */
-static void
+/* gw_resp refused the answer (logged by gw_exchange when invalid), or
+ * on_body() stopped it: the call's code. */
+static gw_fail_t
 answer_refused(xchg_t *x)
 {
     agg_t *a = x->a;
@@ -1521,64 +1522,41 @@ answer_refused(xchg_t *x)
     gw_xchg_broken(ex);
     if (x->over_budget) {
         refusal_log(a, call, true);
-        xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
-    } else if (ex->rd.error == GW_RESP_TOO_LARGE && ex->status > 299) {
+        return GW_FAIL_MEMORY_BUDGET;
+    }
+    if (ex->rd.error == GW_RESP_TOO_LARGE && ex->status > 299) {
         /* the body of an error is never used: its status is the answer */
         gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
                "request %s", call->backend->name, ex->status, call->name, gw_conn_req(a->c)->request_id);
-        xchg_end(x, false, NULL, GW_FAIL_BAD_STATUS);
-    } else if (ex->rd.error == GW_RESP_TOO_LARGE) {
+        return GW_FAIL_BAD_STATUS;
+    }
+    if (ex->rd.error == GW_RESP_TOO_LARGE) {
         x->too_large = true;
         gw_log_rl(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
                call->backend->name, x->limit, call->name, gw_conn_req(a->c)->request_id);
-        xchg_end(x, false, NULL, GW_FAIL_TOO_LARGE);
-    } else {
-        gw_log_rl(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call->backend->name, call->name,
-               ex->rd.why);
-        ex->status = 0; /* an invalid answer has no status worth reporting */
-        xchg_end(x, false, NULL, GW_FAIL_BAD_RESPONSE);
+        return GW_FAIL_TOO_LARGE;
     }
+    ex->status = 0; /* an invalid answer has no status worth reporting */
+    return GW_FAIL_BAD_RESPONSE;
 }
 
-/* The try failed (the exchange tried a stale connection's resend already):
- * logged, then ended through xchg_end(), which retries when allowed.
- * Aggregate calls name name-resolution and TLS failures connect_failed,
- * and any cut answer truncated. */
+/* The try failed (gw_exchange resent on a stale connection already, and
+ * logged connection failures): ended through xchg_end(), which retries
+ * when allowed. */
 static void
 agg_xchg_fail(gw_xchg_t *ex, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
 {
     xchg_t *x = XC(ex);
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    switch (cause) {
-    case GW_XCHG_START:
-    case GW_XCHG_QUEUE:
+    if (cause == GW_XCHG_INVALID)
+        code = answer_refused(x);
+    else if (cause == GW_XCHG_START || cause == GW_XCHG_QUEUE)
         start_failed_log(a, call, code, err);
-        break;
-    case GW_XCHG_CONNECT:
-    case GW_XCHG_BROKE:
-        if (code == GW_FAIL_RESOLVE_FAILED || code == GW_FAIL_TLS_FAILED)
-            code = GW_FAIL_CONNECT_FAILED;
-        if (cause == GW_XCHG_BROKE) {
-            code = GW_FAIL_TRUNCATED;
-            doing = ex->got_bytes ? "reading response from upstream" : "waiting for the response";
-        }
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s",
-               call->backend->name, call->backend->host_header, gw_fail_name(code), err ? ": " : "",
-               err ? strerror(err) : "", doing, call->name, gw_conn_peer_ip(a->c), gw_conn_req(a->c)->request_id);
-        gw_xchg_broken(ex);
-        break;
-    case GW_XCHG_INVALID:
-        answer_refused(x);
-        return;
-    case GW_XCHG_TIMEOUT:
+    else if (cause == GW_XCHG_TIMEOUT)
         gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
                call->name, call->timeout_ms, x->job ? "parsing the response on the thread pool" : doing,
                gw_conn_req(a->c)->request_id);
-        break;
-    case GW_XCHG_TRY_TIMEOUT:
-        break;
-    }
     xchg_end(x, false, NULL, code);
 }
 
@@ -1611,7 +1589,7 @@ agg_xchg_hedge(gw_xchg_t *ex)
         gw_tpl_buf_add(&h->obody, x->obody.data, x->obody.len);
     h->has_obody = x->has_obody;
     h->out_len = x->out_len;
-    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, ex->rid, call->name, gw_fail_name);
+    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, a->c, call->name);
     h->ex.head = h->req.data;
     h->ex.head_len = h->req.len;
     return &h->ex;

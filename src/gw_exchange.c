@@ -13,6 +13,7 @@
 #include "gw_exchange.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
+#include "gw_conn.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_metrics.h"
@@ -40,16 +41,23 @@ static void xchg_try_over(gw_xchg_t *x);
 
 void
 gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w, const gw_backend_t *b,
-             const char *rid, const char *label, const char *(*fail_name)(gw_fail_t))
+             gw_conn_t *c, const char *label)
 {
     x->ops = ops;
     x->arg = arg;
     x->sarg = sarg;
     x->w = w;
     x->b = b;
-    x->rid = rid;
+    x->rid = gw_conn_req(c)->request_id;
+    x->peer = gw_conn_peer_ip(c);
     x->label = label;
-    x->fail_name = fail_name;
+}
+
+/* A code's name in log lines, as the route kind names it. */
+static const char *
+xchg_name(const gw_xchg_t *x, gw_fail_t code)
+{
+    return x->label ? gw_fail_name(code) : gw_fail_proxy_name(code);
 }
 
 /* --- where a try goes ------------------------------------------------------ */
@@ -60,7 +68,7 @@ gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_w
  * target (its pool, which connects to the addresses of its name in turn,
  * so a new connection after a failed one goes to the next address); a
  * backend with several servers chooses one here (balancer, health,
- * ejection) and gw_xchg_retry()/hedges then go to one not tried yet.
+ * ejection) and retries and hedges then go to one not tried yet.
  */
 static unsigned
 xchg_pick(gw_xchg_t *x)
@@ -87,6 +95,7 @@ xchg_try(gw_xchg_t *x, bool fresh)
     x->sent = true;
     x->got_bytes = x->done = false;
     x->status = 0;
+    x->fail_code = GW_FAIL_NONE;
     gw_resp_init(&x->rd, x->ops->resp, x->arg, x->max_body, x->method == HTTP_HEAD);
     gw_upstream_setcb(u, xchg_read_cb, x->ops->drained ? xchg_write_cb : NULL, xchg_event_cb, x, x->low_water);
     struct evbuffer *out = gw_upstream_output(u);
@@ -198,9 +207,34 @@ xchg_start_copy(gw_xchg_t *h, const gw_xchg_t *x, bool admitted)
 
 /* --- the answer ------------------------------------------------------------ */
 
+/*
+ * The try failed: the code as the route kind reports it (gw_fail.h: an
+ * aggregate call names a failed name resolution or TLS handshake
+ * connect_failed and any cut answer truncated; a proxied request names a
+ * cut head bad_response), the precise one kept for the retry rules
+ * (gw_xchg_end_try()); connection failures and invalid answers logged
+ * here, once for both kinds; then the owner hears it.
+ */
 static void
 xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
 {
+    x->fail_code = code;
+    if (x->label && (code == GW_FAIL_RESOLVE_FAILED || code == GW_FAIL_TLS_FAILED))
+        code = GW_FAIL_CONNECT_FAILED;
+    else if (x->label && code == GW_FAIL_RESET)
+        code = GW_FAIL_TRUNCATED;
+    else if (!x->label && code == GW_FAIL_TRUNCATED && !x->rd.head_done)
+        code = GW_FAIL_BAD_RESPONSE;
+    if (cause == GW_XCHG_CONNECT || cause == GW_XCHG_BROKE) {
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s%s%s, client %s, request %s", x->b->name,
+                  x->b->host_header, xchg_name(x, code), err ? ": " : "", err ? strerror(err) : "", doing,
+                  x->label ? " for call " : "", x->label ? x->label : "", x->peer, x->rid);
+        x->u->broken = true;
+    } else if (cause == GW_XCHG_INVALID && x->rd.error == GW_RESP_BAD) {
+        gw_log_rl(GW_LOG_ERR, "backend %s: invalid response%s%s: %s", x->b->name, x->label ? " for call " : "",
+                  x->label ? x->label : "", x->rd.why);
+        x->u->broken = true;
+    }
     x->ops->fail(x, cause, code, doing, err);
 }
 
@@ -316,7 +350,7 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     void *sarg = x->sarg;
     GW_UNUSED(wt);
     if (status != GW_OK) {
-        xchg_fail(x, GW_XCHG_QUEUE, GW_FAIL_QUEUE_TIMEOUT, "no connection within queue_timeout_ms", 0);
+        xchg_fail(x, GW_XCHG_QUEUE, GW_FAIL_QUEUE_TIMEOUT, "waiting in the backend's queue (queue_timeout_ms)", 0);
         ops->settle(sarg);
         return;
     }
@@ -326,7 +360,7 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
         return;
     }
     if (rc == GW_AGAIN)
-        xchg_fail(x, GW_XCHG_QUEUE, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)", 0);
+        xchg_fail(x, GW_XCHG_QUEUE, GW_FAIL_QUEUE_FULL, "queueing for a connection (max_pending reached)", 0);
     else if (rc != GW_OK)
         xchg_fail(x, GW_XCHG_START, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
     else if (ops->queued)
@@ -384,7 +418,7 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     x->attempt++;
     x->sent = false;
     if (gw_breaker_admit(x->b, NULL) != GW_OK) {
-        xchg_fail(x, GW_XCHG_START, GW_FAIL_CIRCUIT_OPEN, "its circuit breaker opened before a retry", 0);
+        xchg_fail(x, GW_XCHG_START, GW_FAIL_CIRCUIT_OPEN, "retrying (its circuit breaker opened)", 0);
         ops->settle(sarg);
         return;
     }
@@ -393,7 +427,7 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     if (code == GW_FAIL_NONE)
         xchg_arm_try(x);
     else if (code == GW_FAIL_QUEUE_FULL)
-        xchg_fail(x, GW_XCHG_QUEUE, code, "its queue is full (max_pending)", 0);
+        xchg_fail(x, GW_XCHG_QUEUE, code, "queueing for a connection (max_pending reached)", 0);
     else
         xchg_fail(x, GW_XCHG_START, code,
                   code == GW_FAIL_UNAVAILABLE ? "retrying (max_connections reached)" : "connecting to upstream",
@@ -442,13 +476,15 @@ xchg_htimer_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- retries --------------------------------------------------------------- */
 
-/* Whether a failed try may be tried again, as far as its failure goes. */
+/* Whether a failed try may be tried again, as far as its failure goes:
+ * by the code reported or the precise one (a proxy's cut head is a
+ * bad_response, and retried as the truncated answer it is). */
 static bool
-retried(const gw_retry_conf_t *rc, gw_fail_t code, int status)
+retried(const gw_xchg_t *x, gw_fail_t code)
 {
     if (code == GW_FAIL_BAD_STATUS)
-        return gw_retry_status(rc, status);
-    return gw_fail_retried(code);
+        return gw_retry_status(x->b->retry, x->status);
+    return gw_fail_retried(code) || (x->fail_code != GW_FAIL_NONE && gw_fail_retried(x->fail_code));
 }
 
 bool
@@ -460,9 +496,9 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
         x->slot = false;
     }
     if (code == GW_FAIL_NONE || x->final || x->attempt == 0 || !rc->enabled || x->attempt >= rc->attempts ||
-        !replayable || !retried(rc, code, x->status) || !gw_retry_method_ok(rc, x->method))
+        !replayable || !retried(x, code) || !gw_retry_method_ok(rc, x->method))
         return false;
-    const char *name = x->fail_name(code);
+    const char *name = xchg_name(x, code);
     int ms = gw_retry_backoff_ms(rc, x->attempt);
     uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->end_us || (x->deadline_us && wake >= x->deadline_us)) {
@@ -506,14 +542,6 @@ gw_xchg_retry_go(gw_xchg_t *x, bool reusable)
     evtimer_add(x->rtimer, &tv);
 }
 
-bool
-gw_xchg_retry(gw_xchg_t *x, gw_fail_t code, int err, bool reusable, bool replayable)
-{
-    if (!gw_xchg_retry_decide(x, code, err, replayable))
-        return false;
-    gw_xchg_retry_go(x, reusable);
-    return true;
-}
 
 gw_xchg_t *
 gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable)
@@ -538,7 +566,7 @@ gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable)
             return p;
         }
         gw_log_rl(GW_LOG_INFO, "backend %s: the hedge%s%s failed: %s, request %s", x->b->name,
-                  x->label ? " of call " : "", x->label ? x->label : "", x->fail_name(code), x->rid);
+                  x->label ? " of call " : "", x->label ? x->label : "", xchg_name(x, code), x->rid);
         bool owner_failed = p->waiting_twin;
         int status = x->status;
         x->ops->discard(x, reusable);
@@ -553,13 +581,16 @@ gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable)
             x->ops->discard(x->twin, false); /* the hedge lost, or the call is over */
         } else {
             gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s; its hedge goes on, request %s", x->b->name, LABEL(x),
-                      x->fail_name(code), x->rid);
+                      xchg_name(x, code), x->rid);
             gw_xchg_detach(x, reusable);
             x->waiting_twin = true;
             return NULL;
         }
     }
-    return gw_xchg_retry(x, code, 0, reusable, true) ? NULL : x;
+    if (!gw_xchg_retry_decide(x, code, 0, x->ops->replayable == NULL || x->ops->replayable(x)))
+        return x;
+    gw_xchg_retry_go(x, reusable);
+    return NULL;
 }
 
 void

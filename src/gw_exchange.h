@@ -19,10 +19,9 @@
  * back from inside it), then the loop calls back the owner's ops until the
  * owner ends the exchange with gw_xchg_close(). A try ends in exactly one of
  * ops->done (the whole answer was read) or ops->fail (it failed in a way
- * the exchange does not repair itself); the owner then hands the outcome
- * to gw_xchg_end_try() (retries and hedges decided here) or, when it has
- * rules of its own (a proxy that already passed part of an answer on),
- * asks gw_xchg_retry() itself.
+ * the exchange does not repair itself); the owner judges the answer and
+ * hands the outcome to gw_xchg_end_try(), which decides retries and
+ * hedges, or ends the exchange.
  *
  * Hedges: an exchange with hedge_ms set gets a twin after that long
  * without an answer byte: ops->hedge makes a new exchange (a copy of the
@@ -99,7 +98,7 @@ typedef struct {
      * wait queue. May be NULL. */
     void (*queued)(gw_xchg_t *x, bool on);
     /* Whether the request can still be sent again whole (the body sent so
-     * far is at hand). NULL: always. */
+     * far is at hand, nothing of an answer passed on). NULL: always. */
     bool (*replayable)(gw_xchg_t *x);
     /* The last call of every entry point from the loop. */
     void (*settle)(void *sarg);
@@ -120,8 +119,8 @@ struct gw_xchg_s {
     gw_worker_t *w;
     const gw_backend_t *b;
     const char *rid;        /* the client request's id, for log lines (borrowed) */
-    const char *label;      /* the call's name for log lines, NULL for a proxied request (borrowed) */
-    const char *(*fail_name)(gw_fail_t); /* gw_fail_name or gw_fail_proxy_name, in log lines */
+    const char *peer;       /* the client's address, for log lines (borrowed) */
+    const char *label;      /* an aggregate call's name; NULL: a proxied request (borrowed) */
     gw_upstream_t *u;       /* the try's connection, NULL while queued or between tries */
     gw_upstream_wait_t wait; /* queued for a connection of a full pool */
     gw_resp_t rd;           /* the answer being read */
@@ -140,6 +139,7 @@ struct gw_xchg_s {
     unsigned attempt;       /* tries started, the first included; 0: never sent */
     int retry_ms;           /* the sleep decided before the next try */
     gw_fail_t retry_code;   /* why the next try follows */
+    gw_fail_t fail_code;    /* this try's failure as the exchange saw it, before the route kind named it */
     uint32_t tried;         /* targets tried (bit per target index), for the next target's choice */
     gw_fail_t end_code;     /* with ended: how the call ended, for the metrics */
     bool per_try;           /* per_try_timeout_ms applies (aggregate calls: proxies stream) */
@@ -163,14 +163,16 @@ struct gw_xchg_s {
 };
 
 /*
- * Prepares x (zeroed, or closed) for a request to backend b on worker w:
- * ops and their args, rid and label (a call's name, or NULL) for log
- * lines (borrowed, valid until close), fail_name for the codes in them. The owner then sets
+ * Prepares x (zeroed, or closed) for a request of client connection c to
+ * backend b on worker w: ops and their args; label, an aggregate call's
+ * name (borrowed, valid until close), or NULL for a proxied request: it
+ * names the call in log lines, and picks how failure codes are reported
+ * (gw_fail.h: the call or the proxy names; ops->fail gets them so). The owner then sets
  * head/head_len, method, max_body, timeout_ms, deadline_us, per_try and
  * low_water as it needs, and calls gw_xchg_start().
  */
 void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w,
-                  const gw_backend_t *b, const char *rid, const char *label, const char *(*fail_name)(gw_fail_t));
+                  const gw_backend_t *b, gw_conn_t *c, const char *label);
 
 /*
  * Starts the call: counted for the metrics from now on, asks the breaker,
@@ -186,7 +188,8 @@ gw_fail_t gw_xchg_start(gw_xchg_t *x);
 /*
  * A try of x ended: with an answer the owner accepts (GW_FAIL_NONE), or
  * failed with code (x->status: the answer's, when there was one);
- * reusable: its connection may be pooled. NULL when that ending was taken
+ * reusable: its connection may be pooled. The breaker hears the try's
+ * outcome, its retry budget slot goes back. NULL when that ending was taken
  * care of here: a retry sleeps, or the other leg of a hedged call goes on
  * (x may have been discarded then). Else the exchange whose call ends with
  * this outcome: x, or, when x is a hedge, its owner (x was discarded after
@@ -196,21 +199,18 @@ gw_fail_t gw_xchg_start(gw_xchg_t *x);
 gw_xchg_t *gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable);
 
 /*
- * The try in flight failed with code (BAD_STATUS: x->status is the
- * answer's) and may be sent again when the backend's "retry" allows it:
- * tries left, the code or status retried, the method, replayable (the
- * owner's view: the body, nothing passed on yet), a backoff that ends
- * before the call's timeout and the deadline, the retry budget. True: the
- * breaker heard this try's outcome, the connection was released (pooled
- * when reusable) and the next try follows the sleep. False (logged when
- * the budget or time said no): the owner ends the exchange. err: errno
- * for the log line, or 0.
+ * Retries: the try in flight failed with code (BAD_STATUS: x->status is
+ * the answer's) and is sent again when the backend's "retry" allows it:
+ * tries left, the code or status retried, the method, ops->replayable, a
+ * backoff that ends before the call's timeout and the deadline, the retry
+ * budget. gw_xchg_end_try() asks this; an owner that decides inside a
+ * gw_resp callback (a proxy's retried status, before its head is passed
+ * on), where the connection must not go yet, asks in two steps: decide
+ * (true: the slot is taken, the breaker and the metrics heard this try;
+ * false, logged when the budget or time said no: nothing happened), then,
+ * once out of the callback, go (the connection released, pooled when
+ * reusable; the sleep started). err: errno for the log line, or 0.
  */
-bool gw_xchg_retry(gw_xchg_t *x, gw_fail_t code, int err, bool reusable, bool replayable);
-/* The same in two steps, for a decision taken inside a gw_resp callback,
- * where the connection must not go yet: decide (true: the slot is taken,
- * the breaker and the metrics heard it), then, once out of the callback,
- * go (the connection released, the sleep started). */
 bool gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable);
 void gw_xchg_retry_go(gw_xchg_t *x, bool reusable);
 

@@ -469,49 +469,38 @@ proxy_body(void *ctx)
 
 static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained, proxy_body };
 
-/* Ends the request with an error (its status: gw_fail_status); called from
- * upstream callbacks only. */
+/*
+ * Ends the request with code's error answer (its status: gw_fail_status,
+ * with Retry-After when the code has one), or closes the client connection
+ * when part of the response reached it already. Logged with doing, unless
+ * that is NULL (the exchange logged it).
+ */
 static void
-proxy_fail(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
+proxy_error(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
 {
     gw_conn_t *c = p->c;
+    if (doing)
+        /* an open circuit was logged once when it opened */
+        gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN                                 ? GW_LOG_INFO
+                  : code == GW_FAIL_QUEUE_FULL || code == GW_FAIL_QUEUE_TIMEOUT ? GW_LOG_WARN
+                                                                                : GW_LOG_ERR,
+                  "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
+                  gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
+                  gw_conn_req(c)->request_id);
     gw_xchg_ended(&p->ex, code);
-    gw_req_t *r = gw_conn_req(c);
-    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
-           gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
-           r->request_id);
-    gw_xchg_broken(&p->ex);
-    /* it reached the backend when the try was sent (a queue or local failure says nothing about it) */
-    gw_xchg_outcome(&p->ex, code, p->ex.status);
     if (p->head_sent && !gw_conn_take_back(c)) {
         /* part of the response reached the client: only closing is left */
         proxy_free(p, false);
         gw_conn_abort(c);
-    } else {
-        char extra[256];
-        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        proxy_free(p, false);
-        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
+        return;
     }
-}
-
-/* Answers 503 code with its Retry-After, before anything was sent (from
- * gw_proxy_start() or an exchange callback). */
-static void
-proxy_refuse(gw_proxy_t *p, gw_fail_t code, const char *why)
-{
-    gw_conn_t *c = p->c;
-    char extra[256], hdr[40];
+    char extra[256], hdr[40] = "";
     int retry_s = gw_fail_retry_after(code);
     if (retry_s < 0)
         retry_s = gw_breaker_retry_after_s(p->b);
-    /* an open circuit was logged once when it opened */
-    gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s",
-           p->b->name, p->b->host_header, gw_fail_proxy_name(code), why, gw_conn_peer_ip(c),
-           gw_conn_req(c)->request_id);
+    if (retry_s > 0)
+        snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
     snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-    snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
-    gw_xchg_ended(&p->ex, code);
     proxy_free(p, false);
     gw_conn_error_headers(c, gw_fail_status(code), gw_fail_proxy_name(code), extra, hdr);
 }
@@ -687,11 +676,13 @@ proxy_xchg_done(gw_xchg_t *x, bool reusable)
     gw_conn_end_response(c);
 }
 
+/* Sent again only while nothing of the response reached the client and
+ * the body sent so far is at hand. */
 static bool
 proxy_replayable(gw_xchg_t *x)
 {
     gw_proxy_t *p = PX(x);
-    return !p->has_body || p->replay != NULL;
+    return !p->head_sent && (!p->has_body || p->replay != NULL);
 }
 
 /* The try failed: retried when that is safe (see above), else the request
@@ -700,49 +691,17 @@ static void
 proxy_xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
 {
     gw_proxy_t *p = PX(x);
-    bool replayable = !p->head_sent && proxy_replayable(x);
-    switch (cause) {
-    case GW_XCHG_START:
-        if (code == GW_FAIL_CIRCUIT_OPEN)
-            proxy_refuse(p, code, doing);
-        else
-            proxy_fail(p, code, doing, err);
-        return;
-    case GW_XCHG_QUEUE:
-        proxy_refuse(p, code, doing);
-        return;
-    case GW_XCHG_CONNECT:
-        /* name resolution and TLS failures are not retried */
-        if ((code == GW_FAIL_TIMEOUT || code == GW_FAIL_CONNECT_FAILED) &&
-            gw_xchg_retry(x, code, err, false, replayable))
-            return;
-        proxy_fail(p, code, doing, err);
-        return;
-    case GW_XCHG_BROKE:
-        if (p->head_sent) {
-            proxy_fail(p, GW_FAIL_TRUNCATED, doing, err);
-            return;
-        }
-        if (gw_xchg_retry(x, code, err, false, replayable))
-            return;
-        /* a cut head is not a response */
-        proxy_fail(p, code == GW_FAIL_RESET ? GW_FAIL_RESET : GW_FAIL_BAD_RESPONSE, doing, err);
-        return;
-    case GW_XCHG_INVALID:
-        if (p->retry_status) { /* decided in on_resp_headers_complete */
-            gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name,
-                      p->ex.status, gw_conn_req(p->c)->request_id);
-            gw_xchg_retry_go(x, false);
-            return;
-        }
-        gw_log_rl(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, p->ex.rd.why);
-        proxy_fail(p, GW_FAIL_BAD_RESPONSE, doing, 0);
-        return;
-    case GW_XCHG_TIMEOUT:
-    case GW_XCHG_TRY_TIMEOUT:
-        proxy_fail(p, GW_FAIL_TIMEOUT, doing, 0);
+    if (cause == GW_XCHG_INVALID && p->retry_status) { /* decided in on_resp_headers_complete */
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, x->status,
+                  gw_conn_req(p->c)->request_id);
+        gw_xchg_retry_go(x, false);
         return;
     }
+    if (gw_xchg_end_try(x, code, false) == NULL)
+        return; /* sent again after a sleep */
+    bool logged = cause == GW_XCHG_CONNECT || cause == GW_XCHG_BROKE ||
+                  (cause == GW_XCHG_INVALID && x->rd.error == GW_RESP_BAD);
+    proxy_error(p, code, logged ? NULL : doing, err);
 }
 
 /* The upstream output fell to UP_LOW (or the connect wrote what the body
@@ -816,7 +775,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     build_request(p);
     gw_req_t *r = gw_conn_req(c);
     gw_xchg_t *x = &p->ex;
-    gw_xchg_init(x, &xchg_ops, p, c, w, p->b, r->request_id, NULL, gw_fail_proxy_name);
+    gw_xchg_init(x, &xchg_ops, p, c, w, p->b, c, NULL);
     x->head = p->head;
     x->head_len = p->head_len;
     x->method = r->method;
@@ -824,25 +783,13 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     x->timeout_ms = p->b->timeout_ms;
     x->low_water = UP_LOW;
     gw_fail_t code = gw_xchg_start(x);
-    if (code == GW_FAIL_CIRCUIT_OPEN) {
-        proxy_refuse(p, code, "its circuit breaker is open");
-        return;
-    }
-    if (code == GW_FAIL_QUEUE_FULL) {
-        proxy_refuse(p, code, "its queue is full (max_pending)");
-        return;
-    }
     if (code != GW_FAIL_NONE) {
-        int err = errno;
-        char extra[256];
-        bool full = code == GW_FAIL_UNAVAILABLE;
-        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
-               full ? "max_connections reached" : "cannot connect", full ? "" : ": ", full ? "" : strerror(err),
-               gw_conn_peer_ip(c), r->request_id);
-        gw_xchg_ended(x, code);
-        proxy_free(p, false);
-        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
+        proxy_error(p, code,
+                    code == GW_FAIL_CIRCUIT_OPEN  ? "asking its circuit breaker (open)"
+                    : code == GW_FAIL_QUEUE_FULL  ? "queueing for a connection (max_pending reached)"
+                    : code == GW_FAIL_UNAVAILABLE ? "starting (max_connections reached)"
+                                                  : "connecting to upstream",
+                    code == GW_FAIL_CONNECT_FAILED ? errno : 0);
         return;
     }
     gw_conn_begin_async(c, &proxy_ops, p);
