@@ -1519,7 +1519,6 @@ answer_refused(xchg_t *x)
     const gw_call_t *call = call_of(a, x->call);
     gw_xchg_t *ex = &x->ex;
     ex->status = ex->rd.status; /* 0 when the head itself was refused */
-    gw_xchg_broken(ex);
     if (x->over_budget) {
         refusal_log(a, call, true);
         return GW_FAIL_MEMORY_BUDGET;

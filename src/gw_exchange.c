@@ -230,10 +230,11 @@ xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing
                   x->b->host_header, xchg_name(x, code), err ? ": " : "", err ? strerror(err) : "", doing,
                   x->label ? " for call " : "", x->label ? x->label : "", x->peer, x->rid);
         x->u->broken = true;
-    } else if (cause == GW_XCHG_INVALID && x->rd.error == GW_RESP_BAD) {
-        gw_log_rl(GW_LOG_ERR, "backend %s: invalid response%s%s: %s", x->b->name, x->label ? " for call " : "",
-                  x->label ? x->label : "", x->rd.why);
-        x->u->broken = true;
+    } else if (cause == GW_XCHG_INVALID) {
+        if (x->rd.error == GW_RESP_BAD)
+            gw_log_rl(GW_LOG_ERR, "backend %s: invalid response%s%s: %s", x->b->name, x->label ? " for call " : "",
+                      x->label ? x->label : "", x->rd.why);
+        x->u->broken = true; /* a retried status clears it (gw_xchg_retry_go) */
     }
     x->ops->fail(x, cause, code, doing, err);
 }
@@ -368,8 +369,9 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     ops->settle(sarg);
 }
 
-const char *
-gw_xchg_doing(const gw_xchg_t *x)
+/* What the exchange is doing now, for a timeout's log line (static). */
+static const char *
+xchg_doing(const gw_xchg_t *x)
 {
     return x->u == NULL        ? "waiting in the backend's queue for a connection"
            : x->u->waiting     ? "resolving the backend's name"
@@ -391,7 +393,7 @@ xchg_timer_cb(evutil_socket_t fd, short what, void *arg)
     x->final = true;
     if (x->u)
         x->u->broken = true;
-    xchg_fail(x, GW_XCHG_TIMEOUT, GW_FAIL_TIMEOUT, gw_xchg_doing(x), 0);
+    xchg_fail(x, GW_XCHG_TIMEOUT, GW_FAIL_TIMEOUT, xchg_doing(x), 0);
     ops->settle(sarg);
 }
 
@@ -407,10 +409,10 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(what);
     if (!x->backoff) {
         gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s", x->b->name,
-                  LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, gw_xchg_doing(x), x->rid);
+                  LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, xchg_doing(x), x->rid);
         if (x->u)
             x->u->broken = true;
-        xchg_fail(x, GW_XCHG_TRY_TIMEOUT, GW_FAIL_TIMEOUT, gw_xchg_doing(x), 0);
+        xchg_fail(x, GW_XCHG_TRY_TIMEOUT, GW_FAIL_TIMEOUT, xchg_doing(x), 0);
         ops->settle(sarg);
         return;
     }
@@ -700,11 +702,4 @@ gw_xchg_read(gw_xchg_t *x, bool on)
 {
     if (x->u)
         gw_upstream_read(x->u, on);
-}
-
-void
-gw_xchg_broken(gw_xchg_t *x)
-{
-    if (x->u)
-        x->u->broken = true;
 }

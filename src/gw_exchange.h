@@ -68,8 +68,9 @@ typedef enum {
     GW_XCHG_QUEUE,       /* QUEUE_FULL or QUEUE_TIMEOUT */
     GW_XCHG_CONNECT,     /* RESOLVE_FAILED, TLS_FAILED, TIMEOUT (connect_timeout_ms), CONNECT_FAILED */
     GW_XCHG_BROKE,       /* closed or reset: RESET before any response byte, TRUNCATED after some */
-    GW_XCHG_INVALID,     /* gw_resp refused the answer (BAD_RESPONSE): rd.error and rd.why say why;
-                          * GW_RESP_STOPPED when an owner's callback stopped it */
+    GW_XCHG_INVALID,     /* gw_resp refused the answer (BAD_RESPONSE): rd.error and rd.why say why
+                          * (GW_RESP_STOPPED: an owner's callback stopped it); the connection is
+                          * marked broken */
     GW_XCHG_TIMEOUT,     /* the call's timeout (TIMEOUT): final, never retried */
     GW_XCHG_TRY_TIMEOUT  /* per_try_timeout_ms (TIMEOUT), logged already */
 } gw_xchg_cause_t;
@@ -267,10 +268,5 @@ struct evbuffer *gw_xchg_output(gw_xchg_t *x);
 void gw_xchg_send(gw_xchg_t *x);
 /* Resumes (on) or stops reading the answer. */
 void gw_xchg_read(gw_xchg_t *x, bool on);
-/* Marks the try's connection as failed mid-use (no TLS resumption of it). */
-void gw_xchg_broken(gw_xchg_t *x);
-
-/* What the exchange is doing now, for a timeout's log line (static). */
-const char *gw_xchg_doing(const gw_xchg_t *x);
 
 #endif
