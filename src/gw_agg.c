@@ -129,7 +129,6 @@ struct xchg_s {
     char *body;           /* the response body */
     size_t blen, bcap;
     size_t limit;         /* the backend's max_response_bytes */
-    bool too_large;
     bool over_budget;     /* the response budget refused room for the body */
     size_t bheld;         /* bytes of body's capacity taken from gw_budget_responses */
     ajob_t *job;          /* its answer, being parsed on the thread pool */
@@ -318,12 +317,12 @@ xchg_free(xchg_t *x, bool reusable)
         xchg_destroy(x);
         return;
     }
-    gw_xchg_timers_t timers = gw_xchg_timers(&x->ex);
+    gw_xchg_t ex = x->ex; /* closed: only its timers are left, kept */
     gw_tpl_buf_t req = x->req, obody = x->obody;
     char *body = x->body;
     size_t bcap = x->bcap;
     memset(x, 0, sizeof(*x));
-    gw_xchg_timers_set(&x->ex, timers);
+    x->ex = ex;
     x->req = req;
     x->req.len = 0;
     x->obody = obody;
@@ -1492,7 +1491,7 @@ agg_xchg_begin(gw_xchg_t *ex, struct evbuffer *out)
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
     x->blen = 0;
-    x->too_large = x->over_budget = false;
+    x->over_budget = false;
     if (x->has_obody)
         evbuffer_add(out, x->obody.data, x->out_len);
     else if (call->forward_body && x->out_len &&
@@ -1530,7 +1529,6 @@ answer_refused(xchg_t *x)
         return GW_FAIL_BAD_STATUS;
     }
     if (ex->rd.error == GW_RESP_TOO_LARGE) {
-        x->too_large = true;
         gw_log_rl(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
                call->backend->name, x->limit, call->name, gw_conn_req(a->c)->request_id);
         return GW_FAIL_TOO_LARGE;

@@ -266,7 +266,7 @@ xchg_read_cb(gw_upstream_t *u, void *arg)
     if (x->done)
         ops->done(x, gw_resp_keep_alive(&x->rd) && evbuffer_get_length(in) == 0);
     else if (ops->flush && !ops->flush(x))
-        gw_upstream_read(u, false); /* the owner resumes with gw_xchg_read() */
+        gw_upstream_read(u, false); /* the owner resumes reading x->u */
     ops->settle(sarg);
 }
 
@@ -659,15 +659,17 @@ gw_xchg_close(gw_xchg_t *x, bool reusable)
         x->twin->owner = NULL;
     if (x->owner)
         x->owner->twin = NULL;
-    gw_xchg_timers_t t = gw_xchg_timers(x);
-    if (t.timer)
-        evtimer_del(t.timer);
-    if (t.rtimer)
-        evtimer_del(t.rtimer);
-    if (t.htimer)
-        evtimer_del(t.htimer);
+    struct event *timer = x->timer, *rtimer = x->rtimer, *htimer = x->htimer;
+    if (timer)
+        evtimer_del(timer);
+    if (rtimer)
+        evtimer_del(rtimer);
+    if (htimer)
+        evtimer_del(htimer);
     memset(x, 0, sizeof(*x));
-    gw_xchg_timers_set(x, t);
+    x->timer = timer;
+    x->rtimer = rtimer;
+    x->htimer = htimer;
 }
 
 void
@@ -680,26 +682,4 @@ gw_xchg_destroy(gw_xchg_t *x)
     if (x->htimer)
         event_free(x->htimer);
     x->timer = x->rtimer = x->htimer = NULL;
-}
-
-/* --- I/O for the owner ----------------------------------------------------- */
-
-struct evbuffer *
-gw_xchg_output(gw_xchg_t *x)
-{
-    return x->u ? gw_upstream_output(x->u) : NULL;
-}
-
-void
-gw_xchg_send(gw_xchg_t *x)
-{
-    if (x->u)
-        gw_upstream_send(x->u);
-}
-
-void
-gw_xchg_read(gw_xchg_t *x, bool on)
-{
-    if (x->u)
-        gw_upstream_read(x->u, on);
 }

@@ -93,7 +93,8 @@ typedef struct {
      * send that could not write everything. May be NULL. */
     void (*drained)(gw_xchg_t *x);
     /* After a batch of answer bytes that did not end the answer: false to
-     * stop reading until gw_xchg_read(x, true). May be NULL. */
+     * stop reading until the owner resumes it (gw_upstream_read(x->u)).
+     * May be NULL. */
     bool (*flush)(gw_xchg_t *x);
     /* The try entered (on) or left with a connection (off) the backend's
      * wait queue. May be NULL. */
@@ -122,7 +123,9 @@ struct gw_xchg_s {
     const char *rid;        /* the client request's id, for log lines (borrowed) */
     const char *peer;       /* the client's address, for log lines (borrowed) */
     const char *label;      /* an aggregate call's name; NULL: a proxied request (borrowed) */
-    gw_upstream_t *u;       /* the try's connection, NULL while queued or between tries */
+    gw_upstream_t *u;       /* the try's connection, NULL while queued or between tries; the owner may
+                             * write to its output and stop or resume its reading (a streamed body, a
+                             * slow client), never release it */
     gw_upstream_wait_t wait; /* queued for a connection of a full pool */
     gw_resp_t rd;           /* the answer being read */
     const char *head;       /* the request head (borrowed) */
@@ -236,37 +239,12 @@ void gw_xchg_detach(gw_xchg_t *x, bool reusable);
 /* Ends the exchange: the call counted for the metrics, budget slot and
  * count given back, queue left, an open admission abandoned, the
  * connection pooled when reusable else closed, timers stopped, unlinked
- * from its twin or owner; x is ready for gw_xchg_init() again (timers
- * kept). */
+ * from its twin or owner; x is ready for gw_xchg_init() again (its
+ * timers kept: an owner that clears its context for reuse keeps x as it
+ * is). */
 void gw_xchg_close(gw_xchg_t *x, bool reusable);
-
-/* x's timers, made on first use and kept with a closed exchange: an owner
- * that clears its context for the next request keeps them this way. */
-typedef struct {
-    struct event *timer, *rtimer, *htimer;
-} gw_xchg_timers_t;
-static inline gw_xchg_timers_t
-gw_xchg_timers(const gw_xchg_t *x)
-{
-    gw_xchg_timers_t t = { x->timer, x->rtimer, x->htimer };
-    return t;
-}
-static inline void
-gw_xchg_timers_set(gw_xchg_t *x, gw_xchg_timers_t t)
-{
-    x->timer = t.timer;
-    x->rtimer = t.rtimer;
-    x->htimer = t.htimer;
-}
 
 /* Frees x's timers (x closed, or never started). */
 void gw_xchg_destroy(gw_xchg_t *x);
-
-/* Bytes for the try's connection: its output (NULL without a connection),
- * and sending what it holds. */
-struct evbuffer *gw_xchg_output(gw_xchg_t *x);
-void gw_xchg_send(gw_xchg_t *x);
-/* Resumes (on) or stops reading the answer. */
-void gw_xchg_read(gw_xchg_t *x, bool on);
 
 #endif

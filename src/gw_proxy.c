@@ -358,12 +358,12 @@ proxy_free(gw_proxy_t *p, bool reusable)
         return;
     }
     /* keep the allocations, reset the rest */
-    gw_xchg_timers_t timers = gw_xchg_timers(&p->ex);
+    gw_xchg_t ex = p->ex; /* closed: only its timers are left, kept */
     char *head = p->head, *hout = p->hout, *hbuf = p->hbuf;
     size_t head_cap = p->head_cap, hout_cap = p->hout_cap, hcap = p->hcap, hdrs_cap = p->hdrs_cap;
     gw_header_t *hdrs = p->hdrs;
     memset(p, 0, sizeof(*p));
-    gw_xchg_timers_set(&p->ex, timers);
+    p->ex = ex;
     p->head = head;
     p->head_cap = head_cap;
     p->hout = hout;
@@ -398,7 +398,8 @@ static void
 proxy_drained(void *ctx)
 {
     gw_proxy_t *p = ctx;
-    gw_xchg_read(&p->ex, true);
+    if (p->ex.u)
+        gw_upstream_read(p->ex.u, true);
 }
 
 /* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX
@@ -429,9 +430,9 @@ body_add(gw_proxy_t *p, struct evbuffer *out, const void *data, size_t n)
 static void
 forward_body(gw_proxy_t *p)
 {
-    struct evbuffer *out = gw_xchg_output(&p->ex);
-    if (out == NULL || p->body_sent)
+    if (p->ex.u == NULL || p->body_sent)
         return;
+    struct evbuffer *out = gw_upstream_output(p->ex.u);
     gw_req_t *r = gw_conn_req(p->c);
     size_t n = evbuffer_get_length(r->body);
     if (n > 0) {
@@ -454,7 +455,7 @@ forward_body(gw_proxy_t *p)
             body_add(p, out, "0\r\n\r\n", 5);
         p->body_sent = true;
     }
-    gw_xchg_send(&p->ex);
+    gw_upstream_send(p->ex.u);
     if (!p->body_sent && evbuffer_get_length(out) > UP_HIGH && !p->body_paused) {
         p->body_paused = true;
         gw_conn_body_pause(p->c, true); /* proxy_xchg_drained resumes it */
@@ -710,8 +711,7 @@ static void
 proxy_xchg_drained(gw_xchg_t *x)
 {
     gw_proxy_t *p = PX(x);
-    struct evbuffer *out = gw_xchg_output(x);
-    if (p->body_paused && out && evbuffer_get_length(out) <= UP_LOW) {
+    if (p->body_paused && x->u && evbuffer_get_length(gw_upstream_output(x->u)) <= UP_LOW) {
         p->body_paused = false;
         gw_conn_body_pause(p->c, false);
     }
