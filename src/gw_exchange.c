@@ -63,18 +63,19 @@ xchg_name(const gw_xchg_t *x, gw_fail_t code)
 /* --- where a try goes ------------------------------------------------------ */
 
 /*
- * The target of the next try, as an index among the backend's targets,
- * never one in x->tried while another is left. Today a backend has one
- * target (its pool, which connects to the addresses of its name in turn,
- * so a new connection after a failed one goes to the next address); a
- * backend with several servers chooses one here (balancer, health,
- * ejection) and retries and hedges then go to one not tried yet.
+ * Chooses the target of the next try (x->target, an index among the
+ * backend's targets), never one in x->tried while another is left, and
+ * marks it tried. Today a backend has one target (its pool, which connects
+ * to the addresses of its name in turn, so a new connection after a failed
+ * one goes to the next address); a backend with several servers chooses
+ * one here (balancer, health, ejection), so that retries and hedges go to
+ * one not tried yet, and gw_xchg_outcome() reports to x->target.
  */
-static unsigned
+static void
 xchg_pick(gw_xchg_t *x)
 {
-    x->tried |= 1u;
-    return 0;
+    x->target = 0;
+    x->tried |= 1u << x->target;
 }
 
 /*
@@ -85,8 +86,7 @@ xchg_pick(gw_xchg_t *x)
 static int
 xchg_try(gw_xchg_t *x, bool fresh)
 {
-    unsigned target = xchg_pick(x);
-    GW_UNUSED(target);
+    xchg_pick(x);
     gw_upstream_t *u = NULL;
     int rc = gw_upstream_get(x->w, x->b, fresh, &u);
     if (rc != GW_OK)
@@ -408,8 +408,8 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     if (!x->backoff) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s", x->b->name,
-                  LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, xchg_doing(x), x->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s",
+                  x->b->name, LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, xchg_doing(x), x->rid);
         if (x->u)
             x->u->broken = true;
         xchg_fail(x, GW_XCHG_TRY_TIMEOUT, GW_FAIL_TIMEOUT, xchg_doing(x), 0);
@@ -519,8 +519,8 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
     char st[32] = "";
     if (code == GW_FAIL_BAD_STATUS)
         snprintf(st, sizeof(st), " (status %d)", x->status);
-    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s%s%s%s; retry %u of %u in %d ms, request %s", x->b->name, LABEL(x), name,
-              st, err ? ": " : "", err ? strerror(err) : "", x->attempt, rc->attempts - 1, ms, x->rid);
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s%s%s%s; retry %u of %u in %d ms, request %s", x->b->name, LABEL(x),
+              name, st, err ? ": " : "", err ? strerror(err) : "", x->attempt, rc->attempts - 1, ms, x->rid);
     /* the breaker hears how this try went; the next one asks it again */
     gw_xchg_outcome(x, code, x->status);
     gw_m_add(&x->w->m->backends[x->b->mid].retries, 1);

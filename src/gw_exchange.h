@@ -10,10 +10,12 @@
  * stale, the call's timeout, per-try timeouts, retries (backoff, retry
  * budget, which failures), hedges (a copy of the request on a new
  * connection when no answer came in time; the first good answer wins), the
- * breaker's admission and outcomes, and the backend's call metrics. The owner (gw_agg.c's call exchange, gw_proxy.c's
- * request) keeps what is its own: rendering the request, what the answer
- * becomes (a parsed body, a stream to the client), the answer to its
- * client, and its log lines about failures.
+ * breaker's admission and outcomes, the backend's call metrics, the
+ * failure codes as the route kind names them (gw_fail.h) and the log lines
+ * of connection failures and invalid answers. The owner (gw_agg.c's call
+ * exchange, gw_proxy.c's request) keeps what is its own: rendering the
+ * request, what the answer becomes (a parsed body, a stream to the
+ * client), the answer to its client, and its other log lines.
  *
  * Life: gw_xchg_init() once per request, gw_xchg_start() (nothing is called
  * back from inside it), then the loop calls back the owner's ops until the
@@ -61,16 +63,21 @@ struct event;
 
 typedef struct gw_xchg_s gw_xchg_t;
 
-/* Where a failure came from, so the owner's log line can say so. */
+/* Where a failure came from, so the owner's log line can say so. The
+ * codes are the route kind's (gw_xchg_init(): an aggregate call gets
+ * CONNECT_FAILED for RESOLVE_FAILED and TLS_FAILED, TRUNCATED for RESET; a
+ * proxied request BAD_RESPONSE for a cut head). */
 typedef enum {
     GW_XCHG_START,       /* no try could be sent: max_connections (UNAVAILABLE), no socket (CONNECT_FAILED),
                           * the circuit opened before a retry (CIRCUIT_OPEN) */
     GW_XCHG_QUEUE,       /* QUEUE_FULL or QUEUE_TIMEOUT */
-    GW_XCHG_CONNECT,     /* RESOLVE_FAILED, TLS_FAILED, TIMEOUT (connect_timeout_ms), CONNECT_FAILED */
-    GW_XCHG_BROKE,       /* closed or reset: RESET before any response byte, TRUNCATED after some */
+    GW_XCHG_CONNECT,     /* RESOLVE_FAILED, TLS_FAILED, TIMEOUT (connect_timeout_ms), CONNECT_FAILED;
+                          * logged already */
+    GW_XCHG_BROKE,       /* closed or reset: RESET before any response byte, TRUNCATED after some;
+                          * logged already */
     GW_XCHG_INVALID,     /* gw_resp refused the answer (BAD_RESPONSE): rd.error and rd.why say why
                           * (GW_RESP_STOPPED: an owner's callback stopped it); the connection is
-                          * marked broken */
+                          * marked broken; logged already when rd.error is GW_RESP_BAD */
     GW_XCHG_TIMEOUT,     /* the call's timeout (TIMEOUT): final, never retried */
     GW_XCHG_TRY_TIMEOUT  /* per_try_timeout_ms (TIMEOUT), logged already */
 } gw_xchg_cause_t;
@@ -144,6 +151,7 @@ struct gw_xchg_s {
     int retry_ms;           /* the sleep decided before the next try */
     gw_fail_t retry_code;   /* why the next try follows */
     gw_fail_t fail_code;    /* this try's failure as the exchange saw it, before the route kind named it */
+    unsigned target;        /* the target of the try in flight (index among the backend's targets) */
     uint32_t tried;         /* targets tried (bit per target index), for the next target's choice */
     gw_fail_t end_code;     /* with ended: how the call ended, for the metrics */
     bool per_try;           /* per_try_timeout_ms applies (aggregate calls: proxies stream) */
@@ -171,9 +179,10 @@ struct gw_xchg_s {
  * backend b on worker w: ops and their args; label, an aggregate call's
  * name (borrowed, valid until close), or NULL for a proxied request: it
  * names the call in log lines, and picks how failure codes are reported
- * (gw_fail.h: the call or the proxy names; ops->fail gets them so). The owner then sets
- * head/head_len, method, max_body, timeout_ms, deadline_us, per_try and
- * low_water as it needs, and calls gw_xchg_start().
+ * (gw_fail.h: the call or the proxy names; ops->fail gets them so). The
+ * owner then sets head/head_len, method, max_body, timeout_ms,
+ * deadline_us, per_try, hedge_ms and low_water as it needs, and calls
+ * gw_xchg_start().
  */
 void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w,
                   const gw_backend_t *b, gw_conn_t *c, const char *label);
@@ -182,7 +191,7 @@ void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg,
  * Starts the call: counted for the metrics from now on, asks the breaker,
  * sends the first try (or queues it when max_connections are in use and
  * the backend has a queue), arms the call's timeout unless the deadline
- * comes first, and the per-try timeout. GW_FAIL_NONE, or the code that
+ * comes first, the per-try timeout and the hedge. GW_FAIL_NONE, or the code that
  * kept it from starting (CIRCUIT_OPEN, QUEUE_FULL, UNAVAILABLE,
  * CONNECT_FAILED with errno set); then nothing was called back, and the
  * owner ends it (gw_xchg_ended(), gw_xchg_close()).
