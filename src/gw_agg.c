@@ -645,7 +645,8 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     const gw_call_t *call = call_of(a, i);
     xchg_t *x = xchg_new(a, i, item);
     gw_xchg_t *ex = &x->ex;
-    gw_xchg_init(ex, &xchg_ops, x, a, a->w, call->backend, a->c, call->name);
+    gw_xchg_init(ex, &xchg_ops, x, a, a->w, call->backend, call->name, gw_conn_req(a->c)->request_id,
+                 gw_conn_peer_ip(a->c));
     x->limit = call->backend->max_response_bytes;
     gw_fail_t code = build_request(x, item_value);
     if (code == GW_FAIL_NONE) {
@@ -1586,7 +1587,7 @@ agg_xchg_hedge(gw_xchg_t *ex)
         gw_tpl_buf_add(&h->obody, x->obody.data, x->obody.len);
     h->has_obody = x->has_obody;
     h->out_len = x->out_len;
-    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, a->c, call->name);
+    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, call->name, ex->rid, ex->peer);
     h->ex.head = h->req.data;
     h->ex.head_len = h->req.len;
     return &h->ex;

@@ -13,7 +13,6 @@
 #include "gw_exchange.h"
 #include "gw_breaker.h"
 #include "gw_config.h"
-#include "gw_conn.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_metrics.h"
@@ -41,16 +40,16 @@ static void xchg_try_over(gw_xchg_t *x);
 
 void
 gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w, const gw_backend_t *b,
-             gw_conn_t *c, const char *label)
+             const char *label, const char *rid, const char *peer)
 {
     x->ops = ops;
     x->arg = arg;
     x->sarg = sarg;
     x->w = w;
     x->b = b;
-    x->rid = gw_conn_req(c)->request_id;
-    x->peer = gw_conn_peer_ip(c);
     x->label = label;
+    x->rid = rid;
+    x->peer = peer;
 }
 
 /* A code's name in log lines, as the route kind names it. */

@@ -175,17 +175,18 @@ struct gw_xchg_s {
 };
 
 /*
- * Prepares x (zeroed, or closed) for a request of client connection c to
- * backend b on worker w: ops and their args; label, an aggregate call's
- * name (borrowed, valid until close), or NULL for a proxied request: it
- * names the call in log lines, and picks how failure codes are reported
- * (gw_fail.h: the call or the proxy names; ops->fail gets them so). The
+ * Prepares x (zeroed, or closed) for a request to backend b on worker w:
+ * ops and their args; label, an aggregate call's name, or NULL for a
+ * proxied request: it names the call in log lines, and picks how failure
+ * codes are reported (gw_fail.h: the call or the proxy names; ops->fail
+ * gets them so); rid and peer, the client request's id and address, for
+ * log lines. The three are borrowed, valid until close. The
  * owner then sets head/head_len, method, max_body, timeout_ms,
  * deadline_us, per_try, hedge_ms and low_water as it needs, and calls
  * gw_xchg_start().
  */
 void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w,
-                  const gw_backend_t *b, gw_conn_t *c, const char *label);
+                  const gw_backend_t *b, const char *label, const char *rid, const char *peer);
 
 /*
  * Starts the call: counted for the metrics from now on, asks the breaker,

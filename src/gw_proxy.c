@@ -775,7 +775,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     build_request(p);
     gw_req_t *r = gw_conn_req(c);
     gw_xchg_t *x = &p->ex;
-    gw_xchg_init(x, &xchg_ops, p, c, w, p->b, c, NULL);
+    gw_xchg_init(x, &xchg_ops, p, c, w, p->b, NULL, r->request_id, gw_conn_peer_ip(c));
     x->head = p->head;
     x->head_len = p->head_len;
     x->method = r->method;
