@@ -47,7 +47,7 @@ typedef enum {
     B_503,  /* 503, empty body, keep-alive */
     B_DROP, /* closes the connection without an answer */
     B_HOLD, /* never answers */
-    B_SLOW  /* 200 "slow" after 300 ms */
+    B_SLOW  /* 200 "slow" after 1.5 s: far behind a hedge sent after 30 ms, however loaded the machine */
 } beh_t;
 
 #define SCONNS 32
@@ -116,7 +116,7 @@ srv_read(struct bufferevent *bev, void *arg)
         case B_HOLD:
             break;
         case B_SLOW: {
-            struct timeval tv = { 0, 300 * 1000 };
+            struct timeval tv = { 1, 500 * 1000 };
             slow_ev[k] = evtimer_new(base, slow_cb, (void *)(intptr_t)k);
             evtimer_add(slow_ev[k], &tv);
             break;
@@ -594,7 +594,7 @@ hedge_wins(void)
     o->ex.hedge_ms = 30;
     uint64_t before = worker.m->backends[b->mid].hedges;
     CHECK(gw_xchg_start(&o->ex) == GW_FAIL_NONE);
-    run(o, 2000);
+    run(o, 3000);
     CHECK(o->finished && o->end == GW_FAIL_NONE && o->hedge_won);
     CHECK(owners[1].discarded && strcmp(won_body, "ok") == 0);
     CHECK(accepted == 2 && worker.m->backends[b->mid].hedges - before == 1);
@@ -603,15 +603,14 @@ hedge_wins(void)
 }
 
 /* max_connections 1: the second call waits in the queue and takes the
- * connection the first one gives back. */
+ * connection the first one gives back (the loop runs only once all three
+ * were started, so the first cannot be done before). */
 static void
 queue(void)
 {
     const gw_backend_t *b = setup(backend_start(), "\"max_connections\": 1, \"max_pending\": 1");
     if (b == NULL)
         return;
-    script[0] = B_SLOW;
-    nscript = 1;
     gw_fail_t c1, c2, c3;
     owner_t *o1 = start(b, HTTP_GET, &c1);
     owner_t *o2 = start(b, HTTP_GET, &c2);
