@@ -36,6 +36,7 @@
 #include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_exchange.h"
 #include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_json.h"
@@ -43,12 +44,10 @@
 #include "gw_log.h"
 #include "gw_proxy.h"
 #include "gw_resp.h"
-#include "gw_retry.h"
 #include "gw_router.h"
 #include "gw_server.h"
 #include "gw_template.h"
 #include "gw_tpool.h"
-#include "gw_upstream.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -119,12 +118,10 @@ typedef struct ajob_s ajob_t;
 
 /* One HTTP exchange with a backend: a call, or one element of a foreach call. */
 struct xchg_s {
+    gw_xchg_t ex;         /* the upstream exchange (gw_exchange.h): connection, tries, retries, status */
     agg_t *a;
     size_t call;
     size_t item;          /* element index of a foreach call */
-    gw_upstream_t *u;
-    struct event *timer;  /* the call's timeout_ms */
-    gw_resp_t rd;         /* the response being read (gw_resp.h) */
     gw_tpl_buf_t req;     /* the request head, kept for a retry */
     gw_tpl_buf_t obody;   /* the request body rendered from a JSON template */
     bool has_obody;
@@ -132,32 +129,11 @@ struct xchg_s {
     char *body;           /* the response body */
     size_t blen, bcap;
     size_t limit;         /* the backend's max_response_bytes */
-    int status;
-    bool got_bytes, retried, done, too_large;
     bool over_budget;     /* the response budget refused room for the body */
     size_t bheld;         /* bytes of body's capacity taken from gw_budget_responses */
     ajob_t *job;          /* its answer, being parsed on the thread pool */
     json_t *shaped;       /* what the pool shaped the answer into, for xchg_end() */
-    bool admitted;        /* the breaker let it through: its outcome is reported once */
-    bool sent;            /* it got a connection (else its end says nothing about the backend) */
-    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
-    /* retries and hedging (see "retries and hedging" below) */
-    struct event *rtimer; /* the backoff sleep, else the per-try timeout; made on first use */
-    struct event *htimer; /* hedge_after_ms; made on first use */
-    uint64_t call_end_us; /* the call's timeout: no backoff sleeps past it */
-    unsigned attempt;     /* tries started, the first included; 0: never sent */
-    bool counted;         /* in the backend's requests in flight (retry budget) */
-    bool slot;            /* the try in flight (or the sleep before it) holds a retry budget slot */
-    bool backoff;         /* rtimer is the backoff sleep */
-    bool final;           /* the call's own timeout ended it: no retry, no hedge to wait for */
-    bool waiting_twin;    /* its own try failed while its hedge runs: the hedge decides */
-    xchg_t *twin;         /* its hedge, while one runs */
-    xchg_t *owner;        /* a hedge: the exchange it copies */
-    /* metrics: one backend call per exchange, its retries included */
-    uint64_t start_us;    /* its request was built and it was started; 0 for a hedge */
-    bool ended;           /* end_code says how it ended; else it was cancelled */
-    gw_fail_t end_code;   /* GW_FAIL_NONE: success */
 };
 
 struct gw_agg_s {
@@ -234,17 +210,11 @@ struct ajob_s {
     uint64_t us;           /* how long the work took */
 };
 
-static void xchg_read_cb(gw_upstream_t *u, void *arg);
-static void xchg_event_cb(gw_upstream_t *u, int what, void *arg);
-static void xchg_timeout_cb(evutil_socket_t fd, short what, void *arg);
-static void xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg);
+static const gw_xchg_ops_t xchg_ops;
 static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, gw_fail_t code, int status);
 static void foreach_fill(agg_t *a, size_t i);
 static json_t *shape(const gw_call_t *call, json_t *answer);
-static bool retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code);
-static void retry_leg_free(xchg_t *x);
-static void retry_begin(xchg_t *x);
 static void agg_progress(agg_t *a);
 
 /* --- small helpers ------------------------------------------------------- */
@@ -281,7 +251,6 @@ xchg_new(agg_t *a, size_t call, size_t item)
         cache->nxchgs--;
     } else {
         x = gw_calloc(1, sizeof(xchg_t));
-        x->timer = evtimer_new(a->w->base, xchg_timeout_cb, x);
         x->req.limit = HEAD_MAX;
     }
     x->a = a;
@@ -298,11 +267,7 @@ xchg_new(agg_t *a, size_t call, size_t item)
 static void
 xchg_destroy(xchg_t *x)
 {
-    event_free(x->timer);
-    if (x->rtimer)
-        event_free(x->rtimer);
-    if (x->htimer)
-        event_free(x->htimer);
+    gw_xchg_destroy(&x->ex);
     gw_tpl_buf_free(&x->req);
     gw_tpl_buf_free(&x->obody);
     free(x->body); /* xchg_free() gave its budget bytes back */
@@ -332,15 +297,7 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
-    if (x->start_us)
-        gw_m_call(a->w->m, call_of(a, x->call)->backend->mid, x->ended ? x->end_code : GW_FAIL_CANCELLED,
-                  gw_now_us() - x->start_us);
-    retry_leg_free(x);
-    gw_upstream_wait_cancel(&x->wait);
-    if (x->admitted) /* cancelled: deadline, fail fast, client gone */
-        gw_breaker_abandon(call_of(a, x->call)->backend);
-    if (x->u)
-        gw_upstream_release(x->u, reusable);
+    gw_xchg_close(&x->ex, reusable); /* counts the call, gives back what the exchange holds */
     if (x->job) { /* abandoned: it frees what it holds when it is back */
         x->job->x = NULL;
         gw_tpool_cancel(&x->job->job);
@@ -349,7 +306,6 @@ xchg_free(xchg_t *x, bool reusable)
     json_decref(x->shaped);
     x->shaped = NULL;
     body_release(x);
-    evtimer_del(x->timer);
     if (x->prev)
         x->prev->next = x->next;
     else
@@ -361,14 +317,12 @@ xchg_free(xchg_t *x, bool reusable)
         xchg_destroy(x);
         return;
     }
-    struct event *timer = x->timer, *rtimer = x->rtimer, *htimer = x->htimer;
+    gw_xchg_t ex = x->ex; /* closed: only its timers are left, kept */
     gw_tpl_buf_t req = x->req, obody = x->obody;
     char *body = x->body;
     size_t bcap = x->bcap;
     memset(x, 0, sizeof(*x));
-    x->timer = timer;
-    x->rtimer = rtimer;
-    x->htimer = htimer;
+    x->ex = ex;
     x->req = req;
     x->req.len = 0;
     x->obody = obody;
@@ -382,36 +336,26 @@ xchg_free(xchg_t *x, bool reusable)
 
 /* The exchange of element x->item of a foreach call, or of a plain call,
  * ended: with value (stolen; NULL on failure) or with code. */
-/* The breaker hears the outcome of x's try (once): code GW_FAIL_NONE is a success. */
-static void
-xchg_breaker_outcome(xchg_t *x, gw_fail_t code)
-{
-    if (!x->admitted)
-        return;
-    const gw_backend_t *b = call_of(x->a, x->call)->backend;
-    /* a backend's health: 4xx and oversized answers are not its failures (gw_fail.c) */
-    if (x->sent)
-        gw_breaker_done(b, gw_fail_backend_ok(code, x->status));
-    else
-        gw_breaker_abandon(b);
-    x->admitted = false;
-}
-
 static void
 xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
 {
     json_t *pre = x->shaped; /* value as the thread pool shaped it, if it did */
     x->shaped = NULL;
-    if (retry_end(&x, reusable, value, code)) {
+    /* retries and hedges (gw_exchange): a winning hedge hands over to its owner */
+    gw_xchg_t *e = gw_xchg_end_try(&x->ex, code, reusable);
+    if (e == NULL) {
         json_decref(pre); /* NULL: only a success is shaped, and a success is never retried */
         return; /* retried, or a hedge still runs */
     }
+    x = e->arg;
     agg_t *a = x->a;
+    if (e->hedge_won)
+        a->calls[x->call].hedge_won = true;
     size_t i = x->call, item = x->item;
-    int status = x->status;
+    int status = x->ex.status;
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
-    xchg_breaker_outcome(x, code);
+    gw_xchg_outcome(&x->ex, code, status);
     /* shaped before the exchange is counted: an answer without its target
      * is a failed call for the metrics too (not for the breaker) */
     json_t *shaped = NULL;
@@ -420,8 +364,7 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
         if (shaped == NULL)
             code = GW_FAIL_MISSING_TARGET;
     }
-    x->ended = true;
-    x->end_code = code;
+    gw_xchg_ended(&x->ex, code);
     xchg_free(x, reusable);
     if (!call->foreach) {
         rt->answer = value;
@@ -546,8 +489,7 @@ static void
 cancel_all(agg_t *a, gw_fail_t code)
 {
     while (a->running) {
-        a->running->ended = true; /* its code: why it is cut short */
-        a->running->end_code = code;
+        gw_xchg_ended(&a->running->ex, code); /* why it is cut short */
         xchg_free(a->running, false);
     }
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
@@ -675,54 +617,24 @@ fail:
     return err.code;
 }
 
-/* Hands x's request to a connection (fresh: never a pooled one).
- * GW_FAIL_NONE, or the failure code. */
-static gw_fail_t
-xchg_send(xchg_t *x, bool fresh)
+/* Logs why call i's exchange could not send a try (code from gw_exchange:
+ * the queue, max_connections, a socket; err: errno). */
+static void
+start_failed_log(agg_t *a, const gw_call_t *call, gw_fail_t code, int err)
 {
-    agg_t *a = x->a;
-    const gw_call_t *call = call_of(a, x->call);
-    gw_upstream_t *u = NULL;
-    int rc = gw_upstream_get(a->w, call->backend, fresh, &u);
-    if (rc == GW_AGAIN && !fresh && call->backend->max_pending > 0) {
-        /* max_connections in use: wait for one (xchg_wait_cb) */
-        if (gw_upstream_wait(a->w, call->backend, &x->wait, xchg_wait_cb, x) == GW_OK)
-            return GW_FAIL_NONE;
+    const gw_backend_t *b = call->backend;
+    const char *rid = gw_conn_req(a->c)->request_id;
+    if (code == GW_FAIL_QUEUE_FULL)
         gw_log_rl(GW_LOG_WARN, "backend %s: queue full (max_pending %u) while starting call %s, client %s, request %s",
-               call->backend->name, call->backend->max_pending, call->name, gw_conn_peer_ip(a->c),
-               gw_conn_req(a->c)->request_id);
-        return GW_FAIL_QUEUE_FULL;
-    }
-    if (rc != GW_OK) {
-        int err = errno;
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s",
-               call->backend->name, call->backend->host_header,
-               rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
-               rc == GW_AGAIN ? "" : strerror(err), call->name, gw_conn_peer_ip(a->c),
-               gw_conn_req(a->c)->request_id);
-        return rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
-    }
-    x->u = u;
-    x->sent = true;
-    x->got_bytes = false;
-    x->status = 0;
-    x->blen = 0;
-    x->done = x->too_large = x->over_budget = false;
-    gw_resp_init(&x->rd, &resp_ops, x, x->limit, call->method == HTTP_HEAD);
-    gw_upstream_setcb(u, xchg_read_cb, NULL, xchg_event_cb, x, 0);
-    struct evbuffer *out = gw_upstream_output(u);
-    evbuffer_add(out, x->req.data, x->req.len);
-    if (x->has_obody)
-        evbuffer_add(out, x->obody.data, x->out_len);
-    else if (call->forward_body && x->out_len &&
-             evbuffer_add_buffer_reference(out, gw_conn_req(a->c)->body) != 0)
-        /* By reference above, not a copy per call: the memory counted in
-         * memory.request_body_bytes is the only copy (libevent keeps the
-         * shared chains alive until both buffers let them go). A copy only
-         * if libevent refuses. */
-        evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
-    gw_upstream_send(u);
-    return GW_FAIL_NONE;
+                  b->name, b->max_pending, call->name, gw_conn_peer_ip(a->c), rid);
+    else if (code == GW_FAIL_QUEUE_TIMEOUT)
+        gw_log_rl(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
+                  b->name, b->queue_timeout_ms, call->name, rid);
+    else if (code == GW_FAIL_UNAVAILABLE || code == GW_FAIL_CONNECT_FAILED)
+        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s", b->name,
+                  b->host_header, code == GW_FAIL_UNAVAILABLE ? "max_connections reached" : "cannot connect",
+                  code == GW_FAIL_UNAVAILABLE ? "" : ": ", code == GW_FAIL_UNAVAILABLE ? "" : strerror(err),
+                  call->name, gw_conn_peer_ip(a->c), rid);
 }
 
 /* Starts one exchange of call i (element item of a foreach call). Its
@@ -732,30 +644,25 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
 {
     const gw_call_t *call = call_of(a, i);
     xchg_t *x = xchg_new(a, i, item);
+    gw_xchg_t *ex = &x->ex;
+    gw_xchg_init(ex, &xchg_ops, x, a, a->w, call->backend, call->name, gw_conn_req(a->c)->request_id,
+                 gw_conn_peer_ip(a->c));
     x->limit = call->backend->max_response_bytes;
     gw_fail_t code = build_request(x, item_value);
-    if (code == GW_FAIL_NONE)
-        x->start_us = gw_now_us();
-    if (code == GW_FAIL_NONE && gw_breaker_admit(call->backend, NULL) != GW_OK)
-        code = GW_FAIL_CIRCUIT_OPEN;
-    else if (code == GW_FAIL_NONE)
-        x->admitted = call->backend->breaker != NULL;
-    if (code == GW_FAIL_NONE)
-        code = xchg_send(x, false);
-    if (code != GW_FAIL_NONE) {
-        xchg_end(x, false, NULL, code);
-        return;
+    if (code == GW_FAIL_NONE) {
+        ex->head = x->req.data;
+        ex->head_len = x->req.len;
+        ex->method = call->method;
+        ex->max_body = x->limit;
+        ex->timeout_ms = call->timeout_ms;
+        ex->deadline_us = a->deadline_us;
+        ex->per_try = true;
+        ex->hedge_ms = call->hedge_after_ms;
+        code = gw_xchg_start(ex);
+        start_failed_log(a, call, code, errno);
     }
-    retry_begin(x);
-    /* No timer when the route's deadline comes first: it cancels the call
-     * anyway, with the same code. */
-    if (gw_now_us() + (uint64_t)call->timeout_ms * 1000u >= a->deadline_us)
-        return;
-    struct timeval tv = { call->timeout_ms / 1000, (call->timeout_ms % 1000) * 1000 };
-    const struct timeval *t = &tv;
-    if (call->timeout_ms == call->backend->timeout_ms)
-        t = gw_upstream_pool(a->w, call->backend)->call_timeout; /* a common timeout: O(1) */
-    evtimer_add(x->timer, t);
+    if (code != GW_FAIL_NONE)
+        xchg_end(x, false, NULL, code);
 }
 
 static void fill_cb(evutil_socket_t fd, short what, void *arg);
@@ -1256,7 +1163,7 @@ agg_deadline_cb(evutil_socket_t fd, short what, void *arg)
 static int
 on_headers_complete(gw_resp_t *r)
 {
-    XCHG(r)->status = r->status;
+    XCHG(r)->ex.status = r->status;
     return GW_OK;
 }
 
@@ -1325,7 +1232,7 @@ static int
 on_body(gw_resp_t *r, const char *at, size_t len)
 {
     xchg_t *x = XCHG(r);
-    if (x->status > 299)
+    if (x->ex.status > 299)
         return GW_OK; /* not kept: only its status matters */
     if (!body_room(x, r, len))
         return GW_ERR; /* gw_resp stops: GW_RESP_STOPPED, x->over_budget says why */
@@ -1501,15 +1408,8 @@ xchg_offload(xchg_t *x, bool reusable, bool raw)
         return;
     }
     x->job = p;
-    if (x->u) {
-        gw_upstream_release(x->u, reusable);
-        x->u = NULL;
-    }
     /* this try has its answer: no per-try timeout, no hedge; the call's timeout still runs */
-    if (x->rtimer)
-        evtimer_del(x->rtimer);
-    if (x->htimer)
-        evtimer_del(x->htimer);
+    gw_xchg_detach(&x->ex, reusable);
 }
 
 /* The whole response is in: judge it, parse it, end the exchange. */
@@ -1518,14 +1418,14 @@ xchg_finish(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    if (x->status < 200 || x->status > 299) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->status,
+    if (x->ex.status < 200 || x->ex.status > 299) {
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s, request %s", call->backend->name, x->ex.status,
                call->name, gw_conn_req(a->c)->request_id);
         xchg_end(x, reusable, NULL, GW_FAIL_BAD_STATUS);
         return;
     }
     json_t *v;
-    if (x->blen == 0 && x->status == 204) {
+    if (x->blen == 0 && x->ex.status == 204) {
         v = json_null();
     } else if (!call->foreach && !call->target_path && !call->allow && !call->deny && !call->nrename &&
                a->route->agg.merge == GW_MERGE_GROUP && !(a->route->agg.read & (1ULL << x->call))) {
@@ -1579,441 +1479,107 @@ xchg_finish(xchg_t *x, bool reusable)
     xchg_end(x, reusable, v, GW_FAIL_NONE);
 }
 
-/* The connection failed: retry once on a fresh one when a reused
- * connection died before any response byte, else end with code. */
+/* --- the exchange's callbacks ------------------------------------------- */
+
+#define XC(ex) ((xchg_t *)(ex)->arg)
+
+/* A try has its connection: what an earlier try read goes, the body
+ * follows the head. */
 static void
-xchg_broke(xchg_t *x, gw_fail_t code, const char *doing, int err)
+agg_xchg_begin(gw_xchg_t *ex, struct evbuffer *out)
+{
+    xchg_t *x = XC(ex);
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    x->blen = 0;
+    x->over_budget = false;
+    if (x->has_obody)
+        evbuffer_add(out, x->obody.data, x->out_len);
+    else if (call->forward_body && x->out_len &&
+             evbuffer_add_buffer_reference(out, gw_conn_req(a->c)->body) != 0)
+        /* By reference above, not a copy per call: the memory counted in
+         * memory.request_body_bytes is the only copy (libevent keeps the
+         * shared chains alive until both buffers let them go). A copy only
+         * if libevent refuses. */
+        evbuffer_add(out, evbuffer_pullup(gw_conn_req(a->c)->body, -1), x->out_len);
+}
+
+static void
+agg_xchg_done(gw_xchg_t *ex, bool reusable)
+{
+    xchg_finish(XC(ex), reusable);
+}
+
+/* gw_resp refused the answer (logged by gw_exchange when invalid), or
+ * on_body() stopped it: the call's code. */
+static gw_fail_t
+answer_refused(xchg_t *x)
 {
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    if (x->u && x->u->reused && !x->retried && !x->got_bytes && gw_http_idempotent(call->method)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
-               call->backend->name, err ? strerror(err) : "EOF");
-        x->retried = true;
-        gw_upstream_release(x->u, false);
-        x->u = NULL;
-        gw_fail_t rc = xchg_send(x, true);
-        if (rc == GW_FAIL_NONE)
-            return;
-        xchg_end(x, false, NULL, rc);
-        return;
+    gw_xchg_t *ex = &x->ex;
+    ex->status = ex->rd.status; /* 0 when the head itself was refused */
+    if (x->over_budget) {
+        refusal_log(a, call, true);
+        return GW_FAIL_MEMORY_BUDGET;
     }
-    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s for call %s, client %s, request %s", call->backend->name,
-           call->backend->host_header, gw_fail_name(code), err ? ": " : "", err ? strerror(err) : "", doing, call->name,
-           gw_conn_peer_ip(a->c), gw_conn_req(a->c)->request_id);
-    if (x->u)
-        x->u->broken = true;
+    if (ex->rd.error == GW_RESP_TOO_LARGE && ex->status > 299) {
+        /* the body of an error is never used: its status is the answer */
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
+               "request %s", call->backend->name, ex->status, call->name, gw_conn_req(a->c)->request_id);
+        return GW_FAIL_BAD_STATUS;
+    }
+    if (ex->rd.error == GW_RESP_TOO_LARGE) {
+        gw_log_rl(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
+               call->backend->name, x->limit, call->name, gw_conn_req(a->c)->request_id);
+        return GW_FAIL_TOO_LARGE;
+    }
+    ex->status = 0; /* an invalid answer has no status worth reporting */
+    return GW_FAIL_BAD_RESPONSE;
+}
+
+/* The try failed (gw_exchange resent on a stale connection already, and
+ * logged connection failures): ended through xchg_end(), which retries
+ * when allowed. */
+static void
+agg_xchg_fail(gw_xchg_t *ex, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
+{
+    xchg_t *x = XC(ex);
+    agg_t *a = x->a;
+    const gw_call_t *call = call_of(a, x->call);
+    if (cause == GW_XCHG_INVALID)
+        code = answer_refused(x);
+    else if (cause == GW_XCHG_START || cause == GW_XCHG_QUEUE)
+        start_failed_log(a, call, code, err);
+    else if (cause == GW_XCHG_TIMEOUT)
+        gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+               call->name, call->timeout_ms, x->job ? "parsing the response on the thread pool" : doing,
+               gw_conn_req(a->c)->request_id);
     xchg_end(x, false, NULL, code);
 }
 
 static void
-xchg_read_cb(gw_upstream_t *u, void *arg)
+agg_xchg_settle(void *sarg)
 {
-    xchg_t *x = arg;
-    agg_t *a = x->a;
+    agg_t *a = sarg;
     gw_conn_t *c = a->c;
-    struct evbuffer *in = gw_upstream_input(u);
-    x->got_bytes = true;
-    while (!x->done && evbuffer_get_length(in) > 0) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-            break;
-        size_t used;
-        gw_resp_result_t rc = gw_resp_execute(&x->rd, v.iov_base, v.iov_len, &used);
-        if (rc != GW_RESP_ERROR) {
-            evbuffer_drain(in, used);
-            x->done = rc == GW_RESP_DONE;
-        } else {
-            x->status = x->rd.status; /* 0 when the head itself was refused */
-            if (x->over_budget) {
-                refusal_log(a, call_of(a, x->call), true);
-                x->u->broken = true;
-                xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
-            } else if (x->rd.error == GW_RESP_TOO_LARGE && x->status > 299) {
-                /* the body of an error is never used: its status is the answer */
-                gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (its body over max_response_bytes not read), "
-                       "request %s", call_of(a, x->call)->backend->name, x->status, call_of(a, x->call)->name,
-                       gw_conn_req(c)->request_id);
-                x->u->broken = true;
-                xchg_end(x, false, NULL, GW_FAIL_BAD_STATUS);
-            } else if (x->rd.error == GW_RESP_TOO_LARGE) {
-                x->too_large = true;
-                gw_log_rl(GW_LOG_INFO, "backend %s: response over max_response_bytes (%zu) for call %s, request %s",
-                       call_of(a, x->call)->backend->name, x->limit, call_of(a, x->call)->name,
-                       gw_conn_req(c)->request_id);
-                x->u->broken = true;
-                xchg_end(x, false, NULL, GW_FAIL_TOO_LARGE);
-            } else {
-                gw_log_rl(GW_LOG_ERR, "backend %s: invalid response for call %s: %s", call_of(a, x->call)->backend->name,
-                       call_of(a, x->call)->name, x->rd.why);
-                x->status = 0; /* an invalid answer has no status worth reporting */
-                x->u->broken = true;
-                xchg_end(x, false, NULL, GW_FAIL_BAD_RESPONSE);
-            }
-            agg_progress(a);
-            gw_conn_release(c);
-            return;
-        }
-    }
-    if (x->done)
-        xchg_finish(x, gw_resp_keep_alive(&x->rd) && evbuffer_get_length(in) == 0);
     agg_progress(a);
     gw_conn_release(c);
-}
-
-static void
-xchg_event_cb(gw_upstream_t *u, int what, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    int err = u->err;
-    if (what & GW_UP_CONNECTED)
-        return;
-    if (u->resolve_failed) {
-        char doing[320];
-        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", call_of(a, x->call)->backend->host_name,
-                 gw_upstream_resolve_error(u));
-        xchg_broke(x, GW_FAIL_CONNECT_FAILED, doing, 0);
-    } else if (what & GW_UP_TIMEOUT) {
-        xchg_broke(x, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
-    } else if (gw_upstream_tls_failed(u)) {
-        char why[256];
-        gw_log_rl(GW_LOG_ERR, "backend %s: TLS handshake failed: %s", call_of(a, x->call)->backend->name,
-               gw_upstream_tls_error(u, why, sizeof(why)));
-        xchg_broke(x, GW_FAIL_CONNECT_FAILED, "handshaking with upstream", 0);
-    } else if (!u->connected) {
-        xchg_broke(x, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
-    } else if ((what & GW_UP_EOF) && gw_resp_eof(&x->rd) == GW_RESP_DONE) {
-        /* a close-delimited body ends here */
-        x->done = true;
-        xchg_finish(x, false);
-    } else {
-        xchg_broke(x, GW_FAIL_TRUNCATED, x->got_bytes ? "reading response from upstream" : "waiting for the response",
-                   (what & GW_UP_EOF) ? 0 : err);
-    }
-    agg_progress(a);
-    gw_conn_release(c);
-}
-
-static void
-xchg_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    const gw_call_t *call = call_of(a, x->call);
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
-           call->name, call->timeout_ms,
-           x->job                  ? "parsing the response on the thread pool"
-           : x->u == NULL          ? "waiting in the backend's queue for a connection"
-           : x->u->waiting         ? "resolving the backend's name"
-           : x->u && !x->u->connected ? "connecting to upstream"
-           : x->got_bytes          ? "reading the response from upstream"
-                                   : "waiting for the response from upstream",
-           gw_conn_req(c)->request_id);
-    if (x->u)
-        x->u->broken = true;
-    x->final = true;
-    xchg_end(x, false, NULL, GW_FAIL_TIMEOUT);
-    agg_progress(a);
-    gw_conn_release(c);
-}
-
-/* x waited in its backend's queue: a connection may be free now, or
- * queue_timeout_ms passed. */
-static void
-xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    GW_UNUSED(wt);
-    const gw_call_t *call = call_of(a, x->call);
-    gw_fail_t code;
-    if (status == GW_OK) {
-        code = xchg_send(x, false);
-    } else {
-        gw_log_rl(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
-               call->backend->name, call->backend->queue_timeout_ms, call->name, gw_conn_req(c)->request_id);
-        code = GW_FAIL_QUEUE_TIMEOUT;
-    }
-    if (code != GW_FAIL_NONE)
-        xchg_end(x, false, NULL, code);
-    agg_progress(a);
-    gw_conn_release(c);
-}
-
-/* --- retries and hedging ------------------------------------------------- */
-
-/*
- * An exchange is one request of a call; each try of it is one send on one
- * connection with one outcome, reported through xchg_end(), where
- * retry_end() sees it first. A try that failed in a way the backend's
- * "retry" section retries (connect failure, reset or EOF before a whole
- * response, a per-try timeout, a listed status) is sent again after a
- * full-jitter sleep, while tries are left, the sleep ends before both the
- * call's timeout and the route's deadline, and the retry budget has room;
- * otherwise the exchange ends with that try's failure. The call's timeout
- * (x->timer) runs across tries.
- *
- * A hedge (the call's hedge_after_ms) is a second exchange, the twin, that
- * sends a copy of the request on a fresh connection (the pool's next
- * address) and reports into its owner: the first good answer of either
- * ends the exchange and the other try is closed, never pooled. A failed
- * try leaves the other one running; when both failed, the last failure
- * goes through the retry rules of the owner.
- */
-
-static const gw_retry_conf_t *
-retry_conf(const xchg_t *x)
-{
-    return call_of(x->a, x->call)->backend->retry;
-}
-
-static void retry_timer_cb(evutil_socket_t fd, short what, void *arg);
-static void hedge_timer_cb(evutil_socket_t fd, short what, void *arg);
-
-/* Arms the per-try timeout of the try just sent, when there is one. */
-static void
-retry_arm_try(xchg_t *x)
-{
-    const gw_retry_conf_t *rc = retry_conf(x);
-    if (!rc->enabled || rc->per_try_timeout_ms <= 0)
-        return;
-    if (x->rtimer == NULL)
-        x->rtimer = evtimer_new(x->a->w->base, retry_timer_cb, x);
-    x->backoff = false;
-    struct timeval tv = { rc->per_try_timeout_ms / 1000, (rc->per_try_timeout_ms % 1000) * 1000 };
-    evtimer_add(x->rtimer, &tv);
-}
-
-/* The first try of x was sent: count it, arm its per-try timeout and the
- * call's hedge. */
-static void
-retry_begin(xchg_t *x)
-{
-    agg_t *a = x->a;
-    const gw_call_t *call = call_of(a, x->call);
-    const gw_retry_conf_t *rc = call->backend->retry;
-    uint64_t now = gw_now_us();
-    x->attempt = 1;
-    x->call_end_us = now + (uint64_t)call->timeout_ms * 1000u;
-    if (rc->counted) {
-        x->counted = true;
-        gw_retry_request_begin(rc);
-    }
-    retry_arm_try(x);
-    if (call->hedge_after_ms > 0 && now + (uint64_t)call->hedge_after_ms * 1000u < a->deadline_us) {
-        if (x->htimer == NULL)
-            x->htimer = evtimer_new(a->w->base, hedge_timer_cb, x);
-        struct timeval tv = { call->hedge_after_ms / 1000, (call->hedge_after_ms % 1000) * 1000 };
-        evtimer_add(x->htimer, &tv);
-    }
-}
-
-/* x ends (xchg_free): its budget slot and count are given back, its timers
- * stopped, and it is unlinked from its twin or owner. */
-static void
-retry_leg_free(xchg_t *x)
-{
-    const gw_retry_conf_t *rc = retry_conf(x);
-    if (x->slot)
-        gw_retry_release(rc);
-    if (x->counted)
-        gw_retry_request_end(rc);
-    x->slot = x->counted = false;
-    if (x->rtimer)
-        evtimer_del(x->rtimer);
-    if (x->htimer)
-        evtimer_del(x->htimer);
-    if (x->twin)
-        x->twin->owner = NULL;
-    if (x->owner)
-        x->owner->twin = NULL;
-    x->twin = x->owner = NULL;
-}
-
-/* Whether a failed try may be tried again, as far as its failure goes. */
-static bool
-retry_code(const gw_retry_conf_t *rc, gw_fail_t code, int status)
-{
-    if (code == GW_FAIL_BAD_STATUS)
-        return gw_retry_status(rc, status);
-    return gw_fail_retried(code);
 }
 
 /*
- * A try of *xp ended: with value (NULL on failure) or code. True when that
- * ending was taken care of here (a retry sleeps, or the other try of a
- * hedged exchange goes on); false when the exchange ends, then *xp is the
- * exchange to end (a winning hedge hands over to its owner).
+ * Retries and hedges are gw_exchange's (gw_xchg_end_try(), which xchg_end()
+ * asks first). A hedge (the call's hedge_after_ms) is an exchange of its
+ * own, the twin, with a copy of the request, that reports into its owner:
+ * the first good answer of either ends the exchange (the hedge's own body
+ * buffer holds it), the other is closed, never pooled.
  */
-static bool
-retry_end(xchg_t **xp, bool reusable, json_t *value, gw_fail_t code)
+static gw_xchg_t *
+agg_xchg_hedge(gw_xchg_t *ex)
 {
-    xchg_t *x = *xp;
+    xchg_t *x = XC(ex);
     agg_t *a = x->a;
     const gw_call_t *call = call_of(a, x->call);
-    const gw_retry_conf_t *rc = call->backend->retry;
-    GW_UNUSED(value);
-    /* this try is over: the breaker hears how it went, a queued one leaves the queue */
-    xchg_breaker_outcome(x, code);
-    gw_upstream_wait_cancel(&x->wait);
-    if (x->slot) {
-        gw_retry_release(rc);
-        x->slot = false;
-    }
-    if (x->rtimer)
-        evtimer_del(x->rtimer);
-    if (x->owner) {
-        xchg_t *p = x->owner;
-        if (code == GW_FAIL_NONE) {
-            /* the hedge won: the owner's own try is closed, the answer is the hedge's */
-            gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s answered first, request %s", call->backend->name,
-                   call->name, gw_conn_req(a->c)->request_id);
-            if (p->admitted) {
-                gw_breaker_abandon(call->backend); /* cancelled, not failed */
-                p->admitted = false;
-            }
-            if (p->u) {
-                gw_upstream_release(p->u, false);
-                p->u = NULL;
-            }
-            p->status = x->status;
-            a->calls[x->call].hedge_won = true;
-            xchg_free(x, reusable);
-            *xp = p;
-            return false;
-        }
-        gw_log_rl(GW_LOG_INFO, "backend %s: the hedge of call %s failed: %s, request %s", call->backend->name, call->name,
-               gw_fail_name(code), gw_conn_req(a->c)->request_id);
-        bool owner_failed = p->waiting_twin;
-        int status = x->status;
-        xchg_free(x, reusable);
-        if (!owner_failed)
-            return true; /* the owner's try goes on */
-        p->waiting_twin = false;
-        p->status = status;
-        x = *xp = p;
-        reusable = false;
-    } else if (x->twin) {
-        if (code == GW_FAIL_NONE || x->final) {
-            xchg_free(x->twin, false); /* the hedge lost, or the call is over */
-        } else {
-            gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s; its hedge goes on, request %s", call->backend->name,
-                   call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
-            if (x->u) {
-                gw_upstream_release(x->u, reusable);
-                x->u = NULL;
-            }
-            x->waiting_twin = true;
-            return true;
-        }
-    }
-    if (code == GW_FAIL_NONE || x->final || x->attempt == 0 || !rc->enabled)
-        return false;
-    if (x->attempt >= rc->attempts || !retry_code(rc, code, x->status) || !gw_retry_method_ok(rc, call->method))
-        return false;
-    int ms = gw_retry_backoff_ms(rc, x->attempt);
-    uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
-    if (wake >= x->call_end_us || wake >= a->deadline_us) {
-        gw_log_rl(GW_LOG_INFO,
-               "backend %s: call %s: %s; no retry: a %d ms backoff would end after the call's %s, request %s",
-               call->backend->name, call->name, gw_fail_name(code), ms,
-               wake >= x->call_end_us ? "timeout_ms" : "route's deadline", gw_conn_req(a->c)->request_id);
-        return false;
-    }
-    if (!gw_retry_acquire(rc)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s; no retry: the retry budget is spent, request %s",
-               call->backend->name, call->name, gw_fail_name(code), gw_conn_req(a->c)->request_id);
-        return false;
-    }
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s: %s%s; retry %u of %u in %d ms, request %s", call->backend->name,
-           call->name, gw_fail_name(code), x->status ? " (status)" : "", x->attempt, rc->attempts - 1, ms,
-           gw_conn_req(a->c)->request_id);
-    x->slot = true;
-    gw_m_add(&a->w->m->backends[call->backend->mid].retries, 1);
-    if (x->u) {
-        gw_upstream_release(x->u, reusable);
-        x->u = NULL;
-    }
-    if (x->rtimer == NULL)
-        x->rtimer = evtimer_new(a->w->base, retry_timer_cb, x);
-    x->backoff = true;
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    evtimer_add(x->rtimer, &tv);
-    return true;
-}
-
-/* x->rtimer: the backoff sleep ended (send the next try), or the try in
- * flight ran past per_try_timeout_ms (it fails with "timeout"). */
-static void
-retry_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    if (x->backoff) {
-        const gw_backend_t *b = call_of(a, x->call)->backend;
-        gw_fail_t code = GW_FAIL_NONE;
-        x->backoff = false;
-        x->attempt++;
-        x->sent = false;
-        if (gw_breaker_admit(b, NULL) != GW_OK)
-            code = GW_FAIL_CIRCUIT_OPEN;
-        else
-            x->admitted = b->breaker != NULL;
-        if (code == GW_FAIL_NONE)
-            code = xchg_send(x, false);
-        if (code != GW_FAIL_NONE)
-            xchg_end(x, false, NULL, code);
-        else
-            retry_arm_try(x);
-    } else {
-        const gw_call_t *call = call_of(a, x->call);
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: try %u passed per_try_timeout_ms (%d) while %s, request %s",
-               call->backend->name, call->name, x->attempt, call->backend->retry->per_try_timeout_ms,
-               x->u == NULL             ? "waiting in the backend's queue for a connection"
-               : !x->u->connected       ? "connecting to upstream"
-               : x->got_bytes           ? "reading the response from upstream"
-                                        : "waiting for the response from upstream",
-               gw_conn_req(c)->request_id);
-        if (x->u)
-            x->u->broken = true;
-        xchg_end(x, false, NULL, GW_FAIL_TIMEOUT);
-    }
-    agg_progress(a);
-    gw_conn_release(c);
-}
-
-/* x->htimer: no answer after hedge_after_ms: send a copy on a fresh
- * connection, when the budget has room (else keep waiting). */
-static void
-hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
-{
-    xchg_t *x = arg;
-    agg_t *a = x->a;
-    gw_conn_t *c = a->c;
-    const gw_call_t *call = call_of(a, x->call);
-    const gw_retry_conf_t *rc = call->backend->retry;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    if (x->twin || x->u == NULL || x->got_bytes || x->waiting_twin)
-        return; /* answering, queued, or between tries: nothing to hedge */
-    if (gw_breaker_admit(call->backend, NULL) != GW_OK)
-        return; /* its circuit opened meanwhile: no new try */
-    if (!gw_retry_acquire(rc)) {
-        if (call->backend->breaker)
-            gw_breaker_abandon(call->backend);
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no hedge after %d ms: the retry budget is spent, request %s",
-               call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
-        return;
-    }
     xchg_t *h = xchg_new(a, x->call, x->item);
     h->limit = x->limit;
     gw_tpl_buf_add(&h->req, x->req.data, x->req.len);
@@ -2021,22 +1587,27 @@ hedge_timer_cb(evutil_socket_t fd, short what, void *arg)
         gw_tpl_buf_add(&h->obody, x->obody.data, x->obody.len);
     h->has_obody = x->has_obody;
     h->out_len = x->out_len;
-    h->owner = x;
-    x->twin = h;
-    h->slot = true;
-    h->attempt = 1;
-    h->call_end_us = x->call_end_us;
-    h->admitted = call->backend->breaker != NULL;
-    gw_fail_t code = xchg_send(h, true);
-    if (code != GW_FAIL_NONE) {
-        xchg_free(h, false); /* the owner's try goes on alone */
-        return;
-    }
-    gw_m_add(&a->w->m->backends[call->backend->mid].hedges, 1);
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s: no answer after %d ms, hedged on a new connection, request %s",
-           call->backend->name, call->name, call->hedge_after_ms, gw_conn_req(c)->request_id);
-    retry_arm_try(h);
+    gw_xchg_init(&h->ex, &xchg_ops, h, a, a->w, call->backend, call->name, ex->rid, ex->peer);
+    h->ex.head = h->req.data;
+    h->ex.head_len = h->req.len;
+    return &h->ex;
 }
+
+static void
+agg_xchg_discard(gw_xchg_t *ex, bool reusable)
+{
+    xchg_free(XC(ex), reusable);
+}
+
+static const gw_xchg_ops_t xchg_ops = {
+    .resp = &resp_ops,
+    .begin = agg_xchg_begin,
+    .done = agg_xchg_done,
+    .fail = agg_xchg_fail,
+    .settle = agg_xchg_settle,
+    .hedge = agg_xchg_hedge,
+    .discard = agg_xchg_discard,
+};
 
 /* --- entry points -------------------------------------------------------- */
 

@@ -2,12 +2,13 @@
  * gw_proxy.c - proxy routes (see gw_proxy.h).
  *
  * Life of a proxied request: it starts as soon as the request head is
- * read. The upstream request head is built once (kept for one retry), a
- * pooled or new upstream connection gets it, then the request body as it
- * arrives from the client (with its Content-Length, or re-chunked when the
- * client sent it chunked). gw_resp reads the response under its rules; its
- * head is filtered and written to the client, its body is streamed as it
- * arrives.
+ * read. The upstream request head is built once (kept for retries) and
+ * handed to an upstream exchange (gw_exchange.h), which takes a pooled or
+ * new connection, tries again when that is safe, and reads the response
+ * through gw_resp. The request body follows the head as it arrives from
+ * the client (with its Content-Length, or re-chunked when the client sent
+ * it chunked). The response head is filtered and written to the client,
+ * its body is streamed as it arrives.
  *
  * Backpressure both ways: when the client falls behind, reading from the
  * backend pauses until the client's output drains; when the backend falls
@@ -18,28 +19,27 @@
  * Failures before any of the response reached the client become JSON
  * errors (502, 503, 504), also when its head was already queued
  * (gw_conn_take_back); after that, the client connection is closed so a cut
- * body never looks whole. A request sent on a reused connection that the backend had closed
- * (EOF or reset before any response byte) is sent once more on a fresh
- * connection when the method is idempotent and the body bytes sent so far
- * are still at hand (a body is kept for that up to REPLAY_MAX bytes).
+ * body never looks whole. A request can be sent again (a stale pooled
+ * connection, a retry) while the body bytes sent so far are still at hand:
+ * a body is kept for that up to REPLAY_MAX bytes.
  *
  * Ownership: the proxy context belongs to the client connection's async
- * slot. It is freed by proxy_free() on every end: finish, error, abort, or
- * cancel from the connection. Upstream callbacks end with
- * gw_conn_release(c) and touch nothing after it.
+ * slot and embeds its exchange. It is freed by proxy_free() on every end:
+ * finish, error, abort, or cancel from the connection. Exchange callbacks
+ * end the request at most once; the exchange then ends its entry point
+ * with gw_conn_release(c) (proxy_xchg_settle) and touches nothing else.
  */
 #include "gw_proxy.h"
 #include "gw_breaker.h"
 #include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_conn.h"
+#include "gw_exchange.h"
 #include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_resp.h"
-#include "gw_retry.h"
 #include "gw_server.h"
-#include "gw_upstream.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -64,8 +64,7 @@ struct gw_proxy_s {
     gw_conn_t *c;
     const gw_route_t *route;
     const gw_backend_t *b;
-    gw_upstream_t *u;
-    struct event *timer;  /* the backend's timeout_ms for the whole call */
+    gw_xchg_t ex;         /* the upstream exchange (gw_exchange.h): connection, tries, retries */
     char *head;           /* the upstream request head, kept for a retry */
     size_t head_len, head_cap;
     char *hout;           /* the filtered response head */
@@ -76,19 +75,7 @@ struct gw_proxy_s {
     bool has_body;        /* the client's request has a body */
     bool body_sent;       /* all of it went upstream (the chunked end included) */
     bool body_paused;     /* the client's body waits for the upstream output to drain */
-    gw_resp_t rd;         /* the response being read (gw_resp.h) */
-    bool retried;
-    bool got_bytes;       /* a response byte arrived on this attempt */
     bool head_sent;       /* the response head went to the client */
-    bool done;            /* the whole response was read */
-    int status;
-    /* retries (the backend's "retry"; see "retries" below) */
-    struct event *rtimer; /* the backoff sleep; made on first use */
-    uint64_t end_ms;      /* when the backend's timeout_ms ends the request */
-    unsigned attempt;     /* tries started, the first included */
-    int retry_ms;         /* the sleep decided for the next try */
-    bool counted;         /* in the backend's requests in flight (retry budget) */
-    bool slot;            /* the next try (or the one in flight) holds a retry budget slot */
     bool retry_status;    /* the response head has a retried status: not passed on */
     /* the response head, collected as llhttp hands it over */
     char *hbuf;
@@ -96,22 +83,10 @@ struct gw_proxy_s {
     gw_header_t *hdrs;
     size_t nhdrs, hdrs_cap;
     bool in_field, in_value;
-    bool admitted;        /* the breaker let it through: its outcome is reported once, by proxy_free() */
-    int outcome;          /* for the breaker: 1 ok, -1 failed, 0 unknown (cancelled: abandoned) */
-    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
-    /* metrics: one backend call per proxied request, its retries included */
-    uint64_t start_us;    /* 0: it never got as far as the backend's admission */
-    bool ended;           /* end_code says how it ended; else it was cancelled (client gone) */
-    gw_fail_t end_code;   /* GW_FAIL_NONE: an answer below 500 */
 };
 
 static const gw_resp_ops_t resp_ops;
-static void proxy_read_cb(gw_upstream_t *u, void *arg);
-static bool proxy_retry(gw_proxy_t *p, gw_fail_t code, int err);
-static bool proxy_retry_head(gw_proxy_t *p);
-static void proxy_retry_free(gw_proxy_t *p);
-static void proxy_event_cb(gw_upstream_t *u, int what, void *arg);
-static void proxy_write_cb(gw_upstream_t *u, void *arg);
+static const gw_xchg_ops_t xchg_ops;
 
 /* --- the upstream request ------------------------------------------------ */
 
@@ -342,16 +317,14 @@ build_request(gw_proxy_t *p)
 
 /* --- endings ------------------------------------------------------------- */
 
-/* Proxy contexts kept per worker for the next request, with their timer
+/* Proxy contexts kept per worker for the next request, with their timers
  * and buffers: a request then allocates nothing of its own. */
 #define CACHE_MAX 256
 
 static void
 proxy_destroy(gw_proxy_t *p)
 {
-    event_free(p->timer);
-    if (p->rtimer)
-        event_free(p->rtimer);
+    gw_xchg_destroy(&p->ex);
     free(p->head);
     free(p->hout);
     free(p->hbuf);
@@ -378,30 +351,19 @@ static void
 proxy_free(gw_proxy_t *p, bool reusable)
 {
     gw_worker_t *w = gw_conn_worker(p->c);
-    if (p->start_us)
-        gw_m_call(w->m, p->b->mid, p->ended ? p->end_code : GW_FAIL_CANCELLED, gw_now_us() - p->start_us);
-    proxy_retry_free(p);
-    gw_upstream_wait_cancel(&p->wait);
-    if (p->admitted && p->outcome)
-        gw_breaker_done(p->b, p->outcome > 0);
-    else if (p->admitted)
-        gw_breaker_abandon(p->b);
-    if (p->u)
-        gw_upstream_release(p->u, reusable);
-    evtimer_del(p->timer);
+    gw_xchg_close(&p->ex, reusable);
     replay_drop(p);
     if (w->nproxy_cache >= CACHE_MAX || w->stopping) {
         proxy_destroy(p);
         return;
     }
     /* keep the allocations, reset the rest */
-    struct event *timer = p->timer, *rtimer = p->rtimer;
+    gw_xchg_t ex = p->ex; /* closed: only its timers are left, kept */
     char *head = p->head, *hout = p->hout, *hbuf = p->hbuf;
     size_t head_cap = p->head_cap, hout_cap = p->hout_cap, hcap = p->hcap, hdrs_cap = p->hdrs_cap;
     gw_header_t *hdrs = p->hdrs;
     memset(p, 0, sizeof(*p));
-    p->timer = timer;
-    p->rtimer = rtimer;
+    p->ex = ex;
     p->head = head;
     p->head_cap = head_cap;
     p->hout = hout;
@@ -436,8 +398,8 @@ static void
 proxy_drained(void *ctx)
 {
     gw_proxy_t *p = ctx;
-    if (p->u)
-        gw_upstream_read(p->u, true);
+    if (p->ex.u)
+        gw_upstream_read(p->ex.u, true);
 }
 
 /* Keeps a copy of n body bytes for a retry while the body fits REPLAY_MAX
@@ -468,10 +430,10 @@ body_add(gw_proxy_t *p, struct evbuffer *out, const void *data, size_t n)
 static void
 forward_body(gw_proxy_t *p)
 {
-    if (p->u == NULL || p->body_sent)
+    if (p->ex.u == NULL || p->body_sent)
         return;
+    struct evbuffer *out = gw_upstream_output(p->ex.u);
     gw_req_t *r = gw_conn_req(p->c);
-    struct evbuffer *out = gw_upstream_output(p->u);
     size_t n = evbuffer_get_length(r->body);
     if (n > 0) {
         if (r->chunked) {
@@ -493,10 +455,10 @@ forward_body(gw_proxy_t *p)
             body_add(p, out, "0\r\n\r\n", 5);
         p->body_sent = true;
     }
-    gw_upstream_send(p->u);
+    gw_upstream_send(p->ex.u);
     if (!p->body_sent && evbuffer_get_length(out) > UP_HIGH && !p->body_paused) {
         p->body_paused = true;
-        gw_conn_body_pause(p->c, true); /* proxy_write_cb resumes it */
+        gw_conn_body_pause(p->c, true); /* proxy_xchg_drained resumes it */
     }
 }
 
@@ -508,92 +470,40 @@ proxy_body(void *ctx)
 
 static const gw_conn_async_t proxy_ops = { proxy_cancel, proxy_drained, proxy_body };
 
-/* How p ended, for the metrics; proxy_free() counts it. */
+/*
+ * Ends the request with code's error answer (its status: gw_fail_status,
+ * with Retry-After when the code has one), or closes the client connection
+ * when part of the response reached it already. Logged with doing, unless
+ * that is NULL (the exchange logged it).
+ */
 static void
-proxy_ended(gw_proxy_t *p, gw_fail_t code)
-{
-    p->ended = true;
-    p->end_code = code;
-}
-
-/* Ends the request with an error (its status: gw_fail_status); called from
- * upstream callbacks only. */
-static void
-proxy_fail(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
+proxy_error(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
 {
     gw_conn_t *c = p->c;
-    proxy_ended(p, code);
-    gw_req_t *r = gw_conn_req(c);
-    gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
-           gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
-           r->request_id);
-    if (p->u) {
-        p->u->broken = true;
-        p->outcome = -1; /* it reached the backend (a queue or local failure says nothing about it) */
-    }
+    if (doing)
+        /* an open circuit was logged once when it opened */
+        gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN                                 ? GW_LOG_INFO
+                  : code == GW_FAIL_QUEUE_FULL || code == GW_FAIL_QUEUE_TIMEOUT ? GW_LOG_WARN
+                                                                                : GW_LOG_ERR,
+                  "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
+                  gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
+                  gw_conn_req(c)->request_id);
+    gw_xchg_ended(&p->ex, code);
     if (p->head_sent && !gw_conn_take_back(c)) {
         /* part of the response reached the client: only closing is left */
         proxy_free(p, false);
         gw_conn_abort(c);
-    } else {
-        char extra[256];
-        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        proxy_free(p, false);
-        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
-    }
-}
-
-/* --- sending ------------------------------------------------------------- */
-
-static int
-send_attempt(gw_proxy_t *p, bool fresh)
-{
-    gw_worker_t *w = gw_conn_worker(p->c);
-    gw_upstream_t *u = NULL;
-    int rc = gw_upstream_get(w, p->b, fresh, &u);
-    if (rc != GW_OK)
-        return rc;
-    p->u = u;
-    p->got_bytes = false;
-    gw_resp_init(&p->rd, &resp_ops, p, INT64_MAX, gw_conn_req(p->c)->method == HTTP_HEAD);
-    gw_upstream_setcb(u, proxy_read_cb, proxy_write_cb, proxy_event_cb, p, UP_LOW);
-    struct evbuffer *out = gw_upstream_output(u);
-    evbuffer_add(out, p->head, p->head_len);
-    if (p->replay) /* a retry: first what the failed attempt sent */
-        evbuffer_add(out, evbuffer_pullup(p->replay, -1), evbuffer_get_length(p->replay));
-    forward_body(p);
-    return GW_OK;
-}
-
-/* The connection broke before any response byte: retry once when that is
- * safe, else fail. err: errno, or 0 for EOF. */
-static void
-upstream_broke(gw_proxy_t *p, int err)
-{
-    gw_conn_t *c = p->c;
-    bool replayable = !p->has_body || p->replay != NULL;
-    if (p->u->reused && !p->retried && !p->got_bytes && replayable && gw_http_idempotent(gw_conn_req(c)->method)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
-               p->b->name, err ? strerror(err) : "EOF");
-        p->retried = true;
-        gw_upstream_release(p->u, false);
-        p->u = NULL;
-        int rc = send_attempt(p, true);
-        if (rc == GW_OK)
-            return;
-        if (rc == GW_AGAIN) {
-            proxy_fail(p, GW_FAIL_UNAVAILABLE, "retrying (max_connections reached)", 0);
-            return;
-        }
-        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
         return;
     }
-    if (proxy_retry(p, p->got_bytes ? GW_FAIL_BAD_RESPONSE : GW_FAIL_RESET, err))
-        return;
-    if (p->got_bytes)
-        proxy_fail(p, GW_FAIL_BAD_RESPONSE, "reading response header from upstream", err);
-    else
-        proxy_fail(p, GW_FAIL_RESET, "reading response header from upstream", err);
+    char extra[256], hdr[40] = "";
+    int retry_s = gw_fail_retry_after(code);
+    if (retry_s < 0)
+        retry_s = gw_breaker_retry_after_s(p->b);
+    if (retry_s > 0)
+        snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
+    snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
+    proxy_free(p, false);
+    gw_conn_error_headers(c, gw_fail_status(code), gw_fail_proxy_name(code), extra, hdr);
 }
 
 /* --- the response -------------------------------------------------------- */
@@ -680,13 +590,25 @@ gw_proxy_response_head(const char *base, const gw_header_t *hdrs, size_t n, char
     }
 }
 
+/*
+ * Retries (the backend's "retry" section, decided by gw_exchange): a
+ * proxied request is sent again when nothing of the response has reached
+ * the client yet and the request can be replayed (no body, or the body
+ * sent so far is still at hand: up to REPLAY_MAX bytes). Retried: connect
+ * failures and connect timeouts, a reset or EOF before the response head,
+ * and a listed status when the request's body was sent whole (the
+ * response is then dropped, its connection closed). A request whose body
+ * is still streaming from the client is never retried on a status: the
+ * backend may have acted on part of it. Proxies stream the response, so
+ * there is no per-try timeout.
+ */
 static int
 on_resp_headers_complete(gw_resp_t *r)
 {
     gw_proxy_t *p = PROXY(r);
-    p->status = r->status;
-    if (proxy_retry_head(p)) {
-        p->retry_status = true; /* nothing was sent to the client: proxy_read_cb retries */
+    p->ex.status = r->status;
+    if (gw_xchg_retry_decide(&p->ex, GW_FAIL_BAD_STATUS, 0, !p->has_body || (p->body_sent && p->replay))) {
+        p->retry_status = true; /* nothing was sent to the client: proxy_xchg_fail() retries */
         return GW_ERR;
     }
     /* Filter the head: hop-by-hop headers, those named in Connection, and
@@ -697,7 +619,7 @@ on_resp_headers_complete(gw_resp_t *r)
     /* The backend's Content-Length (at most 2^63-1: gw_resp), which for
      * HEAD and 304 is the representation's, passed as it is; none when it
      * sent none (never an invented 0). A 204 has none. */
-    gw_conn_start_response(p->c, p->status, out ? out : "", len, p->status == 204 ? -1 : r->content_length);
+    gw_conn_start_response(p->c, p->ex.status, out ? out : "", len, p->ex.status == 204 ? -1 : r->content_length);
     p->hout = out; /* kept for the next response */
     p->hout_cap = cap;
     p->head_sent = true;
@@ -720,347 +642,117 @@ static const gw_resp_ops_t resp_ops = {
     .reset = on_resp_interim,
 };
 
+/* --- the exchange's callbacks ---------------------------------------------- */
+
+#define PX(x) ((gw_proxy_t *)(x)->arg)
+
+/* A try has its connection: the head is queued; the body follows (first
+ * what an earlier try sent, kept for this), then what the client sends. */
+static void
+proxy_xchg_begin(gw_xchg_t *x, struct evbuffer *out)
+{
+    gw_proxy_t *p = PX(x);
+    p->retry_status = false;
+    p->hlen = p->nhdrs = 0;
+    p->in_field = p->in_value = false;
+    if (p->replay) /* a retry: first what the failed attempt sent */
+        evbuffer_add(out, evbuffer_pullup(p->replay, -1), evbuffer_get_length(p->replay));
+    forward_body(p);
+}
+
 /* The response is complete: pool the connection when it can serve another
  * request, and end the client's response. */
 static void
-proxy_finish(gw_proxy_t *p)
+proxy_xchg_done(gw_xchg_t *x, bool reusable)
 {
+    gw_proxy_t *p = PX(x);
     gw_conn_t *c = p->c;
     /* A response that came before the whole request body was sent leaves
      * the connection mid-request: never reused. */
-    bool reusable = gw_resp_keep_alive(&p->rd) && (p->body_sent || !p->has_body) &&
-                    evbuffer_get_length(gw_upstream_input(p->u)) == 0;
-    p->outcome = p->status >= 500 ? -1 : 1;
-    proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
+    reusable = reusable && (p->body_sent || !p->has_body);
+    gw_fail_t code = p->ex.status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE;
+    gw_xchg_outcome(&p->ex, code, p->ex.status);
+    gw_xchg_ended(&p->ex, code);
     proxy_free(p, reusable);
     gw_conn_end_response(c);
 }
 
-static void
-proxy_read_cb(gw_upstream_t *u, void *arg)
-{
-    gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
-    struct evbuffer *in = gw_upstream_input(u);
-    p->got_bytes = true;
-    while (!p->done && evbuffer_get_length(in) > 0) {
-        struct evbuffer_iovec v;
-        if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-            break;
-        size_t used;
-        gw_resp_result_t rc = gw_resp_execute(&p->rd, v.iov_base, v.iov_len, &used);
-        if (rc != GW_RESP_ERROR) {
-            evbuffer_drain(in, used);
-            p->done = rc == GW_RESP_DONE;
-        } else if (p->retry_status) {
-            proxy_retry(p, GW_FAIL_NONE, 0); /* decided in on_resp_headers_complete */
-            gw_conn_release(c);
-            return;
-        } else {
-            gw_log_rl(GW_LOG_ERR, "backend %s: invalid response: %s", p->b->name, p->rd.why);
-            proxy_fail(p, GW_FAIL_BAD_RESPONSE,
-                       p->head_sent ? "reading response body from upstream" : "reading response header from upstream",
-                       0);
-            gw_conn_release(c);
-            return;
-        }
-    }
-    if (p->done)
-        proxy_finish(p);
-    else if (p->head_sent && !gw_conn_send(c))
-        gw_upstream_read(u, false); /* proxy_drained() resumes */
-    gw_conn_release(c);
-}
-
-/* The upstream output drained: take more of the client's body. Ends an
- * upstream callback: may hand over body bytes or end p, so nothing is
- * touched after it. */
-static void
-resume_body(gw_proxy_t *p)
-{
-    gw_conn_t *c = p->c;
-    p->body_paused = false;
-    gw_conn_body_pause(c, false);
-    gw_conn_release(c);
-}
-
-/* The upstream output fell to UP_LOW. */
-static void
-proxy_write_cb(gw_upstream_t *u, void *arg)
-{
-    gw_proxy_t *p = arg;
-    GW_UNUSED(u);
-    if (p->body_paused)
-        resume_body(p);
-}
-
-static void
-proxy_event_cb(gw_upstream_t *u, int what, void *arg)
-{
-    gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
-    int err = u->err;
-    if (what & GW_UP_CONNECTED) {
-        if (p->body_paused && evbuffer_get_length(gw_upstream_output(u)) <= UP_LOW)
-            resume_body(p); /* the connect wrote what the body had queued */
-        return;
-    }
-    if (u->resolve_failed) {
-        char doing[320];
-        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", p->b->host_name, gw_upstream_resolve_error(u));
-        proxy_fail(p, GW_FAIL_RESOLVE_FAILED, doing, 0);
-    } else if (what & GW_UP_TIMEOUT) {
-        if (!proxy_retry(p, GW_FAIL_TIMEOUT, 0))
-            proxy_fail(p, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
-    } else if (gw_upstream_tls_failed(u)) {
-        char why[256];
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", p->b->name, p->b->host_header,
-               gw_upstream_tls_error(u, why, sizeof(why)));
-        proxy_fail(p, GW_FAIL_TLS_FAILED, "handshaking with upstream", 0);
-    } else if (!u->connected) {
-        if (!proxy_retry(p, GW_FAIL_CONNECT_FAILED, err))
-            proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", err);
-    } else if (what & GW_UP_EOF) {
-        if (p->head_sent && gw_resp_eof(&p->rd) == GW_RESP_DONE) {
-            /* a close-delimited body ends here */
-            p->done = true;
-            p->outcome = p->status >= 500 ? -1 : 1;
-            proxy_ended(p, p->status >= 500 ? GW_FAIL_BAD_STATUS : GW_FAIL_NONE);
-            proxy_free(p, false);
-            gw_conn_end_response(c);
-        } else if (p->head_sent) {
-            proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", 0);
-        } else {
-            upstream_broke(p, 0);
-        }
-    } else {
-        if (p->head_sent)
-            proxy_fail(p, GW_FAIL_TRUNCATED, "reading response body from upstream", err);
-        else
-            upstream_broke(p, err);
-    }
-    gw_conn_release(c);
-}
-
-static void
-proxy_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    const char *doing = p->head_sent                  ? "reading response body from upstream"
-                        : p->u == NULL                ? "waiting in the backend's queue for a connection"
-                        : p->u->waiting               ? "resolving the backend's name"
-                        : p->u && !p->u->connected    ? "connecting to upstream"
-                                                      : "waiting for the response from upstream";
-    proxy_fail(p, GW_FAIL_TIMEOUT, doing, 0);
-    gw_conn_release(c);
-}
-
-/* Answers 503 code with its Retry-After, before anything was sent (from
- * gw_proxy_start() or a queue callback). */
-static void
-proxy_refuse(gw_proxy_t *p, gw_fail_t code, const char *why)
-{
-    gw_conn_t *c = p->c;
-    char extra[256], hdr[40];
-    int retry_s = gw_fail_retry_after(code);
-    if (retry_s < 0)
-        retry_s = gw_breaker_retry_after_s(p->b);
-    /* an open circuit was logged once when it opened */
-    gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN ? GW_LOG_INFO : GW_LOG_WARN, "backend %s (%s): %s: %s, client %s, request %s",
-           p->b->name, p->b->host_header, gw_fail_proxy_name(code), why, gw_conn_peer_ip(c),
-           gw_conn_req(c)->request_id);
-    snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-    snprintf(hdr, sizeof(hdr), "Retry-After: %d\r\n", retry_s);
-    proxy_ended(p, code);
-    proxy_free(p, false);
-    gw_conn_error_headers(c, gw_fail_status(code), gw_fail_proxy_name(code), extra, hdr);
-}
-
-/* p waited in its backend's queue: a connection may be free now, or
- * queue_timeout_ms passed. */
-static void
-proxy_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
-{
-    gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
-    GW_UNUSED(wt);
-    if (status != GW_OK) {
-        proxy_refuse(p, GW_FAIL_QUEUE_TIMEOUT, "no connection within queue_timeout_ms");
-        gw_conn_release(c);
-        return;
-    }
-    int rc = send_attempt(p, false);
-    if (rc == GW_AGAIN && gw_upstream_wait(gw_conn_worker(c), p->b, &p->wait, proxy_wait_cb, p) == GW_OK) {
-        gw_conn_release(c); /* taken by another: wait again */
-        return;
-    }
-    if (rc == GW_AGAIN) {
-        proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
-    } else if (rc != GW_OK) {
-        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
-    } else if (!p->body_paused) {
-        gw_conn_body_pause(c, false); /* the body goes upstream now (unless the upstream output is full already) */
-    }
-    gw_conn_release(c);
-}
-
-/* --- retries --------------------------------------------------------------- */
-
-/*
- * With the backend's "retry" section, a proxied request is sent again
- * (after a full-jitter sleep, while tries are left, within the backend's
- * timeout_ms and the retry budget) when nothing of the response has
- * reached the client yet and the request can be replayed (no body, or the
- * body sent so far is still at hand: up to REPLAY_MAX bytes). Retried:
- * connect failures and connect timeouts, a reset or EOF before the
- * response head, and a listed status when the request's body was sent
- * whole (the response is then dropped, its connection closed). A request
- * whose body is still streaming from the client is never retried on a
- * status: the backend may have acted on part of it.
- */
-
-static void
-proxy_retry_begin(gw_proxy_t *p)
-{
-    const gw_retry_conf_t *rc = p->b->retry;
-    p->attempt = 1;
-    p->end_ms = gw_now_ms() + (uint64_t)p->b->timeout_ms;
-    if (rc->counted) {
-        p->counted = true;
-        gw_retry_request_begin(rc);
-    }
-}
-
-/* p ends: its budget slot and count are given back. */
-static void
-proxy_retry_free(gw_proxy_t *p)
-{
-    const gw_retry_conf_t *rc = p->b ? p->b->retry : NULL;
-    if (p->slot)
-        gw_retry_release(rc);
-    if (p->counted)
-        gw_retry_request_end(rc);
-    p->slot = p->counted = false;
-    if (p->rtimer)
-        evtimer_del(p->rtimer);
-}
-
-/* The try in flight failed (why): whether another may follow. True with a
- * budget slot taken and p->retry_ms set. */
+/* Sent again only while nothing of the response reached the client and
+ * the body sent so far is at hand. */
 static bool
-proxy_retry_decide(gw_proxy_t *p, const char *why)
+proxy_replayable(gw_xchg_t *x)
 {
-    const gw_retry_conf_t *rc = p->b->retry;
-    gw_req_t *r = gw_conn_req(p->c);
-    if (p->slot) {
-        gw_retry_release(rc);
-        p->slot = false;
-    }
-    if (!rc->enabled || p->attempt == 0 || p->attempt >= rc->attempts || p->head_sent ||
-        !gw_retry_method_ok(rc, r->method) || (p->has_body && p->replay == NULL))
-        return false;
-    int ms = gw_retry_backoff_ms(rc, p->attempt);
-    if (gw_now_ms() + (uint64_t)ms >= p->end_ms) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: a %d ms backoff would end after timeout_ms, request %s",
-               p->b->name, why, ms, r->request_id);
-        return false;
-    }
-    if (!gw_retry_acquire(rc)) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s; no retry: the retry budget is spent, request %s", p->b->name, why,
-               r->request_id);
-        return false;
-    }
-    p->slot = true;
-    p->retry_ms = ms;
-    if (p->admitted) {
-        /* the breaker hears how this try went (a retried 4xx is an answer, not a failure); the
-         * next try asks it again. Without a retry proxy_free() reports, as for any request. */
-        gw_breaker_done(p->b, p->status >= 400 && p->status < 500);
-        p->admitted = false;
-        p->outcome = 0;
-    }
-    return true;
+    gw_proxy_t *p = PX(x);
+    return !p->head_sent && (!p->has_body || p->replay != NULL);
 }
 
-/* A response head arrived: whether its status is retried (decided, with a
- * slot taken); else the try is over and its slot is given back. */
-static bool
-proxy_retry_head(gw_proxy_t *p)
+/* The try failed: retried when that is safe (see above), else the request
+ * ends with the error. */
+static void
+proxy_xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
 {
-    const gw_retry_conf_t *rc = p->b->retry;
-    if (rc->enabled && gw_retry_status(rc, p->status) && (!p->has_body || (p->body_sent && p->replay)))
-        return proxy_retry_decide(p, "status");
-    if (p->slot) {
-        gw_retry_release(rc);
-        p->slot = false;
+    gw_proxy_t *p = PX(x);
+    if (cause == GW_XCHG_INVALID && p->retry_status) { /* decided in on_resp_headers_complete */
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, x->status,
+                  gw_conn_req(p->c)->request_id);
+        gw_xchg_retry_go(x, false);
+        return;
     }
-    return false;
+    if (gw_xchg_end_try(x, code, false) == NULL)
+        return; /* sent again after a sleep */
+    bool logged = cause == GW_XCHG_CONNECT || cause == GW_XCHG_BROKE ||
+                  (cause == GW_XCHG_INVALID && x->rd.error == GW_RESP_BAD);
+    proxy_error(p, code, logged ? NULL : doing, err);
+}
+
+/* The upstream output fell to UP_LOW (or the connect wrote what the body
+ * had queued): take more of the client's body. */
+static void
+proxy_xchg_drained(gw_xchg_t *x)
+{
+    gw_proxy_t *p = PX(x);
+    if (p->body_paused && x->u && evbuffer_get_length(gw_upstream_output(x->u)) <= UP_LOW) {
+        p->body_paused = false;
+        gw_conn_body_pause(p->c, false);
+    }
+}
+
+/* Answer bytes went to the client's output: false (stop reading) when the
+ * client falls behind; proxy_drained() resumes. */
+static bool
+proxy_xchg_flush(gw_xchg_t *x)
+{
+    gw_proxy_t *p = PX(x);
+    return !p->head_sent || gw_conn_send(p->c);
+}
+
+/* While the request waits for a connection, its body waits in the
+ * client's socket. */
+static void
+proxy_xchg_queued(gw_xchg_t *x, bool on)
+{
+    gw_proxy_t *p = PX(x);
+    if (on || !p->body_paused)
+        gw_conn_body_pause(p->c, on);
 }
 
 static void
-proxy_retry_cb(evutil_socket_t fd, short what, void *arg)
+proxy_xchg_settle(void *sarg)
 {
-    gw_proxy_t *p = arg;
-    gw_conn_t *c = p->c;
-    GW_UNUSED(fd);
-    GW_UNUSED(what);
-    p->attempt++;
-    if (gw_breaker_admit(p->b, NULL) != GW_OK) {
-        proxy_refuse(p, GW_FAIL_CIRCUIT_OPEN, "its circuit breaker opened before a retry");
-        gw_conn_release(c);
-        return;
-    }
-    p->admitted = p->b->breaker != NULL;
-    int rc = send_attempt(p, false);
-    if (rc == GW_AGAIN && p->b->max_pending > 0) {
-        /* max_connections in use: wait for one (proxy_wait_cb), as a first try does */
-        if (gw_upstream_wait(gw_conn_worker(c), p->b, &p->wait, proxy_wait_cb, p) == GW_OK)
-            gw_conn_body_pause(c, true);
-        else
-            proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
-    } else if (rc == GW_AGAIN) {
-        proxy_fail(p, GW_FAIL_UNAVAILABLE, "retrying (max_connections reached)", 0);
-    } else if (rc != GW_OK) {
-        proxy_fail(p, GW_FAIL_CONNECT_FAILED, "connecting to upstream", errno);
-    }
-    gw_conn_release(c);
+    gw_conn_release(sarg);
 }
 
-/*
- * The try in flight failed with code (GW_FAIL_NONE: a retried status that
- * on_resp_headers_complete already decided on): when another try may
- * follow, its connection is closed and the sleep starts; true then.
- */
-static bool
-proxy_retry(gw_proxy_t *p, gw_fail_t code, int err)
-{
-    if (code != GW_FAIL_NONE && !proxy_retry_decide(p, gw_fail_proxy_name(code)))
-        return false;
-    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s; retry %u of %u in %d ms, request %s", p->b->name,
-           code != GW_FAIL_NONE ? gw_fail_proxy_name(code) : "status", err ? ": " : "", err ? strerror(err) : "",
-           p->attempt, p->b->retry->attempts - 1, p->retry_ms, gw_conn_req(p->c)->request_id);
-    if (code == GW_FAIL_NONE && p->status)
-        gw_log_rl(GW_LOG_INFO, "backend %s: status %d dropped for a retry, request %s", p->b->name, p->status,
-               gw_conn_req(p->c)->request_id);
-    if (p->u) {
-        p->u->broken = code != GW_FAIL_NONE;
-        gw_upstream_release(p->u, false);
-        p->u = NULL;
-    }
-    p->retry_status = false;
-    p->status = 0;
-    p->hlen = p->nhdrs = 0;
-    p->in_field = p->in_value = false;
-    gw_m_add(&gw_conn_worker(p->c)->m->backends[p->b->mid].retries, 1);
-    if (p->rtimer == NULL)
-        p->rtimer = evtimer_new(gw_conn_worker(p->c)->base, proxy_retry_cb, p);
-    struct timeval tv = { p->retry_ms / 1000, (p->retry_ms % 1000) * 1000 };
-    evtimer_add(p->rtimer, &tv);
-    return true;
-}
+static const gw_xchg_ops_t xchg_ops = {
+    .resp = &resp_ops,
+    .begin = proxy_xchg_begin,
+    .done = proxy_xchg_done,
+    .fail = proxy_xchg_fail,
+    .drained = proxy_xchg_drained,
+    .flush = proxy_xchg_flush,
+    .queued = proxy_xchg_queued,
+    .replayable = proxy_replayable,
+    .settle = proxy_xchg_settle,
+};
 
 void
 gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
@@ -1073,7 +765,6 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
         p->next_free = NULL;
     } else {
         p = gw_calloc(1, sizeof(gw_proxy_t));
-        p->timer = evtimer_new(w->base, proxy_timeout_cb, p);
     }
     p->c = c;
     p->route = route;
@@ -1082,36 +773,24 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     if (p->has_body)
         p->replay = evbuffer_new();
     build_request(p);
-    p->start_us = gw_now_us();
-    if (gw_breaker_admit(p->b, NULL) != GW_OK) {
-        proxy_refuse(p, GW_FAIL_CIRCUIT_OPEN, "its circuit breaker is open");
+    gw_req_t *r = gw_conn_req(c);
+    gw_xchg_t *x = &p->ex;
+    gw_xchg_init(x, &xchg_ops, p, c, w, p->b, NULL, r->request_id, gw_conn_peer_ip(c));
+    x->head = p->head;
+    x->head_len = p->head_len;
+    x->method = r->method;
+    x->max_body = INT64_MAX;
+    x->timeout_ms = p->b->timeout_ms;
+    x->low_water = UP_LOW;
+    gw_fail_t code = gw_xchg_start(x);
+    if (code != GW_FAIL_NONE) {
+        proxy_error(p, code,
+                    code == GW_FAIL_CIRCUIT_OPEN  ? "asking its circuit breaker (open)"
+                    : code == GW_FAIL_QUEUE_FULL  ? "queueing for a connection (max_pending reached)"
+                    : code == GW_FAIL_UNAVAILABLE ? "starting (max_connections reached)"
+                                                  : "connecting to upstream",
+                    code == GW_FAIL_CONNECT_FAILED ? errno : 0);
         return;
     }
-    p->admitted = p->b->breaker != NULL;
-    int rc = send_attempt(p, false);
-    if (rc == GW_AGAIN && p->b->max_pending > 0) {
-        /* max_connections in use: wait for one (proxy_wait_cb); the body waits in the client's socket */
-        if (gw_upstream_wait(w, p->b, &p->wait, proxy_wait_cb, p) != GW_OK) {
-            proxy_refuse(p, GW_FAIL_QUEUE_FULL, "its queue is full (max_pending)");
-            return;
-        }
-        gw_conn_body_pause(c, true);
-        rc = GW_OK;
-    }
-    if (rc != GW_OK) {
-        int err = errno;
-        char extra[256];
-        snprintf(extra, sizeof(extra), ",\"backend\":\"%s\"", p->b->name);
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s, client %s, request %s", p->b->name, p->b->host_header,
-               rc == GW_AGAIN ? "max_connections reached" : "cannot connect", rc == GW_AGAIN ? "" : ": ",
-               rc == GW_AGAIN ? "" : strerror(err), gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
-        gw_fail_t code = rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
-        proxy_ended(p, code);
-        proxy_free(p, false);
-        gw_conn_error(c, gw_fail_status(code), gw_fail_proxy_name(code), extra);
-        return;
-    }
-    evtimer_add(p->timer, gw_upstream_pool(w, p->b)->call_timeout);
-    proxy_retry_begin(p);
     gw_conn_begin_async(c, &proxy_ops, p);
 }
