@@ -192,6 +192,7 @@ struct conn {
     int tag_idx;    /* tag log entry of the request in flight: tag index, or -1 */
     long tag_entry; /* ... and entry index */
     double received_ms; /* CLOCK_MONOTONIC ms when the request head was complete */
+    unsigned lport;     /* the local port it was accepted on: X-Stub-Port of every answer */
     const char *errmsg;
     char errbuf[128];
 
@@ -1709,8 +1710,8 @@ static void send_response(struct conn *c)
 
     if (k->interim)
         putf(c, out, "HTTP/1.1 %d Interim\r\nX-Interim: 1\r\n\r\n", k->interim);
-    n = snprintf(hb, sizeof hb, "HTTP/1.1 %d %s\r\nServer: gw_stub\r\n%s", k->status, reason(k->status),
-                 k->ct_override ? "" : "Content-Type: application/json\r\n");
+    n = snprintf(hb, sizeof hb, "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nX-Stub-Port: %u\r\n%s", k->status,
+                 reason(k->status), c->lport, k->ct_override ? "" : "Content-Type: application/json\r\n");
     if (n < 0 || (size_t)n >= sizeof hb)
         goto oom;
     off = (size_t)n;
@@ -1865,9 +1866,9 @@ static void send_error(struct conn *c, int status)
     put_str(c, b, "}");
     blen = evbuffer_get_length(b);
     putf(c, out,
-         "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nContent-Type: application/json\r\n"
+         "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nX-Stub-Port: %u\r\nContent-Type: application/json\r\n"
          "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-         status, reason(status), blen);
+         status, reason(status), c->lport, blen);
     if (evbuffer_add_buffer(out, b) != 0)
         c->oom = true;
     begin_close(c, c->oom ? END_RST : END_FIN);
@@ -2295,6 +2296,13 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     }
     c->w = w;
     c->tag_idx = -1;
+    {
+        struct sockaddr_storage ls;
+        socklen_t llen = sizeof ls;
+        if (getsockname(fd, (struct sockaddr *)&ls, &llen) == 0)
+            c->lport = ntohs(ls.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ls)->sin6_port
+                                                      : ((struct sockaddr_in *)&ls)->sin_port);
+    }
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;
