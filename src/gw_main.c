@@ -14,6 +14,7 @@
 #include "gw_admin.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
+#include "gw_cluster.h"
 #include "gw_budget.h"
 #include "gw_config.h"
 #include "gw_daemon.h"
@@ -184,6 +185,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
         return;
     }
     gw_breaker_inherit(next, *cfg); /* unchanged breakers keep their state */
+    gw_cluster_inherit(next, *cfg); /* unchanged servers keep their health, ejection and counters */
     gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
     gw_retry_inherit(next, *cfg); /* unchanged retry sections keep their budget counters */
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
