@@ -2893,7 +2893,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if ((v = json_object_get(root, "include")) != NULL && parse_include(&c, v))
         goto fail;
     for (size_t i = 0; i < cfg->nbackends; i++) {
-        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers, sizeof(gw_pool_t *));
+        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers * cfg->backends[i]->nservers, sizeof(gw_pool_t *));
         cfg->backends[i]->cluster = gw_cluster_new(cfg->backends[i], cfg->workers);
     }
     json_decref(root);

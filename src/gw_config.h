@@ -162,8 +162,9 @@ struct gw_backend_s {
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
     char *conn_key;                /* what a connection to it depends on (URL, connect timeout, TLS
                                       settings): equal keys let a reload keep the pools */
-    /* The one mutable part: worker i's connection pool for this backend, set
-     * and used by worker i's thread only (see gw_upstream.h). [cfg->workers] */
+    /* The one mutable part: worker i's connection pool for server k of this
+     * backend, pools[i * nservers + k], set and used by worker i's thread
+     * only (see gw_upstream.h). [cfg->workers * nservers] */
     gw_pool_t **pools;
     /* resilience */
     unsigned max_pending;          /* per worker: calls waiting for a connection when max_connections are used (0: none) */
