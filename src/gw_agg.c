@@ -651,7 +651,7 @@ start_failed_log(agg_t *a, const gw_call_t *call, gw_fail_t code, int err)
                   b->name, b->queue_timeout_ms, call->name, rid);
     else if (code == GW_FAIL_UNAVAILABLE || code == GW_FAIL_CONNECT_FAILED)
         gw_log_rl(GW_LOG_ERR, "backend %s: %s%s%s while starting call %s, client %s, request %s", b->name,
-                  code == GW_FAIL_UNAVAILABLE ? "max_connections reached on every usable server" : "cannot connect",
+                  code == GW_FAIL_UNAVAILABLE ? "max_connections reached" : "cannot connect",
                   code == GW_FAIL_UNAVAILABLE ? "" : ": ", code == GW_FAIL_UNAVAILABLE ? "" : strerror(err),
                   call->name, gw_conn_peer_ip(a->c), rid);
     else if (code == GW_FAIL_NO_HEALTHY_SERVER)
