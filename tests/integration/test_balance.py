@@ -11,7 +11,8 @@ balance (a key stays on its server; a reload that removes one of three
 servers moves about a third of the keys and no key between the two that
 stay), the next-server retry without a "retry" section (wrk while one
 server is killed and started again on its port: no failed request),
-no_healthy_server for aggregate and proxy routes, backups, and a
+no_healthy_server for aggregate and proxy routes (by outlier ejection and
+by active health checks), backups, and a
 one-server backend given as "servers".
 
 Run: GATHERD=/path/to/gatherd GW_STUB=/path/to/gw_stub \
@@ -407,6 +408,39 @@ def balance_no_healthy_server_optional_call_falls_back():
     eq(r.header("x-gateway-completed"), "false", "not completed")
     eq(r.json()["c"], {"none": True}, "the fallback")
     check("no_healthy_server" in r.raw.decode(errors="replace"), f"the code in _errors: {r.raw[:400]!r}")
+
+
+@btest
+def balance_health_checks_steer_traffic_and_no_healthy_server():
+    """Active health checks: a server whose /healthz fails gets no traffic;
+    all of them failing gives no_healthy_server (proxy and aggregate), and
+    traffic comes back to a server once it is healthy again."""
+    s = [Stub() for _ in range(2)]
+    hc = {"path": "/healthz", "interval_ms": ms(100), "timeout_ms": ms(80), "healthy": 1, "unhealthy": 1}
+    d = daemon(cluster(s, health_check=hc), workers=1)
+
+    def wait_for(cond, what, timeout=5.0):
+        deadline = time.monotonic() + timeout * SLOW
+        while not cond():
+            if time.monotonic() > deadline:
+                raise TestFailure(f"{what} not reached:\n{d.log()[-2000:]}")
+            time.sleep(0.02)
+
+    s[1].get("/__health/503")
+    wait_for(lambda: f"server {s[1].hostport} is unhealthy" in d.log(), "server 1 unhealthy")
+    got = count_ports(d, "/p/x", 30, port_of_proxied, conns=1)
+    eq(dict(got), {s[0].port: 30}, "traffic while server 1 is unhealthy")
+    s[0].get("/__health/503")
+    wait_for(lambda: f"server {s[0].hostport} is unhealthy" in d.log(), "server 0 unhealthy")
+    with Client(d) as c:
+        r = c.request(req("GET", "/p/x"))
+        eq((r.status, error_code(r), r.header("retry-after")), (503, "no_healthy_server", "1"), "proxy")
+        r = c.request(req("GET", "/agg"))
+        eq((r.status, error_code(r)), (503, "no_healthy_server"), "required call")
+    s[1].get("/__health/200")
+    wait_for(lambda: f"server {s[1].hostport} is healthy again" in d.log(), "server 1 healthy again")
+    got = count_ports(d, "/p/x", 30, port_of_proxied, conns=1)
+    eq(dict(got), {s[1].port: 30}, "traffic once server 1 is healthy again")
 
 
 # --- backups --------------------------------------------------------------------------------
