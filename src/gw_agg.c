@@ -1576,9 +1576,9 @@ agg_xchg_fail(gw_xchg_t *ex, gw_xchg_cause_t cause, gw_fail_t code, const char *
     else if (cause == GW_XCHG_START || cause == GW_XCHG_QUEUE)
         start_failed_log(a, call, code, err);
     else if (cause == GW_XCHG_TIMEOUT)
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
-               call->name, call->timeout_ms, x->job ? "parsing the response on the thread pool" : doing,
-               gw_conn_req(a->c)->request_id);
+        gw_log_rl(GW_LOG_INFO, "backend %s%s%s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+               ex->sent ? " server " : "", ex->sent ? gw_xchg_server(ex) : "", call->name, call->timeout_ms,
+               x->job ? "parsing the response on the thread pool" : doing, gw_conn_req(a->c)->request_id);
     xchg_end(x, false, NULL, code);
 }
 
