@@ -1542,7 +1542,7 @@ parse_backends(ctx_t *c, json_t *v)
         b->timeout_ms = 30000;
         b->idle_timeout_ms = 30000;
         b->max_connections = 256;
-        b->max_idle = 64;
+        b->max_idle = 0; /* set below: max_connections unless given */
         b->max_response_bytes = 8u << 20;
         b->retry = gw_retry_conf_new();
         b->max_pending = 128;
@@ -1572,7 +1572,12 @@ parse_backends(ctx_t *c, json_t *v)
                  parse_outlier(c, b, json_object_get(bv, "outlier_detection"))))
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
-            b->max_idle = (unsigned)maxi;
+            /* Idle connections up to max_connections by default: a release
+             * below the limits never closes a connection the next call would
+             * open again; idle_timeout_ms reaps what a burst left. A larger
+             * max_idle could never be reached (idle ones are open ones): it
+             * means "all of them", like the default. */
+            b->max_idle = json_object_get(bv, "max_idle") && maxi < maxc ? (unsigned)maxi : (unsigned)maxc;
             b->max_pending = (unsigned)maxp;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;

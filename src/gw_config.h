@@ -153,7 +153,7 @@ struct gw_backend_s {
     int timeout_ms;                /* whole call: connect, send, response head and body */
     int idle_timeout_ms;           /* how long a pooled connection may stay idle */
     unsigned max_connections;      /* per worker: open connections to this backend */
-    unsigned max_idle;             /* per worker: idle connections kept */
+    unsigned max_idle;             /* per worker: idle connections kept (default and at most max_connections) */
     /* TLS (https:// URLs) */
     bool tls;
     bool tls_verify;               /* false only by an explicit, logged opt-out */

@@ -130,19 +130,24 @@ upstream_close(gw_upstream_t *u)
     pool_check_unused(pool);
 }
 
+/* Takes u off its pool's idle list, O(1) wherever it is: the idle timer and
+ * a backend's EOF hit the least recently used ones, at the tail. */
 static void
 idle_unlink(gw_upstream_t *u)
 {
     gw_pool_t *pool = u->pool;
-    for (gw_upstream_t **pp = &pool->idle; *pp; pp = &(*pp)->next)
-        if (*pp == u) {
-            *pp = u->next;
-            pool->nidle--;
-            count_idle(pool, -1);
-            break;
-        }
-    u->next = NULL;
+    if (u->prev)
+        u->prev->next = u->next;
+    else
+        pool->idle = u->next;
+    if (u->next)
+        u->next->prev = u->prev;
+    else
+        pool->idle_tail = u->prev;
+    u->next = u->prev = NULL;
     u->idle = false;
+    pool->nidle--;
+    count_idle(pool, -1);
 }
 
 /* An idle connection that heard from its backend (data, EOF, error) or
@@ -530,17 +535,11 @@ pool_resolved(gw_dns_name_t *n, void *arg)
         gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s is %s (for %d ms)", b->name, pool->srv->label, n->host,
                gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
     }
-    for (gw_upstream_t **pp = &pool->idle; *pp;) {
-        gw_upstream_t *u = *pp;
-        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen)) {
-            pp = &u->next;
+    for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
+        next = u->next;
+        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen))
             continue;
-        }
-        *pp = u->next;
-        pool->nidle--;
-        count_idle(pool, -1);
-        u->next = NULL;
-        u->idle = false;
+        idle_unlink(u);
         upstream_close(u);
     }
     if (n->naddrs == 0) {
@@ -737,6 +736,11 @@ pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, unsigned si, gw_config_
     pool->call_timeout = event_base_init_common_timeout(w->base, &tv);
     if (pool->call_timeout == NULL) /* libevent allows 256 per base */
         pool->call_timeout = &pool->call_tv;
+    struct timeval itv = { b->idle_timeout_ms / 1000, (b->idle_timeout_ms % 1000) * 1000 };
+    pool->idle_tv = itv;
+    pool->idle_timeout = event_base_init_common_timeout(w->base, &itv);
+    if (pool->idle_timeout == NULL)
+        pool->idle_timeout = &pool->idle_tv;
     if (pool->name)
         pool->name->host = pool->srv->host_name; /* the same name: the URLs are equal */
     gw_config_ref(cfg);
@@ -882,8 +886,8 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
     if (pool->nopen >= b->max_connections) {
         if (pool->idle == NULL)
             return GW_AGAIN;
-        /* fresh was asked for and the pool is full: make room */
-        gw_upstream_t *old = pool->idle;
+        /* fresh was asked for and the pool is full: make room (the coldest goes) */
+        gw_upstream_t *old = pool->idle_tail;
         idle_unlink(old);
         upstream_close(old);
     }
@@ -1015,9 +1019,15 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     u->event_cb = NULL;
     u->arg = NULL;
     gw_upstream_read(u, true); /* anything from the backend now means it is gone */
-    struct timeval tv = { b->idle_timeout_ms / 1000, (b->idle_timeout_ms % 1000) * 1000 };
-    evtimer_add(u->timer, &tv);
+    /* every idle timer of the pool has the same length: a common timeout
+     * keeps them in a queue (O(1) add and delete per call, not a heap) */
+    evtimer_add(u->timer, pool->idle_timeout);
+    u->prev = NULL;
     u->next = pool->idle;
+    if (pool->idle)
+        pool->idle->prev = u;
+    else
+        pool->idle_tail = u;
     pool->idle = u;
     pool->nidle++;
     count_idle(pool, 1);

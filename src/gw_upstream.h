@@ -96,8 +96,11 @@ struct gw_pool_s {
     unsigned refs;               /* configurations of the worker whose backend uses it */
     const struct timeval *call_timeout; /* the backend's timeout_ms: a common timeout of the worker's base */
     struct timeval call_tv;             /* ... or this when the base has no common timeout left */
+    const struct timeval *idle_timeout; /* the backend's idle_timeout_ms, the same way */
+    struct timeval idle_tv;
     SSL_SESSION *session;   /* the latest TLS session, for resumption */
-    gw_upstream_t *idle;    /* LIFO list of idle connections */
+    gw_upstream_t *idle;    /* doubly linked idle connections, most recently released first (LIFO) */
+    gw_upstream_t *idle_tail; /* ... and the least recently released */
     unsigned nidle;
     unsigned nopen;         /* idle + in use + connecting + waiting */
     gw_dns_name_t *name;    /* the server's host name and addresses; NULL for an IP address */
@@ -128,7 +131,7 @@ struct gw_upstream_s {
     void *arg;
     size_t low_water;        /* drained_cb when the output falls to this */
     gw_upstream_t *next;     /* in the idle list, or the waiters */
-    gw_upstream_t *prev;     /* in the waiters */
+    gw_upstream_t *prev;     /* in the idle list, or the waiters */
     int err;                 /* errno of the last GW_UP_ERROR */
     int connect_err;         /* plain: the connect failed at once with this; reported from the loop */
     bool reused;             /* it served an earlier request */
@@ -205,7 +208,9 @@ void gw_upstream_send(gw_upstream_t *u);
 /* Stops or resumes reading (backpressure from a slow client). */
 void gw_upstream_read(gw_upstream_t *u, bool on);
 
-/* Gives u back: pooled when reusable (and the pool has room), else closed. */
+/* Gives u back: pooled when reusable (and fewer than max_idle are idle; by
+ * default max_idle is max_connections, so a connection below the limits is
+ * always kept), else closed. */
 void gw_upstream_release(gw_upstream_t *u, bool reusable);
 
 /* OpenSSL's new-session callback, installed on every backend SSL_CTX: keeps

@@ -11,7 +11,7 @@
 #   BENCH_DURATION   measured wrk run per server and scenario (default 10s)
 #   BENCH_WARMUP     discarded wrk run before each measurement (default 2s)
 #   BENCH_THREADS    wrk threads (default 1)
-#   BENCH_SCENARIOS  scenario functions to run (default "respond proxy idle stream fanout")
+#   BENCH_SCENARIOS  scenario functions to run (default "respond proxy idle stream fanout cluster")
 #   BENCH_RESULTS    results directory (default <this dir>/results)
 #   BENCH_KEEP_TMP   1: keep the temporary directory (configs, logs, wrk output)
 #   BENCH_IDLE_CONNS      idle: keep-alive connections held (default 10000)
@@ -33,7 +33,7 @@ BENCH_CONNS=${BENCH_CONNS:-50 200}
 BENCH_DURATION=${BENCH_DURATION:-10s}
 BENCH_WARMUP=${BENCH_WARMUP:-2s}
 BENCH_THREADS=${BENCH_THREADS:-1}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-respond proxy idle stream fanout}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-respond proxy idle stream fanout cluster}
 RESULTS_DIR=${BENCH_RESULTS:-$BENCH_DIR/results}
 BENCH_KEEP_TMP=${BENCH_KEEP_TMP:-0}
 BENCH_IDLE_CONNS=${BENCH_IDLE_CONNS:-10000}
@@ -115,7 +115,7 @@ ensure_tools() {
     find_nginx || need+=(nginx-light)
     command -v curl >/dev/null 2>&1 || need+=(curl)
     command -v timeout >/dev/null 2>&1 || need+=(coreutils)
-    if scenario_selected idle || scenario_selected fanout; then
+    if scenario_selected idle || scenario_selected fanout || scenario_selected cluster; then
         command -v python3 >/dev/null 2>&1 || need+=(python3)
     fi
     ((${#need[@]} == 0)) && return 0
@@ -149,16 +149,16 @@ find_aiohttp_python() {
     return 1
 }
 
-# The peers of the fanout scenario (nginx's Lua module with cjson, aiohttp) are
-# installed when missing and possible; without them those peers are reported as
-# "not measured" instead of failing the run.
+# The peers of the fanout and cluster scenarios (nginx's Lua module with cjson;
+# aiohttp for fanout) are installed when missing and possible; without them
+# those peers are reported as "not measured" instead of failing the run.
 ensure_fanout_tools() {
     local need=()
     [[ -f $NGX_MODDIR/ngx_http_lua_module.so ]] || need+=(libnginx-mod-http-lua)
     if command -v dpkg-query >/dev/null 2>&1; then
         dpkg-query -W -f='${Status}' lua-cjson 2>/dev/null | grep -q 'install ok installed' || need+=(lua-cjson)
     fi
-    find_aiohttp_python || need+=(python3-aiohttp)
+    if scenario_selected fanout; then find_aiohttp_python || need+=(python3-aiohttp); fi
     ((${#need[@]} == 0)) && return 0
     if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
         log "fanout: missing ${need[*]} (as root: apt-get install -y ${need[*]}); those peers will not be measured"
@@ -221,6 +221,7 @@ start_gatherd() {
     cat >"$TMP/gatherd.json" <<EOF
 {
   "listen": ["127.0.0.1:$GW_PORT"],
+  "admin": {"listen": []},
   "workers": $BENCH_WORKERS,
   "http": {"max_keepalive_requests": 10000},
   "backends": {"stub": {"url": "http://127.0.0.1:$STUB_PORT", "max_idle": 256}},
@@ -568,6 +569,7 @@ scenario_idle() {
     cat >"$TMP/idle-gatherd.json" <<EOF
 {
   "listen": ["127.0.0.1:$IDLE_PORT"],
+  "admin": {"listen": []},
   "workers": $BENCH_WORKERS,
   "max_connections": $((n + 1000)),
   "http": {"keepalive_timeout_ms": 300000, "max_keepalive_requests": 10000},
@@ -762,6 +764,7 @@ stream_gatherd() {
     cat >"$conf" <<EOF
 {
   "listen": ["127.0.0.1:$port"],
+  "admin": {"listen": []},
   "workers": $BENCH_WORKERS,
   "backends": {"stub": {"url": "http://127.0.0.1:$STUB_PORT", "timeout_ms": 600000}},
   "routes": [
@@ -938,10 +941,11 @@ fanout_lua_pids() {
 }
 fanout_py_pids() { echo "$FP_PID"; }
 
-# fanout_check URL -> 0 when URL answers 200 with exactly the merge of the three
-# backend answers; otherwise the reason is in FANOUT_WHY
+# fanout_check URL [BACKEND_BASE] -> 0 when URL answers 200 with exactly the
+# merge of the three backend answers (of BACKEND_BASE, default the fanout
+# backend); otherwise the reason is in FANOUT_WHY
 fanout_check() {
-    FANOUT_WHY=$("$PYTHON" - "http://127.0.0.1:$FB_PORT" "$1" 2>&1 <<'EOF'
+    FANOUT_WHY=$("$PYTHON" - "${2:-http://127.0.0.1:$FB_PORT}" "$1" 2>&1 <<'EOF'
 import json, sys, urllib.request
 base, url = sys.argv[1], sys.argv[2]
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -958,6 +962,22 @@ if got != want:
     sys.exit("%s answered %s, not %s" % (url, json.dumps(got)[:300], json.dumps(want)[:300]))
 EOF
     )
+}
+
+# fanout_locations -> the backends' three location blocks: the stub's answers
+# to the same requests, byte for byte
+fanout_locations() {
+    cat <<'EOF'
+        location = /users/1 {
+            return 200 '{"id":1,"name":"User 1","email":"user1@example.com","tier":"gold"}';
+        }
+        location = /orders {
+            return 200 '{"user":1,"items":[{"id":101,"product_id":7,"qty":1},{"id":102,"product_id":9,"qty":2}]}';
+        }
+        location = /recommendations {
+            return 200 '{"user":null,"items":[1,2,3]}';
+        }
+EOF
 }
 
 fanout_start_backend() {
@@ -983,16 +1003,7 @@ http {
 
     server {
         listen 127.0.0.1:$FB_PORT;
-        # the stub's answers to the same requests, byte for byte
-        location = /users/1 {
-            return 200 '{"id":1,"name":"User 1","email":"user1@example.com","tier":"gold"}';
-        }
-        location = /orders {
-            return 200 '{"user":1,"items":[{"id":101,"product_id":7,"qty":1},{"id":102,"product_id":9,"qty":2}]}';
-        }
-        location = /recommendations {
-            return 200 '{"user":null,"items":[1,2,3]}';
-        }
+$(fanout_locations)
     }
 }
 EOF
@@ -1010,6 +1021,7 @@ fanout_start_gatherd() {
     cat >"$conf" <<EOF
 {
   "listen": ["127.0.0.1:$port"],
+  "admin": {"listen": []},
   "workers": $BENCH_WORKERS,
   "http": {"max_keepalive_requests": 10000},
   "backends": {"b": {"url": "http://127.0.0.1:$FB_PORT", "max_connections": 1024, "max_idle": 1024}},
@@ -1035,19 +1047,16 @@ EOF
     fi
 }
 
-fanout_start_lua() {
-    local p port m=$NGX_MODDIR
-    FL_PID="" FL_NOTE=""
-    if [[ ! -f $m/ngx_http_lua_module.so || ! -f $m/ndk_http_module.so ]]; then
-        FL_NOTE="not measured (no ngx_http_lua_module.so in $m; apt-get install libnginx-mod-http-lua lua-cjson)"
-        printf '  nginx-lua: %s\n' "$FL_NOTE"
-        return 0
-    fi
-    port=$(free_port "$GW_PORT" "$NGX_PORT" "$STUB_PORT" "$FB_PORT") || die "no free port found"
-    p=$(nginx_prefix fanout-nginx-lua)
-    {
-        nginx_conf_head "$p" "$BENCH_WORKERS" 4096 "$m/ndk_http_module.so" "$m/ngx_http_lua_module.so"
-        cat <<EOF
+# lua_fanout_conf PREFIX PORT PATH KEEPALIVE BACKEND_PORT... -> an nginx.conf for
+# the nginx + Lua aggregator: PATH runs ngx.location.capture_multi over three
+# internal locations that proxy to `upstream backend` (one `server` per
+# BACKEND_PORT, round robin, `keepalive KEEPALIVE` idle connections per worker),
+# decodes the three answers with cjson and sends {"user","orders","recs"}
+lua_fanout_conf() {
+    local p=$1 port=$2 path=$3 keepalive=$4 m=$NGX_MODDIR bp
+    shift 4
+    nginx_conf_head "$p" "$BENCH_WORKERS" 4096 "$m/ndk_http_module.so" "$m/ngx_http_lua_module.so"
+    cat <<EOF
 
 http {
     access_log off;
@@ -1058,14 +1067,14 @@ http {
     init_by_lua_block { cjson = require "cjson" }
 
     upstream backend {
-        server 127.0.0.1:$FB_PORT;
-        keepalive 1024;            # idle upstream connections kept per worker
+$(for bp in "$@"; do printf '        server 127.0.0.1:%s;\n' "$bp"; done)
+        keepalive $keepalive;            # idle upstream connections kept per worker
     }
 
     server {
         listen 127.0.0.1:$port;
 
-        location = /bench/fanout {
+        location = $path {
             default_type application/json;
             content_by_lua_block {
                 local user, orders, recs = ngx.location.capture_multi({
@@ -1103,7 +1112,19 @@ http {
     }
 }
 EOF
-    } >"$p/nginx.conf"
+}
+
+fanout_start_lua() {
+    local p port m=$NGX_MODDIR
+    FL_PID="" FL_NOTE=""
+    if [[ ! -f $m/ngx_http_lua_module.so || ! -f $m/ndk_http_module.so ]]; then
+        FL_NOTE="not measured (no ngx_http_lua_module.so in $m; apt-get install libnginx-mod-http-lua lua-cjson)"
+        printf '  nginx-lua: %s\n' "$FL_NOTE"
+        return 0
+    fi
+    port=$(free_port "$GW_PORT" "$NGX_PORT" "$STUB_PORT" "$FB_PORT") || die "no free port found"
+    p=$(nginx_prefix fanout-nginx-lua)
+    lua_fanout_conf "$p" "$port" /bench/fanout 1024 "$FB_PORT" >"$p/nginx.conf"
     if nginx_rejects "$p"; then
         FL_NOTE="not measured (nginx -t: $NGX_REJECT)"
         printf '  nginx-lua: %s\n' "$FL_NOTE"
@@ -1239,6 +1260,194 @@ scenario_fanout() {
     return 0
 }
 
+# ---------------------------------------------------------------- scenario cluster
+# The fanout's three calls, to one backend of three servers, with gatherd's
+# default backend settings (the backend has "servers" and nothing else) against
+# nginx + Lua with the equivalent upstream block: what a user gets without
+# tuning. Goal: at least 2x nginx + Lua's requests per CPU-second, and a lower
+# p99.
+
+CLUSTER_KEEPALIVE=1024  # nginx-lua's `keepalive`: the idle connections its load can use (3 x connections)
+CB_PORTS=() CB_PID="" CG_PID="" CL_PID="" CG_NOTE="" CL_NOTE=""
+CLUSTER_GW_URL="" CLUSTER_LUA_URL=""
+
+cluster_backend_pids() {
+    echo "$CB_PID"
+    children_of "$CB_PID"
+}
+cluster_gw_pids() { echo "$CG_PID"; }
+cluster_lua_pids() {
+    echo "$CL_PID"
+    children_of "$CL_PID"
+}
+
+# The three servers: one nginx worker listening on three ports, each answering
+# what the fanout backend answers (so every server gives the same merge).
+cluster_start_backends() {
+    local p i port
+    CB_PORTS=()
+    for ((i = 0; i < 3; i++)); do
+        port=$(free_port "$GW_PORT" "$NGX_PORT" "$STUB_PORT" "${CB_PORTS[@]}") || die "no free port found"
+        CB_PORTS+=("$port")
+    done
+    p=$(nginx_prefix cluster-backends)
+    {
+        nginx_conf_head "$p" 1 4096
+        cat <<EOF
+
+http {
+    access_log off;
+    keepalive_requests 1000000;   # the aggregators' pools are never closed on
+    keepalive_timeout 75s;
+    client_body_temp_path $p/tmp/body;
+    proxy_temp_path $p/tmp/proxy;
+    default_type application/json;
+
+    server {
+$(for i in "${CB_PORTS[@]}"; do printf '        listen 127.0.0.1:%s;\n' "$i"; done)
+$(fanout_locations)
+    }
+}
+EOF
+    } >"$p/nginx.conf"
+    launch_nginx cluster-backends "$p" "http://127.0.0.1:${CB_PORTS[0]}/users/1"
+    CB_PID=$INST_PID
+}
+
+cluster_start_gatherd() {
+    local port conf servers
+    CG_PID="" CG_NOTE=""
+    port=$(free_port "$GW_PORT" "$NGX_PORT" "$STUB_PORT" "${CB_PORTS[@]}") || die "no free port found"
+    servers=$(printf '"http://127.0.0.1:%s", ' "${CB_PORTS[@]}")
+    conf=$TMP/cluster-gatherd.json
+    cat >"$conf" <<EOF
+{
+  "listen": ["127.0.0.1:$port"],
+  "admin": {"listen": []},
+  "workers": $BENCH_WORKERS,
+  "http": {"max_keepalive_requests": 10000},
+  "backends": {"c": {"servers": [${servers%, }]}},
+  "routes": [
+    {"path": "/bench/cluster", "methods": ["GET"], "calls": [{"name": "user", "backend": "c", "path": "/users/1"}, {"name": "orders", "backend": "c", "path": "/orders?user=1"}, {"name": "recs", "backend": "c", "path": "/recommendations"}]}
+  ]
+}
+EOF
+    CLUSTER_GW_URL="http://127.0.0.1:$port/bench/cluster"
+    if gatherd_rejects "$conf"; then
+        CG_NOTE="not measured (gatherd -t: $GW_REJECT)"
+        printf '  gatherd: %s\n' "$CG_NOTE"
+        return 0
+    fi
+    launch_gatherd cluster-gatherd "$conf" "$CLUSTER_GW_URL"
+    CG_PID=$INST_PID
+    if ! fanout_check "$CLUSTER_GW_URL" "http://127.0.0.1:${CB_PORTS[0]}"; then
+        CG_NOTE="wrong answer: $FANOUT_WHY"
+        TOTAL_ERRORS=$((TOTAL_ERRORS + 1))
+        printf '  gatherd: %s\n' "$CG_NOTE"
+        stop_started "$CG_PID"
+        CG_PID=""
+    fi
+}
+
+cluster_start_lua() {
+    local p port m=$NGX_MODDIR
+    CL_PID="" CL_NOTE=""
+    if [[ ! -f $m/ngx_http_lua_module.so || ! -f $m/ndk_http_module.so ]]; then
+        CL_NOTE="not measured (no ngx_http_lua_module.so in $m; apt-get install libnginx-mod-http-lua lua-cjson)"
+        printf '  nginx-lua: %s\n' "$CL_NOTE"
+        return 0
+    fi
+    port=$(free_port "$GW_PORT" "$NGX_PORT" "$STUB_PORT" "${CB_PORTS[@]}") || die "no free port found"
+    p=$(nginx_prefix cluster-nginx-lua)
+    lua_fanout_conf "$p" "$port" /bench/cluster "$CLUSTER_KEEPALIVE" "${CB_PORTS[@]}" >"$p/nginx.conf"
+    if nginx_rejects "$p"; then
+        CL_NOTE="not measured (nginx -t: $NGX_REJECT)"
+        printf '  nginx-lua: %s\n' "$CL_NOTE"
+        return 0
+    fi
+    CLUSTER_LUA_URL="http://127.0.0.1:$port/bench/cluster"
+    launch_nginx cluster-nginx-lua "$p" "$CLUSTER_LUA_URL"
+    CL_PID=$INST_PID
+    if ! fanout_check "$CLUSTER_LUA_URL" "http://127.0.0.1:${CB_PORTS[0]}"; then
+        CL_NOTE="not measured (wrong answer: $FANOUT_WHY)"
+        printf '  nginx-lua: %s\n' "$CL_NOTE"
+        stop_started "$CL_PID"
+        CL_PID=""
+    fi
+}
+
+# G_* and L_* are set by measure (printf -v)
+# shellcheck disable=SC2153
+scenario_cluster() {
+    local conns hg hl r_rps r_rpc r_p99 goal gline
+    SCEN_NAME=cluster
+    CLUSTER_GW_URL="" CLUSTER_LUA_URL=""
+    printf '\n== cluster: GET /bench/cluster = 3 concurrent JSON calls to one backend of 3 servers, default settings ==\n'
+    cluster_start_backends
+    printf '   servers: 127.0.0.1:%s (one nginx worker, static answers)\n' "$(printf '%s, ' "${CB_PORTS[@]}" | sed 's/, $//')"
+    printf '   gatherd: backend {"servers": [3 URLs]}, no other key; nginx-lua: upstream of the 3 servers, keepalive %s\n' \
+        "$CLUSTER_KEEPALIVE"
+    cluster_start_gatherd
+    cluster_start_lua
+
+    for conns in $BENCH_CONNS; do
+        hg=0 hl=0
+        if [[ -n $CG_PID ]]; then
+            measure cluster-gatherd "$CLUSTER_GW_URL" "$conns" cluster_gw_pids G cluster_backend_pids
+            hg=1
+            TOTAL_ERRORS=$((TOTAL_ERRORS + G_ERR))
+        fi
+        if [[ -n $CL_PID ]]; then
+            measure cluster-nginx-lua "$CLUSTER_LUA_URL" "$conns" cluster_lua_pids L cluster_backend_pids
+            hl=1
+            TOTAL_ERRORS=$((TOTAL_ERRORS + L_ERR))
+        fi
+        r_rps="" r_rpc="" r_p99="" goal="not measured"
+        if ((hg && hl)); then
+            r_rps=$(ratio "$G_RPS" "$L_RPS") r_rpc=$(ratio "$G_RPC" "$L_RPC") r_p99=$(ratio "$G_P99" "$L_P99")
+            goal=MISSED
+            if [[ -n $r_rpc && -n $r_p99 ]] && awk -v r="$r_rpc" -v q="$r_p99" 'BEGIN { exit !(r >= 2 && q < 1) }'; then
+                goal=met
+            fi
+        fi
+
+        printf '\n== cluster: %s connections, %s, wrk -t%s, %s worker(s) ==\n' \
+            "$conns" "$BENCH_DURATION" "$BENCH_THREADS" "$BENCH_WORKERS"
+        printf '   gatherd:   %s\n   nginx-lua: %s\n' "${CLUSTER_GW_URL:--}" "${CLUSTER_LUA_URL:--}"
+        printf '   CPU s = the aggregator'"'"'s own processes (gatherd: the daemon; nginx-lua: master + workers);\n'
+        printf '   backend CPU s = the three servers'"'"', charged to nobody\n'
+        printf '  %-10s %10s %8s %8s %7s %7s %7s %10s %9s %10s\n' \
+            server 'req/s' 'p50 ms' 'p99 ms' errors 'CPU s' 'CPU' 'req/CPU-s' 'wrk CPU s' 'backend s'
+        if ((hg)); then fanout_row gatherd G; else printf '  %-10s %s\n' gatherd "$CG_NOTE"; fi
+        if ((hl)); then fanout_row nginx-lua L; else printf '  %-10s %s\n' nginx-lua "$CL_NOTE"; fi
+        printf '  ratio gatherd/nginx-lua: requests per CPU-second %s, p99 %s, requests/s %s\n' \
+            "$(xr "$r_rpc")" "$(xr "$r_p99")" "$(xr "$r_rps")"
+        printf '  goal (requests per CPU-second >= 2x, p99 below nginx-lua'"'"'s): %s\n' "$goal"
+
+        if ((hg)); then
+            gline=$(printf 'gatherd %7s req/s %7s req/CPU-s p99 %s ms' "$G_RPS" "$G_RPC" "$G_P99")
+        else
+            gline="gatherd $CG_NOTE"
+        fi
+        SUMMARY_LINES+=("$(printf '%-12s c=%-5s %s | nginx-lua %s req/s %s req/CPU-s p99 %s ms | gatherd/nginx-lua %s req/CPU-s, p99 %s (goal %s)' \
+            cluster "$conns" "$gline" "$( ((hl)) && echo "$L_RPS" || echo -)" "$( ((hl)) && echo "$L_RPC" || echo -)" \
+            "$( ((hl)) && echo "$L_P99" || echo -)" "$(xr "$r_rpc")" "$(xr "$r_p99")" "$goal")")
+        SCENARIO_JSON+=("$(printf '{"name": "cluster", "connections": %s, "duration": %s, "wrk_threads": %s, "workers": %s, "servers": [%s], "nginx_keepalive": %s, "gateway_url": %s, "gateway": %s, "gateway_status": %s, "peers": [%s], "ratio": {"gatherd_nginx_lua": {"requests_per_s": %s, "requests_per_cpu_s": %s, "latency_p99": %s}}, "goal": {"requests_per_cpu_s_ratio_min": 2, "latency_p99_ratio_below": 1, "status": %s}}' \
+            "$conns" "$(json_str "$BENCH_DURATION")" "$BENCH_THREADS" "$BENCH_WORKERS" \
+            "$(printf '%s\n' "${CB_PORTS[@]}" | sed 's/.*/"127.0.0.1:&"/' | paste -sd, - | sed 's/,/, /g')" \
+            "$CLUSTER_KEEPALIVE" "$(json_str "$CLUSTER_GW_URL")" "$( ((hg)) && json_side gatherd G || printf null)" \
+            "$(json_str "$( ((hg)) && echo measured || echo "$CG_NOTE")")" \
+            "$(fanout_peer_json nginx-lua L "$hl" "$CL_NOTE")" \
+            "$(json_num "$r_rps")" "$(json_num "$r_rpc")" "$(json_num "$r_p99")" "$(json_str "$goal")")")
+    done
+
+    [[ -n $CG_PID ]] && stop_started "$CG_PID"
+    [[ -n $CL_PID ]] && stop_started "$CL_PID"
+    [[ -n $CB_PID ]] && stop_started "$CB_PID"
+    CG_PID="" CL_PID="" CB_PID=""
+    return 0
+}
+
 # ---------------------------------------------------------------- output
 
 # BENCH_CONNS is a validated list of integers, split on purpose
@@ -1285,7 +1494,7 @@ main() {
     local moddir
     moddir=$("$NGINX" -V 2>&1 | sed -n 's/.*--modules-path=\([^ ]*\).*/\1/p')
     [[ -n $moddir ]] && NGX_MODDIR=$moddir
-    scenario_selected fanout && ensure_fanout_tools
+    if scenario_selected fanout || scenario_selected cluster; then ensure_fanout_tools; fi
     PYTHON=$(command -v python3 2>/dev/null || true)
     PY_VERSION="" AIOHTTP_VERSION=""
     [[ -n $PYTHON ]] && PY_VERSION=$("$PYTHON" -V 2>&1)

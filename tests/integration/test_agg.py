@@ -15,7 +15,9 @@ anything failed.
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -711,7 +713,7 @@ def agg_deadline_under_load_leaks_no_descriptors():
                           "every cancelled upstream connection closed")
     conns = st["connections"] - s2_before - (s2.nstats - nstats_before)
     check(conns <= nclients * per_client, f"{conns} backend connections for {nclients * per_client} calls")
-    # the fast calls' connections to s stay pooled (max_idle 64): they are
+    # the fast calls' connections to s stay pooled (up to max_connections): they are
     # expected descriptors; everything else must be back to the baseline
     deadline = time.monotonic() + 3 * SLOW
     while True:
@@ -1416,6 +1418,45 @@ def agg_unread_answers_pass_through_as_written():
         r, _ = get(d, path)
         eq(r.status, 200, f"{path} status")
         eq(r.json()["_errors"]["v"]["code"], "bad_json", f"{path}: refused")
+
+
+@atest
+@gwtest.exclusive
+def agg_default_pool_keeps_connections_under_wrk_load():
+    """A backend with no pool keys at all (the defaults a new user gets), 50
+    wrk clients for 2 s on a route of 3 calls to it: up to 150 calls at once
+    on the one worker, fewer than max_connections (256). Every connection is
+    kept for the next call (idle up to max_connections, reaped by
+    idle_timeout_ms), so the stub accepts about 150 connections, not one per
+    call or so (thousands when released connections beyond a small idle cap
+    are closed)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
+    s = Stub()
+    calls = [call("user", "/users/1", backend="p"), call("orders", "/orders?user=1", backend="p"),
+             call("recs", "/recommendations", backend="p")]
+    d = Daemon(tp.config({"p": {"url": s.url}}, routes=[route("/three", calls)]), workers=1)
+    r, _ = get(d, "/three")
+    ok_json(r, what="the 3-call route")
+    before, nstats_before = s.stats()["connections"], s.nstats
+    cmd = [wrk, "-t1", "-c50", "-d2s", "--timeout", "5s", f"http://127.0.0.1:{d.port}/three"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=gwtest._die_with_parent)
+    try:
+        out, _ = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        gwtest.kill_and_reap(p, 5)
+        raise TestFailure("wrk did not end within 30 s")
+    m = re.search(r"(\d+) requests in", out)
+    check(m and p.returncode == 0, f"wrk failed (exit {p.returncode}): {out}")
+    requests = int(m.group(1))
+    check("Non-2xx" not in out and "Socket errors" not in out, f"wrk saw errors: {out}")
+    conns = s.stats()["connections"] - before - (s.nstats - nstats_before)
+    print(f"# {requests} requests ({3 * requests} calls) in 2 s; the stub accepted {conns} connections")
+    check(requests >= 100, f"wrk made only {requests} requests: {out}")
+    check(conns <= 150 + 30, f"{conns} backend connections for {3 * requests} calls, at most 150 at once:"
+          " connections below max_connections were closed and made again")
 
 
 if __name__ == "__main__":

@@ -934,6 +934,28 @@ def proxy_idle_timeout_closes_pooled_connection():
 
 
 @ptest
+def proxy_pool_keeps_every_connection_until_idle_timeout():
+    """Default max_idle (max_connections): 80 requests at once leave 80
+    connections, all of them pooled (none closed at release) and all reused
+    by the next 80; idle_timeout_ms then closes every one of them."""
+    s = Stub(threads=2)
+    d = proxy_daemon(s, idle_timeout_ms=ms(1500))
+    n = 80
+    clients = [Client(d) for _ in range(n)]
+    for rnd in range(2):
+        for i, c in enumerate(clients):
+            c.send(get(f"/legacy/r{rnd}/{i}?delay=300"))
+        for c in clients:
+            eq(c.read_response().status, 200, f"status in round {rnd}")
+        st = s.stats()
+        eq(st["open_connections"], n, f"connections kept after round {rnd} (stats {st})")
+        if rnd == 0:
+            first = st["connections"] - s.nstats
+    eq(s.stats()["connections"] - s.nstats, first, "the second round made no new connection")
+    s.wait_stats(lambda st: st["open_connections"] == 0, 3 + 3 * SLOW, "idle_timeout_ms closed every pooled connection")
+
+
+@ptest
 def proxy_stale_pooled_connection_detected():
     """The backend closes a pooled connection while it is idle: the next
     request (also a POST, which may not be retried) gets a fresh one."""

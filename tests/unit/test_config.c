@@ -187,6 +187,8 @@ test_backends_and_proxy(void)
     CHECK(cfg->nbackends == 2);
     CHECK_STR(cfg->backends[0]->host_header, "127.0.0.1:9101");
     CHECK(cfg->backends[0]->timeout_ms == 500 && cfg->backends[0]->connect_timeout_ms == 1000);
+    /* idle connections are kept up to max_connections unless max_idle says fewer */
+    CHECK(cfg->backends[0]->max_connections == 256 && cfg->backends[0]->max_idle == 256);
     CHECK_STR(cfg->backends[1]->host_header, "[::1]:80");
     CHECK(cfg->routes[0]->kind == GW_ROUTE_PROXY && cfg->routes[0]->proxy.backend == cfg->backends[0]);
     CHECK(cfg->routes[0]->proxy.strip_segments == 1 && cfg->routes[0]->proxy.preserve_host);
@@ -209,6 +211,32 @@ test_backends_and_proxy(void)
     check_error(B "{\"url\": \"http://127.0.0.1:99999\"}}}", "backends.users.url: bad address");
     check_error(B "{\"url\": \"http://127.0.0.1:1\", \"max_idle\": -1}}}", "backends.users.max_idle: must be between");
     check_error(B "{\"url\": \"http://127.0.0.1:1\", \"retries\": 1}}}", "backends.users.retries: unknown key");
+
+    /* max_idle: max_connections by default, as given below it, and above it
+     * (never reachable) the same as max_connections */
+    static const struct {
+        const char *keys;
+        unsigned maxc, maxi;
+    } idle[] = {
+        { "", 256, 256 },
+        { ", \"max_connections\": 32", 32, 32 },
+        { ", \"max_idle\": 8", 256, 8 },
+        { ", \"max_idle\": 0", 256, 0 },
+        { ", \"max_connections\": 32, \"max_idle\": 64", 32, 32 },
+        { ", \"max_idle\": 1000", 256, 256 },
+    };
+    for (size_t i = 0; i < sizeof(idle) / sizeof(idle[0]); i++) {
+        char text[256];
+        snprintf(text, sizeof(text), B "{\"url\": \"http://127.0.0.1:1\"%s}}}", idle[i].keys);
+        cfg = parse(text);
+        CHECK(cfg != NULL);
+        if (cfg == NULL) {
+            printf("    %s: %s\n", text, err);
+            continue;
+        }
+        CHECK(cfg->backends[0]->max_connections == idle[i].maxc && cfg->backends[0]->max_idle == idle[i].maxi);
+        gw_config_unref(cfg);
+    }
 }
 
 /* --- aggregate routes ------------------------------------------------------ */
