@@ -443,8 +443,9 @@ try_eject(const gw_backend_t *b, const gw_peer_t *s, uint64_t now, unsigned run)
     /* Envoy: eject when 100 * (ejected + 1) / n <= max_ejected_percent */
     if (100 * (ejected + 1) > (size_t)oc->max_ejected_percent * b->nservers) {
         level = GW_LOG_NOTICE;
-        snprintf(msg, sizeof(msg), "%u failures in a row, not ejected: %zu of %zu servers are ejected already "
-                 "(max_ejected_percent %u)", run, ejected, b->nservers, oc->max_ejected_percent);
+        snprintf(msg, sizeof(msg), "is not ejected after %u failure%s in a row: %zu of %zu servers are ejected "
+                 "already (max_ejected_percent %u)", run, run == 1 ? "" : "s", ejected, b->nservers,
+                 oc->max_ejected_percent);
     } else {
         unsigned k = atomic_load_explicit(&hs->ejections_in_row, memory_order_relaxed);
         if (until != 0 && now - until > (uint64_t)oc->max_eject_ms)
@@ -458,8 +459,8 @@ try_eject(const gw_backend_t *b, const gw_peer_t *s, uint64_t now, unsigned run)
         atomic_store_explicit(&hs->ejected_until_ms, now + ms, memory_order_relaxed);
         atomic_fetch_add_explicit(&hs->ejections, 1, memory_order_relaxed);
         level = GW_LOG_WARN;
-        snprintf(msg, sizeof(msg), "ejected for %llu ms: %u failures in a row (ejection %u in a row)",
-                 (unsigned long long)ms, run, k + 1);
+        snprintf(msg, sizeof(msg), "is ejected for %llu ms: %u failure%s in a row (ejection %u in a row)",
+                 (unsigned long long)ms, run, run == 1 ? "" : "s", k + 1);
     }
     atomic_store_explicit(&hs->consecutive, 0, memory_order_relaxed);
     pthread_mutex_unlock(&eject_mu);

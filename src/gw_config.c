@@ -1264,6 +1264,7 @@ parse_servers(ctx_t *c, gw_backend_t *b, json_t *bv)
             b->nservers = 1;
             b->servers[0].url = gw_strdup(json_string_value(url));
             b->servers[0].weight = 1;
+            b->nprimary = 1;
             rc = server_from_url(c, &b->servers[0], &b->tls);
         }
         pop(c);

@@ -261,6 +261,7 @@ static atomic_ullong g_req_total;
 static atomic_llong g_conn_open;
 static atomic_llong g_in_flight;     /* requests whose head was read and whose response is not finished */
 static atomic_llong g_max_in_flight; /* the maximum of g_in_flight since start or the last reset */
+static atomic_int g_health_status = 200; /* what GET /healthz answers; set by GET /__health/NNN */
 static bool g_quiet;
 
 /* Tag logs (tag=): every request of a tag, in arrival order, shared by all
@@ -1171,6 +1172,26 @@ static bool find_query(struct conn *c, const char *want, const char **val, size_
     return false;
 }
 
+/* Health checks: GET /healthz answers the status last set by GET
+ * /__health/NNN (200 at start; NNN 100-599), so a test can make one stub
+ * unhealthy and healthy again. Controls in the query still apply. */
+static void health_controls(struct conn *c)
+{
+    const char *pre = "/__health/";
+    size_t pl = strlen(pre);
+    if (c->plen == 8 && memcmp(c->path, "/healthz", 8) == 0) {
+        c->ctl.status = atomic_load(&g_health_status);
+    } else if (c->plen == pl + 3 && memcmp(c->path, pre, pl) == 0) {
+        int v = 0;
+        for (size_t i = pl; i < c->plen && c->path[i] >= '0' && c->path[i] <= '9'; i++)
+            v = v * 10 + (c->path[i] - '0');
+        if (v >= 100 && v <= 599)
+            atomic_store(&g_health_status, v);
+        else
+            c->ctl.status = 400;
+    }
+}
+
 /* GET or HEAD /stats or /log: the counters and the tag logs, not counted
  * as in flight and never logged under a tag. */
 static bool is_stats(const struct conn *c)
@@ -1964,6 +1985,7 @@ static int parse_some(struct conn *c, struct evbuffer *in)
             st = parse_controls(c);
             if (st)
                 return st;
+            health_controls(c);
             if (!is_stats(c))
                 flight_begin(c);
             /* a sink takes big bodies: read in 256 KiB gulps, not 16 KiB */
