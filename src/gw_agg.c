@@ -651,7 +651,7 @@ start_failed_log(agg_t *a, const gw_call_t *call, gw_fail_t code, int err)
                   b->name, b->queue_timeout_ms, call->name, rid);
     else if (code == GW_FAIL_UNAVAILABLE || code == GW_FAIL_CONNECT_FAILED)
         gw_log_rl(GW_LOG_ERR, "backend %s: %s%s%s while starting call %s, client %s, request %s", b->name,
-                  code == GW_FAIL_UNAVAILABLE ? "max_connections reached on every usable server" : "cannot connect",
+                  code == GW_FAIL_UNAVAILABLE ? "max_connections reached" : "cannot connect",
                   code == GW_FAIL_UNAVAILABLE ? "" : ": ", code == GW_FAIL_UNAVAILABLE ? "" : strerror(err),
                   call->name, gw_conn_peer_ip(a->c), rid);
     else if (code == GW_FAIL_NO_HEALTHY_SERVER)
@@ -1576,9 +1576,9 @@ agg_xchg_fail(gw_xchg_t *ex, gw_xchg_cause_t cause, gw_fail_t code, const char *
     else if (cause == GW_XCHG_START || cause == GW_XCHG_QUEUE)
         start_failed_log(a, call, code, err);
     else if (cause == GW_XCHG_TIMEOUT)
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
-               call->name, call->timeout_ms, x->job ? "parsing the response on the thread pool" : doing,
-               gw_conn_req(a->c)->request_id);
+        gw_log_rl(GW_LOG_INFO, "backend %s%s%s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+               ex->sent ? " server " : "", ex->sent ? gw_xchg_server(ex) : "", call->name, call->timeout_ms,
+               x->job ? "parsing the response on the thread pool" : doing, gw_conn_req(a->c)->request_id);
     xchg_end(x, false, NULL, code);
 }
 

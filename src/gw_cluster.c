@@ -27,7 +27,7 @@ struct gw_hserver_s {
     /* outlier detection */
     _Atomic uint64_t ejected_until_ms; /* 0: never ejected */
     atomic_uint ejections_in_row;
-    atomic_uint consecutive;           /* passive failures in a row */
+    atomic_uint consecutive; /* passive failures in a row */
     atomic_int inflight;
     /* counters */
     _Atomic uint64_t requests;
@@ -387,8 +387,8 @@ gw_cluster_pick_id(int wid, const gw_backend_t *b, uint64_t hash, bool has_hash,
 }
 
 int
-gw_cluster_pick(gw_worker_t *w, const gw_backend_t *b, uint64_t hash, bool has_hash, uint32_t tried,
-                uint64_t now_ms, unsigned *si)
+gw_cluster_pick(gw_worker_t *w, const gw_backend_t *b, uint64_t hash, bool has_hash, uint32_t tried, uint64_t now_ms,
+                unsigned *si)
 {
     return gw_cluster_pick_id(w->id, b, hash, has_hash, tried, now_ms, si);
 }
@@ -443,9 +443,10 @@ try_eject(const gw_backend_t *b, const gw_peer_t *s, uint64_t now, unsigned run)
     /* Envoy: eject when 100 * (ejected + 1) / n <= max_ejected_percent */
     if (100 * (ejected + 1) > (size_t)oc->max_ejected_percent * b->nservers) {
         level = GW_LOG_NOTICE;
-        snprintf(msg, sizeof(msg), "is not ejected after %u failure%s in a row: %zu of %zu servers are ejected "
-                 "already (max_ejected_percent %u)", run, run == 1 ? "" : "s", ejected, b->nservers,
-                 oc->max_ejected_percent);
+        snprintf(msg, sizeof(msg),
+                 "is not ejected after %u failure%s in a row: %zu of %zu servers are ejected "
+                 "already (max_ejected_percent %u)",
+                 run, run == 1 ? "" : "s", ejected, b->nservers, oc->max_ejected_percent);
     } else {
         unsigned k = atomic_load_explicit(&hs->ejections_in_row, memory_order_relaxed);
         if (until != 0 && now - until > (uint64_t)oc->max_eject_ms)
@@ -527,7 +528,7 @@ gw_cluster_checked(const gw_backend_t *b, const gw_peer_t *s, gw_hc_result_t r, 
 const char *
 gw_hc_result_name(gw_hc_result_t r)
 {
-    static const char *const names[GW_HC_MAX] = { "ok", "status", "timeout", "connect", "tls", "bad_response" };
+    static const char *const names[GW_HC_MAX] = {"ok", "status", "timeout", "connect", "tls", "bad_response"};
     return (unsigned)r < GW_HC_MAX ? names[r] : "bad_response";
 }
 

@@ -68,7 +68,7 @@
 /* The hash ring: points per unit of weight, and most points per backend
  * (the per-weight count is lowered for large total weights). */
 #define GW_CLUSTER_RING_POINTS 40
-#define GW_CLUSTER_RING_MAX 16384
+#define GW_CLUSTER_RING_MAX    16384
 
 /* What one active health check found (gw_hcheck.h). */
 typedef enum {
@@ -84,18 +84,18 @@ typedef enum {
 /* For /metrics and /status: a snapshot of a server's shared state (each
  * field read atomically; the fields together are not one instant). */
 typedef struct {
-    bool healthy;                  /* by active checks (true without them) */
-    bool ejected;                  /* by outlier detection, now */
-    uint64_t ejected_for_ms;       /* while ejected: until it returns; else 0 */
-    unsigned ejections_in_row;     /* k of the last ejection (decays, see above) */
-    unsigned consecutive_failures; /* passive failures in a row */
-    unsigned check_successes;      /* active checks passed in a row */
-    unsigned check_failures;       /* active checks failed in a row */
-    int inflight;                  /* tries in progress, all workers */
-    uint64_t requests;             /* tries reported */
+    bool healthy;                   /* by active checks (true without them) */
+    bool ejected;                   /* by outlier detection, now */
+    uint64_t ejected_for_ms;        /* while ejected: until it returns; else 0 */
+    unsigned ejections_in_row;      /* k of the last ejection (decays, see above) */
+    unsigned consecutive_failures;  /* passive failures in a row */
+    unsigned check_successes;       /* active checks passed in a row */
+    unsigned check_failures;        /* active checks failed in a row */
+    int inflight;                   /* tries in progress, all workers */
+    uint64_t requests;              /* tries reported */
     uint64_t failures[GW_FAIL_MAX]; /* tries reported, by failure code ([GW_FAIL_NONE]: successes) */
-    uint64_t ejections;            /* times ejected */
-    uint64_t checks[GW_HC_MAX];    /* active checks, by result */
+    uint64_t ejections;             /* times ejected */
+    uint64_t checks[GW_HC_MAX];     /* active checks, by result */
 } gw_hserver_stats_t;
 
 /* --- per-configuration part (gw_config.c) -------------------------------- */

@@ -588,11 +588,14 @@ next_server(const gw_xchg_t *x)
                 (x->fail_cause == GW_XCHG_BROKE && x->fail_code == GW_FAIL_RESET);
     if (!conn)
         return false;
+    /* an untried server among those gw_cluster_pick() would choose from:
+     * the usable primaries, or the usable backups when no primary is */
     uint64_t now = gw_now_ms();
+    uint32_t prim = 0, back = 0;
     for (unsigned k = 0; k < b->nservers; k++)
-        if (!(x->tried & (1u << k)) && gw_cluster_usable(&b->servers[k], now))
-            return true;
-    return false;
+        if (gw_cluster_usable(&b->servers[k], now))
+            *(b->servers[k].backup ? &back : &prim) |= 1u << k;
+    return ((prim ? prim : back) & ~x->tried) != 0;
 }
 
 bool

@@ -31,16 +31,16 @@
 #include <unistd.h>
 
 typedef struct {
-    const gw_backend_t *b;  /* of hc.cfg */
+    const gw_backend_t *b; /* of hc.cfg */
     const gw_peer_t *s;
-    struct event *timer;    /* the next check while idle; the running check's timeout */
-    gw_dns_name_t name;     /* host name servers */
+    struct event *timer; /* the next check while idle; the running check's timeout */
+    gw_dns_name_t name;  /* host name servers */
     bool has_name;
     struct bufferevent *bev; /* the running check's connection */
     bool running;
-    bool resolving;         /* running, waiting for the name's first answer */
+    bool resolving; /* running, waiting for the name's first answer */
     bool connected;
-    uint64_t due_ms;        /* when the next check is due (idle) */
+    uint64_t due_ms; /* when the next check is due (idle) */
 } target_t;
 
 static struct {
@@ -49,20 +49,20 @@ static struct {
     struct event_base *base;
     int wake_fd;
     struct event *wake_ev;
-    pthread_mutex_t mtx;     /* guards the mail_ fields */
-    gw_config_t *mail_cfg;   /* a reference: the configuration to switch to */
-    gw_dns_sys_t *mail_sys;  /* a reference: the resolver's files, when the checker has no resolver yet */
+    pthread_mutex_t mtx;    /* guards the mail_ fields */
+    gw_config_t *mail_cfg;  /* a reference: the configuration to switch to */
+    gw_dns_sys_t *mail_sys; /* a reference: the resolver's files, when the checker has no resolver yet */
     bool mail_stop;
-    bool sys_sent;           /* main thread: the resolver's files were loaded (at start or posted) */
+    bool sys_sent; /* main thread: the resolver's files were loaded (at start or posted) */
     /* the checker thread's own (and the main thread's before it runs or after it ended) */
-    gw_config_t *cfg;        /* a reference */
+    gw_config_t *cfg; /* a reference */
     target_t *targets;
     size_t ntargets;
-    gw_dns_sys_t *sys;       /* a reference, once a backend had a host name */
+    gw_dns_sys_t *sys; /* a reference, once a backend had a host name */
     gw_dns_t *dns;
-    gw_config_t *dns_cfg;    /* a reference: the resolver's settings (it borrows them) */
+    gw_config_t *dns_cfg; /* a reference: the resolver's settings (it borrows them) */
     uint64_t rng;
-} hc = { .wake_fd = -1, .mtx = PTHREAD_MUTEX_INITIALIZER };
+} hc = {.wake_fd = -1, .mtx = PTHREAD_MUTEX_INITIALIZER};
 
 static uint64_t
 rnd(void)
@@ -78,7 +78,7 @@ rnd(void)
 static void
 arm(target_t *t, uint64_t ms)
 {
-    struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 };
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     evtimer_add(t->timer, &tv);
 }
 
@@ -304,7 +304,9 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
     }
     char why[96];
     snprintf(why, sizeof(why), "health check timed out after %d ms%s", t->b->health_check->timeout_ms,
-             t->resolving ? " resolving the name" : t->connected ? "" : " connecting");
+             t->resolving   ? " resolving the name"
+             : t->connected ? ""
+                            : " connecting");
     finish(t, GW_HC_TIMEOUT, why);
 }
 

@@ -250,9 +250,9 @@ plain_write_ev(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (!u->connected) {
-        int err = 0;
+        int err = u->connect_err;
         socklen_t len = sizeof(err);
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+        if (err == 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
             err = errno;
         if (err) {
             u->err = err;
@@ -288,15 +288,28 @@ plain_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
         return GW_ERR;
     int one = 1;
     setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(u->fd, sa, salen) != 0 && errno != EINPROGRESS)
-        return GW_ERR;
-    /* Even a connect that completed at once is reported from the loop, once
-     * the caller has set its callbacks. */
+    int err = 0;
+    if (connect(u->fd, sa, salen) != 0 && errno != EINPROGRESS) {
+        /* Out of local ports or buffers is ours; any other error is the
+         * address's (a refused loopback connect fails at once) and is
+         * reported from the loop like one that fails later, so the caller
+         * sees one kind of connect failure (and may try another server). */
+        if (errno == EAGAIN || errno == EADDRNOTAVAIL || errno == ENOBUFS || errno == ENOMEM)
+            return GW_ERR;
+        err = errno;
+    }
+    /* Even a connect that completed (or failed) at once is reported from the
+     * loop, once the caller has set its callbacks. */
     u->rev = event_new(base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
     u->wev = event_new(base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
     if (u->rev == NULL || u->wev == NULL) {
         gw_log_rl(GW_LOG_ERR, "backend %s: out of memory while connecting", u->pool->backend->name);
         abort(); /* our allocation policy: out of memory is fatal */
+    }
+    if (err) {
+        u->connect_err = err; /* plain_write_ev reports it */
+        event_active(u->wev, EV_WRITE, 1);
+        return GW_OK;
     }
     if (u->reading)
         event_add(u->rev, NULL);

@@ -131,6 +131,7 @@ struct gw_upstream_s {
     gw_upstream_t *next;     /* in the idle list, or the waiters */
     gw_upstream_t *prev;     /* in the waiters */
     int err;                 /* errno of the last GW_UP_ERROR */
+    int connect_err;         /* plain: the connect failed at once with this; reported from the loop */
     bool reused;             /* it served an earlier request */
     bool connected;
     bool reading;            /* plain: rev is registered */

@@ -106,6 +106,7 @@ enum at_point { AT_NONE = 0, AT_BEFORE_HEADERS, AT_AFTER_HEADERS, AT_MID_BODY };
 struct ctl {
     int status;
     long long delay_ms;
+    long long delay_port; /* delay_port=P: delay= only on connections accepted on port P (0: any) */
     long long size; /* -1: not given */
     bool chunked;
     long long chunk;
@@ -969,6 +970,7 @@ enum ctl_id {
     C_DELAY_FIRST,
     C_RAW,
     C_KEYS,
+    C_DELAY_PORT,
     C_COUNT
 };
 
@@ -977,7 +979,7 @@ static const char *const ctl_names[C_COUNT] = {
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
-    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys",
+    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys", "delay_port",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1109,6 +1111,7 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
         k->has_raw = true;
         break;
     case C_KEYS: ok = parse_ll(v, n, 0, KEYS_MAX, &k->keys); break;
+    case C_DELAY_PORT: ok = parse_ll(v, n, 0, 65535, &k->delay_port); break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1863,7 +1866,7 @@ static void start_request(struct conn *c)
         c->idle_close = c->idle_send = false;
     }
     c->keep = (c->minor == 1 ? !c->conn_close : (c->conn_keepalive && !c->conn_close)) && k->keepalive;
-    if (k->delay_ms > 0) {
+    if (k->delay_ms > 0 && (k->delay_port == 0 || k->delay_port == (long long)c->lport)) {
         c->state = S_DELAY;
         if (!arm_timer(c, k->delay_ms))
             begin_close(c, END_RST);
