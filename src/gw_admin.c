@@ -541,7 +541,8 @@ server_metrics(struct evbuffer *out, const gw_config_t *cfg, struct evbuffer *tm
         }
     }
     family(out, "gatherd_upstream_server_requests_total", "counter",
-           "Tries sent to a backend server (retries and hedges each count), whatever their outcome.");
+           "Tries sent to a backend server that came to an end, whatever their outcome (retries and hedges "
+           "each count; a try cancelled before its answer does not).");
     for (r = 0; r < n; r++)
         evbuffer_add_printf(out, "gatherd_upstream_server_requests_total{%s} %llu\n", rows[r].labels,
                             (unsigned long long)rows[r].st.requests);
