@@ -364,6 +364,49 @@ def cluster_obs_ejection_by_outlier_detection():
 
 
 @otest
+def cluster_obs_series_follow_servers_across_reloads():
+    """A reload that reorders the servers and adds one keeps the kept
+    servers' counters and connection gauges (their pools are kept, and the
+    gauges are slotted by backend name and server label); the new server
+    starts at 0; a reload that removes a server removes its series."""
+    a, b, c = Stub(), Stub(), Stub()
+    routes = [{"path": "/p/*", "proxy": {"backend": "c", "strip_prefix": "/p"}}]
+    d = Daemon(tp.config({"c": backend([a.url, b.url])}, routes=routes), workers=1)
+    for _ in range(6):
+        eq(get(d, "/p/users/1").status, 200, "answer")
+    s, _ = scrape(d)
+    before = {st.hostport: m(s, "gatherd_upstream_server_requests_total", backend="c", server=st.hostport)
+              for st in (a, b)}
+    eq(sum(before.values()), 6, "requests before the reload")
+    conns = {st.hostport: m(s, "gatherd_upstream_server_connections", backend="c", server=st.hostport,
+                            state="open") for st in (a, b)}
+    cfg = tp.config({"c": backend([b.url, c.url, a.url])}, routes=routes)
+    cfg["listen"] = [f"127.0.0.1:{d.port}"]
+    d.reload(cfg)
+    s, _ = scrape(d)
+    for st in (a, b):
+        eq(m(s, "gatherd_upstream_server_requests_total", backend="c", server=st.hostport), before[st.hostport],
+           f"{st.hostport}: requests kept")
+        eq(m(s, "gatherd_upstream_server_connections", backend="c", server=st.hostport, state="open"),
+           conns[st.hostport], f"{st.hostport}: its pooled connections kept")
+        # the stub counts every connection it accepted, its /stats ones too
+        eq(st.stats()["connections"] - st.nstats, conns[st.hostport], f"{st.hostport}: no new connection to it")
+    eq(m(s, "gatherd_upstream_server_requests_total", backend="c", server=c.hostport), 0, "the new server at 0")
+    eq(m(s, "gatherd_upstream_server_connections", backend="c", server=c.hostport, state="open"), 0,
+       "the new server's connections")
+    eq([x["label"] for x in status_servers(d, "c")[0]["servers"]], [b.hostport, c.hostport, a.hostport],
+       "/status lists the servers in the new order")
+    cfg = tp.config({"c": backend([c.url, a.url])}, routes=routes)
+    cfg["listen"] = [f"127.0.0.1:{d.port}"]
+    d.reload(cfg)
+    s, _ = scrape(d)
+    eq([l for (n, l) in s if n.startswith("gatherd_upstream_server_") and dict(l).get("server") == b.hostport], [],
+       "the removed server has no series")
+    eq(m(s, "gatherd_upstream_server_requests_total", backend="c", server=a.hostport), before[a.hostport],
+       "the kept server's requests")
+
+
+@otest
 def cluster_obs_label_values_are_escaped():
     """A backend named with a quote, a backslash and a newline: every family
     labelled by backend (the per-server ones, the breaker, the retry budget,
