@@ -133,6 +133,7 @@ struct gw_peer_s {
     char *conn_key;                /* what a connection to it depends on (URL, connect timeout, TLS
                                       settings): equal keys let a reload keep its pool */
     gw_hserver_t *hs;              /* its shared mutable state (gw_cluster.h); one reference */
+    unsigned mid;                  /* its metrics slot (gw_metrics_bind): per-worker connection gauges */
 };
 
 /* A backend API. Immutable, owned by the configuration. */

@@ -79,6 +79,7 @@ static void
 count_open(gw_pool_t *pool, int d)
 {
     gw_m_gauge(&pool->m->active, d);
+    gw_m_gauge(&pool->ms->open, d);
     if (d > 0)
         gw_m_add(&pool->m->opened, 1);
 }
@@ -88,6 +89,7 @@ count_idle(gw_pool_t *pool, int d)
 {
     gw_m_gauge(&pool->m->idle, d);
     gw_m_gauge(&pool->m->active, -d);
+    gw_m_gauge(&pool->ms->idle, d);
 }
 
 /* Closes u and frees it. A connect that failed (the caller marked u broken
@@ -755,6 +757,7 @@ pool_new(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_config_t *cfg)
     gw_pool_t *pool = gw_calloc(1, sizeof(gw_pool_t));
     pool->w = w;
     pool->m = &w->m->backends[b->mid];
+    pool->ms = &w->m->servers[srv->mid];
     pool->refs = 1;
     pool->wake_ev = event_new(w->base, -1, 0, wake_cb, pool);
     pool->qtimer = evtimer_new(w->base, qtimer_cb, pool);

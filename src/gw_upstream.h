@@ -115,6 +115,7 @@ struct gw_pool_s {
     struct event *wake_ev;  /* made active when a slot frees while calls wait */
     struct event *qtimer;   /* the head's queue_timeout_ms */
     gw_mbackend_t *m;       /* the worker's counters of the backend's name (gw_metrics.h) */
+    gw_mserver_t *ms;       /* ... and of its server (backend name and server label) */
 };
 
 struct gw_upstream_s {

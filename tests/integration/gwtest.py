@@ -170,7 +170,7 @@ NORMAL = SMOKE | {
     "stall_foreach_of_many_elements", "status_page_renders_and_refreshes_in_chromium",
     "aggoracle_plain_calls", "aggoracle_foreach_calls", "backend_answers_fuzzed_end_to_end",
     "framing_matrix_and_fuzz", "balance_next_server_retry_while_a_server_restarts",
-    "balance_least_request_avoids_a_slow_server",
+    "balance_least_request_avoids_a_slow_server", "cluster_obs_status_page_shows_servers",
 }
 # The ThreadSanitizer tier (GW_CHECK_TIER=tsan: make check-tsan): the tests
 # where state is shared between threads: workers (breakers, rate limits,
@@ -196,6 +196,9 @@ TSAN = {
     # metrics and status gathered from every worker
     "metrics_count_exactly_what_was_sent", "metrics_count_each_failure_code_as_its_outcome",
     "status_json_describes_routes_and_backends", "readiness_turns_503_while_draining",
+    # per-server counters, gauges and health read by the admin thread
+    "cluster_obs_requests_per_server_equal_what_each_stub_saw", "cluster_obs_in_flight_while_a_slow_request_runs",
+    "cluster_obs_healthy_follows_active_checks", "cluster_obs_series_follow_servers_across_reloads",
     # the log writer thread
     "workers_never_wait_on_stderr", "repeated_lines_are_rate_limited_and_summarised",
     "no_line_lost_under_parallel_load", "sigusr1_reopens_files", "many_usr1_never_kill_the_daemon",
