@@ -455,9 +455,23 @@ checker_free(void)
     gw_dns_sys_unref(ms);
 }
 
+/* Whether a backend of cfg has active checks: the checker's thread, loop
+ * and descriptors exist only then (a reload that adds the first check
+ * starts it). */
+static bool
+any_check(const gw_config_t *cfg)
+{
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        if (cfg->backends[i]->health_check != NULL)
+            return true;
+    return false;
+}
+
 int
 gw_hcheck_start(gw_config_t *cfg, char *err, size_t errlen)
 {
+    if (!any_check(cfg))
+        return GW_OK;
     hc.rng = gw_now_ns() ^ 0x9e3779b97f4a7c15ULL;
     if (hc.rng == 0)
         hc.rng = 1;
@@ -500,8 +514,12 @@ gw_hcheck_start(gw_config_t *cfg, char *err, size_t errlen)
 void
 gw_hcheck_reload(gw_config_t *cfg)
 {
-    if (!hc.running)
+    if (!hc.running) {
+        char err[512];
+        if (gw_hcheck_start(cfg, err, sizeof(err)) != GW_OK)
+            gw_log(GW_LOG_ERR, "%s; no health checks run until a reload or restart", err);
         return;
+    }
     gw_dns_sys_t *sys = NULL;
     if (cfg->nnamed > 0 && !hc.sys_sent) {
         /* the first host name: the files are read here, on the main thread */

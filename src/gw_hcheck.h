@@ -45,16 +45,17 @@
 #define GW_HCHECK_MAX_HEAD 16384
 
 /*
- * Starts the checker thread on cfg (a reference is taken), even when no
- * backend has a health check (a reload may add one). Main thread, once,
- * after privileges are dropped. Reads the resolver's files when a backend
+ * Starts the checker thread on cfg (a reference is taken) when a backend
+ * has a health check; else nothing runs (no thread, loop or descriptor)
+ * until a reload adds one. Main thread, after privileges are dropped. Reads the resolver's files when a backend
  * has a host name. GW_ERR with the reason in err (nothing left running).
  */
 int gw_hcheck_start(gw_config_t *cfg, char *err, size_t errlen);
 
 /* From now on, checks follow cfg (a reference is taken; the thread drops
- * the previous one). Main thread; never blocks on the checker. A no-op
- * when the checker does not run. */
+ * the previous one). Main thread; never blocks on the checker. When the
+ * checker does not run (no backend had a health_check), it starts here if
+ * cfg has one (a failure is logged: the reload itself stands). */
 void gw_hcheck_reload(gw_config_t *cfg);
 
 /* Stops the thread (checks in flight are abandoned), joins it and frees
