@@ -4,7 +4,8 @@
  * breaker and metrics, shared by aggregate calls and proxy routes.
  *
  * A try: xchg_try() picks the try's server (gw_cluster_pick), takes a
- * connection of its pool, queues the head (with the server's Host) and
+ * connection of its pool (or, every usable server being full, xchg_wait()
+ * waits for the first of them to free one), queues the head (with the server's Host) and
  * lets the owner add the body (ops->begin), and sends. The answer
  * goes through gw_resp into the owner's callbacks. Upstream events become
  * one of ops->done or ops->fail; a pooled connection that the backend had
@@ -147,7 +148,7 @@ xchg_usable(const gw_backend_t *b, uint64_t now)
  * for the next usable one with room (a full pool says nothing of its
  * health, and a call should not wait while another server has a free
  * connection). GW_FAIL_NONE; UNAVAILABLE when every usable server is full
- * (x->target: the first one picked, whose queue the try may join);
+ * (x->target: the first one picked, charged with the wait when its queue has room);
  * NO_HEALTHY_SERVER when no server is usable; CONNECT_FAILED when no
  * socket could be made (errno set).
  */

@@ -761,10 +761,10 @@ gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, uint32_t servers, unsign
 {
     unsigned n = 0;
     gw_pool_t *charged = NULL;
+    gw_upstream_wait_cancel(wt); /* its places are about to be reused */
     if (b->nservers < 32)
         servers &= (1u << b->nservers) - 1;
-    if (prefer < b->nservers && (servers & (1u << prefer)) &&
-        gw_upstream_pool(w, b, prefer)->nqueued < b->max_pending)
+    if (prefer < b->nservers && (servers & (1u << prefer)) && gw_upstream_pool(w, b, prefer)->nqueued < b->max_pending)
         charged = gw_upstream_pool(w, b, prefer);
     for (unsigned si = 0; si < b->nservers; si++) {
         if (!(servers & (1u << si)))

@@ -100,9 +100,9 @@ struct gw_upstream_wait_s {
     gw_upstream_qlink_t one;   /* the first place: a one-server backend allocates nothing */
     gw_upstream_qlink_t *more; /* the other places (nmore allocated on demand), freed by gw_upstream_wait_free() */
     unsigned nmore;
-    unsigned nlinks;           /* places in queues: one, then more[0 .. nlinks - 2] */
-    uint64_t expires_ms;       /* monotonic ms: when queue_timeout_ms has passed */
-    unsigned si;               /* with status GW_OK: the server whose pool has the free connection */
+    unsigned nlinks;     /* places in queues: one, then more[0 .. nlinks - 2] */
+    uint64_t expires_ms; /* monotonic ms: when queue_timeout_ms has passed */
+    unsigned si;         /* with status GW_OK: the server whose pool has the free connection */
     gw_upstream_wait_cb cb;
     void *arg;
 };
