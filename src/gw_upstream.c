@@ -13,6 +13,7 @@
  * name's addresses.
  */
 #include "gw_upstream.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_dns.h"
 #include "gw_log.h"
@@ -591,11 +592,19 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- the wait queue (max_pending) ----------------------------------------- */
 
-/* Whether gw_upstream_get() can give a connection now. */
+/* Whether gw_upstream_get() can give a connection now to a call of b (a
+ * reload may have changed max_connections of a kept pool). */
+static bool
+pool_room_for(const gw_pool_t *pool, const gw_backend_t *b)
+{
+    return pool->idle != NULL || pool->nopen < b->max_connections;
+}
+
+/* ... to a call of the newest configuration. */
 static bool
 pool_has_room(const gw_pool_t *pool)
 {
-    return pool->idle != NULL || pool->nopen < pool->backend->max_connections;
+    return pool_room_for(pool, pool->backend);
 }
 
 /* A slot may have freed: serve the queue from the loop, never from inside
@@ -607,22 +616,28 @@ queue_notify(gw_pool_t *pool)
         event_active(pool->wake_ev, 0, 0);
 }
 
-static void
-queue_unlink(gw_upstream_wait_t *wt)
+/* wt's place k: the embedded one, then the allocated ones. */
+static gw_upstream_qlink_t *
+wait_link(gw_upstream_wait_t *wt, unsigned k)
 {
-    gw_pool_t *pool = wt->pool;
-    if (wt->prev)
-        wt->prev->next = wt->next;
+    return k == 0 ? &wt->one : &wt->more[k - 1];
+}
+
+static void
+queue_unlink(gw_upstream_qlink_t *l)
+{
+    gw_pool_t *pool = l->pool;
+    if (l->prev)
+        l->prev->next = l->next;
     else
-        pool->qhead = wt->next;
-    if (wt->next)
-        wt->next->prev = wt->prev;
+        pool->qhead = l->next;
+    if (l->next)
+        l->next->prev = l->prev;
     else
-        pool->qtail = wt->prev;
-    wt->next = wt->prev = NULL;
-    wt->pool = NULL;
-    pool->nqueued--;
-    gw_m_gauge(&pool->m->queued, -1);
+        pool->qtail = l->prev;
+    l->next = l->prev = NULL;
+    l->pool = NULL;
+    pool->nlinks--;
 }
 
 /* Arms the queue timer for the head's expiry. The timer is not moved when
@@ -633,43 +648,72 @@ qtimer_arm(gw_pool_t *pool)
     if (pool->qhead == NULL)
         return;
     uint64_t now = gw_now_ms();
-    uint64_t ms = pool->qhead->expires_ms > now ? pool->qhead->expires_ms - now : 0;
+    uint64_t exp = pool->qhead->wt->expires_ms;
+    uint64_t ms = exp > now ? exp - now : 0;
     struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000) };
     evtimer_add(pool->qtimer, &tv);
 }
 
+/* The first place of pool's queue whose call may take a slot of this
+ * server now: its server (of the call's configuration) is usable, and the
+ * call's max_connections leaves room. Places that may not are passed
+ * over, marked for this run (gen), and keep their turn for a later run:
+ * the call waits on. Walks from the head each time, since a callback may
+ * have cancelled any place. */
+static gw_upstream_qlink_t *
+queue_next(gw_pool_t *pool, unsigned gen, uint64_t now)
+{
+    for (gw_upstream_qlink_t *l = pool->qhead; l; l = l->next) {
+        if (l->pass == gen)
+            continue;
+        const gw_backend_t *b = l->wt->b;
+        if (pool_room_for(pool, b) && gw_cluster_usable(&b->servers[l->si], now))
+            return l;
+        l->pass = gen;
+    }
+    return NULL;
+}
+
 /* pool->wake_ev: hands free slots to the waiters, oldest first. Each
  * callback may release connections, cancel other waiters or queue new
- * ones, so the head is read afresh each time; at most the waiters present
- * at the start are served in one run (a waiter that cannot take its slot
- * and queues again waits for the next run). */
+ * ones, so the queue is read afresh each time; at most the places present
+ * at the start are served in one run (a place queued meanwhile is marked
+ * as passed, and a waiter that cannot take its slot and queues again
+ * waits for the next run). A call served here leaves the queues of its
+ * other servers too. */
 static void
 wake_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_pool_t *pool = arg;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    unsigned budget = pool->nqueued;
+    unsigned budget = pool->nlinks;
+    unsigned gen = ++pool->wake_gen;
+    uint64_t now = gw_now_ms();
+    gw_upstream_qlink_t *l;
     pool->holds++; /* a callback may end the last request of the pool's last configuration */
-    while (budget-- > 0 && pool->qhead && pool_has_room(pool)) {
-        gw_upstream_wait_t *wt = pool->qhead;
-        queue_unlink(wt);
+    while (budget-- > 0 && pool_has_room(pool) && (l = queue_next(pool, gen, now)) != NULL) {
+        gw_upstream_wait_t *wt = l->wt;
+        wt->si = l->si;
+        gw_upstream_wait_cancel(wt);
         pool->serving = true;
         wt->cb(wt, GW_OK, wt->arg);
         pool->serving = false;
     }
-    if (pool->qhead && pool_has_room(pool))
+    if (pool_has_room(pool) && queue_next(pool, gen, now))
         event_active(pool->wake_ev, 0, 0);
     pool->holds--;
     pool_check_unused(pool);
 }
 
 /* pool->qtimer: fails the waiters whose queue_timeout_ms passed (the
- * oldest are at the head: they all wait the same time). Accepted: for a
- * moment after a reload that changed queue_timeout_ms of a backend whose
- * pool is kept, waiters of both configurations share the queue, and one
- * with the shorter timeout behind one with the longer is failed late, when
- * the head leaves (still bounded by its call timeout and deadline). */
+ * oldest are at the head: they all wait the same time); each leaves the
+ * queues of its other servers too, whose timers then fire early and re-arm.
+ * Accepted: for a moment after a reload that changed queue_timeout_ms of a
+ * backend whose pool is kept, waiters of both configurations share the
+ * queue, and one with the shorter timeout behind one with the longer is
+ * failed late, when the head leaves (still bounded by its call timeout and
+ * deadline). */
 static void
 qtimer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -677,11 +721,11 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     uint64_t now = gw_now_ms();
-    unsigned budget = pool->nqueued;
+    unsigned budget = pool->nlinks;
     pool->holds++;
-    while (budget-- > 0 && pool->qhead && pool->qhead->expires_ms <= now) {
-        gw_upstream_wait_t *wt = pool->qhead;
-        queue_unlink(wt);
+    while (budget-- > 0 && pool->qhead && pool->qhead->wt->expires_ms <= now) {
+        gw_upstream_wait_t *wt = pool->qhead->wt;
+        gw_upstream_wait_cancel(wt);
         wt->cb(wt, GW_AGAIN, wt->arg);
     }
     qtimer_arm(pool);
@@ -689,41 +733,92 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
     pool_check_unused(pool);
 }
 
-int
-gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb,
-                 void *arg)
+/* Appends wt's place l, for server si, to pool's queue. */
+static void
+queue_link(gw_pool_t *pool, gw_upstream_wait_t *wt, gw_upstream_qlink_t *l, unsigned si)
 {
-    gw_pool_t *pool = gw_upstream_pool(w, b, si);
-    if (pool->nqueued >= b->max_pending) {
-        if (b->max_pending > 0)
-            gw_m_add(&pool->m->queue_rejected, 1);
-        return GW_AGAIN;
-    }
-    wt->pool = pool;
-    wt->cb = cb;
-    wt->arg = arg;
-    wt->expires_ms = gw_now_ms() + (uint64_t)b->queue_timeout_ms;
-    wt->next = NULL;
-    wt->prev = pool->qtail;
+    l->pool = pool;
+    l->wt = wt;
+    l->si = si;
+    l->pass = pool->wake_gen; /* a wake run under way serves the places it found */
+    l->next = NULL;
+    l->prev = pool->qtail;
     if (pool->qtail)
-        pool->qtail->next = wt;
+        pool->qtail->next = l;
     else
-        pool->qhead = wt;
-    pool->qtail = wt;
-    pool->nqueued++;
-    gw_m_gauge(&pool->m->queued, 1);
-    if (pool->qhead == wt)
+        pool->qhead = l;
+    pool->qtail = l;
+    pool->nlinks++;
+    if (pool->qhead == l)
         qtimer_arm(pool);
     if (pool_has_room(pool))
         event_active(pool->wake_ev, 0, 0); /* room while the queue was being served: it is this one's turn soon */
+}
+
+int
+gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, uint32_t servers, unsigned prefer, uint64_t expires_ms,
+                 gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
+{
+    unsigned n = 0;
+    gw_pool_t *charged = NULL;
+    gw_upstream_wait_cancel(wt); /* its places are about to be reused */
+    if (b->nservers < 32)
+        servers &= (1u << b->nservers) - 1;
+    if (prefer < b->nservers && (servers & (1u << prefer)) && gw_upstream_pool(w, b, prefer)->nqueued < b->max_pending)
+        charged = gw_upstream_pool(w, b, prefer);
+    for (unsigned si = 0; si < b->nservers; si++) {
+        if (!(servers & (1u << si)))
+            continue;
+        n++;
+        gw_pool_t *pool = gw_upstream_pool(w, b, si);
+        if (charged == NULL && pool->nqueued < b->max_pending)
+            charged = pool;
+    }
+    if (charged == NULL) {
+        if (b->max_pending > 0 && n > 0)
+            gw_m_add(&gw_upstream_pool(w, b, prefer < b->nservers ? prefer : 0)->m->queue_rejected, 1);
+        return GW_AGAIN;
+    }
+    if (n - 1 > wt->nmore) {
+        wt->more = gw_realloc(wt->more, (size_t)(n - 1) * sizeof(*wt->more));
+        wt->nmore = n - 1;
+    }
+    wt->b = b;
+    wt->cb = cb;
+    wt->arg = arg;
+    wt->expires_ms = expires_ms;
+    wt->charged = charged;
+    charged->nqueued++;
+    gw_m_gauge(&charged->m->queued, 1);
+    wt->nlinks = 0;
+    for (unsigned si = 0; si < b->nservers; si++) {
+        if (servers & (1u << si))
+            queue_link(gw_upstream_pool(w, b, si), wt, wait_link(wt, wt->nlinks++), si);
+    }
     return GW_OK;
 }
 
 void
 gw_upstream_wait_cancel(gw_upstream_wait_t *wt)
 {
-    if (wt->pool)
-        queue_unlink(wt);
+    gw_pool_t *charged = wt->charged;
+    if (charged == NULL)
+        return;
+    for (unsigned k = 0; k < wt->nlinks; k++)
+        queue_unlink(wait_link(wt, k));
+    wt->nlinks = 0;
+    wt->charged = NULL;
+    charged->nqueued--;
+    gw_m_gauge(&charged->m->queued, -1);
+}
+
+void
+gw_upstream_wait_free(gw_upstream_wait_t *wt)
+{
+    gw_upstream_wait_cancel(wt);
+    free(wt->more);
+    wt->more = NULL;
+    wt->nmore = 0;
 }
 
 static void
