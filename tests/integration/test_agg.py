@@ -1748,6 +1748,31 @@ def agg_into_puts_results_into_the_source():
 
 
 @atest
+def agg_into_aggregate_built_on_the_thread_pool():
+    """With 100 KB of parsed answers the aggregate is built (enrichment
+    included) and freed on the thread pool (README "Large answers")."""
+    s = Stub()
+    items = [{"n": i, "k": "p" if i % 2 == 0 else "x", "st": 200 if i % 3 else 503} for i in range(12)]
+    d = agg_daemon([route("/big", [
+        call("src", "/s?" + jbody({"items": items}), target="items"),
+        call("fe", "/x/{item.n}?status={item.st}", foreach="src.items", into="r", target="path",
+             when={"value": "{item.k}", "equals": "p"}, fallback="FB", skip_value=None),
+        call("big", "/b?size=100000", deny=["nope"]),
+    ], errors=True)], s)
+    want = []
+    for it in items:
+        e = dict(it)
+        e["r"] = None if it["k"] == "x" else ("FB" if it["st"] == 503 else f"/x/{it['n']}")
+        want.append(e)
+    for attempt in range(3):
+        r, _ = get(d, "/big")
+        j = ok_json(r, completed=False, what="/big")
+        eq(j["src"], want, "the enriched source")
+        eq(len(j["big"]["data"]), 100000 - 11, "the large answer")
+        eq(j["_errors"]["fe"]["failed"], [0, 6], "failed elements")
+
+
+@atest
 def agg_when_reload_adds_and_removes_conditions():
     s = Stub()
     s.get("/log?reset=1")
