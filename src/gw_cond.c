@@ -21,7 +21,7 @@ struct gw_cond_s {
     json_t *operand;      /* EQUALS: the value; IN: the array of values (owned copies) */
     gw_cond_t **kids;     /* ALL, ANY, NOT (one) */
     size_t nkids;
-    uint64_t deps;        /* this node and below */
+    uint64_t deps; /* this node and below */
     bool item;
 };
 
@@ -79,8 +79,7 @@ step_index(comp_t *k, size_t i)
 }
 
 /* The error's location is the steps pushed so far (plus key when not NULL). */
-static int __attribute__((format(printf, 3, 4)))
-comp_fail(comp_t *k, const char *key, const char *fmt, ...)
+static int __attribute__((format(printf, 3, 4))) comp_fail(comp_t *k, const char *key, const char *fmt, ...)
 {
     if (key != NULL)
         step_key(k, key);
@@ -93,8 +92,8 @@ comp_fail(comp_t *k, const char *key, const char *fmt, ...)
     return GW_ERR;
 }
 
-#define FORMS                                                                                                     \
-    "a condition is {\"value\": T, \"equals\": V}, {\"value\": T, \"in\": [V, ...]}, {\"exists\": T}, "        \
+#define FORMS                                                                                                          \
+    "a condition is {\"value\": T, \"equals\": V}, {\"value\": T, \"in\": [V, ...]}, {\"exists\": T}, "                \
     "{\"all\": [...]}, {\"any\": [...]} or {\"not\": {...}}"
 
 /* The template of "value" or "exists" (at key in v). */
@@ -140,10 +139,11 @@ comp_node(comp_t *k, gw_cond_t *c, const json_t *v, size_t depth)
         return comp_fail(k, NULL, "at most %d conditions in one \"when\"", GW_COND_MAX_NODES);
     if (!json_is_object(v) || json_object_size(v) == 0)
         return comp_fail(k, NULL, "must be a condition: " FORMS);
-    static const char *const keys[] = { "value", "equals", "in", "exists", "all", "any", "not" };
+    static const char *const keys[] = {"value", "equals", "in", "exists", "all", "any", "not"};
     const char *key;
     json_t *x;
-    json_object_foreach((json_t *)v, key, x) {
+    json_object_foreach((json_t *)v, key, x)
+    {
         bool known = false;
         for (size_t i = 0; i < GW_NELEM(keys); i++)
             known = known || strcmp(key, keys[i]) == 0;
@@ -158,8 +158,9 @@ comp_node(comp_t *k, gw_cond_t *c, const json_t *v, size_t depth)
                 (json_object_get(v, "all") != NULL) + (json_object_get(v, "any") != NULL) +
                 (json_object_get(v, "not") != NULL);
     if (forms > 1)
-        return comp_fail(k, NULL, "one test per condition (value, exists, all, any or not): combine them with "
-                                  "\"all\" or \"any\"");
+        return comp_fail(k, NULL,
+                         "one test per condition (value, exists, all, any or not): combine them with "
+                         "\"all\" or \"any\"");
     if (has_value || has_eq || has_in) {
         if (!has_value)
             return comp_fail(k, has_eq ? "equals" : "in",
@@ -214,7 +215,7 @@ comp_node(comp_t *k, gw_cond_t *c, const json_t *v, size_t depth)
 gw_cond_t *
 gw_cond_compile(const json_t *v, const gw_tpl_scope_t *scope, gw_cond_err_t *err)
 {
-    comp_t k = { .scope = scope, .err = err, .nodes = 0 };
+    comp_t k = {.scope = scope, .err = err, .nodes = 0};
     err->nsteps = 0;
     err->msg[0] = '\0';
     gw_cond_t *c = gw_calloc(1, sizeof(*c));
@@ -269,15 +270,15 @@ gw_cond_json_equal(const json_t *a, const json_t *b)
         const char *key;
         size_t klen;
         json_t *av;
-        json_object_keylen_foreach((json_t *)a, key, klen, av) {
+        json_object_keylen_foreach((json_t *)a, key, klen, av)
+        {
             const json_t *bv = json_object_getn(b, key, klen);
             if (bv == NULL || !gw_cond_json_equal(av, bv))
                 return false;
         }
         return true;
     }
-    default: /* true, false, null */
-        return true;
+    default: /* true, false, null */ return true;
     }
 }
 

@@ -37,8 +37,8 @@
 
 #define GW_COND_MAX_DEPTH 8   /* levels of nesting, the outermost condition included */
 #define GW_COND_MAX_NODES 64  /* conditions in one "when", every level counted */
-#define GW_COND_MAX_KIDS 16   /* conditions in one "all" or "any" */
-#define GW_COND_MAX_IN 256    /* values in one "in" */
+#define GW_COND_MAX_KIDS  16  /* conditions in one "all" or "any" */
+#define GW_COND_MAX_IN    256 /* values in one "in" */
 
 /* A compile error: where inside the condition (steps from it: a key, or an
  * index when key is NULL; keys borrowed from the compiled JSON value, valid
