@@ -148,9 +148,96 @@ idle_unlink(gw_upstream_t *u)
     else
         pool->idle_tail = u->prev;
     u->next = u->prev = NULL;
+    if (pool->name) {
+        if (u->aprev)
+            u->aprev->anext = u->anext;
+        else
+            pool->aidle[u->addr_idx] = u->anext;
+        if (u->anext)
+            u->anext->aprev = u->aprev;
+        u->anext = u->aprev = NULL;
+    }
     u->idle = false;
     pool->nidle--;
     count_idle(pool, -1);
+}
+
+/* Puts u (connected, not idle) at the head of its pool's idle list, and of
+ * its address's list for a host name (u->addr_idx current: addr_current()). */
+static void
+idle_push(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    u->prev = NULL;
+    u->next = pool->idle;
+    if (pool->idle)
+        pool->idle->prev = u;
+    else
+        pool->idle_tail = u;
+    pool->idle = u;
+    if (pool->name) {
+        gw_upstream_t **head = &pool->aidle[u->addr_idx];
+        u->aprev = NULL;
+        u->anext = *head;
+        if (*head)
+            (*head)->aprev = u;
+        *head = u;
+    }
+    u->idle = true;
+    pool->nidle++;
+    count_idle(pool, 1);
+}
+
+/*
+ * A host-name pool whose name has new addresses (a new generation, from a
+ * DNS answer or the hosts file): idle connections to an address the answer
+ * no longer lists are closed, the others move to their address's new index,
+ * in the same order. Nothing when the generation is the one indexed. The
+ * pool is not freed here: its idle connections mean a configuration uses it.
+ */
+static void
+idle_sync(gw_pool_t *pool)
+{
+    gw_dns_name_t *n = pool->name;
+    if (pool->aidle_gen == n->gen)
+        return;
+    for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
+        next = u->next;
+        if (gw_dns_name_has(n, (const struct sockaddr *)&u->sa, u->salen))
+            continue;
+        idle_unlink(u); /* from the old index, still in place */
+        upstream_close(u);
+    }
+    free(pool->aidle);
+    pool->aidle = n->naddrs ? gw_calloc(n->naddrs, sizeof(gw_upstream_t *)) : NULL;
+    pool->naidle = n->naddrs;
+    pool->aidle_gen = n->gen;
+    for (gw_upstream_t *u = pool->idle_tail; u; u = u->prev) { /* oldest first: each list stays LIFO */
+        gw_dns_name_find(n, (const struct sockaddr *)&u->sa, u->salen, &u->addr_idx);
+        u->addr_gen = n->gen;
+        gw_upstream_t **head = &pool->aidle[u->addr_idx];
+        u->aprev = NULL;
+        u->anext = *head;
+        if (*head)
+            (*head)->aprev = u;
+        *head = u;
+    }
+}
+
+/* Whether u, of a host-name pool, connects to one of the name's current
+ * addresses; then u->addr_gen and u->addr_idx say which (the index of an
+ * older generation is translated). */
+static bool
+addr_current(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    idle_sync(pool);
+    if (u->addr_gen == pool->name->gen)
+        return true;
+    if (!gw_dns_name_find(pool->name, (const struct sockaddr *)&u->sa, u->salen, &u->addr_idx))
+        return false;
+    u->addr_gen = pool->name->gen;
+    return true;
 }
 
 /* An idle connection that heard from its backend (data, EOF, error) or
@@ -538,13 +625,7 @@ pool_resolved(gw_dns_name_t *n, void *arg)
         gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s is %s (for %d ms)", b->name, pool->srv->label, n->host,
                gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
     }
-    for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
-        next = u->next;
-        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen))
-            continue;
-        idle_unlink(u);
-        upstream_close(u);
-    }
+    idle_sync(pool);
     if (n->naddrs == 0) {
         for (gw_upstream_t *u = pool->waiters; u; u = u->next)
             u->resolve_failed = true;
@@ -875,6 +956,7 @@ pool_free(gw_pool_t *pool)
         gw_dns_name_free(pool->name); /* cancels a query in flight */
         free(pool->name);
         event_free(pool->fail_ev);
+        free(pool->aidle);
     }
     /* No waiters either: they belong to requests of configurations that use it. */
     event_free(pool->wake_ev);
@@ -965,6 +1047,25 @@ gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg)
     }
 }
 
+/*
+ * The idle connection a request takes, or NULL for a new one. Without a
+ * host name: the most recently released. With one, the request's address
+ * has its turn (has_addr: idx): the most recently released connection to
+ * it; when there is none and the pool is at max_connections, the most
+ * recently released to any address rather than none (a full pool neither
+ * closes a warm connection to open another nor makes the call wait while
+ * one is idle).
+ */
+static gw_upstream_t *
+idle_take(gw_pool_t *pool, const gw_backend_t *b, bool has_addr, size_t idx)
+{
+    if (pool->name == NULL)
+        return pool->idle;
+    if (has_addr && pool->aidle[idx] != NULL)
+        return pool->aidle[idx];
+    return pool->nopen >= b->max_connections ? pool->idle : NULL;
+}
+
 int
 gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, gw_upstream_t **out)
 {
@@ -973,8 +1074,20 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->qhead && !pool->serving)
         return GW_AGAIN; /* calls are waiting: a newcomer queues behind them */
-    if (!fresh && pool->idle) {
-        gw_upstream_t *u = pool->idle;
+    /* A host name: every request (not every new connection) takes the next
+     * address in turn, so requests spread evenly over the addresses even
+     * while one warm connection could serve them all. The turn is given
+     * back when the pool cannot serve the request (GW_AGAIN). */
+    const gw_dns_addr_t *a = NULL;
+    size_t idx = 0, turn = 0;
+    int rc = GW_OK;
+    if (pool->name) {
+        turn = pool->name->next;
+        rc = gw_dns_name_pick(pool->name, &a, &idx);
+        idle_sync(pool); /* after the pick, which may have read the hosts file */
+    }
+    gw_upstream_t *u = fresh ? NULL : idle_take(pool, b, rc == GW_OK, idx);
+    if (u != NULL) {
         idle_unlink(u);
         evtimer_del(u->timer);
         u->reused = true;
@@ -982,14 +1095,17 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
         return GW_OK;
     }
     if (pool->nopen >= b->max_connections) {
-        if (pool->idle == NULL)
+        if (pool->idle == NULL) {
+            if (pool->name)
+                pool->name->next = turn;
             return GW_AGAIN;
+        }
         /* fresh was asked for and the pool is full: make room (the coldest goes) */
         gw_upstream_t *old = pool->idle_tail;
         idle_unlink(old);
         upstream_close(old);
     }
-    gw_upstream_t *u = gw_calloc(1, sizeof(gw_upstream_t));
+    u = gw_calloc(1, sizeof(gw_upstream_t));
     u->pool = pool;
     u->fd = -1;
     u->timer = evtimer_new(w->base, timer_cb, u);
@@ -1009,19 +1125,13 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
             abort(); /* our allocation policy: out of memory is fatal */
         }
     }
-    int rc = GW_OK;
     const struct sockaddr *sa = (const struct sockaddr *)&pool->srv->addr;
     socklen_t salen = pool->srv->addrlen;
-    if (pool->name) {
-        const gw_dns_addr_t *a;
-        size_t idx;
-        rc = gw_dns_name_pick(pool->name, &a, &idx);
-        if (rc == GW_OK) {
-            u->addr_gen = pool->name->gen;
-            u->addr_idx = idx;
-            sa = (const struct sockaddr *)&a->sa;
-            salen = a->len;
-        }
+    if (pool->name && rc == GW_OK) {
+        u->addr_gen = pool->name->gen;
+        u->addr_idx = idx;
+        sa = (const struct sockaddr *)&a->sa;
+        salen = a->len;
     }
     if (rc == GW_OK) {
         if (start_connect(u, sa, salen) != GW_OK) {
@@ -1110,6 +1220,10 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
         upstream_close(u);
         return;
     }
+    if (pool->name && !addr_current(u)) {
+        upstream_close(u); /* a new answer dropped its address while it was in use */
+        return;
+    }
     u->requests++;
     u->idle = true;
     u->read_cb = NULL;
@@ -1120,14 +1234,6 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     /* every idle timer of the pool has the same length: a common timeout
      * keeps them in a queue (O(1) add and delete per call, not a heap) */
     evtimer_add(u->timer, pool->idle_timeout);
-    u->prev = NULL;
-    u->next = pool->idle;
-    if (pool->idle)
-        pool->idle->prev = u;
-    else
-        pool->idle_tail = u;
-    pool->idle = u;
-    pool->nidle++;
-    count_idle(pool, 1);
+    idle_push(u);
     queue_notify(pool);
 }

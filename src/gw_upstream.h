@@ -122,6 +122,12 @@ struct gw_pool_s {
     gw_upstream_t *idle;    /* doubly linked idle connections, most recently released first (LIFO) */
     gw_upstream_t *idle_tail; /* ... and the least recently released */
     unsigned nidle;
+    /* A host name: the same idle connections again, one LIFO list per
+     * address (through anext/aprev), indexed like the name's addresses of
+     * generation aidle_gen (naidle entries); re-indexed when it changes. */
+    gw_upstream_t **aidle;
+    size_t naidle;
+    unsigned aidle_gen;
     unsigned nopen;         /* idle + in use + connecting + waiting */
     gw_dns_name_t *name;    /* the server's host name and addresses; NULL for an IP address */
     gw_upstream_t *waiters; /* doubly linked: connections waiting for the name's addresses */
@@ -157,6 +163,8 @@ struct gw_upstream_s {
     size_t low_water;        /* drained_cb when the output falls to this */
     gw_upstream_t *next;     /* in the idle list, or the waiters */
     gw_upstream_t *prev;     /* in the idle list, or the waiters */
+    gw_upstream_t *anext;    /* idle, host name: in the list of its address (pool->aidle[addr_idx]) */
+    gw_upstream_t *aprev;
     int err;                 /* errno of the last GW_UP_ERROR */
     int connect_err;         /* plain: the connect failed at once with this; reported from the loop */
     bool reused;             /* it served an earlier request */
@@ -169,8 +177,8 @@ struct gw_upstream_s {
     bool connecting;         /* a connect was started (to addr_idx of addr_gen for a host name) */
     bool resolve_failed;     /* the host name could not be resolved (reported as GW_UP_ERROR) */
     unsigned requests;
-    unsigned addr_gen;
-    size_t addr_idx;
+    unsigned addr_gen;       /* host name: the generation of the name's addresses ... */
+    size_t addr_idx;         /* ... and sa's index among them (kept current while idle) */
     struct sockaddr_storage sa; /* the address connected to */
     socklen_t salen;
 };
