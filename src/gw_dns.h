@@ -13,7 +13,8 @@
  * Setting it up reads no file: it only opens the nameservers' sockets.
  *
  * gw_dns_name_t is what one worker knows about one name (one per
- * connection pool): every A and AAAA answer, used in turn, kept for the
+ * connection pool): every A and AAAA answer, used in turn (by requests,
+ * gw_upstream.h; by health checks, gw_hcheck.h), kept for the
  * answer's TTL clamped to [min_ttl_ms, max_ttl_ms]. An expired answer is
  * still used while a background query refreshes it, so a request never waits
  * for a refresh when addresses are known. A failed resolution is remembered

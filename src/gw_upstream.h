@@ -7,7 +7,7 @@
  * host name, sends its Host and its TLS name. Which server a try goes to
  * is gw_exchange's choice (gw_cluster_pick). gw_upstream_get() hands out an idle
  * connection (most recently used first, so the warmest socket is reused) or
- * starts a new one; the caller owns it until gw_upstream_release(), which
+ * starts a new one (for a host name: see below); the caller owns it until gw_upstream_release(), which
  * returns it to the pool when it is reusable (a whole response was read and
  * both sides allow keep-alive) or closes it. A connection is never pooled
  * half-read: a caller that gives up (deadline, client gone) releases it as
@@ -29,14 +29,27 @@
  * means the connection is unusable and it is closed at once; after the
  * backend's idle_timeout_ms it is closed too.
  *
- * A server named by host name connects to the addresses of the pool's
- * gw_dns_name_t in turn. Before the first answer, a new connection waits:
+ * A server named by host name spreads its requests evenly over the
+ * addresses of the pool's gw_dns_name_t: each gw_upstream_get() takes the
+ * next address in turn (per worker, skipping addresses marked down after a
+ * failed connect), then the most recent idle connection to that address or
+ * a new one to it. So the server's weight in the balance is split equally
+ * among its addresses, per request, not per connection (reusing the warmest
+ * connection of the pool would send nearly every request to one address).
+ * Idle connections are listed per address as well (pool->aidle). When the
+ * pool is at max_connections and has none to the address whose turn it is,
+ * the most recent idle connection to any address serves: a full pool
+ * neither closes a warm connection to open another nor makes the call wait
+ * while a connection is idle. max_connections and max_idle stay per server.
+ * Health (checks, outlier ejection) is the server's, not each address's
+ * (gw_cluster.h). Before the first answer, a new connection waits:
  * gw_upstream_get() still returns it (output can be queued, callbacks set)
  * and it connects when the answer arrives; when the name cannot be
  * resolved its event callback gets GW_UP_ERROR with u->resolve_failed set.
  * So callers see one contract either way: GW_UP_CONNECTED or an error.
  * Waiters count towards max_connections, which bounds them. When a new
- * answer drops an address, idle connections to it are closed.
+ * answer drops an address, idle connections to it are closed, and one in
+ * use is closed when released; an address it adds has its turn at once.
  *
  * max_connections, max_idle and max_pending are per pool, so per server:
  * a backend of three servers may open three times max_connections per
