@@ -1385,7 +1385,17 @@ def ipv6_listen():
 
 def _open_counted(d, attempts=100):
     """A connection that completed a request (so the daemon counts it); retries
-    while a just-closed connection (the start-up probe) still holds a slot."""
+    while a just-closed connection (the start-up probe) still holds a slot.
+    First waits until the probe was accepted and is gone: a worker that
+    accepts it late, at max_connections, closes the idle connection this
+    returns to make room for it (as it should), and the test would go on
+    with a dead connection (seen under load)."""
+    deadline = time.monotonic() + 5 * SLOW
+    while not getattr(d, "probe_gone", False):  # once per daemon, before the test holds any connection
+        d.probe_gone = _metric(d, "gatherd_connections_accepted_total") >= 1 and _metric(d, "gatherd_connections") == 0
+        if time.monotonic() > deadline:
+            raise TestFailure("the start-up probe's connection was never accepted and closed")
+        time.sleep(0.01)
     for _ in range(attempts):
         c = d.connect()
         r = c.request(get("/a"))
