@@ -12,6 +12,7 @@
  * JSON paths, call names resolved to indexes, dependency masks checked for
  * cycles (see "aggregate routes" below).
  */
+#include "gw_cache.h"
 #include "gw_config.h"
 #include "gw_breaker.h"
 #include "gw_http.h"
@@ -603,6 +604,25 @@ parse_memory(ctx_t *c, json_t *v)
     if (check_keys(c, v, keys, "\"memory\"") ||
         get_size(c, v, "request_body_bytes", 0, 1LL << 40, &c->cfg->memory.request_body_bytes) ||
         get_size(c, v, "response_body_bytes", 0, 1LL << 40, &c->cfg->memory.response_body_bytes))
+        goto out;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "cache": the process-wide answer cache of calls (gw_cache.h). */
+static int
+parse_cache(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "max_bytes", NULL };
+    push_key(c, "cache");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object like {\"max_bytes\": 67108864}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"cache\"") || get_size(c, v, "max_bytes", 0, 1LL << 40, &c->cfg->cache.max_bytes))
         goto out;
     rc = GW_OK;
 out:
@@ -1416,7 +1436,7 @@ out:
 static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
                                          "timeout_ms", "required", "fallback", "group", "after", "foreach",
                                          "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
-                                         "hedge_after_ms", NULL };
+                                         "hedge_after_ms", "cache", "coalesce", NULL };
 
 /* Headers a call may neither set nor forward: gatherd writes them itself
  * (Host, framing, the request id, X-Forwarded-*, Via), or they are
@@ -1436,6 +1456,7 @@ call_free(gw_call_t *call)
     if (call == NULL)
         return;
     free(call->name);
+    gw_cache_scope_unref(call->cache);
     gw_tpl_free(call->target);
     for (size_t i = 0; i < call->nheaders; i++) {
         free(call->headers[i].name);
@@ -1941,6 +1962,17 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
         return GW_ERR;
     if ((x = json_object_get(v, "rename")) != NULL && parse_call_rename(c, x, call) != GW_OK)
         return GW_ERR;
+    if (json_object_get(v, "cache") != NULL || json_object_get(v, "coalesce") != NULL) {
+        /* gw_cache.c reads its settings; NULL for "coalesce": false alone */
+        char cerr[256] = "";
+        const char *where = "cache";
+        call->cache = gw_cache_scope_parse(json_object_get(v, "cache"), json_object_get(v, "coalesce"), route->pattern,
+                                           call->name, call->backend->name, call->backend->conn_key, call->method,
+                                           call->forward_body, &where, cerr, sizeof(cerr));
+        bool top = strcmp(where, "cache") == 0 || strcmp(where, "coalesce") == 0;
+        if (call->cache == NULL && cerr[0])
+            return fail_in(c, top ? where : "cache", "%s%s%s", top ? "" : where, top ? "" : ": ", cerr);
+    }
     return GW_OK;
 }
 
@@ -2513,6 +2545,7 @@ set_defaults(gw_config_t *cfg)
     cfg->http.max_keepalive_requests = 10000;
     cfg->memory.request_body_bytes = (size_t)256 << 20;
     cfg->memory.response_body_bytes = (size_t)512 << 20;
+    cfg->cache.max_bytes = GW_CACHE_DEFAULT_MAX_BYTES;
     cfg->thread_pool.threads = (unsigned)GW_MIN(cpu_count(), 4);
     cfg->thread_pool.max_queue = 1024;
     cfg->resolver.timeout_ms = 2000;
@@ -2536,7 +2569,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
                                         "real_ip_header", "max_inflight", "log", "admin", "user", "group",
-                                        "memory", "thread_pool", NULL };
+                                        "memory", "thread_pool", "cache", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -2585,6 +2618,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if ((v = json_object_get(root, "memory")) != NULL && parse_memory(&c, v))
         goto fail;
     if ((v = json_object_get(root, "thread_pool")) != NULL && parse_thread_pool(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "cache")) != NULL && parse_cache(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
         goto fail;
