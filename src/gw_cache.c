@@ -45,14 +45,14 @@ struct gw_cache_flight_s {
 };
 
 struct node_s {
-    node_t *hnext;         /* bucket chain */
-    node_t *lprev, *lnext; /* LRU, while val is set (lhead: most recent) */
-    node_t *sprev, *snext; /* the scope's */
+    node_t *hnext;           /* bucket chain */
+    node_t *lprev, *lnext;   /* LRU, while val is set (lhead: most recent) */
+    node_t *sprev, *snext;   /* the scope's */
     gw_cache_scope_t *scope; /* borrowed: a scope drops its nodes before it is freed */
     uint64_t hash;
-    gw_cache_val_t *val;   /* a reference, or NULL */
+    gw_cache_val_t *val; /* a reference, or NULL */
     gw_cache_flight_t *flight;
-    size_t cost;           /* bytes counted for it while val is set */
+    size_t cost; /* bytes counted for it while val is set */
     size_t klen;
     char key[];
 };
@@ -60,15 +60,15 @@ struct node_s {
 static struct {
     pthread_mutex_t mu;
     node_t **buckets;
-    size_t nbuckets;           /* a power of two */
+    size_t nbuckets; /* a power of two */
     node_t *lhead, *ltail;
-    size_t max_bytes;          /* atomic reads */
-    gw_cache_stats_t st;       /* process-wide sums */
-    uint64_t next_id;          /* atomic */
-} cache = { .mu = PTHREAD_MUTEX_INITIALIZER, .max_bytes = GW_CACHE_DEFAULT_MAX_BYTES };
+    size_t max_bytes;    /* atomic reads */
+    gw_cache_stats_t st; /* process-wide sums */
+    uint64_t next_id;    /* atomic */
+} cache = {.mu = PTHREAD_MUTEX_INITIALIZER, .max_bytes = GW_CACHE_DEFAULT_MAX_BYTES};
 
-#define CNT(p) __atomic_add_fetch((p), 1, __ATOMIC_RELAXED)
-#define LD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define CNT(p)   __atomic_add_fetch((p), 1, __ATOMIC_RELAXED)
+#define LD(p)    __atomic_load_n((p), __ATOMIC_RELAXED)
 #define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 
 /* What an entry costs beyond its key and body: the node, the value and
@@ -309,8 +309,8 @@ gw_cache_scope_new(const gw_cache_conf_t *conf, const char *route, const char *c
 
 /* Reads a non-negative number of milliseconds (or bytes) at key of obj. */
 static int
-get_num(const json_t *obj, const char *key, long long min, long long max, long long *out, const char **where,
-        char *err, size_t errlen)
+get_num(const json_t *obj, const char *key, long long min, long long max, long long *out, const char **where, char *err,
+        size_t errlen)
 {
     const json_t *v = json_object_get(obj, key);
     if (v == NULL)
@@ -333,9 +333,9 @@ gw_cache_scope_parse(const json_t *cache_v, const json_t *coalesce_v, const char
                      const char *backend, const char *conn_key, int method, bool forward_body, const char **where,
                      char *err, size_t errlen)
 {
-    static const char *const keys[] = { "ttl_ms", "stale_while_revalidate_ms", "stale_if_error_ms",
-                                        "honor_cache_control", "max_entry_bytes", NULL };
-    gw_cache_conf_t conf = { .ttl_ms = 5000, .honor_cache_control = true };
+    static const char *const keys[] = {
+        "ttl_ms", "stale_while_revalidate_ms", "stale_if_error_ms", "honor_cache_control", "max_entry_bytes", NULL};
+    gw_cache_conf_t conf = {.ttl_ms = 5000, .honor_cache_control = true};
     *where = cache_v ? "cache" : "coalesce";
     if (coalesce_v) {
         if (!json_is_boolean(coalesce_v)) {
@@ -352,7 +352,8 @@ gw_cache_scope_parse(const json_t *cache_v, const json_t *coalesce_v, const char
         }
         const char *key;
         json_t *x;
-        json_object_foreach((json_t *)cache_v, key, x) {
+        json_object_foreach((json_t *)cache_v, key, x)
+        {
             bool ok = false;
             for (const char *const *k = keys; *k; k++)
                 ok = ok || strcmp(*k, key) == 0;
@@ -551,9 +552,10 @@ gw_cache_retire_dropped(const gw_config_t *oldc, const gw_config_t *newc)
                 gw_cache_stats_t st;
                 gw_cache_scope_stats(s, &st);
                 if (st.entries)
-                    gw_log(GW_LOG_NOTICE, "reload: cache of call %s of route %s dropped (%llu entries): its "
-                           "settings or backend changed, or it is gone", s->call, s->route,
-                           (unsigned long long)st.entries);
+                    gw_log(GW_LOG_NOTICE,
+                           "reload: cache of call %s of route %s dropped (%llu entries): its "
+                           "settings or backend changed, or it is gone",
+                           s->call, s->route, (unsigned long long)st.entries);
                 gw_cache_scope_retire(s);
             }
         }
@@ -606,7 +608,7 @@ gw_cache_shutdown(void)
 static bool
 key_skips(const char *p, size_t len)
 {
-    static const char *const skip[] = { "host:", "x-request-id:", "x-forwarded-for:", NULL };
+    static const char *const skip[] = {"host:", "x-request-id:", "x-forwarded-for:", NULL};
     for (const char *const *s = skip; *s; s++) {
         size_t n = strlen(*s);
         if (len >= n && strncasecmp(p, *s, n) == 0)
@@ -887,19 +889,18 @@ gw_cache_metrics(struct evbuffer *out, const gw_config_t *cfg)
         const char *name, *help;
         size_t off;
     } per_call[] = {
-        { "gatherd_cache_hits_total", "Call answers served fresh from the cache.", offsetof(gw_cache_stats_t, hits) },
-        { "gatherd_cache_misses_total", "Cache lookups that sent an upstream request.",
-          offsetof(gw_cache_stats_t, misses) },
-        { "gatherd_cache_stale_total", "Stale answers served while a background request revalidated them.",
-          offsetof(gw_cache_stats_t, stale) },
-        { "gatherd_cache_stale_if_error_total", "Stale answers served in place of a failed call.",
-          offsetof(gw_cache_stats_t, stale_error) },
-        { "gatherd_cache_coalesced_total", "Calls that shared the upstream request of an identical call in flight.",
-          offsetof(gw_cache_stats_t, coalesced) },
-        { "gatherd_cache_refreshes_total", "Background revalidations started.",
-          offsetof(gw_cache_stats_t, refreshes) },
-        { "gatherd_cache_evictions_total", "Entries evicted (least recently used) to stay within cache.max_bytes.",
-          offsetof(gw_cache_stats_t, evictions) },
+        {"gatherd_cache_hits_total", "Call answers served fresh from the cache.", offsetof(gw_cache_stats_t, hits)},
+        {"gatherd_cache_misses_total", "Cache lookups that sent an upstream request.",
+         offsetof(gw_cache_stats_t, misses)},
+        {"gatherd_cache_stale_total", "Stale answers served while a background request revalidated them.",
+         offsetof(gw_cache_stats_t, stale)},
+        {"gatherd_cache_stale_if_error_total", "Stale answers served in place of a failed call.",
+         offsetof(gw_cache_stats_t, stale_error)},
+        {"gatherd_cache_coalesced_total", "Calls that shared the upstream request of an identical call in flight.",
+         offsetof(gw_cache_stats_t, coalesced)},
+        {"gatherd_cache_refreshes_total", "Background revalidations started.", offsetof(gw_cache_stats_t, refreshes)},
+        {"gatherd_cache_evictions_total", "Entries evicted (least recently used) to stay within cache.max_bytes.",
+         offsetof(gw_cache_stats_t, evictions)},
     };
     gw_cache_stats_t tot;
     gw_cache_stats(&tot);

@@ -83,13 +83,13 @@ typedef struct {
 /* A stored (or delivered) answer. Immutable once published; freed with
  * its last reference. */
 struct gw_cache_val_s {
-    int refcnt;          /* atomic */
+    int refcnt; /* atomic */
     int status;
-    uint64_t stored_ms;  /* gw_now_ms() when its last byte arrived: Age counts from it */
-    uint64_t fresh_ms;   /* served as is until then */
-    uint64_t swr_ms;     /* then served stale, and refreshed, until this */
-    uint64_t sie_ms;     /* served in place of a failure until this */
-    char *body;          /* owned */
+    uint64_t stored_ms; /* gw_now_ms() when its last byte arrived: Age counts from it */
+    uint64_t fresh_ms;  /* served as is until then */
+    uint64_t swr_ms;    /* then served stale, and refreshed, until this */
+    uint64_t sie_ms;    /* served in place of a failure until this */
+    char *body;         /* owned */
     size_t len;
     gw_cache_val_t *free_next; /* the cache's, while being freed */
 };
@@ -111,9 +111,9 @@ typedef struct {
     void (*done)(gw_tjob_t *job);
     void *arg;
     /* out */
-    gw_cache_val_t *val;         /* HIT, STALE: a reference, the caller's */
-    gw_cache_flight_t *flight;   /* LEAD, and STALE when a refresh is to start */
-    gw_cache_waiter_t *waiter;   /* LEAD, WAIT (with a port) */
+    gw_cache_val_t *val;       /* HIT, STALE: a reference, the caller's */
+    gw_cache_flight_t *flight; /* LEAD, and STALE when a refresh is to start */
+    gw_cache_waiter_t *waiter; /* LEAD, WAIT (with a port) */
 } gw_cache_ask_t;
 
 /*
@@ -123,13 +123,13 @@ typedef struct {
  * gw_cache_waiter_free().
  */
 struct gw_cache_waiter_s {
-    gw_tjob_t job;            /* job.done: the ask's done; job.port: its port */
-    void *arg;                /* the ask's arg; NULL once cancelled (worker thread only) */
+    gw_tjob_t job; /* job.done: the ask's done; job.port: its port */
+    void *arg;     /* the ask's arg; NULL once cancelled (worker thread only) */
     /* the outcome, written before the hand-over */
-    gw_cache_val_t *val;      /* a reference: the answer, or with stale an old one; NULL: failed */
-    gw_fail_t code;           /* GW_FAIL_NONE, or how the flight failed */
-    int status;               /* the backend's status when it answered */
-    bool stale;               /* val is an old answer served for the failure (stale-if-error) */
+    gw_cache_val_t *val; /* a reference: the answer, or with stale an old one; NULL: failed */
+    gw_fail_t code;      /* GW_FAIL_NONE, or how the flight failed */
+    int status;          /* the backend's status when it answered */
+    bool stale;          /* val is an old answer served for the failure (stale-if-error) */
     /* the cache's, under its lock */
     gw_cache_waiter_t *next, *prev;
     gw_cache_flight_t *flight;

@@ -40,31 +40,31 @@ typedef struct fetch_s fetch_t;
 
 struct fetch_s {
     gw_xchg_t ex;
-    gw_tjob_t job;            /* the JSON check on the thread pool */
+    gw_tjob_t job; /* the JSON check on the thread pool */
     gw_worker_t *w;
-    gw_gen_t *gen;            /* a reference: the call, its backend and the pools live in it */
+    gw_gen_t *gen; /* a reference: the call, its backend and the pools live in it */
     const gw_call_t *call;
     gw_cache_flight_t *flight; /* NULL once ended */
-    char *req;                /* the head, then the body */
+    char *req;                 /* the head, then the body */
     size_t head_len, req_len;
     char rid[72], peer[64];
     /* the answer */
     char *body;
-    size_t blen, bcap, held;  /* held: gw_budget_responses bytes of body */
+    size_t blen, bcap, held; /* held: gw_budget_responses bytes of body */
     bool over_budget;
-    char fname[16];           /* the current field's name (its start) */
+    char fname[16]; /* the current field's name (its start) */
     size_t fnlen;
     bool after_value;
-    int field;                /* 1: Cache-Control, 2: Vary, 0: other */
+    int field; /* 1: Cache-Control, 2: Vary, 0: other */
     char cc[FIELD_MAX], vary[FIELD_MAX];
     size_t cclen, varylen;
     bool too_long;
-    int status;               /* the answer's, kept past the exchange's close */
-    bool job_out;             /* the check runs on the pool */
-    bool valid;               /* its result */
-    bool finished;            /* the exchange is closed: free at settle */
-    bool stopped;             /* the worker stopped meanwhile: the job frees it */
-    fetch_t *next, *prev;     /* the worker's */
+    int status;           /* the answer's, kept past the exchange's close */
+    bool job_out;         /* the check runs on the pool */
+    bool valid;           /* its result */
+    bool finished;        /* the exchange is closed: free at settle */
+    bool stopped;         /* the worker stopped meanwhile: the job frees it */
+    fetch_t *next, *prev; /* the worker's */
 };
 
 /* What a worker keeps: its fetches and a buffer for keys. */
@@ -151,8 +151,8 @@ cacheable(const fetch_t *f, const gw_cache_conf_t *conf, int *ttl_ms)
         size_t len = (size_t)(q - p);
         while (len && (p[len - 1] == ' ' || p[len - 1] == '\t'))
             len--;
-        if ((len == 8 && strncasecmp(p, "no-store", 8) == 0) || (len >= 7 && strncasecmp(p, "private", 7) == 0 &&
-                                                                 (len == 7 || p[7] == '=')) ||
+        if ((len == 8 && strncasecmp(p, "no-store", 8) == 0) ||
+            (len >= 7 && strncasecmp(p, "private", 7) == 0 && (len == 7 || p[7] == '=')) ||
             (len >= 8 && strncasecmp(p, "no-cache", 8) == 0 && (len == 8 || p[8] == '=')))
             return false;
         long long v;
@@ -226,7 +226,7 @@ static void
 fetch_end(fetch_t *f, gw_fail_t code, bool reusable)
 {
     if (gw_xchg_end_try(&f->ex, code, reusable) == NULL)
-        return; /* retried */
+        return;               /* retried */
     f->status = f->ex.status; /* the close clears it */
     gw_xchg_ended(&f->ex, code);
     gw_xchg_close(&f->ex, reusable);
@@ -274,8 +274,8 @@ fetch_done(gw_xchg_t *x, bool reusable)
 {
     fetch_t *f = FX(x);
     if (x->status < 200 || x->status > 299) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (shared request), request %s",
-                  f->call->backend->name, x->status, f->call->name, f->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s: status %d for call %s (shared request), request %s", f->call->backend->name,
+                  x->status, f->call->name, f->rid);
         fetch_end(f, GW_FAIL_BAD_STATUS, reusable);
         return;
     }
@@ -417,12 +417,12 @@ fetch_body(gw_resp_t *r, const char *at, size_t len)
     return GW_OK;
 }
 
-static const gw_resp_ops_t fetch_resp_ops = { .head = fetch_head,
-                                              .body = fetch_body,
-                                              .field = fetch_field,
-                                              .value = fetch_value,
-                                              .value_done = fetch_value_done,
-                                              .reset = fetch_reset };
+static const gw_resp_ops_t fetch_resp_ops = {.head = fetch_head,
+                                             .body = fetch_body,
+                                             .field = fetch_field,
+                                             .value = fetch_value,
+                                             .value_done = fetch_value_done,
+                                             .reset = fetch_reset};
 
 /* --- entry points ----------------------------------------------------------------- */
 
@@ -460,8 +460,8 @@ fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const 
     gw_fail_t code = gw_xchg_start(x);
     if (code == GW_FAIL_NONE)
         return;
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s (shared request) could not start: %s, request %s",
-              call->backend->name, call->name, gw_fail_name(code), f->rid);
+    gw_log_rl(GW_LOG_INFO, "backend %s: call %s (shared request) could not start: %s, request %s", call->backend->name,
+              call->name, gw_fail_name(code), f->rid);
     gw_xchg_end_try(x, code, false); /* never retried: nothing was sent */
     f->status = 0;
     gw_xchg_ended(x, code);

@@ -10,8 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const gw_cache_conf_t conf = { .cache = true, .coalesce = true, .ttl_ms = 1000, .swr_ms = 1000,
-                                      .sie_ms = 5000, .honor_cache_control = true };
+static const gw_cache_conf_t conf = {
+    .cache = true, .coalesce = true, .ttl_ms = 1000, .swr_ms = 1000, .sie_ms = 5000, .honor_cache_control = true};
 
 /* A value of len bytes of c, fresh for ttl from now (the conf's windows after it). */
 static gw_cache_val_t *
@@ -30,7 +30,7 @@ val_of(char c, size_t len, uint64_t now)
 static void
 store(gw_cache_scope_t *s, const char *k, gw_cache_val_t *val, uint64_t now)
 {
-    gw_cache_ask_t ask = { 0 };
+    gw_cache_ask_t ask = {0};
     CHECK(gw_cache_lookup(s, k, strlen(k), now, &ask) == GW_CACHE_LEAD);
     CHECK(ask.flight != NULL && ask.waiter == NULL);
     gw_cache_flight_done(ask.flight, val, true, GW_FAIL_NONE, 200);
@@ -39,7 +39,7 @@ store(gw_cache_scope_t *s, const char *k, gw_cache_val_t *val, uint64_t now)
 static gw_cache_result_t
 look(gw_cache_scope_t *s, const char *k, uint64_t now, gw_cache_val_t **val)
 {
-    gw_cache_ask_t ask = { 0 };
+    gw_cache_ask_t ask = {0};
     gw_cache_result_t r = gw_cache_lookup(s, k, strlen(k), now, &ask);
     if (ask.flight) /* nobody fetches here: the flight ends at once, failed */
         gw_cache_flight_done(ask.flight, NULL, false, GW_FAIL_TIMEOUT, 0);
@@ -53,17 +53,19 @@ look(gw_cache_scope_t *s, const char *k, uint64_t now, gw_cache_val_t **val)
 static void
 test_key(void)
 {
-    gw_tpl_buf_t a = { 0 }, b = { 0 };
-    const char *h1 = "GET /u/1?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAuthorization: alice\r\nAccept: application/json\r\n"
-                     "X-Request-Id: r1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Host: a.example\r\nVia: 1.1 gatherd\r\n"
-                     "\r\n";
+    gw_tpl_buf_t a = {0}, b = {0};
+    const char *h1 =
+        "GET /u/1?x=1 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nAuthorization: alice\r\nAccept: application/json\r\n"
+        "X-Request-Id: r1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Host: a.example\r\nVia: 1.1 gatherd\r\n"
+        "\r\n";
     gw_cache_key(&a, h1, strlen(h1), NULL, 0);
     CHECK_STR(a.data, "GET /u/1?x=1\nAuthorization: alice\nAccept: application/json\nX-Forwarded-Host: a.example\n"
                       "Via: 1.1 gatherd\n\n");
     /* another request id, client address and backend host: the same key */
-    const char *h2 = "GET /u/1?x=1 HTTP/1.1\r\nHost: other:1\r\nAuthorization: alice\r\nAccept: application/json\r\n"
-                     "X-Request-Id: r2\r\nX-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: a.example\r\nVia: 1.1 gatherd\r\n"
-                     "\r\n";
+    const char *h2 =
+        "GET /u/1?x=1 HTTP/1.1\r\nHost: other:1\r\nAuthorization: alice\r\nAccept: application/json\r\n"
+        "X-Request-Id: r2\r\nX-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: a.example\r\nVia: 1.1 gatherd\r\n"
+        "\r\n";
     gw_cache_key(&b, h2, strlen(h2), NULL, 0);
     CHECK(a.len == b.len && memcmp(a.data, b.data, a.len) == 0);
     /* another token, query, forwarded host, or body: another key */
@@ -103,11 +105,11 @@ test_hit_stale_and_windows(void)
     CHECK(v && v->len == 10 && v->body[0] == 'a');
     gw_cache_val_unref(v);
     /* past the ttl, within stale_while_revalidate: stale, and one refresh */
-    gw_cache_ask_t ask = { 0 };
+    gw_cache_ask_t ask = {0};
     CHECK(gw_cache_lookup(s, "k1", 2, t + 1000, &ask) == GW_CACHE_STALE);
     CHECK(ask.val != NULL && ask.flight != NULL);
     gw_cache_val_unref(ask.val);
-    gw_cache_ask_t ask2 = { 0 };
+    gw_cache_ask_t ask2 = {0};
     CHECK(gw_cache_lookup(s, "k1", 2, t + 1001, &ask2) == GW_CACHE_STALE);
     CHECK(ask2.val != NULL && ask2.flight == NULL); /* the refresh runs already */
     gw_cache_val_unref(ask2.val);
@@ -224,7 +226,7 @@ test_waiters(void)
     memset(seen, 0, sizeof(seen));
     gw_cache_ask_t ask[4];
     for (int i = 0; i < 4; i++)
-        ask[i] = (gw_cache_ask_t){ .port = port, .done = waiter_done, .arg = &seen[i] };
+        ask[i] = (gw_cache_ask_t){.port = port, .done = waiter_done, .arg = &seen[i]};
     CHECK(gw_cache_lookup(s, "w", 1, t, &ask[0]) == GW_CACHE_LEAD);
     CHECK(gw_cache_lookup(s, "w", 1, t, &ask[1]) == GW_CACHE_WAIT);
     CHECK(gw_cache_lookup(s, "w", 1, t, &ask[2]) == GW_CACHE_WAIT);
@@ -274,8 +276,8 @@ test_scope_parse(void)
     const char *where;
     char err[256];
     json_t *c = json_pack("{s:i, s:i}", "ttl_ms", 100, "stale_if_error_ms", 50);
-    gw_cache_scope_t *s = gw_cache_scope_parse(c, NULL, "/r", "c", "b", "k", 1 /* GET */, false, &where, err,
-                                               sizeof(err));
+    gw_cache_scope_t *s =
+        gw_cache_scope_parse(c, NULL, "/r", "c", "b", "k", 1 /* GET */, false, &where, err, sizeof(err));
     CHECK(s != NULL);
     if (s) {
         const gw_cache_conf_t *cf = gw_cache_scope_conf(s);
@@ -283,8 +285,8 @@ test_scope_parse(void)
               cf->honor_cache_control);
         gw_cache_scope_t *s2 = gw_cache_scope_parse(c, NULL, "/r", "c", "b", "k", 1, false, &where, err, sizeof(err));
         CHECK(gw_cache_scope_same(s, s2));
-        gw_cache_scope_t *s3 = gw_cache_scope_parse(c, NULL, "/r", "c", "b", "other", 1, false, &where, err,
-                                                    sizeof(err));
+        gw_cache_scope_t *s3 =
+            gw_cache_scope_parse(c, NULL, "/r", "c", "b", "other", 1, false, &where, err, sizeof(err));
         CHECK(!gw_cache_scope_same(s, s3)); /* another backend URL */
         gw_cache_scope_unref(s2);
         gw_cache_scope_unref(s3);
@@ -312,6 +314,7 @@ test_shutdown(void)
     gw_cache_shutdown();
 }
 
-TEST_MAIN({ "key", test_key }, { "hit_stale_and_windows", test_hit_stale_and_windows },
-          { "lru_and_byte_bound", test_lru_and_byte_bound }, { "refcount_outlives_eviction", test_refcount_outlives_eviction },
-          { "waiters", test_waiters }, { "scope_parse", test_scope_parse }, { "shutdown", test_shutdown })
+TEST_MAIN({"key", test_key}, {"hit_stale_and_windows", test_hit_stale_and_windows},
+          {"lru_and_byte_bound", test_lru_and_byte_bound},
+          {"refcount_outlives_eviction", test_refcount_outlives_eviction}, {"waiters", test_waiters},
+          {"scope_parse", test_scope_parse}, {"shutdown", test_shutdown})
