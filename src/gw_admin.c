@@ -12,6 +12,7 @@
 
 #include "gw_breaker.h"
 #include "gw_cache.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_inflight.h"
 #include "gw_log.h"
@@ -253,6 +254,70 @@ route_json(const gw_route_t *rt)
     return o;
 }
 
+/* A server's failures by code name: gw_fail_t codes that share a name
+ * (queue_full) are added together, so each name is one series and one JSON
+ * key. Fills names/counts (GW_FAIL_MAX entries) with the nonzero ones and
+ * returns how many. */
+static size_t
+failures_by_name(const gw_hserver_stats_t *st, const char **names, uint64_t *counts)
+{
+    size_t n = 0;
+    for (unsigned k = GW_FAIL_NONE + 1; k < GW_FAIL_MAX; k++) {
+        if (st->failures[k] == 0)
+            continue;
+        const char *name = gw_fail_name((gw_fail_t)k);
+        size_t j = 0;
+        while (j < n && strcmp(names[j], name) != 0)
+            j++;
+        if (j == n) {
+            names[n] = name;
+            counts[n++] = 0;
+        }
+        counts[j] += st->failures[k];
+    }
+    return n;
+}
+
+/* The servers of b, with their shared state (gw_cluster.h) and their
+ * connections summed over the workers. */
+static json_t *
+servers_json(const gw_backend_t *b)
+{
+    uint64_t now = gw_now_ms();
+    json_t *arr = json_array();
+    for (size_t i = 0; i < b->nservers; i++) {
+        const gw_peer_t *s = &b->servers[i];
+        gw_hserver_stats_t st;
+        gw_cluster_stats(s, now, &st);
+        gw_mserver_t ms = { 0, 0 };
+        if (s->mid != GW_M_SERVER_OTHER)
+            gw_metrics_server_sum(s->mid, &ms);
+        const char *names[GW_FAIL_MAX];
+        uint64_t counts[GW_FAIL_MAX];
+        size_t nf = failures_by_name(&st, names, counts);
+        json_t *failures = json_object();
+        for (size_t k = 0; k < nf; k++)
+            json_object_set_new(failures, names[k], json_integer((json_int_t)counts[k]));
+        json_t *o = json_object();
+        json_object_set_new(o, "url", json_string(s->url));
+        json_object_set_new(o, "label", json_string(s->label));
+        json_object_set_new(o, "weight", json_integer(s->weight));
+        json_object_set_new(o, "backup", json_boolean(s->backup));
+        json_object_set_new(o, "healthy", json_boolean(st.healthy));
+        json_object_set_new(o, "ejected", json_boolean(st.ejected));
+        json_object_set_new(o, "ejected_ms_left", json_integer((json_int_t)st.ejected_for_ms));
+        json_object_set_new(o, "in_flight", json_integer(st.inflight));
+        json_object_set_new(o, "requests", json_integer((json_int_t)st.requests));
+        json_object_set_new(o, "failures", failures);
+        json_object_set_new(o, "connections", s->mid == GW_M_SERVER_OTHER
+                                                  ? json_null()
+                                                  : json_pack("{s:I, s:I}", "open", (json_int_t)ms.open, "idle",
+                                                              (json_int_t)ms.idle));
+        json_array_append_new(arr, o);
+    }
+    return arr;
+}
+
 static json_t *
 backend_json(const gw_backend_t *b)
 {
@@ -297,6 +362,8 @@ backend_json(const gw_backend_t *b)
         health = json_real_value(ratio) >= 0.5 ? "failing" : json_real_value(ratio) > 0 ? "degraded" : "up";
     json_object_set_new(o, "health", json_string(health));
     json_object_set_new(o, "recent", rec);
+    json_object_set_new(o, "balance", json_string(gw_cluster_balance_name((int)b->balance)));
+    json_object_set_new(o, "servers", servers_json(b));
     return o;
 }
 
@@ -422,6 +489,126 @@ budget_metrics(struct evbuffer *out)
                             (unsigned long long)gw_budget_refused(budgets[i].b));
 }
 
+/* key="value" (escaped), and with a second pair when key2 is set, as a
+ * new string (free); tmp is scratch space. */
+static char *
+label_of(struct evbuffer *tmp, const char *key, const char *value, const char *key2, const char *value2)
+{
+    evbuffer_drain(tmp, evbuffer_get_length(tmp));
+    gw_metrics_label(tmp, key, value);
+    if (key2) {
+        evbuffer_add(tmp, ",", 1);
+        gw_metrics_label(tmp, key2, value2);
+    }
+    size_t n = evbuffer_get_length(tmp);
+    char *text = gw_malloc(n + 1);
+    evbuffer_remove(tmp, text, n);
+    text[n] = '\0';
+    return text;
+}
+
+static void
+family(struct evbuffer *out, const char *name, const char *type, const char *help)
+{
+    evbuffer_add_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* The gatherd_upstream_server_* families: every server of every backend of
+ * cfg, labelled backend and server (its label, "10.0.0.2:8080"). Each
+ * server's shared state is read once (gw_cluster_stats), so its families
+ * agree with each other within a scrape; connections are the workers'
+ * gauges of its slot (gw_metrics.h), never read from a worker's pool. */
+static void
+server_metrics(struct evbuffer *out, const gw_config_t *cfg, struct evbuffer *tmp)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        n += cfg->backends[i]->nservers;
+    typedef struct {
+        const gw_backend_t *b;
+        const gw_peer_t *s;
+        char *labels;
+        gw_hserver_stats_t st;
+        gw_mserver_t conns;
+    } row_t;
+    row_t *rows = gw_calloc(n ? n : 1, sizeof(row_t));
+    uint64_t now = gw_now_ms();
+    size_t r = 0;
+    for (size_t i = 0; i < cfg->nbackends; i++) {
+        const gw_backend_t *b = cfg->backends[i];
+        for (size_t k = 0; k < b->nservers; k++, r++) {
+            rows[r].b = b;
+            rows[r].s = &b->servers[k];
+            rows[r].labels = label_of(tmp, "backend", b->name, "server", b->servers[k].label);
+            gw_cluster_stats(rows[r].s, now, &rows[r].st);
+            if (rows[r].s->mid != GW_M_SERVER_OTHER)
+                gw_metrics_server_sum(rows[r].s->mid, &rows[r].conns);
+        }
+    }
+    family(out, "gatherd_upstream_server_requests_total", "counter",
+           "Tries sent to a backend server that came to an end, whatever their outcome (retries and hedges "
+           "each count; a try cancelled before its answer does not).");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_requests_total{%s} %llu\n", rows[r].labels,
+                            (unsigned long long)rows[r].st.requests);
+    family(out, "gatherd_upstream_server_failures_total", "counter",
+           "Tries sent to a backend server that failed, by failure code.");
+    for (r = 0; r < n; r++) {
+        const char *names[GW_FAIL_MAX];
+        uint64_t counts[GW_FAIL_MAX];
+        size_t nf = failures_by_name(&rows[r].st, names, counts);
+        for (size_t k = 0; k < nf; k++)
+            evbuffer_add_printf(out, "gatherd_upstream_server_failures_total{%s,code=\"%s\"} %llu\n", rows[r].labels,
+                                names[k], (unsigned long long)counts[k]);
+    }
+    family(out, "gatherd_upstream_server_in_flight", "gauge", "Tries in progress on a backend server, all workers.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_in_flight{%s} %d\n", rows[r].labels, rows[r].st.inflight);
+    family(out, "gatherd_upstream_server_healthy", "gauge",
+           "1 when the server passes its active health checks (always, without health_check), else 0.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_healthy{%s} %d\n", rows[r].labels, rows[r].st.healthy);
+    family(out, "gatherd_upstream_server_ejected", "gauge", "1 while outlier detection keeps the server out, else 0.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_ejected{%s} %d\n", rows[r].labels, rows[r].st.ejected);
+    family(out, "gatherd_upstream_server_ejections_total", "counter", "Times outlier detection ejected the server.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_ejections_total{%s} %llu\n", rows[r].labels,
+                            (unsigned long long)rows[r].st.ejections);
+    family(out, "gatherd_upstream_server_health_checks_total", "counter",
+           "Active health checks of the server, by result (servers of backends with health_check).");
+    for (r = 0; r < n; r++) {
+        if (rows[r].b->health_check == NULL)
+            continue;
+        uint64_t fail = 0;
+        for (unsigned k = GW_HC_OK + 1; k < GW_HC_MAX; k++)
+            fail += rows[r].st.checks[k];
+        evbuffer_add_printf(out,
+                            "gatherd_upstream_server_health_checks_total{%s,result=\"ok\"} %llu\n"
+                            "gatherd_upstream_server_health_checks_total{%s,result=\"fail\"} %llu\n",
+                            rows[r].labels, (unsigned long long)rows[r].st.checks[GW_HC_OK], rows[r].labels,
+                            (unsigned long long)fail);
+    }
+    family(out, "gatherd_upstream_server_weight", "gauge", "The server's configured weight.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_weight{%s} %u\n", rows[r].labels, rows[r].s->weight);
+    family(out, "gatherd_upstream_server_backup", "gauge", "1 for a backup server, else 0.");
+    for (r = 0; r < n; r++)
+        evbuffer_add_printf(out, "gatherd_upstream_server_backup{%s} %d\n", rows[r].labels, rows[r].s->backup);
+    family(out, "gatherd_upstream_server_connections", "gauge",
+           "Connections to the server, all workers: open (connecting, in use or idle) and idle (pooled).");
+    for (r = 0; r < n; r++)
+        if (rows[r].s->mid != GW_M_SERVER_OTHER)
+            evbuffer_add_printf(out,
+                                "gatherd_upstream_server_connections{%s,state=\"open\"} %lld\n"
+                                "gatherd_upstream_server_connections{%s,state=\"idle\"} %lld\n",
+                                rows[r].labels, (long long)rows[r].conns.open, rows[r].labels,
+                                (long long)rows[r].conns.idle);
+    for (r = 0; r < n; r++)
+        free(rows[r].labels);
+    free(rows);
+}
+
 static void
 metrics_text(struct evbuffer *out)
 {
@@ -452,21 +639,23 @@ metrics_text(struct evbuffer *out)
     gw_cache_metrics(out, cfg);
     if (cfg == NULL)
         return;
+    struct evbuffer *lb = evbuffer_new();
+    char **bl = gw_calloc(cfg->nbackends ? cfg->nbackends : 1, sizeof(char *));
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        bl[i] = label_of(lb, "backend", cfg->backends[i]->name, NULL, NULL);
     evbuffer_add_printf(out, "# HELP gatherd_breaker_state Circuit breaker state: 0 closed, 1 open, 2 half-open.\n"
                              "# TYPE gatherd_breaker_state gauge\n");
     for (size_t i = 0; i < cfg->nbackends; i++) {
         gw_breaker_stats_t bs;
         if (gw_breaker_stats(cfg->backends[i], &bs))
-            evbuffer_add_printf(out, "gatherd_breaker_state{backend=\"%s\"} %d\n", cfg->backends[i]->name,
-                                (int)bs.state);
+            evbuffer_add_printf(out, "gatherd_breaker_state{%s} %d\n", bl[i], (int)bs.state);
     }
     evbuffer_add_printf(out, "# HELP gatherd_breaker_trips_total Times the circuit breaker opened.\n"
                              "# TYPE gatherd_breaker_trips_total counter\n");
     for (size_t i = 0; i < cfg->nbackends; i++) {
         gw_breaker_stats_t bs;
         if (gw_breaker_stats(cfg->backends[i], &bs))
-            evbuffer_add_printf(out, "gatherd_breaker_trips_total{backend=\"%s\"} %llu\n", cfg->backends[i]->name,
-                                (unsigned long long)bs.trips);
+            evbuffer_add_printf(out, "gatherd_breaker_trips_total{%s} %llu\n", bl[i], (unsigned long long)bs.trips);
     }
     evbuffer_add_printf(out, "# HELP gatherd_retry_budget_denied_total Retries and hedges the retry budget refused.\n"
                              "# TYPE gatherd_retry_budget_denied_total counter\n");
@@ -475,9 +664,13 @@ metrics_text(struct evbuffer *out)
         if (!cfg->backends[i]->retry->enabled)
             continue;
         gw_retry_stats(cfg->backends[i]->retry, &rs);
-        evbuffer_add_printf(out, "gatherd_retry_budget_denied_total{backend=\"%s\"} %llu\n", cfg->backends[i]->name,
-                            rs.denied);
+        evbuffer_add_printf(out, "gatherd_retry_budget_denied_total{%s} %llu\n", bl[i], rs.denied);
     }
+    server_metrics(out, cfg, lb);
+    for (size_t i = 0; i < cfg->nbackends; i++)
+        free(bl[i]);
+    free(bl);
+    evbuffer_free(lb);
     gw_config_unref(cfg);
 }
 

@@ -35,6 +35,7 @@
 #include "gw_breaker.h"
 #include "gw_budget.h"
 #include "gw_cache.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_exchange.h"
@@ -555,7 +556,7 @@ build_request(xchg_t *x, const json_t *item)
     if (gw_tpl_render(call->target, &ctx, b, &err) != GW_OK)
         goto fail;
     buf_str(b, " HTTP/1.1\r\nHost: ");
-    buf_str(b, call->backend->host_header);
+    x->ex.host_off = b->len; /* each try's server writes its Host value here (gw_exchange) */
     gw_tpl_buf_add(b, "\r\n", 2);
     bool accept = false, ctype = false;
     for (size_t k = 0; k < call->nheaders; k++) {
@@ -631,6 +632,24 @@ fail:
     return err.code;
 }
 
+/* The hash of backend b's hash_key for this request (hash balance), into
+ * ex; a key that cannot be rendered (a header absent) leaves none: the
+ * call is balanced by round robin. */
+static void
+call_hash(agg_t *a, const gw_backend_t *b, const json_t *item, gw_xchg_t *ex)
+{
+    if (b->hash_key == NULL)
+        return;
+    gw_tpl_ctx_t ctx;
+    gw_tpl_err_t err;
+    gw_tpl_buf_t key = { 0 };
+    if (gw_tpl_render(b->hash_key, tpl_ctx(a, item, &ctx), &key, &err) == GW_OK) {
+        ex->hash = gw_cluster_hash(key.data, key.len);
+        ex->has_hash = true;
+    }
+    gw_tpl_buf_free(&key);
+}
+
 /* Logs why call i's exchange could not send a try (code from gw_exchange:
  * the queue, max_connections, a socket; err: errno). */
 static void
@@ -645,10 +664,14 @@ start_failed_log(agg_t *a, const gw_call_t *call, gw_fail_t code, int err)
         gw_log_rl(GW_LOG_WARN, "backend %s: no connection within queue_timeout_ms (%d) for call %s, request %s",
                   b->name, b->queue_timeout_ms, call->name, rid);
     else if (code == GW_FAIL_UNAVAILABLE || code == GW_FAIL_CONNECT_FAILED)
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while starting call %s, client %s, request %s", b->name,
-                  b->host_header, code == GW_FAIL_UNAVAILABLE ? "max_connections reached" : "cannot connect",
+        gw_log_rl(GW_LOG_ERR, "backend %s: %s%s%s while starting call %s, client %s, request %s", b->name,
+                  code == GW_FAIL_UNAVAILABLE ? "max_connections reached" : "cannot connect",
                   code == GW_FAIL_UNAVAILABLE ? "" : ": ", code == GW_FAIL_UNAVAILABLE ? "" : strerror(err),
                   call->name, gw_conn_peer_ip(a->c), rid);
+    else if (code == GW_FAIL_NO_HEALTHY_SERVER)
+        gw_log_rl(GW_LOG_WARN, "backend %s: no_healthy_server: none of its %zu servers is usable (unhealthy or "
+                  "ejected) for call %s, client %s, request %s", b->name, b->nservers, call->name,
+                  gw_conn_peer_ip(a->c), rid);
 }
 
 /* --- the cache (gw_cache.h): hits, and waiting for its request ------------ */
@@ -757,6 +780,7 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
     if (code == GW_FAIL_NONE) {
         ex->head = x->req.data;
         ex->head_len = x->req.len;
+        call_hash(a, call->backend, item_value, ex);
         ex->method = call->method;
         ex->max_body = x->limit;
         ex->timeout_ms = call->timeout_ms;
@@ -1678,9 +1702,9 @@ agg_xchg_fail(gw_xchg_t *ex, gw_xchg_cause_t cause, gw_fail_t code, const char *
     else if (cause == GW_XCHG_START || cause == GW_XCHG_QUEUE)
         start_failed_log(a, call, code, err);
     else if (cause == GW_XCHG_TIMEOUT)
-        gw_log_rl(GW_LOG_INFO, "backend %s: call %s timed out after %d ms while %s, request %s", call->backend->name,
-               call->name, call->timeout_ms, x->job ? "parsing the response on the thread pool" : doing,
-               gw_conn_req(a->c)->request_id);
+        gw_log_rl(GW_LOG_INFO, "backend %s%s%s: call %s timed out after %d ms while %s, request %s", call->backend->name,
+               ex->sent ? " server " : "", ex->sent ? gw_xchg_server(ex) : "", call->name, call->timeout_ms,
+               x->job ? "parsing the response on the thread pool" : doing, gw_conn_req(a->c)->request_id);
     xchg_end(x, false, NULL, code);
 }
 

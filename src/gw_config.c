@@ -15,6 +15,7 @@
 #include "gw_cache.h"
 #include "gw_config.h"
 #include "gw_breaker.h"
+#include "gw_cluster.h"
 #include "gw_http.h"
 #include "gw_jpath.h"
 #include "gw_log.h"
@@ -948,13 +949,15 @@ valid_host_name(const char *s)
  * 443 for https), "http://api.internal:8080" (a host name, resolved by the
  * workers at run time: never here, so "gatherd -t" sends no query). */
 static int
-parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
+parse_server_url(ctx_t *c, gw_peer_t *b, const char *url, bool *tls)
 {
     if (strncmp(url, "https://", 8) == 0)
-        b->tls = true;
-    else if (strncmp(url, "http://", 7) != 0)
+        *tls = true;
+    else if (strncmp(url, "http://", 7) == 0)
+        *tls = false;
+    else
         return fail(c, "must start with http:// or https:// (got \"%s\")", url);
-    const char *host = url + (b->tls ? 8 : 7);
+    const char *host = url + (*tls ? 8 : 7);
     const char *end = host + strcspn(host, "/?#");
     if (*end == '?' || *end == '#' || (*end == '/' && end[1] != '\0'))
         return fail(c, "a backend URL has no path or query: the route decides the path");
@@ -970,7 +973,7 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
     const char *close_br = strchr(hostport, ']');
     const char *last_colon = strrchr(hostport, ':');
     if (last_colon == NULL || (close_br != NULL && last_colon < close_br))
-        snprintf(hostport + len, sizeof(hostport) - len, b->tls ? ":443" : ":80");
+        snprintf(hostport + len, sizeof(hostport) - len, *tls ? ":443" : ":80");
     gw_listen_t l;
     if (parse_addr(hostport, &l) == GW_OK && hostport[0] != '*' && hostport[0] != ':') {
         b->addr = l.addr;
@@ -997,7 +1000,6 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
                         name);
         b->host_name = gw_strdup(name);
         b->port = (uint16_t)port;
-        c->cfg->nnamed++;
     }
     b->host_header = gw_strdup(hostport);
     /* the host without port and brackets (nor a name's final dot, which
@@ -1011,6 +1013,7 @@ parse_backend_url(ctx_t *c, gw_backend_t *b, const char *url)
     if (hl > 1 && hostonly[hl - 1] == '.')
         hostonly[hl - 1] = '\0';
     b->tls_server_name = gw_strdup(hostonly);
+    b->label = gw_strdup(hostport);
     return GW_OK;
 }
 
@@ -1075,11 +1078,14 @@ parse_tls(ctx_t *c, gw_backend_t *b, json_t *v)
     json_t *key = v ? json_object_get(v, "key_file") : NULL;
     if (verify && json_is_false(verify))
         b->tls_verify = false;
-    if (sn) {
-        free(b->tls_server_name);
-        b->tls_server_name = gw_strdup(json_string_value(sn));
+    for (size_t i = 0; i < b->nservers; i++) {
+        gw_peer_t *s = &b->servers[i];
+        if (sn) {
+            free(s->tls_server_name);
+            s->tls_server_name = gw_strdup(json_string_value(sn));
+        }
+        s->tls_name_is_ip = is_ip_literal(s->tls_server_name);
     }
-    b->tls_name_is_ip = is_ip_literal(b->tls_server_name);
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     if (ctx == NULL)
         return fail(c, "cannot create a TLS context: %s", ssl_error_text(ebuf, sizeof(ebuf)));
@@ -1247,10 +1253,293 @@ parse_breaker(ctx_t *c, gw_backend_t *b, json_t *v)
     return rc;
 }
 
+/* One server: s->url set; the rest from it. *tls: its scheme. At the
+ * current path (the server's URL). */
+static int
+server_from_url(ctx_t *c, gw_peer_t *s, bool *tls)
+{
+    s->hs = gw_hserver_new();
+    return parse_server_url(c, s, s->url, tls);
+}
+
+/* "servers": ["http://10.0.0.1:8080", {"url": ..., "weight": 1-1000,
+ * "backup": false}], or the "url" shorthand (one server). Exactly one of
+ * the two; one scheme; no server twice; at most GW_CLUSTER_MAX_SERVERS. */
+static int
+parse_servers(ctx_t *c, gw_backend_t *b, json_t *bv)
+{
+    static const char *const keys[] = { "url", "weight", "backup", NULL };
+    json_t *url = json_object_get(bv, "url");
+    json_t *list = json_object_get(bv, "servers");
+    if (url != NULL && list != NULL)
+        return fail_in(c, "servers", "\"url\" and \"servers\" both given: \"url\" is the one-server shorthand of "
+                                     "\"servers\", use one of them");
+    if (url != NULL || list == NULL) {
+        push_key(c, "url");
+        int rc = GW_ERR;
+        if (!json_is_string(url)) {
+            fail(c, "is required (or \"servers\") and must be a URL like \"http://127.0.0.1:9101\"");
+        } else {
+            b->servers = gw_calloc(1, sizeof(gw_peer_t));
+            b->nservers = 1;
+            b->servers[0].url = gw_strdup(json_string_value(url));
+            b->servers[0].weight = 1;
+            b->nprimary = 1;
+            rc = server_from_url(c, &b->servers[0], &b->tls);
+        }
+        pop(c);
+        return rc;
+    }
+    push_key(c, "servers");
+    if (!json_is_array(list) || json_array_size(list) == 0) {
+        int rc = fail(c, "must be a non-empty array of URLs or {\"url\", \"weight\", \"backup\"} objects");
+        pop(c);
+        return rc;
+    }
+    if (json_array_size(list) > GW_CLUSTER_MAX_SERVERS) {
+        int rc = fail(c, "at most %d servers per backend (the request path keeps the servers a call tried in a "
+                         "%d-bit mask), not %zu",
+                      GW_CLUSTER_MAX_SERVERS, GW_CLUSTER_MAX_SERVERS, json_array_size(list));
+        pop(c);
+        return rc;
+    }
+    b->servers = gw_calloc(json_array_size(list), sizeof(gw_peer_t));
+    int rc = GW_OK;
+    size_t i;
+    json_t *sv;
+    json_array_foreach(list, i, sv) {
+        gw_peer_t *sp = &b->servers[i];
+        b->nservers = i + 1; /* freed with the backend from here on */
+        sp->index = i;
+        sp->weight = 1;
+        push_index(c, i);
+        bool tls = false;
+        if (json_is_string(sv)) {
+            sp->url = gw_strdup(json_string_value(sv));
+            rc = server_from_url(c, sp, &tls);
+        } else if (!json_is_object(sv)) {
+            rc = fail(c, "must be a URL like \"http://10.0.0.1:8080\" or an object like "
+                         "{\"url\": \"http://10.0.0.1:8080\", \"weight\": 2}");
+        } else if ((rc = check_keys(c, sv, keys, "a server")) == GW_OK) {
+            json_t *u = json_object_get(sv, "url");
+            json_t *bk = json_object_get(sv, "backup");
+            long long weight = 1;
+            push_key(c, "url");
+            if (!json_is_string(u)) {
+                rc = fail(c, "is required and must be a URL like \"http://10.0.0.1:8080\"");
+            } else {
+                sp->url = gw_strdup(json_string_value(u));
+                rc = server_from_url(c, sp, &tls);
+            }
+            pop(c);
+            if (rc == GW_OK && (rc = get_int(c, sv, "weight", 1, 1000, &weight)) == GW_OK)
+                sp->weight = (unsigned)weight;
+            if (rc == GW_OK && bk != NULL) {
+                if (!json_is_boolean(bk))
+                    rc = fail_in(c, "backup", "must be true or false");
+                else
+                    sp->backup = json_is_true(bk);
+            }
+        }
+        if (rc == GW_OK && i == 0)
+            b->tls = tls;
+        if (rc == GW_OK && tls != b->tls)
+            rc = fail(c, "\"%s\" is %s but servers[0] is %s: all servers of a backend use the same scheme", sp->url,
+                      tls ? "https" : "http", b->tls ? "https" : "http");
+        for (size_t k = 0; rc == GW_OK && k < i; k++)
+            if (strcasecmp(b->servers[k].label, sp->label) == 0)
+                rc = fail(c, "\"%s\" is the same server as servers[%zu] (\"%s\")", sp->url, k, b->servers[k].url);
+        pop(c);
+        if (rc != GW_OK)
+            break;
+        if (!sp->backup)
+            b->nprimary++;
+    }
+    if (rc == GW_OK && b->nprimary == 0)
+        rc = fail(c, "every server is a backup: at least one must not be");
+    pop(c);
+    return rc;
+}
+
+/* "balance" and "hash_key". The key is a header-kind template with no
+ * route scope: {header.NAME}, {query.NAME} and path parameters by name
+ * ({id}: the parameter of the route being served; missing in a route
+ * without it). */
+static int
+parse_balance(ctx_t *c, gw_backend_t *b, json_t *bv)
+{
+    json_t *bal = json_object_get(bv, "balance");
+    json_t *key = json_object_get(bv, "hash_key");
+    if (bal != NULL) {
+        const char *name = json_is_string(bal) ? json_string_value(bal) : "";
+        if (strcmp(name, "round_robin") == 0)
+            b->balance = GW_BAL_RR;
+        else if (strcmp(name, "least_request") == 0)
+            b->balance = GW_BAL_LEAST;
+        else if (strcmp(name, "hash") == 0)
+            b->balance = GW_BAL_HASH;
+        else
+            return fail_in(c, "balance", "must be \"round_robin\", \"least_request\" or \"hash\"");
+    }
+    if (b->balance != GW_BAL_HASH) {
+        if (key != NULL)
+            return fail_in(c, "hash_key", "is only used with \"balance\": \"hash\"");
+        return GW_OK;
+    }
+    if (key == NULL)
+        return fail_in(c, "balance", "\"hash\" needs \"hash_key\", a template like \"{header.X-User}\"");
+    if (!json_is_string(key) || json_string_length(key) == 0)
+        return fail_in(c, "hash_key", "must be a non-empty template like \"{header.X-User}\"");
+    gw_tpl_scope_t scope = { .any_param = true };
+    char terr[512];
+    b->hash_key = gw_tpl_compile(json_string_value(key), GW_TPL_HEADER, &scope, terr, sizeof(terr));
+    if (b->hash_key == NULL)
+        return fail_in(c, "hash_key", "%s", terr);
+    return GW_OK;
+}
+
+/* "health_check": {"path", "interval_ms", "timeout_ms", "healthy",
+ * "unhealthy", "statuses"}; absent: no active checks. */
+static int
+parse_health_check(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "path", "interval_ms", "timeout_ms", "healthy", "unhealthy", "statuses", NULL };
+    if (v == NULL)
+        return GW_OK;
+    gw_hc_conf_t *hc = gw_calloc(1, sizeof(*hc));
+    b->health_check = hc; /* freed with b */
+    hc->path = gw_strdup("/healthz");
+    hc->statuses[0] = 200;
+    hc->nstatuses = 1;
+    long long interval = 2000, timeout = 1000, healthy = 2, unhealthy = 3;
+    push_key(c, "health_check");
+    int rc = GW_ERR;
+    json_t *path = json_object_get(v, "path");
+    json_t *st = json_object_get(v, "statuses");
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"path\": \"/healthz\"}");
+    } else if (check_keys(c, v, keys, "\"health_check\"") == GW_OK &&
+               get_int(c, v, "interval_ms", 100, 3600000, &interval) == GW_OK &&
+               get_int(c, v, "timeout_ms", 10, 60000, &timeout) == GW_OK &&
+               get_int(c, v, "healthy", 1, 100, &healthy) == GW_OK &&
+               get_int(c, v, "unhealthy", 1, 100, &unhealthy) == GW_OK) {
+        rc = GW_OK;
+        if (path != NULL) {
+            const char *p = json_is_string(path) ? json_string_value(path) : "";
+            bool ok = p[0] == '/' && strlen(p) <= 1024;
+            for (const char *q = p; ok && *q; q++)
+                if ((unsigned char)*q <= 0x20 || (unsigned char)*q >= 0x7f || *q == '#')
+                    ok = false;
+            if (!ok) {
+                rc = fail_in(c, "path", "must be a path starting with \"/\" (printable ASCII, no spaces, at most "
+                                        "1024 bytes), like \"/healthz\"");
+            } else {
+                free(hc->path);
+                hc->path = gw_strdup(p);
+            }
+        }
+        if (rc == GW_OK && timeout > interval)
+            rc = fail_in(c, "timeout_ms", "must not be above interval_ms (%lld)", interval);
+        if (rc == GW_OK && st != NULL) {
+            if (!json_is_array(st) || json_array_size(st) == 0 || json_array_size(st) > GW_HC_MAX_STATUSES) {
+                rc = fail_in(c, "statuses", "must be a non-empty array of at most %d statuses like [200, 204]",
+                             GW_HC_MAX_STATUSES);
+            } else {
+                push_key(c, "statuses");
+                hc->nstatuses = 0;
+                size_t i;
+                json_t *x;
+                json_array_foreach(st, i, x) {
+                    push_index(c, i);
+                    if (!json_is_integer(x) || json_integer_value(x) < 100 || json_integer_value(x) > 599) {
+                        rc = fail(c, "must be a status between 100 and 599");
+                    } else {
+                        for (size_t k = 0; k < hc->nstatuses && rc == GW_OK; k++)
+                            if (hc->statuses[k] == (int)json_integer_value(x))
+                                rc = fail(c, "status %d is listed twice", hc->statuses[k]);
+                        if (rc == GW_OK)
+                            hc->statuses[hc->nstatuses++] = (int)json_integer_value(x);
+                    }
+                    pop(c);
+                    if (rc != GW_OK)
+                        break;
+                }
+                pop(c);
+            }
+        }
+    }
+    pop(c);
+    hc->interval_ms = (int)interval;
+    hc->timeout_ms = (int)timeout;
+    hc->healthy = (unsigned)healthy;
+    hc->unhealthy = (unsigned)unhealthy;
+    return rc;
+}
+
+/* "outlier_detection": {"consecutive_failures", "eject_ms", "max_eject_ms",
+ * "max_ejected_percent"}; absent: none. */
+static int
+parse_outlier(ctx_t *c, gw_backend_t *b, json_t *v)
+{
+    static const char *const keys[] = { "consecutive_failures", "eject_ms", "max_eject_ms", "max_ejected_percent",
+                                        NULL };
+    if (v == NULL)
+        return GW_OK;
+    gw_outlier_conf_t *oc = &b->outlier;
+    long long cf = 5, pct = 50;
+    oc->eject_ms = 10000;
+    oc->max_eject_ms = 300000;
+    push_key(c, "outlier_detection");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        fail(c, "must be an object like {\"consecutive_failures\": 5}");
+    } else if (check_keys(c, v, keys, "\"outlier_detection\"") == GW_OK &&
+               get_int(c, v, "consecutive_failures", 1, 100000, &cf) == GW_OK &&
+               get_ms(c, v, "eject_ms", &oc->eject_ms) == GW_OK && get_ms(c, v, "max_eject_ms", &oc->max_eject_ms) == GW_OK &&
+               get_int(c, v, "max_ejected_percent", 0, 100, &pct) == GW_OK) {
+        if (oc->max_eject_ms < oc->eject_ms)
+            fail_in(c, "max_eject_ms", "must not be below eject_ms (%d)", oc->eject_ms);
+        else
+            rc = GW_OK;
+    }
+    pop(c);
+    oc->enabled = rc == GW_OK;
+    oc->consecutive_failures = (unsigned)cf;
+    oc->max_ejected_percent = (unsigned)pct;
+    return rc;
+}
+
+/* Each server's conn_key, and the backend's copies of the first server's
+ * fields (the request path does not pick servers yet). */
+static void
+finish_servers(gw_backend_t *b, json_t *bv)
+{
+    json_t *tls = json_object_get(bv, "tls");
+    char *tls_text = tls ? json_dumps(tls, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    for (size_t i = 0; i < b->nservers; i++) {
+        gw_peer_t *s = &b->servers[i];
+        size_t len = strlen(s->url) + (tls_text ? strlen(tls_text) : 0) + 32;
+        s->conn_key = gw_malloc(len);
+        snprintf(s->conn_key, len, "%s|%d|%s", s->url, b->connect_timeout_ms, tls_text ? tls_text : "");
+    }
+    free(tls_text);
+    const gw_peer_t *s0 = &b->servers[0];
+    b->url = gw_strdup(s0->url);
+    b->addr = s0->addr;
+    b->addrlen = s0->addrlen;
+    b->host_name = s0->host_name ? gw_strdup(s0->host_name) : NULL;
+    b->port = s0->port;
+    b->host_header = gw_strdup(s0->host_header);
+    b->tls_server_name = gw_strdup(s0->tls_server_name);
+    b->tls_name_is_ip = s0->tls_name_is_ip;
+    b->conn_key = gw_strdup(s0->conn_key);
+}
+
 static int
 parse_backends(ctx_t *c, json_t *v)
 {
-    static const char *const keys[] = { "url", "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
+    static const char *const keys[] = { "url", "servers", "balance", "hash_key", "health_check", "outlier_detection",
+                                        "connect_timeout_ms", "timeout_ms", "idle_timeout_ms",
                                         "max_connections", "max_idle", "max_response_bytes", "tls",
                                         "max_pending", "queue_timeout_ms", "circuit_breaker", "retry", NULL };
     gw_config_t *cfg = c->cfg;
@@ -1279,19 +1568,18 @@ parse_backends(ctx_t *c, json_t *v)
         b->max_pending = 128;
         b->queue_timeout_ms = 1000;
         long long maxc = b->max_connections, maxi = b->max_idle, maxp = b->max_pending;
-        json_t *url = json_object_get(bv, "url");
         int rc = GW_ERR;
         if (!json_is_object(bv)) {
             fail(c, "must be an object like {\"url\": \"http://127.0.0.1:9101\"}");
         } else if (check_keys(c, bv, keys, "a backend") == GW_OK) {
-            push_key(c, "url");
-            if (!json_is_string(url)) {
-                fail(c, "is required and must be a URL like \"http://127.0.0.1:9101\"");
-                pop(c);
-            } else {
-                b->url = gw_strdup(json_string_value(url));
-                rc = parse_backend_url(c, b, b->url);
-                pop(c);
+            rc = parse_servers(c, b, bv);
+            if (rc == GW_OK) {
+                for (size_t i = 0; i < b->nservers; i++) {
+                    if (b->servers[i].host_name != NULL) {
+                        cfg->nnamed++;
+                        break;
+                    }
+                }
             }
             if (rc == GW_OK &&
                 (get_ms(c, bv, "connect_timeout_ms", &b->connect_timeout_ms) || get_ms(c, bv, "timeout_ms", &b->timeout_ms) ||
@@ -1299,7 +1587,9 @@ parse_backends(ctx_t *c, json_t *v)
                  get_int(c, bv, "max_connections", 1, 100000, &maxc) || get_int(c, bv, "max_idle", 0, 100000, &maxi) ||
                  get_size(c, bv, "max_response_bytes", 1, 1LL << 40, &b->max_response_bytes) ||
                  get_int(c, bv, "max_pending", 0, 100000, &maxp) || get_ms(c, bv, "queue_timeout_ms", &b->queue_timeout_ms) ||
-                 parse_breaker(c, b, json_object_get(bv, "circuit_breaker"))))
+                 parse_breaker(c, b, json_object_get(bv, "circuit_breaker")) || parse_balance(c, b, bv) ||
+                 parse_health_check(c, b, json_object_get(bv, "health_check")) ||
+                 parse_outlier(c, b, json_object_get(bv, "outlier_detection"))))
                 rc = GW_ERR;
             b->max_connections = (unsigned)maxc;
             /* Idle connections up to max_connections by default: a release
@@ -1311,14 +1601,8 @@ parse_backends(ctx_t *c, json_t *v)
             b->max_pending = (unsigned)maxp;
             if (rc == GW_OK && parse_tls(c, b, json_object_get(bv, "tls")) != GW_OK)
                 rc = GW_ERR;
-            if (rc == GW_OK) {
-                json_t *tls = json_object_get(bv, "tls");
-                char *tls_text = tls ? json_dumps(tls, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
-                size_t len = strlen(b->url) + (tls_text ? strlen(tls_text) : 0) + 32;
-                b->conn_key = gw_malloc(len);
-                snprintf(b->conn_key, len, "%s|%d|%s", b->url, b->connect_timeout_ms, tls_text ? tls_text : "");
-                free(tls_text);
-            }
+            if (rc == GW_OK)
+                finish_servers(b, bv);
             if (rc == GW_OK && parse_retry(c, b, json_object_get(bv, "retry")) != GW_OK)
                 rc = GW_ERR;
         }
@@ -2292,6 +2576,22 @@ backend_free(gw_backend_t *b)
     free(b->host_header);
     free(b->tls_server_name);
     free(b->conn_key);
+    for (size_t i = 0; i < b->nservers; i++) {
+        gw_peer_t *s = &b->servers[i];
+        free(s->url);
+        free(s->host_name);
+        free(s->host_header);
+        free(s->tls_server_name);
+        free(s->label);
+        free(s->conn_key);
+        gw_hserver_unref(s->hs);
+    }
+    free(b->servers);
+    gw_tpl_free(b->hash_key);
+    if (b->health_check != NULL)
+        free(b->health_check->path);
+    free(b->health_check);
+    gw_cluster_free(b->cluster);
     free(b->pools);
     SSL_CTX_free(b->ssl_ctx);
     gw_breaker_unref(b->breaker);
@@ -2633,8 +2933,10 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
         goto fail;
     if ((v = json_object_get(root, "include")) != NULL && parse_include(&c, v))
         goto fail;
-    for (size_t i = 0; i < cfg->nbackends; i++)
-        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers, sizeof(gw_pool_t *));
+    for (size_t i = 0; i < cfg->nbackends; i++) {
+        cfg->backends[i]->pools = gw_calloc((size_t)cfg->workers * cfg->backends[i]->nservers, sizeof(gw_pool_t *));
+        cfg->backends[i]->cluster = gw_cluster_new(cfg->backends[i], cfg->workers);
+    }
     json_decref(root);
     return cfg;
 fail:

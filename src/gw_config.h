@@ -81,9 +81,67 @@ struct gw_breaker_conf_s {
     unsigned probe_requests;       /* calls let through half-open (default 1) */
 };
 
+/* At most this many servers per backend: the request path keeps the servers
+ * a call tried in a 32-bit mask. */
+#define GW_CLUSTER_MAX_SERVERS 32
+/* "health_check": "statuses" holds at most this many. */
+#define GW_HC_MAX_STATUSES 16
+
+/* A backend's "balance": how a try picks its server (gw_cluster.h). */
+typedef enum {
+    GW_BAL_RR = 0, /* "round_robin": smooth weighted round robin (nginx) */
+    GW_BAL_LEAST,  /* "least_request": the better of two random servers by in-flight / weight (Envoy) */
+    GW_BAL_HASH    /* "hash": a consistent-hash ring over hash_key; backups by round robin */
+} gw_balance_t;
+
+/* A backend's "health_check" (active checks, gw_hcheck.h). */
+struct gw_hc_conf_s {
+    char *path;                    /* "/healthz": starts with "/" */
+    int interval_ms;               /* between checks of one server (default 2000), +-10% jitter */
+    int timeout_ms;                /* one check: connect, send, status line (default 1000) */
+    unsigned healthy;              /* successes in a row that make an unhealthy server healthy (default 2) */
+    unsigned unhealthy;            /* failures in a row that make a healthy server unhealthy (default 3) */
+    int statuses[GW_HC_MAX_STATUSES]; /* statuses that pass (default 200) */
+    size_t nstatuses;
+};
+
+/* A backend's "outlier_detection" (passive, gw_cluster.h). */
+typedef struct {
+    bool enabled;                  /* the key is present */
+    unsigned consecutive_failures; /* failures in a row that eject (default 5) */
+    int eject_ms;                  /* first ejection (default 10000), doubled per ejection... */
+    int max_eject_ms;              /* ... up to this (default 300000) */
+    unsigned max_ejected_percent;  /* of the backend's servers, at most this share ejected (default 50) */
+} gw_outlier_conf_t;
+
+/* One server of a backend: "servers"[i], or the "url" shorthand (one
+ * server). Immutable, owned by its backend, except hs's contents. */
+struct gw_peer_s {
+    char *url;                     /* as written */
+    size_t index;                  /* in b->servers: its position in the configuration */
+    unsigned weight;               /* 1..1000, default 1 */
+    bool backup;                   /* gets traffic only when no primary is usable */
+    struct sockaddr_storage addr;  /* an IP literal URL: the address; unused when host_name is set */
+    socklen_t addrlen;
+    char *host_name;               /* a host name URL: the name to resolve; NULL for an IP literal */
+    uint16_t port;
+    char *host_header;             /* "10.0.0.2:8080": Host sent to this server */
+    char *tls_server_name;         /* SNI and certificate name: the backend's tls.server_name when set,
+                                      else this URL's host */
+    bool tls_name_is_ip;           /* check an IP SAN instead of a DNS name, and send no SNI */
+    char *label;                   /* "10.0.0.2:8080" (host:port): log lines, metrics, status */
+    char *conn_key;                /* what a connection to it depends on (URL, connect timeout, TLS
+                                      settings): equal keys let a reload keep its pool */
+    gw_hserver_t *hs;              /* its shared mutable state (gw_cluster.h); one reference */
+    unsigned mid;                  /* its metrics slot (gw_metrics_bind): per-worker connection gauges */
+};
+
 /* A backend API. Immutable, owned by the configuration. */
 struct gw_backend_s {
     char *name;
+    /* The first server's (url, addr, addrlen, host_name, port, host_header,
+     * tls_server_name, tls_name_is_ip, conn_key): the request path does not
+     * pick servers yet. With "servers", url is the first server's URL. */
     char *url;
     size_t index;                  /* its position in cfg->backends: per-worker pools are indexed by it */
     struct sockaddr_storage addr;  /* an IP literal URL: the address; unused when host_name is set */
@@ -105,8 +163,9 @@ struct gw_backend_s {
     struct ssl_ctx_st *ssl_ctx;    /* shared by every worker (OpenSSL makes it thread-safe) */
     char *conn_key;                /* what a connection to it depends on (URL, connect timeout, TLS
                                       settings): equal keys let a reload keep the pools */
-    /* The one mutable part: worker i's connection pool for this backend, set
-     * and used by worker i's thread only (see gw_upstream.h). [cfg->workers] */
+    /* The one mutable part: worker i's connection pool for server k of this
+     * backend, pools[i * nservers + k], set and used by worker i's thread
+     * only (see gw_upstream.h). [cfg->workers * nservers] */
     gw_pool_t **pools;
     /* resilience */
     unsigned max_pending;          /* per worker: calls waiting for a connection when max_connections are used (0: none) */
@@ -115,6 +174,15 @@ struct gw_backend_s {
     gw_breaker_t *breaker;         /* its shared mutable state (one reference); NULL: no breaker */
     struct gw_retry_conf_s *retry; /* "retry" (gw_retry.h); never NULL: attempts 1 when absent */
     unsigned mid;                  /* its metrics slot (gw_metrics_bind) */
+    /* servers ("servers", or "url": one) */
+    gw_peer_t *servers;            /* [nservers], in the order written; index = position */
+    size_t nservers;               /* 1..GW_CLUSTER_MAX_SERVERS */
+    size_t nprimary;               /* servers that are not backups */
+    gw_balance_t balance;          /* "balance" */
+    gw_tpl_t *hash_key;            /* "hash_key" (GW_TPL_HEADER, no route scope); set with GW_BAL_HASH only */
+    gw_hc_conf_t *health_check;    /* "health_check"; NULL: no active checks */
+    gw_outlier_conf_t outlier;     /* "outlier_detection"; outlier.enabled false: none */
+    gw_cluster_t *cluster;         /* the balancer (gw_cluster.h): the hash ring and per-worker state */
 };
 
 typedef enum { GW_ROUTE_RESPOND = 1, GW_ROUTE_PROXY, GW_ROUTE_AGGREGATE } gw_route_kind_t;

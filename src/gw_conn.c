@@ -596,7 +596,7 @@ dispatch(gw_conn_t *c)
         return;
     case GW_ROUTE_PROXY:
         c->alog.up_start_us = gw_now_us();
-        gw_proxy_start(c, route);
+        gw_proxy_start(c, &m);
         return;
     case GW_ROUTE_AGGREGATE:
         gw_agg_start(c, &m);
@@ -650,7 +650,7 @@ head_received(gw_conn_t *c)
     c->body_stream = true;
     c->body_paused = false;
     c->alog.up_start_us = gw_now_us();
-    gw_proxy_start(c, route);
+    gw_proxy_start(c, &m);
 }
 
 /* A streamed body cannot be read to its end (limit, bad framing, timeout):

@@ -65,6 +65,14 @@ typedef struct gw_parser_s gw_parser_t;
 typedef struct gw_conn_s gw_conn_t;
 typedef struct gw_worker_s gw_worker_t;
 typedef struct gw_server_s gw_server_t;
+/* One server of a backend ("servers"), its shared health and ejection
+ * state, the backend's balancer and its "health_check" settings
+ * (gw_config.h, gw_cluster.h). gw_server_t is the process (gw_server.h), so
+ * a backend's server is a peer, as nginx calls it. */
+typedef struct gw_peer_s gw_peer_t;
+typedef struct gw_hserver_s gw_hserver_t;
+typedef struct gw_cluster_s gw_cluster_t;
+typedef struct gw_hc_conf_s gw_hc_conf_t;
 typedef struct gw_jpath_s gw_jpath_t;
 typedef struct gw_jpath_sel_s gw_jpath_sel_t;
 typedef struct gw_tpl_s gw_tpl_t;

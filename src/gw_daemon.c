@@ -108,8 +108,8 @@ nofile_need(const gw_config_t *cfg)
 {
     unsigned long w = (unsigned long)cfg->workers;
     unsigned long need = cfg->max_connections;      /* clients, all workers together */
-    for (size_t i = 0; i < cfg->nbackends; i++)     /* every worker has its own pool */
-        need += (unsigned long)cfg->backends[i]->max_connections * w;
+    for (size_t i = 0; i < cfg->nbackends; i++)     /* every worker has its own pool per server */
+        need += (unsigned long)cfg->backends[i]->max_connections * cfg->backends[i]->nservers * w;
     need += cfg->nlisten * w + cfg->nadmin;         /* one SO_REUSEPORT socket per worker */
     return need + 64 + 4 * w;                       /* logs, resolver, epoll, wake-up pipes, admin clients */
 }

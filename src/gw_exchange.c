@@ -3,8 +3,9 @@
  * tries, answer reading, stale-connection resend, timeouts, retries,
  * breaker and metrics, shared by aggregate calls and proxy routes.
  *
- * A try: xchg_try() takes a connection for the try's target, queues the
- * head and lets the owner add the body (ops->begin), and sends. The answer
+ * A try: xchg_try() picks the try's server (gw_cluster_pick), takes a
+ * connection of its pool, queues the head (with the server's Host) and
+ * lets the owner add the body (ops->begin), and sends. The answer
  * goes through gw_resp into the owner's callbacks. Upstream events become
  * one of ops->done or ops->fail; a pooled connection that the backend had
  * closed before any answer byte is first replaced by a new one (once per
@@ -12,6 +13,7 @@
  */
 #include "gw_exchange.h"
 #include "gw_breaker.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_http.h"
 #include "gw_log.h"
@@ -25,6 +27,9 @@
 #include <llhttp.h>
 #include <stdio.h>
 #include <string.h>
+
+/* The server of x's try, for log lines. */
+#define SRV(x) ((x)->b->servers[(x)->target].label)
 
 /* "call NAME: " before a log line's text when the exchange is a call's. */
 #define LABEL(x) (x)->label ? "call " : "", (x)->label ? (x)->label : "", (x)->label ? ": " : ""
@@ -61,48 +66,115 @@ xchg_name(const gw_xchg_t *x, gw_fail_t code)
 
 /* --- where a try goes ------------------------------------------------------ */
 
-/*
- * Chooses the target of the next try (x->target, an index among the
- * backend's targets), never one in x->tried while another is left, and
- * marks it tried. Today a backend has one target (its pool, which connects
- * to the addresses of its name in turn, so a new connection after a failed
- * one goes to the next address); a backend with several servers chooses
- * one here (balancer, health, ejection), so that retries and hedges go to
- * one not tried yet, and gw_xchg_outcome() reports to x->target.
- */
-static void
-xchg_pick(gw_xchg_t *x)
+const char *
+gw_xchg_server(const gw_xchg_t *x)
 {
-    x->target = 0;
-    x->tried |= 1u << x->target;
+    return SRV(x);
+}
+
+/* Gives the try's connection back (pooled when reusable) and takes the try
+ * out of its server's in-flight count. Every path that lets go of x->u
+ * goes through here. */
+static void
+xchg_drop_conn(gw_xchg_t *x, bool reusable)
+{
+    if (x->u) {
+        gw_upstream_release(x->u, reusable);
+        x->u = NULL;
+    }
+    if (x->inflight) {
+        gw_cluster_inflight(&x->b->servers[x->target], -1);
+        x->inflight = false;
+    }
 }
 
 /*
- * Sends the request on a connection of the next target (fresh: a new one,
- * never a pooled one). GW_OK; GW_AGAIN when max_connections are in use;
- * GW_ERR when no socket could be made (errno set).
+ * Sends the request on a connection of server x->target (fresh: a new one,
+ * never a pooled one) and marks that server tried. GW_OK; GW_AGAIN when its
+ * max_connections are in use; GW_ERR when no socket could be made (errno
+ * set).
  */
 static int
-xchg_try(gw_xchg_t *x, bool fresh)
+xchg_send(gw_xchg_t *x, bool fresh)
 {
-    xchg_pick(x);
     gw_upstream_t *u = NULL;
-    int rc = gw_upstream_get(x->w, x->b, fresh, &u);
+    int rc = gw_upstream_get(x->w, x->b, x->target, fresh, &u);
     if (rc != GW_OK)
         return rc;
+    const gw_peer_t *srv = &x->b->servers[x->target];
+    x->tried |= 1u << x->target;
     x->u = u;
     x->sent = true;
+    x->srv_open = true;
+    if (!x->inflight) { /* a stale connection's resend is counted once */
+        gw_cluster_inflight(srv, 1);
+        x->inflight = true;
+    }
     x->got_bytes = x->done = false;
     x->status = 0;
     x->fail_code = GW_FAIL_NONE;
     gw_resp_init(&x->rd, x->ops->resp, x->arg, x->max_body, x->method == HTTP_HEAD);
     gw_upstream_setcb(u, xchg_read_cb, x->ops->drained ? xchg_write_cb : NULL, xchg_event_cb, x, x->low_water);
     struct evbuffer *out = gw_upstream_output(u);
-    evbuffer_add(out, x->head, x->head_len);
+    if (x->host_off > 0 && x->host_off <= x->head_len) {
+        evbuffer_add(out, x->head, x->host_off);
+        evbuffer_add(out, srv->host_header, strlen(srv->host_header));
+        evbuffer_add(out, x->head + x->host_off, x->head_len - x->host_off);
+    } else {
+        evbuffer_add(out, x->head, x->head_len);
+    }
     if (x->ops->begin)
         x->ops->begin(x, out);
     gw_upstream_send(u);
     return GW_OK;
+}
+
+/*
+ * A new try: picks its server (never one in x->tried while another usable
+ * one is left) and sends on it; a server whose pool is full is passed over
+ * for the next usable one with room (a full pool says nothing of its
+ * health, and a call should not wait while another server has a free
+ * connection). GW_FAIL_NONE; UNAVAILABLE when every usable server is full
+ * (x->target: the first one picked, whose queue the try may join);
+ * NO_HEALTHY_SERVER when no server is usable; CONNECT_FAILED when no
+ * socket could be made (errno set).
+ */
+static gw_fail_t
+xchg_try(gw_xchg_t *x, bool fresh)
+{
+    uint32_t full = 0;
+    unsigned first = 0, si;
+    uint64_t now = gw_now_ms();
+    for (;;) {
+        if (gw_cluster_pick(x->w, x->b, x->hash, x->has_hash, x->tried | full, now, &si) != GW_OK)
+            return GW_FAIL_NO_HEALTHY_SERVER;
+        if (full & (1u << si))
+            break; /* every candidate left was full */
+        if (full == 0)
+            first = si;
+        x->target = si;
+        int rc = xchg_send(x, fresh);
+        if (rc == GW_OK)
+            return GW_FAIL_NONE;
+        if (rc != GW_AGAIN)
+            return GW_FAIL_CONNECT_FAILED;
+        full |= 1u << si;
+    }
+    /* Every untried candidate is full: a usable server tried before (a
+     * retry's) may still have room. */
+    for (unsigned k = 0; k < x->b->nservers; k++) {
+        if (!(x->tried & ~full & (1u << k)) || !gw_cluster_usable(&x->b->servers[k], now))
+            continue;
+        x->target = k;
+        int rc = xchg_send(x, fresh);
+        if (rc == GW_OK)
+            return GW_FAIL_NONE;
+        if (rc != GW_AGAIN)
+            return GW_FAIL_CONNECT_FAILED;
+        full |= 1u << k;
+    }
+    x->target = first;
+    return GW_FAIL_UNAVAILABLE;
 }
 
 /* A try without a connection yet: send it, or queue it when the backend
@@ -111,18 +183,17 @@ xchg_try(gw_xchg_t *x, bool fresh)
 static gw_fail_t
 xchg_try_or_wait(gw_xchg_t *x)
 {
-    int rc = xchg_try(x, false);
-    if (rc == GW_OK)
-        return GW_FAIL_NONE;
-    if (rc == GW_AGAIN && x->b->max_pending > 0) {
-        /* max_connections in use: wait for one (xchg_wait_cb) */
-        if (gw_upstream_wait(x->w, x->b, &x->wait, xchg_wait_cb, x) != GW_OK)
+    gw_fail_t code = xchg_try(x, false);
+    if (code == GW_FAIL_UNAVAILABLE && x->b->max_pending > 0) {
+        /* max_connections in use on every usable server: wait for one of
+         * the server picked first (xchg_wait_cb) */
+        if (gw_upstream_wait(x->w, x->b, x->target, &x->wait, xchg_wait_cb, x) != GW_OK)
             return GW_FAIL_QUEUE_FULL;
         if (x->ops->queued)
             x->ops->queued(x, true);
         return GW_FAIL_NONE;
     }
-    return rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
+    return code;
 }
 
 /* Arms the per-try timeout of the try just started, when there is one. */
@@ -153,7 +224,7 @@ gw_xchg_start(gw_xchg_t *x)
     const gw_retry_conf_t *rc = x->b->retry;
     x->attempt = 1;
     x->end_us = now + (uint64_t)x->timeout_ms * 1000u;
-    if (rc->counted) {
+    if (rc->counted || x->b->nservers > 1) { /* next-server retries take budget slots too */
         x->counted = true;
         gw_retry_request_begin(rc);
     }
@@ -171,7 +242,7 @@ gw_xchg_start(gw_xchg_t *x)
     if (x->timer == NULL)
         x->timer = evtimer_new(x->w->base, xchg_timer_cb, x);
     if (x->timeout_ms == x->b->timeout_ms) {
-        evtimer_add(x->timer, gw_upstream_pool(x->w, x->b)->call_timeout); /* a common timeout: O(1) */
+        evtimer_add(x->timer, gw_upstream_pool(x->w, x->b, 0)->call_timeout); /* a common timeout: O(1) */
     } else {
         struct timeval tv = { x->timeout_ms / 1000, (x->timeout_ms % 1000) * 1000 };
         evtimer_add(x->timer, &tv);
@@ -194,12 +265,15 @@ xchg_start_copy(gw_xchg_t *h, const gw_xchg_t *x, bool admitted)
     h->per_try = x->per_try;
     h->end_us = x->end_us;
     h->tried = x->tried;
+    h->hash = x->hash;
+    h->has_hash = x->has_hash;
+    h->host_off = x->host_off; /* h's head is a copy of x's */
     h->attempt = 1;
     h->slot = true;
     h->admitted = admitted;
-    int rc = xchg_try(h, true);
-    if (rc != GW_OK)
-        return rc == GW_AGAIN ? GW_FAIL_UNAVAILABLE : GW_FAIL_CONNECT_FAILED;
+    gw_fail_t code = xchg_try(h, true);
+    if (code != GW_FAIL_NONE)
+        return code;
     xchg_arm_try(h);
     return GW_FAIL_NONE;
 }
@@ -218,6 +292,7 @@ static void
 xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing, int err)
 {
     x->fail_code = code;
+    x->fail_cause = cause;
     if (x->label && (code == GW_FAIL_RESOLVE_FAILED || code == GW_FAIL_TLS_FAILED))
         code = GW_FAIL_CONNECT_FAILED;
     else if (x->label && code == GW_FAIL_RESET)
@@ -225,14 +300,14 @@ xchg_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doing
     else if (!x->label && code == GW_FAIL_TRUNCATED && !x->rd.head_done)
         code = GW_FAIL_BAD_RESPONSE;
     if (cause == GW_XCHG_CONNECT || cause == GW_XCHG_BROKE) {
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): %s%s%s while %s%s%s, client %s, request %s", x->b->name,
-                  x->b->host_header, xchg_name(x, code), err ? ": " : "", err ? strerror(err) : "", doing,
+        gw_log_rl(GW_LOG_ERR, "backend %s server %s: %s%s%s while %s%s%s, client %s, request %s", x->b->name,
+                  SRV(x), xchg_name(x, code), err ? ": " : "", err ? strerror(err) : "", doing,
                   x->label ? " for call " : "", x->label ? x->label : "", x->peer, x->rid);
         x->u->broken = true;
     } else if (cause == GW_XCHG_INVALID) {
         if (x->rd.error == GW_RESP_BAD)
-            gw_log_rl(GW_LOG_ERR, "backend %s: invalid response%s%s: %s", x->b->name, x->label ? " for call " : "",
-                      x->label ? x->label : "", x->rd.why);
+            gw_log_rl(GW_LOG_ERR, "backend %s server %s: invalid response%s%s: %s", x->b->name, SRV(x),
+                      x->label ? " for call " : "", x->label ? x->label : "", x->rd.why);
         x->u->broken = true; /* a retried status clears it (gw_xchg_retry_go) */
     }
     x->ops->fail(x, cause, code, doing, err);
@@ -288,12 +363,14 @@ xchg_broke(gw_xchg_t *x, int err)
 {
     if (x->u->reused && !x->resent && !x->got_bytes && gw_http_idempotent(x->method) &&
         (x->ops->replayable == NULL || x->ops->replayable(x))) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: reused connection closed before a response (%s); retrying on a new one",
-                  x->b->name, err ? strerror(err) : "EOF");
+        gw_log_rl(GW_LOG_INFO,
+                  "backend %s server %s: reused connection closed before a response (%s); retrying on a new one",
+                  x->b->name, SRV(x), err ? strerror(err) : "EOF");
         x->resent = true;
+        /* the same server, a new connection: still in its in-flight count */
         gw_upstream_release(x->u, false);
         x->u = NULL;
-        int rc = xchg_try(x, true);
+        int rc = xchg_send(x, true);
         if (rc == GW_AGAIN)
             xchg_fail(x, GW_XCHG_START, GW_FAIL_UNAVAILABLE, "retrying (max_connections reached)", 0);
         else if (rc != GW_OK)
@@ -320,13 +397,14 @@ xchg_event_cb(gw_upstream_t *u, int what, void *arg)
     }
     if (u->resolve_failed) {
         char doing[320];
-        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", x->b->host_name, gw_upstream_resolve_error(u));
+        snprintf(doing, sizeof(doing), "resolving \"%s\": %s", x->b->servers[x->target].host_name,
+                 gw_upstream_resolve_error(u));
         xchg_fail(x, GW_XCHG_CONNECT, GW_FAIL_RESOLVE_FAILED, doing, 0);
     } else if (what & GW_UP_TIMEOUT) {
         xchg_fail(x, GW_XCHG_CONNECT, GW_FAIL_TIMEOUT, "connecting to upstream", 0);
     } else if (gw_upstream_tls_failed(u)) {
         char why[256];
-        gw_log_rl(GW_LOG_ERR, "backend %s (%s): TLS handshake failed: %s", x->b->name, x->b->host_header,
+        gw_log_rl(GW_LOG_ERR, "backend %s server %s: TLS handshake failed: %s", x->b->name, SRV(x),
                   gw_upstream_tls_error(u, why, sizeof(why)));
         xchg_fail(x, GW_XCHG_CONNECT, GW_FAIL_TLS_FAILED, "handshaking with upstream", 0);
     } else if (!u->connected) {
@@ -354,8 +432,8 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
         ops->settle(sarg);
         return;
     }
-    int rc = xchg_try(x, false);
-    if (rc == GW_AGAIN && gw_upstream_wait(x->w, x->b, &x->wait, xchg_wait_cb, x) == GW_OK) {
+    int rc = xchg_send(x, false); /* the server whose queue it waited in */
+    if (rc == GW_AGAIN && gw_upstream_wait(x->w, x->b, x->target, &x->wait, xchg_wait_cb, x) == GW_OK) {
         ops->settle(sarg); /* taken by another: wait again */
         return;
     }
@@ -407,8 +485,8 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     if (!x->backoff) {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s",
-                  x->b->name, LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, xchg_doing(x), x->rid);
+        gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s%s%stry %u passed per_try_timeout_ms (%d) while %s, request %s",
+                  x->b->name, SRV(x), LABEL(x), x->attempt, x->b->retry->per_try_timeout_ms, xchg_doing(x), x->rid);
         if (x->u)
             x->u->broken = true;
         xchg_fail(x, GW_XCHG_TRY_TIMEOUT, GW_FAIL_TIMEOUT, xchg_doing(x), 0);
@@ -429,6 +507,8 @@ xchg_rtimer_cb(evutil_socket_t fd, short what, void *arg)
         xchg_arm_try(x);
     else if (code == GW_FAIL_QUEUE_FULL)
         xchg_fail(x, GW_XCHG_QUEUE, code, "queueing for a connection (max_pending reached)", 0);
+    else if (code == GW_FAIL_NO_HEALTHY_SERVER)
+        xchg_fail(x, GW_XCHG_START, code, "retrying (no server of the backend is usable)", 0);
     else
         xchg_fail(x, GW_XCHG_START, code,
                   code == GW_FAIL_UNAVAILABLE ? "retrying (max_connections reached)" : "connecting to upstream",
@@ -470,9 +550,10 @@ xchg_htimer_cb(evutil_socket_t fd, short what, void *arg)
         x->ops->discard(h, false); /* x's try goes on alone */
         return;
     }
+    x->tried |= 1u << h->target; /* a retry of x avoids the hedge's server too */
     gw_m_add(&x->w->m->backends[x->b->mid].hedges, 1);
-    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%sno answer after %d ms, hedged on a new connection, request %s",
-              x->b->name, LABEL(x), x->hedge_ms, x->rid);
+    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%sno answer after %d ms from server %s, hedged on server %s, request %s",
+              x->b->name, LABEL(x), x->hedge_ms, SRV(x), SRV(h), x->rid);
 }
 
 /* --- retries --------------------------------------------------------------- */
@@ -488,6 +569,35 @@ retried(const gw_xchg_t *x, gw_fail_t code)
     return gw_fail_retried(code) || (x->fail_code != GW_FAIL_NONE && gw_fail_retried(x->fail_code));
 }
 
+/*
+ * Without a "retry" section: whether the failed try goes to another server
+ * at once (nginx's proxy_next_upstream error timeout): the backend has a
+ * usable server not tried yet, this call tried fewer servers than it has,
+ * the try could not connect (refused, connect timeout, TLS, name) or was
+ * reset before any answer byte, and the method is idempotent. The call's
+ * own timeout is final (x->final) and never gets here.
+ */
+static bool
+next_server(const gw_xchg_t *x)
+{
+    const gw_backend_t *b = x->b;
+    if (b->nservers < 2 || x->attempt >= b->nservers || !gw_http_idempotent(x->method) ||
+        x->fail_code == GW_FAIL_NONE)
+        return false;
+    bool conn = x->fail_cause == GW_XCHG_CONNECT || x->fail_cause == GW_XCHG_TRY_TIMEOUT ||
+                (x->fail_cause == GW_XCHG_BROKE && x->fail_code == GW_FAIL_RESET);
+    if (!conn)
+        return false;
+    /* an untried server among those gw_cluster_pick() would choose from:
+     * the usable primaries, or the usable backups when no primary is */
+    uint64_t now = gw_now_ms();
+    uint32_t prim = 0, back = 0;
+    for (unsigned k = 0; k < b->nservers; k++)
+        if (gw_cluster_usable(&b->servers[k], now))
+            *(b->servers[k].backup ? &back : &prim) |= 1u << k;
+    return ((prim ? prim : back) & ~x->tried) != 0;
+}
+
 bool
 gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
 {
@@ -496,11 +606,14 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
         gw_retry_release(rc);
         x->slot = false;
     }
-    if (code == GW_FAIL_NONE || x->final || x->attempt == 0 || !rc->enabled || x->attempt >= rc->attempts ||
-        !replayable || !retried(x, code) || !gw_retry_method_ok(rc, x->method))
+    if (code == GW_FAIL_NONE || x->final || x->attempt == 0 || !replayable)
+        return false;
+    bool next = !rc->enabled;
+    if (next ? !next_server(x)
+             : x->attempt >= rc->attempts || !retried(x, code) || !gw_retry_method_ok(rc, x->method))
         return false;
     const char *name = xchg_name(x, code);
-    int ms = gw_retry_backoff_ms(rc, x->attempt);
+    int ms = next ? 0 : gw_retry_backoff_ms(rc, x->attempt);
     uint64_t wake = gw_now_us() + (uint64_t)ms * 1000u;
     if (wake >= x->end_us || (x->deadline_us && wake >= x->deadline_us)) {
         gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s; no retry: a %d ms backoff would end after %s, request %s",
@@ -518,8 +631,13 @@ gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable)
     char st[32] = "";
     if (code == GW_FAIL_BAD_STATUS)
         snprintf(st, sizeof(st), " (status %d)", x->status);
-    gw_log_rl(GW_LOG_INFO, "backend %s: %s%s%s%s%s%s%s; retry %u of %u in %d ms, request %s", x->b->name, LABEL(x),
-              name, st, err ? ": " : "", err ? strerror(err) : "", x->attempt, rc->attempts - 1, ms, x->rid);
+    if (next)
+        gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s%s%s%s%s%s; trying another server, request %s", x->b->name,
+                  SRV(x), LABEL(x), name, err ? ": " : "", err ? strerror(err) : "", x->rid);
+    else
+        gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s%s%s%s%s%s%s; retry %u of %u in %d ms, request %s",
+                  x->b->name, SRV(x), LABEL(x), name, st, err ? ": " : "", err ? strerror(err) : "", x->attempt,
+                  rc->attempts - 1, ms, x->rid);
     /* the breaker hears how this try went; the next one asks it again */
     gw_xchg_outcome(x, code, x->status);
     gw_m_add(&x->w->m->backends[x->b->mid].retries, 1);
@@ -530,12 +648,9 @@ void
 gw_xchg_retry_go(gw_xchg_t *x, bool reusable)
 {
     gw_upstream_wait_cancel(&x->wait);
-    if (x->u) {
-        if (!reusable)
-            x->u->broken = x->retry_code != GW_FAIL_BAD_STATUS;
-        gw_upstream_release(x->u, reusable);
-        x->u = NULL;
-    }
+    if (x->u && !reusable)
+        x->u->broken = x->retry_code != GW_FAIL_BAD_STATUS;
+    xchg_drop_conn(x, reusable);
     if (x->rtimer == NULL)
         x->rtimer = evtimer_new(x->w->base, xchg_rtimer_cb, x);
     x->backoff = true;
@@ -597,6 +712,11 @@ gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable)
 void
 gw_xchg_outcome(gw_xchg_t *x, gw_fail_t code, int status)
 {
+    if (x->srv_open) {
+        x->srv_open = false;
+        if (!gw_fail_local(code))
+            gw_cluster_report(x->b, &x->b->servers[x->target], code, status, gw_now_ms());
+    }
     if (!x->admitted)
         return;
     /* a backend's health: 4xx and oversized answers are not its failures (gw_fail.c) */
@@ -613,10 +733,7 @@ void
 gw_xchg_detach(gw_xchg_t *x, bool reusable)
 {
     gw_upstream_wait_cancel(&x->wait);
-    if (x->u) {
-        gw_upstream_release(x->u, reusable);
-        x->u = NULL;
-    }
+    xchg_drop_conn(x, reusable);
     if (x->rtimer)
         evtimer_del(x->rtimer);
     if (x->htimer)
@@ -652,8 +769,7 @@ gw_xchg_close(gw_xchg_t *x, bool reusable)
     gw_upstream_wait_cancel(&x->wait);
     if (x->admitted) /* cancelled: deadline, fail fast, client gone */
         gw_breaker_abandon(x->b);
-    if (x->u)
-        gw_upstream_release(x->u, reusable);
+    xchg_drop_conn(x, reusable); /* a try still open is cancelled: its server hears nothing */
     if (x->twin)
         x->twin->owner = NULL;
     if (x->owner)

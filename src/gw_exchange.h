@@ -25,6 +25,25 @@
  * hands the outcome to gw_xchg_end_try(), which decides retries and
  * hedges, or ends the exchange.
  *
+ * Servers: each try goes to one server of the backend, chosen by
+ * gw_cluster_pick() (its balance, health and ejection, and x->tried, so a
+ * retry or a hedge goes to a server not tried yet when there is one; a
+ * hash balance uses x->hash). A server whose pool is full is passed over
+ * for another usable one with room; only when every usable server is full
+ * does the try wait, in the queue of the server it picked. No usable
+ * server fails the try with NO_HEALTHY_SERVER at once. The resend on a
+ * stale pooled connection stays on its server (a new connection). A try
+ * counts in its server's in-flight requests (least_request) from the
+ * moment it has a connection until that connection goes back, and its
+ * outcome is reported once (gw_cluster_report, outlier detection) unless
+ * it was cancelled. Without a "retry" section, a backend of several
+ * servers still retries, at once, on another server, a try that could not
+ * connect (refused, connect timeout, TLS, name), or whose connection was
+ * reset before any answer byte, when the request is idempotent and
+ * replayable, within the call's timeout, the deadline and the retry
+ * budget, once per other server (nginx's proxy_next_upstream error
+ * timeout).
+ *
  * Hedges: an exchange with hedge_ms set gets a twin after that long
  * without an answer byte: ops->hedge makes a new exchange (a copy of the
  * request in a new owner context), sent on a new connection. Both run;
@@ -69,7 +88,8 @@ typedef struct gw_xchg_s gw_xchg_t;
  * proxied request BAD_RESPONSE for a cut head). */
 typedef enum {
     GW_XCHG_START,       /* no try could be sent: max_connections (UNAVAILABLE), no socket (CONNECT_FAILED),
-                          * the circuit opened before a retry (CIRCUIT_OPEN) */
+                          * the circuit opened before a retry (CIRCUIT_OPEN), no usable server
+                          * (NO_HEALTHY_SERVER) */
     GW_XCHG_QUEUE,       /* QUEUE_FULL or QUEUE_TIMEOUT */
     GW_XCHG_CONNECT,     /* RESOLVE_FAILED, TLS_FAILED, TIMEOUT (connect_timeout_ms), CONNECT_FAILED;
                           * logged already */
@@ -137,6 +157,10 @@ struct gw_xchg_s {
     gw_resp_t rd;           /* the answer being read */
     const char *head;       /* the request head (borrowed) */
     size_t head_len;
+    size_t host_off;        /* where the server's Host value goes in head ("Host: " ends there); 0: the head
+                             * is whole (its Host written by the owner) */
+    uint64_t hash;          /* with has_hash: the hash of the backend's hash_key for this request */
+    bool has_hash;
     int method;             /* llhttp's: idempotency, HEAD answers */
     uint64_t max_body;
     size_t low_water;       /* ops->drained when the output falls to this */
@@ -151,8 +175,9 @@ struct gw_xchg_s {
     int retry_ms;           /* the sleep decided before the next try */
     gw_fail_t retry_code;   /* why the next try follows */
     gw_fail_t fail_code;    /* this try's failure as the exchange saw it, before the route kind named it */
-    unsigned target;        /* the target of the try in flight (index among the backend's targets) */
-    uint32_t tried;         /* targets tried (bit per target index), for the next target's choice */
+    unsigned target;        /* the server of the try in flight (index in b->servers) */
+    uint32_t tried;         /* servers tried (bit per index), for the next try's choice */
+    gw_xchg_cause_t fail_cause; /* with fail_code: where this try's failure came from */
     gw_fail_t end_code;     /* with ended: how the call ended, for the metrics */
     bool per_try;           /* per_try_timeout_ms applies (aggregate calls: proxies stream) */
     bool ended;
@@ -160,6 +185,8 @@ struct gw_xchg_s {
     bool resent;            /* the stale-connection resend was used */
     bool done;              /* the whole answer was read */
     bool sent;              /* this try got a connection (else its end says nothing about the backend) */
+    bool inflight;          /* counted in its server's in-flight tries (gw_cluster_inflight) */
+    bool srv_open;          /* sent, its outcome not reported to its server yet (gw_cluster_report) */
     bool admitted;          /* the breaker let this try through: its outcome is reported once */
     bool counted;           /* in the backend's requests in flight (retry budget) */
     bool slot;              /* this try (or the sleep before it) holds a retry budget slot */
@@ -181,9 +208,9 @@ struct gw_xchg_s {
  * codes are reported (gw_fail.h: the call or the proxy names; ops->fail
  * gets them so); rid and peer, the client request's id and address, for
  * log lines. The three are borrowed, valid until close. The
- * owner then sets head/head_len, method, max_body, timeout_ms,
- * deadline_us, per_try, hedge_ms and low_water as it needs, and calls
- * gw_xchg_start().
+ * owner then sets head/head_len (and host_off), method, max_body, timeout_ms,
+ * deadline_us, per_try, hedge_ms, low_water and hash/has_hash as it needs,
+ * and calls gw_xchg_start().
  */
 void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg, gw_worker_t *w,
                   const gw_backend_t *b, const char *label, const char *rid, const char *peer);
@@ -194,7 +221,7 @@ void gw_xchg_init(gw_xchg_t *x, const gw_xchg_ops_t *ops, void *arg, void *sarg,
  * the backend has a queue), arms the call's timeout unless the deadline
  * comes first, the per-try timeout and the hedge. GW_FAIL_NONE, or the code that
  * kept it from starting (CIRCUIT_OPEN, QUEUE_FULL, UNAVAILABLE,
- * CONNECT_FAILED with errno set); then nothing was called back, and the
+ * NO_HEALTHY_SERVER, CONNECT_FAILED with errno set); then nothing was called back, and the
  * owner ends it (gw_xchg_ended(), gw_xchg_close()).
  */
 gw_fail_t gw_xchg_start(gw_xchg_t *x);
@@ -228,8 +255,9 @@ gw_xchg_t *gw_xchg_end_try(gw_xchg_t *x, gw_fail_t code, bool reusable);
 bool gw_xchg_retry_decide(gw_xchg_t *x, gw_fail_t code, int err, bool replayable);
 void gw_xchg_retry_go(gw_xchg_t *x, bool reusable);
 
-/* The breaker hears how the try went (once per try; status: the answer's,
- * 0 when none); an unsent try is abandoned, not counted. */
+/* The breaker and the try's server (outlier detection) hear how the try
+ * went (once per try; status: the answer's, 0 when none); an unsent try is
+ * abandoned, not counted; a local code (gw_fail_local) is not the server's. */
 void gw_xchg_outcome(gw_xchg_t *x, gw_fail_t code, int status);
 
 /* How the call ended, for the metrics counted at close (GW_FAIL_NONE:
@@ -253,6 +281,9 @@ void gw_xchg_detach(gw_xchg_t *x, bool reusable);
  * timers kept: an owner that clears its context for reuse keeps x as it
  * is). */
 void gw_xchg_close(gw_xchg_t *x, bool reusable);
+
+/* The server of x's try (in flight, or the last one): its label for log lines. */
+const char *gw_xchg_server(const gw_xchg_t *x);
 
 /* Frees x's timers (x closed, or never started). */
 void gw_xchg_destroy(gw_xchg_t *x);

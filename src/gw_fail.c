@@ -45,6 +45,9 @@ static const fail_info_t table[GW_FAIL_MAX] = {
     [GW_FAIL_INVALID_VALUE] = { "invalid_value", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     [GW_FAIL_DEPENDENCY_FAILED] = { "dependency_failed", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     [GW_FAIL_TOO_MANY_ITEMS] = { "too_many_items", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
+    /* every server unhealthy or ejected: refused here, as an open circuit
+     * is; counted as "unavailable" (no server to send it to) */
+    [GW_FAIL_NO_HEALTHY_SERVER] = { "no_healthy_server", NULL, 503, 1, false, GW_HEALTH_LOCAL, GW_OUT_UNAVAILABLE },
     [GW_FAIL_CANCELLED] = { "cancelled", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
 };
 
@@ -94,6 +97,12 @@ gw_fail_backend_ok(gw_fail_t f, int status)
         break;
     }
     return false;
+}
+
+bool
+gw_fail_local(gw_fail_t f)
+{
+    return info(f)->health == GW_HEALTH_LOCAL;
 }
 
 bool

@@ -36,6 +36,7 @@ typedef enum {
     GW_FAIL_INVALID_VALUE,     /* a template value cannot be used; a foreach value is not an array */
     GW_FAIL_DEPENDENCY_FAILED, /* a call it depends on failed */
     GW_FAIL_TOO_MANY_ITEMS,    /* a foreach array is longer than foreach_max */
+    GW_FAIL_NO_HEALTHY_SERVER, /* no server of the backend is usable (unhealthy or ejected): not sent */
     GW_FAIL_CANCELLED, /* the request ended first (deadline, client gone, a required call failed): metrics only */
     GW_FAIL_MAX
 } gw_fail_t;
@@ -82,6 +83,9 @@ int gw_fail_retry_after(gw_fail_t f);
 /* Whether a sent try that ended with f (and the backend's status, 0 when
  * none) was a success for the backend's health. */
 bool gw_fail_backend_ok(gw_fail_t f, int status);
+/* Whether f was decided here, before or without the backend (queue, circuit,
+ * no usable server, cancelled): it says nothing about a server's health. */
+bool gw_fail_local(gw_fail_t f);
 /* Whether a try that failed with f may be retried as far as the failure
  * goes (bad_status: when its status is listed, the caller checks). */
 bool gw_fail_retried(gw_fail_t f);

@@ -14,6 +14,8 @@
 #include "gw_admin.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
+#include "gw_cluster.h"
+#include "gw_hcheck.h"
 #include "gw_budget.h"
 #include "gw_cache.h"
 #include "gw_config.h"
@@ -186,6 +188,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
         return;
     }
     gw_breaker_inherit(next, *cfg); /* unchanged breakers keep their state */
+    gw_cluster_inherit(next, *cfg); /* unchanged servers keep their health, ejection and counters */
     gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
     gw_retry_inherit(next, *cfg); /* unchanged retry sections keep their budget counters */
     gw_cache_inherit(next, *cfg); /* unchanged cached calls keep their entries */
@@ -223,6 +226,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
         gw_log(GW_LOG_WARN, "reload: \"user\"/\"group\" changed; the process keeps its account until a restart");
     gw_cache_retire_dropped(*cfg, next); /* the entries of calls changed or gone are dropped */
     gw_admin_publish(next);
+    gw_hcheck_reload(next);
     gw_metrics_reloaded(true);
     gw_config_unref(*cfg);
     *cfg = next;
@@ -236,6 +240,7 @@ abort_start(gw_server_t *srv, gw_config_t *cfg, char *pid_file, const char *why)
 {
     if (why)
         gw_log(GW_LOG_EMERG, "%s", why);
+    gw_hcheck_stop();
     gw_admin_stop(); /* first: its thread reads srv */
     gw_server_stop(srv, true);
     gw_server_free(srv);
@@ -389,7 +394,8 @@ main(int argc, char **argv)
     }
     /* every socket is bound and no thread has read a request yet */
     if (gw_daemon_drop_privileges(cfg, err, sizeof(err)) != GW_OK ||
-        gw_server_run(&srv, err, sizeof(err)) != GW_OK || gw_admin_run(cfg, err, sizeof(err)) != GW_OK)
+        gw_server_run(&srv, err, sizeof(err)) != GW_OK || gw_admin_run(cfg, err, sizeof(err)) != GW_OK ||
+        gw_hcheck_start(cfg, err, sizeof(err)) != GW_OK)
         return abort_start(&srv, cfg, pid_file, err);
     for (size_t i = 0; i < cfg->nlisten; i++)
         gw_log(GW_LOG_NOTICE, "listening on %s", cfg->listen[i].text);
@@ -435,6 +441,7 @@ main(int argc, char **argv)
         if (gw_server_done(&srv))
             break;
     }
+    gw_hcheck_stop();
     gw_admin_stop();
     gw_server_free(&srv);
     gw_config_unref(cfg);

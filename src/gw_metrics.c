@@ -30,6 +30,9 @@ static char *route_names[GW_M_ROUTES];
 static unsigned nroute_names; /* atomic */
 static char *backend_names[GW_M_BACKENDS];
 static unsigned nbackend_names; /* atomic */
+/* Server slots: (backend name, server label) pairs, the same way. */
+static char *server_backends[GW_M_SERVERS], *server_labels[GW_M_SERVERS];
+static unsigned nserver_names; /* atomic */
 /* A name went to the "(other)" slot: it is rendered from then on. */
 static bool routes_overflowed, backends_overflowed; /* atomic */
 
@@ -47,8 +50,11 @@ gw_metrics_init(int n)
         route_names[GW_M_ROUTE_UNMATCHED] = gw_strdup("(unmatched)");
         route_names[GW_M_ROUTE_OTHER] = gw_strdup("(other)");
         backend_names[GW_M_BACKEND_OTHER] = gw_strdup("(other)");
+        server_backends[GW_M_SERVER_OTHER] = gw_strdup("(other)");
+        server_labels[GW_M_SERVER_OTHER] = gw_strdup("(other)");
         __atomic_store_n(&nroute_names, 2, __ATOMIC_RELEASE);
         __atomic_store_n(&nbackend_names, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&nserver_names, 1, __ATOMIC_RELEASE);
     }
 }
 
@@ -68,7 +74,11 @@ gw_metrics_free(void)
         free(route_names[i]);
     for (unsigned i = 0; i < nbackend_names; i++)
         free(backend_names[i]);
-    nroute_names = nbackend_names = 0;
+    for (unsigned i = 0; i < nserver_names; i++) {
+        free(server_backends[i]);
+        free(server_labels[i]);
+    }
+    nroute_names = nbackend_names = nserver_names = 0;
 }
 
 /* The slot of name in names[*n] (added when new); overflow when full. */
@@ -91,6 +101,26 @@ slot_of(char **names, unsigned *n, unsigned cap, const char *name, unsigned over
     return count;
 }
 
+/* The slot of server label of backend (added when new); GW_M_SERVER_OTHER
+ * when full. Linear, as slot_of: once per server per load or reload. */
+static unsigned
+server_slot(const char *backend, const char *label)
+{
+    unsigned count = nserver_names;
+    for (unsigned i = 1; i < count; i++)
+        if (strcmp(server_labels[i], label) == 0 && strcmp(server_backends[i], backend) == 0)
+            return i;
+    if (count == GW_M_SERVERS) {
+        gw_log(GW_LOG_WARN, "metrics: more than %u backend servers: the connections of backend %s server %s are "
+               "not counted per server", GW_M_SERVERS - 1, backend, label);
+        return GW_M_SERVER_OTHER;
+    }
+    server_backends[count] = gw_strdup(backend);
+    server_labels[count] = gw_strdup(label);
+    __atomic_store_n(&nserver_names, count + 1, __ATOMIC_RELEASE);
+    return count;
+}
+
 void
 gw_metrics_bind(gw_config_t *cfg)
 {
@@ -100,6 +130,11 @@ gw_metrics_bind(gw_config_t *cfg)
     for (size_t i = 0; i < cfg->nbackends; i++)
         cfg->backends[i]->mid = slot_of(backend_names, &nbackend_names, GW_M_BACKENDS, cfg->backends[i]->name,
                                         GW_M_BACKEND_OTHER, &backends_overflowed, "backend");
+    for (size_t i = 0; i < cfg->nbackends; i++) {
+        gw_backend_t *b = cfg->backends[i];
+        for (size_t k = 0; k < b->nservers; k++)
+            b->servers[k].mid = server_slot(b->name, b->servers[k].label);
+    }
 }
 
 void
@@ -190,6 +225,25 @@ gw_metrics_backend_sum(unsigned mid, gw_mbackend_t *out)
     }
 }
 
+void
+gw_metrics_server_sum(unsigned mid, gw_mserver_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (int w = 0; w < nworkers; w++) {
+        const gw_mserver_t *s = &workers[w].servers[mid];
+        out->open += __atomic_load_n(&s->open, __ATOMIC_RELAXED);
+        out->idle += __atomic_load_n(&s->idle, __ATOMIC_RELAXED);
+    }
+    /* a worker moves a connection between the two while they are read one
+     * after the other: keep the pair consistent */
+    if (out->open < 0)
+        out->open = 0;
+    if (out->idle < 0)
+        out->idle = 0;
+    if (out->idle > out->open)
+        out->idle = out->open;
+}
+
 unsigned
 gw_metrics_nroutes(void)
 {
@@ -242,6 +296,14 @@ add_label(struct evbuffer *out, const char *s)
         else
             evbuffer_add(out, s, 1);
     }
+}
+
+void
+gw_metrics_label(struct evbuffer *out, const char *key, const char *value)
+{
+    evbuffer_add_printf(out, "%s=\"", key);
+    add_label(out, value);
+    evbuffer_add(out, "\"", 1);
 }
 
 static void
@@ -309,17 +371,18 @@ render_runtime(struct evbuffer *out)
 
 }
 
-/* "route=\"NAME\"" or "backend=\"NAME\"" in buf. */
-static const char *
-label_text(struct evbuffer *tmp, const char *key, const char *value, char *buf, size_t cap)
+/* "route=\"NAME\"" or "backend=\"NAME\"", escaped and whole (names are
+ * any JSON string, of any length). Returns a new string (free). */
+static char *
+label_text(const char *key, const char *value)
 {
-    evbuffer_drain(tmp, evbuffer_get_length(tmp));
-    evbuffer_add_printf(tmp, "%s=\"", key);
-    add_label(tmp, value);
-    evbuffer_add(tmp, "\"", 1);
-    size_t n = GW_MIN(evbuffer_get_length(tmp), cap - 1);
+    struct evbuffer *tmp = evbuffer_new();
+    gw_metrics_label(tmp, key, value);
+    size_t n = evbuffer_get_length(tmp);
+    char *buf = gw_malloc(n + 1);
     evbuffer_remove(tmp, buf, n);
     buf[n] = '\0';
+    evbuffer_free(tmp);
     return buf;
 }
 
@@ -330,18 +393,16 @@ gw_metrics_render(struct evbuffer *out)
     unsigned nr = gw_metrics_nroutes(), nb = gw_metrics_nbackends();
     gw_mroute_t *rs = gw_calloc(nr ? nr : 1, sizeof(*rs));
     gw_mbackend_t *bs = gw_calloc(nb ? nb : 1, sizeof(*bs));
-    char (*rl)[600] = gw_calloc(nr ? nr : 1, sizeof(*rl));
-    char (*bl)[600] = gw_calloc(nb ? nb : 1, sizeof(*bl));
-    struct evbuffer *tmp = evbuffer_new();
+    char **rl = gw_calloc(nr ? nr : 1, sizeof(*rl));
+    char **bl = gw_calloc(nb ? nb : 1, sizeof(*bl));
     for (unsigned i = 0; i < nr; i++) {
         gw_metrics_route_sum(i, &rs[i]);
-        label_text(tmp, "route", route_names[i], rl[i], sizeof(rl[i]));
+        rl[i] = label_text("route", route_names[i]);
     }
     for (unsigned i = 0; i < nb; i++) {
         gw_metrics_backend_sum(i, &bs[i]);
-        label_text(tmp, "backend", backend_names[i], bl[i], sizeof(bl[i]));
+        bl[i] = label_text("backend", backend_names[i]);
     }
-    evbuffer_free(tmp);
     /* the "(other)" slots appear once a name went there */
     bool route_on[GW_M_ROUTES], backend_on[GW_M_BACKENDS];
     for (unsigned i = 0; i < nr; i++)
@@ -420,6 +481,10 @@ gw_metrics_render(struct evbuffer *out)
     family(out, "gatherd_last_reload_successful", "gauge", "1 when the last reload was applied (or none was tried).");
     evbuffer_add_printf(out, "gatherd_last_reload_successful %d\n", p.last_reload == 0 || p.last_reload_ok);
     render_runtime(out);
+    for (unsigned i = 0; i < nr; i++)
+        free(rl[i]);
+    for (unsigned i = 0; i < nb; i++)
+        free(bl[i]);
     free(rs);
     free(bs);
     free(rl);

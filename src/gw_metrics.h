@@ -16,6 +16,13 @@
  * configuration is published); names are never forgotten, and slots are
  * fixed in number (GW_M_ROUTES, GW_M_BACKENDS) so no array ever moves under
  * a reader. Names past the limit share the "(other)" slot, with a warning.
+ *
+ * A backend's servers (gw_peer_t) get slots the same way, under their
+ * backend's name and their label ("10.0.0.2:8080"), for the per-server
+ * connection gauges: a pool kept by a reload, or replaced and draining
+ * beside its successor, updates the same slot. Their other figures
+ * (requests, failures, health, ejection) live in the server's shared state
+ * (gw_cluster.h), which is not per worker.
  */
 #ifndef GW_METRICS_H
 #define GW_METRICS_H
@@ -32,6 +39,10 @@ struct evbuffer;
 /* Backend slots: 0 for names past the limit. */
 #define GW_M_BACKENDS 256
 #define GW_M_BACKEND_OTHER 0
+/* Server slots: 0 for (backend, server) pairs past the limit; its figures
+ * are not rendered (they would mix servers). */
+#define GW_M_SERVERS 4096
+#define GW_M_SERVER_OTHER 0
 
 /* Latency histogram upper bounds, in microseconds (plus +Inf). */
 #define GW_M_NBOUNDS 14
@@ -60,12 +71,19 @@ typedef struct {
     int64_t active, idle, queued; /* deltas: the sum over workers is the gauge */
 } gw_mbackend_t;
 
+/* One server's connections of one worker: deltas, as gw_mbackend_t's. */
+typedef struct {
+    int64_t open; /* connecting, in use or idle */
+    int64_t idle; /* pooled */
+} gw_mserver_t;
+
 typedef struct {
     uint64_t accepted;     /* client connections */
     uint64_t shed;         /* requests refused by max_inflight */
     int64_t inflight;      /* delta: requests begun (a first byte read) and not ended */
     gw_mroute_t routes[GW_M_ROUTES];
     gw_mbackend_t backends[GW_M_BACKENDS];
+    gw_mserver_t servers[GW_M_SERVERS];
     gw_hist_t loop_stall;        /* how late the worker's probe timer fired, as far as the
                                   * thread ran meanwhile (gw_server.c) */
     uint64_t loop_stall_max_us;  /* the longest of those */
@@ -80,8 +98,9 @@ gw_mworker_t *gw_metrics_worker(int id);
 /* Frees them, after every worker stopped. */
 void gw_metrics_free(void);
 
-/* Gives every route and backend of cfg its slot (route->mid, backend->mid).
- * Main thread, before cfg is published to the workers. */
+/* Gives every route, backend and server of cfg its slot (route->mid,
+ * backend->mid, server->mid). Main thread, before cfg is published to the
+ * workers. */
 void gw_metrics_bind(gw_config_t *cfg);
 
 /* The main thread's events. */
@@ -113,6 +132,8 @@ typedef struct {
 } gw_m_recent_t;
 void gw_metrics_route_sum(unsigned mid, gw_mroute_t *out);
 void gw_metrics_backend_sum(unsigned mid, gw_mbackend_t *out);
+/* A server slot's connections summed over the workers (never negative). */
+void gw_metrics_server_sum(unsigned mid, gw_mserver_t *out);
 
 /* Registered names, for the admin thread: the number of slots in use and
  * the name of one (never changes once set). */
@@ -133,6 +154,10 @@ void gw_metrics_process(gw_m_process_t *out);
 /* Appends the Prometheus text exposition of the counters to out (the
  * caller adds what lives elsewhere: breakers, in-flight, build info). */
 void gw_metrics_render(struct evbuffer *out);
+/* Appends key="value" to out, value escaped as the text format wants
+ * (backslash, double quote, newline): every label value that comes from
+ * the configuration goes through it. */
+void gw_metrics_label(struct evbuffer *out, const char *key, const char *value);
 /* Appends one histogram in exposition format, name with its labels
  * (e.g. "route=\"/x\"") and le added. */
 void gw_metrics_render_hist(struct evbuffer *out, const char *name, const char *labels, const gw_hist_t *h);

@@ -32,6 +32,7 @@
 #include "gw_proxy.h"
 #include "gw_breaker.h"
 #include "gw_budget.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_exchange.h"
@@ -39,7 +40,9 @@
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_resp.h"
+#include "gw_router.h"
 #include "gw_server.h"
+#include "gw_template.h"
 
 #include <errno.h>
 #include <event2/buffer.h>
@@ -67,6 +70,7 @@ struct gw_proxy_s {
     gw_xchg_t ex;         /* the upstream exchange (gw_exchange.h): connection, tries, retries */
     char *head;           /* the upstream request head, kept for a retry */
     size_t head_len, head_cap;
+    size_t host_off;      /* where each try's server writes its Host value (gw_xchg_t.host_off); 0: none */
     char *hout;           /* the filtered response head */
     size_t hout_cap;
     gw_proxy_t *next_free; /* in the worker's cache */
@@ -279,10 +283,11 @@ build_request(gw_proxy_t *p)
     size_t host_len = 0;
     const char *host = gw_req_host(r, &host_len);
     ADD("Host: ", 6);
+    p->host_off = 0;
     if (p->route->proxy.preserve_host && host)
         ADD(host, host_len);
     else
-        ADD_STR(p->b->host_header);
+        p->host_off = len; /* the server's, written by the exchange for each try */
     ADD("\r\n", 2);
     for (size_t i = 0; i < r->nheaders; i++) {
         const gw_header_t *h = &r->headers[i];
@@ -485,9 +490,9 @@ proxy_error(gw_proxy_t *p, gw_fail_t code, const char *doing, int err)
         gw_log_rl(code == GW_FAIL_CIRCUIT_OPEN                                 ? GW_LOG_INFO
                   : code == GW_FAIL_QUEUE_FULL || code == GW_FAIL_QUEUE_TIMEOUT ? GW_LOG_WARN
                                                                                 : GW_LOG_ERR,
-                  "backend %s (%s): %s%s%s while %s, client %s, request %s", p->b->name, p->b->host_header,
-                  gw_fail_proxy_name(code), err ? ": " : "", err ? strerror(err) : "", doing, gw_conn_peer_ip(c),
-                  gw_conn_req(c)->request_id);
+                  "backend %s%s%s: %s%s%s while %s, client %s, request %s", p->b->name, p->ex.sent ? " server " : "",
+                  p->ex.sent ? gw_xchg_server(&p->ex) : "", gw_fail_proxy_name(code), err ? ": " : "",
+                  err ? strerror(err) : "", doing, gw_conn_peer_ip(c), gw_conn_req(c)->request_id);
     gw_xchg_ended(&p->ex, code);
     if (p->head_sent && !gw_conn_take_back(c)) {
         /* part of the response reached the client: only closing is left */
@@ -754,9 +759,26 @@ static const gw_xchg_ops_t xchg_ops = {
     .settle = proxy_xchg_settle,
 };
 
-void
-gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
+/* The hash of b's hash_key for this request (hash balance), into x. */
+static void
+proxy_hash(gw_proxy_t *p, const gw_match_t *m, gw_xchg_t *x)
 {
+    if (p->b->hash_key == NULL)
+        return;
+    gw_tpl_ctx_t ctx = { .req = gw_conn_req(p->c), .match = m };
+    gw_tpl_buf_t key = { 0 };
+    gw_tpl_err_t err;
+    if (gw_tpl_render(p->b->hash_key, &ctx, &key, &err) == GW_OK) {
+        x->hash = gw_cluster_hash(key.data, key.len);
+        x->has_hash = true;
+    } /* else no key (a header absent): balanced by round robin */
+    gw_tpl_buf_free(&key);
+}
+
+void
+gw_proxy_start(gw_conn_t *c, const gw_match_t *m)
+{
+    const gw_route_t *route = m->route;
     gw_worker_t *w = gw_conn_worker(c);
     gw_proxy_t *p = w->proxy_cache;
     if (p) {
@@ -778,6 +800,8 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
     gw_xchg_init(x, &xchg_ops, p, c, w, p->b, NULL, r->request_id, gw_conn_peer_ip(c));
     x->head = p->head;
     x->head_len = p->head_len;
+    x->host_off = p->host_off;
+    proxy_hash(p, m, x);
     x->method = r->method;
     x->max_body = INT64_MAX;
     x->timeout_ms = p->b->timeout_ms;
@@ -788,6 +812,7 @@ gw_proxy_start(gw_conn_t *c, const gw_route_t *route)
                     code == GW_FAIL_CIRCUIT_OPEN  ? "asking its circuit breaker (open)"
                     : code == GW_FAIL_QUEUE_FULL  ? "queueing for a connection (max_pending reached)"
                     : code == GW_FAIL_UNAVAILABLE ? "starting (max_connections reached)"
+                    : code == GW_FAIL_NO_HEALTHY_SERVER ? "choosing a server (none of the backend's is usable)"
                                                   : "connecting to upstream",
                     code == GW_FAIL_CONNECT_FAILED ? errno : 0);
         return;

@@ -9,11 +9,13 @@
 #include "gw_http.h"
 
 /*
- * Starts proxying the request of c (complete, body buffered) for route.
- * Answers at once with an error when no connection can be had; otherwise
- * the answer comes from upstream callbacks (see gw_conn.h, async handlers).
+ * Starts proxying the request of c for the proxy route m->route (m, the
+ * router's match, is borrowed for the call: its path parameters feed the
+ * backend's hash_key). Answers at once with an error when no connection
+ * can be had; otherwise the answer comes from upstream callbacks (see
+ * gw_conn.h, async handlers).
  */
-void gw_proxy_start(gw_conn_t *c, const gw_route_t *route);
+void gw_proxy_start(gw_conn_t *c, const gw_match_t *m);
 
 /*
  * Writes the upstream request target for the normalized path of req, minus

@@ -285,6 +285,8 @@ compile_ph(const char *text, size_t len, const gw_tpl_scope_t *scope, uint64_t *
         reserved = ITEM;
     long param = find_name(scope->params, scope->nparams, in, nlen);
     long call = find_name(scope->calls, scope->ncalls, in, nlen);
+    if (scope->any_param && reserved == NOT_RESERVED && call < 0)
+        param = 0; /* resolved by name when rendered */
     if (reserved != NOT_RESERVED && (param >= 0 || call >= 0)) {
         const char *what = param >= 0 ? "path parameter" : "call";
         compile_err(err, errlen, "\"%s\": \"%s\" is reserved and is also the name of a %s: rename the %s", ph->text,

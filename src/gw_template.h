@@ -75,6 +75,8 @@ typedef struct {
     const char *const *calls; /* the route's call names, index = dependency bit */
     size_t ncalls;
     bool has_item; /* the call being compiled has a foreach item */
+    bool any_param; /* route-independent templates (a backend's hash_key): any other name is a path
+                       parameter, looked up when rendered (missing_value in a route without it) */
 } gw_tpl_scope_t;
 
 /* What values exist, given at render time. All borrowed for the call. */

@@ -79,6 +79,7 @@ static void
 count_open(gw_pool_t *pool, int d)
 {
     gw_m_gauge(&pool->m->active, d);
+    gw_m_gauge(&pool->ms->open, d);
     if (d > 0)
         gw_m_add(&pool->m->opened, 1);
 }
@@ -88,6 +89,7 @@ count_idle(gw_pool_t *pool, int d)
 {
     gw_m_gauge(&pool->m->idle, d);
     gw_m_gauge(&pool->m->active, -d);
+    gw_m_gauge(&pool->ms->idle, d);
 }
 
 /* Closes u and frees it. A connect that failed (the caller marked u broken
@@ -155,7 +157,8 @@ idle_unlink(gw_upstream_t *u)
 static void
 idle_drop(gw_upstream_t *u, const char *why)
 {
-    gw_log_debug("backend %s: %s on an idle connection; closing it", u->pool->backend->name, why);
+    gw_log_debug("backend %s server %s: %s on an idle connection; closing it", u->pool->backend->name,
+                 u->pool->srv->label, why);
     idle_unlink(u);
     upstream_close(u);
 }
@@ -252,9 +255,9 @@ plain_write_ev(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (!u->connected) {
-        int err = 0;
+        int err = u->connect_err;
         socklen_t len = sizeof(err);
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+        if (err == 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
             err = errno;
         if (err) {
             u->err = err;
@@ -290,15 +293,28 @@ plain_connect(gw_upstream_t *u, const struct sockaddr *sa, socklen_t salen)
         return GW_ERR;
     int one = 1;
     setsockopt(u->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(u->fd, sa, salen) != 0 && errno != EINPROGRESS)
-        return GW_ERR;
-    /* Even a connect that completed at once is reported from the loop, once
-     * the caller has set its callbacks. */
+    int err = 0;
+    if (connect(u->fd, sa, salen) != 0 && errno != EINPROGRESS) {
+        /* Out of local ports or buffers is ours; any other error is the
+         * address's (a refused loopback connect fails at once) and is
+         * reported from the loop like one that fails later, so the caller
+         * sees one kind of connect failure (and may try another server). */
+        if (errno == EAGAIN || errno == EADDRNOTAVAIL || errno == ENOBUFS || errno == ENOMEM)
+            return GW_ERR;
+        err = errno;
+    }
+    /* Even a connect that completed (or failed) at once is reported from the
+     * loop, once the caller has set its callbacks. */
     u->rev = event_new(base, u->fd, EV_READ | EV_PERSIST, plain_read_ev, u);
     u->wev = event_new(base, u->fd, EV_WRITE | EV_PERSIST, plain_write_ev, u);
     if (u->rev == NULL || u->wev == NULL) {
         gw_log_rl(GW_LOG_ERR, "backend %s: out of memory while connecting", u->pool->backend->name);
         abort(); /* our allocation policy: out of memory is fatal */
+    }
+    if (err) {
+        u->connect_err = err; /* plain_write_ev reports it */
+        event_active(u->wev, EV_WRITE, 1);
+        return GW_OK;
     }
     if (u->reading)
         event_add(u->rev, NULL);
@@ -398,6 +414,7 @@ tls_event_cb(struct bufferevent *bev, short what, void *arg)
 static int
 tls_new(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b)
 {
+    const gw_peer_t *srv = pool->srv;
     pthread_once(&pool_ex_once, pool_ex_init);
     SSL *ssl = SSL_new(b->ssl_ctx);
     if (ssl == NULL) {
@@ -405,13 +422,13 @@ tls_new(gw_upstream_t *u, gw_worker_t *w, gw_pool_t *pool, const gw_backend_t *b
         return GW_ERR;
     }
     SSL_set_ex_data(ssl, pool_ex_index, pool);
-    if (b->tls_name_is_ip) {
+    if (srv->tls_name_is_ip) {
         if (b->tls_verify)
-            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), b->tls_server_name);
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), srv->tls_server_name);
     } else {
-        SSL_set_tlsext_host_name(ssl, b->tls_server_name);
+        SSL_set_tlsext_host_name(ssl, srv->tls_server_name);
         if (b->tls_verify)
-            SSL_set1_host(ssl, b->tls_server_name);
+            SSL_set1_host(ssl, srv->tls_server_name);
     }
     if (pool->session)
         SSL_set_session(ssl, pool->session);
@@ -513,11 +530,11 @@ pool_resolved(gw_dns_name_t *n, void *arg)
     const gw_backend_t *b = pool->backend;
     char list[256];
     if (n->naddrs == 0 || n->err != 0) {
-        gw_log_rl(GW_LOG_WARN, "backend %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest", b->name,
-               n->host, n->errtext, n->naddrs ? "keeping the last addresses: " : "no addresses",
+        gw_log_rl(GW_LOG_WARN, "backend %s server %s: cannot resolve %s: %s; %s%s, retrying in %d ms at the earliest",
+               b->name, pool->srv->label, n->host, n->errtext, n->naddrs ? "keeping the last addresses: " : "no addresses",
                n->naddrs ? gw_dns_name_list(n, list, sizeof(list)) : "", n->ttl_ms);
     } else {
-        gw_log_rl(GW_LOG_INFO, "backend %s: %s is %s (for %d ms)", b->name, n->host,
+        gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s is %s (for %d ms)", b->name, pool->srv->label, n->host,
                gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
     }
     for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
@@ -673,9 +690,10 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 int
-gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
+gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb,
+                 void *arg)
 {
-    gw_pool_t *pool = gw_upstream_pool(w, b);
+    gw_pool_t *pool = gw_upstream_pool(w, b, si);
     if (pool->nqueued >= b->max_pending) {
         if (b->max_pending > 0)
             gw_m_add(&pool->m->queue_rejected, 1);
@@ -709,9 +727,11 @@ gw_upstream_wait_cancel(gw_upstream_wait_t *wt)
 }
 
 static void
-pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, gw_config_t *cfg)
+pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, unsigned si, gw_config_t *cfg)
 {
     gw_worker_t *w = pool->w;
+    pool->srv = &b->servers[si];
+    pool->si = si;
     struct timeval tv = { b->timeout_ms / 1000, (b->timeout_ms % 1000) * 1000 };
     pool->backend = b;
     pool->call_tv = tv;
@@ -724,27 +744,29 @@ pool_set_backend(gw_pool_t *pool, const gw_backend_t *b, gw_config_t *cfg)
     if (pool->idle_timeout == NULL)
         pool->idle_timeout = &pool->idle_tv;
     if (pool->name)
-        pool->name->host = b->host_name; /* the same name: the URLs are equal */
+        pool->name->host = pool->srv->host_name; /* the same name: the URLs are equal */
     gw_config_ref(cfg);
     gw_config_unref(pool->cfg);
     pool->cfg = cfg;
 }
 
 static gw_pool_t *
-pool_new(gw_worker_t *w, const gw_backend_t *b, gw_config_t *cfg)
+pool_new(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_config_t *cfg)
 {
+    const gw_peer_t *srv = &b->servers[si];
     gw_pool_t *pool = gw_calloc(1, sizeof(gw_pool_t));
     pool->w = w;
     pool->m = &w->m->backends[b->mid];
+    pool->ms = &w->m->servers[srv->mid];
     pool->refs = 1;
     pool->wake_ev = event_new(w->base, -1, 0, wake_cb, pool);
     pool->qtimer = evtimer_new(w->base, qtimer_cb, pool);
-    if (b->host_name != NULL) {
+    if (srv->host_name != NULL) {
         pool->name = gw_calloc(1, sizeof(gw_dns_name_t));
-        gw_dns_name_init(pool->name, w->dns, b->host_name, b->port, pool_resolved, pool);
+        gw_dns_name_init(pool->name, w->dns, srv->host_name, srv->port, pool_resolved, pool);
         pool->fail_ev = event_new(w->base, -1, 0, fail_ev_cb, pool);
     }
-    pool_set_backend(pool, b, cfg);
+    pool_set_backend(pool, b, si, cfg);
     return pool;
 }
 
@@ -775,9 +797,29 @@ pool_check_unused(gw_pool_t *pool)
 }
 
 gw_pool_t *
-gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b)
+gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b, unsigned si)
 {
-    return b->pools[w->id];
+    return b->pools[(size_t)w->id * b->nservers + si];
+}
+
+/* The pool of worker w for the server of old (the configuration w used so
+ * far) that b's server s is the same connection as: same backend name, same
+ * conn_key (URL, connect timeout, TLS settings); NULL when none. */
+static gw_pool_t *
+pool_of_old(gw_worker_t *w, gw_config_t *old, const gw_backend_t *b, const gw_peer_t *s)
+{
+    for (size_t k = 0; old && k < old->nbackends; k++) {
+        const gw_backend_t *o = old->backends[k];
+        if (strcmp(o->name, b->name) != 0)
+            continue;
+        for (size_t j = 0; j < o->nservers; j++) {
+            gw_pool_t *pool = o->pools[(size_t)w->id * o->nservers + j];
+            if (pool && o->servers[j].conn_key && s->conn_key && strcmp(o->servers[j].conn_key, s->conn_key) == 0)
+                return pool;
+        }
+        return NULL;
+    }
+    return NULL;
 }
 
 void
@@ -785,24 +827,21 @@ gw_upstream_pools_attach(gw_worker_t *w, gw_config_t *cfg, gw_config_t *old)
 {
     for (size_t i = 0; i < cfg->nbackends; i++) {
         const gw_backend_t *b = cfg->backends[i];
-        gw_pool_t *pool = NULL;
-        for (size_t k = 0; old && k < old->nbackends && pool == NULL; k++) {
-            const gw_backend_t *o = old->backends[k];
-            if (o->pools[w->id] && strcmp(o->name, b->name) == 0 && gw_config_backend_same_connection(o, b))
-                pool = o->pools[w->id];
-        }
-        if (pool == NULL) {
-            pool = pool_new(w, b, cfg);
-        } else {
-            pool->refs++;
-            pool_set_backend(pool, b, cfg);
-            /* A session of the old TLS context is not offered to the new one. */
-            if (pool->session) {
-                SSL_SESSION_free(pool->session);
-                pool->session = NULL;
+        for (unsigned si = 0; si < b->nservers; si++) {
+            gw_pool_t *pool = pool_of_old(w, old, b, &b->servers[si]);
+            if (pool == NULL) {
+                pool = pool_new(w, b, si, cfg);
+            } else {
+                pool->refs++;
+                pool_set_backend(pool, b, si, cfg);
+                /* A session of the old TLS context is not offered to the new one. */
+                if (pool->session) {
+                    SSL_SESSION_free(pool->session);
+                    pool->session = NULL;
+                }
             }
+            b->pools[(size_t)w->id * b->nservers + si] = pool;
         }
-        cfg->backends[i]->pools[w->id] = pool;
     }
 }
 
@@ -810,27 +849,31 @@ void
 gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg)
 {
     for (size_t i = 0; i < cfg->nbackends; i++) {
-        gw_pool_t *pool = cfg->backends[i]->pools[w->id];
-        if (pool == NULL)
-            continue;
-        cfg->backends[i]->pools[w->id] = NULL;
-        if (--pool->refs > 0)
-            continue;
-        pool->holds++; /* not freed by the close of its last idle connection while the list empties */
-        while (pool->idle) {
-            gw_upstream_t *u = pool->idle;
-            idle_unlink(u);
-            upstream_close(u);
+        const gw_backend_t *b = cfg->backends[i];
+        for (size_t si = 0; si < b->nservers; si++) {
+            gw_pool_t **slot = &b->pools[(size_t)w->id * b->nservers + si];
+            gw_pool_t *pool = *slot;
+            if (pool == NULL)
+                continue;
+            *slot = NULL;
+            if (--pool->refs > 0)
+                continue;
+            pool->holds++; /* not freed by the close of its last idle connection while the list empties */
+            while (pool->idle) {
+                gw_upstream_t *u = pool->idle;
+                idle_unlink(u);
+                upstream_close(u);
+            }
+            pool->holds--;
+            pool_check_unused(pool);
         }
-        pool->holds--;
-        pool_check_unused(pool);
     }
 }
 
 int
-gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out)
+gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, gw_upstream_t **out)
 {
-    gw_pool_t *pool = b->pools[w->id];
+    gw_pool_t *pool = gw_upstream_pool(w, b, si);
     if (pool->name)
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->qhead && !pool->serving)
@@ -872,8 +915,8 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t
         }
     }
     int rc = GW_OK;
-    const struct sockaddr *sa = (const struct sockaddr *)&b->addr;
-    socklen_t salen = b->addrlen;
+    const struct sockaddr *sa = (const struct sockaddr *)&pool->srv->addr;
+    socklen_t salen = pool->srv->addrlen;
     if (pool->name) {
         const gw_dns_addr_t *a;
         size_t idx;

@@ -2,7 +2,10 @@
  * gw_upstream.h - connections to backends and the per-worker pools that
  * keep them alive between requests.
  *
- * A worker has one pool per backend. gw_upstream_get() hands out an idle
+ * A worker has one pool per server of a backend ("servers", gw_config.h;
+ * a backend with "url" has one): it connects to that server's address or
+ * host name, sends its Host and its TLS name. Which server a try goes to
+ * is gw_exchange's choice (gw_cluster_pick). gw_upstream_get() hands out an idle
  * connection (most recently used first, so the warmest socket is reused) or
  * starts a new one; the caller owns it until gw_upstream_release(), which
  * returns it to the pool when it is reusable (a whole response was read and
@@ -26,7 +29,7 @@
  * means the connection is unusable and it is closed at once; after the
  * backend's idle_timeout_ms it is closed too.
  *
- * A backend named by host name connects to the addresses of the pool's
+ * A server named by host name connects to the addresses of the pool's
  * gw_dns_name_t in turn. Before the first answer, a new connection waits:
  * gw_upstream_get() still returns it (output can be queued, callbacks set)
  * and it connects when the answer arrives; when the name cannot be
@@ -34,6 +37,12 @@
  * So callers see one contract either way: GW_UP_CONNECTED or an error.
  * Waiters count towards max_connections, which bounds them. When a new
  * answer drops an address, idle connections to it are closed.
+ *
+ * max_connections, max_idle and max_pending are per pool, so per server:
+ * a backend of three servers may open three times max_connections per
+ * worker. The wait queue is per pool too (see gw_exchange.c for why): a
+ * call queues on the server it picked, after finding every usable server
+ * of the backend full.
  */
 #ifndef GW_UPSTREAM_H
 #define GW_UPSTREAM_H
@@ -80,6 +89,8 @@ struct gw_upstream_wait_s {
 
 struct gw_pool_s {
     const gw_backend_t *backend; /* of the newest configuration that uses the pool */
+    const gw_peer_t *srv;        /* its server in backend->servers */
+    unsigned si;                 /* srv's index there */
     gw_config_t *cfg;            /* a reference: the configuration backend belongs to */
     gw_worker_t *w;
     unsigned refs;               /* configurations of the worker whose backend uses it */
@@ -92,7 +103,7 @@ struct gw_pool_s {
     gw_upstream_t *idle_tail; /* ... and the least recently released */
     unsigned nidle;
     unsigned nopen;         /* idle + in use + connecting + waiting */
-    gw_dns_name_t *name;    /* the backend's host name and addresses; NULL for an IP address */
+    gw_dns_name_t *name;    /* the server's host name and addresses; NULL for an IP address */
     gw_upstream_t *waiters; /* doubly linked: connections waiting for the name's addresses */
     unsigned nwaiting;
     struct event *fail_ev;  /* reports resolution failures from the loop, not from gw_upstream_get() */
@@ -104,6 +115,7 @@ struct gw_pool_s {
     struct event *wake_ev;  /* made active when a slot frees while calls wait */
     struct event *qtimer;   /* the head's queue_timeout_ms */
     gw_mbackend_t *m;       /* the worker's counters of the backend's name (gw_metrics.h) */
+    gw_mserver_t *ms;       /* ... and of its server (backend name and server label) */
 };
 
 struct gw_upstream_s {
@@ -122,6 +134,7 @@ struct gw_upstream_s {
     gw_upstream_t *next;     /* in the idle list, or the waiters */
     gw_upstream_t *prev;     /* in the idle list, or the waiters */
     int err;                 /* errno of the last GW_UP_ERROR */
+    int connect_err;         /* plain: the connect failed at once with this; reported from the loop */
     bool reused;             /* it served an earlier request */
     bool connected;
     bool reading;            /* plain: rev is registered */
@@ -139,38 +152,41 @@ struct gw_upstream_s {
 };
 
 /*
- * Pools and reloads. Worker w's pool for backend b is b->pools[w->id]. A
- * worker attaches pools to each configuration it starts using: a backend
- * whose connection settings (gw_config_backend_same_connection) and name
- * equal those of a backend of old, the configuration it used so far (NULL at
- * start), shares that pool, idle connections included; any other backend
- * gets a new pool. Detaching (when no request of the worker uses cfg any
+ * Pools and reloads. Worker w's pool for server si of backend b is
+ * b->pools[w->id * b->nservers + si]. A worker attaches pools to each
+ * configuration it starts using, server by server: a server whose
+ * connection settings (its conn_key: URL, connect timeout, TLS) equal those
+ * of a server of the same-named backend of old, the configuration it used
+ * so far (NULL at start), shares that server's pool, idle connections
+ * included; any other server gets a new pool. So a reload that adds or
+ * removes one server of a backend keeps the pools of the others. Detaching (when no request of the worker uses cfg any
  * more) drops cfg's share; a pool no configuration uses closes its idle
  * connections at once and is freed with its last connection (requests still
  * running on it release theirs as not reusable).
  */
 void gw_upstream_pools_attach(gw_worker_t *w, gw_config_t *cfg, gw_config_t *old);
 void gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg);
-/* Worker w's pool for backend b (of a configuration w uses). */
-gw_pool_t *gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b);
+/* Worker w's pool for server si of backend b (of a configuration w uses). */
+gw_pool_t *gw_upstream_pool(gw_worker_t *w, const gw_backend_t *b, unsigned si);
 
 /*
- * A connection to backend b: idle from the pool unless fresh is true, else
+ * A connection to server si of backend b: idle from the pool unless fresh is true, else
  * a new one whose connect has started (GW_UP_CONNECTED or an error follows;
  * bytes queued before that are sent once connected). GW_AGAIN when
  * max_connections is reached, GW_ERR when a socket cannot be made (errno
  * set). The caller sets its callbacks with gw_upstream_setcb() before
  * returning to the event loop.
  */
-int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, bool fresh, gw_upstream_t **out);
+int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, gw_upstream_t **out);
 
 /*
- * Queues wt (owned by the caller, not queued) for a connection of b's pool
- * after gw_upstream_get() returned GW_AGAIN: cb(wt, status, arg) is called
+ * Queues wt (owned by the caller, not queued) for a connection of the pool
+ * of server si of b after gw_upstream_get() returned GW_AGAIN: cb(wt, status, arg) is called
  * once, later, from the loop (see gw_upstream_wait_t). GW_AGAIN when the
  * queue is full (max_pending, 0: no queue): nothing is queued.
  */
-int gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg);
+int gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb,
+                     void *arg);
 /* Takes wt off its queue when it is on one (O(1)); cb will not be called.
  * Callers do this whenever they give up (timeout, deadline, client gone). */
 void gw_upstream_wait_cancel(gw_upstream_wait_t *wt);
@@ -202,7 +218,7 @@ void gw_upstream_release(gw_upstream_t *u, bool reusable);
  * the session in the pool of the connection that received it. */
 int gw_upstream_tls_new_session(SSL *ssl, SSL_SESSION *sess);
 
-/* Why the host name of u's backend could not be resolved ("name does not
+/* Why the host name of u's server could not be resolved ("name does not
  * exist (NXDOMAIN)"); borrowed, valid until the next callback. */
 const char *gw_upstream_resolve_error(const gw_upstream_t *u);
 

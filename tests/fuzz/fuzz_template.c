@@ -40,7 +40,7 @@ static const char ANSWER[] =
 
 static const char *const PARAMS[] = { "id", "name" };
 static const char *const CALLS[] = { "user", "orders", "none" };
-static const gw_tpl_scope_t SCOPE = { PARAMS, 2, CALLS, 3, true };
+static const gw_tpl_scope_t SCOPE = { PARAMS, 2, CALLS, 3, true, false };
 
 static gw_parser_t parser;
 static gw_req_t req;

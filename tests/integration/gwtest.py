@@ -160,6 +160,7 @@ SMOKE = {
     "metrics_count_exactly_what_was_sent", "combined_lines_for_respond_proxy_and_aggregate",
     "workers_never_wait_on_stderr", "dns_proxy_to_a_host_name", "breaker_opens_after_consecutive_failures_and_fails_fast",
     "retry_succeeds_on_the_third_try", "rate_429_headers", "agg_fallback_never_replaces_an_answer",
+    "balance_round_robin_weights_3_1_1",
 }
 # The normal tier (GW_CHECK_TIER=normal: the normal build) adds what is
 # measured or drawn best without the sanitizers' weight (they run a share of
@@ -168,7 +169,8 @@ NORMAL = SMOKE | {
     "stall_big_answers_keep_the_loop_free", "stall_large_aggregates_built_and_freed_off_the_loop",
     "stall_foreach_of_many_elements", "status_page_renders_and_refreshes_in_chromium",
     "aggoracle_plain_calls", "aggoracle_foreach_calls", "backend_answers_fuzzed_end_to_end",
-    "framing_matrix_and_fuzz",
+    "framing_matrix_and_fuzz", "balance_next_server_retry_while_a_server_restarts",
+    "balance_least_request_avoids_a_slow_server", "cluster_obs_status_page_shows_servers",
 }
 # The ThreadSanitizer tier (GW_CHECK_TIER=tsan: make check-tsan): the tests
 # where state is shared between threads: workers (breakers, rate limits,
@@ -180,6 +182,8 @@ TSAN = {
     "breaker_state_is_shared_by_workers", "breaker_cycles_under_concurrent_workers",
     "breaker_state_survives_a_reload", "breaker_half_open_lets_probes_through_then_closes",
     "retry_budget_caps_retries_when_everything_fails", "retry_tries_are_seen_by_the_circuit_breaker",
+    # per-server in-flight counts, outlier ejection and balancer rows, shared by the workers
+    "balance_least_request_avoids_a_slow_server", "balance_no_healthy_server_when_all_are_ejected",
     "hedge_wins_and_the_slow_try_is_closed", "queue_serializes_then_fills", "queue_cancelled_waiter_leaves",
     # rate limits, shared by the workers
     "rate_exact_over_a_window", "rate_limit_survives_reload", "rate_max_keys",
@@ -192,6 +196,9 @@ TSAN = {
     # metrics and status gathered from every worker
     "metrics_count_exactly_what_was_sent", "metrics_count_each_failure_code_as_its_outcome",
     "status_json_describes_routes_and_backends", "readiness_turns_503_while_draining",
+    # per-server counters, gauges and health read by the admin thread
+    "cluster_obs_requests_per_server_equal_what_each_stub_saw", "cluster_obs_in_flight_while_a_slow_request_runs",
+    "cluster_obs_healthy_follows_active_checks", "cluster_obs_series_follow_servers_across_reloads",
     # the log writer thread
     "workers_never_wait_on_stderr", "repeated_lines_are_rate_limited_and_summarised",
     "no_line_lost_under_parallel_load", "sigusr1_reopens_files", "many_usr1_never_kill_the_daemon",

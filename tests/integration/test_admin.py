@@ -329,6 +329,38 @@ def metrics_count_each_failure_code_as_its_outcome():
         eq(metric(s, "gatherd_backend_call_duration_seconds_count", backend=name), 1, f"backend {name}: latency count")
 
 
+SRCDIR = os.environ.get("GW_SRCDIR") or os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@atest
+def metrics_families_are_documented_in_the_readme():
+    """Every family /metrics declares is named in the README's admin section
+    (its metrics table lists them without the gatherd_ prefix; process_*
+    in the text below it), and every name the table lists is declared."""
+    with open(os.path.join(SRCDIR, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("## Admin listener")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    table = set()
+    for line in section.split("\n"):
+        cells = line.split("|")
+        if line.startswith("| `") and len(cells) > 3 and re.search(r"counter|gauge|histogram", cells[2]):
+            # the first cell's names, not those of a note in parentheses
+            table.update(re.findall(r"`([a-z_]+)`", re.sub(r"\([^)]*\)", "", cells[1])))
+    stub = Stub()
+    d = Daemon(mix_config(stub), workers=1)
+    _, types = parse_prometheus(admin_get(d, "/metrics").body.decode())
+    declared = set()
+    for fam in types:
+        name = fam[len("gatherd_"):] if fam.startswith("gatherd_") else fam
+        declared.add(name)
+        check(name in documented, f"metric {fam} is not documented in README's admin section")
+    missing = sorted(table - declared)
+    eq(missing, [], "metrics the README's table names but /metrics does not declare")
+    check(any(n.startswith("upstream_server_") for n in declared), "the per-server families are declared")
+
+
 @atest
 def status_p95_is_interpolated_in_its_bucket():
     """/status's recent p95 is interpolated inside its histogram bucket, as

@@ -106,6 +106,7 @@ enum at_point { AT_NONE = 0, AT_BEFORE_HEADERS, AT_AFTER_HEADERS, AT_MID_BODY };
 struct ctl {
     int status;
     long long delay_ms;
+    long long delay_port; /* delay_port=P: delay= only on connections accepted on port P (0: any) */
     long long size; /* -1: not given */
     bool chunked;
     long long chunk;
@@ -192,6 +193,7 @@ struct conn {
     int tag_idx;    /* tag log entry of the request in flight: tag index, or -1 */
     long tag_entry; /* ... and entry index */
     double received_ms; /* CLOCK_MONOTONIC ms when the request head was complete */
+    unsigned lport;     /* the local port it was accepted on: X-Stub-Port of every answer */
     const char *errmsg;
     char errbuf[128];
 
@@ -260,6 +262,7 @@ static atomic_ullong g_req_total;
 static atomic_llong g_conn_open;
 static atomic_llong g_in_flight;     /* requests whose head was read and whose response is not finished */
 static atomic_llong g_max_in_flight; /* the maximum of g_in_flight since start or the last reset */
+static atomic_int g_health_status = 200; /* what GET /healthz answers; set by GET /__health/NNN */
 static bool g_quiet;
 
 /* Tag logs (tag=): every request of a tag, in arrival order, shared by all
@@ -967,6 +970,7 @@ enum ctl_id {
     C_DELAY_FIRST,
     C_RAW,
     C_KEYS,
+    C_DELAY_PORT,
     C_COUNT
 };
 
@@ -975,7 +979,7 @@ static const char *const ctl_names[C_COUNT] = {
     "truncate", "wrong_length", "close", "reset", "echo", "header", "keepalive",
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
-    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys",
+    "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys", "delay_port",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1107,6 +1111,7 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
         k->has_raw = true;
         break;
     case C_KEYS: ok = parse_ll(v, n, 0, KEYS_MAX, &k->keys); break;
+    case C_DELAY_PORT: ok = parse_ll(v, n, 0, 65535, &k->delay_port); break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1168,6 +1173,26 @@ static bool find_query(struct conn *c, const char *want, const char **val, size_
         return true;
     }
     return false;
+}
+
+/* Health checks: GET /healthz answers the status last set by GET
+ * /__health/NNN (200 at start; NNN 100-599), so a test can make one stub
+ * unhealthy and healthy again. Controls in the query still apply. */
+static void health_controls(struct conn *c)
+{
+    const char *pre = "/__health/";
+    size_t pl = strlen(pre);
+    if (c->plen == 8 && memcmp(c->path, "/healthz", 8) == 0) {
+        c->ctl.status = atomic_load(&g_health_status);
+    } else if (c->plen == pl + 3 && memcmp(c->path, pre, pl) == 0) {
+        int v = 0;
+        for (size_t i = pl; i < c->plen && c->path[i] >= '0' && c->path[i] <= '9'; i++)
+            v = v * 10 + (c->path[i] - '0');
+        if (v >= 100 && v <= 599)
+            atomic_store(&g_health_status, v);
+        else
+            c->ctl.status = 400;
+    }
 }
 
 /* GET or HEAD /stats or /log: the counters and the tag logs, not counted
@@ -1709,8 +1734,8 @@ static void send_response(struct conn *c)
 
     if (k->interim)
         putf(c, out, "HTTP/1.1 %d Interim\r\nX-Interim: 1\r\n\r\n", k->interim);
-    n = snprintf(hb, sizeof hb, "HTTP/1.1 %d %s\r\nServer: gw_stub\r\n%s", k->status, reason(k->status),
-                 k->ct_override ? "" : "Content-Type: application/json\r\n");
+    n = snprintf(hb, sizeof hb, "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nX-Stub-Port: %u\r\n%s", k->status,
+                 reason(k->status), c->lport, k->ct_override ? "" : "Content-Type: application/json\r\n");
     if (n < 0 || (size_t)n >= sizeof hb)
         goto oom;
     off = (size_t)n;
@@ -1841,7 +1866,7 @@ static void start_request(struct conn *c)
         c->idle_close = c->idle_send = false;
     }
     c->keep = (c->minor == 1 ? !c->conn_close : (c->conn_keepalive && !c->conn_close)) && k->keepalive;
-    if (k->delay_ms > 0) {
+    if (k->delay_ms > 0 && (k->delay_port == 0 || k->delay_port == (long long)c->lport)) {
         c->state = S_DELAY;
         if (!arm_timer(c, k->delay_ms))
             begin_close(c, END_RST);
@@ -1865,9 +1890,9 @@ static void send_error(struct conn *c, int status)
     put_str(c, b, "}");
     blen = evbuffer_get_length(b);
     putf(c, out,
-         "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nContent-Type: application/json\r\n"
+         "HTTP/1.1 %d %s\r\nServer: gw_stub\r\nX-Stub-Port: %u\r\nContent-Type: application/json\r\n"
          "Content-Length: %zu\r\nConnection: close\r\n\r\n",
-         status, reason(status), blen);
+         status, reason(status), c->lport, blen);
     if (evbuffer_add_buffer(out, b) != 0)
         c->oom = true;
     begin_close(c, c->oom ? END_RST : END_FIN);
@@ -1963,6 +1988,7 @@ static int parse_some(struct conn *c, struct evbuffer *in)
             st = parse_controls(c);
             if (st)
                 return st;
+            health_controls(c);
             if (!is_stats(c))
                 flight_begin(c);
             /* a sink takes big bodies: read in 256 KiB gulps, not 16 KiB */
@@ -2295,6 +2321,13 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     }
     c->w = w;
     c->tag_idx = -1;
+    {
+        struct sockaddr_storage ls;
+        socklen_t llen = sizeof ls;
+        if (getsockname(fd, (struct sockaddr *)&ls, &llen) == 0)
+            c->lport = ntohs(ls.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ls)->sin6_port
+                                                      : ((struct sockaddr_in *)&ls)->sin_port);
+    }
     c->next = w->conns;
     if (w->conns)
         w->conns->prev = c;

@@ -2,6 +2,7 @@
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
 #include "gw_breaker.h"
+#include "gw_cluster.h"
 #include "gw_jpath.h"
 #include "gw_log.h"
 #include "gw_ratelimit.h"
@@ -1190,10 +1191,201 @@ test_log(void)
     check_error("{\"listen\": \"127.0.0.1:1\", \"log\": \"on\"}", "log: must be an object");
 }
 
+/* "servers", "balance", "hash_key", "health_check", "outlier_detection". */
+#define US "{\"listen\": \"127.0.0.1:1\", \"backends\": {\"users\": "
+static void
+test_servers(void)
+{
+    gw_config_t *cfg = parse(US "{\"servers\": [\"http://10.0.0.1:8080\", {\"url\": \"http://10.0.0.2:8080\", "
+                             "\"weight\": 3}, {\"url\": \"http://api.internal\", \"backup\": true}], "
+                             "\"tls\": null}}}");
+    CHECK(cfg == NULL); /* tls needs https */
+    cfg = parse(US "{\"servers\": [\"http://10.0.0.1:8080\", {\"url\": \"http://10.0.0.2:8080\", \"weight\": 3},\n"
+                "{\"url\": \"http://api.internal\", \"backup\": true}], \"balance\": \"least_request\"}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    const gw_backend_t *b = cfg->backends[0];
+    CHECK(b->nservers == 3 && b->nprimary == 2 && b->balance == GW_BAL_LEAST);
+    CHECK(b->servers[0].weight == 1 && !b->servers[0].backup && b->servers[0].index == 0);
+    CHECK(b->servers[1].weight == 3 && b->servers[1].index == 1);
+    CHECK(b->servers[2].backup && b->servers[2].index == 2);
+    CHECK_STR(b->servers[1].label, "10.0.0.2:8080");
+    CHECK_STR(b->servers[1].host_header, "10.0.0.2:8080");
+    CHECK(b->servers[1].host_name == NULL && b->servers[1].port == 8080);
+    CHECK_STR(b->servers[2].host_name, "api.internal");
+    CHECK_STR(b->servers[2].label, "api.internal:80");
+    CHECK(cfg->nnamed == 1);
+    CHECK_STR(b->servers[0].conn_key, "http://10.0.0.1:8080|1000|");
+    /* the backend's own fields: the first server's */
+    CHECK_STR(b->url, "http://10.0.0.1:8080");
+    CHECK_STR(b->host_header, "10.0.0.1:8080");
+    CHECK(b->health_check == NULL && !b->outlier.enabled && b->hash_key == NULL);
+    for (size_t i = 0; i < b->nservers; i++)
+        CHECK(b->servers[i].hs != NULL && gw_cluster_usable(&b->servers[i], 1));
+    gw_config_unref(cfg);
+
+    /* the url shorthand: one server; TLS names per server */
+    cfg = parse(US "{\"url\": \"https://10.0.0.1:8443\"}, \"o\": {\"servers\": [\"https://a.internal\", "
+                "\"https://10.0.0.2\"], \"tls\": {\"verify\": false}}, \"s\": {\"servers\": [\"https://a.internal\", "
+                "\"https://10.0.0.2\"], \"tls\": {\"server_name\": \"api.example.com\"}}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    b = cfg->backends[0];
+    CHECK(b->nservers == 1 && b->nprimary == 1 && b->servers[0].weight == 1 && b->balance == GW_BAL_RR);
+    CHECK_STR(b->servers[0].tls_server_name, "10.0.0.1");
+    CHECK(b->servers[0].tls_name_is_ip);
+    b = cfg->backends[1];
+    CHECK_STR(b->servers[0].tls_server_name, "a.internal");
+    CHECK(!b->servers[0].tls_name_is_ip && b->servers[1].tls_name_is_ip);
+    CHECK_STR(b->servers[1].label, "10.0.0.2:443");
+    b = cfg->backends[2];
+    CHECK_STR(b->servers[0].tls_server_name, "api.example.com");
+    CHECK_STR(b->servers[1].tls_server_name, "api.example.com");
+    CHECK(!b->servers[1].tls_name_is_ip);
+    gw_config_unref(cfg);
+
+    check_error(US "{\"url\": \"http://10.0.0.1\", \"servers\": [\"http://10.0.0.2\"]}}}",
+                "backends.users.servers: \"url\" and \"servers\" both given");
+    check_error(US "{\"timeout_ms\": 5}}}", "backends.users.url: is required (or \"servers\")");
+    check_error(US "{\"servers\": []}}}", "backends.users.servers: must be a non-empty array");
+    check_error(US "{\"servers\": \"http://10.0.0.1\"}}}", "backends.users.servers: must be a non-empty array");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\",\n 7]}}}", "t.json:2: backends.users.servers[1]: must be a URL like");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\", \"https://10.0.0.2\"]}}}",
+                "backends.users.servers[1]: \"https://10.0.0.2\" is https but servers[0] is http: all servers of a "
+                "backend use the same scheme");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\", \"http://10.0.0.2\", \"http://10.0.0.1:80/\"]}}}",
+                "backends.users.servers[2]: \"http://10.0.0.1:80/\" is the same server as servers[0]");
+    check_error(US "{\"servers\": [\"http://A.internal:81\", \"http://a.internal:81\"]}}}",
+                "backends.users.servers[1]: \"http://a.internal:81\" is the same server as servers[0]");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\", {\"url\": \"http://10.0.0.2\", \"weight\": 0}]}}}",
+                "backends.users.servers[1].weight: must be between 1 and 1000, not 0");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\", \"http://10.0.0.3\", {\"url\": \"http://10.0.0.2\", \"weight\": 1001}]}}}",
+                "backends.users.servers[2].weight: must be between 1 and 1000, not 1001");
+    check_error(US "{\"servers\": [{\"url\": \"http://10.0.0.2\", \"weight\": \"2\"}]}}}",
+                "backends.users.servers[0].weight: must be an integer, not a string");
+    check_error(US "{\"servers\": [{\"url\": \"http://10.0.0.2\", \"backup\": 1}]}}}",
+                "backends.users.servers[0].backup: must be true or false");
+    check_error(US "{\"servers\": [{\"url\": \"http://10.0.0.2\", \"wieght\": 1}]}}}",
+                "backends.users.servers[0].wieght: unknown key \"wieght\" in a server");
+    check_error(US "{\"servers\": [{\"weight\": 1}]}}}", "backends.users.servers[0].url: is required");
+    check_error(US "{\"servers\": [\"http://10.0.0.1\", \"ftp://10.0.0.2\"]}}}",
+                "backends.users.servers[1]: must start with http:// or https://");
+    check_error(US "{\"servers\": [{\"url\": \"http://10.0.0.1/x\"}]}}}", "backends.users.servers[0].url: a backend URL has no path");
+    check_error(US "{\"servers\": [{\"url\": \"http://10.0.0.1\", \"backup\": true}]}}}",
+                "backends.users.servers: every server is a backup");
+    /* at most 32 */
+    char text[4096];
+    for (int n = 33; n >= 32; n--) {
+        size_t len = (size_t)snprintf(text, sizeof(text), US "{\"servers\": [");
+        for (int i = 0; i < n; i++)
+            len += (size_t)snprintf(text + len, sizeof(text) - len, "%s\"http://10.0.1.%d\"", i ? ", " : "", i + 1);
+        snprintf(text + len, sizeof(text) - len, "]}}}");
+        if (n == 33)
+            check_error(text, "backends.users.servers: at most 32 servers per backend (the request path keeps the "
+                              "servers a call tried in a 32-bit mask), not 33");
+    }
+    cfg = parse(text);
+    CHECK(cfg != NULL && cfg->backends[0]->nservers == 32);
+    if (cfg == NULL)
+        printf("    %s\n", err);
+    gw_config_unref(cfg);
+}
+
+static void
+test_balance_and_health(void)
+{
+    gw_config_t *cfg = parse(US "{\"servers\": [\"http://10.0.0.1\", \"http://10.0.0.2\"], \"balance\": \"hash\", "
+                             "\"hash_key\": \"{header.X-User}:{query.u}:{id}\", \"health_check\": {}, "
+                             "\"outlier_detection\": {}}, \"b\": {\"url\": \"http://10.0.0.3\", \"health_check\": "
+                             "{\"path\": \"/ping?full=1\", \"interval_ms\": 500, \"timeout_ms\": 500, \"healthy\": 1, "
+                             "\"unhealthy\": 10, \"statuses\": [200, 204]}, \"outlier_detection\": "
+                             "{\"consecutive_failures\": 2, \"eject_ms\": 100, \"max_eject_ms\": 100, "
+                             "\"max_ejected_percent\": 0}}}}");
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    const gw_backend_t *b = cfg->backends[0];
+    CHECK(b->balance == GW_BAL_HASH && b->hash_key != NULL);
+    const gw_hc_conf_t *hc = b->health_check;
+    CHECK(hc != NULL && strcmp(hc->path, "/healthz") == 0 && hc->interval_ms == 2000 && hc->timeout_ms == 1000 &&
+          hc->healthy == 2 && hc->unhealthy == 3 && hc->nstatuses == 1 && hc->statuses[0] == 200);
+    CHECK(b->outlier.enabled && b->outlier.consecutive_failures == 5 && b->outlier.eject_ms == 10000 &&
+          b->outlier.max_eject_ms == 300000 && b->outlier.max_ejected_percent == 50);
+    b = cfg->backends[1];
+    hc = b->health_check;
+    CHECK(b->balance == GW_BAL_RR);
+    CHECK(hc != NULL && strcmp(hc->path, "/ping?full=1") == 0 && hc->interval_ms == 500 && hc->timeout_ms == 500 &&
+          hc->healthy == 1 && hc->unhealthy == 10 && hc->nstatuses == 2 && hc->statuses[1] == 204);
+    CHECK(b->outlier.enabled && b->outlier.consecutive_failures == 2 && b->outlier.eject_ms == 100 &&
+          b->outlier.max_eject_ms == 100 && b->outlier.max_ejected_percent == 0);
+    gw_config_unref(cfg);
+
+#define UB(x) US "{\"url\": \"http://10.0.0.1\", " x "}}}"
+    check_error(UB("\"balance\": \"random\""),
+                "backends.users.balance: must be \"round_robin\", \"least_request\" or \"hash\"");
+    check_error(UB("\"balance\": 1"), "backends.users.balance: must be");
+    check_error(UB("\"balance\": \"hash\""), "backends.users.balance: \"hash\" needs \"hash_key\"");
+    check_error(UB("\"hash_key\": \"{id}\""), "backends.users.hash_key: is only used with \"balance\": \"hash\"");
+    check_error(UB("\"balance\": \"hash\", \"hash_key\": \"\""), "backends.users.hash_key: must be a non-empty template");
+    check_error(UB("\"balance\": \"hash\", \"hash_key\": \"{header.}\""), "backends.users.hash_key: ");
+    check_error(UB("\"balance\": \"hash\", \"hash_key\": \"{item}\""), "backends.users.hash_key: ");
+    check_error(UB("\"balance\": \"hash\", \"hash_key\": \"{id\""), "backends.users.hash_key: ");
+
+    check_error(UB("\"health_check\": true"), "backends.users.health_check: must be an object");
+    check_error(UB("\"health_check\": {\"pth\": \"/\"}"),
+                "backends.users.health_check.pth: unknown key \"pth\" in \"health_check\"");
+    check_error(UB("\"health_check\": {\"path\": \"healthz\"}"),
+                "backends.users.health_check.path: must be a path starting with \"/\"");
+    check_error(UB("\"health_check\": {\"path\": \"/a b\"}"), "backends.users.health_check.path: must be a path");
+    check_error(UB("\"health_check\": {\"path\": 1}"), "backends.users.health_check.path: must be a path");
+    check_error(UB("\"health_check\": {\"interval_ms\": 50}"),
+                "backends.users.health_check.interval_ms: must be between 100 and 3600000, not 50");
+    check_error(UB("\"health_check\": {\"timeout_ms\": 0}"),
+                "backends.users.health_check.timeout_ms: must be between 10 and 60000, not 0");
+    check_error(UB("\"health_check\": {\"timeout_ms\": 3000}"),
+                "backends.users.health_check.timeout_ms: must not be above interval_ms (2000)");
+    check_error(UB("\"health_check\": {\"healthy\": 0}"), "backends.users.health_check.healthy: must be between 1 and 100");
+    check_error(UB("\"health_check\": {\"unhealthy\": 101}"),
+                "backends.users.health_check.unhealthy: must be between 1 and 100");
+    check_error(UB("\"health_check\": {\"statuses\": []}"),
+                "backends.users.health_check.statuses: must be a non-empty array of at most 16 statuses");
+    check_error(UB("\"health_check\": {\"statuses\": [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, "
+                   "213, 214, 215, 216]}"),
+                "backends.users.health_check.statuses: must be a non-empty array of at most 16 statuses");
+    check_error(UB("\"health_check\": {\"statuses\": [200, 99]}"),
+                "backends.users.health_check.statuses[1]: must be a status between 100 and 599");
+    check_error(UB("\"health_check\": {\"statuses\": [600]}"),
+                "backends.users.health_check.statuses[0]: must be a status between 100 and 599");
+    check_error(UB("\"health_check\": {\"statuses\": [200, 200]}"),
+                "backends.users.health_check.statuses[1]: status 200 is listed twice");
+
+    check_error(UB("\"outlier_detection\": 5"), "backends.users.outlier_detection: must be an object");
+    check_error(UB("\"outlier_detection\": {\"consecutive\": 5}"),
+                "backends.users.outlier_detection.consecutive: unknown key \"consecutive\" in \"outlier_detection\"");
+    check_error(UB("\"outlier_detection\": {\"consecutive_failures\": 0}"),
+                "backends.users.outlier_detection.consecutive_failures: must be between 1 and 100000, not 0");
+    check_error(UB("\"outlier_detection\": {\"eject_ms\": 0}"), "backends.users.outlier_detection.eject_ms: must be between 1");
+    check_error(UB("\"outlier_detection\": {\"eject_ms\": 5000, \"max_eject_ms\": 1000}"),
+                "backends.users.outlier_detection.max_eject_ms: must not be below eject_ms (5000)");
+    check_error(UB("\"outlier_detection\": {\"max_ejected_percent\": 101}"),
+                "backends.users.outlier_detection.max_ejected_percent: must be between 0 and 100, not 101");
+#undef UB
+}
+#undef US
+
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
           T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
-          T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log))
+          T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log),
+          T(test_servers), T(test_balance_and_health))

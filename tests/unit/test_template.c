@@ -34,7 +34,7 @@ static const char ITEM[] = "{\"sku\":\"A B\",\"qty\":3}";
 
 static const char *const PARAMS[] = { "id", "name" };
 static const char *const CALLS[] = { "user", "orders", "none" };
-static const gw_tpl_scope_t SCOPE = { PARAMS, 2, CALLS, 3, true };
+static const gw_tpl_scope_t SCOPE = { PARAMS, 2, CALLS, 3, true, false };
 
 static const gw_http_limits_t limits = {
     .max_header_bytes = 4096, .max_headers = 20, .max_url_bytes = 1024, .max_body_bytes = 64,
@@ -353,7 +353,7 @@ test_compile_errors(void)
     /* ambiguous and reserved names */
     static const char *const params[] = { "user", "query", "x" };
     static const char *const calls[] = { "user", "item", "x" };
-    gw_tpl_scope_t amb = { params, 3, calls, 3, true };
+    gw_tpl_scope_t amb = { params, 3, calls, 3, true, false };
     CHECK(gw_tpl_compile("{user.id}", GW_TPL_HEADER, &amb, err, sizeof(err)) == NULL);
     CHECK_CONTAINS(err, "\"{user.id}\" is ambiguous: \"user\" is both a path parameter and a call: rename one");
     CHECK(gw_tpl_compile("{query.a}", GW_TPL_HEADER, &amb, err, sizeof(err)) == NULL);
@@ -400,7 +400,7 @@ test_deps(void)
         snprintf(names[i], sizeof(names[i]), "c%d", i);
         calls[i] = names[i];
     }
-    gw_tpl_scope_t big = { NULL, 0, calls, 70, false };
+    gw_tpl_scope_t big = { NULL, 0, calls, 70, false, false };
     CHECK(deps_of(&big, "/{c63.x}/{c0}") == ((1ULL << 63) | 1));
     char err[512];
     CHECK(gw_tpl_compile("/{c64}", GW_TPL_TARGET, &big, err, sizeof(err)) == NULL);
