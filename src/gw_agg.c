@@ -752,9 +752,18 @@ cache_start(agg_t *a, xchg_t *x)
     if (gw_conn_config(a->c) != a->w->cfg)
         return false;
     gw_cache_ask_t ask = { .port = a->w->tport, .done = cache_waiter_done, .arg = x };
-    gw_cache_result_t res =
-        gw_fetch_lookup(a->w, call, x->req.data, x->req.len, x->has_obody ? x->obody.data : NULL,
-                        x->has_obody ? x->out_len : 0, gw_conn_req(a->c)->request_id, gw_conn_peer_ip(a->c), &ask);
+    /* the request as xchg_start() rendered it, its hash (call_hash) included:
+     * the fetch goes to the server the call would have gone to */
+    gw_fetch_req_t rq = { .head = x->req.data,
+                          .head_len = x->req.len,
+                          .host_off = x->ex.host_off,
+                          .body = x->has_obody ? x->obody.data : NULL,
+                          .body_len = x->has_obody ? x->out_len : 0,
+                          .hash = x->ex.hash,
+                          .has_hash = x->ex.has_hash,
+                          .rid = gw_conn_req(a->c)->request_id,
+                          .peer = gw_conn_peer_ip(a->c) };
+    gw_cache_result_t res = gw_fetch_lookup(a->w, call, &rq, &ask);
     if (res == GW_CACHE_HIT || res == GW_CACHE_STALE) {
         xchg_from_val(x, ask.val, res == GW_CACHE_HIT ? SERVED_HIT : SERVED_STALE);
         gw_cache_val_unref(ask.val);

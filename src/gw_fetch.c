@@ -9,7 +9,9 @@
  * a flight), then the loop calls back until the exchange ends (done or
  * fail, after its retries); the outcome goes to gw_cache_flight_done(),
  * which stores it and hands it to the waiters, and the fetch is freed in
- * ops->settle, the last thing of the entry point. A large 2xx body is
+ * ops->settle, the last thing of the entry point. Its exchange picks each
+ * try's server as the call's would (the hash of the request that started
+ * it, the next server after a failed connection). A large 2xx body is
  * checked on the thread pool first (the fetch waits for it, its
  * connection back in the pool).
  */
@@ -296,8 +298,9 @@ fetch_fail(gw_xchg_t *x, gw_xchg_cause_t cause, gw_fail_t code, const char *doin
         else
             x->status = 0;
     }
-    gw_log_rl(GW_LOG_INFO, "backend %s: call %s (shared request) failed: %s while %s, request %s",
-              f->call->backend->name, f->call->name, gw_fail_name(code), doing ? doing : "sending", f->rid);
+    gw_log_rl(GW_LOG_INFO, "backend %s%s%s: call %s (shared request) failed: %s while %s, request %s",
+              f->call->backend->name, x->sent ? " server " : "", x->sent ? gw_xchg_server(x) : "", f->call->name,
+              gw_fail_name(code), doing ? doing : "sending", f->rid);
     fetch_end(f, code, false);
 }
 
@@ -427,8 +430,7 @@ static const gw_resp_ops_t fetch_resp_ops = {.head = fetch_head,
 /* --- entry points ----------------------------------------------------------------- */
 
 static void
-fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const char *head, size_t head_len,
-            const char *body, size_t body_len, const char *rid, const char *peer)
+fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const gw_fetch_req_t *rq)
 {
     fetch_worker_t *fw = worker_of(w);
     fetch_t *f = gw_calloc(1, sizeof(*f));
@@ -436,14 +438,14 @@ fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const 
     f->gen = gw_server_gen_ref(w);
     f->call = call;
     f->flight = fl;
-    f->req_len = head_len + body_len;
-    f->head_len = head_len;
+    f->req_len = rq->head_len + rq->body_len;
+    f->head_len = rq->head_len;
     f->req = gw_malloc(f->req_len + 1);
-    memcpy(f->req, head, head_len);
-    if (body_len)
-        memcpy(f->req + head_len, body, body_len);
-    snprintf(f->rid, sizeof(f->rid), "%s", rid ? rid : "-");
-    snprintf(f->peer, sizeof(f->peer), "%s", peer ? peer : "-");
+    memcpy(f->req, rq->head, rq->head_len);
+    if (rq->body_len)
+        memcpy(f->req + rq->head_len, rq->body, rq->body_len);
+    snprintf(f->rid, sizeof(f->rid), "%s", rq->rid ? rq->rid : "-");
+    snprintf(f->peer, sizeof(f->peer), "%s", rq->peer ? rq->peer : "-");
     f->next = fw->fetches;
     if (fw->fetches)
         fw->fetches->prev = f;
@@ -451,7 +453,10 @@ fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const 
     gw_xchg_t *x = &f->ex;
     gw_xchg_init(x, &fetch_ops, f, f, w, call->backend, call->name, f->rid, f->peer);
     x->head = f->req;
-    x->head_len = head_len;
+    x->head_len = rq->head_len;
+    x->host_off = rq->host_off;
+    x->hash = rq->hash;
+    x->has_hash = rq->has_hash;
     x->method = call->method;
     x->max_body = call->backend->max_response_bytes;
     x->timeout_ms = call->timeout_ms;
@@ -471,14 +476,13 @@ fetch_start(gw_worker_t *w, const gw_call_t *call, gw_cache_flight_t *fl, const 
 }
 
 gw_cache_result_t
-gw_fetch_lookup(gw_worker_t *w, const gw_call_t *call, const char *head, size_t head_len, const char *body,
-                size_t body_len, const char *rid, const char *peer, gw_cache_ask_t *ask)
+gw_fetch_lookup(gw_worker_t *w, const gw_call_t *call, const gw_fetch_req_t *rq, gw_cache_ask_t *ask)
 {
     fetch_worker_t *fw = worker_of(w);
-    gw_cache_key(&fw->key, head, head_len, body, body_len);
+    gw_cache_key(&fw->key, rq->head, rq->head_len, rq->body, rq->body_len);
     gw_cache_result_t res = gw_cache_lookup(call->cache, fw->key.data, fw->key.len, gw_now_ms(), ask);
     if (ask->flight)
-        fetch_start(w, call, ask->flight, head, head_len, body, body_len, rid, peer);
+        fetch_start(w, call, ask->flight, rq);
     return res;
 }
 
