@@ -156,7 +156,9 @@ typedef struct {
  * Parses a call's "cache" object (cache_v, may be NULL) and "coalesce"
  * (coalesce_v, may be NULL) into a new scope (one reference) for route
  * pattern route and call name call (both copied), whose backend is named
- * backend with connection settings conn_key (copied; may be NULL). method:
+ * backend with connection settings conn_key (copied; may be NULL: every
+ * server's, so that a reload that changes any server drops the entries).
+ * method:
  * llhttp's (GET only); forward_body: the call forwards the client's body
  * (refused). NULL with the key at fault in *where ("cache", "ttl_ms" ...)
  * and the reason in err.

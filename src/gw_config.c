@@ -1536,6 +1536,39 @@ finish_servers(gw_backend_t *b, json_t *bv)
 }
 
 static int
+conn_key_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* What the answers of backend b's calls depend on, for a cache scope
+ * (gw_cache_scope_same): every server's conn_key (URL, connect timeout,
+ * TLS settings), sorted so that an order change alone is no change, one a
+ * line. Weights, backups and the balance are left out: any server's answer
+ * is taken for the backend's. New string; the caller frees it. */
+static char *
+cluster_conn_key(const gw_backend_t *b)
+{
+    const char **keys = gw_calloc(b->nservers ? b->nservers : 1, sizeof(char *));
+    size_t len = 1;
+    for (size_t i = 0; i < b->nservers; i++) {
+        keys[i] = b->servers[i].conn_key;
+        len += strlen(keys[i]) + 1;
+    }
+    qsort(keys, b->nservers, sizeof(char *), conn_key_cmp);
+    char *out = gw_malloc(len), *p = out;
+    for (size_t i = 0; i < b->nservers; i++) {
+        size_t n = strlen(keys[i]);
+        memcpy(p, keys[i], n);
+        p[n] = '\n';
+        p += n + 1;
+    }
+    *p = '\0';
+    free(keys);
+    return out;
+}
+
+static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "servers", "balance", "hash_key", "health_check", "outlier_detection",
@@ -2250,9 +2283,11 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
         /* gw_cache.c reads its settings; NULL for "coalesce": false alone */
         char cerr[256] = "";
         const char *where = "cache";
+        char *servers_key = cluster_conn_key(call->backend);
         call->cache = gw_cache_scope_parse(json_object_get(v, "cache"), json_object_get(v, "coalesce"), route->pattern,
-                                           call->name, call->backend->name, call->backend->conn_key, call->method,
+                                           call->name, call->backend->name, servers_key, call->method,
                                            call->forward_body, &where, cerr, sizeof(cerr));
+        free(servers_key);
         bool top = strcmp(where, "cache") == 0 || strcmp(where, "coalesce") == 0;
         if (call->cache == NULL && cerr[0])
             return fail_in(c, top ? where : "cache", "%s%s%s", top ? "" : where, top ? "" : ": ", cerr);
