@@ -365,6 +365,114 @@ def cache_stale_if_error_when_the_breaker_is_open():
     contains(metrics_text(d), 'gatherd_breaker_state{backend="s"} 1', "breaker open")
 
 
+# --- backends of several servers ----------------------------------------------------------
+
+def _servers(urls, **kw):
+    """A backend of the servers at urls (Stubs or URLs)."""
+    b = {"servers": [u if isinstance(u, str) else u.url for u in urls], "connect_timeout_ms": ms(1000),
+         "timeout_ms": ms(5000)}
+    b.update(kw)
+    return b
+
+
+def _host_of(j, call="u"):
+    """The Host an echo=1 call's server got (its host:port): which server answered."""
+    return j[call]["headers"]["host"]
+
+
+@ctest
+def cache_fetch_goes_to_the_next_server_when_one_refuses():
+    """A cached call to a backend of two servers, one refusing connections:
+    every fetch ends on the live server (the exchange's next-server retry),
+    with that server's Host, and is stored; the hits that follow reach no
+    server. Round robin sends about half of the first tries to the dead
+    one: retried, never failed."""
+    s = Stub()
+    dead = f"http://127.0.0.1:{tp.closed_port()}"
+    d = cache_daemon(s, [ta.call("u", "/users/{id}?echo=1&tag=nx", backend="c", cache={"ttl_ms": ms(60000)})],
+                     backends={"c": _servers([dead, s])})
+    ids = range(1, 9)
+    for i in ids:
+        r, _ = get(d, f"/c/{i}")
+        j = ta.ok_json(r, what=f"id {i}")
+        eq(_host_of(j), f"127.0.0.1:{s.port}", f"the live server answered id {i}, with its own Host")
+        eq(j["u"]["path"], f"/users/{i}", "the path")
+    eq(backend_count(s, "nx"), len(ids), "one fetch per id reached the live server")
+    for i in ids:
+        r, _ = get(d, f"/c/{i}")
+        eq(timing_desc(r), "cache-hit", f"id {i} again: a hit")
+        eq(_host_of(ta.ok_json(r)), f"127.0.0.1:{s.port}", "the stored answer")
+    eq(backend_count(s, "nx"), len(ids), "the hits reached no server")
+    text = metrics_text(d)
+    check(metric(d, 'gatherd_backend_retries_total{backend="c"}', text) >= 1,
+          "some fetches tried the dead server first and went on to the next")
+    eq(metric(d, "gatherd_cache_misses_total", text), len(ids), "misses")
+
+
+@ctest
+def cache_fetch_of_a_hash_balanced_backend_goes_to_the_keys_server():
+    """hash over {header.X-User}: a cached call's fetch goes to the server
+    its key picks, as an uncached call of the same request does (the fetch
+    carries the hash of the request that started it); both servers get
+    keys, and a hit reaches neither."""
+    s = [Stub() for _ in range(2)]
+    b = _servers(s, balance="hash", hash_key="{header.X-User}")
+    hdr = {"X-User": "{header.X-User}"}  # in the request, so in the cache key: one entry per user
+    plain = ta.route("/n/{id}", [ta.call("u", "/users/{id}?echo=1&tag=hn", backend="c", headers=hdr)], errors=True)
+    d = cache_daemon(s[0], [ta.call("u", "/users/{id}?echo=1&tag=hc", backend="c", headers=hdr,
+                                    cache={"ttl_ms": ms(60000)})],
+                     backends={"c": b}, workers=2, extra_routes=[plain])
+    keys = [f"user-{i}" for i in range(40)]
+    cached, uncached = {}, {}
+    for k in keys:
+        r, _ = get(d, "/c/1", headers={"X-User": k})
+        cached[k] = _host_of(ta.ok_json(r, what=f"cached {k}"))
+        r, _ = get(d, "/n/1", headers={"X-User": k})
+        uncached[k] = _host_of(ta.ok_json(r, what=f"uncached {k}"))
+    eq(cached, uncached, "each key's fetch went to the server an uncached call of it goes to")
+    per = {h: sum(1 for v in cached.values() if v == h) for h in set(cached.values())}
+    print(f"# hash placement of cached fetches: {per}")
+    eq(len(per), 2, f"both servers got keys: {per}")
+    n = backend_count(s[0], "hc") + backend_count(s[1], "hc")
+    eq(n, len(keys), "one fetch per key")
+    for k in keys[:10]:
+        r, _ = get(d, "/c/1", headers={"X-User": k})
+        eq(timing_desc(r), "cache-hit", f"{k} again: a hit")
+        eq(_host_of(ta.ok_json(r)), cached[k], f"{k}: the stored answer")
+    eq(backend_count(s[0], "hc") + backend_count(s[1], "hc"), len(keys), "the hits reached no server")
+
+
+@ctest
+def cache_no_healthy_server_goes_to_the_waiters_or_stale_if_error():
+    """Both servers of the backend die and outlier detection ejects them:
+    a key with an old answer gets it (stale_if_error), a key without one
+    fails with no_healthy_server, at once (no try is sent)."""
+    s = [Stub() for _ in range(2)]
+    ttl = ms(300)
+    b = _servers(s, outlier_detection={"consecutive_failures": 1, "eject_ms": ms(60000), "max_ejected_percent": 100})
+    d = cache_daemon(s[0], [ta.call("u", "/users/{id}?tag=nh", backend="c",
+                                    cache={"ttl_ms": ttl, "stale_if_error_ms": ms(60000)})],
+                     backends={"c": b})
+    j0 = ta.ok_json(get(d, "/c/1")[0])
+    for st in s:
+        st.close()
+    time.sleep(ttl / 1000.0 + 0.1)
+    r, _ = get(d, "/c/1")  # its fetch tries both servers, which ejects them
+    j = ta.ok_json(r, completed=False, what="the stale key")
+    eq(j["u"], j0["u"], "the old answer in place of the failure")
+    eq(j["_errors"]["u"]["code"], "stale", "_errors")
+    t0 = time.monotonic()
+    r, _ = get(d, "/c/2")
+    dt = time.monotonic() - t0
+    eq(r.status, 200, f"an optional call: {r.raw[:300]!r}")
+    eq(r.json()["_errors"]["u"]["code"], "no_healthy_server", "a key without an answer: the fetch's failure")
+    check(dt < 0.5 * SLOW, f"answered at once ({dt:.3f} s)")
+    r, _ = get(d, "/c/1")
+    eq(ta.ok_json(r, completed=False, what="the stale key again")["_errors"]["u"]["code"], "stale",
+       "no_healthy_server gives the old answer too")
+    check(metric(d, "gatherd_cache_stale_if_error_total") >= 2, "stale_if_error served")
+
+
 # --- memory, reload, configuration ---------------------------------------------------------
 
 @ctest
