@@ -33,6 +33,7 @@
 #include "gw_agg.h"
 #include "gw_alog.h"
 #include "gw_breaker.h"
+#include "gw_cond.h"
 #include "gw_budget.h"
 #include "gw_cache.h"
 #include "gw_cluster.h"
@@ -91,7 +92,9 @@
  * connect) takes up to 50 us, so 1024 at once held the loop 50 ms. */
 #define FILL_BATCH 64
 
-typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED } call_state_t;
+typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED, CALL_SKIPPED } call_state_t;
+/* What became of one element of a foreach call (call_rt_t.elem_done). */
+enum { ELEM_PENDING = 0, ELEM_OK, ELEM_FAILED, ELEM_SKIPPED };
 
 typedef struct xchg_s xchg_t;
 
@@ -106,7 +109,7 @@ typedef struct {
     /* foreach */
     json_t *items;     /* borrowed from the source call's answer */
     size_t nitems, next_item, running, done_items;
-    unsigned char *elem_done; /* per element: its exchange ended */
+    unsigned char *elem_done; /* per element: ELEM_*, not ELEM_PENDING once it is over */
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
     bool raw;          /* the answer is kept as checked bytes (in a->raws, or rbuf), not parsed */
@@ -224,6 +227,7 @@ struct ajob_s {
 static const gw_xchg_ops_t xchg_ops;
 static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, gw_fail_t code, int status);
+static void element_end(agg_t *a, size_t i, size_t item, gw_fail_t code, int status);
 static void foreach_fill(agg_t *a, size_t i);
 static json_t *shape(const gw_call_t *call, json_t *answer);
 static void agg_progress(agg_t *a);
@@ -390,27 +394,36 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
     /* foreach: the element's answer and shaped value go in its slot (which
      * holds the fallback, or null, until then) */
     rt->running--;
-    rt->done_items++;
-    rt->elem_done[item] = 1;
     if (value)
         json_array_set_new(rt->answer, item, value);
     if (shaped)
         json_array_set_new(rt->value, item, shaped);
-    if (code != GW_FAIL_NONE) {
-        if (rt->code == GW_FAIL_NONE) {
-            rt->code = code;
-            rt->status = status;
-        }
-        if (rt->failed == NULL)
-            rt->failed = json_array();
-        json_array_append_new(rt->failed, json_integer((json_int_t)item));
-        /* a required call fails the request with its first failed element:
-         * it is over, so Server-Timing and the access log name its code */
-        if (call->required)
-            call_complete(a, i, code, status);
-    }
+    element_end(a, i, item, code, status);
     if (!rt->filling)
         foreach_fill(a, i);
+}
+
+/* Element item of foreach call i is over, with code (GW_FAIL_NONE: it
+ * succeeded), its answer and value in their slots already. */
+static void
+element_end(agg_t *a, size_t i, size_t item, gw_fail_t code, int status)
+{
+    call_rt_t *rt = &a->calls[i];
+    rt->done_items++;
+    rt->elem_done[item] = code == GW_FAIL_NONE ? ELEM_OK : ELEM_FAILED;
+    if (code == GW_FAIL_NONE)
+        return;
+    if (rt->code == GW_FAIL_NONE) {
+        rt->code = code;
+        rt->status = status;
+    }
+    if (rt->failed == NULL)
+        rt->failed = json_array();
+    json_array_append_new(rt->failed, json_integer((json_int_t)item));
+    /* a required call fails the request with its first failed element:
+     * it is over, so Server-Timing and the access log name its code */
+    if (call_of(a, i)->required)
+        call_complete(a, i, code, status);
 }
 
 /* --- shaping ------------------------------------------------------------- */
@@ -462,12 +475,32 @@ shape(const gw_call_t *call, json_t *answer)
 /* Call i finished: OK when code is GW_FAIL_NONE. A foreach call is finished when
  * its last element is (its code is then the first failed element's), or
  * when it could not run at all. */
+static bool
+call_over(const call_rt_t *rt)
+{
+    return rt->state == CALL_OK || rt->state == CALL_FAILED || rt->state == CALL_SKIPPED;
+}
+
+/* The values of foreach call i without its skipped elements (a condition
+ * naming {item} filters the array when there is no skip_value). */
+static void
+drop_skipped(agg_t *a, size_t i)
+{
+    call_rt_t *rt = &a->calls[i];
+    json_t *kept = json_array();
+    for (size_t k = 0; k < rt->nitems; k++)
+        if (rt->elem_done[k] != ELEM_SKIPPED)
+            json_array_append(kept, json_array_get(rt->value, k));
+    json_decref(rt->value);
+    rt->value = kept;
+}
+
 static void
 call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
 {
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
-    if (rt->state == CALL_OK || rt->state == CALL_FAILED)
+    if (call_over(rt))
         return;
     if (rt->start_us)
         rt->end_us = gw_now_us();
@@ -479,6 +512,8 @@ call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
             code = rt->code;
             status = rt->status;
         }
+        if (call->when_item && !call->skip_value && !call->into && rt->value)
+            drop_skipped(a, i);
     } else if (code != GW_FAIL_NONE) {
         /* a successful answer was shaped by xchg_end(), or is kept unparsed
          * (rt->raw): the fallback is for failures only */
@@ -509,7 +544,7 @@ cancel_all(agg_t *a, gw_fail_t code)
     }
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         call_rt_t *rt = &a->calls[i];
-        if (rt->state == CALL_OK || rt->state == CALL_FAILED)
+        if (call_over(rt))
             continue;
         if (rt->elem_done) {
             /* a foreach call: the elements not answered failed too */
@@ -535,6 +570,44 @@ tpl_ctx(agg_t *a, const json_t *item, gw_tpl_ctx_t *ctx)
     ctx->nresults = a->route->agg.ncalls;
     ctx->item = item;
     return ctx;
+}
+
+/* Whether call's condition holds now (item: the foreach element, or NULL). */
+static bool
+cond_holds(agg_t *a, const gw_call_t *call, const json_t *item)
+{
+    gw_tpl_ctx_t ctx;
+    return gw_cond_eval(call->when, tpl_ctx(a, item, &ctx));
+}
+
+/* Call i is skipped (its condition does not hold, or a call it needs was
+ * skipped): nothing is sent, it is not a failure, and skip_value, if any,
+ * takes its place (for a call with "into", in the source's elements:
+ * enrich()). */
+static void
+call_skip(agg_t *a, size_t i)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    rt->state = CALL_SKIPPED;
+    a->pending--;
+    if (call->skip_value && !call->into)
+        rt->value = json_incref(call->skip_value);
+    gw_log_debug("aggregate %s: call %s skipped, request %s", a->route->pattern, call->name,
+                 gw_conn_req(a->c)->request_id);
+}
+
+/* Element k of foreach call i is skipped (its condition, which names
+ * {item}, does not hold): not sent, not a failure. */
+static void
+element_skip(agg_t *a, size_t i, size_t k)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    rt->done_items++;
+    rt->elem_done[k] = ELEM_SKIPPED;
+    if (call->skip_value)
+        json_array_set(rt->value, k, call->skip_value);
 }
 
 /* Builds x's request: head in x->req, a JSON body in x->out_body.
@@ -827,8 +900,23 @@ foreach_fill(agg_t *a, size_t i)
             break;
         }
         size_t k = rt->next_item++;
+        json_t *item = json_array_get(rt->items, k);
+        if (call->when_item && !cond_holds(a, call, item)) {
+            element_skip(a, i, k);
+            continue;
+        }
+        if (call->into && !json_is_object(item)) {
+            /* nowhere to put its result: not sent */
+            gw_log_rl(GW_LOG_NOTICE,
+                      "aggregate %s: call %s: element %zu of \"%s.%s\" is not an object, \"into\" cannot put a "
+                      "result in it, request %s", a->route->pattern, call->name, k,
+                      call_of(a, call->foreach_call)->name, gw_jpath_text(call->foreach_path),
+                      gw_conn_req(a->c)->request_id);
+            element_end(a, i, k, GW_FAIL_INVALID_VALUE, 0);
+            continue;
+        }
         rt->running++;
-        xchg_start(a, i, k, json_array_get(rt->items, k));
+        xchg_start(a, i, k, item);
     }
     rt->filling = false;
     if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
@@ -905,22 +993,28 @@ schedule(agg_t *a)
         for (size_t i = 0; i < n && !a->fatal; i++) {
             if (a->calls[i].state != CALL_WAITING)
                 continue;
-            uint64_t deps = call_of(a, i)->deps;
-            bool ready = true, failed = false;
+            const gw_call_t *call = call_of(a, i);
+            uint64_t deps = call->deps;
+            bool ready = true, failed = false, skip = false;
             for (size_t d = 0; d < n && deps; d++, deps >>= 1) {
                 if (!(deps & 1))
                     continue;
                 if (a->calls[d].state == CALL_FAILED)
                     failed = true;
+                else if (a->calls[d].state == CALL_SKIPPED)
+                    skip = skip || (call->needs & (1ULL << d)); /* else only its "when" names it: absent there */
                 else if (a->calls[d].state != CALL_OK)
                     ready = false;
             }
+            /* a failure decides at once; a skip once every dependency is over */
             if (failed)
                 call_complete(a, i, GW_FAIL_DEPENDENCY_FAILED, 0);
-            else if (ready)
-                call_start(a, i);
-            else
+            else if (!ready)
                 continue;
+            else if (skip || (call->when && !call->when_item && !cond_holds(a, call, NULL)))
+                call_skip(a, i);
+            else
+                call_start(a, i);
             changed = true;
         }
     }
@@ -984,9 +1078,10 @@ server_timing(agg_t *a)
     for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         const call_rt_t *rt = &a->calls[i];
         timing_add(h, i == 0, call_of(a, i)->name, call_us(rt),
-                   rt->state == CALL_FAILED ? gw_fail_name(rt->code)
-                   : rt->hedge_won          ? "hedge"
-                                            : served_desc[rt->served]);
+                   rt->state == CALL_FAILED    ? gw_fail_name(rt->code)
+                   : rt->state == CALL_SKIPPED ? "skipped"
+                   : rt->hedge_won             ? "hedge"
+                                               : served_desc[rt->served]);
     }
     timing_add(h, false, "total", gw_now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
@@ -1016,6 +1111,63 @@ respond_error(agg_t *a)
     gw_conn_error_headers(a->c, status, gw_fail_name(rt->code), extra, a->hdrs.data);
 }
 
+/*
+ * The value of call s, which succeeded, when calls with "into" put their
+ * results into its answer: a copy of the answer (only the containers on
+ * the way and the elements that get a key are copied; templates keep
+ * seeing the answer as the backend sent it), each such call's results put
+ * in the order the calls are listed, then shaped as the call's own answer
+ * is. Replaces rt->value. Runs where the aggregate is built (maybe the
+ * thread pool): it reads only this request's results and the route.
+ */
+static void
+enrich(agg_t *a, size_t s)
+{
+    call_rt_t *src = &a->calls[s];
+    json_t *doc = json_incref(src->answer);
+    for (size_t j = 0; j < a->route->agg.ncalls && doc != NULL; j++) {
+        const gw_call_t *cj = call_of(a, j);
+        const call_rt_t *rj = &a->calls[j];
+        if (cj->into == NULL || cj->foreach_call != s)
+            continue;
+        bool whole_skip = rj->state == CALL_SKIPPED;
+        /* nothing to put when it never ran (its array was absent or too
+         * long, the deadline came first) or was skipped without skip_value */
+        if (whole_skip ? cj->skip_value == NULL : rj->elem_done == NULL)
+            continue;
+        json_t *arr = gw_jpath_get(cj->foreach_path, doc);
+        if (!json_is_array(arr))
+            continue; /* a skipped call's array was never looked at */
+        json_t *out = json_array();
+        for (size_t k = 0; k < json_array_size(arr); k++) {
+            json_t *e = json_array_get(arr, k);
+            json_t *put = NULL;
+            if (json_is_object(e) && whole_skip)
+                put = cj->skip_value;
+            else if (json_is_object(e) && k < rj->nitems)
+                put = rj->elem_done[k] == ELEM_OK        ? json_array_get(rj->value, k)
+                      : rj->elem_done[k] == ELEM_SKIPPED ? cj->skip_value
+                                                         : cj->fallback; /* failed, or cut short by the deadline */
+            if (put == NULL) {
+                json_array_append(out, e);
+                continue;
+            }
+            json_t *copy = json_copy(e);
+            json_object_set(copy, cj->into, put);
+            json_array_append_new(out, copy);
+        }
+        json_t *next = gw_jpath_replace(doc, cj->foreach_path, out);
+        json_decref(doc);
+        doc = next;
+    }
+    json_t *v = doc ? shape(call_of(a, s), doc) : NULL;
+    json_decref(doc);
+    if (v == NULL)
+        return; /* the target went away under an enrichment ("into" replaced a key on its way): as sent */
+    json_decref(src->value);
+    src->value = v;
+}
+
 /* Builds the aggregate of a finished request into a->out (and
  * a->complete), on the loop or on the thread pool (build_run): it reads
  * the route and the calls' results, which nothing changes meanwhile. */
@@ -1031,6 +1183,9 @@ respond_build(agg_t *a)
     a->out.len = 0;
     gw_tpl_buf_add(&a->out, "{", 1);
     bool complete = true;
+    for (size_t i = 0; route->agg.enriched && i < route->agg.ncalls; i++)
+        if ((route->agg.enriched & (1ULL << i)) && a->calls[i].state == CALL_OK && a->calls[i].answer)
+            enrich(a, i);
     for (size_t i = 0; i < route->agg.ncalls; i++) {
         const gw_call_t *call = call_of(a, i);
         call_rt_t *rt = &a->calls[i];
@@ -1058,6 +1213,8 @@ respond_build(agg_t *a)
                                                                   (json_int_t)rt->stale_age_ms));
             }
         }
+        if (call->into)
+            continue; /* its results are in its source's value */
         if (rt->value == NULL && !(rt->raw && rt->state == CALL_OK))
             continue;
         if (group) {

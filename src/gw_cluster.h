@@ -58,6 +58,26 @@
  * backups). So when the cap allows no server at all (n = 1 at 50%, or 0%),
  * nothing is ejected; with n = 3 at 50% at most one. A failure run that
  * reaches the threshold when the cap refuses starts counting anew.
+ *
+ * A server named by host name is one server here, whatever its DNS answer:
+ * it is balanced with its configured weight, and its pool spreads that
+ * server's requests evenly over the name's addresses (gw_upstream.h), so
+ * each address gets weight / naddrs. Health checks and outlier detection
+ * are the server's too: a check goes to the next address in turn and its
+ * result is the server's, a failure on any address counts for the server,
+ * and an address is never ejected on its own (only a failed connect makes
+ * the pool skip it for GW_DNS_ADDR_DOWN_MS). nginx makes each address of a
+ * server's name a peer of its own, with the server's weight each (so the
+ * name's share grows with its answer) and max_fails per address; Envoy's
+ * STRICT_DNS makes each address a host, balanced, checked and ejected
+ * alone. gatherd keeps the unit the configuration names: the weight the
+ * operator wrote holds whatever the answer's size, the servers' shared
+ * state is made once per configuration (an answer that changes every TTL
+ * would otherwise create and drop servers, with their health, ejection and
+ * metrics labels, on every worker), and the ejection cap counts the
+ * servers written. Accepted: an address that accepts connections but
+ * answers badly is not taken out alone; list such instances as servers by
+ * IP address when they must be judged one by one.
  */
 #ifndef GW_CLUSTER_H
 #define GW_CLUSTER_H

@@ -14,6 +14,7 @@
  */
 #include "gw_cache.h"
 #include "gw_config.h"
+#include "gw_cond.h"
 #include "gw_breaker.h"
 #include "gw_cluster.h"
 #include "gw_http.h"
@@ -1753,7 +1754,7 @@ out:
 static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
                                          "timeout_ms", "required", "fallback", "group", "after", "foreach",
                                          "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
-                                         "hedge_after_ms", "cache", "coalesce", NULL };
+                                         "hedge_after_ms", "when", "skip_value", "into", "cache", "coalesce", NULL };
 
 /* Headers a call may neither set nor forward: gatherd writes them itself
  * (Host, framing, the request id, X-Forwarded-*, Via), or they are
@@ -1787,6 +1788,9 @@ call_free(gw_call_t *call)
     json_decref(call->fallback);
     free(call->group);
     gw_jpath_free(call->foreach_path);
+    free(call->into);
+    gw_cond_free(call->when);
+    json_decref(call->skip_value);
     gw_jpath_free(call->target_path);
     gw_jpath_sel_free(call->allow);
     gw_jpath_sel_free(call->deny);
@@ -2076,6 +2080,58 @@ parse_call_foreach(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call
     return GW_OK;
 }
 
+/* "into": "product": the key each element's result is put under, in the
+ * element of the source's answer it came from. Checked against the other
+ * calls once they are all parsed (check_into). */
+static int
+parse_call_into(ctx_t *c, json_t *v, gw_call_t *call)
+{
+    json_t *x = json_object_get(v, "into");
+    if (x == NULL)
+        return GW_OK;
+    if (!call->foreach)
+        return fail_in(c, "into", "only for a call with \"foreach\": it puts each element's result into the element");
+    char jerr[256];
+    gw_jpath_t *p = json_is_string(x) && json_string_length(x) == strlen(json_string_value(x))
+                        ? gw_jpath_compile(json_string_value(x), jerr, sizeof(jerr))
+                        : NULL;
+    bool key = p != NULL && gw_jpath_is_key(p);
+    gw_jpath_free(p);
+    if (!key)
+        return fail_in(c, "into", "must be one key like \"product\" (no \".\", \"[\", \"]\", \"{\", \"}\" or "
+                                  "control character)");
+    call->into = gw_strdup(json_string_value(x));
+    return GW_OK;
+}
+
+/* "when": the call's condition (gw_cond.h), compiled against its scope. */
+static int
+parse_call_when(ctx_t *c, json_t *v, gw_call_t *call, const gw_tpl_scope_t *scope)
+{
+    gw_cond_err_t cerr;
+    call->when = gw_cond_compile(v, scope, &cerr);
+    if (call->when == NULL) {
+        push_key(c, "when");
+        for (size_t i = 0; i < cerr.nsteps; i++) {
+            if (cerr.steps[i].key != NULL)
+                push_key(c, cerr.steps[i].key);
+            else
+                push_index(c, cerr.steps[i].index);
+        }
+        /* on the key when the error names one, else on the condition */
+        fail_at(c, cerr.nsteps > 0 && cerr.steps[cerr.nsteps - 1].key != NULL, "%s", cerr.msg);
+        c->depth -= cerr.nsteps + 1;
+        return GW_ERR;
+    }
+    uint64_t deps = gw_cond_deps(call->when);
+    if (deps & (1ULL << call->index))
+        return fail_in(c, "when", "names the answer of call \"%s\" itself: a call cannot wait for it", call->name);
+    call->deps |= deps;
+    call->reads |= deps;
+    call->when_item = gw_cond_uses_item(call->when);
+    return GW_OK;
+}
+
 /* "allow" or "deny": a non-empty array of JSON paths, compiled into a
  * selection. */
 static int
@@ -2160,14 +2216,19 @@ parse_call_group(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call)
 {
     json_t *g = json_object_get(v, "group");
     const char *key = g != NULL ? "group" : "name";
+    if (g != NULL && call->into)
+        return fail_in(c, "group", "\"group\" and \"into\" cannot be used together: a call with \"into\" has no "
+                                   "key of its own, its results are in its source's answer");
     if (g != NULL && (!json_is_string(g) || json_string_length(g) == 0))
         return fail_in(c, "group", "must be a non-empty string");
     call->group = gw_strdup(g != NULL ? json_string_value(g) : call->name);
+    if (call->into)
+        return GW_OK; /* no key in the aggregate: nothing to collide with */
     if (strcmp(call->group, "_errors") == 0)
         return fail_in(c, key, "group \"_errors\" is reserved for the error report%s",
                        g != NULL ? "" : ": set another \"group\"");
     for (size_t i = 0; i < call->index; i++)
-        if (strcmp(route->agg.calls[i]->group, call->group) == 0)
+        if (!route->agg.calls[i]->into && strcmp(route->agg.calls[i]->group, call->group) == 0)
             return fail_in(c, key, "group \"%s\" is already the group of call \"%s\"", call->group,
                            route->agg.calls[i]->name);
     return GW_OK;
@@ -2198,7 +2259,7 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
     }
 
     /* foreach first: it decides whether the templates may use {item}. */
-    if (parse_call_foreach(c, v, route, call) != GW_OK)
+    if (parse_call_foreach(c, v, route, call) != GW_OK || parse_call_into(c, v, call) != GW_OK)
         return GW_ERR;
 
     json_t *path = json_object_get(v, "path");
@@ -2262,6 +2323,16 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
     call->reads = call->deps; /* templates and foreach so far; "after" only waits */
     if ((x = json_object_get(v, "after")) != NULL && parse_call_after(c, x, route, call) != GW_OK)
         return GW_ERR;
+    call->needs = call->deps; /* before "when": a skipped call is only absent there */
+    if ((x = json_object_get(v, "when")) != NULL && parse_call_when(c, x, call, scope) != GW_OK)
+        return GW_ERR;
+    if ((x = json_object_get(v, "skip_value")) != NULL) {
+        /* a copy, as for fallback; whether the call can be skipped at all is
+         * known once every call is parsed (check_skippable) */
+        call->skip_value = json_deep_copy(x);
+        if (call->skip_value == NULL)
+            return fail_in(c, "skip_value", "cannot copy the value");
+    }
 
     if ((x = json_object_get(v, "target")) != NULL) {
         char jerr[256];
@@ -2356,6 +2427,72 @@ find_cycle(const gw_route_t *route, char *buf, size_t len)
     return false;
 }
 
+/* Calls with "into": the source may not be a foreach call (its answer is
+ * the array of its own results), and two calls may not put the same key
+ * into the same array. The error is reported at the later call. */
+static int
+check_into(ctx_t *c, const gw_route_t *route)
+{
+    for (size_t i = 0; i < route->agg.ncalls; i++) {
+        const gw_call_t *call = route->agg.calls[i];
+        if (call->into == NULL)
+            continue;
+        const gw_call_t *src = route->agg.calls[call->foreach_call];
+        const char *why = NULL;
+        char msg[512];
+        if (src->foreach) {
+            snprintf(msg, sizeof(msg), "cannot put results into call \"%s\": it is a foreach call (its answer is the "
+                                       "array of its own results)", src->name);
+            why = msg;
+        }
+        for (size_t j = 0; j < i && why == NULL; j++) {
+            const gw_call_t *o = route->agg.calls[j];
+            if (o->into && o->foreach_call == call->foreach_call && strcmp(o->into, call->into) == 0 &&
+                strcmp(gw_jpath_text(o->foreach_path), gw_jpath_text(call->foreach_path)) == 0) {
+                snprintf(msg, sizeof(msg), "call \"%s\" already puts \"%s\" into the elements of the same array: "
+                                           "choose another key", o->name, call->into);
+                why = msg;
+            }
+        }
+        if (why != NULL) {
+            push_index(c, i); /* inside "calls" */
+            fail_in(c, "into", "%s", why);
+            pop(c);
+            return GW_ERR;
+        }
+    }
+    return GW_OK;
+}
+
+/* "skip_value" only on a call that can be skipped: it has "when", or it
+ * needs (templates, after, foreach) a call that can be skipped. */
+static int
+check_skippable(ctx_t *c, const gw_route_t *route)
+{
+    size_t n = route->agg.ncalls;
+    uint64_t can = 0;
+    for (size_t i = 0; i < n; i++)
+        if (route->agg.calls[i]->when)
+            can |= 1ULL << i;
+    for (bool changed = true; changed;) { /* the dependency graph has no cycle: at most n rounds */
+        changed = false;
+        for (size_t i = 0; i < n; i++)
+            if (!(can & (1ULL << i)) && (route->agg.calls[i]->needs & can)) {
+                can |= 1ULL << i;
+                changed = true;
+            }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (route->agg.calls[i]->skip_value == NULL || (can & (1ULL << i)))
+            continue;
+        push_index(c, i); /* inside "calls" */
+        fail_in(c, "skip_value", "the call is never skipped: it has no \"when\" and needs no call that has one");
+        pop(c);
+        return GW_ERR;
+    }
+    return GW_OK;
+}
+
 /* The keys of a route with "calls": "calls", "deadline_ms", "merge", "errors". */
 static int
 parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
@@ -2428,9 +2565,13 @@ parse_agg(ctx_t *c, json_t *v, gw_route_t *route)
         fail(c, "dependency cycle: %s (each call waits for the next one)", cycle);
         goto out;
     }
+    if (check_into(c, route) != GW_OK || check_skippable(c, route) != GW_OK)
+        goto out;
     for (size_t i = 0; i < route->agg.ncalls; i++) {
         route->agg.read |= route->agg.calls[i]->reads;
         route->agg.uses_body |= route->agg.calls[i]->forward_body;
+        if (route->agg.calls[i]->into)
+            route->agg.enriched |= 1ULL << route->agg.calls[i]->foreach_call;
     }
     rc = GW_OK;
 out:

@@ -222,12 +222,21 @@ struct gw_call_s {
     uint64_t deps;               /* calls that must finish first: from its templates, "after"
                                     and the foreach source; bit i = calls[i] */
     uint64_t reads;              /* the calls of deps whose answers it reads (not "after") */
+    uint64_t needs;              /* the calls of deps whose skip skips it: templates, "after",
+                                    foreach; not those only its "when" names (a skipped call is
+                                    absent there) */
+    /* "when": sent only when it holds (gw_cond.h); NULL: always */
+    gw_cond_t *when;
+    bool when_item;              /* it reads {item}: decided per element of a foreach call */
+    json_t *skip_value;          /* "skip_value": put in its place when skipped; NULL: none. Owned. */
     /* "foreach": "orders.items": one request per element of that array */
     bool foreach;
     size_t foreach_call;         /* index of the call whose answer holds the array */
     gw_jpath_t *foreach_path;    /* the array inside that answer (the root for "orders") */
     unsigned foreach_concurrency; /* elements in flight at once (default 8) */
     unsigned foreach_max;        /* most elements; more fails the call with too_many_items (default 100) */
+    char *into;                  /* "into": each element's result goes under this key of the element
+                                    in the source's answer; the call has no key of its own. NULL: none */
     /* shaping of the answer, in this order */
     gw_jpath_t *target_path;     /* "target": the value to keep; NULL: the whole answer */
     gw_jpath_sel_t *allow;       /* "allow": keep only these paths; NULL: none */
@@ -262,7 +271,8 @@ struct gw_route_s {
         int deadline_ms;             /* the whole request (default 5000) */
         gw_merge_t merge;            /* "merge": "group" (default) or "merge" */
         bool errors;                 /* "errors": true adds "_errors" to degraded answers */
-        uint64_t read;               /* calls whose answers other calls read (templates, foreach) */
+        uint64_t read;               /* calls whose answers other calls read (templates, foreach, when) */
+        uint64_t enriched;           /* calls whose answers calls with "into" put results into */
         bool uses_body;              /* a call forwards the client's body ("body": "forward"); else
                                         the body is read and dropped (templates cannot see it) */
         char **params;               /* the pattern's parameter names, in order */

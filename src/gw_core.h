@@ -77,6 +77,7 @@ typedef struct gw_jpath_s gw_jpath_t;
 typedef struct gw_jpath_sel_s gw_jpath_sel_t;
 typedef struct gw_tpl_s gw_tpl_t;
 typedef struct gw_tpl_json_s gw_tpl_json_t;
+typedef struct gw_cond_s gw_cond_t;
 
 /* Allocation wrappers: never return NULL (abort with a log line instead). */
 void *gw_malloc(size_t n);

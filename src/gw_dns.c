@@ -711,12 +711,21 @@ gw_dns_name_mark_down(gw_dns_name_t *n, unsigned gen, size_t idx)
 }
 
 bool
-gw_dns_name_has(const gw_dns_name_t *n, const struct sockaddr *sa, socklen_t len)
+gw_dns_name_find(const gw_dns_name_t *n, const struct sockaddr *sa, socklen_t len, size_t *idx)
 {
     for (size_t i = 0; i < n->naddrs; i++)
-        if (same_addr(&n->addrs[i].sa, n->addrs[i].len, sa, len))
+        if (same_addr(&n->addrs[i].sa, n->addrs[i].len, sa, len)) {
+            *idx = i;
             return true;
+        }
     return false;
+}
+
+bool
+gw_dns_name_has(const gw_dns_name_t *n, const struct sockaddr *sa, socklen_t len)
+{
+    size_t idx;
+    return gw_dns_name_find(n, sa, len, &idx);
 }
 
 const char *

@@ -13,7 +13,8 @@
  * Setting it up reads no file: it only opens the nameservers' sockets.
  *
  * gw_dns_name_t is what one worker knows about one name (one per
- * connection pool): every A and AAAA answer, used in turn, kept for the
+ * connection pool): every A and AAAA answer, used in turn (by requests,
+ * gw_upstream.h; by health checks, gw_hcheck.h), kept for the
  * answer's TTL clamped to [min_ttl_ms, max_ttl_ms]. An expired answer is
  * still used while a background query refreshes it, so a request never waits
  * for a refresh when addresses are known. A failed resolution is remembered
@@ -131,8 +132,8 @@ void gw_dns_name_init(gw_dns_name_t *n, gw_dns_t *dns, const char *host, uint16_
 void gw_dns_name_free(gw_dns_name_t *n);
 
 /*
- * The address for the next connection, in turn, skipping addresses marked
- * down while others are up. Starts a query first when the answer expired
+ * The address for the next request (gw_upstream) or check (gw_hcheck), in
+ * turn, skipping addresses marked down while others are up. Starts a query first when the answer expired
  * (the old addresses are still returned meanwhile). GW_OK with *out and
  * *idx set (*out valid until the next gw_dns_* call on n); GW_AGAIN when
  * there is no address yet and a query is in flight (cb will tell);
@@ -150,6 +151,8 @@ void gw_dns_name_mark_down(gw_dns_name_t *n, unsigned gen, size_t idx);
 
 /* True when sa is one of n's current addresses. */
 bool gw_dns_name_has(const gw_dns_name_t *n, const struct sockaddr *sa, socklen_t len);
+/* The same, and *idx gets sa's index among them (unchanged when false). */
+bool gw_dns_name_find(const gw_dns_name_t *n, const struct sockaddr *sa, socklen_t len, size_t *idx);
 
 /* "127.0.0.1, [::1]" (the first few addresses of n), for log lines. */
 const char *gw_dns_name_list(const gw_dns_name_t *n, char *buf, size_t len);

@@ -4,7 +4,8 @@
  * breaker and metrics, shared by aggregate calls and proxy routes.
  *
  * A try: xchg_try() picks the try's server (gw_cluster_pick), takes a
- * connection of its pool, queues the head (with the server's Host) and
+ * connection of its pool (or, every usable server being full, xchg_wait()
+ * waits for the first of them to free one), queues the head (with the server's Host) and
  * lets the owner add the body (ops->begin), and sends. The answer
  * goes through gw_resp into the owner's callbacks. Upstream events become
  * one of ops->done or ops->fail; a pooled connection that the backend had
@@ -129,13 +130,25 @@ xchg_send(gw_xchg_t *x, bool fresh)
     return GW_OK;
 }
 
+/* The servers gw_cluster_pick() chooses from now: the usable primaries,
+ * or the usable backups when no primary is usable (bit per index). */
+static uint32_t
+xchg_usable(const gw_backend_t *b, uint64_t now)
+{
+    uint32_t prim = 0, back = 0;
+    for (unsigned k = 0; k < b->nservers; k++)
+        if (gw_cluster_usable(&b->servers[k], now))
+            *(b->servers[k].backup ? &back : &prim) |= 1u << k;
+    return prim ? prim : back;
+}
+
 /*
  * A new try: picks its server (never one in x->tried while another usable
  * one is left) and sends on it; a server whose pool is full is passed over
  * for the next usable one with room (a full pool says nothing of its
  * health, and a call should not wait while another server has a free
  * connection). GW_FAIL_NONE; UNAVAILABLE when every usable server is full
- * (x->target: the first one picked, whose queue the try may join);
+ * (x->target: the first one picked, charged with the wait when its queue has room);
  * NO_HEALTHY_SERVER when no server is usable; CONNECT_FAILED when no
  * socket could be made (errno set).
  */
@@ -177,6 +190,28 @@ xchg_try(gw_xchg_t *x, bool fresh)
     return GW_FAIL_UNAVAILABLE;
 }
 
+/*
+ * Queues x's try for the first connection freed on any server it may take:
+ * the usable candidates (xchg_usable), the untried ones among them when
+ * there are (a retry still prefers another server, as gw_cluster_pick()
+ * does), whatever the balance (a full pool breaks a hash's affinity at
+ * once too: xchg_try). The call counts towards max_pending of x->target,
+ * the server picked first, or of another of them whose queue has room.
+ * expires_ms: when its queue_timeout_ms ends. GW_FAIL_NONE, or QUEUE_FULL.
+ */
+static gw_fail_t
+xchg_wait(gw_xchg_t *x, uint64_t expires_ms)
+{
+    uint32_t servers = xchg_usable(x->b, gw_now_ms());
+    if (servers & ~x->tried)
+        servers &= ~x->tried;
+    if (servers == 0) /* every server became unusable since it was picked (the checker's thread) */
+        servers = 1u << x->target;
+    if (gw_upstream_wait(x->w, x->b, servers, x->target, expires_ms, &x->wait, xchg_wait_cb, x) != GW_OK)
+        return GW_FAIL_QUEUE_FULL;
+    return GW_FAIL_NONE;
+}
+
 /* A try without a connection yet: send it, or queue it when the backend
  * has a queue. GW_FAIL_NONE, or why it could not (errno kept for
  * CONNECT_FAILED). */
@@ -185,13 +220,11 @@ xchg_try_or_wait(gw_xchg_t *x)
 {
     gw_fail_t code = xchg_try(x, false);
     if (code == GW_FAIL_UNAVAILABLE && x->b->max_pending > 0) {
-        /* max_connections in use on every usable server: wait for one of
-         * the server picked first (xchg_wait_cb) */
-        if (gw_upstream_wait(x->w, x->b, x->target, &x->wait, xchg_wait_cb, x) != GW_OK)
-            return GW_FAIL_QUEUE_FULL;
-        if (x->ops->queued)
+        /* max_connections in use on every usable server: wait for the
+         * first of them to free one (xchg_wait_cb) */
+        code = xchg_wait(x, gw_now_ms() + (uint64_t)x->b->queue_timeout_ms);
+        if (code == GW_FAIL_NONE && x->ops->queued)
             x->ops->queued(x, true);
-        return GW_FAIL_NONE;
     }
     return code;
 }
@@ -426,15 +459,15 @@ xchg_wait_cb(gw_upstream_wait_t *wt, int status, void *arg)
     gw_xchg_t *x = arg;
     const gw_xchg_ops_t *ops = x->ops;
     void *sarg = x->sarg;
-    GW_UNUSED(wt);
     if (status != GW_OK) {
         xchg_fail(x, GW_XCHG_QUEUE, GW_FAIL_QUEUE_TIMEOUT, "waiting in the backend's queue (queue_timeout_ms)", 0);
         ops->settle(sarg);
         return;
     }
-    int rc = xchg_send(x, false); /* the server whose queue it waited in */
-    if (rc == GW_AGAIN && gw_upstream_wait(x->w, x->b, x->target, &x->wait, xchg_wait_cb, x) == GW_OK) {
-        ops->settle(sarg); /* taken by another: wait again */
+    x->target = wt->si; /* the first of its servers that freed a connection */
+    int rc = xchg_send(x, false);
+    if (rc == GW_AGAIN && xchg_wait(x, wt->expires_ms) == GW_FAIL_NONE) {
+        ops->settle(sarg); /* taken by another: wait again, until the same expiry */
         return;
     }
     if (rc == GW_AGAIN)
@@ -588,14 +621,8 @@ next_server(const gw_xchg_t *x)
                 (x->fail_cause == GW_XCHG_BROKE && x->fail_code == GW_FAIL_RESET);
     if (!conn)
         return false;
-    /* an untried server among those gw_cluster_pick() would choose from:
-     * the usable primaries, or the usable backups when no primary is */
-    uint64_t now = gw_now_ms();
-    uint32_t prim = 0, back = 0;
-    for (unsigned k = 0; k < b->nservers; k++)
-        if (gw_cluster_usable(&b->servers[k], now))
-            *(b->servers[k].backup ? &back : &prim) |= 1u << k;
-    return ((prim ? prim : back) & ~x->tried) != 0;
+    /* an untried server among those gw_cluster_pick() would choose from */
+    return (xchg_usable(b, gw_now_ms()) & ~x->tried) != 0;
 }
 
 bool
@@ -766,7 +793,7 @@ gw_xchg_close(gw_xchg_t *x, bool reusable)
         if (x->counted)
             gw_retry_request_end(rc);
     }
-    gw_upstream_wait_cancel(&x->wait);
+    gw_upstream_wait_free(&x->wait); /* its extra places too */
     if (x->admitted) /* cancelled: deadline, fail fast, client gone */
         gw_breaker_abandon(x->b);
     xchg_drop_conn(x, reusable); /* a try still open is cancelled: its server hears nothing */
@@ -790,6 +817,7 @@ gw_xchg_close(gw_xchg_t *x, bool reusable)
 void
 gw_xchg_destroy(gw_xchg_t *x)
 {
+    gw_upstream_wait_free(&x->wait);
     if (x->timer)
         event_free(x->timer);
     if (x->rtimer)

@@ -30,7 +30,12 @@
  * retry or a hedge goes to a server not tried yet when there is one; a
  * hash balance uses x->hash). A server whose pool is full is passed over
  * for another usable one with room; only when every usable server is full
- * does the try wait, in the queue of the server it picked. No usable
+ * does the try wait, in the queues of all of them at once (the untried
+ * ones when there are), and it takes the first server that frees a
+ * connection while usable (gw_upstream_wait()); it counts towards the
+ * max_pending of the server it picked first, or of another of them whose
+ * queue has room. Those are its configuration's servers: across a reload
+ * a waiting call never gets a server of another configuration. No usable
  * server fails the try with NO_HEALTHY_SERVER at once. The resend on a
  * stale pooled connection stays on its server (a new connection). A try
  * counts in its server's in-flight requests (least_request) from the
@@ -55,7 +60,9 @@
  *
  * Ownership: the gw_xchg_t is embedded in the owner's context and owned by
  * it; the exchange owns its connection (released by gw_xchg_detach() or
- * gw_xchg_close()), its wait-queue entry, its retry-budget slot and count,
+ * gw_xchg_close()), its wait-queue entry (with the places in other
+ * servers' queues it allocates when it waits for several, freed by
+ * gw_xchg_close()), its retry-budget slot and count,
  * and its timers (kept across requests, freed by gw_xchg_destroy()). The
  * request head is borrowed: it must stay unchanged until the exchange is
  * closed (a retry sends it again). Every entry point from the loop (an
@@ -153,7 +160,7 @@ struct gw_xchg_s {
     gw_upstream_t *u;       /* the try's connection, NULL while queued or between tries; the owner may
                              * write to its output and stop or resume its reading (a streamed body, a
                              * slow client), never release it */
-    gw_upstream_wait_t wait; /* queued for a connection of a full pool */
+    gw_upstream_wait_t wait; /* queued for a connection of full pools (of one or several servers) */
     gw_resp_t rd;           /* the answer being read */
     const char *head;       /* the request head (borrowed) */
     size_t head_len;
@@ -275,7 +282,7 @@ gw_xchg_ended(gw_xchg_t *x, gw_fail_t code)
 void gw_xchg_detach(gw_xchg_t *x, bool reusable);
 
 /* Ends the exchange: the call counted for the metrics, budget slot and
- * count given back, queue left, an open admission abandoned, the
+ * count given back, queues left (their extra places freed), an open admission abandoned, the
  * connection pooled when reusable else closed, timers stopped, unlinked
  * from its twin or owner; x is ready for gw_xchg_init() again (its
  * timers kept: an owner that clears its context for reuse keeps x as it

@@ -185,6 +185,46 @@ put(json_t *v, const step_t *s, json_t *value)
     return json_array_set_new(v, s->index, value) == 0 ? GW_OK : GW_ERR;
 }
 
+/* replace_at() below: a copy of node (shallow) whose value at steps d.. of
+ * p is value (stolen), or NULL (value dropped) when a step finds nothing. */
+static json_t *
+replace_at(const json_t *node, const gw_jpath_t *p, size_t d, json_t *value)
+{
+    if (d == p->nsteps)
+        return value;
+    const step_t *s = &p->steps[d];
+    json_t *child = step_get(node, s);
+    if (child == NULL) {
+        json_decref(value);
+        return NULL;
+    }
+    json_t *nc = replace_at(child, p, d + 1, value);
+    if (nc == NULL)
+        return NULL;
+    json_t *copy = json_copy((json_t *)node);
+    if (copy == NULL || put(copy, s, nc) != GW_OK) {
+        json_decref(copy);
+        return NULL;
+    }
+    return copy;
+}
+
+json_t *
+gw_jpath_replace(const json_t *root, const gw_jpath_t *p, json_t *value)
+{
+    if (root == NULL) {
+        json_decref(value);
+        return NULL;
+    }
+    return replace_at(root, p, 0, value);
+}
+
+bool
+gw_jpath_is_key(const gw_jpath_t *p)
+{
+    return p->nsteps == 1 && p->steps[0].key != NULL;
+}
+
 int
 gw_jpath_set(json_t *root, const gw_jpath_t *p, json_t *value)
 {

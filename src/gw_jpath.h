@@ -69,6 +69,19 @@ json_t *gw_jpath_get(const gw_jpath_t *p, const json_t *root);
 int gw_jpath_set(json_t *root, const gw_jpath_t *p, json_t *value);
 
 /*
+ * A copy of root with the value at p replaced by value (STOLEN, always):
+ * only the containers on the way are copied (shallow), everything else is
+ * shared with root, which is not changed (see "Sharing" above). The empty
+ * path gives value itself. NULL (value dropped) when a step of p finds
+ * nothing in root: it replaces, it never creates.
+ */
+json_t *gw_jpath_replace(const json_t *root, const gw_jpath_t *p, json_t *value);
+
+/* True when p is one key step ("product"): a key that allow, deny and
+ * templates can name. */
+bool gw_jpath_is_key(const gw_jpath_t *p);
+
+/*
  * Removes the value at p from its parent, in place. Removing an array
  * element shifts the later ones down. Returns true when something was
  * removed; false when it was absent, the types did not fit, or p is the

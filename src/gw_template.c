@@ -48,6 +48,7 @@ struct gw_tpl_s {
     part_t *parts;
     size_t nparts, cap;
     uint64_t deps;
+    bool item; /* a placeholder reads the foreach item */
 };
 
 /* --- small helpers ---------------------------------------------------------- */
@@ -409,6 +410,7 @@ tpl_compile(const char *src, tpl_mode_t mode, const gw_tpl_scope_t *scope, char 
             if (ph == NULL)
                 goto fail;
             ph->in_query = in_query;
+            t->item = t->item || ph->src == SRC_ITEM;
             if (litlen > 0) {
                 add_part(t, gw_strndup(lit, litlen), litlen, NULL);
                 litlen = 0;
@@ -767,6 +769,7 @@ struct jnode_s {
 struct gw_tpl_json_s {
     jnode_t root;
     uint64_t deps;
+    bool item; /* a placeholder reads the foreach item */
 };
 
 static void
@@ -799,6 +802,18 @@ gw_tpl_json_deps(const gw_tpl_json_t *t)
     return t->deps;
 }
 
+bool
+gw_tpl_json_uses_item(const gw_tpl_json_t *t)
+{
+    return t->item;
+}
+
+bool
+gw_tpl_json_is_const(const gw_tpl_json_t *t)
+{
+    return t->root.kind == JN_CONST;
+}
+
 /* Location of the value being compiled, in gw_jpath syntax, for errors. */
 typedef struct {
     char buf[256];
@@ -820,8 +835,8 @@ loc_push(loc_t *l, const char *key, size_t index)
 }
 
 static int
-jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t *deps, loc_t *loc, char *err,
-              size_t errlen)
+jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t *deps, bool *item, loc_t *loc,
+              char *err, size_t errlen)
 {
     if (json_is_string(v)) {
         char msg[512];
@@ -831,6 +846,7 @@ jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t
             return GW_ERR;
         }
         *deps |= t->deps;
+        *item = *item || t->item;
         if (t->nparts == 1 && t->parts[0].ph != NULL) {
             n->kind = JN_WHOLE;
             n->tpl = t;
@@ -866,7 +882,7 @@ jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t
             n->keys[i] = gw_strdup(key);
             size_t was = loc_push(loc, key, 0);
             n->nkids = i + 1;
-            int rc = jnode_compile(&n->kids[i], kv, scope, deps, loc, err, errlen);
+            int rc = jnode_compile(&n->kids[i], kv, scope, deps, item, loc, err, errlen);
             loc->len = was;
             loc->buf[was] = '\0';
             if (rc != GW_OK)
@@ -878,7 +894,7 @@ jnode_compile(jnode_t *n, const json_t *v, const gw_tpl_scope_t *scope, uint64_t
         for (; i < count; i++) {
             size_t was = loc_push(loc, NULL, i);
             n->nkids = i + 1;
-            int rc = jnode_compile(&n->kids[i], json_array_get(v, i), scope, deps, loc, err, errlen);
+            int rc = jnode_compile(&n->kids[i], json_array_get(v, i), scope, deps, item, loc, err, errlen);
             loc->len = was;
             loc->buf[was] = '\0';
             if (rc != GW_OK)
@@ -912,7 +928,7 @@ gw_tpl_json_compile(const json_t *body, const gw_tpl_scope_t *scope, char *err, 
     gw_tpl_json_t *t = gw_calloc(1, sizeof(*t));
     loc_t loc = {.len = 0};
     loc.buf[0] = '\0';
-    if (jnode_compile(&t->root, body, scope, &t->deps, &loc, err, errlen) != GW_OK) {
+    if (jnode_compile(&t->root, body, scope, &t->deps, &t->item, &loc, err, errlen) != GW_OK) {
         gw_tpl_json_free(t);
         return NULL;
     }

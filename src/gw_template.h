@@ -155,6 +155,10 @@ int gw_tpl_render(const gw_tpl_t *t, const gw_tpl_ctx_t *ctx, gw_tpl_buf_t *out,
 gw_tpl_json_t *gw_tpl_json_compile(const json_t *body, const gw_tpl_scope_t *scope, char *err, size_t errlen);
 void gw_tpl_json_free(gw_tpl_json_t *t);
 uint64_t gw_tpl_json_deps(const gw_tpl_json_t *t);
+/* Whether a placeholder of t reads the foreach item ({item}, {item.FIELD}). */
+bool gw_tpl_json_uses_item(const gw_tpl_json_t *t);
+/* Whether t has no placeholder at all (it renders the same value every time). */
+bool gw_tpl_json_is_const(const gw_tpl_json_t *t);
 
 /*
  * Renders t with ctx. Returns a NEW reference, or NULL with err filled in

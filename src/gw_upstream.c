@@ -13,6 +13,7 @@
  * name's addresses.
  */
 #include "gw_upstream.h"
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_dns.h"
 #include "gw_log.h"
@@ -147,9 +148,96 @@ idle_unlink(gw_upstream_t *u)
     else
         pool->idle_tail = u->prev;
     u->next = u->prev = NULL;
+    if (pool->name) {
+        if (u->aprev)
+            u->aprev->anext = u->anext;
+        else
+            pool->aidle[u->addr_idx] = u->anext;
+        if (u->anext)
+            u->anext->aprev = u->aprev;
+        u->anext = u->aprev = NULL;
+    }
     u->idle = false;
     pool->nidle--;
     count_idle(pool, -1);
+}
+
+/* Puts u (connected, not idle) at the head of its pool's idle list, and of
+ * its address's list for a host name (u->addr_idx current: addr_current()). */
+static void
+idle_push(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    u->prev = NULL;
+    u->next = pool->idle;
+    if (pool->idle)
+        pool->idle->prev = u;
+    else
+        pool->idle_tail = u;
+    pool->idle = u;
+    if (pool->name) {
+        gw_upstream_t **head = &pool->aidle[u->addr_idx];
+        u->aprev = NULL;
+        u->anext = *head;
+        if (*head)
+            (*head)->aprev = u;
+        *head = u;
+    }
+    u->idle = true;
+    pool->nidle++;
+    count_idle(pool, 1);
+}
+
+/*
+ * A host-name pool whose name has new addresses (a new generation, from a
+ * DNS answer or the hosts file): idle connections to an address the answer
+ * no longer lists are closed, the others move to their address's new index,
+ * in the same order. Nothing when the generation is the one indexed. The
+ * pool is not freed here: its idle connections mean a configuration uses it.
+ */
+static void
+idle_sync(gw_pool_t *pool)
+{
+    gw_dns_name_t *n = pool->name;
+    if (pool->aidle_gen == n->gen)
+        return;
+    for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
+        next = u->next;
+        if (gw_dns_name_has(n, (const struct sockaddr *)&u->sa, u->salen))
+            continue;
+        idle_unlink(u); /* from the old index, still in place */
+        upstream_close(u);
+    }
+    free(pool->aidle);
+    pool->aidle = n->naddrs ? gw_calloc(n->naddrs, sizeof(gw_upstream_t *)) : NULL;
+    pool->naidle = n->naddrs;
+    pool->aidle_gen = n->gen;
+    for (gw_upstream_t *u = pool->idle_tail; u; u = u->prev) { /* oldest first: each list stays LIFO */
+        gw_dns_name_find(n, (const struct sockaddr *)&u->sa, u->salen, &u->addr_idx);
+        u->addr_gen = n->gen;
+        gw_upstream_t **head = &pool->aidle[u->addr_idx];
+        u->aprev = NULL;
+        u->anext = *head;
+        if (*head)
+            (*head)->aprev = u;
+        *head = u;
+    }
+}
+
+/* Whether u, of a host-name pool, connects to one of the name's current
+ * addresses; then u->addr_gen and u->addr_idx say which (the index of an
+ * older generation is translated). */
+static bool
+addr_current(gw_upstream_t *u)
+{
+    gw_pool_t *pool = u->pool;
+    idle_sync(pool);
+    if (u->addr_gen == pool->name->gen)
+        return true;
+    if (!gw_dns_name_find(pool->name, (const struct sockaddr *)&u->sa, u->salen, &u->addr_idx))
+        return false;
+    u->addr_gen = pool->name->gen;
+    return true;
 }
 
 /* An idle connection that heard from its backend (data, EOF, error) or
@@ -537,13 +625,7 @@ pool_resolved(gw_dns_name_t *n, void *arg)
         gw_log_rl(GW_LOG_INFO, "backend %s server %s: %s is %s (for %d ms)", b->name, pool->srv->label, n->host,
                gw_dns_name_list(n, list, sizeof(list)), n->ttl_ms);
     }
-    for (gw_upstream_t *u = pool->idle, *next; u; u = next) {
-        next = u->next;
-        if (gw_dns_name_has(n, (struct sockaddr *)&u->sa, u->salen))
-            continue;
-        idle_unlink(u);
-        upstream_close(u);
-    }
+    idle_sync(pool);
     if (n->naddrs == 0) {
         for (gw_upstream_t *u = pool->waiters; u; u = u->next)
             u->resolve_failed = true;
@@ -591,11 +673,19 @@ timer_cb(evutil_socket_t fd, short what, void *arg)
 
 /* --- the wait queue (max_pending) ----------------------------------------- */
 
-/* Whether gw_upstream_get() can give a connection now. */
+/* Whether gw_upstream_get() can give a connection now to a call of b (a
+ * reload may have changed max_connections of a kept pool). */
+static bool
+pool_room_for(const gw_pool_t *pool, const gw_backend_t *b)
+{
+    return pool->idle != NULL || pool->nopen < b->max_connections;
+}
+
+/* ... to a call of the newest configuration. */
 static bool
 pool_has_room(const gw_pool_t *pool)
 {
-    return pool->idle != NULL || pool->nopen < pool->backend->max_connections;
+    return pool_room_for(pool, pool->backend);
 }
 
 /* A slot may have freed: serve the queue from the loop, never from inside
@@ -607,22 +697,28 @@ queue_notify(gw_pool_t *pool)
         event_active(pool->wake_ev, 0, 0);
 }
 
-static void
-queue_unlink(gw_upstream_wait_t *wt)
+/* wt's place k: the embedded one, then the allocated ones. */
+static gw_upstream_qlink_t *
+wait_link(gw_upstream_wait_t *wt, unsigned k)
 {
-    gw_pool_t *pool = wt->pool;
-    if (wt->prev)
-        wt->prev->next = wt->next;
+    return k == 0 ? &wt->one : &wt->more[k - 1];
+}
+
+static void
+queue_unlink(gw_upstream_qlink_t *l)
+{
+    gw_pool_t *pool = l->pool;
+    if (l->prev)
+        l->prev->next = l->next;
     else
-        pool->qhead = wt->next;
-    if (wt->next)
-        wt->next->prev = wt->prev;
+        pool->qhead = l->next;
+    if (l->next)
+        l->next->prev = l->prev;
     else
-        pool->qtail = wt->prev;
-    wt->next = wt->prev = NULL;
-    wt->pool = NULL;
-    pool->nqueued--;
-    gw_m_gauge(&pool->m->queued, -1);
+        pool->qtail = l->prev;
+    l->next = l->prev = NULL;
+    l->pool = NULL;
+    pool->nlinks--;
 }
 
 /* Arms the queue timer for the head's expiry. The timer is not moved when
@@ -633,43 +729,72 @@ qtimer_arm(gw_pool_t *pool)
     if (pool->qhead == NULL)
         return;
     uint64_t now = gw_now_ms();
-    uint64_t ms = pool->qhead->expires_ms > now ? pool->qhead->expires_ms - now : 0;
+    uint64_t exp = pool->qhead->wt->expires_ms;
+    uint64_t ms = exp > now ? exp - now : 0;
     struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000) };
     evtimer_add(pool->qtimer, &tv);
 }
 
+/* The first place of pool's queue whose call may take a slot of this
+ * server now: its server (of the call's configuration) is usable, and the
+ * call's max_connections leaves room. Places that may not are passed
+ * over, marked for this run (gen), and keep their turn for a later run:
+ * the call waits on. Walks from the head each time, since a callback may
+ * have cancelled any place. */
+static gw_upstream_qlink_t *
+queue_next(gw_pool_t *pool, unsigned gen, uint64_t now)
+{
+    for (gw_upstream_qlink_t *l = pool->qhead; l; l = l->next) {
+        if (l->pass == gen)
+            continue;
+        const gw_backend_t *b = l->wt->b;
+        if (pool_room_for(pool, b) && gw_cluster_usable(&b->servers[l->si], now))
+            return l;
+        l->pass = gen;
+    }
+    return NULL;
+}
+
 /* pool->wake_ev: hands free slots to the waiters, oldest first. Each
  * callback may release connections, cancel other waiters or queue new
- * ones, so the head is read afresh each time; at most the waiters present
- * at the start are served in one run (a waiter that cannot take its slot
- * and queues again waits for the next run). */
+ * ones, so the queue is read afresh each time; at most the places present
+ * at the start are served in one run (a place queued meanwhile is marked
+ * as passed, and a waiter that cannot take its slot and queues again
+ * waits for the next run). A call served here leaves the queues of its
+ * other servers too. */
 static void
 wake_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_pool_t *pool = arg;
     GW_UNUSED(fd);
     GW_UNUSED(what);
-    unsigned budget = pool->nqueued;
+    unsigned budget = pool->nlinks;
+    unsigned gen = ++pool->wake_gen;
+    uint64_t now = gw_now_ms();
+    gw_upstream_qlink_t *l;
     pool->holds++; /* a callback may end the last request of the pool's last configuration */
-    while (budget-- > 0 && pool->qhead && pool_has_room(pool)) {
-        gw_upstream_wait_t *wt = pool->qhead;
-        queue_unlink(wt);
+    while (budget-- > 0 && pool_has_room(pool) && (l = queue_next(pool, gen, now)) != NULL) {
+        gw_upstream_wait_t *wt = l->wt;
+        wt->si = l->si;
+        gw_upstream_wait_cancel(wt);
         pool->serving = true;
         wt->cb(wt, GW_OK, wt->arg);
         pool->serving = false;
     }
-    if (pool->qhead && pool_has_room(pool))
+    if (pool_has_room(pool) && queue_next(pool, gen, now))
         event_active(pool->wake_ev, 0, 0);
     pool->holds--;
     pool_check_unused(pool);
 }
 
 /* pool->qtimer: fails the waiters whose queue_timeout_ms passed (the
- * oldest are at the head: they all wait the same time). Accepted: for a
- * moment after a reload that changed queue_timeout_ms of a backend whose
- * pool is kept, waiters of both configurations share the queue, and one
- * with the shorter timeout behind one with the longer is failed late, when
- * the head leaves (still bounded by its call timeout and deadline). */
+ * oldest are at the head: they all wait the same time); each leaves the
+ * queues of its other servers too, whose timers then fire early and re-arm.
+ * Accepted: for a moment after a reload that changed queue_timeout_ms of a
+ * backend whose pool is kept, waiters of both configurations share the
+ * queue, and one with the shorter timeout behind one with the longer is
+ * failed late, when the head leaves (still bounded by its call timeout and
+ * deadline). */
 static void
 qtimer_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -677,11 +802,11 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
     GW_UNUSED(fd);
     GW_UNUSED(what);
     uint64_t now = gw_now_ms();
-    unsigned budget = pool->nqueued;
+    unsigned budget = pool->nlinks;
     pool->holds++;
-    while (budget-- > 0 && pool->qhead && pool->qhead->expires_ms <= now) {
-        gw_upstream_wait_t *wt = pool->qhead;
-        queue_unlink(wt);
+    while (budget-- > 0 && pool->qhead && pool->qhead->wt->expires_ms <= now) {
+        gw_upstream_wait_t *wt = pool->qhead->wt;
+        gw_upstream_wait_cancel(wt);
         wt->cb(wt, GW_AGAIN, wt->arg);
     }
     qtimer_arm(pool);
@@ -689,41 +814,92 @@ qtimer_cb(evutil_socket_t fd, short what, void *arg)
     pool_check_unused(pool);
 }
 
-int
-gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb,
-                 void *arg)
+/* Appends wt's place l, for server si, to pool's queue. */
+static void
+queue_link(gw_pool_t *pool, gw_upstream_wait_t *wt, gw_upstream_qlink_t *l, unsigned si)
 {
-    gw_pool_t *pool = gw_upstream_pool(w, b, si);
-    if (pool->nqueued >= b->max_pending) {
-        if (b->max_pending > 0)
-            gw_m_add(&pool->m->queue_rejected, 1);
-        return GW_AGAIN;
-    }
-    wt->pool = pool;
-    wt->cb = cb;
-    wt->arg = arg;
-    wt->expires_ms = gw_now_ms() + (uint64_t)b->queue_timeout_ms;
-    wt->next = NULL;
-    wt->prev = pool->qtail;
+    l->pool = pool;
+    l->wt = wt;
+    l->si = si;
+    l->pass = pool->wake_gen; /* a wake run under way serves the places it found */
+    l->next = NULL;
+    l->prev = pool->qtail;
     if (pool->qtail)
-        pool->qtail->next = wt;
+        pool->qtail->next = l;
     else
-        pool->qhead = wt;
-    pool->qtail = wt;
-    pool->nqueued++;
-    gw_m_gauge(&pool->m->queued, 1);
-    if (pool->qhead == wt)
+        pool->qhead = l;
+    pool->qtail = l;
+    pool->nlinks++;
+    if (pool->qhead == l)
         qtimer_arm(pool);
     if (pool_has_room(pool))
         event_active(pool->wake_ev, 0, 0); /* room while the queue was being served: it is this one's turn soon */
+}
+
+int
+gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, uint32_t servers, unsigned prefer, uint64_t expires_ms,
+                 gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg)
+{
+    unsigned n = 0;
+    gw_pool_t *charged = NULL;
+    gw_upstream_wait_cancel(wt); /* its places are about to be reused */
+    if (b->nservers < 32)
+        servers &= (1u << b->nservers) - 1;
+    if (prefer < b->nservers && (servers & (1u << prefer)) && gw_upstream_pool(w, b, prefer)->nqueued < b->max_pending)
+        charged = gw_upstream_pool(w, b, prefer);
+    for (unsigned si = 0; si < b->nservers; si++) {
+        if (!(servers & (1u << si)))
+            continue;
+        n++;
+        gw_pool_t *pool = gw_upstream_pool(w, b, si);
+        if (charged == NULL && pool->nqueued < b->max_pending)
+            charged = pool;
+    }
+    if (charged == NULL) {
+        if (b->max_pending > 0 && n > 0)
+            gw_m_add(&gw_upstream_pool(w, b, prefer < b->nservers ? prefer : 0)->m->queue_rejected, 1);
+        return GW_AGAIN;
+    }
+    if (n - 1 > wt->nmore) {
+        wt->more = gw_realloc(wt->more, (size_t)(n - 1) * sizeof(*wt->more));
+        wt->nmore = n - 1;
+    }
+    wt->b = b;
+    wt->cb = cb;
+    wt->arg = arg;
+    wt->expires_ms = expires_ms;
+    wt->charged = charged;
+    charged->nqueued++;
+    gw_m_gauge(&charged->m->queued, 1);
+    wt->nlinks = 0;
+    for (unsigned si = 0; si < b->nservers; si++) {
+        if (servers & (1u << si))
+            queue_link(gw_upstream_pool(w, b, si), wt, wait_link(wt, wt->nlinks++), si);
+    }
     return GW_OK;
 }
 
 void
 gw_upstream_wait_cancel(gw_upstream_wait_t *wt)
 {
-    if (wt->pool)
-        queue_unlink(wt);
+    gw_pool_t *charged = wt->charged;
+    if (charged == NULL)
+        return;
+    for (unsigned k = 0; k < wt->nlinks; k++)
+        queue_unlink(wait_link(wt, k));
+    wt->nlinks = 0;
+    wt->charged = NULL;
+    charged->nqueued--;
+    gw_m_gauge(&charged->m->queued, -1);
+}
+
+void
+gw_upstream_wait_free(gw_upstream_wait_t *wt)
+{
+    gw_upstream_wait_cancel(wt);
+    free(wt->more);
+    wt->more = NULL;
+    wt->nmore = 0;
 }
 
 static void
@@ -780,6 +956,7 @@ pool_free(gw_pool_t *pool)
         gw_dns_name_free(pool->name); /* cancels a query in flight */
         free(pool->name);
         event_free(pool->fail_ev);
+        free(pool->aidle);
     }
     /* No waiters either: they belong to requests of configurations that use it. */
     event_free(pool->wake_ev);
@@ -870,6 +1047,25 @@ gw_upstream_pools_detach(gw_worker_t *w, gw_config_t *cfg)
     }
 }
 
+/*
+ * The idle connection a request takes, or NULL for a new one. Without a
+ * host name: the most recently released. With one, the request's address
+ * has its turn (has_addr: idx): the most recently released connection to
+ * it; when there is none and the pool is at max_connections, the most
+ * recently released to any address rather than none (a full pool neither
+ * closes a warm connection to open another nor makes the call wait while
+ * one is idle).
+ */
+static gw_upstream_t *
+idle_take(gw_pool_t *pool, const gw_backend_t *b, bool has_addr, size_t idx)
+{
+    if (pool->name == NULL)
+        return pool->idle;
+    if (has_addr && pool->aidle[idx] != NULL)
+        return pool->aidle[idx];
+    return pool->nopen >= b->max_connections ? pool->idle : NULL;
+}
+
 int
 gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, gw_upstream_t **out)
 {
@@ -878,8 +1074,20 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
         gw_dns_name_refresh(pool->name); /* an expired answer is refreshed even while pooled connections serve */
     if (!fresh && pool->qhead && !pool->serving)
         return GW_AGAIN; /* calls are waiting: a newcomer queues behind them */
-    if (!fresh && pool->idle) {
-        gw_upstream_t *u = pool->idle;
+    /* A host name: every request (not every new connection) takes the next
+     * address in turn, so requests spread evenly over the addresses even
+     * while one warm connection could serve them all. The turn is given
+     * back when the pool cannot serve the request (GW_AGAIN). */
+    const gw_dns_addr_t *a = NULL;
+    size_t idx = 0, turn = 0;
+    int rc = GW_OK;
+    if (pool->name) {
+        turn = pool->name->next;
+        rc = gw_dns_name_pick(pool->name, &a, &idx);
+        idle_sync(pool); /* after the pick, which may have read the hosts file */
+    }
+    gw_upstream_t *u = fresh ? NULL : idle_take(pool, b, rc == GW_OK, idx);
+    if (u != NULL) {
         idle_unlink(u);
         evtimer_del(u->timer);
         u->reused = true;
@@ -887,14 +1095,17 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
         return GW_OK;
     }
     if (pool->nopen >= b->max_connections) {
-        if (pool->idle == NULL)
+        if (pool->idle == NULL) {
+            if (pool->name)
+                pool->name->next = turn;
             return GW_AGAIN;
+        }
         /* fresh was asked for and the pool is full: make room (the coldest goes) */
         gw_upstream_t *old = pool->idle_tail;
         idle_unlink(old);
         upstream_close(old);
     }
-    gw_upstream_t *u = gw_calloc(1, sizeof(gw_upstream_t));
+    u = gw_calloc(1, sizeof(gw_upstream_t));
     u->pool = pool;
     u->fd = -1;
     u->timer = evtimer_new(w->base, timer_cb, u);
@@ -914,19 +1125,13 @@ gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fresh, 
             abort(); /* our allocation policy: out of memory is fatal */
         }
     }
-    int rc = GW_OK;
     const struct sockaddr *sa = (const struct sockaddr *)&pool->srv->addr;
     socklen_t salen = pool->srv->addrlen;
-    if (pool->name) {
-        const gw_dns_addr_t *a;
-        size_t idx;
-        rc = gw_dns_name_pick(pool->name, &a, &idx);
-        if (rc == GW_OK) {
-            u->addr_gen = pool->name->gen;
-            u->addr_idx = idx;
-            sa = (const struct sockaddr *)&a->sa;
-            salen = a->len;
-        }
+    if (pool->name && rc == GW_OK) {
+        u->addr_gen = pool->name->gen;
+        u->addr_idx = idx;
+        sa = (const struct sockaddr *)&a->sa;
+        salen = a->len;
     }
     if (rc == GW_OK) {
         if (start_connect(u, sa, salen) != GW_OK) {
@@ -1015,6 +1220,10 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
         upstream_close(u);
         return;
     }
+    if (pool->name && !addr_current(u)) {
+        upstream_close(u); /* a new answer dropped its address while it was in use */
+        return;
+    }
     u->requests++;
     u->idle = true;
     u->read_cb = NULL;
@@ -1025,14 +1234,6 @@ gw_upstream_release(gw_upstream_t *u, bool reusable)
     /* every idle timer of the pool has the same length: a common timeout
      * keeps them in a queue (O(1) add and delete per call, not a heap) */
     evtimer_add(u->timer, pool->idle_timeout);
-    u->prev = NULL;
-    u->next = pool->idle;
-    if (pool->idle)
-        pool->idle->prev = u;
-    else
-        pool->idle_tail = u;
-    pool->idle = u;
-    pool->nidle++;
-    count_idle(pool, 1);
+    idle_push(u);
     queue_notify(pool);
 }

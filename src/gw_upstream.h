@@ -7,7 +7,7 @@
  * host name, sends its Host and its TLS name. Which server a try goes to
  * is gw_exchange's choice (gw_cluster_pick). gw_upstream_get() hands out an idle
  * connection (most recently used first, so the warmest socket is reused) or
- * starts a new one; the caller owns it until gw_upstream_release(), which
+ * starts a new one (for a host name: see below); the caller owns it until gw_upstream_release(), which
  * returns it to the pool when it is reusable (a whole response was read and
  * both sides allow keep-alive) or closes it. A connection is never pooled
  * half-read: a caller that gives up (deadline, client gone) releases it as
@@ -29,20 +29,36 @@
  * means the connection is unusable and it is closed at once; after the
  * backend's idle_timeout_ms it is closed too.
  *
- * A server named by host name connects to the addresses of the pool's
- * gw_dns_name_t in turn. Before the first answer, a new connection waits:
+ * A server named by host name spreads its requests evenly over the
+ * addresses of the pool's gw_dns_name_t: each gw_upstream_get() takes the
+ * next address in turn (per worker, skipping addresses marked down after a
+ * failed connect), then the most recent idle connection to that address or
+ * a new one to it. So the server's weight in the balance is split equally
+ * among its addresses, per request, not per connection (reusing the warmest
+ * connection of the pool would send nearly every request to one address).
+ * Idle connections are listed per address as well (pool->aidle). When the
+ * pool is at max_connections and has none to the address whose turn it is,
+ * the most recent idle connection to any address serves: a full pool
+ * neither closes a warm connection to open another nor makes the call wait
+ * while a connection is idle. max_connections and max_idle stay per server.
+ * Health (checks, outlier ejection) is the server's, not each address's
+ * (gw_cluster.h). Before the first answer, a new connection waits:
  * gw_upstream_get() still returns it (output can be queued, callbacks set)
  * and it connects when the answer arrives; when the name cannot be
  * resolved its event callback gets GW_UP_ERROR with u->resolve_failed set.
  * So callers see one contract either way: GW_UP_CONNECTED or an error.
  * Waiters count towards max_connections, which bounds them. When a new
- * answer drops an address, idle connections to it are closed.
+ * answer drops an address, idle connections to it are closed, and one in
+ * use is closed when released; an address it adds has its turn at once.
  *
  * max_connections, max_idle and max_pending are per pool, so per server:
  * a backend of three servers may open three times max_connections per
- * worker. The wait queue is per pool too (see gw_exchange.c for why): a
- * call queues on the server it picked, after finding every usable server
- * of the backend full.
+ * worker. The wait queue is per pool too, but a call that found every
+ * usable server of its backend full waits in the queues of all of them at
+ * once (gw_upstream_wait()) and takes the first that frees a connection.
+ * A queue is never shared by the backend's servers: pools are kept per
+ * server across reloads while a call belongs to one configuration, so a
+ * call is only ever in the queues of its own configuration's servers.
  */
 #ifndef GW_UPSTREAM_H
 #define GW_UPSTREAM_H
@@ -69,20 +85,37 @@ typedef void (*gw_upstream_cb)(gw_upstream_t *u, void *arg);
 typedef void (*gw_upstream_event_cb)(gw_upstream_t *u, int what, void *arg);
 
 /*
- * A call waiting for a connection of a full pool (gw_upstream_wait()). The
- * caller embeds it in its own context and owns it; the pool only links it.
- * status GW_OK: a connection was released (or closed, freeing a slot): call
- * gw_upstream_get() now, which gives one unless something else took it
- * (then wait again). GW_AGAIN: queue_timeout_ms passed. Either way the
- * waiter is off the queue when cb runs, and cb runs from the pool's own
- * loop events, never inside another caller's gw_upstream_release().
+ * A call waiting for a connection of full pools (gw_upstream_wait()): one
+ * place (a gw_upstream_qlink_t) in the FIFO queue of each server's pool it
+ * may take, all with the same expiry. The caller embeds the
+ * gw_upstream_wait_t in its own context and owns it; the pools only link
+ * its places. status GW_OK: a connection of server wt->si was released (or
+ * closed, freeing a slot) and that server is usable (gw_cluster_usable)
+ * now: call gw_upstream_get() for wt->si at once, which gives one unless
+ * something else took it (then wait again). GW_AGAIN: queue_timeout_ms
+ * passed. Either way the call is off every queue when cb runs, and cb
+ * runs from a pool's own loop events, never inside another caller's
+ * gw_upstream_release().
  */
 typedef struct gw_upstream_wait_s gw_upstream_wait_t;
+typedef struct gw_upstream_qlink_s gw_upstream_qlink_t;
 typedef void (*gw_upstream_wait_cb)(gw_upstream_wait_t *wt, int status, void *arg);
+struct gw_upstream_qlink_s {
+    gw_pool_t *pool;                  /* set while queued */
+    gw_upstream_qlink_t *next, *prev; /* in pool's queue */
+    gw_upstream_wait_t *wt;           /* the call it is a place of */
+    unsigned si;                      /* its server, in wt->b->servers */
+    unsigned pass;                    /* == pool->wake_gen: passed over in this wake run (server not usable) */
+};
 struct gw_upstream_wait_s {
-    gw_pool_t *pool;           /* set while queued */
-    gw_upstream_wait_t *next, *prev;
-    uint64_t expires_ms;       /* monotonic ms: queue_timeout_ms after it was queued */
+    const gw_backend_t *b;     /* the call's backend (of its configuration), set while queued */
+    gw_pool_t *charged;        /* the pool whose max_pending counts the call; NULL: not queued */
+    gw_upstream_qlink_t one;   /* the first place: a one-server backend allocates nothing */
+    gw_upstream_qlink_t *more; /* the other places (nmore allocated on demand), freed by gw_upstream_wait_free() */
+    unsigned nmore;
+    unsigned nlinks;     /* places in queues: one, then more[0 .. nlinks - 2] */
+    uint64_t expires_ms; /* monotonic ms: when queue_timeout_ms has passed */
+    unsigned si;         /* with status GW_OK: the server whose pool has the free connection */
     gw_upstream_wait_cb cb;
     void *arg;
 };
@@ -102,14 +135,24 @@ struct gw_pool_s {
     gw_upstream_t *idle;    /* doubly linked idle connections, most recently released first (LIFO) */
     gw_upstream_t *idle_tail; /* ... and the least recently released */
     unsigned nidle;
+    /* A host name: the same idle connections again, one LIFO list per
+     * address (through anext/aprev), indexed like the name's addresses of
+     * generation aidle_gen (naidle entries); re-indexed when it changes. */
+    gw_upstream_t **aidle;
+    size_t naidle;
+    unsigned aidle_gen;
     unsigned nopen;         /* idle + in use + connecting + waiting */
     gw_dns_name_t *name;    /* the server's host name and addresses; NULL for an IP address */
     gw_upstream_t *waiters; /* doubly linked: connections waiting for the name's addresses */
     unsigned nwaiting;
     struct event *fail_ev;  /* reports resolution failures from the loop, not from gw_upstream_get() */
-    /* calls waiting for a connection (FIFO, at most the backend's max_pending) */
-    gw_upstream_wait_t *qhead, *qtail;
-    unsigned nqueued;
+    /* places of calls waiting for a connection (FIFO); a call may wait in
+     * the queues of several servers of its backend at once, and counts
+     * towards the max_pending of one of them (charged) */
+    gw_upstream_qlink_t *qhead, *qtail;
+    unsigned nlinks;        /* places in the queue */
+    unsigned nqueued;       /* calls charged to this pool: at most the backend's max_pending */
+    unsigned wake_gen;      /* wake_cb's runs, to mark the places it passed over */
     bool serving;           /* wake_cb is handing slots to waiters */
     unsigned holds;         /* code that may close its last connection is running (queue callbacks, detach): not freed meanwhile */
     struct event *wake_ev;  /* made active when a slot frees while calls wait */
@@ -133,6 +176,8 @@ struct gw_upstream_s {
     size_t low_water;        /* drained_cb when the output falls to this */
     gw_upstream_t *next;     /* in the idle list, or the waiters */
     gw_upstream_t *prev;     /* in the idle list, or the waiters */
+    gw_upstream_t *anext;    /* idle, host name: in the list of its address (pool->aidle[addr_idx]) */
+    gw_upstream_t *aprev;
     int err;                 /* errno of the last GW_UP_ERROR */
     int connect_err;         /* plain: the connect failed at once with this; reported from the loop */
     bool reused;             /* it served an earlier request */
@@ -145,8 +190,8 @@ struct gw_upstream_s {
     bool connecting;         /* a connect was started (to addr_idx of addr_gen for a host name) */
     bool resolve_failed;     /* the host name could not be resolved (reported as GW_UP_ERROR) */
     unsigned requests;
-    unsigned addr_gen;
-    size_t addr_idx;
+    unsigned addr_gen;       /* host name: the generation of the name's addresses ... */
+    size_t addr_idx;         /* ... and sa's index among them (kept current while idle) */
     struct sockaddr_storage sa; /* the address connected to */
     socklen_t salen;
 };
@@ -181,19 +226,28 @@ int gw_upstream_get(gw_worker_t *w, const gw_backend_t *b, unsigned si, bool fre
 
 /*
  * Queues wt (owned by the caller, not queued) for a connection of the pool
- * of server si of b after gw_upstream_get() returned GW_AGAIN: cb(wt, status, arg) is called
- * once, later, from the loop (see gw_upstream_wait_t). GW_AGAIN when the
- * queue is full (max_pending, 0: no queue): nothing is queued.
+ * of any server of b in servers (bit si set: server si; at most 32 servers)
+ * after gw_upstream_get() returned GW_AGAIN for each: cb(wt, status, arg)
+ * is called once, later, from the loop (see gw_upstream_wait_t), for the
+ * first of them that frees a connection while usable. The call counts
+ * towards the max_pending of one server: prefer when its queue has room,
+ * else the lowest-numbered one of servers whose queue has room. GW_AGAIN
+ * when none has (max_pending, 0: no queue): nothing is queued. expires_ms
+ * (monotonic ms): when queue_timeout_ms ends (a call queued again after a
+ * lost wake keeps its first). Places beyond the first are allocated into
+ * wt on demand and kept until gw_upstream_wait_free().
  */
-int gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, unsigned si, gw_upstream_wait_t *wt, gw_upstream_wait_cb cb,
-                     void *arg);
-/* Takes wt off its queue when it is on one (O(1)); cb will not be called.
+int gw_upstream_wait(gw_worker_t *w, const gw_backend_t *b, uint32_t servers, unsigned prefer, uint64_t expires_ms,
+                     gw_upstream_wait_t *wt, gw_upstream_wait_cb cb, void *arg);
+/* Takes wt off every queue it is in (O(1) each); cb will not be called.
  * Callers do this whenever they give up (timeout, deadline, client gone). */
 void gw_upstream_wait_cancel(gw_upstream_wait_t *wt);
+/* Cancels wt and frees the places it allocated (wt can be queued again). */
+void gw_upstream_wait_free(gw_upstream_wait_t *wt);
 static inline bool
 gw_upstream_waiting(const gw_upstream_wait_t *wt)
 {
-    return wt->pool != NULL;
+    return wt->charged != NULL;
 }
 
 /* Installs the caller's callbacks and starts reading. drained (may be NULL)

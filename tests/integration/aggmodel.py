@@ -1,10 +1,13 @@
 """aggmodel - a reference model of gatherd's aggregate answers, written from
-the README ("Aggregate routes": Route keys, Call keys, Templates, Answers),
-not from src/. test_aggoracle.py compares gatherd with it.
+the README ("Aggregate routes": Route keys, Call keys, Templates, Conditions,
+Enrichment, Answers), not from src/. test_aggoracle.py compares gatherd with
+it.
 
 Input: an aggregate route as it is written in the configuration, the
-configuration's backends, and what each backend does with each exchange (a
-Behaviour, below). Output: the answer the README promises (Expect).
+configuration's backends, what each backend does with each exchange (a
+Behaviour, below) and the client request's query, headers and path
+parameters (for conditions). Output: the answer the README promises
+(Expect).
 
 Time is modelled only as far as the README makes it matter: a call starts
 when its last dependency succeeded; an answer costs no time unless it is
@@ -269,6 +272,156 @@ def render_check(call, answers, item):
     return None
 
 
+# --- conditions ("when", README "Conditions") ---------------------------------------------------
+
+class Request:
+    """What a condition can read of the client request: query parameters
+    (first value of each name, decoded), headers (any case), path
+    parameters. All strings."""
+
+    def __init__(self, query=None, headers=None, params=None):
+        self.query = dict(query or {})
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self.params = dict(params or {})
+
+
+_TOKENS = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[^{}]+")
+
+
+def template_parts(text):
+    """[("lit", text) | ("ph", placeholder)], "{{" and "}}" as literal braces."""
+    parts = []
+    for m in _TOKENS.finditer(text):
+        t = m.group(0)
+        if m.group(1) is not None:
+            parts.append(("ph", m.group(1)))
+        else:
+            t = "{" if t == "{{" else "}" if t == "}}" else t
+            if parts and parts[-1][0] == "lit":
+                parts[-1] = ("lit", parts[-1][1] + t)
+            else:
+                parts.append(("lit", t))
+    return parts
+
+
+def ph_head(ph):
+    m = re.match(r"[^.\[]*", ph)
+    return m.group(0)
+
+
+def lookup(ph, answers, item, request):
+    """README Templates: the value of one placeholder, or _ABSENT.
+    answers: call name -> answer for the calls that have one (a skipped
+    call has none)."""
+    head = ph_head(ph)
+    rest = ph[len(head):]
+    if head == "query":
+        return request.query.get(rest[1:], _ABSENT)
+    if head == "header":
+        return request.headers.get(rest[1:].lower(), _ABSENT)
+    if head == "item":
+        root = item
+    elif head in answers:
+        root = answers[head]
+    elif head in request.params and not rest:
+        return request.params[head]
+    else:
+        return _ABSENT
+    return jpath_get(root, rest.lstrip(".")) if rest else root
+
+
+def as_text(v):
+    """README Templates: values written as text; None when they cannot be."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)  # the shortest text that reads back as the same double
+    return None  # null, object, array
+
+
+def template_value(text, answers, item, request):
+    """README Conditions, Values: one placeholder alone has the value with
+    its JSON type; text with placeholders is a string; _ABSENT when it
+    cannot be made."""
+    parts = template_parts(text)
+    if len(parts) == 1 and parts[0][0] == "ph":
+        return lookup(parts[0][1], answers, item, request)
+    out = ""
+    for kind, t in parts:
+        if kind == "lit":
+            out += t
+            continue
+        v = lookup(t, answers, item, request)
+        if v is _ABSENT:
+            return _ABSENT
+        txt = as_text(v)
+        if txt is None:
+            return _ABSENT
+        out += txt
+    return out
+
+
+def jeq(a, b):
+    """README Conditions, Equality: JSON's; numbers by value, never with
+    booleans or strings; objects in any order."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if num(a) and num(b):
+        return a == b  # Python compares an int with a float exactly
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(jeq(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(jeq(a[k], b[k]) for k in a)
+    return a == b
+
+
+def cond_holds(cond, answers, item, request):
+    if "all" in cond:
+        return all(cond_holds(c, answers, item, request) for c in cond["all"])
+    if "any" in cond:
+        return any(cond_holds(c, answers, item, request) for c in cond["any"])
+    if "not" in cond:
+        return not cond_holds(cond["not"], answers, item, request)
+    if "exists" in cond:
+        v = template_value(cond["exists"], answers, item, request)
+        return v is not _ABSENT and v is not None
+    v = template_value(cond["value"], answers, item, request)
+    if v is _ABSENT:
+        return False
+    if "equals" in cond:
+        return jeq(v, cond["equals"])
+    return any(jeq(v, x) for x in cond["in"])
+
+
+def cond_templates(cond):
+    if "all" in cond or "any" in cond:
+        return [t for c in cond.get("all", cond.get("any")) for t in cond_templates(c)]
+    if "not" in cond:
+        return cond_templates(cond["not"])
+    return [cond.get("exists", cond.get("value"))]
+
+
+def cond_refs(call, names):
+    """Calls a call's condition names (README: it waits for them)."""
+    refs = []
+    for t in cond_templates(call["when"]) if "when" in call else []:
+        for kind, ph in template_parts(t):
+            if kind == "ph" and ph_head(ph) in names and ph_head(ph) not in refs:
+                refs.append(ph_head(ph))
+    return refs
+
+
+def cond_uses_item(call):
+    return "when" in call and any(kind == "ph" and ph_head(ph) == "item"
+                                  for t in cond_templates(call["when"]) for kind, ph in template_parts(t))
+
+
 # --- one exchange -------------------------------------------------------------------------------
 
 class Outcome:
@@ -329,7 +482,9 @@ class CallResult:
         self.has_value = False  # the call has a place in the aggregate
         self.failed = None      # foreach: indexes of failed elements
         self.end = 0.0
-        self.raw = False        # copied unparsed (README: no template/foreach reads it, no shaping, group)
+        self.raw = False        # copied unparsed (README: no template/when/foreach reads it, no shaping, group)
+        self.skipped = False    # README Conditions: not sent, not a failure
+        self.elems = None       # foreach: per element "ok", "failed" or "skipped"
 
 
 class Expect:
@@ -350,22 +505,71 @@ class Expect:
                 f"retry_after={self.retry_after}, body={json.dumps(self.body, sort_keys=True)})")
 
 
-def deps_of(call, names):
+def source_of(call):
+    return call["foreach"].split(".")[0].split("[")[0]
+
+
+def needs_of(call, names):
+    """README Conditions: a call whose templates, after or foreach name a
+    skipped call is skipped too."""
     deps = list(call_refs(call, names))
     for a in call.get("after", []):
         if a not in deps:
             deps.append(a)
-    if "foreach" in call:
-        src = call["foreach"].split(".")[0].split("[")[0]
-        if src not in deps:
-            deps.append(src)
+    if "foreach" in call and source_of(call) not in deps:
+        deps.append(source_of(call))
     return deps
 
 
-def aggregate(route, backends, behave):
+def deps_of(call, names):
+    deps = needs_of(call, names)
+    for w in cond_refs(call, names):
+        if w not in deps:
+            deps.append(w)
+    return deps
+
+
+def enrich(answer, into_calls, results):
+    """README Enrichment: a copy of the source's answer with each into
+    call's results put into the elements they came from, in list order."""
+    doc = json.loads(json.dumps(answer))
+    for c in into_calls:
+        r = results[c["name"]]
+        if r.skipped:
+            if "skip_value" not in c:
+                continue
+            puts = None  # every element
+        elif r.elems is None:
+            continue  # it could not run: nothing is put anywhere
+        else:
+            puts = r.elems
+        _, _, path = c["foreach"].partition(".")
+        arr = jpath_get(doc, path) if path else doc
+        if not isinstance(arr, list):
+            continue
+        for k, e in enumerate(arr):
+            if not isinstance(e, dict):
+                continue
+            if puts is None:
+                e[c["into"]] = json.loads(json.dumps(c["skip_value"]))
+                continue
+            state, v = puts[k]
+            if state == "ok":
+                e[c["into"]] = v
+            elif state == "skipped" and "skip_value" in c:
+                e[c["into"]] = c["skip_value"]
+            elif state == "failed" and "fallback" in c:
+                e[c["into"]] = c["fallback"]
+    return doc
+
+
+def aggregate(route, backends, behave, request=None):
     """route: the route's configuration (dict); backends: name -> backend
     configuration; behave(call_name, element_index, element) -> Behaviour
-    (element_index None for a call without foreach). Returns an Expect."""
+    (element_index None for a call without foreach); request: a Request (the
+    client's query, headers, path parameters), for conditions. Returns an
+    Expect."""
+    request = request or Request()
     calls = route["calls"]
     names = [c["name"] for c in calls]
     by_name = {c["name"]: c for c in calls}
@@ -373,8 +577,9 @@ def aggregate(route, backends, behave):
     read = set()
     for c in calls:
         read.update(call_refs(c, names))
+        read.update(cond_refs(c, names))
         if "foreach" in c:
-            read.add(c["foreach"].split(".")[0].split("[")[0])
+            read.add(source_of(c))
     group_mode = route.get("merge", "group") == "group"
     results = {n: CallResult(n) for n in names}
     done = {}
@@ -411,7 +616,15 @@ def aggregate(route, backends, behave):
         if start >= deadline:
             r.code, r.end = "timeout", deadline  # not started by the deadline
             continue
-        answers = {d: results[d].answer for d in deps}
+        # README Conditions: decided once every dependency is over; a skipped
+        # call's answer is absent in a condition
+        answers = {d: results[d].answer for d in deps if not results[d].skipped}
+        if (any(results[d].skipped for d in needs_of(c, names)) or
+                ("when" in c and not cond_uses_item(c) and not cond_holds(c["when"], answers, None, request))):
+            r.skipped, r.end = True, start
+            if "skip_value" in c and "into" not in c:
+                r.value, r.has_value = c["skip_value"], True
+            continue
         backend = backends[c["backend"]]
         if "foreach" not in c:
             bad = render_check(c, answers, None)
@@ -447,10 +660,26 @@ def aggregate(route, backends, behave):
         conc = c.get("foreach_concurrency", DEFAULT_FOREACH_CONCURRENCY)
         slots = [start] * conc
         fb = c.get("fallback", None)
-        values, outs = [], []
+        values, outs, elems = [], [], []
+        per_item = cond_uses_item(c)
         for k, it in enumerate(items):
             slots.sort()
             t0 = slots[0]
+            if t0 < deadline and per_item and not cond_holds(c["when"], answers, it, request):
+                # README Conditions, foreach: not sent, not failed; left out
+                # of the array or skip_value in its slot
+                elems.append(("skipped", None))
+                outs.append(None)
+                if "skip_value" in c:
+                    values.append(c["skip_value"])
+                continue
+            if t0 < deadline and "into" in c and not isinstance(it, dict):
+                # README Enrichment: not sent, invalid_value
+                o = Outcome(t0, "invalid_value")
+                outs.append(o)
+                elems.append(("failed", None))
+                values.append(fb)
+                continue
             bad = render_check(c, answers, it)
             if bad:
                 o = Outcome(t0, bad)
@@ -466,11 +695,13 @@ def aggregate(route, backends, behave):
                         o = Outcome(o.end, "missing_target", o.status)
             slots[0] = o.end
             outs.append(o)
+            elems.append(("ok", o.value) if o.ok else ("failed", None))
             values.append(o.value if o.ok else fb)
-        r.answer = [o.value for o in outs]  # not used by the generator's templates
-        r.value, r.has_value = values, True
-        r.end = max([o.end for o in outs], default=start)
-        bad = [(o.end, k, o) for k, o in enumerate(outs) if not o.ok]
+        # README Templates: the answers in element order, null where failed or skipped
+        r.answer = [o.value if o is not None and o.ok else None for o in outs]
+        r.value, r.has_value, r.elems = values, True, elems
+        r.end = max([o.end for o in outs if o is not None], default=start)
+        bad = [(o.end, k, o) for k, o in enumerate(outs) if o is not None and not o.ok]
         if bad:
             r.failed = [k for _, k, _ in bad]
             first = min(e for e, _, _ in bad)
@@ -512,6 +743,15 @@ def aggregate(route, backends, behave):
     errors = {}
     doc = {}
     for n in names:
+        # README Enrichment: the source's shaping applies to the enriched answer
+        into = [c for c in calls if "into" in c and source_of(c) == n]
+        r = results[n]
+        if into and r.code is None and not r.skipped:
+            good, v = shape(by_name[n], enrich(r.answer, into, results))
+            if not good:
+                raise Ambiguous(f"{n}: its target went away under an enrichment")
+            r.value = v
+    for n in names:
         c, r = by_name[n], results[n]
         if r.code is not None:
             if route.get("errors"):
@@ -529,8 +769,12 @@ def aggregate(route, backends, behave):
                 v = c["fallback"]
             else:
                 continue
+        elif r.skipped and not r.has_value:
+            continue
         else:
             v = r.value
+        if "into" in c:
+            continue  # README Enrichment: no key of its own
         group = c.get("group", n)
         if group_mode or not isinstance(v, dict):
             doc[group] = v
@@ -545,5 +789,5 @@ def aggregate(route, backends, behave):
         doc["_errors"] = errors
     exp.body = doc
     exp.completed = complete
-    exp.timing = [(n, results[n].code) for n in names]
+    exp.timing = [(n, "skipped" if results[n].skipped else results[n].code) for n in names]
     return exp

@@ -1458,6 +1458,348 @@ def agg_default_pool_keeps_connections_under_wrk_load():
     check(conns <= 150 + 30, f"{conns} backend connections for {3 * requests} calls, at most 150 at once:"
           " connections below max_connections were closed and made again")
 
+# --- conditions ("when") and enrichment ("into") ---------------------------------------------
+
+def tag_count(s, tag):
+    """How many requests the stub logged under tag (a call's path holds tag=NAME)."""
+    return s.get("/log?tag=" + tag).json()["count"]
+
+
+CUSTOMER = {"id": 7, "tier": "gold", "age": 42, "vip": True, "score": 2.5, "none": None,
+            "address": {"city": "Paris", "zip": None}, "tags": ["a", "b"]}
+
+
+def cond_call(name, when, **kw):
+    """A call that answers its own name, tagged so the stub counts it."""
+    return call(name, f"/c?tag=w-{name}&" + jbody({"name": name}), when=when, **kw)
+
+
+@atest
+def agg_when_conditions_decide_which_calls_are_sent():
+    """Each form of condition, values with their JSON types (a query value is
+    a string), absent values, and what a skipped call leaves: no key (or its
+    skip_value), no request, Server-Timing desc="skipped", not a failure."""
+    s = Stub()
+    s.get("/log?reset=1")
+    cust = call("customer", "/u?" + jbody(CUSTOMER))
+    conds = [
+        ("gold", {"value": "{customer.tier}", "in": ["gold", "platinum"]}, True),
+        ("silver", {"value": "{customer.tier}", "equals": "silver"}, False),
+        ("include", {"value": "{query.include}", "equals": "orders"}, True),
+        ("qnum", {"value": "{query.n}", "equals": 5}, False),           # a query value is a string
+        ("qstr", {"value": "{query.n}", "equals": "5"}, True),
+        ("agereal", {"value": "{customer.age}", "equals": 42.0}, True),  # numbers by value
+        ("agestr", {"value": "{customer.age}", "in": ["42", True]}, False),
+        ("vipone", {"value": "{customer.vip}", "equals": 1}, False),     # a boolean is no number
+        ("viptrue", {"value": "{customer.vip}", "equals": True}, True),
+        ("score", {"value": "{customer.score}", "in": [1, 2.5]}, True),
+        ("city", {"exists": "{customer.address.city}"}, True),
+        ("zip", {"exists": "{customer.address.zip}"}, False),            # null does not exist
+        ("nozip", {"not": {"exists": "{customer.address.nope}"}}, True),  # absent
+        ("nullval", {"value": "{customer.none}", "equals": None}, True),  # a null that is there equals null
+        ("absentnull", {"value": "{customer.nope}", "equals": None}, False),
+        ("obj", {"value": "{customer.address}", "equals": {"zip": None, "city": "Paris"}}, True),
+        ("arr", {"value": "{customer.tags}", "equals": ["b", "a"]}, False),
+        ("text", {"value": "{customer.tier}-{query.n}", "equals": "gold-5"}, True),
+        ("textnull", {"exists": "{customer.tier}-{customer.none}"}, False),
+        ("hdr", {"value": "{header.X-Flag}", "in": ["on"]}, True),
+        ("param", {"value": "{id}", "equals": "9"}, True),
+        ("all", {"all": [{"exists": "{customer.id}"}, {"not": {"value": "{customer.tier}", "equals": "x"}}]}, True),
+        ("any", {"any": [{"value": "{customer.tier}", "equals": "x"}, {"exists": "{customer.nope}"}]}, False),
+    ]
+    calls = [cust] + [cond_call(n, w) for n, w, _ in conds]
+    calls.append(cond_call("skipv", {"value": "{customer.tier}", "equals": "x"}, skip_value={"skipped": True}))
+    calls.append(cond_call("skipnull", {"value": "{customer.tier}", "equals": "x"}, skip_value=None))
+    calls.append(cond_call("req", {"value": "{customer.tier}", "equals": "x"}, required=True))
+    d = agg_daemon([route("/w/{id}", calls, errors=True)], s)
+    r, _ = get(d, "/w/9?include=orders&n=5", headers={"X-Flag": "on"})
+    j = ok_json(r, completed=True, what="conditions")
+    want = {"customer": CUSTOMER}
+    for n, _, holds in conds:
+        if holds:
+            want[n] = {"name": n}
+    want["skipv"] = {"skipped": True}
+    want["skipnull"] = None
+    eq(j, want, "sent calls answer, skipped ones are left out or hold skip_value; no _errors")
+    eq(list(j), list(want), "key order: the calls' order")
+    timing = server_timing(r)
+    for n, _, holds in conds + [("skipv", None, False), ("skipnull", None, False), ("req", None, False)]:
+        eq(timing[n][1].get("desc"), None if holds else '"skipped"', f"Server-Timing desc of {n}")
+        if not holds:
+            eq(timing[n][0], 0.0, f"Server-Timing dur of skipped {n}")
+        eq(tag_count(s, "w-" + n), 1 if holds else 0, f"requests the stub got for {n}")
+    # the same route without the query and header: those conditions no longer hold
+    r, _ = get(d, "/w/9")
+    j = ok_json(r, completed=True, what="no query")
+    for n in ("include", "qstr", "text", "hdr"):
+        check(n not in j, f"{n} sent without its query parameter or header: {j}")
+
+
+@atest
+def agg_when_skips_dependents_and_fails_on_failed_dependencies():
+    """A call whose template, after or foreach names a skipped call is skipped
+    (with its own skip_value); one that names it only in its condition sees
+    it absent; a condition naming a failed call fails with dependency_failed."""
+    s = Stub()
+    s.get("/log?reset=1")
+    calls = [
+        call("gate", "/g?tag=d-gate&" + jbody({"id": 1, "list": [1, 2]}), when={"value": "{query.go}", "equals": "1"}),
+        call("tpl", "/t/{gate.id}?tag=d-tpl", skip_value="tpl-skipped"),
+        call("aft", "/a?tag=d-aft", after=["gate"]),
+        call("fe", "/f/{item}?tag=d-fe", foreach="gate.list"),
+        call("chain", "/c/{tpl.path}?tag=d-chain"),              # skipped through tpl
+        call("else", "/e?tag=d-else", when={"not": {"exists": "{gate}"}}),
+        call("cond", "/k?tag=d-cond", when={"value": "{gate.id}", "equals": 1}),
+        call("bad", "/b?status=503&tag=d-bad", fallback="bad-fb"),
+        call("onbad", "/o?tag=d-onbad", when={"exists": "{bad.x}"}, fallback="onbad-fb"),
+    ]
+    d = agg_daemon([route("/dep", calls, errors=True),
+                    route("/dep-req", [call("bad", "/b?status=503"),
+                                       call("onbad", "/o", when={"exists": "{bad.x}"}, required=True)])], s)
+    r, _ = get(d, "/dep")
+    j = ok_json(r, completed=False, what="gate skipped")
+    eq({k: v for k, v in j.items() if k != "_errors"},
+       {"tpl": "tpl-skipped", "else": {"ok": True, "path": "/e"}, "bad": "bad-fb", "onbad": "onbad-fb"},
+       "dependents of a skipped call skipped, else sent, failures with fallbacks")
+    eq(sorted(j["_errors"]), ["bad", "onbad"], "only failures in _errors")
+    eq(j["_errors"]["onbad"]["code"], "dependency_failed", "a condition naming a failed call")
+    timing = server_timing(r)
+    for n in ("gate", "tpl", "aft", "fe", "chain", "cond"):
+        eq(timing[n][1].get("desc"), '"skipped"', f"{n} skipped")
+        eq(tag_count(s, "d-" + n), 0, f"{n} sent nothing")
+    eq(tag_count(s, "d-onbad"), 0, "a call whose condition names a failed call is not sent")
+    r, _ = get(d, "/dep?go=1")
+    j = ok_json(r, completed=False, what="gate sent")
+    eq(j["tpl"], {"ok": True, "path": "/t/1"}, "tpl sent")
+    eq(j["aft"], {"ok": True, "path": "/a"}, "aft sent")
+    eq(j["fe"], [{"ok": True, "path": "/f/1"}, {"ok": True, "path": "/f/2"}], "fe sent")
+    eq(j["cond"], {"ok": True, "path": "/k"}, "cond sent")
+    check("else" not in j, f"else sent although gate answered: {j}")
+    r, _ = get(d, "/dep-req")
+    error_json(r, 502, "dependency_failed", "onbad", what="a required call whose condition names a failed call")
+
+
+@atest
+def agg_when_skipped_required_call_and_merge_mode():
+    """A skipped required call is no failure; in merge mode an object
+    skip_value is merged, another value goes under the group."""
+    s = Stub()
+    calls = [call("a", "/a?" + jbody({"x": 1, "shared": "a"})),
+             call("req", "/r", required=True, when={"value": "{a.x}", "equals": 2}),
+             call("obj", "/o", when={"value": "{a.x}", "equals": 2}, skip_value={"shared": "skip", "y": 2}),
+             call("num", "/n", when={"value": "{a.x}", "equals": 2}, skip_value=0, group="numkey")]
+    d = agg_daemon([route("/mm", calls, merge="merge", errors=True), route("/mg", calls, errors=True)], s)
+    r, _ = get(d, "/mm")
+    eq(ok_json(r, completed=True, what="merge"), {"x": 1, "shared": "skip", "y": 2, "numkey": 0}, "merge mode")
+    r, _ = get(d, "/mg")
+    eq(ok_json(r, completed=True, what="group"),
+       {"a": {"x": 1, "shared": "a"}, "obj": {"shared": "skip", "y": 2}, "numkey": 0}, "group mode")
+
+
+@atest
+def agg_when_per_foreach_element():
+    """A condition naming {item} is decided per element: skipped elements are
+    not sent and leave the array (or hold skip_value); failed indexes are
+    positions in the source array. One not naming {item} decides the call."""
+    s = Stub()
+    s.get("/log?reset=1")
+    items = [{"k": "p", "n": 0}, {"k": "x", "n": 1}, {"k": "p", "n": 2, "st": 503}, {"k": "x", "n": 3},
+             {"k": "p", "n": 4}]
+    src = call("src", "/s?" + jbody({"items": items}))
+    fe = "/fe/{item.n}?tag=fe-%s&status=200"
+    d = agg_daemon([
+        route("/filter", [src, call("fe", "/fe/{item.n}?tag=fe-filter",
+                                    foreach="src.items", when={"value": "{item.k}", "equals": "p"})]),
+        route("/slots", [src, call("fe", "/fe/{item.n}?tag=fe-slots", foreach="src.items", skip_value="S",
+                                   when={"value": "{item.k}", "equals": "p"})]),
+        route("/failed", [src, call("fe", "/fe/{item.n}?tag=fe-failed&status={item.st}", foreach="src.items",
+                                    when={"exists": "{item.st}"}, fallback="FB")], errors=True),
+        route("/none", [src, call("fe", "/fe/{item.n}?tag=fe-none", foreach="src.items",
+                                  when={"value": "{item.k}", "equals": "z"})]),
+        route("/whole", [src, call("fe", "/fe/{item.n}?tag=fe-whole", foreach="src.items", skip_value=[],
+                                   when={"value": "{query.fe}", "equals": "1"})]),
+        route("/mixed", [src, call("fe", "/fe/{item.n}?tag=fe-mixed", foreach="src.items",
+                                   when={"all": [{"value": "{query.fe}", "equals": "1"},
+                                                 {"value": "{item.n}", "in": [3, 4]}]})]),
+        route("/reader", [src, call("fe", "/fe/{item.n}", foreach="src.items",
+                                    when={"value": "{item.k}", "equals": "x"}),
+                          call("r", "/r/{fe[1].path}/{fe[3].path}?echo=1", target="path"),
+                          call("r0", "/r0/{fe[0].path}", fallback="absent")], errors=True),
+    ], s)
+    r, _ = get(d, "/filter")
+    j = ok_json(r, what="/filter")
+    eq(j["fe"], [{"ok": True, "path": f"/fe/{n}"} for n in (0, 2, 4)], "skipped elements leave the array")
+    eq(server_timing(r)["fe"][1].get("desc"), None, "a call with skipped elements is not skipped")
+    eq(tag_count(s, "fe-filter"), 3, "only the elements whose condition holds are sent")
+    r, _ = get(d, "/slots")
+    j = ok_json(r, what="/slots")
+    eq(j["fe"], [{"ok": True, "path": "/fe/0"}, "S", {"ok": True, "path": "/fe/2"}, "S",
+                 {"ok": True, "path": "/fe/4"}], "skip_value in the skipped elements' slots")
+    r, _ = get(d, "/failed")
+    j = ok_json(r, completed=False, what="/failed")
+    eq(j["fe"], ["FB"], "one element sent, failed: its fallback")
+    eq(j["_errors"]["fe"]["failed"], [2], "failed: the element's position in the source array")
+    r, _ = get(d, "/none")
+    j = ok_json(r, what="/none")
+    eq(j["fe"], [], "every element skipped: an empty array")
+    eq(tag_count(s, "fe-none"), 0, "nothing sent")
+    r, _ = get(d, "/whole")
+    j = ok_json(r, what="/whole")
+    eq(j["fe"], [], "the whole call skipped: skip_value")
+    eq(server_timing(r)["fe"][1].get("desc"), '"skipped"', "the whole call skipped")
+    r, _ = get(d, "/whole?fe=1")
+    eq(len(ok_json(r, what="/whole?fe=1")["fe"]), 5, "the whole call sent")
+    r, _ = get(d, "/mixed?fe=1")
+    eq(ok_json(r, what="/mixed")["fe"], [{"ok": True, "path": "/fe/3"}, {"ok": True, "path": "/fe/4"}],
+       "a condition naming {item} and the query, per element")
+    r, _ = get(d, "/reader")
+    j = ok_json(r, completed=False, what="/reader")
+    eq(j["r"], "/r/%2Ffe%2F1/%2Ffe%2F3", "templates read a foreach call's answers by source position")
+    eq(j["r0"], "absent", "a skipped element's answer is null for templates")
+    eq(j["_errors"]["r0"]["code"], "missing_value", "null: missing_value")
+
+
+@atest
+def agg_into_puts_results_into_the_source():
+    s = Stub()
+    orders = {"user": 7, "items": [{"id": 101, "pid": 1, "st": 200}, {"id": 102, "pid": 2, "st": 503},
+                                   {"id": 103, "pid": 3, "st": 200, "kind": "gift"}, {"id": 104, "pid": 4, "st": 200}]}
+    src = call("orders", "/o?" + jbody(orders), target="items")
+    d = agg_daemon([
+        route("/into", [src, call("product", "/products/{item.pid}?status=200", foreach="orders.items",
+                                  into="product", allow=["name"])], errors=True),
+        route("/into-fail", [
+            call("orders", "/o?" + jbody(orders), deny=["user"]),
+            call("product", "/x/{item.pid}?status={item.st}", foreach="orders.items", into="product",
+                 target="path", fallback={"unavailable": True}),
+            call("stock", "/x/{item.pid}?status={item.st}", foreach="orders.items", into="stock",
+                 target="path")], errors=True),
+        route("/into-when", [src,
+                             call("gift", "/g/{item.id}", foreach="orders.items", into="wrap", target="path",
+                                  when={"value": "{item.kind}", "equals": "gift"}, skip_value=False),
+                             call("never", "/n/{item.id}", foreach="orders.items", into="never",
+                                  when={"value": "{query.all}", "equals": "1"}, skip_value="no")]),
+        route("/into-merge", [call("orders", "/o?" + jbody(orders), deny=["items[1]"]),
+                              call("product", "/x/{item.pid}", foreach="orders.items", into="p", target="path"),
+                              call("other", "/y?" + jbody({"user": "other"}))], merge="merge"),
+        route("/into-notobj", [call("list", "/l?" + jbody([{"a": 1}, 5, "s", {"a": 2}])),
+                               call("fe", "/x/{item.a}", foreach="list", into="r", target="path",
+                                    fallback="FB")], errors=True),
+        route("/into-notobj-req", [call("list", "/l?" + jbody([{"a": 1}, 5])),
+                                   call("fe", "/x/{item.a}", foreach="list", into="r", required=True)]),
+        route("/into-srcfail", [call("orders", "/o?status=500", fallback={"f": 1}),
+                                call("product", "/x/{item.pid}", foreach="orders.items", into="p")], errors=True),
+        route("/into-deny", [call("orders", "/o?" + jbody(orders), target="items", deny=["[0].product"]),
+                             call("product", "/x/{item.pid}", foreach="orders.items", into="product",
+                                  target="path")]),
+        route("/into-tpl", [call("orders", "/o?" + jbody(orders)),
+                            call("product", "/x/{item.pid}", foreach="orders.items", into="product", target="path"),
+                            call("t", "/t/{product[0].path}?echo=1", target="path"),
+                            call("u", "/u/{orders.items[0].product}", fallback="no-product")], errors=True),
+    ], s)
+    r, _ = get(d, "/into")
+    j = ok_json(r, what="/into")
+    want = [dict(o, product={"name": f"Product {o['pid']}"}) for o in orders["items"]]
+    eq(j, {"orders": want}, "each result inside its element; the call has no key of its own")
+    timing = server_timing(r)
+    check("product" in timing, f"the into call is in Server-Timing: {timing}")
+    r, _ = get(d, "/into-fail")
+    j = ok_json(r, completed=False, what="/into-fail")
+    items = [dict(o) for o in orders["items"]]
+    for o in items:
+        o["product"] = f"/x/{o['pid']}"
+        o["stock"] = f"/x/{o['pid']}"
+    items[1]["product"] = {"unavailable": True}
+    del items[1]["stock"]
+    eq(j["orders"], {"items": items}, "a failed element: fallback, or no key; two calls enrich one array")
+    eq(j["_errors"]["product"]["failed"], [1], "product failed element")
+    eq(j["_errors"]["stock"]["failed"], [1], "stock failed element")
+    check("product" not in j and "stock" not in j, f"into calls have no key: {j}")
+    r, _ = get(d, "/into-when")
+    j = ok_json(r, what="/into-when")
+    items = [dict(o, wrap=False, never="no") for o in orders["items"]]
+    items[2]["wrap"] = "/g/103"
+    eq(j, {"orders": items}, "skipped elements get skip_value; a whole skipped call puts skip_value everywhere")
+    r, _ = get(d, "/into-merge")
+    j = ok_json(r, what="/into-merge")
+    items = [dict(o, p=f"/x/{o['pid']}") for o in orders["items"]]
+    del items[1]
+    eq(j, {"user": "other", "items": items}, "merge mode: the enriched source merged, its shaping after")
+    r, _ = get(d, "/into-notobj")
+    j = ok_json(r, completed=False, what="/into-notobj")
+    eq(j["list"], [{"a": 1, "r": "/x/1"}, 5, "s", {"a": 2, "r": "/x/2"}],
+       "elements that are not objects stay as they are")
+    eq(j["_errors"]["fe"]["code"], "invalid_value", "an element that is not an object: invalid_value")
+    eq(j["_errors"]["fe"]["failed"], [1, 2], "their indexes in failed")
+    r, _ = get(d, "/into-notobj-req")
+    error_json(r, 502, "invalid_value", "fe", what="a required into call over an element that is not an object")
+    r, _ = get(d, "/into-srcfail")
+    j = ok_json(r, completed=False, what="/into-srcfail")
+    eq(j["orders"], {"f": 1}, "a failed source keeps its fallback, not enriched")
+    eq(j["_errors"]["product"]["code"], "dependency_failed", "the into call")
+    r, _ = get(d, "/into-deny")
+    j = ok_json(r, what="/into-deny")
+    eq(j["orders"][0], orders["items"][0], "the source's deny sees the enriched answer")
+    eq(j["orders"][1]["product"], "/x/2", "other elements keep their key")
+    r, _ = get(d, "/into-tpl")
+    j = ok_json(r, completed=False, what="/into-tpl")
+    eq(j["t"], "/t/%2Fx%2F1", "templates read the into call's own answers")
+    eq(j["u"], "no-product", "templates see the source's answer as sent, without the products")
+
+
+@atest
+def agg_into_aggregate_built_on_the_thread_pool():
+    """With 100 KB of parsed answers the aggregate is built (enrichment
+    included) and freed on the thread pool (README "Large answers")."""
+    s = Stub()
+    items = [{"n": i, "k": "p" if i % 2 == 0 else "x", "st": 200 if i % 3 else 503} for i in range(12)]
+    d = agg_daemon([route("/big", [
+        call("src", "/s?" + jbody({"items": items}), target="items"),
+        call("fe", "/x/{item.n}?status={item.st}", foreach="src.items", into="r", target="path",
+             when={"value": "{item.k}", "equals": "p"}, fallback="FB", skip_value=None),
+        call("big", "/b?size=100000", deny=["nope"]),
+    ], errors=True)], s)
+    want = []
+    for it in items:
+        e = dict(it)
+        e["r"] = None if it["k"] == "x" else ("FB" if it["st"] == 503 else f"/x/{it['n']}")
+        want.append(e)
+    for attempt in range(3):
+        r, _ = get(d, "/big")
+        j = ok_json(r, completed=False, what="/big")
+        eq(j["src"], want, "the enriched source")
+        eq(len(j["big"]["data"]), 100000 - 11, "the large answer")
+        eq(j["_errors"]["fe"]["failed"], [0, 6], "failed elements")
+
+
+@atest
+def agg_when_reload_adds_and_removes_conditions():
+    s = Stub()
+    s.get("/log?reset=1")
+    plain = route("/r", [call("a", "/a?" + jbody({"tier": "gold"})), call("b", "/b?tag=rl-b")])
+    d = agg_daemon([plain], s)
+    r, _ = get(d, "/r")
+    eq(sorted(ok_json(r)), ["a", "b"], "before the reload")
+    cfg = json.loads(json.dumps(d.config))
+    cfg["listen"] = [f"127.0.0.1:{d.port}"]
+    with_when = route("/r", [call("a", "/a?" + jbody({"tier": "gold"})),
+                             call("b", "/b?tag=rl-b", when={"value": "{a.tier}", "equals": "silver"},
+                                  skip_value="skipped")])
+    cfg["routes"] = [with_when]
+    d.reload(cfg)
+    r, _ = get(d, "/r")
+    j = ok_json(r, what="after the reload")
+    eq(j["b"], "skipped", "the condition of the new configuration")
+    eq(server_timing(r)["b"][1].get("desc"), '"skipped"', "Server-Timing after the reload")
+    bad = route("/r", [call("a", "/a"), call("b", "/b", when={"value": "{a.tier}", "gt": 1})])
+    cfg["routes"] = [bad]
+    d.reload(cfg, expect="reload failed")
+    contains(d.log(), 'unknown operator "gt"', "the reload's error")
+    r, _ = get(d, "/r")
+    eq(ok_json(r, what="after a refused reload")["b"], "skipped", "the old configuration still serves")
+    eq(tag_count(s, "rl-b"), 1, "b was sent only before the condition came")
+
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,10 +13,17 @@ and what the backend does (answers, 204, 4xx/5xx, invalid JSON, too large,
 cut short before or after its head, not HTTP, refuses, too slow for the
 call's timeout or the route's deadline, its circuit open). foreach cells do
 the same per element (elements succeeding and failing, an empty array,
-foreach_max, a failed or unusable source). Each answer (status, the
-document compared exactly, X-Gateway-Completed, Server-Timing's entries and
-their desc, the error JSON of a required call, Retry-After) must be the
-model's.
+foreach_max, a failed or unusable source). Conditions ("when") and
+enrichment ("into") have matrices of their own, sampled from their products
+(seeded, so every run has the same cells) to keep the run short: every form
+of condition against a gate call that answers, fails or is skipped, with
+the call's outcome, skip_value, fallback, required, merge mode, errors and
+a dependent (reading it, after it, or conditioned on it); foreach calls
+with per-element and whole-call conditions, into (one or two calls, source
+shaping, elements that are not objects), and the usual element failures.
+Each answer (status, the document compared exactly, X-Gateway-Completed,
+Server-Timing's entries and their desc, the error JSON of a required call,
+Retry-After) must be the model's.
 
 Run: GATHERD=/path/to/gatherd GW_STUB=/path/to/gw_stub \
          python3 tests/integration/test_aggoracle.py [NAME-SUBSTRING ...]
@@ -28,6 +35,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import re
 import sys
 import threading
@@ -112,12 +120,20 @@ def fixed(text):
 
 # --- cells ---------------------------------------------------------------------------------------
 
+# what every request of a cell sends: conditions read it (query values and headers are strings)
+REQ_QUERY = {"n": "5", "include": "orders"}
+REQ_HEADERS = {"X-Flag": "on"}
+REQ_PARAMS = {"pid": "7"}
+
+
 class Cell:
-    def __init__(self, desc, route, behaviours):
+    def __init__(self, desc, route, behaviours, param=False):
         self.desc = desc
         self.route = route            # the route's configuration, path set later
         self.behaviours = behaviours  # (call, element index or None) -> Behaviour (or a function of the element)
-        self.path = None
+        self.path = None              # the route's path
+        self.url = None               # what the client asks for
+        self.param = param            # the route has the path parameter {pid}
 
     def behave(self, name, k, item):
         b = self.behaviours[name]
@@ -259,6 +275,185 @@ def foreach_cells():
     return out
 
 
+# --- conditions ("when") ---------------------------------------------------------------------------
+
+# the gate's answer: what conditions read
+G_TEXT = json.dumps({"id": 5, "tier": "gold", "age": 42, "score": 2.5, "vip": True, "none": None,
+                     "address": {"city": "Paris", "zip": None}, "tags": ["a", "b"]})
+
+# every form of condition; which hold depends on the gate and the request (REQ_*)
+CONDS = {
+    "in": {"value": "{g.tier}", "in": ["silver", "gold"]},
+    "equals_false": {"value": "{g.tier}", "equals": "silver"},
+    "query_string": {"value": "{query.n}", "equals": "5"},
+    "query_number": {"value": "{query.n}", "equals": 5},
+    "query_absent_null": {"value": "{query.nope}", "equals": None},
+    "int_real": {"value": "{g.age}", "equals": 42.0},
+    "real_in": {"value": "{g.score}", "in": ["2.5", 2.5]},
+    "bool_number": {"value": "{g.vip}", "equals": 1},
+    "exists": {"exists": "{g.address.city}"},
+    "exists_null": {"exists": "{g.address.zip}"},
+    "not_exists": {"not": {"exists": "{g.nope.deeper}"}},
+    "null_equals_null": {"value": "{g.none}", "equals": None},
+    "object": {"value": "{g.address}", "equals": {"zip": None, "city": "Paris"}},
+    "array_order": {"value": "{g.tags}", "equals": ["b", "a"]},
+    "text": {"value": "{g.tier}/{query.n}", "equals": "gold/5"},
+    "text_null": {"exists": "x{g.none}"},
+    "header": {"value": "{header.x-flag}", "in": ["on"]},
+    "param": {"value": "{pid}", "equals": "7"},
+    "all": {"all": [{"exists": "{g.id}"}, {"value": "{query.include}", "equals": "orders"}]},
+    "any_false": {"any": [{"value": "{g.tier}", "equals": "x"}, {"exists": "{g.nope}"}]},
+    "nested": {"not": {"any": [{"all": [{"exists": "{g.id}"}, {"not": {"exists": "{query.include}"}}]}]}},
+}
+GATES = ("ok", "failed", "skipped")
+SKIP_VALUES = {"nosv": NO_FALLBACK, "svobj": {"sk": 1, "ak": "skip"}, "svnull": None}
+DEPENDENTS = (None, "tpl", "tpl_sv", "after", "else", "condc")
+WHEN_OUTCOMES = ("ok", "bad_status_503", "timeout")
+
+
+def when_cells(per=8, seed=1):
+    """For each condition and gate state, per cells sampled from the product
+    of the other dimensions."""
+    rng = random.Random(seed)
+    dims = list(itertools.product(WHEN_OUTCOMES, (False, True), ("nofb", "fbobj"), SKIP_VALUES,
+                                  ("group", "merge"), (False, True), DEPENDENTS))
+    out = []
+    for cname, gate in itertools.product(CONDS, GATES):
+        for outcome, required, fb, sv, merge, errors, dep in rng.sample(dims, per):
+            beh, backend, query = OUTCOMES[outcome]
+            g = {"name": "g", "backend": "s", "path": fixed(G_TEXT)}
+            gbeh = M.answer(200, G_TEXT)
+            if gate == "failed":
+                g["path"] = "/g?status=503"
+                gbeh = M.answer(503, "{}")
+            elif gate == "skipped":
+                g["when"] = {"exists": "{query.never}"}
+            c = {"name": "c", "backend": backend, "path": "/c?" + query, "group": "cv", "when": CONDS[cname]}
+            if required:
+                c["required"] = True
+            if FALLBACKS[fb] is not NO_FALLBACK:
+                c["fallback"] = FALLBACKS[fb]
+            if SKIP_VALUES[sv] is not NO_FALLBACK:
+                c["skip_value"] = SKIP_VALUES[sv]
+            if outcome == "timeout":
+                c["timeout_ms"] = CALL_TIMEOUT_MS
+            calls = [{"name": "a", "backend": "s", "path": fixed(A_TEXT)}, g, c,
+                     {"name": "z", "backend": "s", "path": fixed(Z_TEXT)}]
+            behaviours = {"a": M.answer(200, A_TEXT), "g": gbeh, "c": beh, "z": M.answer(200, Z_TEXT)}
+            r = {"name": "r", "backend": "s", "path": fixed(R_TEXT)}
+            if dep in ("tpl", "tpl_sv"):
+                r["path"] = "/r?v={c.f}&body=" + pq(R_TEXT)
+                if dep == "tpl_sv":
+                    r["skip_value"] = "rs"
+            elif dep == "after":
+                r["after"] = ["c"]
+            elif dep == "else":
+                r["when"] = {"not": {"exists": "{c}"}}
+            elif dep == "condc":
+                r["when"] = {"value": "{c.f}", "equals": "v1"}
+            if dep:
+                calls.append(r)
+                behaviours["r"] = M.answer(200, R_TEXT)
+            route = {"calls": calls, "merge": merge}
+            if errors:
+                route["errors"] = True
+            desc = (f"when:{cname} gate:{gate} {outcome} {'required' if required else 'optional'} {fb} {sv} "
+                    f"{merge} {'errors' if errors else 'noerrors'} dep:{dep}")
+            out.append(Cell(desc, route, behaviours, param=cname == "param"))
+    return out
+
+
+# --- foreach with conditions, and enrichment ("into") ---------------------------------------------
+
+def kind_element(k, kind, **kw):
+    e = element(k, **kw)
+    e["k"] = kind
+    return e
+
+
+INTO_SCENARIOS = {
+    # name -> (elements, source status, foreach path, call options)
+    "mix": ([kind_element(0, "p"), kind_element(1, "x"), kind_element(2, "p", st=503, body="x"),
+             kind_element(3, "x"), kind_element(4, "p")], 200, "src.list", {}),
+    "all_x": ([kind_element(0, "x"), kind_element(1, "x")], 200, "src.list", {}),
+    # 5 and "s" have no k: a condition on {item.k} skips them before into could refuse them
+    "not_objects": ([kind_element(0, "p"), 5, "s", kind_element(3, "x")], 200, "src.list", {}),
+    "timeout": ([kind_element(0, "p"), kind_element(1, "p", delay=SLOW_MS), kind_element(2, "x")], 200, "src.list",
+                {"timeout_ms": CALL_TIMEOUT_MS}),
+    "serial": ([kind_element(0, "x"), kind_element(1, "p"), kind_element(2, "x"), kind_element(3, "p", st=404)],
+               200, "src.list", {"foreach_concurrency": 1}),
+    "empty": ([], 200, "src.list", {}),
+    "source_failed": ([kind_element(0, "p")], 503, "src.list", {}),
+    "absent": ([kind_element(0, "p")], 200, "src.nolist", {}),
+    "too_many": ([kind_element(0, "p"), kind_element(1, "x"), kind_element(2, "p")], 200, "src.list",
+                 {"foreach_max": 2}),
+}
+ITEM_CONDS = {
+    "nowhen": None,
+    "item": {"value": "{item.k}", "equals": "p"},
+    "not_item": {"not": {"value": "{item.k}", "equals": "p"}},
+    "whole_true": {"value": "{query.n}", "equals": "5"},
+    "whole_false": {"value": "{query.n}", "equals": 5},
+    "mixed": {"all": [{"exists": "{src.meta}"}, {"value": "{item.k}", "in": ["p", "q"]}]},
+}
+INTO_MODES = ("nointo", "into", "into2")
+SRC_SHAPINGS = {"none": {}, "target": {"target": "list"}, "deny": {"deny": ["meta"]},
+                "allow": {"allow": ["list", "meta"]}}
+ELEM_SHAPINGS = {"none": {}, "target": {"target": "data.user"}}
+
+
+def into_cells(per=8, seed=2):
+    rng = random.Random(seed)
+    dims = list(itertools.product(INTO_MODES, SKIP_VALUES, ("nofb", "fbobj"), (False, True), ("group", "merge"),
+                                  (False, True), SRC_SHAPINGS, ELEM_SHAPINGS))
+    out = []
+    for scen, wname in itertools.product(INTO_SCENARIOS, ITEM_CONDS):
+        items, src_status, fpath, opts = INTO_SCENARIOS[scen]
+        src_text = json.dumps({"list": items, "notlist": 5, "meta": "m"})
+        picked = 0
+        for mode, sv, fb, required, merge, errors, sshape, eshape in rng.sample(dims, len(dims)):
+            if picked == per:
+                break
+            if SKIP_VALUES[sv] is not NO_FALLBACK and ITEM_CONDS[wname] is None:
+                continue  # refused at load: the call is never skipped
+            picked += 1
+            c = {"name": "c", "backend": "s", "path": "/e?status={item.st}&delay={item.d}&body={item.b}",
+                 "foreach": fpath}
+            c.update(ELEM_SHAPINGS[eshape])
+            c.update(opts)
+            if ITEM_CONDS[wname] is not None:
+                c["when"] = ITEM_CONDS[wname]
+            if mode == "nointo":
+                c["group"] = "cv"
+            else:
+                c["into"] = "got"
+            if required:
+                c["required"] = True
+            if FALLBACKS[fb] is not NO_FALLBACK:
+                c["fallback"] = FALLBACKS[fb]
+            if SKIP_VALUES[sv] is not NO_FALLBACK:
+                c["skip_value"] = SKIP_VALUES[sv]
+            src_query = "body=" + pq(src_text) + ("" if src_status == 200 else f"&status={src_status}")
+            src = {"name": "src", "backend": "s", "path": "/src?" + src_query}
+            src.update(SRC_SHAPINGS[sshape])
+            calls = [{"name": "a", "backend": "s", "path": fixed(A_TEXT)}, src, c,
+                     {"name": "z", "backend": "s", "path": fixed(Z_TEXT)}]
+            behaviours = {"a": M.answer(200, A_TEXT), "src": M.answer(src_status, src_text),
+                          "c": element_behaviour, "z": M.answer(200, Z_TEXT)}
+            if mode == "into2":
+                # a second call enriching the same elements under another key, listed first
+                calls.insert(2, {"name": "c2", "backend": "s", "path": "/e2?body={item.b}", "foreach": fpath,
+                                 "into": "stock", "target": "name", "fallback": "nostock"})
+                behaviours["c2"] = lambda k, item: M.answer(200, item["b"])
+            route = {"calls": calls, "merge": merge}
+            if errors:
+                route["errors"] = True
+            desc = (f"foreach-when:{scen} {wname} {mode} {sv} {fb} {'required' if required else 'optional'} "
+                    f"{merge} {'errors' if errors else 'noerrors'} src:{sshape} elem:{eshape}")
+            out.append(Cell(desc, route, behaviours))
+    return out
+
+
 # --- running and comparing -----------------------------------------------------------------------
 
 def backends(stub):
@@ -296,7 +491,7 @@ def fetch_all(d, paths):
                 try:
                     if conn is None:
                         conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
-                    conn.request("GET", p)
+                    conn.request("GET", p, headers=REQ_HEADERS)
                     r = conn.getresponse()
                     body = r.read()
                     results[p] = (r.status, {k.lower(): v for k, v in r.getheaders()}, body)
@@ -403,10 +598,14 @@ def run_matrix(cells):
         # which look for memory errors on the same paths, every second one
         cells = cells[::2]
     expected, skipped = [], 0
+    request = M.Request(REQ_QUERY, REQ_HEADERS, REQ_PARAMS)
+    query = "&".join(f"{k}={v}" for k, v in REQ_QUERY.items())
     for i, cell in enumerate(cells):
-        cell.path = f"/cell/{i}"
+        cell.path = f"/cell/{i}/{{pid}}" if cell.param else f"/cell/{i}"
+        cell.url = f"/cell/{i}/{REQ_PARAMS['pid']}?{query}" if cell.param else f"/cell/{i}?{query}"
         try:
-            exp = M.aggregate(cell.route, bs, cell.behave)
+            exp = M.aggregate(cell.route, bs, cell.behave, request if cell.param else
+                              M.Request(REQ_QUERY, REQ_HEADERS))
         except M.Ambiguous:
             skipped += 1
             continue
@@ -422,11 +621,11 @@ def run_matrix(cells):
     warm = fetch_all(d, ["/warm"])["/warm"]
     check(not isinstance(warm, Exception) and warm[0] == 200, f"warm-up: {warm!r}")
     t0 = time.monotonic()
-    got = fetch_all(d, [c.path for c, _ in expected])
+    got = fetch_all(d, [c.url for c, _ in expected])
     took = time.monotonic() - t0
     failures = []
     for cell, exp in expected:
-        diffs = compare(cell, exp, got.get(cell.path, TestFailure("not fetched")))
+        diffs = compare(cell, exp, got.get(cell.url, TestFailure("not fetched")))
         if diffs:
             failures.append((cell, diffs))
     print(f"# {len(expected)} cells ({skipped} left out as undecided by the README) in {took:.1f} s, "
@@ -436,7 +635,7 @@ def run_matrix(cells):
     # a summary by outcome and shaping, to read the pattern
     by = {}
     for cell, _ in failures:
-        key = " ".join(cell.desc.split()[:2])
+        key = " ".join(cell.desc.split()[:2 if not cell.desc.startswith(("when:", "foreach-when:")) else 1])
         by[key] = by.get(key, 0) + 1
     for key, n in sorted(by.items()):
         print(f"#   {n:4d} x {key}")
@@ -498,6 +697,50 @@ def aggoracle_model_follows_the_readme():
     check("g" not in e.body and "h" not in e.body, f"foreach that cannot run is left out: {e.body}")
     eq(e.body["_errors"], {"f": {"code": "bad_status", "status": 503, "failed": [1]},
                            "g": {"code": "invalid_value"}, "h": {"code": "too_many_items"}}, "foreach _errors")
+    # README Conditions: a query value is a string; numbers by value; a skipped call is no failure,
+    # has no key (or its skip_value), Server-Timing says "skipped", and what needs it is skipped
+    req = M.Request({"n": "5"})
+
+    def runq(calls, behaviours, **route):
+        r = {"calls": calls}
+        r.update(route)
+        return M.aggregate(r, bs, lambda n, k, it: behaviours[n](k, it) if callable(behaviours[n])
+                           else behaviours[n], req)
+
+    e = runq([{"name": "u", "backend": "s", "path": "/"},
+              {"name": "num", "backend": "s", "path": "/", "when": {"value": "{query.n}", "equals": 5},
+               "required": True},
+              {"name": "str", "backend": "s", "path": "/", "when": {"value": "{query.n}", "equals": "5"}},
+              {"name": "real", "backend": "s", "path": "/", "when": {"value": "{u.id}", "in": [1.0]}},
+              {"name": "sv", "backend": "s", "path": "/", "when": {"exists": "{u.x.nope}"}, "skip_value": 0},
+              {"name": "dep", "backend": "s", "path": "/{num.id}"},
+              {"name": "els", "backend": "s", "path": "/", "when": {"not": {"exists": "{num}"}}}],
+             {"u": ok, "num": ok, "str": ok, "real": ok, "sv": ok, "dep": ok, "els": ok}, errors=True)
+    eq((e.status, e.completed), (200, True), "skipped calls are no failures, required or not")
+    eq(sorted(e.body), ["els", "real", "str", "sv", "u"], "skipped calls have no key, or their skip_value")
+    eq(e.body["sv"], 0, "skip_value")
+    eq(dict(e.timing), {"u": None, "num": "skipped", "str": None, "real": None, "sv": "skipped",
+                        "dep": "skipped", "els": None}, "Server-Timing desc")
+    # README Conditions: a condition naming a failed call fails with dependency_failed
+    e = runq([{"name": "u", "backend": "s", "path": "/"},
+              {"name": "v", "backend": "s", "path": "/", "when": {"exists": "{u.id}"}, "fallback": 1}],
+             {"u": M.answer(500, ""), "v": ok}, errors=True)
+    eq((e.body["v"], e.body["_errors"]["v"]["code"]), (1, "dependency_failed"), "when naming a failed call")
+    # README Conditions, foreach: per element, a filter without skip_value; Enrichment: results in the
+    # elements, no key of its own, a failed element's fallback, an element that is not an object
+    src = M.answer(200, '{"l": [{"i": 1, "k": "p"}, {"i": 2, "k": "x"}, {"i": 3, "k": "p"}, 7]}')
+    e = runq([{"name": "s", "backend": "s", "path": "/", "target": "l"},
+              {"name": "f", "backend": "s", "path": "/{item.i}", "foreach": "s.l", "target": "name",
+               "when": {"value": "{item.k}", "in": ["p"]}},
+              {"name": "g", "backend": "s", "path": "/{item.i}", "foreach": "s.l", "into": "got", "target": "name",
+               "fallback": "fb"}],
+             {"s": src, "f": ok, "g": lambda k, it: M.slow(10, M.answer(503, "")) if k == 1 else ok}, errors=True)
+    eq(e.body["f"], ["n", "n"], "skipped elements leave the array")
+    eq(e.body["s"], [{"i": 1, "k": "p", "got": "n"}, {"i": 2, "k": "x", "got": "fb"},
+                     {"i": 3, "k": "p", "got": "n"}, 7], "into: results and fallbacks in the source's elements")
+    check("g" not in e.body, f"an into call has no key: {e.body}")
+    eq(e.body["_errors"]["g"], {"code": "invalid_value", "failed": [1, 3]},
+       "into: failed elements, the one that is not an object included (and first)")
 
 
 @atest
@@ -508,6 +751,16 @@ def aggoracle_plain_calls():
 @atest
 def aggoracle_foreach_calls():
     run_matrix(foreach_cells())
+
+
+@atest
+def aggoracle_when_calls():
+    run_matrix(when_cells())
+
+
+@atest
+def aggoracle_foreach_when_and_into_calls():
+    run_matrix(into_cells())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ stay), the next-server retry without a "retry" section (wrk while one
 server is killed and started again on its port: no failed request),
 no_healthy_server for aggregate and proxy routes (by outlier ejection and
 by active health checks), backups, and a
-one-server backend given as "servers".
+one-server backend given as "servers"; the wait queue over several servers
+(a waiting call takes the first server that frees a connection; queue_full
+and queue_timeout; a reload while calls wait).
 
 Run: GATHERD=/path/to/gatherd GW_STUB=/path/to/gw_stub \
          python3 tests/integration/test_balance.py [NAME-SUBSTRING ...]
@@ -447,6 +449,158 @@ def balance_health_checks_steer_traffic_and_no_healthy_server():
     wait_for(lambda: f"server {s[1].hostport} is healthy again" in d.log(), "server 1 healthy again")
     got = count_ports(d, "/p/x", 30, port_of_proxied, conns=1)
     eq(dict(got), {s[1].port: 30}, "traffic once server 1 is healthy again")
+
+
+# --- the wait queue over several servers -------------------------------------------------------
+
+def _busy_server(stubs, before):
+    """The stub whose in-flight count just went up: the server the request
+    sent after before (their in_flight counts) landed on."""
+    deadline = time.monotonic() + 5 * SLOW
+    while time.monotonic() < deadline:
+        now = [st.stats()["in_flight"] for st in stubs]
+        up = [st for st, a, b in zip(stubs, before, now) if b > a]
+        if up:
+            return up[0], now
+        time.sleep(0.02)
+    raise TestFailure(f"no stub got the request (in flight {before})")
+
+
+@btest
+def balance_queued_call_takes_the_first_server_that_frees():
+    """max_connections 1 on each of two servers, one worker: a 1.5 s
+    request holds one server (S), a 300 ms one the other (F); two more
+    requests must wait. Each is served by F as soon as F frees, in arrival
+    order, long before S answers (a call waits in the queue of every usable
+    server of its backend, not only of the one it picked first; round robin
+    makes one of the two pick S first)."""
+    s = [Stub() for _ in range(2)]
+    d = daemon(cluster(s, max_connections=1, max_pending=4, queue_timeout_ms=ms(10000)), workers=1)
+    inflight = [0, 0]
+    slow = Client(d, timeout=20)
+    slow.send(req("GET", f"/p/slow?delay={ms(1500)}"))
+    S, inflight = _busy_server(s, inflight)
+    fast = Client(d, timeout=20)
+    fast.send(req("GET", f"/p/fast?delay={ms(300)}"))
+    F, inflight = _busy_server(s, inflight)
+    check(S is not F, "the second request went to the other server")
+    done = []
+    lock = threading.Lock()
+    results = {}
+
+    def one(name, c):
+        r = c.read_response()
+        with lock:
+            done.append(name)
+            results[name] = r
+
+    queued = []
+    for k in range(2):
+        c = Client(d, timeout=20)
+        c.send(req("GET", f"/p/q{k}?tag=q{k}"))
+        queued.append(c)
+        time.sleep(0.05)  # queued in this order
+    ts = [threading.Thread(target=one, args=(n, c))
+          for n, c in (("slow", slow), ("fast", fast), ("q0", queued[0]), ("q1", queued[1]))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for n, r in results.items():
+        eq(r.status, 200, f"{n}: status ({r.raw[:300]!r})")
+    eq(port_of_proxied(results["slow"]), S.port, "the slow request's server")
+    eq(port_of_proxied(results["fast"]), F.port, "the fast request's server")
+    eq([port_of_proxied(results[n]) for n in ("q0", "q1")], [F.port, F.port],
+       f"the queued requests' servers (fast {F.port}, slow {S.port})")
+    eq(done[-1], "slow", f"the last answer ({done})")
+    eq((S.stats()["requests"], F.stats()["requests"]), (1, 3), "requests at the slow and the fast server")
+    # served in the order they queued (the stub's arrival times: the answers
+    # themselves are too close together for the reading threads to order)
+    arrived = [F.get(f"/log?tag=q{k}").json()["requests"][0]["ms"] for k in range(2)]
+    check(arrived[0] < arrived[1], f"q0 reached the fast server before q1 ({arrived})")
+
+
+@btest
+def balance_queue_full_and_timeout_with_several_servers():
+    """max_connections 1, max_pending 1 on each of two servers: two calls
+    wait (each charged to one server's max_pending, both waiting for
+    either), a third is refused at once with queue_full; a waiter that no
+    server frees in queue_timeout_ms fails with queue_timeout."""
+    s = [Stub() for _ in range(2)]
+    d = daemon(cluster(s, max_connections=1, max_pending=1, queue_timeout_ms=ms(400)), workers=1)
+    holders = []
+    for _ in range(2):
+        c = Client(d, timeout=20)
+        c.send(req("GET", f"/p/h?delay={ms(1500)}"))
+        holders.append(c)
+    s[0].wait_stats(lambda st: st["in_flight"] == 1, 3, "a holder at server 0")
+    s[1].wait_stats(lambda st: st["in_flight"] == 1, 3, "a holder at server 1")
+    waiters = []
+    for _ in range(2):
+        c = Client(d, timeout=20)
+        c.send(req("GET", "/p/w"))
+        waiters.append(c)
+    time.sleep(0.05)
+    with Client(d) as c:
+        t0 = time.monotonic()
+        r = c.request(req("GET", "/p/x"))
+        dt = time.monotonic() - t0
+    eq((r.status, error_code(r)), (503, "queue_full"), f"a third waiter ({r.raw[:300]!r})")
+    check(dt < 0.25 * SLOW, f"queue_full answered after {dt:.3f}s")
+    for k, c in enumerate(waiters):
+        r = c.read_response()
+        eq((r.status, error_code(r)), (503, "queue_timeout"), f"waiter {k} ({r.raw[:300]!r})")
+    for k, c in enumerate(holders):
+        eq(c.read_response().status, 200, f"holder {k}")
+    got = count_ports(d, "/p/x", 10, port_of_proxied, conns=1)
+    eq(sum(got.values()), 10, "requests afterwards")
+
+
+@btest
+def balance_reload_while_calls_wait():
+    """Servers A and B (max_connections 1) both busy for 1.2 s, two calls
+    waiting; a reload replaces A by C (B's pool is kept). The waiters
+    belong to the old configuration: they are served by A or B, never by
+    C, even though C frees first; a request of the new configuration that
+    waits is served by C as soon as C frees."""
+    a, b, c = Stub(), Stub(), Stub()
+    kw = dict(max_connections=1, max_pending=4, queue_timeout_ms=ms(10000))
+    d = daemon(cluster([a, b], **kw), workers=1)
+    holders = []
+    for _ in range(2):
+        cl = Client(d, timeout=20)
+        cl.send(req("GET", f"/p/h?delay={ms(1200)}"))
+        holders.append(cl)
+    a.wait_stats(lambda st: st["in_flight"] == 1, 3, "a holder at A")
+    b.wait_stats(lambda st: st["in_flight"] == 1, 3, "a holder at B")
+    old = []
+    for k in range(2):
+        cl = Client(d, timeout=20)
+        cl.send(req("GET", f"/p/old{k}"))
+        old.append(cl)
+    time.sleep(0.05)
+    cfg = tp.config({"c": cluster([b, c], **kw)}, routes=routes())
+    cfg["listen"] = [f"127.0.0.1:{d.port}"]
+    d.reload(cfg)
+    new_busy = Client(d, timeout=20)
+    new_busy.send(req("GET", f"/p/n?delay={ms(200)}"))  # B is full: C
+    c.wait_stats(lambda st: st["in_flight"] == 1, 3, "a new request at C")
+    new_waiter = Client(d, timeout=20)
+    new_waiter.send(req("GET", "/p/nw"))  # B and C full: waits
+    r = new_busy.read_response()
+    eq((r.status, port_of_proxied(r)), (200, c.port), "the new configuration's request on C")
+    r = new_waiter.read_response()
+    eq((r.status, port_of_proxied(r)), (200, c.port), "the new configuration's waiter, served by C")
+    for k, cl in enumerate(old):
+        r = cl.read_response()
+        eq(r.status, 200, f"old waiter {k} ({r.raw[:300]!r})")
+        check(port_of_proxied(r) in (a.port, b.port),
+              f"old waiter {k} served by {port_of_proxied(r)}, not by A {a.port} or B {b.port}")
+    for k, cl in enumerate(holders):
+        eq(cl.read_response().status, 200, f"holder {k}")
+    got = count_ports(d, "/p/x", 20, port_of_proxied, conns=1)
+    eq(set(got), {b.port, c.port}, "the new configuration's servers afterwards")
+    check(d.wait_log("reloaded"), "reloaded")
 
 
 # --- backups --------------------------------------------------------------------------------

@@ -63,6 +63,22 @@ def two_stubs():
     raise TestFailure("could not start two stubs on one port")
 
 
+def stubs_on_one_port(n):
+    """n stubs on 127.0.0.1:P, 127.0.0.2:P, ... (all loopback on Linux): one
+    name's n addresses."""
+    for _ in range(5):
+        first = tp.Stub("127.0.0.1")
+        out = [first]
+        try:
+            for k in range(2, n + 1):
+                out.append(stub_at(f"127.0.0.{k}", first.port))
+            return out
+        except TestFailure:
+            for s in out:
+                s.close()
+    raise TestFailure(f"could not start {n} stubs on one port")
+
+
 def resolver(dns, **opts):
     r = {"nameservers": [dns.addr]}
     r.update(opts)
@@ -176,6 +192,107 @@ def dns_aaaa_answers_are_used():
     d = dns_daemon(f"http://six.test:{s.port}", dns)
     r = one_request(d)
     eq(r.status, 200, f"status through an AAAA-only name ({r.body[:200]!r})")
+
+
+# ------------------------------------------------------------------ spreading requests over the addresses
+
+def spread_routes():
+    return [{"path": "/legacy/*", "proxy": {"backend": "b", "strip_prefix": "/legacy"}},
+            {"path": "/agg", "methods": ["GET"], "calls": [{"name": "c", "backend": "b", "path": "/x"}]}]
+
+
+def sequential(d, path, n):
+    """n requests one after the other on one keep-alive client connection
+    (so reusing the most recent idle connection would pick one address)."""
+    with tp.Client(d) as c:
+        for _ in range(n):
+            r = c.request(get(path))
+            eq(r.status, 200, f"status of {path} ({r.raw[:300]!r})")
+
+
+def served(stubs):
+    return [s.stats()["requests"] for s in stubs]
+
+
+def check_shares(got, want, n, what):
+    """got: requests per stub out of n; want: the expected fractions. Each
+    within 3 % of n of its share."""
+    for i, (g, f) in enumerate(zip(got, want)):
+        check(abs(g - f * n) <= 0.03 * n,
+              f"{what}: 127.0.0.{i + 1} got {g} of {n}, want {f * n:.0f} (all: {got})")
+
+
+@dtest
+def dns_requests_spread_evenly_over_the_addresses_of_a_name():
+    """One keep-alive client, 300 requests through a proxy route, then 300
+    through an aggregate route: each of the name's three addresses gets a
+    third, over one connection each (not a connection per request)."""
+    s = stubs_on_one_port(3)
+    dns = dns_stub()
+    dns.set("three.test", a=["127.0.0.1", "127.0.0.2", "127.0.0.3"])
+    cfg = tp.config({"b": tp.backend(f"http://three.test:{s[0].port}")}, routes=spread_routes(),
+                    resolver=resolver(dns))
+    d = Daemon(cfg, workers=2)
+    for what, path in (("proxy", "/legacy/x"), ("aggregate", "/agg")):
+        before = served(s)
+        sequential(d, path, 300)
+        got = [a - b for a, b in zip(served(s), before)]
+        check_shares(got, [1 / 3] * 3, 300, what)
+    conns = sum(x.stats()["connections"] - x.nstats for x in s)  # without those of /stats
+    check(conns <= 6, f"pooled connections are reused: {conns} connections for 600 requests (one per address and worker)")
+
+
+@dtest
+def dns_an_address_dropped_by_a_new_answer_gets_nothing_more():
+    """After the answer changes from three addresses to two (TTL expiry),
+    the dropped address gets no request and its idle connection is closed;
+    the two left share the requests."""
+    s = stubs_on_one_port(3)
+    dns = dns_stub()
+    dns.set("drop.test", a=["127.0.0.1", "127.0.0.2", "127.0.0.3"], ttl=2)
+    cfg = tp.config({"b": tp.backend(f"http://drop.test:{s[0].port}")}, routes=spread_routes(),
+                    resolver=resolver(dns, min_ttl_ms=1000, max_ttl_ms=60000))
+    d = Daemon(cfg, workers=1)
+    sequential(d, "/legacy/x", 150)
+    got = served(s)
+    check_shares(got, [1 / 3] * 3, 150, "before the change")
+    eq(s[2].stats()["open_connections"], 1, "127.0.0.3 has an idle connection from gatherd")
+    dns.set("drop.test", a=["127.0.0.1", "127.0.0.2"], ttl=2)
+    time.sleep(2.3)
+    # the first request after expiry starts the refresh and may still go to
+    # 127.0.0.3; the idle connection there closes when the answer is in
+    deadline = time.monotonic() + 5 * SLOW
+    with tp.Client(d) as c:
+        while s[2].stats()["open_connections"] > 0:
+            if time.monotonic() > deadline:
+                raise TestFailure(f"the idle connection to 127.0.0.3 stays open; log:\n{d.log()[-2000:]}")
+            eq(c.request(get()).status, 200, "status across the refresh")
+            time.sleep(0.02)
+    before = served(s)
+    sequential(d, "/legacy/x", 150)
+    sequential(d, "/agg", 150)
+    got = [a - b for a, b in zip(served(s), before)]
+    eq(got[2], 0, f"requests to the dropped address after the new answer (all: {got})")
+    check_shares(got, [1 / 2, 1 / 2, 0], 300, "after the change")
+    eq(s[2].stats()["open_connections"], 0, "no connection to 127.0.0.3")
+
+
+@dtest
+def dns_a_weight_is_split_among_the_addresses_of_its_name():
+    """A name of two addresses with weight 2 beside an IP address of weight
+    1: a third of the requests each."""
+    s = stubs_on_one_port(3)
+    dns = dns_stub()
+    dns.set("pair.test", a=["127.0.0.1", "127.0.0.2"])
+    b = tp.backend(None)
+    del b["url"]
+    b["servers"] = [{"url": f"http://pair.test:{s[0].port}", "weight": 2}, s[2].url]
+    d = Daemon(tp.config({"b": b}, routes=spread_routes(), resolver=resolver(dns)), workers=2)
+    for what, path in (("proxy", "/legacy/x"), ("aggregate", "/agg")):
+        before = served(s)
+        sequential(d, path, 300)
+        got = [a - b for a, b in zip(served(s), before)]
+        check_shares(got, [1 / 3] * 3, 300, what)
 
 
 # ------------------------------------------------------------------ failures

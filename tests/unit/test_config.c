@@ -621,6 +621,175 @@ test_aggregate_error_names_line(void)
                 "t.json:6: routes[0].calls[0].headers.Via: header \"Via\" is set by gatherd");
 }
 
+#define C_A "{'name': 'a', 'backend': 'users', 'path': '/', 'fallback': {}}, "
+
+static void
+test_aggregate_when(void)
+{
+    gw_config_t *cfg = parse(q(AGG "{'path': '/w/{id}', 'calls': [\n"
+                                   " {'name': 'a', 'backend': 'users', 'path': '/'},\n"
+                                   " {'name': 'b', 'backend': 'users', 'path': '/b', 'after': ['e'],\n"
+                                   "  'when': {'all': [{'value': '{a.tier}', 'in': ['gold', 1, null]},\n"
+                                   "    {'not': {'exists': '{query.x}'}}, {'any': [{'value': '{id}-{header.X}', "
+                                   "'equals': 'x'}]}]},\n"
+                                   "  'skip_value': {'s': [1]}},\n"
+                                   " {'name': 'c', 'backend': 'users', 'path': '/c/{b.id}', 'skip_value': null},\n"
+                                   " {'name': 'd', 'backend': 'users', 'path': '/{item.id}', 'foreach': 'a.list',\n"
+                                   "  'when': {'value': '{item.kind}', 'equals': 'p'}, 'skip_value': 0},\n"
+                                   " {'name': 'e', 'backend': 'users', 'path': '/e'}]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    gw_call_t **c = cfg->routes[0]->agg.calls;
+    CHECK(c[1]->when != NULL && !c[1]->when_item);
+    CHECK(c[1]->deps == ((1u << 0) | (1u << 4)));   /* a (when) and e (after) */
+    CHECK(c[1]->needs == (1u << 4));                /* a skipped "a" is only absent in b's condition */
+    CHECK(c[1]->reads == (1u << 0));
+    CHECK(json_is_object(c[1]->skip_value));
+    CHECK(c[2]->when == NULL && json_is_null(c[2]->skip_value) && c[2]->needs == (1u << 1));
+    CHECK(c[3]->when_item && json_integer_value(c[3]->skip_value) == 0);
+    CHECK(cfg->routes[0]->agg.read & 1u);
+    gw_config_unref(cfg);
+
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'value': '{query.x}', 'gt': 1}}",
+                      "routes[0].calls[0].when.gt: unknown operator \"gt\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'all': [{'exists': '{id}'}, "
+                      "{'any': [{'exists': '{id}'}, {'nope': 1}]}]}}",
+                      "routes[0].calls[0].when.all[1].any[1].nope: unknown operator \"nope\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', "
+                      "'when': {'value': '{query.x}', 'equals': 1, 'in': [1]}}",
+                      "routes[0].calls[0].when.in: \"equals\" and \"in\" cannot be used together");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'value': '{query.x}'}}",
+                      "routes[0].calls[0].when.value: needs \"equals\" or \"in\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'equals': 1}}",
+                      "routes[0].calls[0].when.equals: needs \"value\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{id}', 'not': {}}}",
+                      "routes[0].calls[0].when: one test per condition");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {}}",
+                      "routes[0].calls[0].when: must be a condition");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': ['x']}",
+                      "routes[0].calls[0].when: must be a condition");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'not': 1}}",
+                      "routes[0].calls[0].when.not: must be a condition");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': 'gold'}}",
+                      "routes[0].calls[0].when.exists: \"gold\" names no value (no placeholder)");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': 5}}",
+                      "routes[0].calls[0].when.exists: must be a template naming a value");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{usr.id}'}}",
+                      "routes[0].calls[0].when.exists: unknown name \"usr\" in \"{usr.id}\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{item.id}'}}",
+                      "routes[0].calls[0].when.exists: \"{item.id}\": item exists only in a call with \"foreach\"");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{a.id}'}}",
+                      "routes[0].calls[0].when: names the answer of call \"a\" itself");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'value': '{id}', 'in': []}}",
+                      "routes[0].calls[0].when.in: must be an array of 1 to 256 values");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'value': '{id}', 'in': 'x'}}",
+                      "routes[0].calls[0].when.in: must be an array of 1 to 256 values");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'all': []}}",
+                      "routes[0].calls[0].when.all: must be an array of 1 to 16 conditions");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'any': {}}}",
+                      "routes[0].calls[0].when.any: must be an array of 1 to 16 conditions");
+    /* a cycle through a condition */
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{b}'}}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/{a.id}'}",
+                      "routes[0].calls: dependency cycle: a -> b -> a");
+    /* limits: 257 values, 17 conditions, 9 levels, 65 conditions */
+    char text[12288], big[8192];
+    size_t n = 0;
+    n += (size_t)snprintf(big + n, sizeof(big) - n, "{'value': '{id}', 'in': [0");
+    for (int i = 1; i <= 256; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, ", %d", i);
+    snprintf(big + n, sizeof(big) - n, "]}");
+    snprintf(text, sizeof(text), "{'name': 'a', 'backend': 'users', 'path': '/', 'when': %s}", big);
+    check_calls_error(text, "routes[0].calls[0].when.in: must be an array of 1 to 256 values");
+    n = (size_t)snprintf(big, sizeof(big), "{'any': [{'exists': '{id}'}");
+    for (int i = 1; i < 17; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, ", {'exists': '{id}'}");
+    snprintf(big + n, sizeof(big) - n, "]}");
+    snprintf(text, sizeof(text), "{'name': 'a', 'backend': 'users', 'path': '/', 'when': %s}", big);
+    check_calls_error(text, "routes[0].calls[0].when.any: must be an array of 1 to 16 conditions");
+    n = 0;
+    for (int i = 0; i < 8; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "{'not': ");
+    n += (size_t)snprintf(big + n, sizeof(big) - n, "{'exists': '{id}'}");
+    for (int i = 0; i < 8; i++)
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "}");
+    snprintf(text, sizeof(text), "{'name': 'a', 'backend': 'users', 'path': '/', 'when': %s}", big);
+    check_calls_error(text, "routes[0].calls[0].when.not.not.not.not.not.not.not.not: conditions nest at most 8 deep");
+    /* 8 levels are fine */
+    snprintf(text, sizeof(text), AGG "{'path': '/a/{id}', 'calls': [{'name': 'a', 'backend': 'users', 'path': '/', "
+                                     "'when': %s}]}]}", big + strlen("{'not': "));
+    text[strlen(text) - strlen("}]}]}") - 1] = ' '; /* one closing brace fewer */
+    cfg = parse(q(text));
+    CHECK(cfg != NULL);
+    gw_config_unref(cfg);
+    n = (size_t)snprintf(big, sizeof(big), "{'all': [");
+    for (int i = 0; i < 5; i++) {
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "%s{'any': [{'exists': '{id}'}", i ? ", " : "");
+        for (int k = 1; k < 13; k++)
+            n += (size_t)snprintf(big + n, sizeof(big) - n, ", {'exists': '{id}'}");
+        n += (size_t)snprintf(big + n, sizeof(big) - n, "]}");
+    }
+    snprintf(big + n, sizeof(big) - n, "]}");
+    snprintf(text, sizeof(text), "{'name': 'a', 'backend': 'users', 'path': '/', 'when': %s}", big);
+    check_calls_error(text, "at most 64 conditions in one \"when\"");
+
+    /* skip_value only where a call can be skipped */
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'skip_value': 1}",
+                      "routes[0].calls[0].skip_value: the call is never skipped");
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'when': {'exists': '{id}'}}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'when': {'exists': '{a}'}, 'skip_value': 1}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'after': ['b'], 'skip_value': 2}, "
+                      "{'name': 'd', 'backend': 'users', 'path': '/', 'skip_value': 3}",
+                      "routes[0].calls[3].skip_value: the call is never skipped: it has no \"when\"");
+    check_error(q(AGG "{'path': '/a/{id}', 'calls': [\n"
+                      "  {'name': 'a', 'backend': 'users', 'path': '/',\n"
+                      "   'when': {'any': [\n     {'value': '{id}', 'like': 'x'}]}}]}]}"),
+                "t.json:6: routes[0].calls[0].when.any[0].like: unknown operator \"like\"");
+}
+
+static void
+test_aggregate_into(void)
+{
+    gw_config_t *cfg = parse(q(AGG "{'path': '/i', 'calls': [\n"
+                                   " {'name': 'o', 'backend': 'users', 'path': '/', 'target': 'items'},\n"
+                                   " {'name': 'p', 'backend': 'users', 'path': '/{item.id}', 'foreach': 'o.items',\n"
+                                   "  'into': 'product', 'fallback': null},\n"
+                                   " {'name': 's', 'backend': 'users', 'path': '/{item.id}', 'foreach': 'o.items',\n"
+                                   "  'into': 'stock'},\n"
+                                   " {'name': 'q', 'backend': 'users', 'path': '/{item.id}', 'foreach': 'o.other',\n"
+                                   "  'into': 'product'},\n"
+                                   " {'name': 'x', 'backend': 'users', 'path': '/', 'group': 'p'}]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    CHECK_STR(cfg->routes[0]->agg.calls[1]->into, "product");
+    CHECK(cfg->routes[0]->agg.enriched == 1u);
+    gw_config_unref(cfg);
+    check_calls_error("{'name': 'a', 'backend': 'users', 'path': '/', 'into': 'x'}",
+                      "routes[0].calls[0].into: only for a call with \"foreach\"");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'into': 'x.y'}",
+                      "routes[0].calls[1].into: must be one key like \"product\"");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'into': '[0]'}",
+                      "routes[0].calls[1].into: must be one key");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'into': ''}",
+                      "routes[0].calls[1].into: must be one key");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'into': 5}",
+                      "routes[0].calls[1].into: must be one key");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', 'into': 'x', 'group': 'g'}",
+                      "routes[0].calls[1].group: \"group\" and \"into\" cannot be used together");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a.items', 'into': 'x'}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'foreach': 'a.items', 'into': 'x'}",
+                      "routes[0].calls[2].into: call \"b\" already puts \"x\" into the elements of the same array");
+    check_calls_error(C_A "{'name': 'c', 'backend': 'users', 'path': '/', 'foreach': 'b', 'into': 'x'}, "
+                      "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a'}",
+                      "routes[0].calls[1].into: cannot put results into call \"b\": it is a foreach call");
+}
+
 static void
 write_file(const char *path, const char *text)
 {
@@ -1442,6 +1611,7 @@ TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
+          T(test_aggregate_when), T(test_aggregate_into),
           T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
           T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log),
           T(test_servers), T(test_balance_and_health), T(test_cache_scope_servers))

@@ -122,6 +122,9 @@ test_hosts_file_and_round_robin(void)
     struct sockaddr_in other = { .sin_family = AF_INET, .sin_port = htons(8080) };
     inet_pton(AF_INET, "127.0.0.9", &other.sin_addr);
     CHECK(!gw_dns_name_has(&n, (const struct sockaddr *)&other, sizeof(other)));
+    size_t at = 99;
+    CHECK(gw_dns_name_find(&n, (const struct sockaddr *)&n.addrs[2].sa, n.addrs[2].len, &at) && at == 2);
+    CHECK(!gw_dns_name_find(&n, (const struct sockaddr *)&other, sizeof(other), &at) && at == 2);
     char list[128];
     CHECK_STR(gw_dns_name_list(&n, list, sizeof(list)), "127.0.0.3, 127.0.0.4, [::1]");
     gw_dns_name_free(&n);

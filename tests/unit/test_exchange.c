@@ -6,8 +6,11 @@
  * stale pooled connection (once, idempotent methods only) and how each
  * route kind names the failure; connect failures retried up to attempts;
  * a retried status on a reused connection; per-try and call timeouts; a
- * hedge that answers first; the wait queue; settle after every entry
- * point. The route kinds' own behaviour runs in tests/integration/. */
+ * hedge that answers first; the wait queue, over one server and over two
+ * (the first server to free a connection serves the waiters; a waiter
+ * that leaves leaves every queue; an ejected server's free connection is
+ * not taken); settle after every entry point. The route kinds' own behaviour runs in tests/integration/. */
+#include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_exchange.h"
 #include "gw_metrics.h"
@@ -54,6 +57,8 @@ typedef enum {
 static beh_t script[16];
 static int nscript, next_beh, accepted, requests;
 static struct bufferevent *sconns[SCONNS];
+static struct evconnlistener *sfrom[SCONNS]; /* the listener that accepted each */
+static struct evconnlistener *hold_listener; /* every request of its connections is held (B_HOLD) */
 static struct event *slow_ev[SCONNS];
 static struct evconnlistener *listener;
 
@@ -101,8 +106,8 @@ srv_read(struct bufferevent *bev, void *arg)
             return;
         evbuffer_drain(in, (size_t)p.pos + 4);
         requests++;
-        beh_t b = next_beh < nscript ? script[next_beh++] : B_OK;
         int k = sconn_index(bev);
+        beh_t b = hold_listener && sfrom[k] == hold_listener ? B_HOLD : next_beh < nscript ? script[next_beh++] : B_OK;
         switch (b) {
         case B_OK:
             evbuffer_add_printf(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
@@ -138,7 +143,6 @@ srv_event(struct bufferevent *bev, short what, void *arg)
 static void
 srv_accept(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int len, void *arg)
 {
-    GW_UNUSED(l);
     GW_UNUSED(sa);
     GW_UNUSED(len);
     GW_UNUSED(arg);
@@ -146,6 +150,7 @@ srv_accept(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, in
     for (int k = 0; k < SCONNS; k++) {
         if (sconns[k] == NULL) {
             sconns[k] = bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
+            sfrom[k] = l;
             bufferevent_setcb(sconns[k], srv_read, NULL, srv_event, NULL);
             bufferevent_enable(sconns[k], EV_READ);
             return;
@@ -197,7 +202,7 @@ typedef struct {
     int end_status;
 } owner_t;
 
-#define OWNERS 4
+#define OWNERS 6
 static owner_t owners[OWNERS];
 static int settles;
 static char won_body[16]; /* the body of a hedge that handed its answer over */
@@ -342,15 +347,12 @@ static const gw_xchg_ops_t ops = {
 
 static gw_config_t *cfg;
 
-/* A worker with one backend b at port; extra: more keys of b. */
+/* A worker with one backend b whose keys are keys (its servers included). */
 static const gw_backend_t *
-setup(int port, const char *extra)
+setup_backend(const char *keys)
 {
     char text[1024];
-    snprintf(text, sizeof(text),
-             "{\"listen\": [\"1\"], \"workers\": 1, \"backends\": {\"b\": {\"url\": \"http://127.0.0.1:%d\","
-             " \"timeout_ms\": 2000%s%s}}}",
-             port, extra ? ", " : "", extra ? extra : "");
+    snprintf(text, sizeof(text), "{\"listen\": [\"1\"], \"workers\": 1, \"backends\": {\"b\": {%s}}}", keys);
     loop_init();
     cfg = gw_config_parse(text, "t.json", ".", 0, err, sizeof(err));
     if (cfg == NULL) {
@@ -366,6 +368,16 @@ setup(int port, const char *extra)
     won_body[0] = '\0';
     label = NULL;
     return cfg->backends[0];
+}
+
+/* A worker with one backend b at port; extra: more keys of b. */
+static const gw_backend_t *
+setup(int port, const char *extra)
+{
+    char keys[768];
+    snprintf(keys, sizeof(keys), "\"url\": \"http://127.0.0.1:%d\", \"timeout_ms\": 2000%s%s", port,
+             extra ? ", " : "", extra ? extra : "");
+    return setup_backend(keys);
 }
 
 static void
@@ -627,7 +639,130 @@ queue(void)
     evconnlistener_free(listener);
 }
 
+/* Two servers, each on a listener of the scripted backend: every request
+ * to server 0 is held, server 1 answers at once; max_connections 1 and
+ * max_pending 1 each; the loop runs only once all calls were started.
+ * o[0] and o[1] take a server each; o[2] and o[3] wait, each counted in
+ * one server's max_pending, both in the queues of the two; a fifth call
+ * is refused (queue_full). *second: server 1's listener (the caller frees
+ * it); *fast: the owner whose call went to server 1. */
+static const gw_backend_t *
+two_servers(owner_t **o, owner_t **fast, struct evconnlistener **second, const char *extra)
+{
+    int p1 = backend_start();
+    struct evconnlistener *first = listener;
+    int p2 = backend_start();
+    *second = listener;
+    listener = first;
+    char keys[768];
+    snprintf(keys, sizeof(keys),
+             "\"servers\": [\"http://127.0.0.1:%d\", \"http://127.0.0.1:%d\"], \"timeout_ms\": 2000,"
+             " \"max_connections\": 1, \"max_pending\": 1%s%s",
+             p1, p2, extra ? ", " : "", extra ? extra : "");
+    const gw_backend_t *b = setup_backend(keys);
+    if (b == NULL)
+        return NULL;
+    hold_listener = first;
+    gw_fail_t c[5];
+    for (int k = 0; k < 5; k++)
+        o[k] = start(b, HTTP_GET, &c[k]);
+    CHECK(c[0] == GW_FAIL_NONE && c[1] == GW_FAIL_NONE && o[0]->ex.target != o[1]->ex.target);
+    CHECK(c[2] == GW_FAIL_NONE && c[3] == GW_FAIL_NONE && c[4] == GW_FAIL_QUEUE_FULL);
+    CHECK(o[2]->queued_on == 1 && o[3]->queued_on == 1);
+    for (unsigned si = 0; si < 2; si++) {
+        gw_pool_t *pool = gw_upstream_pool(&worker, b, si);
+        CHECK(pool->nqueued == 1 && pool->nlinks == 2);
+    }
+    CHECK(worker.m->backends[b->mid].queued == 2);
+    gw_xchg_close(&o[4]->ex, false);
+    o[4]->used = false;
+    *fast = o[0]->ex.target == 1 ? o[0] : o[1];
+    return b;
+}
+
+/* Ends a two_servers() test. */
+static void
+two_servers_end(const gw_backend_t *b, struct evconnlistener *second)
+{
+    for (unsigned si = 0; si < 2; si++) {
+        gw_pool_t *pool = gw_upstream_pool(&worker, b, si);
+        CHECK(pool->nqueued == 0 && pool->nlinks == 0 && pool->qhead == NULL);
+    }
+    CHECK(worker.m->backends[b->mid].queued == 0);
+    spin(10);
+    hold_listener = NULL;
+    teardown();
+    evconnlistener_free(listener);
+    evconnlistener_free(second);
+}
+
+/* The server that frees its connection serves both waiters, whatever
+ * server each picked first, on the connection it pooled (nothing new is
+ * opened); they leave the other server's queue at once. */
+static void
+queue_over_servers(void)
+{
+    owner_t *o[5], *fast;
+    struct evconnlistener *second;
+    const gw_backend_t *b = two_servers(o, &fast, &second, NULL);
+    if (b == NULL)
+        return;
+    run(o[3], 2000);
+    owner_t *held = fast == o[0] ? o[1] : o[0];
+    CHECK(fast->finished && fast->end == GW_FAIL_NONE && !held->finished);
+    CHECK(o[2]->finished && o[2]->end == GW_FAIL_NONE && o[2]->queued_off == 1);
+    CHECK(o[3]->finished && o[3]->end == GW_FAIL_NONE && o[3]->queued_off == 1);
+    CHECK(accepted == 2 && requests == 4);
+    two_servers_end(b, second);
+}
+
+/* A waiter that leaves (its client went away) leaves every queue; the
+ * other takes the first free connection. */
+static void
+queue_over_servers_cancel(void)
+{
+    owner_t *o[5], *fast;
+    struct evconnlistener *second;
+    const gw_backend_t *b = two_servers(o, &fast, &second, NULL);
+    if (b == NULL)
+        return;
+    gw_xchg_close(&o[2]->ex, false);
+    o[2]->used = false;
+    for (unsigned si = 0; si < 2; si++)
+        CHECK(gw_upstream_pool(&worker, b, si)->nlinks == 1);
+    CHECK(worker.m->backends[b->mid].queued == 1);
+    run(o[3], 2000);
+    CHECK(fast->finished && o[3]->finished && o[3]->end == GW_FAIL_NONE && requests == 3);
+    two_servers_end(b, second);
+}
+
+/* Server 1 is ejected while calls wait for it: the connection it frees is
+ * not taken (the waiters wait on, for server 0, which holds its one), and
+ * they end with queue_timeout. */
+static void
+queue_over_servers_ejected(void)
+{
+    owner_t *o[5], *fast;
+    struct evconnlistener *second;
+    const gw_backend_t *b =
+        two_servers(o, &fast, &second,
+                    "\"queue_timeout_ms\": 200, \"outlier_detection\": {\"consecutive_failures\": 1,"
+                    " \"eject_ms\": 60000, \"max_ejected_percent\": 100}");
+    if (b == NULL)
+        return;
+    gw_cluster_report(b, &b->servers[1], GW_FAIL_CONNECT_FAILED, 0, gw_now_ms());
+    CHECK(!gw_cluster_usable(&b->servers[1], gw_now_ms()));
+    run(o[3], 2000);
+    CHECK(fast->finished && fast->end == GW_FAIL_NONE);
+    CHECK(o[2]->finished && o[2]->end == GW_FAIL_QUEUE_TIMEOUT);
+    CHECK(o[3]->finished && o[3]->end == GW_FAIL_QUEUE_TIMEOUT);
+    CHECK(accepted == 2 && requests == 2);
+    two_servers_end(b, second);
+}
+
 TEST_MAIN({ "answer_and_reuse", answer_and_reuse },
           { "stale_connection_resend", stale_connection_resend }, { "connect_failure_retried", connect_failure_retried },
           { "status_retried", status_retried }, { "timeouts", timeouts }, { "hedge_wins", hedge_wins },
-          { "queue", queue })
+          { "queue", queue }, { "queue_over_servers", queue_over_servers },
+          { "queue_over_servers_cancel", queue_over_servers_cancel },
+          { "queue_over_servers_ejected", queue_over_servers_ejected })

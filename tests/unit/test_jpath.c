@@ -315,4 +315,46 @@ test_deny(void)
     gw_jpath_sel_free(sel);
 }
 
-TEST_MAIN(T(test_syntax), T(test_get), T(test_set), T(test_delete), T(test_allow), T(test_deny))
+static void
+test_replace(void)
+{
+    json_t *root = J("{\"a\": {\"items\": [{\"id\": 1}, {\"id\": 2}], \"k\": {\"x\": 1}}, \"b\": [1]}");
+    json_t *shared_k = json_object_get(json_object_get(root, "a"), "k");
+    gw_jpath_t *p = P("a.items");
+    json_t *r = gw_jpath_replace(root, p, J("[3]"));
+    CHECK_STR(D(r), "{\"a\":{\"items\":[3],\"k\":{\"x\":1}},\"b\":[1]}");
+    CHECK_STR(D(root), "{\"a\":{\"items\":[{\"id\":1},{\"id\":2}],\"k\":{\"x\":1}},\"b\":[1]}"); /* unchanged */
+    CHECK(json_object_get(json_object_get(r, "a"), "k") == shared_k);  /* untouched subtrees shared */
+    CHECK(json_object_get(r, "b") == json_object_get(root, "b"));
+    json_decref(r);
+    gw_jpath_free(p);
+    p = P("a.items[1].id");
+    r = gw_jpath_replace(root, p, json_integer(9));
+    CHECK_STR(D(json_object_get(r, "a")), "{\"items\":[{\"id\":1},{\"id\":9}],\"k\":{\"x\":1}}");
+    json_decref(r);
+    gw_jpath_free(p);
+    /* it replaces, never creates: an absent step or the wrong type is NULL */
+    const char *absent[] = { "a.nope", "a.items[2]", "b.x", "a.k[0]" };
+    for (size_t i = 0; i < GW_NELEM(absent); i++) {
+        p = P(absent[i]);
+        CHECK(gw_jpath_replace(root, p, json_true()) == NULL);
+        gw_jpath_free(p);
+    }
+    p = P("");
+    r = gw_jpath_replace(root, p, json_integer(1));
+    CHECK_STR(D(r), "1");
+    json_decref(r);
+    CHECK(gw_jpath_replace(NULL, p, json_integer(1)) == NULL);
+    CHECK(!gw_jpath_is_key(p));
+    gw_jpath_free(p);
+    const char *keys[] = { "product", "a.b", "[0]", "a[0]" };
+    const bool is_key[] = { true, false, false, false };
+    for (size_t i = 0; i < GW_NELEM(keys); i++) {
+        p = P(keys[i]);
+        CHECK(gw_jpath_is_key(p) == is_key[i]);
+        gw_jpath_free(p);
+    }
+    json_decref(root);
+}
+
+TEST_MAIN(T(test_syntax), T(test_get), T(test_set), T(test_delete), T(test_allow), T(test_deny), T(test_replace))
