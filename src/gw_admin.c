@@ -11,6 +11,7 @@
 #include "gw_budget.h"
 
 #include "gw_breaker.h"
+#include "gw_cache.h"
 #include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_inflight.h"
@@ -229,10 +230,14 @@ route_json(const gw_route_t *rt)
         json_object_set_new(o, "backend", json_string(rt->proxy.backend->name));
     if (rt->kind == GW_ROUTE_AGGREGATE) {
         json_t *calls = json_array();
-        for (size_t k = 0; k < rt->agg.ncalls; k++)
-            json_array_append_new(calls, json_pack("{s:s, s:s, s:b}", "name", rt->agg.calls[k]->name, "backend",
-                                                   rt->agg.calls[k]->backend->name, "required",
-                                                   rt->agg.calls[k]->required));
+        for (size_t k = 0; k < rt->agg.ncalls; k++) {
+            json_t *call = json_pack("{s:s, s:s, s:b}", "name", rt->agg.calls[k]->name, "backend",
+                                     rt->agg.calls[k]->backend->name, "required", rt->agg.calls[k]->required);
+            json_t *cache = gw_cache_call_json(rt->agg.calls[k]); /* its counters, when it caches or coalesces */
+            if (cache)
+                json_object_set_new(call, "cache", cache);
+            json_array_append_new(calls, call);
+        }
         json_object_set_new(o, "calls", calls);
         json_object_set_new(o, "deadline_ms", json_integer(rt->agg.deadline_ms));
     }
@@ -631,6 +636,7 @@ metrics_text(struct evbuffer *out)
     process_metrics(out);
     budget_metrics(out);
     gw_config_t *cfg = cfg_get();
+    gw_cache_metrics(out, cfg);
     if (cfg == NULL)
         return;
     struct evbuffer *lb = evbuffer_new();

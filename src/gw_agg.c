@@ -35,10 +35,12 @@
 #include "gw_breaker.h"
 #include "gw_cond.h"
 #include "gw_budget.h"
+#include "gw_cache.h"
 #include "gw_cluster.h"
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_exchange.h"
+#include "gw_fetch.h"
 #include "gw_fail.h"
 #include "gw_http.h"
 #include "gw_json.h"
@@ -115,7 +117,12 @@ typedef struct {
     size_t raw_off, raw_len;
     char *rbuf;        /* a pass-through answer checked on the thread pool: its body, raw_off/raw_len in it */
     size_t held;       /* gw_budget_responses bytes its answers hold (trees, rbuf), given back with them */
+    unsigned char served; /* SERVED_*: how the cache answered it (the most telling of its elements') */
+    uint64_t stale_age_ms; /* SERVED_STALE_ERROR: the age of the old answer used */
 } call_rt_t;
+
+/* How the cache (gw_cache.h) answered a call, in rising order of note. */
+enum { SERVED_BACKEND = 0, SERVED_COALESCED, SERVED_HIT, SERVED_STALE, SERVED_STALE_ERROR };
 
 typedef struct gw_agg_s agg_t;
 typedef struct ajob_s ajob_t;
@@ -137,6 +144,8 @@ struct xchg_s {
     size_t bheld;         /* bytes of body's capacity taken from gw_budget_responses */
     ajob_t *job;          /* its answer, being parsed on the thread pool */
     json_t *shaped;       /* what the pool shaped the answer into, for xchg_end() */
+    gw_cache_waiter_t *waiter; /* waiting for the cache's request of a cached or coalesced call */
+    bool lead;            /* that request is the one its lookup started (a miss, not coalesced) */
     xchg_t *next, *prev;  /* in the context's running list, or the cache */
 };
 
@@ -160,6 +169,7 @@ struct gw_agg_s {
     agg_t *next_free;
     size_t parsed, passed; /* answer bytes parsed into trees, and passed through */
     bool complete;        /* the aggregate built has every call (X-Gateway-Completed) */
+    int64_t age_ms;       /* the oldest answer the cache gave it (Age), -1: none */
     bool building;        /* the thread pool builds the aggregate (bjob) */
     bool zombie;          /* the request ended meanwhile: freed when bjob is back */
     gw_config_t *cfg;     /* a reference while bjob runs: the route lives in it */
@@ -302,6 +312,10 @@ static void
 xchg_free(xchg_t *x, bool reusable)
 {
     agg_t *a = x->a;
+    if (x->waiter) { /* it stops waiting; the cache's request goes on */
+        gw_cache_waiter_cancel(x->waiter);
+        x->waiter = NULL;
+    }
     gw_xchg_close(&x->ex, reusable); /* counts the call, gives back what the exchange holds */
     if (x->job) { /* abandoned: it frees what it holds when it is back */
         x->job->x = NULL;
@@ -733,6 +747,106 @@ start_failed_log(agg_t *a, const gw_call_t *call, gw_fail_t code, int err)
                   gw_conn_peer_ip(a->c), rid);
 }
 
+/* --- the cache (gw_cache.h): hits, and waiting for its request ------------ */
+
+static bool body_room(xchg_t *x, const gw_resp_t *r, size_t len);
+static void xchg_finish(xchg_t *x, bool reusable);
+static void refusal_log(agg_t *a, const gw_call_t *call, bool budget);
+
+/* x's answer is v (borrowed; the cache's bytes are copied into x's body
+ * buffer, under the response budget), served as how: judged and parsed as
+ * if the backend had just sent it. */
+static void
+xchg_from_val(xchg_t *x, const gw_cache_val_t *v, int how)
+{
+    agg_t *a = x->a;
+    call_rt_t *rt = &a->calls[x->call];
+    uint64_t now = gw_now_ms();
+    uint64_t age = now > v->stored_ms ? now - v->stored_ms : 0;
+    if (how > rt->served)
+        rt->served = (unsigned char)how;
+    if (how == SERVED_STALE_ERROR && age > rt->stale_age_ms)
+        rt->stale_age_ms = age;
+    if (how >= SERVED_HIT && (int64_t)age > a->age_ms)
+        a->age_ms = (int64_t)age;
+    x->ex.status = v->status;
+    x->blen = 0;
+    x->ex.rd.content_length = (int64_t)v->len; /* body_room() takes it whole */
+    if (v->len && !body_room(x, &x->ex.rd, v->len)) {
+        refusal_log(a, call_of(a, x->call), true);
+        xchg_end(x, false, NULL, GW_FAIL_MEMORY_BUDGET);
+        return;
+    }
+    if (v->len)
+        memcpy(x->body, v->body, v->len);
+    x->blen = v->len;
+    xchg_finish(x, false);
+}
+
+/* The cache's request that x waited for ended (x's worker, through its
+ * port): x ends with its answer, an old answer (stale-if-error), or its
+ * failure. An entry point: it ends with agg_progress(). */
+static void
+cache_waiter_done(gw_tjob_t *j)
+{
+    gw_cache_waiter_t *wt = (gw_cache_waiter_t *)j;
+    xchg_t *x = wt->arg;
+    if (x == NULL) { /* its request ended first */
+        gw_cache_waiter_free(wt);
+        return;
+    }
+    x->waiter = NULL;
+    agg_t *a = x->a;
+    gw_conn_t *c = a->c;
+    if (wt->val && wt->stale)
+        gw_log_rl(GW_LOG_INFO, "aggregate %s: call %s failed (%s): its stale answer is served (stale_if_error_ms), "
+                  "request %s", a->route->pattern, call_of(a, x->call)->name, gw_fail_name(wt->code),
+                  gw_conn_req(c)->request_id);
+    if (wt->val) {
+        xchg_from_val(x, wt->val, wt->stale ? SERVED_STALE_ERROR : x->lead ? SERVED_BACKEND : SERVED_COALESCED);
+    } else {
+        x->ex.status = wt->status;
+        xchg_end(x, false, NULL, wt->code);
+    }
+    gw_cache_waiter_free(wt);
+    agg_progress(a);
+    gw_conn_release(c);
+}
+
+/* x's call caches or coalesces: its request (rendered in x) is looked up
+ * and answered from the cache at once, or waits for the cache's request
+ * (started here on a miss). False when x must go to the backend itself: a
+ * request still on an older configuration than its worker's (a fetch holds
+ * the worker's current one). */
+static bool
+cache_start(agg_t *a, xchg_t *x)
+{
+    const gw_call_t *call = call_of(a, x->call);
+    if (gw_conn_config(a->c) != a->w->cfg)
+        return false;
+    gw_cache_ask_t ask = { .port = a->w->tport, .done = cache_waiter_done, .arg = x };
+    /* the request as xchg_start() rendered it, its hash (call_hash) included:
+     * the fetch goes to the server the call would have gone to */
+    gw_fetch_req_t rq = { .head = x->req.data,
+                          .head_len = x->req.len,
+                          .host_off = x->ex.host_off,
+                          .body = x->has_obody ? x->obody.data : NULL,
+                          .body_len = x->has_obody ? x->out_len : 0,
+                          .hash = x->ex.hash,
+                          .has_hash = x->ex.has_hash,
+                          .rid = gw_conn_req(a->c)->request_id,
+                          .peer = gw_conn_peer_ip(a->c) };
+    gw_cache_result_t res = gw_fetch_lookup(a->w, call, &rq, &ask);
+    if (res == GW_CACHE_HIT || res == GW_CACHE_STALE) {
+        xchg_from_val(x, ask.val, res == GW_CACHE_HIT ? SERVED_HIT : SERVED_STALE);
+        gw_cache_val_unref(ask.val);
+        return true;
+    }
+    x->waiter = ask.waiter;
+    x->lead = res == GW_CACHE_LEAD;
+    return true;
+}
+
 /* Starts one exchange of call i (element item of a foreach call). Its
  * failure to start ends it at once. */
 static void
@@ -755,6 +869,8 @@ xchg_start(agg_t *a, size_t i, size_t item, const json_t *item_value)
         ex->deadline_us = a->deadline_us;
         ex->per_try = true;
         ex->hedge_ms = call->hedge_after_ms;
+        if (call->cache && cache_start(a, x))
+            return; /* answered from the cache, or waiting for its request */
         code = gw_xchg_start(ex);
         start_failed_log(a, call, code, errno);
     }
@@ -923,6 +1039,8 @@ timing_add(gw_tpl_buf_t *b, bool first, const char *name, uint64_t us, const cha
     }
 }
 
+static const char *const served_desc[] = { NULL, "coalesced", "cache-hit", "stale", "stale" };
+
 static uint64_t
 call_us(const call_rt_t *rt)
 {
@@ -963,7 +1081,7 @@ server_timing(agg_t *a)
                    rt->state == CALL_FAILED    ? gw_fail_name(rt->code)
                    : rt->state == CALL_SKIPPED ? "skipped"
                    : rt->hedge_won             ? "hedge"
-                                               : NULL);
+                                               : served_desc[rt->served]);
     }
     timing_add(h, false, "total", gw_now_us() - a->start_us, NULL);
     gw_tpl_buf_add(h, "\r\n", 2);
@@ -1085,6 +1203,16 @@ respond_build(agg_t *a)
                 json_object_set_new(errors, call->name, e);
             }
         }
+        if (rt->state == CALL_OK && rt->served == SERVED_STALE_ERROR) {
+            /* old data in place of missing data: it says so */
+            complete = false;
+            if (route->agg.errors) {
+                if (errors == NULL)
+                    errors = json_object();
+                json_object_set_new(errors, call->name, json_pack("{s:s,s:I}", "code", "stale", "age_ms",
+                                                                  (json_int_t)rt->stale_age_ms));
+            }
+        }
         if (call->into)
             continue; /* its results are in its source's value */
         if (rt->value == NULL && !(rt->raw && rt->state == CALL_OK))
@@ -1128,6 +1256,11 @@ respond_send(agg_t *a)
     server_timing(a);
     buf_str(&a->hdrs, a->complete ? "Content-Type: application/json\r\nX-Gateway-Completed: true\r\n"
                                   : "Content-Type: application/json\r\nX-Gateway-Completed: false\r\n");
+    if (a->age_ms >= 0) { /* the oldest answer the cache gave, in seconds */
+        char age[40];
+        int n = snprintf(age, sizeof(age), "Age: %lld\r\n", (long long)(a->age_ms / 1000));
+        gw_tpl_buf_add(&a->hdrs, age, (size_t)n);
+    }
     gw_conn_start_response(a->c, 200, a->hdrs.data, a->hdrs.len, (int64_t)a->out.len);
     if (a->out.len >= BODY_CACHE_MAX) { /* handed over, not copied (8 MB: a few ms of page faults) */
         gw_conn_body_take(a->c, a->out.data, a->out.len);
@@ -1842,6 +1975,7 @@ gw_agg_start(gw_conn_t *c, const gw_match_t *m)
     a->match = *m;
     a->pending = a->route->agg.ncalls;
     a->start_us = gw_now_us();
+    a->age_ms = -1;
     a->deadline_us = a->start_us + (uint64_t)a->route->agg.deadline_ms * 1000u;
     a->out.len = a->hdrs.len = a->raws.len = 0;
     deadline_add(a, cache, a->route->agg.deadline_ms);

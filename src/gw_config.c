@@ -12,6 +12,7 @@
  * JSON paths, call names resolved to indexes, dependency masks checked for
  * cycles (see "aggregate routes" below).
  */
+#include "gw_cache.h"
 #include "gw_config.h"
 #include "gw_cond.h"
 #include "gw_breaker.h"
@@ -605,6 +606,25 @@ parse_memory(ctx_t *c, json_t *v)
     if (check_keys(c, v, keys, "\"memory\"") ||
         get_size(c, v, "request_body_bytes", 0, 1LL << 40, &c->cfg->memory.request_body_bytes) ||
         get_size(c, v, "response_body_bytes", 0, 1LL << 40, &c->cfg->memory.response_body_bytes))
+        goto out;
+    rc = GW_OK;
+out:
+    pop(c);
+    return rc;
+}
+
+/* "cache": the process-wide answer cache of calls (gw_cache.h). */
+static int
+parse_cache(ctx_t *c, json_t *v)
+{
+    static const char *const keys[] = { "max_bytes", NULL };
+    push_key(c, "cache");
+    int rc = GW_ERR;
+    if (!json_is_object(v)) {
+        rc = fail(c, "must be an object like {\"max_bytes\": 67108864}");
+        goto out;
+    }
+    if (check_keys(c, v, keys, "\"cache\"") || get_size(c, v, "max_bytes", 0, 1LL << 40, &c->cfg->cache.max_bytes))
         goto out;
     rc = GW_OK;
 out:
@@ -1517,6 +1537,39 @@ finish_servers(gw_backend_t *b, json_t *bv)
 }
 
 static int
+conn_key_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* What the answers of backend b's calls depend on, for a cache scope
+ * (gw_cache_scope_same): every server's conn_key (URL, connect timeout,
+ * TLS settings), sorted so that an order change alone is no change, one a
+ * line. Weights, backups and the balance are left out: any server's answer
+ * is taken for the backend's. New string; the caller frees it. */
+static char *
+cluster_conn_key(const gw_backend_t *b)
+{
+    const char **keys = gw_calloc(b->nservers ? b->nservers : 1, sizeof(char *));
+    size_t len = 1;
+    for (size_t i = 0; i < b->nservers; i++) {
+        keys[i] = b->servers[i].conn_key;
+        len += strlen(keys[i]) + 1;
+    }
+    qsort(keys, b->nservers, sizeof(char *), conn_key_cmp);
+    char *out = gw_malloc(len), *p = out;
+    for (size_t i = 0; i < b->nservers; i++) {
+        size_t n = strlen(keys[i]);
+        memcpy(p, keys[i], n);
+        p[n] = '\n';
+        p += n + 1;
+    }
+    *p = '\0';
+    free(keys);
+    return out;
+}
+
+static int
 parse_backends(ctx_t *c, json_t *v)
 {
     static const char *const keys[] = { "url", "servers", "balance", "hash_key", "health_check", "outlier_detection",
@@ -1701,7 +1754,7 @@ out:
 static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
                                          "timeout_ms", "required", "fallback", "group", "after", "foreach",
                                          "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
-                                         "hedge_after_ms", "when", "skip_value", "into", NULL };
+                                         "hedge_after_ms", "when", "skip_value", "into", "cache", "coalesce", NULL };
 
 /* Headers a call may neither set nor forward: gatherd writes them itself
  * (Host, framing, the request id, X-Forwarded-*, Via), or they are
@@ -1721,6 +1774,7 @@ call_free(gw_call_t *call)
     if (call == NULL)
         return;
     free(call->name);
+    gw_cache_scope_unref(call->cache);
     gw_tpl_free(call->target);
     for (size_t i = 0; i < call->nheaders; i++) {
         free(call->headers[i].name);
@@ -2296,6 +2350,19 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
         return GW_ERR;
     if ((x = json_object_get(v, "rename")) != NULL && parse_call_rename(c, x, call) != GW_OK)
         return GW_ERR;
+    if (json_object_get(v, "cache") != NULL || json_object_get(v, "coalesce") != NULL) {
+        /* gw_cache.c reads its settings; NULL for "coalesce": false alone */
+        char cerr[256] = "";
+        const char *where = "cache";
+        char *servers_key = cluster_conn_key(call->backend);
+        call->cache = gw_cache_scope_parse(json_object_get(v, "cache"), json_object_get(v, "coalesce"), route->pattern,
+                                           call->name, call->backend->name, servers_key, call->method,
+                                           call->forward_body, &where, cerr, sizeof(cerr));
+        free(servers_key);
+        bool top = strcmp(where, "cache") == 0 || strcmp(where, "coalesce") == 0;
+        if (call->cache == NULL && cerr[0])
+            return fail_in(c, top ? where : "cache", "%s%s%s", top ? "" : where, top ? "" : ": ", cerr);
+    }
     return GW_OK;
 }
 
@@ -2954,6 +3021,7 @@ set_defaults(gw_config_t *cfg)
     cfg->http.max_keepalive_requests = 10000;
     cfg->memory.request_body_bytes = (size_t)256 << 20;
     cfg->memory.response_body_bytes = (size_t)512 << 20;
+    cfg->cache.max_bytes = GW_CACHE_DEFAULT_MAX_BYTES;
     cfg->thread_pool.threads = (unsigned)GW_MIN(cpu_count(), 4);
     cfg->thread_pool.max_queue = 1024;
     cfg->resolver.timeout_ms = 2000;
@@ -2977,7 +3045,7 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     static const char *const keys[] = { "listen", "workers", "max_connections", "shutdown_timeout_ms", "http",
                                         "resolver", "backends", "include", "routes", "pid_file", "trusted_proxies",
                                         "real_ip_header", "max_inflight", "log", "admin", "user", "group",
-                                        "memory", "thread_pool", NULL };
+                                        "memory", "thread_pool", "cache", NULL };
     json_t *root = load_json(text, name, err, errlen);
     if (root == NULL)
         return NULL;
@@ -3026,6 +3094,8 @@ gw_config_parse(const char *text, const char *name, const char *basedir, int wor
     if ((v = json_object_get(root, "memory")) != NULL && parse_memory(&c, v))
         goto fail;
     if ((v = json_object_get(root, "thread_pool")) != NULL && parse_thread_pool(&c, v))
+        goto fail;
+    if ((v = json_object_get(root, "cache")) != NULL && parse_cache(&c, v))
         goto fail;
     if ((v = json_object_get(root, "log")) != NULL && parse_log(&c, v))
         goto fail;

@@ -213,6 +213,8 @@ struct gw_call_s {
     bool forward_body;           /* "body": "forward": the client's body, with its Content-Type */
     int timeout_ms;              /* the whole call; the backend's timeout_ms unless set */
     int hedge_after_ms;          /* "hedge_after_ms": a second copy after this long; 0: none */
+    struct gw_cache_scope_s *cache; /* "cache" / "coalesce" (gw_cache.h): one reference, kept by a reload
+                                    when unchanged; NULL: neither */
     bool required;               /* its failure fails the request */
     json_t *fallback;            /* "fallback": put in its place when it fails; NULL: none. A
                                     present JSON null is json_null(). Owned reference. */
@@ -305,6 +307,9 @@ struct gw_config_s {
         size_t request_body_bytes;  /* "memory.request_body_bytes": gw_budget_bodies */
         size_t response_body_bytes; /* "memory.response_body_bytes": gw_budget_responses */
     } memory;
+    struct {
+        size_t max_bytes;           /* "cache.max_bytes": the answer cache of calls (gw_cache.h) */
+    } cache;
     struct {
         unsigned threads;           /* "thread_pool.threads": gw_tpool.h; fixed at start */
         unsigned max_queue;         /* "thread_pool.max_queue" */

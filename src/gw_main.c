@@ -17,6 +17,7 @@
 #include "gw_cluster.h"
 #include "gw_hcheck.h"
 #include "gw_budget.h"
+#include "gw_cache.h"
 #include "gw_config.h"
 #include "gw_daemon.h"
 #include "gw_json.h"
@@ -159,6 +160,7 @@ apply_budgets(const gw_config_t *cfg)
 {
     gw_budget_set_limit(&gw_budget_bodies, cfg->memory.request_body_bytes);
     gw_budget_set_limit(&gw_budget_responses, cfg->memory.response_body_bytes);
+    gw_cache_set_max_bytes(cfg->cache.max_bytes);
 }
 
 /* Whether two address lists are the same, in the same order. */
@@ -189,6 +191,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     gw_cluster_inherit(next, *cfg); /* unchanged servers keep their health, ejection and counters */
     gw_ratelimit_inherit(next, *cfg); /* unchanged limits keep their buckets */
     gw_retry_inherit(next, *cfg); /* unchanged retry sections keep their budget counters */
+    gw_cache_inherit(next, *cfg); /* unchanged cached calls keep their entries */
     if (gw_server_reload(srv, next, err, sizeof(err)) != GW_OK) {
         gw_log(GW_LOG_ERR, "reload failed, still running the previous configuration: %s", err);
         gw_config_unref(next);
@@ -221,6 +224,7 @@ reload(gw_server_t *srv, gw_config_t **cfg, const char *file, bool workers_fixed
     if ((next->user == NULL) != ((*cfg)->user == NULL) ||
         (next->user && (next->uid != (*cfg)->uid || next->gid != (*cfg)->gid)))
         gw_log(GW_LOG_WARN, "reload: \"user\"/\"group\" changed; the process keeps its account until a restart");
+    gw_cache_retire_dropped(*cfg, next); /* the entries of calls changed or gone are dropped */
     gw_admin_publish(next);
     gw_hcheck_reload(next);
     gw_metrics_reloaded(true);
@@ -441,6 +445,7 @@ main(int argc, char **argv)
     gw_admin_stop();
     gw_server_free(&srv);
     gw_config_unref(cfg);
+    gw_cache_shutdown();
     gw_notify_close();
     if (pid_file) {
         if (unlink(pid_file) != 0 && errno != ENOENT) /* e.g. "user" cannot write its directory */

@@ -18,6 +18,7 @@
 #include "gw_config.h"
 #include "gw_conn.h"
 #include "gw_dns.h"
+#include "gw_fetch.h"
 #include "gw_http.h"
 #include "gw_log.h"
 #include "gw_upstream.h"
@@ -612,11 +613,13 @@ worker_cleanup(gw_worker_t *w)
     close_all(w);
     w->stopping = true;
     take_handoffs(w); /* refused: this worker serves nothing more */
+    gw_fetch_worker_stop(w); /* the cache's requests (their waiters here were cancelled with their requests) */
     /* the jobs of the requests just cancelled come back and free what they held */
     gw_tport_free(w->tport);
     w->tport = NULL;
     gw_proxy_worker_free(w);
     gw_agg_worker_free(w);
+    gw_fetch_worker_free(w);
     pthread_mutex_lock(&w->mail_mtx);
     if (w->mail_cfg) {
         fds_discard(w->mail_cfg, w->mail_fds);

@@ -132,6 +132,7 @@ struct gw_worker_s {
     gw_proxy_t *proxy_cache;        /* proxy contexts kept for reuse, see gw_proxy.c */
     unsigned nproxy_cache;
     void *agg_cache;                /* aggregate contexts kept for reuse, see gw_agg.c */
+    void *cache_fetches;            /* the cache's upstream requests running on it, see gw_fetch.c */
     gw_dns_t *dns;                  /* resolver for backend host names; NULL when none has one */
     unsigned nconns;
     int exited;                     /* atomic: the thread has left its loop */

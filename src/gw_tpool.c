@@ -43,7 +43,7 @@ static struct {
     uint64_t jobs, rejected; /* under mtx */
 } pool = { .mtx = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
 
-/* Hands job back to its port (a pool thread). */
+/* Hands job back to its port (a pool thread, or gw_tport_return's caller). */
 static void
 port_return(gw_tjob_t *job)
 {
@@ -246,6 +246,24 @@ gw_tport_new(struct event_base *base)
     p->ev = event_new(base, p->efd, EV_READ | EV_PERSIST, port_cb, p);
     event_add(p->ev, NULL);
     return p;
+}
+
+void
+gw_tport_hold(gw_tport_t *port)
+{
+    port->pending++;
+}
+
+void
+gw_tport_unhold(gw_tport_t *port)
+{
+    port->pending--;
+}
+
+void
+gw_tport_return(gw_tjob_t *job)
+{
+    port_return(job);
 }
 
 unsigned

@@ -89,6 +89,19 @@ gw_tpool_cancelled(const gw_tjob_t *job)
  */
 gw_tport_t *gw_tport_new(struct event_base *base);
 
+/*
+ * Jobs that come back through port without going through the pool: a
+ * waiter of the cache (gw_cache.h), handed back by whichever thread ends
+ * what it waits for. gw_tport_hold() (port's worker thread) counts one
+ * such job as pending, so gw_tport_free() waits for it; gw_tport_return()
+ * (any thread) hands it back (job->port and job->done set), and its done
+ * runs on port's worker; gw_tport_unhold() (port's worker thread) forgets
+ * one that will never come back.
+ */
+void gw_tport_hold(gw_tport_t *port);
+void gw_tport_unhold(gw_tport_t *port);
+void gw_tport_return(gw_tjob_t *job);
+
 /* Jobs posted through port and not come back yet (worker thread). */
 unsigned gw_tport_pending(const gw_tport_t *port);
 

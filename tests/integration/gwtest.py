@@ -206,6 +206,12 @@ TSAN = {
     # the thread pool
     "stall_requests_end_while_their_answers_are_parsed", "stall_stop_and_reload_while_parsing",
     "stall_parser_queue_full", "stall_budget_back_to_zero_on_every_path",
+    # the cache: one table for every worker, waiters woken through their workers' ports
+    "cache_coalesces_100_concurrent_requests_across_workers", "coalesce_without_cache",
+    "coalesce_followers_leave_and_the_request_goes_on", "cache_stale_while_revalidate",
+    "cache_stale_if_error_when_the_breaker_is_open", "cache_reload_keeps_unchanged_calls_and_drops_changed_ones",
+    "cache_memory_bound_under_unique_keys",
+    "cache_fetch_of_a_hash_balanced_backend_goes_to_the_keys_server",
 }
 # Files run whole in the smoke tier: the deploy and README tests need the normal build
 # (the image holds it; the README builds its own) and skip themselves under sanitizers.

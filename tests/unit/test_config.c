@@ -2,6 +2,7 @@
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
 #include "gw_breaker.h"
+#include "gw_cache.h"
 #include "gw_cluster.h"
 #include "gw_jpath.h"
 #include "gw_log.h"
@@ -1550,6 +1551,61 @@ test_balance_and_health(void)
 }
 #undef US
 
+/* A cached call's scope follows every server of its backend: a reload
+ * keeps its entries (gw_cache_scope_same) when the set of servers and
+ * their connection settings are the same, in any order, weights and
+ * balance aside, and drops them when any server changes. */
+static gw_cache_scope_t *
+cache_scope_of(const char *servers, const char *more)
+{
+    char text[1024];
+    snprintf(text, sizeof(text),
+             "{\"listen\": \"127.0.0.1:1\", \"backends\": {\"p\": {\"servers\": %s%s}},\n"
+             " \"routes\": [{\"path\": \"/a\", \"calls\": [{\"name\": \"c\", \"backend\": \"p\", \"path\": \"/x\",\n"
+             "   \"cache\": {\"ttl_ms\": 1000}}]}]}",
+             servers, more);
+    gw_config_t *cfg = parse(text);
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return NULL;
+    }
+    gw_cache_scope_t *s = cfg->routes[0]->agg.calls[0]->cache;
+    CHECK(s != NULL);
+    if (s)
+        gw_cache_scope_ref(s);
+    gw_config_unref(cfg);
+    return s;
+}
+
+static void
+test_cache_scope_servers(void)
+{
+    gw_cache_scope_t *a = cache_scope_of("[\"http://10.0.0.1:80\", \"http://10.0.0.2:80\"]", "");
+    struct {
+        const char *servers, *more;
+        bool same;
+    } cases[] = {
+        { "[\"http://10.0.0.1:80\", \"http://10.0.0.2:80\"]", "", true },
+        { "[\"http://10.0.0.2:80\", {\"url\": \"http://10.0.0.1:80\", \"weight\": 5}]", ", \"balance\": \"least_request\"",
+          true },
+        { "[\"http://10.0.0.1:80\", \"http://10.0.0.3:80\"]", "", false }, /* the second server only */
+        { "[\"http://10.0.0.1:80\"]", "", false },
+        { "[\"http://10.0.0.1:80\", \"http://10.0.0.2:80\", \"http://10.0.0.3:80\"]", "", false },
+        { "[\"http://10.0.0.1:80\", \"http://10.0.0.2:80\"]", ", \"connect_timeout_ms\": 50", false },
+    };
+    for (size_t i = 0; a && i < sizeof(cases) / sizeof(cases[0]); i++) {
+        gw_cache_scope_t *b = cache_scope_of(cases[i].servers, cases[i].more);
+        if (b && gw_cache_scope_same(a, b) != cases[i].same) {
+            printf("    case %zu: %s%s\n", i, cases[i].servers, cases[i].more);
+            CHECK(false);
+        }
+        gw_cache_scope_unref(b);
+    }
+    gw_cache_scope_unref(a);
+    gw_cache_shutdown();
+}
+
 TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_workers_override), T(test_syntax_error_has_line_and_column),
           T(test_unknown_keys_with_line), T(test_types_and_ranges), T(test_bad_addresses), T(test_routes), T(test_backends_and_proxy),
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
@@ -1558,4 +1614,4 @@ TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_
           T(test_aggregate_when), T(test_aggregate_into),
           T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
           T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log),
-          T(test_servers), T(test_balance_and_health))
+          T(test_servers), T(test_balance_and_health), T(test_cache_scope_servers))
