@@ -905,7 +905,7 @@ batch_start(agg_t *a, size_t i, json_t *items)
     call_rt_t *rt = &a->calls[i];
     gw_tpl_ctx_t ctx;
     gw_tpl_err_t err;
-    gw_tpl_buf_t path = { 0 };
+    gw_tpl_buf_t path = {0};
     if (gw_tpl_render(call->target, tpl_ctx(a, NULL, &ctx), &path, &err) != GW_OK) {
         gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s in path: %s, request %s", a->route->pattern, call->name,
                   gw_fail_name(err.code), err.detail, gw_conn_req(a->c)->request_id);
@@ -955,9 +955,9 @@ call_start(agg_t *a, size_t i)
         why = call->batch ? "longer than max_items" : "longer than foreach_max";
     }
     if (code != GW_FAIL_NONE) {
-        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s \"%s.%s\" is %s, request %s", a->route->pattern,
-               call->name, call->batch ? "batch" : "foreach", call_of(a, call->foreach_call)->name,
-               gw_jpath_text(call->foreach_path), why, gw_conn_req(a->c)->request_id);
+        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s \"%s.%s\" is %s, request %s", a->route->pattern, call->name,
+                  call->batch ? "batch" : "foreach", call_of(a, call->foreach_call)->name,
+                  gw_jpath_text(call->foreach_path), why, gw_conn_req(a->c)->request_id);
         call_complete(a, i, code, 0);
         return;
     }
@@ -1302,7 +1302,7 @@ answers_free(agg_t *a)
         f = gw_calloc(1, sizeof(*f));
     for (size_t i = 0; i < n; i++) {
         call_rt_t *rt = &a->calls[i];
-        json_t *refs[4] = { rt->answer, rt->value, rt->failed, rt->missing };
+        json_t *refs[4] = {rt->answer, rt->value, rt->failed, rt->missing};
         for (size_t k = 0; k < 4; k++) {
             if (refs[k] == NULL)
                 continue;
@@ -1557,7 +1557,7 @@ ajob_run(gw_tjob_t *j)
     json_error_t jerr;
     gw_json_meter_begin(&m, &gw_budget_responses, &j->cancelled);
     p->answer = json_loadb(p->body, p->len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
-    if (p->answer && !p->call->batch) /* a batch call's elements are shaped once matched */
+    if (p->answer && !p->call->batch)          /* a batch call's elements are shaped once matched */
         p->shaped = shape(p->call, p->answer); /* NULL: nothing at target, the loop says so */
     gw_json_meter_end(&m);
     p->tree = m.used;

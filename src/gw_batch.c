@@ -15,9 +15,9 @@
 #define NONE ((size_t)-1)
 
 typedef struct {
-    char *text;    /* compared as */
+    char *text; /* compared as */
     size_t tlen;
-    char *enc;     /* sent as (percent-encoded) */
+    char *enc; /* sent as (percent-encoded) */
     size_t elen;
     size_t chunk;  /* NONE: too long to send */
     json_t *found; /* borrowed from the chunk's answer, set by gw_batch_match() */
@@ -25,16 +25,16 @@ typedef struct {
 
 struct gw_batch_plan_s {
     size_t nitems;
-    size_t *elem_val;      /* per element: its value's index, or NONE */
-    gw_fail_t *elem_code;  /* per element: why it is not sent */
+    size_t *elem_val;     /* per element: its value's index, or NONE */
+    gw_fail_t *elem_code; /* per element: why it is not sent */
     bval_t *vals;
     size_t nvals;
-    size_t *order;         /* the values sent, chunk by chunk */
+    size_t *order; /* the values sent, chunk by chunk */
     size_t nsent;
-    size_t *first;         /* chunk c: order[first[c] .. first[c + 1]) */
+    size_t *first; /* chunk c: order[first[c] .. first[c + 1]) */
     size_t nchunks;
-    size_t *htab;          /* text -> value index + 1 (0: empty), open addressing */
-    size_t hcap;           /* a power of two, over twice nvals at most */
+    size_t *htab; /* text -> value index + 1 (0: empty), open addressing */
+    size_t hcap;  /* a power of two, over twice nvals at most */
 };
 
 void

@@ -31,28 +31,28 @@
 
 #include <jansson.h>
 
-#define GW_BATCH_MAX_DEFAULT 100
-#define GW_BATCH_MAX_MAX 1000
-#define GW_BATCH_MAX_ITEMS_DEFAULT 1000
-#define GW_BATCH_MAX_ITEMS_MAX 10000
+#define GW_BATCH_MAX_DEFAULT         100
+#define GW_BATCH_MAX_MAX             1000
+#define GW_BATCH_MAX_ITEMS_DEFAULT   1000
+#define GW_BATCH_MAX_ITEMS_MAX       10000
 #define GW_BATCH_CONCURRENCY_DEFAULT 8
-#define GW_BATCH_CONCURRENCY_MAX 64
-#define GW_BATCH_URL_DEFAULT 8192
-#define GW_BATCH_URL_MIN 256
-#define GW_BATCH_URL_MAX 65536
-#define GW_BATCH_SEP_MAX 4
+#define GW_BATCH_CONCURRENCY_MAX     64
+#define GW_BATCH_URL_DEFAULT         8192
+#define GW_BATCH_URL_MIN             256
+#define GW_BATCH_URL_MAX             65536
+#define GW_BATCH_SEP_MAX             4
 
 /* A call's "batch" (owned by its gw_call_t; gw_call_t.foreach_call,
  * foreach_path and into say where the array is and where results go). */
 struct gw_batch_s {
-    gw_jpath_t *value;      /* inside each element, after "[*]" (the root: the element itself) */
-    char *param;            /* the query parameter's name: 1-64 of A-Z a-z 0-9 - . _ ~ */
+    gw_jpath_t *value;              /* inside each element, after "[*]" (the root: the element itself) */
+    char *param;                    /* the query parameter's name: 1-64 of A-Z a-z 0-9 - . _ ~ */
     char sep[GW_BATCH_SEP_MAX + 1]; /* between values: 1-4 of , ; : ! $ * ' ( ) @ */
-    gw_jpath_t *match;      /* the field of an answer's element compared with the values ("id") */
-    unsigned max;           /* values per request, 1..GW_BATCH_MAX_MAX */
-    unsigned max_items;     /* elements of the source array at most (too_many_items) */
-    unsigned concurrency;   /* requests in flight at once */
-    size_t max_url_bytes;   /* a request's path and query at most this long */
+    gw_jpath_t *match;              /* the field of an answer's element compared with the values ("id") */
+    unsigned max;                   /* values per request, 1..GW_BATCH_MAX_MAX */
+    unsigned max_items;             /* elements of the source array at most (too_many_items) */
+    unsigned concurrency;           /* requests in flight at once */
+    size_t max_url_bytes;           /* a request's path and query at most this long */
 };
 
 /* Frees b and what it owns (NULL is fine). */
