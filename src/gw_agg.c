@@ -32,6 +32,7 @@
  */
 #include "gw_agg.h"
 #include "gw_alog.h"
+#include "gw_batch.h"
 #include "gw_breaker.h"
 #include "gw_cond.h"
 #include "gw_budget.h"
@@ -93,7 +94,7 @@
 #define FILL_BATCH 64
 
 typedef enum { CALL_WAITING = 0, CALL_RUNNING, CALL_OK, CALL_FAILED, CALL_SKIPPED } call_state_t;
-/* What became of one element of a foreach call (call_rt_t.elem_done). */
+/* What became of one element of a foreach or batch call (call_rt_t.elem_done). */
 enum { ELEM_PENDING = 0, ELEM_OK, ELEM_FAILED, ELEM_SKIPPED };
 
 typedef struct xchg_s xchg_t;
@@ -112,6 +113,8 @@ typedef struct {
     unsigned char *elem_done; /* per element: ELEM_*, not ELEM_PENDING once it is over */
     bool filling;      /* foreach_fill() is on the stack */
     json_t *failed;    /* indexes of failed elements, or NULL */
+    json_t *missing;   /* batch: indexes of elements whose value no answer had (not_found), or NULL */
+    gw_batch_plan_t *plan; /* batch: the values and their chunks (x->item is a chunk) */
     bool raw;          /* the answer is kept as checked bytes (in a->raws, or rbuf), not parsed */
     bool hedge_won;    /* a hedge gave the answer (of an element, for foreach): Server-Timing says so */
     size_t raw_off, raw_len;
@@ -132,7 +135,7 @@ struct xchg_s {
     gw_xchg_t ex;         /* the upstream exchange (gw_exchange.h): connection, tries, retries, status */
     agg_t *a;
     size_t call;
-    size_t item;          /* element index of a foreach call */
+    size_t item;          /* element index of a foreach call, chunk index of a batch call */
     gw_tpl_buf_t req;     /* the request head, kept for a retry */
     gw_tpl_buf_t obody;   /* the request body rendered from a JSON template */
     bool has_obody;
@@ -229,6 +232,7 @@ static void agg_deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void call_complete(agg_t *a, size_t i, gw_fail_t code, int status);
 static void element_end(agg_t *a, size_t i, size_t item, gw_fail_t code, int status);
 static void foreach_fill(agg_t *a, size_t i);
+static void batch_chunk_end(agg_t *a, size_t i, size_t chunk, json_t *arr, gw_fail_t code, int status);
 static json_t *shape(const gw_call_t *call, json_t *answer);
 static void agg_progress(agg_t *a);
 
@@ -375,6 +379,22 @@ xchg_end(xchg_t *x, bool reusable, json_t *value, gw_fail_t code)
     const gw_call_t *call = call_of(a, i);
     call_rt_t *rt = &a->calls[i];
     gw_xchg_outcome(&x->ex, code, status);
+    if (call->batch) {
+        /* a chunk: its answer (or the array at target) is matched to its
+         * values, and each matched element shaped, by batch_chunk_end() */
+        json_t *arr = value && call->target_path ? gw_jpath_get(call->target_path, value) : value;
+        if (value && arr == NULL)
+            code = GW_FAIL_MISSING_TARGET;
+        else if (value && !json_is_array(arr))
+            code = GW_FAIL_INVALID_VALUE;
+        gw_xchg_ended(&x->ex, code);
+        xchg_free(x, reusable);
+        rt->running--;
+        batch_chunk_end(a, i, item, code == GW_FAIL_NONE ? arr : NULL, code, status);
+        json_decref(value);
+        json_decref(pre);
+        return;
+    }
     /* shaped before the exchange is counted: an answer without its target
      * is a failed call for the metrics too (not for the breaker) */
     json_t *shaped = NULL;
@@ -417,9 +437,10 @@ element_end(agg_t *a, size_t i, size_t item, gw_fail_t code, int status)
         rt->code = code;
         rt->status = status;
     }
-    if (rt->failed == NULL)
-        rt->failed = json_array();
-    json_array_append_new(rt->failed, json_integer((json_int_t)item));
+    json_t **list = code == GW_FAIL_NOT_FOUND ? &rt->missing : &rt->failed;
+    if (*list == NULL)
+        *list = json_array();
+    json_array_append_new(*list, json_integer((json_int_t)item));
     /* a required call fails the request with its first failed element:
      * it is over, so Server-Timing and the access log name its code */
     if (call_of(a, i)->required)
@@ -429,12 +450,13 @@ element_end(agg_t *a, size_t i, size_t item, gw_fail_t code, int status)
 /* --- shaping ------------------------------------------------------------- */
 
 /* The call's shaped value of answer (borrowed): a new reference, or NULL
- * when target finds nothing. */
+ * when target finds nothing. For a batch call, answer is one matched
+ * element: its target chose the array the element came from. */
 static json_t *
 shape(const gw_call_t *call, json_t *answer)
 {
     json_t *v = answer;
-    if (call->target_path) {
+    if (call->target_path && !call->batch) {
         v = gw_jpath_get(call->target_path, answer);
         if (v == NULL)
             return NULL;
@@ -505,7 +527,7 @@ call_complete(agg_t *a, size_t i, gw_fail_t code, int status)
     if (rt->start_us)
         rt->end_us = gw_now_us();
     a->pending--;
-    if (call->foreach) {
+    if (call->foreach || call->batch) {
         /* rt->value holds the elements' values (partial after a deadline);
          * a call that never started has none and is left out */
         if (code == GW_FAIL_NONE) {
@@ -626,8 +648,12 @@ build_request(xchg_t *x, const json_t *item)
     const char *what = "path";
     buf_str(b, llhttp_method_name((llhttp_method_t)call->method));
     gw_tpl_buf_add(b, " ", 1);
+    size_t tstart = b->len;
     if (gw_tpl_render(call->target, &ctx, b, &err) != GW_OK)
         goto fail;
+    if (call->batch) /* the chunk's values, as a query parameter */
+        gw_batch_query(a->calls[x->call].plan, call->batch, x->item,
+                       memchr(b->data + tstart, '?', b->len - tstart) != NULL, b);
     buf_str(b, " HTTP/1.1\r\nHost: ");
     x->ex.host_off = b->len; /* each try's server writes its Host value here (gw_exchange) */
     gw_tpl_buf_add(b, "\r\n", 2);
@@ -938,6 +964,86 @@ fill_cb(evutil_socket_t fd, short what, void *arg)
     gw_conn_release(c);
 }
 
+/*
+ * Batched calls (gw_batch.h): the source's array is planned into chunks of
+ * unique values, and up to the batch's concurrency chunks are in flight.
+ * Elements are what foreach calls have (elem_done, answer and value slots,
+ * failed, into), so enrich() and the answer treat both alike; an element
+ * is over when its chunk is, or at once when it sends nothing.
+ */
+static void
+batch_fill(agg_t *a, size_t i)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    rt->filling = true; /* a chunk that fails to start ends inside xchg_start() */
+    while (rt->state == CALL_RUNNING && rt->next_item < gw_batch_chunks(rt->plan) &&
+           rt->running < call->batch->concurrency && !a->fatal) {
+        rt->running++;
+        xchg_start(a, i, rt->next_item++, NULL);
+    }
+    rt->filling = false;
+    if (rt->state == CALL_RUNNING && rt->done_items == rt->nitems)
+        call_complete(a, i, GW_FAIL_NONE, 0);
+}
+
+/* Chunk c of batch call i is over: arr (borrowed) is its answer's array,
+ * or NULL when it failed with code. Each element of the chunk gets its
+ * matched element (shaped) or not_found, or the chunk's failure. */
+static void
+batch_chunk_end(agg_t *a, size_t i, size_t c, json_t *arr, gw_fail_t code, int status)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    if (arr != NULL)
+        gw_batch_match(rt->plan, call->batch, c, arr);
+    for (size_t k = 0; k < rt->nitems && !call_over(rt); k++) {
+        size_t ck;
+        if (rt->elem_done[k] || gw_batch_elem(rt->plan, k, &ck) != GW_FAIL_NONE || ck != c)
+            continue;
+        json_t *found = arr ? gw_batch_found(rt->plan, k) : NULL;
+        if (found) {
+            json_array_set(rt->answer, k, found);
+            json_array_set_new(rt->value, k, shape(call, found));
+        }
+        element_end(a, i, k, found ? GW_FAIL_NONE : arr ? GW_FAIL_NOT_FOUND : code, found ? 0 : status);
+    }
+    if (!rt->filling)
+        batch_fill(a, i);
+}
+
+/* Starts batch call i over items (its source's array, checked). The
+ * path is rendered once here to know how many values fit a request. */
+static void
+batch_start(agg_t *a, size_t i, json_t *items)
+{
+    const gw_call_t *call = call_of(a, i);
+    call_rt_t *rt = &a->calls[i];
+    gw_tpl_ctx_t ctx;
+    gw_tpl_err_t err;
+    gw_tpl_buf_t path = {0};
+    if (gw_tpl_render(call->target, tpl_ctx(a, NULL, &ctx), &path, &err) != GW_OK) {
+        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s in path: %s, request %s", a->route->pattern, call->name,
+                  gw_fail_name(err.code), err.detail, gw_conn_req(a->c)->request_id);
+        call_complete(a, i, err.code, 0);
+        return;
+    }
+    rt->plan = gw_batch_plan_new(call->batch, items, call->into != NULL, path.len);
+    gw_tpl_buf_free(&path);
+    gw_log_debug("aggregate %s: call %s: %zu elements, %zu values in %zu requests, request %s", a->route->pattern,
+                 call->name, rt->nitems, gw_batch_values(rt->plan), gw_batch_chunks(rt->plan),
+                 gw_conn_req(a->c)->request_id);
+    rt->filling = true;
+    for (size_t k = 0; k < rt->nitems && !call_over(rt); k++) {
+        size_t ck;
+        gw_fail_t code = gw_batch_elem(rt->plan, k, &ck);
+        if (code != GW_FAIL_NONE)
+            element_end(a, i, k, code, 0); /* sends nothing */
+    }
+    rt->filling = false;
+    batch_fill(a, i);
+}
+
 /* Starts call i, whose dependencies all succeeded. */
 static void
 call_start(agg_t *a, size_t i)
@@ -946,27 +1052,28 @@ call_start(agg_t *a, size_t i)
     call_rt_t *rt = &a->calls[i];
     rt->state = CALL_RUNNING;
     rt->start_us = gw_now_us();
-    if (!call->foreach) {
+    if (!call->foreach && !call->batch) {
         xchg_start(a, i, 0, NULL);
         return;
     }
     json_t *items = gw_jpath_get(call->foreach_path, a->calls[call->foreach_call].answer);
     gw_fail_t code = GW_FAIL_NONE;
     const char *why = NULL;
+    unsigned max = call->batch ? call->batch->max_items : call->foreach_max;
     if (items == NULL || json_is_null(items)) {
         code = GW_FAIL_MISSING_VALUE;
         why = "absent";
     } else if (!json_is_array(items)) {
         code = GW_FAIL_INVALID_VALUE;
         why = "not an array";
-    } else if (json_array_size(items) > call->foreach_max) {
+    } else if (json_array_size(items) > max) {
         code = GW_FAIL_TOO_MANY_ITEMS;
-        why = "longer than foreach_max";
+        why = call->batch ? "longer than max_items" : "longer than foreach_max";
     }
     if (code != GW_FAIL_NONE) {
-        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: foreach \"%s.%s\" is %s, request %s", a->route->pattern,
-               call->name, call_of(a, call->foreach_call)->name, gw_jpath_text(call->foreach_path), why,
-               gw_conn_req(a->c)->request_id);
+        gw_log_rl(GW_LOG_NOTICE, "aggregate %s: call %s: %s \"%s.%s\" is %s, request %s", a->route->pattern, call->name,
+                  call->batch ? "batch" : "foreach", call_of(a, call->foreach_call)->name,
+                  gw_jpath_text(call->foreach_path), why, gw_conn_req(a->c)->request_id);
         call_complete(a, i, code, 0);
         return;
     }
@@ -979,7 +1086,10 @@ call_start(agg_t *a, size_t i)
         json_array_append_new(rt->answer, json_null());
         json_array_append_new(rt->value, call->fallback ? json_incref(call->fallback) : json_null());
     }
-    foreach_fill(a, i);
+    if (call->batch)
+        batch_start(a, i, items);
+    else
+        foreach_fill(a, i);
 }
 
 /* Starts what is ready and fails what cannot run, until nothing changes. */
@@ -1200,6 +1310,8 @@ respond_build(agg_t *a)
                     json_object_set_new(e, "status", json_integer(rt->status));
                 if (rt->failed)
                     json_object_set(e, "failed", rt->failed);
+                if (rt->missing)
+                    json_object_set(e, "missing", rt->missing);
                 json_object_set_new(errors, call->name, e);
             }
         }
@@ -1289,7 +1401,7 @@ agg_destroy(agg_t *a)
 /* What a request's answers hold, freed on the thread pool. */
 typedef struct {
     gw_tjob_t job;
-    json_t *refs[3 * GW_TPL_MAX_CALLS];
+    json_t *refs[4 * GW_TPL_MAX_CALLS];
     char *bufs[GW_TPL_MAX_CALLS];
     size_t nrefs, nbufs, held; /* held: their gw_budget_responses bytes */
 } fjob_t;
@@ -1323,8 +1435,8 @@ answers_free(agg_t *a)
         f = gw_calloc(1, sizeof(*f));
     for (size_t i = 0; i < n; i++) {
         call_rt_t *rt = &a->calls[i];
-        json_t *refs[3] = { rt->answer, rt->value, rt->failed };
-        for (size_t k = 0; k < 3; k++) {
+        json_t *refs[4] = {rt->answer, rt->value, rt->failed, rt->missing};
+        for (size_t k = 0; k < 4; k++) {
             if (refs[k] == NULL)
                 continue;
             if (f)
@@ -1361,8 +1473,10 @@ agg_free(agg_t *a)
         event_del(a->fill); /* a fill_cb still due for this request */
     answers_free(a);
     a->parsed = a->passed = 0;
-    for (size_t i = 0; i < a->route->agg.ncalls; i++)
+    for (size_t i = 0; i < a->route->agg.ncalls; i++) {
         free(a->calls[i].elem_done);
+        gw_batch_plan_free(a->calls[i].plan);
+    }
     /* zeroed here for the next request, only as far as this route used them */
     memset(a->calls, 0, a->route->agg.ncalls * sizeof(a->calls[0]));
     memset(a->answers, 0, a->route->agg.ncalls * sizeof(a->answers[0]));
@@ -1576,7 +1690,7 @@ ajob_run(gw_tjob_t *j)
     json_error_t jerr;
     gw_json_meter_begin(&m, &gw_budget_responses, &j->cancelled);
     p->answer = json_loadb(p->body, p->len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
-    if (p->answer)
+    if (p->answer && !p->call->batch)          /* a batch call's elements are shaped once matched */
         p->shaped = shape(p->call, p->answer); /* NULL: nothing at target, the loop says so */
     gw_json_meter_end(&m);
     p->tree = m.used;
@@ -1743,7 +1857,7 @@ xchg_finish(xchg_t *x, bool reusable)
     json_t *v;
     if (x->blen == 0 && x->ex.status == 204) {
         v = json_null();
-    } else if (!call->foreach && !call->target_path && !call->allow && !call->deny && !call->nrename &&
+    } else if (!call->foreach && !call->batch && !call->target_path && !call->allow && !call->deny && !call->nrename &&
                a->route->agg.merge == GW_MERGE_GROUP && !(a->route->agg.read & (1ULL << x->call))) {
         /* Nothing reads or reshapes this answer: check it without building
          * a tree and copy its bytes into the aggregate (parsing three small

@@ -14,6 +14,7 @@
  */
 #include "gw_cache.h"
 #include "gw_config.h"
+#include "gw_batch.h"
 #include "gw_cond.h"
 #include "gw_breaker.h"
 #include "gw_cluster.h"
@@ -1754,7 +1755,8 @@ out:
 static const char *const call_keys[] = { "name", "backend", "method", "path", "headers", "forward_headers", "body",
                                          "timeout_ms", "required", "fallback", "group", "after", "foreach",
                                          "foreach_concurrency", "foreach_max", "target", "allow", "deny", "rename",
-                                         "hedge_after_ms", "when", "skip_value", "into", "cache", "coalesce", NULL };
+                                         "hedge_after_ms", "when", "skip_value", "into", "batch", "cache", "coalesce",
+                                         NULL };
 
 /* Headers a call may neither set nor forward: gatherd writes them itself
  * (Host, framing, the request id, X-Forwarded-*, Via), or they are
@@ -1789,6 +1791,7 @@ call_free(gw_call_t *call)
     free(call->group);
     gw_jpath_free(call->foreach_path);
     free(call->into);
+    gw_batch_free(call->batch);
     gw_cond_free(call->when);
     json_decref(call->skip_value);
     gw_jpath_free(call->target_path);
@@ -2080,6 +2083,125 @@ parse_call_foreach(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call
     return GW_OK;
 }
 
+/* A key of one JSON path step ("product"), for "into". */
+static bool
+into_key_ok(const json_t *x)
+{
+    char jerr[256];
+    gw_jpath_t *p = json_is_string(x) && json_string_length(x) == strlen(json_string_value(x))
+                        ? gw_jpath_compile(json_string_value(x), jerr, sizeof(jerr))
+                        : NULL;
+    bool key = p != NULL && gw_jpath_is_key(p);
+    gw_jpath_free(p);
+    return key;
+}
+
+/* "batch": {"from": "CALL.path[*].field", "param": "ids", ...} (gw_batch.h):
+ * the source call and its array go where foreach's do, so that the
+ * scheduler, "into" and the checks of check_into() treat both alike. */
+static int
+parse_call_batch(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call)
+{
+    static const char *const keys[] = { "from", "param", "separator", "max", "match", "into", "concurrency",
+                                        "max_items", "max_url_bytes", NULL };
+    json_t *bv = json_object_get(v, "batch");
+    if (bv == NULL)
+        return GW_OK;
+    if (!json_is_object(bv))
+        return fail_in(c, "batch", "must be an object like {\"from\": \"orders.items[*].product_id\", \"param\": "
+                                   "\"ids\"}, not %s", type_name(bv));
+    if (call->foreach)
+        return fail_in(c, "batch", "\"batch\" and \"foreach\" cannot be used together: one request per chunk of "
+                                   "values, or one per element");
+    if (json_object_get(v, "into") != NULL)
+        return fail_in(c, "into", "a batch call's \"into\" goes inside \"batch\"");
+    push_key(c, "batch");
+    int rc = GW_ERR;
+    gw_batch_t *b = call->batch = gw_calloc(1, sizeof(*b));
+    gw_jpath_t *from = NULL;
+    if (check_keys(c, bv, keys, "\"batch\""))
+        goto out;
+    json_t *x = json_object_get(bv, "from");
+    const char *s = json_is_string(x) ? json_string_value(x) : "";
+    size_t nlen = strcspn(s, ".[");
+    if (nlen == 0) {
+        fail_in(c, "from", "must name a call and the values in its answer, like \"orders.items[*].product_id\"");
+        goto out;
+    }
+    long k = call_index(route, s, nlen);
+    if (k < 0) {
+        fail_in(c, "from", "unknown call \"%.*s\"", (int)nlen, s);
+        goto out;
+    }
+    if ((size_t)k == call->index) {
+        fail_in(c, "from", "a call cannot read its values from its own answer");
+        goto out;
+    }
+    const char *rest = s + nlen;
+    char jerr[256];
+    if (rest[0] == '.' && (rest[1] == '\0' || rest[1] == '.' || rest[1] == '[')) {
+        fail_in(c, "from", "empty key after \".\" in \"%s\"", s);
+        goto out;
+    }
+    from = gw_jpath_compile_wild(rest[0] == '.' ? rest + 1 : rest, jerr, sizeof(jerr));
+    if (from == NULL) {
+        fail_in(c, "from", "%s", jerr);
+        goto out;
+    }
+    if (gw_jpath_wildcards(from) != 1) {
+        fail_in(c, "from", "needs exactly one \"[*]\" (the array whose elements hold the values), as in "
+                           "\"orders.items[*].product_id\"; \"%s\" has %zu", s, gw_jpath_wildcards(from));
+        goto out;
+    }
+    gw_jpath_split_wild(from, &call->foreach_path, &b->value);
+    call->foreach_call = (size_t)k;
+    call->deps |= 1ULL << k;
+    x = json_object_get(bv, "param");
+    if (x == NULL || !json_is_string(x) || !gw_batch_param_ok(json_string_value(x), json_string_length(x))) {
+        fail_in(c, "param", "must be the name of a query parameter: 1-64 characters of A-Z a-z 0-9 - . _ ~");
+        goto out;
+    }
+    b->param = gw_strdup(json_string_value(x));
+    x = json_object_get(bv, "separator");
+    if (x != NULL && (!json_is_string(x) || !gw_batch_sep_ok(json_string_value(x), json_string_length(x)))) {
+        fail_in(c, "separator", "must be 1-%d characters of , ; : ! $ * ' ( ) @ (a value is sent percent-encoded, "
+                                "so it never holds one)", GW_BATCH_SEP_MAX);
+        goto out;
+    }
+    snprintf(b->sep, sizeof(b->sep), "%s", x != NULL ? json_string_value(x) : ",");
+    x = json_object_get(bv, "match");
+    b->match = gw_jpath_compile(x == NULL ? "id" : json_is_string(x) ? json_string_value(x) : "", jerr, sizeof(jerr));
+    if (b->match == NULL || (x != NULL && !json_is_string(x))) {
+        fail_in(c, "match", "must be a JSON path to the field of an answer's element, like \"id\"%s%s",
+                b->match ? "" : ": ", b->match ? "" : jerr);
+        goto out;
+    }
+    x = json_object_get(bv, "into");
+    if (x != NULL && !into_key_ok(x)) {
+        fail_in(c, "into", "must be one key like \"product\" (no \".\", \"[\", \"]\", \"{\", \"}\" or "
+                           "control character)");
+        goto out;
+    }
+    if (x != NULL)
+        call->into = gw_strdup(json_string_value(x));
+    long long max = GW_BATCH_MAX_DEFAULT, conc = GW_BATCH_CONCURRENCY_DEFAULT, items = GW_BATCH_MAX_ITEMS_DEFAULT,
+              url = GW_BATCH_URL_DEFAULT;
+    if (get_int(c, bv, "max", 1, GW_BATCH_MAX_MAX, &max) ||
+        get_int(c, bv, "concurrency", 1, GW_BATCH_CONCURRENCY_MAX, &conc) ||
+        get_int(c, bv, "max_items", 1, GW_BATCH_MAX_ITEMS_MAX, &items) ||
+        get_int(c, bv, "max_url_bytes", GW_BATCH_URL_MIN, GW_BATCH_URL_MAX, &url))
+        goto out;
+    b->max = (unsigned)max;
+    b->concurrency = (unsigned)conc;
+    b->max_items = (unsigned)items;
+    b->max_url_bytes = (size_t)url;
+    rc = GW_OK;
+out:
+    gw_jpath_free(from);
+    pop(c);
+    return rc;
+}
+
 /* "into": "product": the key each element's result is put under, in the
  * element of the source's answer it came from. Checked against the other
  * calls once they are all parsed (check_into). */
@@ -2091,13 +2213,7 @@ parse_call_into(ctx_t *c, json_t *v, gw_call_t *call)
         return GW_OK;
     if (!call->foreach)
         return fail_in(c, "into", "only for a call with \"foreach\": it puts each element's result into the element");
-    char jerr[256];
-    gw_jpath_t *p = json_is_string(x) && json_string_length(x) == strlen(json_string_value(x))
-                        ? gw_jpath_compile(json_string_value(x), jerr, sizeof(jerr))
-                        : NULL;
-    bool key = p != NULL && gw_jpath_is_key(p);
-    gw_jpath_free(p);
-    if (!key)
+    if (!into_key_ok(x))
         return fail_in(c, "into", "must be one key like \"product\" (no \".\", \"[\", \"]\", \"{\", \"}\" or "
                                   "control character)");
     call->into = gw_strdup(json_string_value(x));
@@ -2259,7 +2375,8 @@ parse_call(ctx_t *c, json_t *v, const gw_route_t *route, gw_call_t *call, const 
     }
 
     /* foreach first: it decides whether the templates may use {item}. */
-    if (parse_call_foreach(c, v, route, call) != GW_OK || parse_call_into(c, v, call) != GW_OK)
+    if (parse_call_foreach(c, v, route, call) != GW_OK || parse_call_batch(c, v, route, call) != GW_OK ||
+        parse_call_into(c, v, call) != GW_OK)
         return GW_ERR;
 
     json_t *path = json_object_get(v, "path");
@@ -2440,9 +2557,9 @@ check_into(ctx_t *c, const gw_route_t *route)
         const gw_call_t *src = route->agg.calls[call->foreach_call];
         const char *why = NULL;
         char msg[512];
-        if (src->foreach) {
-            snprintf(msg, sizeof(msg), "cannot put results into call \"%s\": it is a foreach call (its answer is the "
-                                       "array of its own results)", src->name);
+        if (src->foreach || src->batch) {
+            snprintf(msg, sizeof(msg), "cannot put results into call \"%s\": it is a %s call (its answer is the "
+                                       "array of its own results)", src->name, src->foreach ? "foreach" : "batch");
             why = msg;
         }
         for (size_t j = 0; j < i && why == NULL; j++) {
@@ -2456,7 +2573,11 @@ check_into(ctx_t *c, const gw_route_t *route)
         }
         if (why != NULL) {
             push_index(c, i); /* inside "calls" */
+            if (call->batch)
+                push_key(c, "batch");
             fail_in(c, "into", "%s", why);
+            if (call->batch)
+                pop(c);
             pop(c);
             return GW_ERR;
         }

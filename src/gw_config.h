@@ -237,6 +237,9 @@ struct gw_call_s {
     unsigned foreach_max;        /* most elements; more fails the call with too_many_items (default 100) */
     char *into;                  /* "into": each element's result goes under this key of the element
                                     in the source's answer; the call has no key of its own. NULL: none */
+    /* "batch": one request per chunk of the unique values found at "from" (gw_batch.h);
+       foreach_call and foreach_path are the array's place, into its "into"; foreach is false */
+    gw_batch_t *batch;
     /* shaping of the answer, in this order */
     gw_jpath_t *target_path;     /* "target": the value to keep; NULL: the whole answer */
     gw_jpath_sel_t *allow;       /* "allow": keep only these paths; NULL: none */

@@ -78,6 +78,8 @@ typedef struct gw_jpath_sel_s gw_jpath_sel_t;
 typedef struct gw_tpl_s gw_tpl_t;
 typedef struct gw_tpl_json_s gw_tpl_json_t;
 typedef struct gw_cond_s gw_cond_t;
+typedef struct gw_batch_s gw_batch_t;
+typedef struct gw_batch_plan_s gw_batch_plan_t;
 
 /* Allocation wrappers: never return NULL (abort with a log line instead). */
 void *gw_malloc(size_t n);

@@ -40,11 +40,13 @@ static const fail_info_t table[GW_FAIL_MAX] = {
     [GW_FAIL_BAD_RESPONSE] = { "bad_response", "upstream_bad_response", 502, 0, false, GW_HEALTH_FAULT,
                                GW_OUT_RESET },
     [GW_FAIL_MISSING_TARGET] = { "missing_target", NULL, 502, 0, false, GW_HEALTH_CLEAN, GW_OUT_INVALID },
-    /* the four below never start an exchange: no metrics, no breaker */
+    /* the five below never start an exchange: no metrics, no breaker */
     [GW_FAIL_MISSING_VALUE] = { "missing_value", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     [GW_FAIL_INVALID_VALUE] = { "invalid_value", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     [GW_FAIL_DEPENDENCY_FAILED] = { "dependency_failed", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     [GW_FAIL_TOO_MANY_ITEMS] = { "too_many_items", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
+    /* an element of a batch call, judged after its chunk's exchange was counted */
+    [GW_FAIL_NOT_FOUND] = { "not_found", NULL, 502, 0, false, GW_HEALTH_LOCAL, GW_OUT_CANCELLED },
     /* every server unhealthy or ejected: refused here, as an open circuit
      * is; counted as "unavailable" (no server to send it to) */
     [GW_FAIL_NO_HEALTHY_SERVER] = { "no_healthy_server", NULL, 503, 1, false, GW_HEALTH_LOCAL, GW_OUT_UNAVAILABLE },

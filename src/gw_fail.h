@@ -36,6 +36,7 @@ typedef enum {
     GW_FAIL_INVALID_VALUE,     /* a template value cannot be used; a foreach value is not an array */
     GW_FAIL_DEPENDENCY_FAILED, /* a call it depends on failed */
     GW_FAIL_TOO_MANY_ITEMS,    /* a foreach array is longer than foreach_max */
+    GW_FAIL_NOT_FOUND,         /* a batch call's answer has no element matching an element's value */
     GW_FAIL_NO_HEALTHY_SERVER, /* no server of the backend is usable (unhealthy or ejected): not sent */
     GW_FAIL_CANCELLED, /* the request ended first (deadline, client gone, a required call failed): metrics only */
     GW_FAIL_MAX

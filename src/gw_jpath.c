@@ -14,8 +14,10 @@
 
 typedef struct {
     char *key; /* NUL-terminated; NULL for an index step */
-    size_t index;
+    size_t index; /* WILD: "[*]", every element */
 } step_t;
+
+#define WILD ((size_t)-1)
 
 struct gw_jpath_s {
     char *src;
@@ -61,8 +63,8 @@ bad_byte(gw_jpath_t *p, size_t n, char *err, size_t errlen, size_t i, bool after
     return compile_error(p, n, err, errlen, i, "\"%c\" is not allowed in a key", ch);
 }
 
-gw_jpath_t *
-gw_jpath_compile(const char *src, char *err, size_t errlen)
+static gw_jpath_t *
+compile(const char *src, bool wild, char *err, size_t errlen)
 {
     if (src == NULL)
         src = "";
@@ -75,7 +77,13 @@ gw_jpath_compile(const char *src, char *err, size_t errlen)
         if (n == GW_JPATH_MAX_DEPTH)
             return compile_error(p, n, err, errlen, i, "more than %d steps", GW_JPATH_MAX_DEPTH);
         bool is_index = !need_key && src[i] == '[';
-        if (is_index) {
+        if (is_index && i + 2 < len && src[i + 1] == '*' && src[i + 2] == ']') {
+            if (!wild)
+                return compile_error(p, n, err, errlen, i, "\"[*]\" selects several values: not allowed here");
+            i += 3;
+            p->steps[n].key = NULL;
+            p->steps[n].index = WILD;
+        } else if (is_index) {
             size_t start = ++i;
             size_t v = 0;
             while (i < len && src[i] >= '0' && src[i] <= '9' && i - start < 10)
@@ -115,6 +123,18 @@ gw_jpath_compile(const char *src, char *err, size_t errlen)
     }
     p->nsteps = n;
     return p;
+}
+
+gw_jpath_t *
+gw_jpath_compile(const char *src, char *err, size_t errlen)
+{
+    return compile(src, false, err, errlen);
+}
+
+gw_jpath_t *
+gw_jpath_compile_wild(const char *src, char *err, size_t errlen)
+{
+    return compile(src, true, err, errlen);
 }
 
 void
@@ -276,6 +296,80 @@ gw_jpath_delete(json_t *root, const gw_jpath_t *p)
     if (s->key != NULL)
         return json_is_object(parent) && json_object_del(parent, s->key) == 0;
     return json_is_array(parent) && json_array_remove(parent, s->index) == 0;
+}
+
+/* --- "[*]": every element ----------------------------------------------- */
+
+size_t
+gw_jpath_wildcards(const gw_jpath_t *p)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < p->nsteps; i++)
+        n += p->steps[i].key == NULL && p->steps[i].index == WILD;
+    return n;
+}
+
+/* A new path of steps [from, to) of p, with its text rebuilt. */
+static gw_jpath_t *
+sub_path(const gw_jpath_t *p, size_t from, size_t to)
+{
+    gw_jpath_t *q = gw_calloc(1, sizeof(*q) + (to - from) * sizeof(step_t));
+    size_t cap = 1;
+    for (size_t i = from; i < to; i++)
+        cap += p->steps[i].key ? strlen(p->steps[i].key) + 1 : 12;
+    q->src = gw_malloc(cap);
+    size_t w = 0;
+    for (size_t i = from; i < to; i++) {
+        const step_t *s = &p->steps[i];
+        q->steps[q->nsteps].key = s->key ? gw_strdup(s->key) : NULL;
+        q->steps[q->nsteps].index = s->index;
+        q->nsteps++;
+        if (s->key)
+            w += (size_t)snprintf(q->src + w, cap - w, "%s%s", w ? "." : "", s->key);
+        else if (s->index == WILD)
+            w += (size_t)snprintf(q->src + w, cap - w, "[*]");
+        else
+            w += (size_t)snprintf(q->src + w, cap - w, "[%zu]", s->index);
+    }
+    q->src[w] = '\0';
+    return q;
+}
+
+int
+gw_jpath_split_wild(const gw_jpath_t *p, gw_jpath_t **before, gw_jpath_t **after)
+{
+    size_t k = 0;
+    while (k < p->nsteps && !(p->steps[k].key == NULL && p->steps[k].index == WILD))
+        k++;
+    if (k == p->nsteps)
+        return GW_ERR;
+    *before = sub_path(p, 0, k);
+    *after = sub_path(p, k + 1, p->nsteps);
+    return GW_OK;
+}
+
+static void
+collect(const gw_jpath_t *p, size_t d, const json_t *v, json_t *out)
+{
+    for (; d < p->nsteps && v != NULL; d++) {
+        const step_t *s = &p->steps[d];
+        if (s->key == NULL && s->index == WILD) {
+            for (size_t k = 0; json_is_array(v) && k < json_array_size(v); k++)
+                collect(p, d + 1, json_array_get(v, k), out);
+            return;
+        }
+        v = step_get(v, s);
+    }
+    if (v != NULL)
+        json_array_append((json_t *)out, (json_t *)v);
+}
+
+json_t *
+gw_jpath_collect(const gw_jpath_t *p, const json_t *root)
+{
+    json_t *out = json_array();
+    collect(p, 0, root, out);
+    return out;
 }
 
 /* --- selections: allow and deny ------------------------------------------- */

@@ -12,6 +12,12 @@
  * step only into an array: "items.0" is the key "0", never an index, and
  * "[0]" on an object finds nothing.
  *
+ * "[*]" (every element of an array) is only accepted by
+ * gw_jpath_compile_wild(), for paths that select several values (a batch
+ * call's "from"); gw_jpath_compile() refuses it, so every other path names
+ * one value. gw_jpath_get() finds nothing through a "[*]" step: such a path
+ * is read with gw_jpath_collect() or split with gw_jpath_split_wild().
+ *
  * Sharing: allow and deny never modify their input. Their result is a new
  * reference that may share untouched subtrees with the input (jansson
  * reference counts, no copy), which is what makes them cheap on large
@@ -39,6 +45,29 @@
  * err ("path \"a..b\": empty key at offset 2").
  */
 gw_jpath_t *gw_jpath_compile(const char *src, char *err, size_t errlen);
+
+/* As gw_jpath_compile(), and "[*]" is accepted as a step (any number). */
+gw_jpath_t *gw_jpath_compile_wild(const char *src, char *err, size_t errlen);
+
+/* The number of "[*]" steps of p. */
+size_t gw_jpath_wildcards(const gw_jpath_t *p);
+
+/*
+ * Splits p at its first "[*]": *before is the path to the array, *after the
+ * path from each element on (the empty path when "[*]" is last). Two new
+ * paths the caller frees, with their text rebuilt ("a.b[0]"); GW_ERR (and
+ * nothing made) when p has no "[*]".
+ */
+int gw_jpath_split_wild(const gw_jpath_t *p, gw_jpath_t **before, gw_jpath_t **after);
+
+/*
+ * Every value p selects in root, in document order, as a NEW array holding
+ * references to them (borrowed from root: do not mutate either): "[*]"
+ * steps go through every element of an array, a step that finds nothing
+ * (or "[*]" on a non-array) contributes nothing. A path without "[*]" gives
+ * [value] or [].
+ */
+json_t *gw_jpath_collect(const gw_jpath_t *p, const json_t *root);
 
 /* Frees p (NULL is fine). */
 void gw_jpath_free(gw_jpath_t *p);

@@ -339,7 +339,12 @@ def as_text(v):
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return repr(v)  # the shortest text that reads back as the same double
+        # the shortest text that reads back as the same double, as C's %g
+        # writes it (4.0 is "4", 1e300 "1e+300")
+        for prec in (15, 16, 17):
+            t = "%.*g" % (prec, v)
+            if float(t) == v:
+                return t
     return None  # null, object, array
 
 
@@ -505,8 +510,41 @@ class Expect:
                 f"retry_after={self.retry_after}, body={json.dumps(self.body, sort_keys=True)})")
 
 
+def batch_from(call):
+    """README Batched calls: "CALL.path[*].field" -> (CALL, path to the
+    array, path inside each element)."""
+    f = call["batch"]["from"]
+    src = re.match(r"[^.\[]*", f).group(0)
+    before, _, after = f[len(src):].partition("[*]")
+    return src, before.lstrip("."), after.lstrip(".")
+
+
 def source_of(call):
+    if "batch" in call:
+        return batch_from(call)[0]
     return call["foreach"].split(".")[0].split("[")[0]
+
+
+def array_path(call):
+    """The path of the array a foreach or batch call goes through, inside
+    its source's answer ("" for the answer itself)."""
+    if "batch" in call:
+        return batch_from(call)[1]
+    return call["foreach"].partition(".")[2]
+
+
+def into_of(call):
+    return call["batch"].get("into") if "batch" in call else call.get("into")
+
+
+def batch_text(v):
+    """README Batched calls: the text a value is sent and matched as, or
+    None when it cannot be a value (a template's text; strings non-empty)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (dict, list)):
+        return None
+    if isinstance(v, str):
+        return v if v and "\0" not in v else None
+    return as_text(v)
 
 
 def needs_of(call, names):
@@ -516,7 +554,7 @@ def needs_of(call, names):
     for a in call.get("after", []):
         if a not in deps:
             deps.append(a)
-    if "foreach" in call and source_of(call) not in deps:
+    if ("foreach" in call or "batch" in call) and source_of(call) not in deps:
         deps.append(source_of(call))
     return deps
 
@@ -543,24 +581,141 @@ def enrich(answer, into_calls, results):
             continue  # it could not run: nothing is put anywhere
         else:
             puts = r.elems
-        _, _, path = c["foreach"].partition(".")
+        path = array_path(c)
         arr = jpath_get(doc, path) if path else doc
         if not isinstance(arr, list):
             continue
         for k, e in enumerate(arr):
             if not isinstance(e, dict):
                 continue
+            key = into_of(c)
             if puts is None:
-                e[c["into"]] = json.loads(json.dumps(c["skip_value"]))
+                e[key] = json.loads(json.dumps(c["skip_value"]))
                 continue
             state, v = puts[k]
             if state == "ok":
-                e[c["into"]] = v
+                e[key] = v
             elif state == "skipped" and "skip_value" in c:
-                e[c["into"]] = c["skip_value"]
+                e[key] = c["skip_value"]
             elif state == "failed" and "fallback" in c:
-                e[c["into"]] = c["fallback"]
+                e[key] = c["fallback"]
     return doc
+
+
+DEFAULT_BATCH_MAX = 100
+DEFAULT_BATCH_MAX_ITEMS = 1000
+DEFAULT_BATCH_CONCURRENCY = 8
+
+
+def batch_call(c, r, results, answers, backend, timeout_ms, start, deadline, behave):
+    """README Batched calls: one exchange per chunk of the unique values
+    (behave(name, chunk index, [value texts])), each answer's elements
+    matched back to the source's elements by the text of their match
+    field. Fills r as a foreach call's result is filled."""
+    b = c["batch"]
+    src, path, rest = batch_from(c)
+    items = jpath_get(results[src].answer, path) if path else results[src].answer
+    if items is _ABSENT or items is None:
+        r.code, r.end = "missing_value", start
+        return
+    if not isinstance(items, list):
+        r.code, r.end = "invalid_value", start
+        return
+    if len(items) > b.get("max_items", DEFAULT_BATCH_MAX_ITEMS):
+        r.code, r.end = "too_many_items", start
+        return
+    bad = render_check(c, answers, None)
+    if bad:
+        r.code, r.end = bad, start
+        return
+    into = into_of(c)
+    texts, order = [], []
+    fails = {}  # element -> code, for those not sent
+    for k, e in enumerate(items):
+        v = jpath_get(e, rest) if rest else e
+        if into is not None and not isinstance(e, dict):
+            fails[k] = "invalid_value"
+        elif v is _ABSENT or v is None:
+            fails[k] = "missing_value"
+        elif batch_text(v) is None:
+            fails[k] = "invalid_value"
+        else:
+            texts.append(batch_text(v))
+            if texts[-1] not in order:
+                order.append(texts[-1])
+            continue
+        texts.append(None)
+    mx = b.get("max", DEFAULT_BATCH_MAX)
+    chunks = [order[i:i + mx] for i in range(0, len(order), mx)]
+    chunk_of = {t: ci for ci, ch in enumerate(chunks) for t in ch}
+    conc = b.get("concurrency", DEFAULT_BATCH_CONCURRENCY)
+    slots = [start] * conc
+    found, chunk_out = {}, []
+    for ci, ch in enumerate(chunks):
+        slots.sort()
+        t0 = slots[0]
+        if t0 >= deadline:
+            o = Outcome(deadline, "timeout")
+        else:
+            o = exchange(behave(c["name"], ci, ch), backend, timeout_ms, t0, deadline)
+        if o.ok:
+            arr = o.value
+            if "target" in c:
+                arr = jpath_get(arr, c["target"])
+            if arr is _ABSENT:
+                o = Outcome(o.end, "missing_target", o.status)
+            elif not isinstance(arr, list):
+                o = Outcome(o.end, "invalid_value", o.status)
+            else:
+                match = b.get("match", "id")
+                for e in arr:
+                    t = batch_text(jpath_get(e, match))
+                    if t in ch and t not in found:
+                        found[t] = e
+        slots[0] = o.end
+        chunk_out.append(o)
+    shaper = {k: v for k, v in c.items() if k in ("allow", "deny", "rename")}
+    fb = c.get("fallback", None)
+    elems, values, outs, r.missing = [], [], [], []
+    for k, t in enumerate(texts):
+        if t is None:
+            o = Outcome(start, fails[k])
+        else:
+            co = chunk_out[chunk_of[t]]
+            if not co.ok:
+                o = Outcome(co.end, co.code, co.status)
+            elif t in found:
+                o = Outcome(co.end, None, co.status, found[t])
+            else:
+                o = Outcome(co.end, "not_found", co.status)
+                r.missing.append(k)
+        outs.append(o)
+        if o.ok:
+            _, v = shape(shaper, o.value)
+            elems.append(("ok", v))
+            values.append(v)
+        else:
+            elems.append(("failed", None))
+            values.append(fb)
+    r.answer = [o.value if o.ok else None for o in outs]
+    r.value, r.has_value, r.elems = values, True, elems
+    r.end = max([o.end for o in outs], default=start)
+    bad = [(o.end, k, o) for k, o in enumerate(outs) if not o.ok]
+    if not bad:
+        return
+    r.failed = [k for _, k, o in bad if o.code != "not_found"] or None
+    first = min(e for e, _, _ in bad)
+    # elements that cannot be sent fail first (before any request), in element order
+    unsent = [k for k, t in enumerate(texts) if t is None]
+    if unsent:
+        o = outs[unsent[0]]
+    else:
+        firsts = [o for e, _, o in bad if e == first]
+        if len({(o.code, o.status) for o in firsts}) > 1:
+            raise Ambiguous(f"call {c['name']}: chunks failed at once with {[(o.code, o.status) for o in firsts]}")
+        o = firsts[0]
+    r.code, r.status = o.code, o.status
+    r.end_first_fail = first
 
 
 def aggregate(route, backends, behave, request=None):
@@ -578,7 +733,7 @@ def aggregate(route, backends, behave, request=None):
     for c in calls:
         read.update(call_refs(c, names))
         read.update(cond_refs(c, names))
-        if "foreach" in c:
+        if "foreach" in c or "batch" in c:
             read.add(source_of(c))
     group_mode = route.get("merge", "group") == "group"
     results = {n: CallResult(n) for n in names}
@@ -622,10 +777,13 @@ def aggregate(route, backends, behave, request=None):
         if (any(results[d].skipped for d in needs_of(c, names)) or
                 ("when" in c and not cond_uses_item(c) and not cond_holds(c["when"], answers, None, request))):
             r.skipped, r.end = True, start
-            if "skip_value" in c and "into" not in c:
+            if "skip_value" in c and into_of(c) is None:
                 r.value, r.has_value = c["skip_value"], True
             continue
         backend = backends[c["backend"]]
+        if "batch" in c:
+            batch_call(c, r, results, answers, backend, timeout_of(c), start, deadline, behave)
+            continue
         if "foreach" not in c:
             bad = render_check(c, answers, None)
             if bad:
@@ -744,7 +902,7 @@ def aggregate(route, backends, behave, request=None):
     doc = {}
     for n in names:
         # README Enrichment: the source's shaping applies to the enriched answer
-        into = [c for c in calls if "into" in c and source_of(c) == n]
+        into = [c for c in calls if into_of(c) is not None and source_of(c) == n]
         r = results[n]
         if into and r.code is None and not r.skipped:
             good, v = shape(by_name[n], enrich(r.answer, into, results))
@@ -760,8 +918,10 @@ def aggregate(route, backends, behave, request=None):
                     e["status"] = r.status
                 if r.failed is not None:
                     e["failed"] = r.failed
+                if getattr(r, "missing", None):
+                    e["missing"] = r.missing
                 errors[n] = e
-            if "foreach" in c:
+            if "foreach" in c or "batch" in c:
                 if not r.has_value:
                     continue  # it could not run at all: its key is left out
                 v = r.value
@@ -773,7 +933,7 @@ def aggregate(route, backends, behave, request=None):
             continue
         else:
             v = r.value
-        if "into" in c:
+        if into_of(c) is not None:
             continue  # README Enrichment: no key of its own
         group = c.get("group", n)
         if group_mode or not isinstance(v, dict):

@@ -1801,5 +1801,144 @@ def agg_when_reload_adds_and_removes_conditions():
 
 
 
+# --- batched calls ("batch") ------------------------------------------------------------------
+
+ORDERS = {"items": [{"id": 101, "pid": 7}, {"id": 102, "pid": 9}, {"id": 103, "pid": 7}, {"id": 104, "pid": "12"},
+                    {"id": 105, "pid": 3}, {"id": 106, "pid": 4}, {"id": 107, "pid": 12}]}
+
+
+def product(v, asked):
+    return {"id": v, "name": f"item {v}", "asked": asked}
+
+
+@atest
+def agg_batch_chunks_run_concurrently_in_first_seen_order():
+    s = Stub()
+    s.get("/log?reset=1")
+    b = {"from": "orders.items[*].pid", "param": "ids", "max": 2, "into": "product"}
+    d = agg_daemon([
+        route("/b", [call("orders", "/o?" + jbody(ORDERS)),
+                     call("products", "/p?batch=ids&delay=200&tag=bt-chunks", batch=b)], errors=True),
+        route("/b-one", [call("orders", "/o?" + jbody(ORDERS)),
+                         call("products", "/p?batch=ids&tag=bt-one", batch=dict(b, max=100, into="p"),
+                              allow=["name"])]),
+    ], s)
+    r, dt = get(d, "/b")
+    j = ok_json(r)
+    # 7, 9, "12" and 12 (one value: compared by text), 3, 4: five unique values, two per request
+    chunks = ["7,9", "12,3", "4"]
+    want = [dict(ORDERS["items"][0], product=product(7, chunks[0])),
+            dict(ORDERS["items"][1], product=product(9, chunks[0])),
+            dict(ORDERS["items"][2], product=product(7, chunks[0])),
+            dict(ORDERS["items"][3], product=product(12, chunks[1])),
+            dict(ORDERS["items"][4], product=product(3, chunks[1])),
+            dict(ORDERS["items"][5], product=product(4, chunks[2])),
+            dict(ORDERS["items"][6], product=product(12, chunks[1]))]
+    eq(j, {"orders": {"items": want}}, "results under into, by the text of the value")
+    log = s.get("/log?tag=bt-chunks").json()
+    eq(log["count"], 3, "5 unique values, max 2: three requests")
+    arrived = [e["ms"] for e in log["requests"]]
+    check(max(arrived) - min(arrived) < 150, f"the three requests were not sent together: {arrived}")
+    check(dt < 0.39, f"three requests of 200 ms took {dt:.3f}s: not concurrent")
+    timing = server_timing(r)
+    check("products" in timing and "desc" not in timing["products"][1], f"one entry per call: {timing}")
+    r, _ = get(d, "/b-one")
+    j = ok_json(r, what="/b-one")
+    eq([e["p"] for e in j["orders"]["items"]],
+       [{"name": "item 7"}, {"name": "item 9"}, {"name": "item 7"}, {"name": "item 12"}, {"name": "item 3"},
+        {"name": "item 4"}, {"name": "item 12"}], "allow on each matched element")
+    eq(tag_count(s, "bt-one"), 1, "one request for every value")
+
+
+@atest
+def agg_batch_missing_failed_chunk_and_values_that_cannot_be_sent():
+    s = Stub()
+    items = {"items": [{"pid": 1}, {"pid": 2}, {"pid": 3}, {"pid": None}, {"x": 1}, {"pid": True}, 5,
+                       {"pid": {"a": 1}}, {"pid": 4}, {"pid": ""}, {"pid": 2.0}]}
+    b = {"from": "orders.items[*].pid", "param": "ids", "max": 2, "into": "p"}
+    d = agg_daemon([
+        # value 2 is unknown to the backend; the chunk of 3 and 4 fails
+        route("/m", [call("orders", "/o?" + jbody(items)),
+                     call("products", "/p?batch=ids&batch_omit=2&batch_fail=4", batch=b, fallback="fb")],
+              errors=True),
+        route("/m-req", [call("orders", "/o?" + jbody(items)),
+                         call("products", "/p?batch=ids&batch_omit=2", batch=b, required=True)]),
+        route("/m-list", [call("orders", "/o?" + jbody({"items": [{"pid": 1}, {"pid": 2}, {"pid": 1}]})),
+                          call("products", "/p?batch=ids&batch_omit=2",
+                               batch={"from": "orders.items[*].pid", "param": "ids"}, target="[0]")],
+              errors=True),
+    ], s)
+    r, _ = get(d, "/m")
+    j = ok_json(r, completed=False)
+    got = [e.get("p") if isinstance(e, dict) else e for e in j["orders"]["items"]]
+    eq(got, [product(1, "1,2"), "fb", "fb", "fb", "fb", "fb", 5, "fb", "fb", "fb", "fb"], "results and fallbacks")
+    e = j["_errors"]["products"]
+    e.pop("ms")
+    e["failed"].sort()
+    eq(e, {"code": "missing_value", "failed": [2, 3, 4, 5, 6, 7, 8, 9], "missing": [1, 10]},
+       "_errors: elements not sent or whose chunk failed in failed, the unmatched in missing")
+    r, _ = get(d, "/m-req")
+    error_json(r, 502, "missing_value", "products", what="/m-req")
+    r, _ = get(d, "/m-list")
+    j = ok_json(r, completed=False, what="/m-list")
+    eq(j["products"], [None, None, None], "target [0] is not an array: every chunk fails")
+    eq(j["_errors"]["products"]["code"], "invalid_value", "an answer that is not an array")
+
+
+@atest
+def agg_batch_without_into_merge_modes_and_encoding():
+    s = Stub()
+    items = [{"k": "a b"}, {"k": "x&y"}, {"k": "a b"}, {"k": 1.5}, {"k": "zz"}]
+    b = {"from": "src[*].k", "param": "names", "separator": ";"}
+    d = agg_daemon([
+        route("/g", [call("src", "/s?" + jbody(items)),
+                     call("vals", "/v?batch=names&batch_sep=%3B&batch_omit=zz", batch=b, fallback="none")]),
+        route("/mm", [call("src", "/s?" + jbody({"list": [{"k": 1}, {"k": 2}]}), target="list"),
+                      call("vals", "/v?batch=k", batch={"from": "src.list[*].k", "param": "k", "into": "v"},
+                           allow=["name"]),
+                      call("other", "/o?" + jbody({"list": "other", "more": 1}))], merge="merge"),
+        route("/dup", [call("src", "/s?" + jbody([{"k": 1}, {"k": 2}])),
+                       call("vals", "/v?batch=k&batch_dup=1&batch_reverse=1",
+                            batch={"from": "src[*].k", "param": "k"}, target="", deny=["asked"])]),
+    ], s)
+    r, _ = get(d, "/g")
+    j = ok_json(r, completed=False)
+    asked = "a b;x&y;1.5;zz"  # the values as the stub decoded them: "a%20b;x%26y;1.5;zz" was sent
+    eq(j["vals"], [product("a b", asked), product("x&y", asked), product("a b", asked), product("1.5", asked),
+                   "none"], "without into: one slot per element, in element order, fallback where missing")
+    r, _ = get(d, "/mm")
+    j = ok_json(r, what="/mm")
+    eq(j, {"src": [{"k": 1, "v": {"name": "item 1"}}, {"k": 2, "v": {"name": "item 2"}}], "list": "other",
+           "more": 1}, "merge mode: the enriched source (an array) under its group, objects merged")
+    r, _ = get(d, "/dup")
+    j = ok_json(r, what="/dup")
+    eq(j["vals"], [{"id": 1, "name": "item 1"}, {"id": 2, "name": "item 2"}],
+       "matched by id, not position; the first of duplicates wins")
+
+
+@atest
+def agg_batch_reload_changes_chunks():
+    s = Stub()
+    s.get("/log?reset=1")
+    src = call("src", "/s?" + jbody([{"k": n} for n in range(5)]))
+    d = agg_daemon([route("/r", [src, call("v", "/v?batch=ids&tag=brl-1",
+                                           batch={"from": "src[*].k", "param": "ids", "max": 5, "into": "x"})])], s)
+    r, _ = get(d, "/r")
+    eq([e["x"]["asked"] for e in ok_json(r)["src"]], ["0,1,2,3,4"] * 5, "before the reload")
+    cfg = json.loads(json.dumps(d.config))
+    cfg["listen"] = [f"127.0.0.1:{d.port}"]
+    cfg["routes"] = [route("/r", [src, call("v", "/v?batch=ids&tag=brl-2",
+                                            batch={"from": "src[*].k", "param": "ids", "max": 3, "into": "x"})])]
+    d.reload(cfg)
+    r, _ = get(d, "/r")
+    eq([e["x"]["asked"] for e in ok_json(r, what="after")["src"]], ["0,1,2"] * 3 + ["3,4"] * 2, "after the reload")
+    eq(tag_count(s, "brl-2"), 2, "two requests after the reload")
+    cfg["routes"] = [route("/r", [src, call("v", "/v", batch={"from": "src[*].k", "param": "ids", "max": 1001})])]
+    d.reload(cfg, expect="reload failed")
+    contains(d.log(), "routes[0].calls[1].batch.max: must be between 1 and 1000", "the reload's error")
+    r, _ = get(d, "/r")
+    eq(tag_count(s, "brl-2"), 4, "the old configuration still serves")
+
+
 if __name__ == "__main__":
     sys.exit(main())

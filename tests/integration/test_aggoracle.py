@@ -454,6 +454,146 @@ def into_cells(per=8, seed=2):
     return out
 
 
+# --- batched calls ("batch") --------------------------------------------------------------------
+
+def stub_id(t):
+    """How the stub writes a value it was sent: a number when a plain integer."""
+    return int(t) if re.fullmatch(r"0|[1-9][0-9]{0,17}", t) else t
+
+
+def batch_answer(values, omit=(), dup=False, reverse=False):
+    """The stub's batch= answer (tests/stub/README.md) for the values of one request."""
+    asked = ",".join(values)
+    kept = [v for v in values if v not in omit]
+    if reverse:
+        kept.reverse()
+    out = [{"id": stub_id(v), "name": f"item {v}", "asked": asked} for v in kept]
+    if dup:
+        out += [{"id": stub_id(v), "name": f"dup {v}", "asked": asked} for v in kept]
+    return json.dumps(out)
+
+
+def batch_behaviour(st):
+    """What the stub does with one request of values, given the cell's stub controls."""
+    def beh(name, ci, values):
+        if st.get("bad_json"):
+            b = M.answer(200, '{"broken": ')
+        elif any(v in st.get("fail", ()) for v in values) or st.get("status", 200) != 200:
+            b = M.answer(st.get("status", 503) if st.get("status", 200) != 200 else 503, "{}")
+        else:
+            b = M.answer(200, batch_answer(values, st.get("omit", ()), st.get("dup"), st.get("reverse")))
+        return M.slow(st["delay"], b) if st.get("delay") else b
+    return beh
+
+
+def batch_query(st):
+    q = ["batch=ids"]
+    if st.get("omit"):
+        q.append("batch_omit=" + pq(",".join(st["omit"])))
+    if st.get("fail"):
+        q.append("batch_fail=" + pq(",".join(st["fail"])))
+    for k in ("dup", "reverse"):
+        if st.get(k):
+            q.append(f"batch_{k}=1")
+    if st.get("bad_json"):
+        q.append("bad_json=1")
+    if st.get("status"):
+        q.append(f"status={st['status']}")
+    if st.get("delay"):
+        q.append(f"delay={st['delay']}")
+    return "&".join(q)
+
+
+def bitem(pid, **kw):
+    e = {"pid": pid, "q": 1}
+    e.update(kw)
+    return e
+
+
+MIX = [bitem(7), bitem(9), bitem(7), bitem("12"), bitem(3), bitem(12), bitem(4.0), bitem("x y")]
+BATCH_SCENARIOS = {
+    # name -> (elements, source status, array path, batch options, stub controls, call options)
+    "mix": (MIX, 200, "list", {"max": 2}, {}, {}),
+    "one_chunk": (MIX, 200, "list", {}, {"omit": ["9"]}, {}),
+    "missing": (MIX, 200, "list", {"max": 3}, {"omit": ["9", "12"]}, {}),
+    "chunk_fails": (MIX, 200, "list", {"max": 2}, {"fail": ["3"]}, {}),
+    "chunk_fails_missing": (MIX, 200, "list", {"max": 2}, {"fail": ["7"], "omit": ["4"]}, {}),
+    "all_503": (MIX, 200, "list", {"max": 3}, {"status": 503}, {}),
+    "bad_json": (MIX, 200, "list", {}, {"bad_json": True}, {}),
+    "dup_reverse": (MIX, 200, "list", {"max": 4}, {"dup": True, "reverse": True}, {}),
+    "not_sendable": ([bitem(1), bitem(None), {"q": 2}, bitem(True), 5, bitem({"a": 1}), bitem(""), bitem(2),
+                      bitem([1])], 200, "list", {}, {}, {}),
+    "not_sendable_only": ([bitem(None), {"q": 2}], 200, "list", {}, {}, {}),
+    "empty": ([], 200, "list", {}, {}, {}),
+    "too_many": (MIX, 200, "list", {"max_items": 3}, {}, {}),
+    "source_failed": (MIX, 503, "list", {}, {}, {}),
+    "absent": (MIX, 200, "nolist", {}, {}, {}),
+    "not_array": (MIX, 200, "notlist", {}, {}, {}),
+    "target_missing": (MIX, 200, "list", {"max": 4}, {}, {"target": "nope"}),
+    "target_object": (MIX, 200, "list", {"max": 4}, {}, {"target": "[0]"}),
+    "timeout": (MIX, 200, "list", {"max": 4}, {"delay": SLOW_MS}, {"timeout_ms": CALL_TIMEOUT_MS}),
+    "root_values": ([7, 9, 7, "x"], 200, "", {"max": 2}, {}, {}),
+}
+BATCH_WHEN = {"nowhen": None, "holds": {"value": "{query.n}", "equals": "5"},
+              "skips": {"value": "{query.n}", "equals": 5}}
+BATCH_SHAPINGS = {"none": {}, "allow": {"allow": ["name"]}, "deny": {"deny": ["asked"]},
+                  "rename": {"rename": {"name": "title"}}}
+
+
+def batch_cells(per=14, seed=3):
+    rng = random.Random(seed)
+    dims = list(itertools.product(("nointo", "into"), BATCH_SHAPINGS, ("nofb", "fbobj"), (False, True),
+                                  ("group", "merge"), (False, True), BATCH_WHEN, SKIP_VALUES, ("none", "deny")))
+    out = []
+    for scen, (items, src_status, apath, bopts, st, copts) in BATCH_SCENARIOS.items():
+        src_text = json.dumps({"list": items, "notlist": 5, "meta": "m"} if apath != "" else items)
+        picked = 0
+        for mode, shaping, fb, required, merge, errors, wname, sv, sshape in rng.sample(dims, len(dims)):
+            if picked == per:
+                break
+            if SKIP_VALUES[sv] is not NO_FALLBACK and BATCH_WHEN[wname] is None:
+                continue  # refused at load: the call is never skipped
+            if mode == "into" and apath == "":
+                continue  # the elements are numbers: covered by not_sendable
+            if sshape == "deny" and apath == "":
+                continue
+            picked += 1
+            b = {"from": "src" + ("." + apath if apath else "") + "[*]" + (".pid" if apath else ""),
+                 "param": "ids"}
+            b.update(bopts)
+            c = {"name": "c", "backend": "s", "path": "/b?" + batch_query(st), "batch": b}
+            c.update(BATCH_SHAPINGS[shaping])
+            c.update(copts)
+            if mode == "into":
+                b["into"] = "got"
+            else:
+                c["group"] = "cv"
+            if required:
+                c["required"] = True
+            if FALLBACKS[fb] is not NO_FALLBACK:
+                c["fallback"] = FALLBACKS[fb]
+            if BATCH_WHEN[wname] is not None:
+                c["when"] = BATCH_WHEN[wname]
+            if SKIP_VALUES[sv] is not NO_FALLBACK:
+                c["skip_value"] = SKIP_VALUES[sv]
+            src_query = "body=" + pq(src_text) + ("" if src_status == 200 else f"&status={src_status}")
+            src = {"name": "src", "backend": "s", "path": "/src?" + src_query}
+            if sshape == "deny":
+                src["deny"] = ["meta"]
+            calls = [{"name": "a", "backend": "s", "path": fixed(A_TEXT)}, src, c,
+                     {"name": "z", "backend": "s", "path": fixed(Z_TEXT)}]
+            beh = batch_behaviour(st)
+            behaviours = {"a": M.answer(200, A_TEXT), "src": M.answer(src_status, src_text),
+                          "c": lambda ci, values, beh=beh: beh("c", ci, values), "z": M.answer(200, Z_TEXT)}
+            route = {"calls": calls, "merge": merge}
+            if errors:
+                route["errors"] = True
+            desc = (f"batch:{scen} {mode} {shaping} {fb} {'required' if required else 'optional'} {merge} "
+                    f"{'errors' if errors else 'noerrors'} {wname} {sv} src:{sshape}")
+            out.append(Cell(desc, route, behaviours))
+    return out
+
+
 # --- running and comparing -----------------------------------------------------------------------
 
 def backends(stub):
@@ -574,6 +714,8 @@ def compare(cell, exp, got):
                     diffs.append(f"_errors ms {v!r}")
                 if isinstance(e.get("failed"), list):
                     e["failed"] = sorted(e["failed"])
+                if isinstance(e.get("missing"), list):
+                    e["missing"] = sorted(e["missing"])
     if doc != exp.body:
         diffs.append(f"body {json.dumps(doc, sort_keys=True)}, model {json.dumps(exp.body, sort_keys=True)}")
     elif cell.route.get("merge", "group") == "group" and list(doc) != list(exp.body):
@@ -635,7 +777,7 @@ def run_matrix(cells):
     # a summary by outcome and shaping, to read the pattern
     by = {}
     for cell, _ in failures:
-        key = " ".join(cell.desc.split()[:2 if not cell.desc.startswith(("when:", "foreach-when:")) else 1])
+        key = " ".join(cell.desc.split()[:2 if not cell.desc.startswith(("when:", "foreach-when:", "batch:")) else 1])
         by[key] = by.get(key, 0) + 1
     for key, n in sorted(by.items()):
         print(f"#   {n:4d} x {key}")
@@ -761,6 +903,11 @@ def aggoracle_when_calls():
 @atest
 def aggoracle_foreach_when_and_into_calls():
     run_matrix(into_cells())
+
+
+@atest
+def aggoracle_batch_calls():
+    run_matrix(batch_cells())
 
 
 if __name__ == "__main__":

@@ -145,6 +145,15 @@ struct ctl {
     bool has_raw;
     long long keys;        /* keys=N: a generated object of N keys; -1: not given */
     bool log_reset;        /* GET /log?reset=1 */
+    const char *batch;     /* batch=PARAM: answer one object per value of query parameter PARAM */
+    size_t batch_len;
+    const char *batch_vals; /* PARAM's decoded value (found by batch_controls) */
+    size_t batch_vals_len;
+    const char *batch_omit, *batch_fail; /* comma-separated values left out / failing the request */
+    size_t batch_omit_len, batch_fail_len;
+    bool batch_dup;        /* each object again, later, with "name":"dup V" */
+    bool batch_reverse;    /* the objects in reverse order */
+    char batch_sep;        /* between PARAM's values (default ",") */
     struct kv extra[MAX_EXTRA];
     int nextra;
 };
@@ -971,6 +980,12 @@ enum ctl_id {
     C_RAW,
     C_KEYS,
     C_DELAY_PORT,
+    C_BATCH,
+    C_BATCH_OMIT,
+    C_BATCH_FAIL,
+    C_BATCH_DUP,
+    C_BATCH_REVERSE,
+    C_BATCH_SEP,
     C_COUNT
 };
 
@@ -980,6 +995,7 @@ static const char *const ctl_names[C_COUNT] = {
     "close_idle_ms", "garbage", "close_if_reused", "reset_if_reused", "unframed", "abort_on_eof",
     "trailing_bytes", "trailing_delay_ms", "interim", "pad_header", "sink",
     "tag", "fail_first", "fail_status", "fail_mode", "delay_first", "raw", "keys", "delay_port",
+    "batch", "batch_omit", "batch_fail", "batch_dup", "batch_reverse", "batch_sep",
 };
 
 static int ctl_lookup(const char *n, size_t len)
@@ -1112,6 +1128,25 @@ static int apply_ctl(struct conn *c, int id, const char *v, size_t n)
         break;
     case C_KEYS: ok = parse_ll(v, n, 0, KEYS_MAX, &k->keys); break;
     case C_DELAY_PORT: ok = parse_ll(v, n, 0, 65535, &k->delay_port); break;
+    case C_BATCH:
+        ok = n >= 1 && n < 64;
+        k->batch = v;
+        k->batch_len = n;
+        break;
+    case C_BATCH_OMIT:
+        k->batch_omit = v;
+        k->batch_omit_len = n;
+        break;
+    case C_BATCH_FAIL:
+        k->batch_fail = v;
+        k->batch_fail_len = n;
+        break;
+    case C_BATCH_DUP: ok = parse_bool(v, n, &k->batch_dup); break;
+    case C_BATCH_REVERSE: ok = parse_bool(v, n, &k->batch_reverse); break;
+    case C_BATCH_SEP:
+        ok = n == 1;
+        k->batch_sep = ok ? v[0] : ',';
+        break;
     case C_INTERIM:
         ok = parse_ll(v, n, 100, 199, &x) && x != 101;
         if (ok)
@@ -1175,6 +1210,87 @@ static bool find_query(struct conn *c, const char *want, const char **val, size_
     return false;
 }
 
+/* The next sep-separated piece of list[*i..len): *s, *n; false at the end. */
+static bool list_next(const char *list, size_t len, char sep, size_t *i, const char **s, size_t *n)
+{
+    size_t j;
+
+    if (*i > len || list == NULL)
+        return false;
+    for (j = *i; j < len && list[j] != sep; j++)
+        ;
+    *s = list + *i;
+    *n = j - *i;
+    *i = j + 1;
+    return true;
+}
+
+static bool list_has(const char *list, size_t len, const char *v, size_t vlen)
+{
+    size_t i = 0, n;
+    const char *s;
+
+    while (list_next(list, len, ',', &i, &s, &n))
+        if (n == vlen && memcmp(s, v, n) == 0)
+            return true;
+    return false;
+}
+
+/* batch=PARAM: finds PARAM's values; batch_fail= makes a request holding
+ * one of its values fail with fail_status. */
+static void batch_controls(struct conn *c)
+{
+    struct ctl *k = &c->ctl;
+    char name[64];
+    size_t i = 0, n;
+    const char *s;
+
+    if (k->batch == NULL)
+        return;
+    memcpy(name, k->batch, k->batch_len);
+    name[k->batch_len] = '\0';
+    if (!find_query(c, name, &k->batch_vals, &k->batch_vals_len)) {
+        k->batch_vals = NULL;
+        return;
+    }
+    while (list_next(k->batch_vals, k->batch_vals_len, k->batch_sep, &i, &s, &n))
+        if (list_has(k->batch_fail, k->batch_fail_len, s, n))
+            k->status = k->fail_status;
+}
+
+/* The batch= body: [{"id":V,"name":"item V","asked":"7,9"},...] for the
+ * values asked (asked: PARAM's whole value, so a test sees the chunks),
+ * without batch_omit's, reversed or duplicated on demand. */
+static void build_batch(struct conn *c, struct evbuffer *b)
+{
+    const struct ctl *k = &c->ctl;
+    const char *s[256];
+    size_t n[256], nv = 0, i = 0, j, len;
+    bool first = true;
+
+    while (nv < 256 && list_next(k->batch_vals, k->batch_vals_len, k->batch_sep, &i, &s[nv], &n[nv]))
+        if (!list_has(k->batch_omit, k->batch_omit_len, s[nv], n[nv]))
+            nv++;
+    put_str(c, b, "[");
+    for (int pass = 0; pass < (k->batch_dup ? 2 : 1); pass++) {
+        for (j = 0; j < nv; j++) {
+            size_t x = k->batch_reverse ? nv - 1 - j : j;
+            char nm[300];
+            len = (size_t)snprintf(nm, sizeof nm, "%s %.*s", pass ? "dup" : "item", (int)(n[x] > 200 ? 200 : n[x]),
+                                   s[x]);
+            put_str(c, b, first ? "{\"id\":" : ",{\"id\":");
+            first = false;
+            put_id(c, b, s[x], n[x]);
+            put_str(c, b, ",\"name\":");
+            put_json_str(c, b, nm, len);
+            put_str(c, b, ",\"asked\":");
+            put_json_str(c, b, k->batch_vals, k->batch_vals_len);
+            put_str(c, b, "}");
+        }
+    }
+    put_str(c, b, "]");
+}
+
 /* Health checks: GET /healthz answers the status last set by GET
  * /__health/NNN (200 at start; NNN 100-599), so a test can make one stub
  * unhealthy and healthy again. Controls in the query still apply. */
@@ -1222,6 +1338,7 @@ static int parse_controls(struct conn *c)
     k->truncate = -1;
     k->keepalive = true;
     k->fail_status = 503;
+    k->batch_sep = ',';
 
     for (i = 0; i < c->nh; i++) {
         const struct hdr *h = &c->h[i];
@@ -1546,7 +1663,7 @@ static const struct keys_body *keys_body(long long n)
 /* Builds the response body: the whole of it goes into c->prefix, except
  * for size= where only {"data":" does and the rest is generated while
  * sending (pad_left bytes of 'x', then the suffix "}). Precedence:
- * echo > bad_json > body > keys > size > built-in path > default. */
+ * echo > bad_json > body > batch > keys > size > built-in path > default. */
 static void build_body(struct conn *c)
 {
     struct evbuffer *b = c->prefix;
@@ -1563,6 +1680,8 @@ static void build_body(struct conn *c)
         put_str(c, b, "{\"broken\": ");
     } else if (k->has_body) {
         put(c, b, k->body, k->body_len);
+    } else if (k->batch_vals) {
+        build_batch(c, b);
     } else if (k->keys >= 0) {
         const struct keys_body *kb = keys_body(k->keys);
         if (kb == NULL || evbuffer_add_reference(b, kb->text, kb->len, NULL, NULL) != 0)
@@ -1989,6 +2108,7 @@ static int parse_some(struct conn *c, struct evbuffer *in)
             if (st)
                 return st;
             health_controls(c);
+            batch_controls(c);
             if (!is_stats(c))
                 flight_begin(c);
             /* a sink takes big bodies: read in 256 KiB gulps, not 16 KiB */

@@ -1,6 +1,7 @@
 /* Unit tests for src/gw_config.c: defaults, strictness, error messages
  * with file, line and JSON path, includes, aggregate routes. */
 #include "gw_config.h"
+#include "gw_batch.h"
 #include "gw_breaker.h"
 #include "gw_cache.h"
 #include "gw_cluster.h"
@@ -788,6 +789,95 @@ test_aggregate_into(void)
     check_calls_error(C_A "{'name': 'c', 'backend': 'users', 'path': '/', 'foreach': 'b', 'into': 'x'}, "
                       "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a'}",
                       "routes[0].calls[1].into: cannot put results into call \"b\": it is a foreach call");
+}
+
+static void
+test_aggregate_batch(void)
+{
+    gw_config_t *cfg = parse(q(AGG "{'path': '/b', 'calls': [\n"
+                                   " {'name': 'o', 'backend': 'users', 'path': '/'},\n"
+                                   " {'name': 'p', 'backend': 'users', 'path': '/p?x=1',\n"
+                                   "  'batch': {'from': 'o.items[*].product_id', 'param': 'ids', 'max': 2,\n"
+                                   "            'separator': ';', 'match': 'data.id', 'into': 'product'}},\n"
+                                   " {'name': 'q', 'backend': 'users', 'path': '/q',\n"
+                                   "  'batch': {'from': 'o[*]', 'param': 'id'}}]}]}"));
+    CHECK(cfg != NULL);
+    if (cfg == NULL) {
+        printf("    %s\n", err);
+        return;
+    }
+    const gw_call_t *p = cfg->routes[0]->agg.calls[1], *qc = cfg->routes[0]->agg.calls[2];
+    CHECK(p->batch != NULL && !p->foreach);
+    CHECK_STR(p->into, "product");
+    CHECK_STR(gw_jpath_text(p->foreach_path), "items");
+    CHECK_STR(gw_jpath_text(p->batch->value), "product_id");
+    CHECK_STR(p->batch->sep, ";");
+    CHECK(p->batch->max == 2 && p->batch->concurrency == 8 && p->batch->max_items == 1000);
+    CHECK(p->batch->max_url_bytes == 8192);
+    CHECK(p->deps == 1u && (cfg->routes[0]->agg.read & 1u) && cfg->routes[0]->agg.enriched == 1u);
+    CHECK(qc->into == NULL && qc->batch->max == 100);
+    CHECK_STR(qc->batch->sep, ",");
+    CHECK_STR(gw_jpath_text(qc->batch->match), "id");
+    gw_config_unref(cfg);
+#define BATCH(rest) C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'batch': " rest "}"
+    check_calls_error(BATCH("5"), "routes[0].calls[1].batch: must be an object");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'size': 1}"),
+                      "routes[0].calls[1].batch.size: unknown key \"size\" in \"batch\"");
+    check_calls_error(BATCH("{'param': 'ids'}"), "routes[0].calls[1].batch.from: must name a call and the values");
+    check_calls_error(BATCH("{'from': 'x[*].id', 'param': 'ids'}"), "routes[0].calls[1].batch.from: unknown call \"x\"");
+    check_calls_error(BATCH("{'from': 'b[*].id', 'param': 'ids'}"),
+                      "routes[0].calls[1].batch.from: a call cannot read its values from its own answer");
+    check_calls_error(BATCH("{'from': 'a.items.id', 'param': 'ids'}"),
+                      "routes[0].calls[1].batch.from: needs exactly one \"[*]\"");
+    check_calls_error(BATCH("{'from': 'a[*].x[*]', 'param': 'ids'}"), "routes[0].calls[1].batch.from: needs exactly one");
+    check_calls_error(BATCH("{'from': 'a[*', 'param': 'ids'}"), "routes[0].calls[1].batch.from: path");
+    check_calls_error(BATCH("{'from': 'a[*].id'}"), "routes[0].calls[1].batch.param: must be the name of a query");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'a&b'}"), "routes[0].calls[1].batch.param: must be the name");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'separator': '&'}"),
+                      "routes[0].calls[1].batch.separator: must be 1-4 characters of");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'separator': ''}"),
+                      "routes[0].calls[1].batch.separator: must be");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'match': 'a..b'}"),
+                      "routes[0].calls[1].batch.match: must be a JSON path");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'match': 'a[*]'}"),
+                      "routes[0].calls[1].batch.match: must be a JSON path");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'into': 'x.y'}"),
+                      "routes[0].calls[1].batch.into: must be one key like \"product\"");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'max': 0}"),
+                      "routes[0].calls[1].batch.max: must be between 1 and 1000, not 0");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'max': 1001}"),
+                      "routes[0].calls[1].batch.max: must be between 1 and 1000");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'concurrency': 65}"),
+                      "routes[0].calls[1].batch.concurrency: must be between 1 and 64");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'max_items': 10001}"),
+                      "routes[0].calls[1].batch.max_items: must be between 1 and 10000");
+    check_calls_error(BATCH("{'from': 'a[*].id', 'param': 'ids', 'max_url_bytes': 100}"),
+                      "routes[0].calls[1].batch.max_url_bytes: must be between 256 and 65536");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a', "
+                      "'batch': {'from': 'a[*].id', 'param': 'ids'}}",
+                      "routes[0].calls[1].batch: \"batch\" and \"foreach\" cannot be used together");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'into': 'x', "
+                      "'batch': {'from': 'a[*].id', 'param': 'ids'}}",
+                      "routes[0].calls[1].into: a batch call's \"into\" goes inside \"batch\"");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/{item.id}', "
+                      "'batch': {'from': 'a[*].id', 'param': 'ids'}}",
+                      "routes[0].calls[1].path: \"{item.id}\": item exists only in a call with \"foreach\"");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'group': 'g', "
+                      "'batch': {'from': 'a[*].id', 'param': 'ids', 'into': 'x'}}",
+                      "routes[0].calls[1].group: \"group\" and \"into\" cannot be used together");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'batch': {'from': 'a[*].id', 'param': 'i'}}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'batch': {'from': 'b[*].id', 'param': 'i', "
+                      "'into': 'x'}}",
+                      "routes[0].calls[2].batch.into: cannot put results into call \"b\": it is a batch call");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'foreach': 'a.items', 'into': 'x'}, "
+                      "{'name': 'c', 'backend': 'users', 'path': '/', 'batch': {'from': 'a.items[*].id', "
+                      "'param': 'i', 'into': 'x'}}",
+                      "routes[0].calls[2].batch.into: call \"b\" already puts \"x\" into the elements");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/', 'target': 'a[*]'}",
+                      "routes[0].calls[1].target: path \"a[*]\": \"[*]\" selects several values: not allowed here");
+    check_calls_error(C_A "{'name': 'b', 'backend': 'users', 'path': '/{a.items[*].id}'}",
+                      "\"[*]\" selects several values: not allowed here");
+#undef BATCH
 }
 
 static void
@@ -1611,7 +1701,7 @@ TEST_MAIN(T(test_minimal_and_defaults), T(test_full), T(test_text_body), T(test_
           T(test_backend_host_names), T(test_resolver), T(test_aggregate_route), T(test_aggregate_route_keys),
           T(test_aggregate_call_errors), T(test_aggregate_templates), T(test_aggregate_headers),
           T(test_aggregate_groups_and_foreach), T(test_aggregate_shaping), T(test_aggregate_error_names_line),
-          T(test_aggregate_when), T(test_aggregate_into),
+          T(test_aggregate_when), T(test_aggregate_into), T(test_aggregate_batch),
           T(test_include), T(test_retry), T(test_missing_file), T(test_trusted_proxies_and_max_inflight), T(test_rate_limit),
           T(test_rate_limit_inherit), T(test_shipped_configs_are_valid), T(test_backend_resilience), T(test_log),
           T(test_servers), T(test_balance_and_health), T(test_cache_scope_servers))

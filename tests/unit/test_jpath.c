@@ -357,4 +357,71 @@ test_replace(void)
     json_decref(root);
 }
 
-TEST_MAIN(T(test_syntax), T(test_get), T(test_set), T(test_delete), T(test_allow), T(test_deny), T(test_replace))
+/* "[*]": only through gw_jpath_compile_wild(); collect and split. */
+static void
+test_wildcard(void)
+{
+    expect_bad("items[*].id", "\"[*]\" selects several values: not allowed here");
+    char err[256] = "";
+    static const char *const bad[] = { "a[*", "a[*x]", "a[**]", "a.[*]", "[*]x" };
+    for (size_t i = 0; i < GW_NELEM(bad); i++) {
+        gw_jpath_t *p = gw_jpath_compile_wild(bad[i], err, sizeof(err));
+        if (p != NULL)
+            printf("    path \"%s\" was accepted\n", bad[i]);
+        CHECK(p == NULL);
+        gw_jpath_free(p);
+    }
+    json_t *doc = J("{\"o\": [{\"items\": [{\"id\": 1}, {\"id\": 2}, {\"x\": 0}]}, 5, {\"items\": [{\"id\": 3}]}],"
+                    " \"n\": {\"a\": 1}}");
+    static const struct {
+        const char *path, *want;
+        size_t wild;
+    } cases[] = {
+        { "o[*].items[*].id", "[1,2,3]", 2 },
+        { "o[0].items[*].id", "[1,2]", 1 },
+        { "o[*]", "[{\"items\":[{\"id\":1},{\"id\":2},{\"x\":0}]},5,{\"items\":[{\"id\":3}]}]", 1 },
+        { "n[*]", "[]", 1 },       /* "[*]" on an object finds nothing */
+        { "nope[*].id", "[]", 1 },
+        { "n.a", "[1]", 0 },       /* no "[*]": the value alone */
+        { "n.b", "[]", 0 },
+    };
+    for (size_t i = 0; i < GW_NELEM(cases); i++) {
+        gw_jpath_t *p = gw_jpath_compile_wild(cases[i].path, err, sizeof(err));
+        CHECK(p != NULL);
+        if (p == NULL) {
+            printf("    %s: %s\n", cases[i].path, err);
+            continue;
+        }
+        json_t *got = gw_jpath_collect(p, doc);
+        if (strcmp(D(got), cases[i].want) != 0)
+            printf("    collect %s: %s, want %s\n", cases[i].path, D(got), cases[i].want);
+        CHECK_STR(D(got), cases[i].want);
+        CHECK(gw_jpath_wildcards(p) == cases[i].wild);
+        CHECK(gw_jpath_get(p, doc) == NULL || cases[i].wild == 0); /* get never goes through "[*]" */
+        json_decref(got);
+        gw_jpath_free(p);
+    }
+    gw_jpath_t *p = gw_jpath_compile_wild("o[0].items[*].id", err, sizeof(err)), *before = NULL, *after = NULL;
+    CHECK(gw_jpath_split_wild(p, &before, &after) == GW_OK);
+    CHECK_STR(gw_jpath_text(before), "o[0].items");
+    CHECK_STR(gw_jpath_text(after), "id");
+    CHECK_STR(D(gw_jpath_get(before, doc)), "[{\"id\":1},{\"id\":2},{\"x\":0}]");
+    gw_jpath_free(before);
+    gw_jpath_free(after);
+    gw_jpath_free(p);
+    p = gw_jpath_compile_wild("[*]", err, sizeof(err));
+    CHECK(gw_jpath_split_wild(p, &before, &after) == GW_OK);
+    CHECK(gw_jpath_is_root(before) && gw_jpath_is_root(after));
+    CHECK_STR(gw_jpath_text(before), "");
+    gw_jpath_free(before);
+    gw_jpath_free(after);
+    gw_jpath_free(p);
+    p = P("a.b");
+    before = after = NULL;
+    CHECK(gw_jpath_split_wild(p, &before, &after) == GW_ERR && before == NULL && after == NULL);
+    gw_jpath_free(p);
+    json_decref(doc);
+}
+
+TEST_MAIN(T(test_syntax), T(test_get), T(test_set), T(test_delete), T(test_allow), T(test_deny), T(test_replace),
+          T(test_wildcard))
