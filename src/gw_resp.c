@@ -314,12 +314,41 @@ on_chunk_extension(llhttp_t *ll, const char *at, size_t len)
     return count_ext(RESP(ll), len);
 }
 
-/* The ";" before a name and the "=" before a value count too. */
 static int
-on_chunk_extension_complete(llhttp_t *ll)
+on_chunk_extension_part(llhttp_t *ll, const char *at, size_t len)
 {
-    return count_ext(RESP(ll), 1);
+    gw_resp_t *r = RESP(ll);
+    r->ext_name_bytes += (uint32_t)(len > 1 ? 1 : len); /* only whether there is one */
+    return on_chunk_extension(ll, at, len);
 }
+
+/* A name is a token: one character at least (llhttp 8 takes ";=v"). The
+ * ";" before a name and the "=" before a value count in the 4 KiB too. */
+static int
+on_chunk_extension_name_complete(llhttp_t *ll)
+{
+    gw_resp_t *r = RESP(ll);
+    bool empty = r->ext_name_bytes == 0;
+    r->ext_name_bytes = 0;
+    if (empty)
+        return bad(r, "an empty chunk extension name");
+    return count_ext(r, 1);
+}
+
+/* A value after "=" is a token or a quoted string: never empty (llhttp 8
+ * takes ";a=", and refuses the empty quoted string ";a=\"\"" itself, so
+ * no valid value reaches here without bytes). Its "=" counts too. */
+static int
+on_chunk_extension_value_complete(llhttp_t *ll)
+{
+    gw_resp_t *r = RESP(ll);
+    bool empty = r->ext_name_bytes == 0;
+    r->ext_name_bytes = 0;
+    if (empty)
+        return bad(r, "an empty chunk extension value");
+    return count_ext(r, 1);
+}
+
 
 static int
 on_chunk_header(llhttp_t *ll)
@@ -375,10 +404,10 @@ settings_build(void)
     settings.on_header_value = on_value;
     settings.on_header_value_complete = on_value_complete;
     settings.on_headers_complete = on_headers_complete;
-    settings.on_chunk_extension_name = on_chunk_extension;
-    settings.on_chunk_extension_value = on_chunk_extension;
-    settings.on_chunk_extension_name_complete = on_chunk_extension_complete;
-    settings.on_chunk_extension_value_complete = on_chunk_extension_complete;
+    settings.on_chunk_extension_name = on_chunk_extension_part;
+    settings.on_chunk_extension_value = on_chunk_extension_part;
+    settings.on_chunk_extension_name_complete = on_chunk_extension_name_complete;
+    settings.on_chunk_extension_value_complete = on_chunk_extension_value_complete;
     settings.on_chunk_header = on_chunk_header;
     settings.on_body = on_body;
     settings.on_message_complete = on_message_complete;

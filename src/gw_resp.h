@@ -88,6 +88,7 @@ struct gw_resp_s {
     const char *why; /* static text */
     /* per head or trailer section */
     uint32_t head_bytes, nfields, interim, ext_bytes;
+    uint32_t ext_name_bytes; /* of the chunk extension name or value being read: 0 or 1 */
     uint64_t chunk_left;  /* data bytes of the current chunk still to come */
     int frame_check;      /* what the chunk framing check waits for (gw_resp.c) */
     const char *exec_end; /* the end of the bytes gw_resp_execute() was given */

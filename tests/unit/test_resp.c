@@ -111,6 +111,11 @@ test_invalid(void)
         "HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
         "HTTP/1.1 101 Switching\r\n\r\n",
         "HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        /* a chunk extension's name and value are never empty (llhttp 8 takes
+         * both; found by test_backend_fuzz, seed 3994226351 case 1274) */
+        CH "5;=x\r\nhello\r\n0\r\n\r\n",
+        CH "5;f;=\"\"\r\nhello\r\n0\r\n\r\n",
+        CH "5;a=\r\nhello\r\n0\r\n\r\n",
         /* llhttp takes a status of any number of digits up to 999 (found by
          * test_backend_fuzz: "0100" was an interim 100) */
         "HTTP/1.1 0200 OK\r\nContent-Length: 0\r\n\r\n",
