@@ -18,6 +18,7 @@
 
 #include "gw_config.h"
 #include "gw_log.h"
+#include "gw_metrics.h"
 
 #include <event2/buffer.h>
 #include <llhttp.h>
@@ -868,20 +869,6 @@ gw_cache_call_json(const gw_call_t *call)
     return o;
 }
 
-/* A label value of the exposition format (backslash, quote, newline escaped). */
-static void
-label(struct evbuffer *out, const char *s)
-{
-    for (; *s; s++) {
-        if (*s == '\\' || *s == '"')
-            evbuffer_add_printf(out, "\\%c", *s);
-        else if (*s == '\n')
-            evbuffer_add(out, "\\n", 2);
-        else
-            evbuffer_add(out, s, 1);
-    }
-}
-
 void
 gw_cache_metrics(struct evbuffer *out, const gw_config_t *cfg)
 {
@@ -918,11 +905,11 @@ gw_cache_metrics(struct evbuffer *out, const gw_config_t *cfg)
                     continue;
                 gw_cache_stats_t st;
                 gw_cache_scope_stats(rt->agg.calls[k]->cache, &st);
-                evbuffer_add_printf(out, "%s{route=\"", per_call[f].name);
-                label(out, rt->pattern);
-                evbuffer_add_printf(out, "\",call=\"");
-                label(out, rt->agg.calls[k]->name);
-                evbuffer_add_printf(out, "\"} %llu\n",
+                evbuffer_add_printf(out, "%s{", per_call[f].name);
+                gw_metrics_label(out, "route", rt->pattern);
+                evbuffer_add(out, ",", 1);
+                gw_metrics_label(out, "call", rt->agg.calls[k]->name);
+                evbuffer_add_printf(out, "} %llu\n",
                                     (unsigned long long)*(const uint64_t *)((const char *)&st + per_call[f].off));
             }
         }
