@@ -84,6 +84,43 @@ class NotInTier(Exception):
     cannot run anywhere in this environment raises Skip instead."""
 
 
+def run_wrk(url, seconds, conns, script, during=None, threads=1, poll=0.05):
+    """wrk -t threads -c conns -d seconds (--timeout 5s) against url (loopback)
+    with the Lua script text, which prints one "RESULT k=v ..." line at its
+    end; during(elapsed) is called every poll seconds while wrk runs. Returns
+    the RESULT numbers. Bounded: wrk is killed 30 s past its duration."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
+    tmp = tempfile.mkdtemp(prefix="gwwrk-")
+    try:
+        path = os.path.join(tmp, "check.lua")
+        with open(path, "w") as f:
+            f.write(script)
+        cmd = [wrk, f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", path, url]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=_die_with_parent)
+        t0 = time.monotonic()
+        try:
+            while p.poll() is None:
+                if during:
+                    during(time.monotonic() - t0)
+                time.sleep(poll)
+                if time.monotonic() - t0 > seconds + 30:
+                    raise TestFailure("wrk did not end")
+            out = p.stdout.read()
+        finally:
+            if p.poll() is None:
+                kill_and_reap(p, 5)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    m = re.search(r"RESULT (.*)", out)
+    if not m:
+        raise TestFailure(f"wrk printed no result: {out}")
+    print(f"# wrk {url}: {m.group(1)}")
+    return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+
+
 def kill_and_reap(proc, timeout):
     """SIGKILL to a process this harness started (by its own PID), then wait for it."""
     if proc.poll() is not None:

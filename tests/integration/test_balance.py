@@ -23,11 +23,7 @@ The last line of the output is "N passed, N failed".
 """
 
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -45,7 +41,6 @@ ms = tp.ms
 btest = tp.ptest  # stubs and clients made during a test are closed after it
 Stub = tp.Stub
 Client = tp.Client
-WRK = shutil.which("wrk")
 
 
 def cluster(servers, **kw):
@@ -283,40 +278,6 @@ end
 """
 
 
-def run_wrk(port, path, seconds, conns, during=None):
-    if WRK is None:
-        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
-    tmp = tempfile.mkdtemp(prefix="gwwrk-")
-    try:
-        script = os.path.join(tmp, "check.lua")
-        with open(script, "w") as f:
-            f.write(WRK_SCRIPT)
-        cmd = [WRK, "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", script,
-               f"http://127.0.0.1:{port}{path}"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=gwtest._die_with_parent)
-        t0 = time.monotonic()
-        try:
-            while p.poll() is None:
-                if during:
-                    during(time.monotonic() - t0)
-                time.sleep(0.02)
-                if time.monotonic() - t0 > seconds + 30:
-                    raise TestFailure("wrk did not end")
-            out = p.stdout.read()
-        finally:
-            if p.poll() is None:
-                gwtest.kill_and_reap(p, 5)
-        m = re.search(r"RESULT (.*)", out)
-        if not m:
-            raise TestFailure(f"wrk printed no result: {out}")
-        res = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-        print(f"# wrk {path}: {m.group(1)}")
-        return res
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @btest
 @gwtest.exclusive
 def balance_next_server_retry_while_a_server_restarts():
@@ -339,7 +300,7 @@ def balance_next_server_retry_while_a_server_restarts():
                 victim[0] = Stub(port=port)
                 state["back"] = True
 
-        res = run_wrk(d.port, path, 2, 3, during)
+        res = gwtest.run_wrk(f"http://127.0.0.1:{d.port}{path}", 2, 3, WRK_SCRIPT, during, poll=0.02)
         check(state["killed"] and state["back"], "the server was killed and started again during the run")
         check(res["requests"] > 100, f"too few requests: {res}")
         eq((res["bad"], res["connect"], res["read"], res["write"], res["timeout"]), (0, 0, 0, 0, 0),

@@ -420,35 +420,14 @@ def nginx_sigterm_one_instance_under_wrk_load_loses_nothing():
     stub = Stub(threads=2)
     ds, ngx = setup(stub)
     a = ds[0]
-    tmp = tempfile.mkdtemp(prefix="gwwrk-")
     state = {"sent": None}
-    try:
-        script = os.path.join(tmp, "check.lua")
-        with open(script, "w") as f:
-            f.write(WRK_SCRIPT)
-        cmd = [WRK, "-t2", "-c50", "-d4s", "--timeout", "5s", "-s", script, f"http://127.0.0.1:{ngx.port}/agg"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=gwtest._die_with_parent)
-        t0 = time.monotonic()
-        try:
-            while p.poll() is None:
-                if time.monotonic() - t0 >= 1.5 and state["sent"] is None:
-                    state["sent"] = time.monotonic()
-                    a.send_signal(signal.SIGTERM)
-                if time.monotonic() - t0 > 40:
-                    raise TestFailure("wrk did not end")
-                time.sleep(0.05)
-            out = p.stdout.read()
-        finally:
-            if p.poll() is None:
-                gwtest.kill_and_reap(p, 5)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    m = re.search(r"RESULT (.*)", out)
-    if not m:
-        raise TestFailure(f"wrk printed no result: {out}")
-    res = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-    print(f"# wrk through nginx: {m.group(1)}")
+
+    def during(elapsed):
+        if elapsed >= 1.5 and state["sent"] is None:
+            state["sent"] = time.monotonic()
+            a.send_signal(signal.SIGTERM)
+
+    res = gwtest.run_wrk(f"http://127.0.0.1:{ngx.port}/agg", 4, 50, WRK_SCRIPT, during, threads=2)
     eq(a.wait(10), 0, "instance A's exit status after SIGTERM")
     contains(a.log(), "stopped", "instance A's log")
     for k in ("connect", "read", "write", "status", "timeout", "bad"):

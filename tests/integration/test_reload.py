@@ -406,42 +406,6 @@ end
 """
 
 
-def run_wrk(port, path, seconds, conns, during=None):
-    """wrk -c conns -d seconds on loopback with WRK_SCRIPT; during(elapsed) is
-    called about every 50 ms while it runs. Returns the RESULT numbers."""
-    if WRK is None:
-        raise TestFailure("wrk is not installed (scripts/install-deps.sh installs it)")
-    tmp = tempfile.mkdtemp(prefix="gwwrk-")
-    try:
-        script = os.path.join(tmp, "check.lua")
-        with open(script, "w") as f:
-            f.write(WRK_SCRIPT)
-        cmd = [WRK, "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s", "-s", script,
-               f"http://127.0.0.1:{port}{path}"]
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             preexec_fn=gwtest._die_with_parent)
-        t0 = time.monotonic()
-        try:
-            while p.poll() is None:
-                if during:
-                    during(time.monotonic() - t0)
-                time.sleep(0.05)
-                if time.monotonic() - t0 > seconds + 30:
-                    raise TestFailure("wrk did not end")
-            out = p.stdout.read()
-        finally:
-            if p.poll() is None:
-                gwtest.kill_and_reap(p, 5)
-        m = re.search(r"RESULT (.*)", out)
-        if not m:
-            raise TestFailure(f"wrk printed no result: {out}")
-        res = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-        print(f"# wrk: {m.group(1)}")
-        return res
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @rtest
 @gwtest.exclusive
 def reload_every_second_under_wrk_load_loses_nothing():
@@ -460,7 +424,7 @@ def reload_every_second_under_wrk_load_loses_nothing():
             d.send_signal(signal.SIGHUP)
             state["next"] += 0.5
 
-    res = run_wrk(d.port, "/agg", seconds, 200, during)
+    res = gwtest.run_wrk(f"http://127.0.0.1:{d.port}/agg", seconds, 200, WRK_SCRIPT, during, threads=2)
     eq(res["mixed"], 0, "answers mixing two configurations")
     eq(res["bad"], 0, "answers without the two calls")
     for k in ("connect", "read", "write", "status", "timeout"):
@@ -495,7 +459,7 @@ def graceful_stop_under_wrk_load():
         if state["sent"] and state["exited"] is None and d.proc.poll() is not None:
             state["exited"] = time.monotonic()
 
-    res = run_wrk(d.port, "/agg", 3, 200, during)
+    res = gwtest.run_wrk(f"http://127.0.0.1:{d.port}/agg", 3, 200, WRK_SCRIPT, during, threads=2)
     d.wait(10)
     eq(d.exit_code, 0, "exit status")
     contains(d.log(), "stopped", "log")
